@@ -43,7 +43,9 @@ pub mod convert {
 
     /// A protobuf `Timestamp` as a `chrono` UTC time; `None` when it is out of
     /// range or malformed.
-    pub fn from_proto_timestamp(t: &prost_types::Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
+    pub fn from_proto_timestamp(
+        t: &prost_types::Timestamp,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
         if t.nanos < 0 || t.nanos >= 1_000_000_000 {
             return None;
         }
@@ -59,7 +61,10 @@ pub mod convert {
             let d = Duration::from_millis(1500);
             assert_eq!(from_proto_duration(&to_proto_duration(d)), Some(d));
             assert_eq!(
-                from_proto_duration(&prost_types::Duration { seconds: -1, nanos: 0 }),
+                from_proto_duration(&prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0
+                }),
                 None
             );
         }
@@ -68,9 +73,15 @@ pub mod convert {
         fn timestamps_round_trip_and_reject_garbage() {
             let t = chrono::DateTime::from_timestamp(1_700_000_000, 42).unwrap();
             assert_eq!(from_proto_timestamp(&to_proto_timestamp(t)), Some(t));
-            let bad = prost_types::Timestamp { seconds: 0, nanos: -5 };
+            let bad = prost_types::Timestamp {
+                seconds: 0,
+                nanos: -5,
+            };
             assert_eq!(from_proto_timestamp(&bad), None);
-            let huge = prost_types::Timestamp { seconds: i64::MAX, nanos: 0 };
+            let huge = prost_types::Timestamp {
+                seconds: i64::MAX,
+                nanos: 0,
+            };
             assert_eq!(from_proto_timestamp(&huge), None);
         }
     }

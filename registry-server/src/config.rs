@@ -1,0 +1,168 @@
+//! Command line and environment configuration of registry-server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::registry::Timing;
+
+/// The authoritative registry of GPU nodes and their model-serving pools.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "registry-server", version, about)]
+pub struct Cli {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "REGISTRY_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// How to print logs: human-readable text or one JSON object per line.
+    #[arg(long, env = "REGISTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Everything that shapes the server's behaviour, shared by `main` and the
+/// tests (which use short timeouts).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct Settings {
+    /// A node that sends no heartbeat message for this long is marked
+    /// OFFLINE ("30s", "500ms").
+    #[arg(long, env = "REGISTRY_NODE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub node_timeout: Duration,
+
+    /// Heartbeat interval the server asks agents for; must be shorter than
+    /// the node timeout.
+    #[arg(long, env = "REGISTRY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// How long OFFLINE nodes stay listed before they are removed.
+    #[arg(long, env = "REGISTRY_OFFLINE_RETENTION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub offline_retention: Duration,
+
+    /// Largest clock difference accepted between a heartbeat's sent_at and
+    /// the server's clock.
+    #[arg(long, env = "REGISTRY_MAX_CLOCK_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub max_clock_skew: Duration,
+
+    /// Largest gRPC message accepted, in bytes; larger ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "REGISTRY_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
+    pub max_message_size: usize,
+
+    /// Most concurrent HTTP/2 streams on one connection (a simulator or a
+    /// proxy may carry many nodes' heartbeat streams on one connection).
+    #[arg(
+        long,
+        env = "REGISTRY_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1024
+    )]
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let timing = Timing::default();
+        Self {
+            node_timeout: timing.node_timeout,
+            heartbeat_interval: timing.heartbeat_interval,
+            offline_retention: timing.offline_retention,
+            max_clock_skew: Duration::from_secs(3600),
+            max_message_size: 1024 * 1024,
+            max_streams_per_connection: 1024,
+        }
+    }
+}
+
+impl Settings {
+    /// The timing rules of the registry.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            node_timeout: self.node_timeout,
+            heartbeat_interval: self.heartbeat_interval,
+            offline_retention: self.offline_retention,
+        }
+    }
+
+    /// Refuses settings that cannot work, with the reason.
+    pub fn check(&self) -> Result<(), String> {
+        if self.node_timeout.is_zero() || self.heartbeat_interval.is_zero() {
+            return Err("--node-timeout and --heartbeat-interval must be above zero".into());
+        }
+        if self.heartbeat_interval >= self.node_timeout {
+            return Err(format!(
+                "--heartbeat-interval ({}) must be shorter than --node-timeout ({}), or every node would flap OFFLINE",
+                humantime::format_duration(self.heartbeat_interval),
+                humantime::format_duration(self.node_timeout)
+            ));
+        }
+        if self.max_message_size < 4096 {
+            return Err("--max-message-size must be at least 4096 bytes".into());
+        }
+        if self.max_streams_per_connection == 0 {
+            return Err("--max-streams-per-connection must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let cli = Cli::try_parse_from(["registry-server"]).unwrap();
+        assert_eq!(cli.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(cli.settings, Settings::default());
+        assert_eq!(cli.settings.node_timeout, Duration::from_secs(30));
+        assert_eq!(cli.settings.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(cli.settings.offline_retention, Duration::from_secs(3600));
+        cli.settings.check().unwrap();
+    }
+
+    #[test]
+    fn durations_take_humantime_form() {
+        let cli = Cli::try_parse_from([
+            "registry-server",
+            "--node-timeout",
+            "2s",
+            "--heartbeat-interval",
+            "500ms",
+            "--offline-retention",
+            "10m",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.settings.node_timeout, Duration::from_secs(2));
+        assert_eq!(cli.settings.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(cli.settings.offline_retention, Duration::from_secs(600));
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(Cli::try_parse_from(["registry-server", "--node-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn an_interval_not_below_the_timeout_is_refused() {
+        let settings = Settings {
+            heartbeat_interval: Duration::from_secs(30),
+            ..Settings::default()
+        };
+        assert!(
+            settings
+                .check()
+                .unwrap_err()
+                .contains("shorter than --node-timeout")
+        );
+    }
+}

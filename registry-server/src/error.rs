@@ -1,0 +1,105 @@
+//! The one error type of the registry's domain logic, and its mapping to
+//! gRPC status codes (kept in one exhaustive `match` so that adding a variant
+//! forces a decision about its code).
+
+/// Why a registry operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// A request field is malformed; `field` is its path in the request
+    /// ("pools[2].pool_id") so the caller can fix it.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// Path of the offending field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The node is not registered (never was, was deregistered, expired, or
+    /// the registry restarted). Agents recover by registering again.
+    #[error("node {node_id} is not registered; call Register first")]
+    NodeNotFound {
+        /// The node that was asked for.
+        node_id: String,
+    },
+    /// The caller named a session that a newer registration of the node has
+    /// replaced, so an old incarnation of an agent cannot keep the node alive.
+    #[error(
+        "session {presented} of node {node_id} has been superseded by a newer registration; call Register again"
+    )]
+    SessionSuperseded {
+        /// The node whose session was named.
+        node_id: String,
+        /// The session the caller presented.
+        presented: u64,
+    },
+    /// The server is shutting down and ends open streams.
+    #[error("registry is shutting down; reconnect later")]
+    ShuttingDown,
+}
+
+impl RegistryError {
+    /// Shorthand for [`RegistryError::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<RegistryError> for tonic::Status {
+    fn from(err: RegistryError) -> Self {
+        let code = match &err {
+            RegistryError::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+            RegistryError::NodeNotFound { .. } => tonic::Code::NotFound,
+            RegistryError::SessionSuperseded { .. } => tonic::Code::FailedPrecondition,
+            RegistryError::ShuttingDown => tonic::Code::Unavailable,
+        };
+        tonic::Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_code_with_a_telling_message() {
+        let cases = [
+            (
+                RegistryError::invalid("node_id", "must not be empty"),
+                tonic::Code::InvalidArgument,
+                "invalid node_id: must not be empty",
+            ),
+            (
+                RegistryError::NodeNotFound {
+                    node_id: "gpu-1".into(),
+                },
+                tonic::Code::NotFound,
+                "node gpu-1 is not registered; call Register first",
+            ),
+            (
+                RegistryError::SessionSuperseded {
+                    node_id: "gpu-1".into(),
+                    presented: 7,
+                },
+                tonic::Code::FailedPrecondition,
+                "session 7 of node gpu-1 has been superseded",
+            ),
+            (
+                RegistryError::ShuttingDown,
+                tonic::Code::Unavailable,
+                "shutting down",
+            ),
+        ];
+        for (err, code, text) in cases {
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), code);
+            assert!(
+                status.message().contains(text),
+                "{:?} lacks {text:?}",
+                status.message()
+            );
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! registry-server: the control plane's authoritative view of GPU nodes,
+//! their GPUs and the pools they run, served over gRPC (`registry.v1`).
+//!
+//! Module map:
+//! - [`registry`]: node state, liveness and the deadline schedule;
+//! - [`expiry`]: the task that enforces deadlines and retention;
+//! - [`validate`]: input rules applied before any state changes;
+//! - [`service`]: the tonic adapter, heartbeat streams included;
+//! - [`server`]: wiring with health and reflection, graceful shutdown;
+//! - [`config`]: command line and environment settings.
+
+pub mod config;
+pub mod error;
+pub mod expiry;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+pub mod validate;
+
+pub use config::Settings;
+pub use error::RegistryError;
+pub use server::{ServerError, run};

@@ -1,0 +1,273 @@
+//! The thin tonic adapter: decodes requests, validates them, calls the
+//! registry and maps [`RegistryError`] to gRPC status codes.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::Stream;
+use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
+use registry_proto::pb;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::config::Settings;
+use crate::error::RegistryError;
+use crate::registry::{Liveness, NodeFilter, NodeSlot, Registry};
+use crate::validate;
+
+/// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
+#[derive(Clone)]
+pub struct NodeRegistryService {
+    /// The state every call reads or changes.
+    registry: Registry,
+    /// Clock-skew allowance for heartbeat timestamps.
+    max_clock_skew: Duration,
+    /// Cancelled when the server shuts down, so heartbeat streams (which
+    /// never end by themselves) end and graceful shutdown can finish.
+    shutdown: CancellationToken,
+}
+
+impl NodeRegistryService {
+    /// A service over `registry`; `shutdown` ends its open streams.
+    pub fn new(registry: Registry, settings: &Settings, shutdown: CancellationToken) -> Self {
+        Self {
+            registry,
+            max_clock_skew: settings.max_clock_skew,
+            shutdown,
+        }
+    }
+}
+
+type HeartbeatStream =
+    Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let registration = validate::registration(request.into_inner())?;
+        let registered = self.registry.register(registration);
+        let timing = self.registry.timing();
+        Ok(Response::new(pb::RegisterResponse {
+            session_id: registered.session_id,
+            created: registered.created,
+            heartbeat_interval: Some(to_proto_duration(timing.heartbeat_interval)),
+            node_timeout: Some(to_proto_duration(timing.node_timeout)),
+            registered_at: Some(to_proto_timestamp(registered.registered_at)),
+        }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let request = request.into_inner();
+        validate::node_id("node_id", &request.node_id)?;
+        self.registry
+            .deregister(&request.node_id, request.session_id)?;
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let request = request.into_inner();
+        let filter = list_filter(&request)?;
+        if !request.page_token.is_empty() {
+            validate::node_id("page_token", &request.page_token)?;
+        }
+        let (nodes, next) =
+            self.registry
+                .list(&filter, request.page_size as usize, &request.page_token);
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes,
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let request = request.into_inner();
+        validate::node_id("node_id", &request.node_id)?;
+        Ok(Response::new(self.registry.get(&request.node_id)?))
+    }
+
+    type HeartbeatStream = HeartbeatStream;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let session = HeartbeatSession {
+            registry: self.registry.clone(),
+            inbound: request.into_inner(),
+            shutdown: self.shutdown.clone(),
+            max_clock_skew: self.max_clock_skew,
+            node: None,
+            session_id: 0,
+            done: false,
+        };
+        // No task and no channel per stream: the response stream pulls the
+        // next request and answers it, which keeps 100k idle streams cheap.
+        let replies = futures_util::stream::unfold(session, |mut session| async move {
+            let reply = session.next_reply().await?;
+            Some((reply, session))
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+}
+
+/// Turns ListNodes' request fields into a [`NodeFilter`].
+fn list_filter(request: &pb::ListNodesRequest) -> Result<NodeFilter, RegistryError> {
+    let status = match pb::NodeStatus::try_from(request.status) {
+        Ok(pb::NodeStatus::Unspecified) => None,
+        Ok(pb::NodeStatus::Online) => Some(Liveness::Online),
+        Ok(pb::NodeStatus::Offline) => Some(Liveness::Offline),
+        Err(_) => {
+            return Err(RegistryError::invalid(
+                "status",
+                format!("{} is not a known NodeStatus", request.status),
+            ));
+        }
+    };
+    if request.pool_id.len() > validate::MAX_ID_LEN {
+        return Err(RegistryError::invalid(
+            "pool_id",
+            format!("is longer than {} bytes", validate::MAX_ID_LEN),
+        ));
+    }
+    if request.labels.len() > validate::MAX_LABELS {
+        return Err(RegistryError::invalid(
+            "labels",
+            format!("has more than {} entries", validate::MAX_LABELS),
+        ));
+    }
+    Ok(NodeFilter {
+        status,
+        pool_id: (!request.pool_id.is_empty()).then(|| request.pool_id.clone()),
+        labels: request
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+/// The server side of one Heartbeat stream.
+struct HeartbeatSession {
+    /// Where heartbeats are recorded.
+    registry: Registry,
+    /// The agent's messages.
+    inbound: Streaming<pb::HeartbeatRequest>,
+    /// Ends the stream when the server shuts down.
+    shutdown: CancellationToken,
+    /// Clock-skew allowance for sent_at.
+    max_clock_skew: Duration,
+    /// The node this stream speaks for, fixed by the first message; kept so
+    /// later messages cost one node lock and no map lookup.
+    node: Option<Arc<NodeSlot>>,
+    /// The session the first message named.
+    session_id: u64,
+    /// Set once the stream has ended (an error was sent, or input ended).
+    done: bool,
+}
+
+impl HeartbeatSession {
+    fn node_id(&self) -> &str {
+        self.node.as_deref().map_or("", NodeSlot::id)
+    }
+
+    /// The answer to the agent's next message; `None` ends the stream.
+    async fn next_reply(&mut self) -> Option<Result<pb::HeartbeatResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        let message = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => {
+                self.done = true;
+                return Some(Err(RegistryError::ShuttingDown.into()));
+            }
+            message = self.inbound.message() => message,
+        };
+        match message {
+            Ok(Some(mut request)) => match self.handle(&mut request) {
+                Ok(ack) => Some(Ok(ack)),
+                Err(err) => {
+                    self.done = true;
+                    warn!(node_id = %self.node_id(), error = %err, "heartbeat refused; closing stream");
+                    Some(Err(err.into()))
+                }
+            },
+            Ok(None) => {
+                self.done = true;
+                debug!(node_id = %self.node_id(), "heartbeat stream closed by agent");
+                None
+            }
+            Err(status) => {
+                self.done = true;
+                info!(node_id = %self.node_id(), code = ?status.code(), message = status.message(), "heartbeat stream broken");
+                Some(Err(status))
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        request: &mut pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, RegistryError> {
+        let node = match &self.node {
+            None => {
+                validate::node_id("node_id", &request.node_id)?;
+                if request.session_id == 0 {
+                    return Err(RegistryError::invalid(
+                        "session_id",
+                        "is required in the first message of a stream (use RegisterResponse.session_id)",
+                    ));
+                }
+                let slot = self.registry.attach(&request.node_id, request.session_id)?;
+                debug!(node_id = %slot.id(), "heartbeat stream opened");
+                self.session_id = request.session_id;
+                self.node.insert(slot)
+            }
+            Some(slot) => {
+                if !request.node_id.is_empty() && request.node_id != slot.id() {
+                    return Err(RegistryError::invalid(
+                        "node_id",
+                        format!(
+                            "this stream speaks for node {}; a stream cannot switch nodes",
+                            slot.id()
+                        ),
+                    ));
+                }
+                if request.session_id != 0 && request.session_id != self.session_id {
+                    return Err(RegistryError::invalid(
+                        "session_id",
+                        format!(
+                            "this stream speaks for session {}; a stream cannot switch sessions",
+                            self.session_id
+                        ),
+                    ));
+                }
+                slot
+            }
+        };
+        let now = Utc::now();
+        let beat = validate::beat(request, now, self.max_clock_skew)?;
+        self.registry.heartbeat(node, self.session_id, beat)?;
+        Ok(pb::HeartbeatResponse {
+            sequence: request.sequence,
+            server_time: Some(to_proto_timestamp(now)),
+            heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
+            command: None,
+        })
+    }
+}

@@ -1,0 +1,698 @@
+//! Validation of everything a client sends, before any state is touched.
+//!
+//! Every rule returns [`RegistryError::InvalidArgument`] naming the field, so
+//! a bad request is refused whole and no node's data changes. Values are never
+//! echoed at length: a 1 MiB label would otherwise come back in the error.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use registry_proto::convert::from_proto_timestamp;
+use registry_proto::pb;
+
+use crate::error::RegistryError;
+
+/// Most pools a node may run (registration and heartbeat alike).
+pub const MAX_POOLS: usize = 64;
+/// Most GPUs a node may report.
+pub const MAX_GPUS: usize = 64;
+/// Most labels a node may carry.
+pub const MAX_LABELS: usize = 64;
+/// Longest free-text value (model, engine, GPU name, label value ...).
+pub const MAX_TEXT_LEN: usize = 256;
+/// Longest node address URL.
+pub const MAX_ADDRESS_LEN: usize = 2048;
+/// Longest machine id.
+pub const MAX_MACHINE_ID_LEN: usize = 128;
+/// Longest identifier (node id, pool id, label key): a DNS label's length.
+pub const MAX_ID_LEN: usize = 63;
+
+/// A registration that passed validation: the contract's fields, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// DNS-label node name; the registry's key.
+    pub node_id: String,
+    /// Host identity, to tell two hosts claiming one node_id apart.
+    pub machine_id: String,
+    /// Endpoint URL that orchestrators use to reach the node.
+    pub address: String,
+    /// Pools the node runs, unique by pool_id.
+    pub pools: Vec<pb::PoolSpec>,
+    /// Hardware of the node.
+    pub capabilities: pb::Capabilities,
+    /// Version of the registering agent, for fleet audits.
+    pub agent_version: String,
+    /// Labels that ListNodes filters on.
+    pub labels: std::collections::HashMap<String, String>,
+}
+
+/// One heartbeat message that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Beat {
+    /// The agent's clock when it sent the message.
+    pub sent_at: DateTime<Utc>,
+    /// Status of every pool, unique by pool_id.
+    pub pools: Vec<pb::PoolStatus>,
+    /// Live GPU figures; empty when the agent sent none.
+    pub gpus: Vec<pb::GpuStats>,
+}
+
+/// Checks a RegisterRequest and turns it into a [`Registration`].
+pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryError> {
+    node_id("node_id", &req.node_id)?;
+    machine_id(&req.machine_id)?;
+    address(&req.address)?;
+    text("agent_version", &req.agent_version)?;
+    pool_specs(&req.pools)?;
+    let capabilities = req.capabilities.unwrap_or_default();
+    capabilities_rules(&capabilities)?;
+    labels("labels", &req.labels)?;
+    Ok(Registration {
+        node_id: req.node_id,
+        machine_id: req.machine_id,
+        address: req.address,
+        pools: req.pools,
+        capabilities,
+        agent_version: req.agent_version,
+        labels: req.labels,
+    })
+}
+
+/// Checks the payload of a heartbeat message (not its node or session,
+/// which the stream checks) against the server's clock `now`.
+pub fn beat(
+    req: &mut pb::HeartbeatRequest,
+    now: DateTime<Utc>,
+    max_clock_skew: Duration,
+) -> Result<Beat, RegistryError> {
+    let sent_at = req
+        .sent_at
+        .as_ref()
+        .ok_or_else(|| RegistryError::invalid("sent_at", "is required"))?;
+    let sent_at = from_proto_timestamp(sent_at)
+        .ok_or_else(|| RegistryError::invalid("sent_at", "is not a valid timestamp"))?;
+    let skew = (sent_at - now).abs().to_std().unwrap_or(Duration::MAX);
+    if skew > max_clock_skew {
+        return Err(RegistryError::invalid(
+            "sent_at",
+            format!(
+                "{sent_at} is {} away from the registry's clock {now}; at most {} is allowed (check the node's clock)",
+                humantime::format_duration(Duration::from_secs(skew.as_secs())),
+                humantime::format_duration(max_clock_skew),
+            ),
+        ));
+    }
+    pool_statuses(&req.pools)?;
+    gpu_stats(&req.gpus)?;
+    Ok(Beat {
+        sent_at,
+        pools: std::mem::take(&mut req.pools),
+        gpus: std::mem::take(&mut req.gpus),
+    })
+}
+
+/// A node id: a DNS label (1-63 characters of `[a-z0-9-]`, starting and
+/// ending with a letter or digit), so it is safe in hostnames, URLs, metric
+/// labels and logs.
+pub fn node_id(field: &str, id: &str) -> Result<(), RegistryError> {
+    if id.is_empty() {
+        return Err(RegistryError::invalid(field, "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "is {} bytes long; at most {MAX_ID_LEN} are allowed",
+                id.len()
+            ),
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if !id.chars().all(allowed) {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "{} must be a DNS label: only lowercase letters a-z, digits and '-'",
+                quoted(id)
+            ),
+        ));
+    }
+    if id.starts_with('-') || id.ends_with('-') {
+        return Err(RegistryError::invalid(
+            field,
+            format!("{} must not start or end with '-'", quoted(id)),
+        ));
+    }
+    Ok(())
+}
+
+fn machine_id(id: &str) -> Result<(), RegistryError> {
+    if id.is_empty() {
+        return Err(RegistryError::invalid("machine_id", "must not be empty"));
+    }
+    if id.len() > MAX_MACHINE_ID_LEN {
+        return Err(RegistryError::invalid(
+            "machine_id",
+            format!(
+                "is {} bytes long; at most {MAX_MACHINE_ID_LEN} are allowed",
+                id.len()
+            ),
+        ));
+    }
+    if !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(RegistryError::invalid(
+            "machine_id",
+            "must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn address(addr: &str) -> Result<(), RegistryError> {
+    if addr.is_empty() {
+        return Err(RegistryError::invalid("address", "must not be empty"));
+    }
+    if addr.len() > MAX_ADDRESS_LEN {
+        return Err(RegistryError::invalid(
+            "address",
+            format!(
+                "is {} bytes long; at most {MAX_ADDRESS_LEN} are allowed",
+                addr.len()
+            ),
+        ));
+    }
+    let uri: http::Uri = addr.parse().map_err(|e| {
+        RegistryError::invalid("address", format!("{} is not a URL: {e}", quoted(addr)))
+    })?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => {
+            return Err(RegistryError::invalid(
+                "address",
+                format!("{} must start with http:// or https://", quoted(addr)),
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(RegistryError::invalid(
+            "address",
+            format!("{} has no host", quoted(addr)),
+        ));
+    }
+    Ok(())
+}
+
+/// A pool id: 1-63 characters of `[A-Za-z0-9._-]`.
+fn pool_id(field: &str, id: &str) -> Result<(), RegistryError> {
+    if id.is_empty() {
+        return Err(RegistryError::invalid(field, "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "is {} bytes long; at most {MAX_ID_LEN} are allowed",
+                id.len()
+            ),
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !id.chars().all(allowed) {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "{} may only hold A-Z, a-z, 0-9, '.', '_' and '-'",
+                quoted(id)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn text(field: &str, value: &str) -> Result<(), RegistryError> {
+    if value.len() > MAX_TEXT_LEN {
+        return Err(RegistryError::invalid(
+            field,
+            format!(
+                "is {} bytes long; at most {MAX_TEXT_LEN} are allowed",
+                value.len()
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(RegistryError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn at_most(field: &str, len: usize, max: usize) -> Result<(), RegistryError> {
+    if len > max {
+        return Err(RegistryError::invalid(
+            field,
+            format!("has {len} entries; at most {max} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `id` was not seen before in this list.
+fn unique<'a>(seen: &mut HashSet<&'a str>, field: &str, id: &'a str) -> Result<(), RegistryError> {
+    if !seen.insert(id) {
+        return Err(RegistryError::invalid(
+            field,
+            format!("{} appears more than once", quoted(id)),
+        ));
+    }
+    Ok(())
+}
+
+fn pool_specs(pools: &[pb::PoolSpec]) -> Result<(), RegistryError> {
+    at_most("pools", pools.len(), MAX_POOLS)?;
+    let mut seen = HashSet::new();
+    for (i, pool) in pools.iter().enumerate() {
+        let field = |name: &str| format!("pools[{i}].{name}");
+        pool_id(&field("pool_id"), &pool.pool_id)?;
+        unique(&mut seen, &field("pool_id"), &pool.pool_id)?;
+        text(&field("engine"), &pool.engine)?;
+        text(&field("model"), &pool.model)?;
+        text(&field("engine_version"), &pool.engine_version)?;
+        at_most(&field("gpu_indices"), pool.gpu_indices.len(), MAX_GPUS)?;
+    }
+    Ok(())
+}
+
+fn capabilities_rules(caps: &pb::Capabilities) -> Result<(), RegistryError> {
+    at_most("capabilities.gpus", caps.gpus.len(), MAX_GPUS)?;
+    text("capabilities.driver_version", &caps.driver_version)?;
+    text("capabilities.cuda_version", &caps.cuda_version)?;
+    let mut seen_index = HashSet::new();
+    for (i, gpu) in caps.gpus.iter().enumerate() {
+        let field = |name: &str| format!("capabilities.gpus[{i}].{name}");
+        if !seen_index.insert(gpu.index) {
+            return Err(RegistryError::invalid(
+                field("index"),
+                format!("GPU index {} appears more than once", gpu.index),
+            ));
+        }
+        text(&field("uuid"), &gpu.uuid)?;
+        text(&field("name"), &gpu.name)?;
+        text(&field("pci_bus_id"), &gpu.pci_bus_id)?;
+        compute_capability(&field("compute_capability"), &gpu.compute_capability)?;
+    }
+    Ok(())
+}
+
+/// "major.minor" with decimal digits, or empty where unknown.
+fn compute_capability(field: &str, cc: &str) -> Result<(), RegistryError> {
+    if cc.is_empty() {
+        return Ok(());
+    }
+    let ok = cc.len() <= 8
+        && cc.split_once('.').is_some_and(|(major, minor)| {
+            !major.is_empty()
+                && !minor.is_empty()
+                && major.bytes().all(|b| b.is_ascii_digit())
+                && minor.bytes().all(|b| b.is_ascii_digit())
+        });
+    if !ok {
+        return Err(RegistryError::invalid(
+            field,
+            format!("{} must look like \"8.9\" (major.minor)", quoted(cc)),
+        ));
+    }
+    Ok(())
+}
+
+fn labels(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<(), RegistryError> {
+    at_most(field, labels.len(), MAX_LABELS)?;
+    // Sorted so the same bad request always names the same label.
+    let mut keys: Vec<&String> = labels.keys().collect();
+    keys.sort();
+    for key in keys {
+        let key_field = format!("{field}[{}]", quoted(key));
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_ID_LEN
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+        if !key_ok {
+            return Err(RegistryError::invalid(
+                key_field,
+                "label keys must be 1-63 characters of A-Z, a-z, 0-9, '.', '_', '/' and '-'",
+            ));
+        }
+        text(&key_field, &labels[key])?;
+    }
+    Ok(())
+}
+
+fn pool_statuses(pools: &[pb::PoolStatus]) -> Result<(), RegistryError> {
+    at_most("pools", pools.len(), MAX_POOLS)?;
+    let mut seen = HashSet::new();
+    for (i, pool) in pools.iter().enumerate() {
+        let field = |name: &str| format!("pools[{i}].{name}");
+        pool_id(&field("pool_id"), &pool.pool_id)?;
+        unique(&mut seen, &field("pool_id"), &pool.pool_id)?;
+        match pb::PoolState::try_from(pool.state) {
+            Ok(pb::PoolState::Unspecified) => {
+                return Err(RegistryError::invalid(
+                    field("state"),
+                    "must be set (POOL_STATE_UNSPECIFIED is not a state)",
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(RegistryError::invalid(
+                    field("state"),
+                    format!("{} is not a known PoolState", pool.state),
+                ));
+            }
+        }
+        if pool.slots_free > pool.slots_total {
+            return Err(RegistryError::invalid(
+                field("slots_free"),
+                format!(
+                    "{} exceeds slots_total {}",
+                    pool.slots_free, pool.slots_total
+                ),
+            ));
+        }
+        text(&field("model"), &pool.model)?;
+        text(&field("engine"), &pool.engine)?;
+    }
+    Ok(())
+}
+
+fn gpu_stats(gpus: &[pb::GpuStats]) -> Result<(), RegistryError> {
+    at_most("gpus", gpus.len(), MAX_GPUS)?;
+    for (i, gpu) in gpus.iter().enumerate() {
+        if gpu.utilization_percent > 100 {
+            return Err(RegistryError::invalid(
+                format!("gpus[{i}].utilization_percent"),
+                format!("{} is above 100", gpu.utilization_percent),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A value for an error message: quoted, and cut short when long.
+fn quoted(value: &str) -> String {
+    const SHOWN: usize = 64;
+    if value.chars().count() <= SHOWN {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(SHOWN).collect();
+        format!("{head:?}... ({} bytes)", value.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good_register() -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            node_id: "gpu-node-1".into(),
+            machine_id: "4c4c4544004d3510".into(),
+            address: "http://10.0.0.5:9200".into(),
+            pools: vec![pb::PoolSpec {
+                pool_id: "pool-0".into(),
+                engine: "llamacpp".into(),
+                model: "llama-3.1-8b-instruct".into(),
+                slots_total: 4,
+                gpu_indices: vec![0],
+                engine_version: "b3000".into(),
+            }],
+            capabilities: Some(pb::Capabilities {
+                gpus: vec![pb::GpuInfo {
+                    index: 0,
+                    uuid: "GPU-1".into(),
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    memory_total_bytes: 80 << 30,
+                    compute_capability: "9.0".into(),
+                    pci_bus_id: String::new(),
+                    mig_enabled: false,
+                }],
+                cpu_cores: 64,
+                ram_total_bytes: 512 << 30,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+            }),
+            agent_version: "node-agent 0.1.0".into(),
+            labels: [("zone".to_string(), "eu-1".to_string())].into(),
+        }
+    }
+
+    fn good_beat() -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            node_id: "gpu-node-1".into(),
+            session_id: 1,
+            sent_at: Some(registry_proto::convert::to_proto_timestamp(now())),
+            pools: vec![pb::PoolStatus {
+                pool_id: "pool-0".into(),
+                state: pb::PoolState::Ready as i32,
+                slots_total: 4,
+                slots_free: 2,
+                vram_free_bytes: 1 << 30,
+                model: "m".into(),
+                engine: "llamacpp".into(),
+            }],
+            gpus: vec![],
+            sequence: 1,
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn register_field(mutate: impl FnOnce(&mut pb::RegisterRequest)) -> String {
+        let mut req = good_register();
+        mutate(&mut req);
+        match registration(req) {
+            Err(RegistryError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    fn beat_field(mutate: impl FnOnce(&mut pb::HeartbeatRequest)) -> String {
+        let mut req = good_beat();
+        mutate(&mut req);
+        match beat(&mut req, now(), Duration::from_secs(3600)) {
+            Err(RegistryError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_complete_registration_passes() {
+        let reg = registration(good_register()).unwrap();
+        assert_eq!(reg.node_id, "gpu-node-1");
+        assert_eq!(reg.capabilities.gpus.len(), 1);
+    }
+
+    #[test]
+    fn node_id_must_be_a_dns_label() {
+        for bad in [
+            "",
+            "UPPER",
+            "under_score",
+            "-lead",
+            "trail-",
+            "dot.ted",
+            "spa ce",
+            "ünï",
+        ] {
+            assert_eq!(
+                register_field(|r| r.node_id = bad.into()),
+                "node_id",
+                "{bad:?}"
+            );
+        }
+        assert_eq!(register_field(|r| r.node_id = "a".repeat(64)), "node_id");
+        for good in ["a", "0", "gpu-node-1", &"a".repeat(63)] {
+            node_id("node_id", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn machine_id_is_required_and_bounded() {
+        assert_eq!(register_field(|r| r.machine_id.clear()), "machine_id");
+        assert_eq!(
+            register_field(|r| r.machine_id = "x".repeat(129)),
+            "machine_id"
+        );
+        assert_eq!(
+            register_field(|r| r.machine_id = "a b".into()),
+            "machine_id"
+        );
+    }
+
+    #[test]
+    fn address_must_be_an_http_url_with_a_host() {
+        for bad in [
+            "",
+            "not a url",
+            "ftp://host/",
+            "10.0.0.1:9200",
+            "http://",
+            "http:///path",
+        ] {
+            assert_eq!(
+                register_field(|r| r.address = bad.into()),
+                "address",
+                "{bad:?}"
+            );
+        }
+        let long = format!("http://h/{}", "p".repeat(MAX_ADDRESS_LEN));
+        assert_eq!(register_field(|r| r.address = long), "address");
+        address("https://gpu-1.example:9200/v1").unwrap();
+        address("http://[::1]:9200").unwrap();
+    }
+
+    #[test]
+    fn pools_are_bounded_valid_and_unique() {
+        let pool = |id: &str| pb::PoolSpec {
+            pool_id: id.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            register_field(|r| r.pools = (0..65).map(|i| pool(&format!("p{i}"))).collect()),
+            "pools"
+        );
+        assert_eq!(
+            register_field(|r| r.pools = vec![pool("a"), pool("a")]),
+            "pools[1].pool_id"
+        );
+        assert_eq!(
+            register_field(|r| r.pools = vec![pool("")]),
+            "pools[0].pool_id"
+        );
+        assert_eq!(
+            register_field(|r| r.pools = vec![pool("a b")]),
+            "pools[0].pool_id"
+        );
+        assert_eq!(
+            register_field(|r| r.pools[0].model = "m".repeat(MAX_TEXT_LEN + 1)),
+            "pools[0].model"
+        );
+    }
+
+    #[test]
+    fn gpus_are_bounded_and_well_formed() {
+        assert_eq!(
+            register_field(|r| {
+                let gpu = r.capabilities.as_ref().unwrap().gpus[0].clone();
+                r.capabilities.as_mut().unwrap().gpus = (0..65)
+                    .map(|i| pb::GpuInfo {
+                        index: i,
+                        ..gpu.clone()
+                    })
+                    .collect();
+            }),
+            "capabilities.gpus"
+        );
+        assert_eq!(
+            register_field(|r| {
+                let caps = r.capabilities.as_mut().unwrap();
+                caps.gpus.push(caps.gpus[0].clone());
+            }),
+            "capabilities.gpus[1].index"
+        );
+        for bad in ["9", "9.", ".0", "x.y", "1.2.3"] {
+            assert_eq!(
+                register_field(|r| {
+                    r.capabilities.as_mut().unwrap().gpus[0].compute_capability = bad.into()
+                }),
+                "capabilities.gpus[0].compute_capability",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(
+            register_field(
+                |r| r.labels = (0..65).map(|i| (format!("k{i}"), String::new())).collect()
+            ),
+            "labels"
+        );
+        assert_eq!(
+            register_field(|r| r.labels = [("zone".into(), "v".repeat(1 << 20))].into()),
+            "labels[\"zone\"]"
+        );
+        assert_eq!(
+            register_field(|r| r.labels = [(String::new(), "v".into())].into()),
+            "labels[\"\"]"
+        );
+    }
+
+    #[test]
+    fn a_good_beat_passes_and_moves_its_lists() {
+        let mut req = good_beat();
+        let beat = beat(&mut req, now(), Duration::from_secs(60)).unwrap();
+        assert_eq!(beat.pools.len(), 1);
+        assert!(req.pools.is_empty(), "pools are moved, not copied");
+    }
+
+    #[test]
+    fn beat_rules() {
+        assert_eq!(beat_field(|b| b.sent_at = None), "sent_at");
+        assert_eq!(
+            beat_field(|b| b.sent_at = Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1
+            })),
+            "sent_at"
+        );
+        let far = |secs: i64| {
+            Some(prost_types::Timestamp {
+                seconds: now().timestamp() + secs,
+                nanos: 0,
+            })
+        };
+        assert_eq!(beat_field(|b| b.sent_at = far(3601)), "sent_at");
+        assert_eq!(beat_field(|b| b.sent_at = far(-3601)), "sent_at");
+        assert_eq!(beat_field(|b| b.pools[0].state = 0), "pools[0].state");
+        assert_eq!(beat_field(|b| b.pools[0].state = 99), "pools[0].state");
+        assert_eq!(
+            beat_field(|b| b.pools[0].slots_free = 5),
+            "pools[0].slots_free"
+        );
+        assert_eq!(
+            beat_field(|b| b.pools.push(b.pools[0].clone())),
+            "pools[1].pool_id"
+        );
+        assert_eq!(
+            beat_field(|b| b.pools = vec![b.pools[0].clone(); 10_000]),
+            "pools"
+        );
+        assert_eq!(
+            beat_field(|b| b.gpus = vec![pb::GpuStats {
+                utilization_percent: 101,
+                ..Default::default()
+            }]),
+            "gpus[0].utilization_percent"
+        );
+    }
+
+    #[test]
+    fn long_values_are_not_echoed_whole() {
+        let err = registration(pb::RegisterRequest {
+            node_id: "X".repeat(1 << 20),
+            ..good_register()
+        })
+        .unwrap_err();
+        assert!(err.to_string().len() < 200, "{}", err.to_string().len());
+        assert!(quoted(&"y".repeat(1000)).len() < 100);
+    }
+}
