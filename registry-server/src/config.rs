@@ -55,8 +55,8 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_MAX_CLOCK_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_clock_skew: Duration,
 
-    /// Largest gRPC message accepted, in bytes; larger ones get
-    /// RESOURCE_EXHAUSTED.
+    /// Largest gRPC message accepted, in bytes; larger ones are refused
+    /// before decoding (tonic answers OUT_OF_RANGE).
     #[arg(long, env = "REGISTRY_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
     pub max_message_size: usize,
 

@@ -1,0 +1,774 @@
+//! The registry served for real on 127.0.0.1:0 and driven by a real tonic
+//! client: every RPC, heartbeat streams, health and reflection.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use registry_proto::convert::to_proto_timestamp;
+use registry_proto::pb;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use registry_server::Settings;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+/// A registry serving on a loopback port for the length of a test.
+struct TestServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), registry_server::ServerError>>,
+}
+
+impl TestServer {
+    async fn start(settings: Settings) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(registry_server::run(listener, settings, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self) -> NodeRegistryClient<Channel> {
+        NodeRegistryClient::new(self.channel().await)
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("server stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Settings with timeouts short enough for tests that wait on expiry.
+fn fast() -> Settings {
+    Settings {
+        node_timeout: Duration::from_millis(400),
+        heartbeat_interval: Duration::from_millis(100),
+        ..Settings::default()
+    }
+}
+
+fn register_request(node_id: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        node_id: node_id.into(),
+        machine_id: format!("machine-{node_id}"),
+        address: format!("http://{node_id}.example:9200"),
+        pools: vec![pb::PoolSpec {
+            pool_id: "pool-0".into(),
+            engine: "llamacpp".into(),
+            model: "llama-3.1-8b".into(),
+            slots_total: 4,
+            gpu_indices: vec![0],
+            engine_version: String::new(),
+        }],
+        capabilities: Some(pb::Capabilities {
+            gpus: vec![pb::GpuInfo {
+                index: 0,
+                uuid: format!("GPU-{node_id}"),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_bytes: 80 << 30,
+                compute_capability: "9.0".into(),
+                pci_bus_id: String::new(),
+                mig_enabled: false,
+            }],
+            cpu_cores: 32,
+            ram_total_bytes: 256 << 30,
+            driver_version: "550.54.15".into(),
+            cuda_version: "12.4".into(),
+        }),
+        agent_version: "test 0.0.0".into(),
+        labels: [("zone".to_string(), "eu-1".to_string())].into(),
+    }
+}
+
+fn beat(
+    node_id: &str,
+    session_id: u64,
+    sequence: u64,
+    state: pb::PoolState,
+) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        node_id: node_id.into(),
+        session_id,
+        sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
+        pools: vec![pb::PoolStatus {
+            pool_id: "pool-0".into(),
+            state: state as i32,
+            slots_total: 4,
+            slots_free: 3,
+            vram_free_bytes: 10 << 30,
+            model: "llama-3.1-8b".into(),
+            engine: "llamacpp".into(),
+        }],
+        gpus: vec![pb::GpuStats {
+            index: 0,
+            memory_used_bytes: 70 << 30,
+            memory_free_bytes: 10 << 30,
+            utilization_percent: 87,
+            temperature_celsius: Some(61),
+        }],
+        sequence,
+    }
+}
+
+/// An open Heartbeat stream: a sender for requests and the server's replies.
+struct Stream {
+    tx: mpsc::Sender<pb::HeartbeatRequest>,
+    rx: Streaming<pb::HeartbeatResponse>,
+}
+
+impl Stream {
+    async fn open(client: &mut NodeRegistryClient<Channel>) -> Self {
+        let (tx, requests) = mpsc::channel(16);
+        let rx = client
+            .heartbeat(ReceiverStream::new(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    /// Sends one request and returns the server's answer to it.
+    async fn send(
+        &mut self,
+        request: pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, tonic::Status> {
+        self.tx.send(request).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), self.rx.next())
+            .await
+            .expect("a reply within 5 s");
+        match reply {
+            Some(result) => result,
+            None => panic!("stream ended without a status"),
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `within` passes.
+async fn wait_until<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn status_of(client: &mut NodeRegistryClient<Channel>, node_id: &str) -> pb::NodeStatus {
+    client
+        .get_node(pb::GetNodeRequest {
+            node_id: node_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+fn ids(response: &pb::ListNodesResponse) -> Vec<&str> {
+    response.nodes.iter().map(|n| n.node_id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn register_get_list_and_deregister() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = server.client().await;
+
+    let first = client
+        .register(register_request("gpu-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    assert_ne!(first.session_id, 0);
+    assert_eq!(first.heartbeat_interval.unwrap().seconds, 10);
+    assert_eq!(first.node_timeout.unwrap().seconds, 30);
+    client.register(register_request("gpu-a")).await.unwrap();
+
+    // Idempotent: the same node again is an update with a new session.
+    let again = client
+        .register(register_request("gpu-b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    assert_ne!(again.session_id, first.session_id);
+    assert_eq!(again.registered_at, first.registered_at);
+
+    let node = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "gpu-b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.status(), pb::NodeStatus::Online);
+    assert_eq!(node.session_id, again.session_id);
+    assert_eq!(node.address, "http://gpu-b.example:9200");
+    assert_eq!(
+        node.capabilities.as_ref().unwrap().gpus[0].compute_capability,
+        "9.0"
+    );
+    assert_eq!(node.pools[0].pool_id, "pool-0");
+    assert_eq!(node.labels["zone"], "eu-1");
+    assert!(node.registered_at.is_some() && node.last_heartbeat_at.is_some());
+
+    let all = client
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&all), ["gpu-a", "gpu-b"]);
+
+    client
+        .deregister(pb::DeregisterRequest {
+            node_id: "gpu-b".into(),
+            session_id: again.session_id,
+        })
+        .await
+        .unwrap();
+    let err = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "gpu-b".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("gpu-b"), "{}", err.message());
+    let err = client
+        .deregister(pb::DeregisterRequest {
+            node_id: "gpu-b".into(),
+            session_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let all = client
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&all), ["gpu-a"]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_filters_by_status_pool_and_labels_and_pages() {
+    let server = TestServer::start(fast()).await;
+    let mut client = server.client().await;
+
+    // n1 stays silent and goes OFFLINE; n2..n4 keep heartbeating.
+    client.register(register_request("n1")).await.unwrap();
+    let mut streams = Vec::new();
+    for id in ["n2", "n3", "n4"] {
+        let mut request = register_request(id);
+        if id == "n3" {
+            request.labels.insert("zone".into(), "us-1".into());
+            request.pools[0].pool_id = "pool-x".into();
+        }
+        let session = client
+            .register(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id;
+        streams.push((id, session, Stream::open(&mut client).await));
+    }
+    let beating = tokio::spawn(async move {
+        for sequence in 1.. {
+            for (id, session, stream) in &mut streams {
+                let mut request = beat(id, *session, sequence, pb::PoolState::Ready);
+                if *id == "n3" {
+                    request.pools[0].pool_id = "pool-x".into();
+                }
+                stream.send(request).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    wait_until("n1 offline", Duration::from_secs(5), || {
+        let mut client = client.clone();
+        async move { status_of(&mut client, "n1").await == pb::NodeStatus::Offline }
+    })
+    .await;
+
+    let list = |request: pb::ListNodesRequest| {
+        let mut client = client.clone();
+        async move { client.list_nodes(request).await.unwrap().into_inner() }
+    };
+    let online = list(pb::ListNodesRequest {
+        status: pb::NodeStatus::Online as i32,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ids(&online), ["n2", "n3", "n4"]);
+    let offline = list(pb::ListNodesRequest {
+        status: pb::NodeStatus::Offline as i32,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ids(&offline), ["n1"]);
+    let by_pool = list(pb::ListNodesRequest {
+        pool_id: "pool-x".into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ids(&by_pool), ["n3"]);
+    let by_label = list(pb::ListNodesRequest {
+        labels: [("zone".to_string(), "eu-1".to_string())].into(),
+        status: pb::NodeStatus::Online as i32,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ids(&by_label), ["n2", "n4"]);
+
+    let page1 = list(pb::ListNodesRequest {
+        page_size: 3,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ids(&page1), ["n1", "n2", "n3"]);
+    assert_eq!(page1.next_page_token, "n3");
+    let page2 = list(pb::ListNodesRequest {
+        page_size: 3,
+        page_token: page1.next_page_token.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(ids(&page2), ["n4"]);
+    assert!(page2.next_page_token.is_empty());
+
+    let err = client
+        .list_nodes(pb::ListNodesRequest {
+            status: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("status"), "{}", err.message());
+
+    beating.abort();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn heartbeats_are_acknowledged_and_update_the_node() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = server.client().await;
+    let session = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let mut stream = Stream::open(&mut client).await;
+
+    let ack = stream
+        .send(beat("n1", session, 7, pb::PoolState::Initializing))
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 7);
+    assert!(ack.server_time.is_some());
+    assert_eq!(ack.heartbeat_interval.unwrap().seconds, 10);
+    assert!(ack.command.is_none());
+
+    // Later messages may leave node_id and session_id out.
+    let mut later = beat("", 0, 8, pb::PoolState::Ready);
+    later.gpus.clear();
+    assert_eq!(stream.send(later).await.unwrap().sequence, 8);
+
+    let node = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "n1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.pool_status.len(), 1);
+    assert_eq!(node.pool_status[0].state(), pb::PoolState::Ready);
+    assert_eq!(node.pool_status[0].slots_free, 3);
+    // A beat without GPU figures keeps the last ones.
+    assert_eq!(node.gpu_stats[0].utilization_percent, 87);
+    assert!(node.agent_time.is_some());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
+    let server = TestServer::start(fast()).await;
+    let mut client = server.client().await;
+    let session = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let mut stream = Stream::open(&mut client).await;
+    stream
+        .send(beat("n1", session, 1, pb::PoolState::Ready))
+        .await
+        .unwrap();
+
+    // The stream stays open but silent: only messages count as liveness.
+    wait_until("n1 offline", Duration::from_secs(5), || {
+        let mut client = client.clone();
+        async move { status_of(&mut client, "n1").await == pb::NodeStatus::Offline }
+    })
+    .await;
+    // On the same stream, without re-registering.
+    stream
+        .send(beat("n1", session, 2, pb::PoolState::Ready))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&mut client, "n1").await, pb::NodeStatus::Online);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_registered_node_that_never_streams_goes_offline() {
+    let server = TestServer::start(fast()).await;
+    let mut client = server.client().await;
+    client.register(register_request("mute")).await.unwrap();
+    assert_eq!(status_of(&mut client, "mute").await, pb::NodeStatus::Online);
+    wait_until("mute offline", Duration::from_secs(5), || {
+        let mut client = client.clone();
+        async move { status_of(&mut client, "mute").await == pb::NodeStatus::Offline }
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn heartbeat_for_an_unknown_node_is_not_found_and_says_to_register() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = server.client().await;
+    let mut stream = Stream::open(&mut client).await;
+    let err = stream
+        .send(beat("ghost", 99, 1, pb::PoolState::Ready))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("ghost") && err.message().contains("Register"),
+        "{}",
+        err.message()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_of_a_superseded_session_is_refused() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = server.client().await;
+    let old = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let mut old_stream = Stream::open(&mut client).await;
+    old_stream
+        .send(beat("n1", old, 1, pb::PoolState::Ready))
+        .await
+        .unwrap();
+
+    let new = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let err = old_stream
+        .send(beat("n1", old, 2, pb::PoolState::Ready))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("superseded"), "{}", err.message());
+
+    let mut fresh = Stream::open(&mut client).await;
+    let err = fresh
+        .send(beat("n1", old, 1, pb::PoolState::Ready))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let mut current = Stream::open(&mut client).await;
+    current
+        .send(beat("n1", new, 1, pb::PoolState::Ready))
+        .await
+        .unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_stream_input_ends_only_that_stream() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = server.client().await;
+    let s1 = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let s2 = client
+        .register(register_request("n2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+
+    let mut no_session = Stream::open(&mut client).await;
+    let err = no_session
+        .send(beat("n1", 0, 1, pb::PoolState::Ready))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("session_id"), "{}", err.message());
+
+    let mut switching = Stream::open(&mut client).await;
+    switching
+        .send(beat("n1", s1, 1, pb::PoolState::Ready))
+        .await
+        .unwrap();
+    let err = switching
+        .send(beat("n2", s2, 2, pb::PoolState::Ready))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("node_id"), "{}", err.message());
+
+    let mut bad_pool = Stream::open(&mut client).await;
+    let mut request = beat("n2", s2, 1, pb::PoolState::Ready);
+    request.pools[0].slots_free = 99;
+    let err = bad_pool.send(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("pools[0].slots_free"),
+        "{}",
+        err.message()
+    );
+
+    // n2 was untouched by the refused beat; the server still serves.
+    let n2 = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(n2.pool_status.is_empty());
+    let mut good = Stream::open(&mut client).await;
+    good.send(beat("n2", s2, 1, pb::PoolState::Ready))
+        .await
+        .unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_registrations_are_refused_naming_the_field() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = server.client().await;
+    client.register(register_request("keeper")).await.unwrap();
+    let before = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "keeper".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    type Mutation = Box<dyn Fn(&mut pb::RegisterRequest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("node_id", Box::new(|r| r.node_id = String::new())),
+        ("node_id", Box::new(|r| r.node_id = "Bad_Name".into())),
+        ("node_id", Box::new(|r| r.node_id = "x".repeat(64))),
+        ("machine_id", Box::new(|r| r.machine_id = String::new())),
+        ("address", Box::new(|r| r.address = "not a url".into())),
+        (
+            "pools",
+            Box::new(|r| r.pools = vec![r.pools[0].clone(); 10_000]),
+        ),
+        (
+            "pools[1].pool_id",
+            Box::new(|r| r.pools.push(r.pools[0].clone())),
+        ),
+        (
+            "labels",
+            Box::new(|r| r.labels = (0..100).map(|i| (format!("k{i}"), "v".into())).collect()),
+        ),
+    ];
+    for (field, mutate) in cases {
+        let mut request = register_request("keeper");
+        mutate(&mut request);
+        let err = client.register(request).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    let err = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "UPPER".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // A message over the size limit is refused by the transport (tonic
+    // reports OUT_OF_RANGE) before any handler runs.
+    let mut huge = register_request("keeper");
+    huge.labels.insert("blob".into(), "x".repeat(2 << 20));
+    let err = client.register(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
+    assert!(
+        err.message().contains("message length too large"),
+        "{}",
+        err.message()
+    );
+
+    let after = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "keeper".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before, after, "refused registrations changed nothing");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_reports_serving() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+    let server = TestServer::start(Settings::default()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "registry.v1.NodeRegistry"] {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            reply.status(),
+            ServingStatus::Serving,
+            "service {service:?}"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn reflection_lists_the_registry_in_v1_and_v1alpha() {
+    let server = TestServer::start(Settings::default()).await;
+    let channel = server.channel().await;
+
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.next().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("not a service list: {reply:?}");
+        };
+        let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"registry.v1.NodeRegistry"), "{names:?}");
+        assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    }
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(channel);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "registry.v1.NodeRegistry".into(),
+            )),
+        };
+        let mut replies = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.next().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+            panic!("no descriptor: {reply:?}");
+        };
+        assert!(!files.file_descriptor_proto.is_empty());
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_unavailable() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = server.client().await;
+    let session = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let mut stream = Stream::open(&mut client).await;
+    stream
+        .send(beat("n1", session, 1, pb::PoolState::Ready))
+        .await
+        .unwrap();
+
+    let mut rx = stream.rx;
+    let _keep_sending_side_open = stream.tx;
+    server.shutdown().await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), rx.next())
+        .await
+        .unwrap();
+    match ended {
+        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable, "{}", status.message()),
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+}
