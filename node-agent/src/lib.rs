@@ -1,0 +1,130 @@
+//! node-agent: runs on every GPU host, discovers its GPUs, registers the
+//! node with the registry, and reports pool status on a heartbeat stream
+//! until it is told to stop.
+//!
+//! [`run`] is the whole agent, so tests and embedders run it in-process;
+//! the `node-agent` binary only adds flags, logging and signal handling.
+
+pub mod backoff;
+pub mod config;
+pub mod gpu;
+pub mod host;
+pub mod pools;
+mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use registry_proto::pb;
+use tonic::transport::Endpoint;
+
+pub use config::{AgentConfig, Cli, ConfigError, LogFormat};
+pub use gpu::{FakeGpuSource, GpuError, GpuInventory, GpuSource, NvmlGpuSource};
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// GPUs are required and could not be found.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// The registry URL is not a usable gRPC endpoint.
+    #[error("invalid registry endpoint: {0}")]
+    Endpoint(#[from] tonic::transport::Error),
+    /// A background task panicked.
+    #[error("internal task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Runs the agent until `shutdown` resolves, then deregisters and returns.
+/// It does not return early because the registry is unreachable: it keeps
+/// retrying. Errors are only configuration and required-GPU problems found
+/// at start-up.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    let gpus = gpu::open(&config.gpus)?;
+    run_with_gpu_source(config, gpus, shutdown).await
+}
+
+/// [`run`] with a given GPU source instead of the one `config.gpus` names.
+pub async fn run_with_gpu_source(
+    config: AgentConfig,
+    gpus: Arc<dyn GpuSource>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    let inventory = {
+        let gpus = Arc::clone(&gpus);
+        match tokio::task::spawn_blocking(move || gpus.inventory()).await? {
+            Ok(inventory) => inventory,
+            Err(e) if config.gpus.require => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list gpus; registering with none");
+                GpuInventory::default()
+            }
+        }
+    };
+    if config.gpus.require && inventory.gpus.is_empty() {
+        return Err(GpuError::NoGpus.into());
+    }
+    tracing::info!(
+        node_id = %config.node_id,
+        gpus = inventory.gpus.len(),
+        driver = %inventory.driver_version,
+        cuda = %inventory.cuda_version,
+        "gpus discovered"
+    );
+    let capabilities = pb::Capabilities {
+        gpus: inventory.gpus,
+        cpu_cores: host::cpu_cores(),
+        ram_total_bytes: host::ram_total_bytes(),
+        driver_version: inventory.driver_version,
+        cuda_version: inventory.cuda_version,
+    };
+
+    // Scanned once before registering, so Register already names the
+    // pools the provisioners announced.
+    let (handoff, handoff_task) = match &config.handoff_dir {
+        Some(dir) => {
+            let (rx, task) =
+                pools::handoff::watch_dir(dir.clone(), config.handoff_poll_interval).await;
+            (Some(rx), Some(task))
+        }
+        None => (None, None),
+    };
+    let tracker = pools::PoolTracker::new(
+        config.pools.clone(),
+        handoff,
+        pools::probe::Prober::new(config.probe_timeout),
+    );
+
+    // Lazy: the first RPC connects, and a lost connection is re-dialled on
+    // the next one, so a registry that is down at start is simply retried.
+    let channel = Endpoint::from_shared(config.registry.clone())?
+        .connect_timeout(config.registry_timeout)
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
+        // Pings also while no RPC is in flight: a heartbeat stream waiting
+        // for its next beat must notice a dead peer too.
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .connect_lazy();
+
+    let agent = Arc::new(session::Agent::new(
+        config,
+        channel,
+        gpus,
+        capabilities,
+        tracker,
+    ));
+    session::run(agent, Box::pin(shutdown)).await;
+    if let Some(task) = handoff_task {
+        task.abort();
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! The pools a node runs and their live status, from three sources:
+//! static configuration ([`static_pools`]), HTTP health probes ([`probe`])
+//! and handoff files written by engine provisioners ([`handoff`]).
+
+pub mod handoff;
+pub mod probe;
+pub mod static_pools;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+
+use registry_proto::pb;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::config::ConfigError;
+use probe::{ProbeOutcome, Prober};
+
+/// Slots a pool reports when neither the configuration nor the engine says
+/// how many it has: one request at a time is the safe assumption.
+pub const DEFAULT_SLOTS: u32 = 1;
+
+/// A pool as the agent knows it, whichever source it came from. Optional
+/// fields stay `None` until a source sets them, so a handoff file can
+/// override only what it knows about a statically configured pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool id, unique within the node (1-63 characters of `[A-Za-z0-9._-]`).
+    #[serde(alias = "pool_id")]
+    pub id: String,
+    /// Serving engine ("llamacpp", "vllm"), reported to the registry.
+    pub engine: Option<String>,
+    /// Engine version, where the provisioner knows it.
+    pub engine_version: Option<String>,
+    /// Model served, so the registry can place requests by model.
+    pub model: Option<String>,
+    /// Concurrent request slots; overridden by llama.cpp's `/slots` where
+    /// the engine publishes them.
+    pub slots: Option<u32>,
+    /// GPU indices the pool uses (its device mask); empty means all GPUs.
+    pub gpus: Option<Vec<u32>>,
+    /// State reported while no probe says otherwise (default READY).
+    pub state: Option<ConfiguredState>,
+    /// Health URL (http://) whose answer decides the pool's state.
+    pub probe: Option<String>,
+}
+
+impl PoolConfig {
+    /// A pool with only an id: READY, one slot, no probe.
+    pub fn new(id: impl Into<String>) -> Self {
+        PoolConfig {
+            id: id.into(),
+            ..PoolConfig::default()
+        }
+    }
+
+    /// Fields of `over` where it sets them, else those of `self`.
+    pub fn overlaid_with(&self, over: &PoolConfig) -> PoolConfig {
+        PoolConfig {
+            id: over.id.clone(),
+            engine: over.engine.clone().or_else(|| self.engine.clone()),
+            engine_version: over
+                .engine_version
+                .clone()
+                .or_else(|| self.engine_version.clone()),
+            model: over.model.clone().or_else(|| self.model.clone()),
+            slots: over.slots.or(self.slots),
+            gpus: over.gpus.clone().or_else(|| self.gpus.clone()),
+            state: over.state.or(self.state),
+            probe: over.probe.clone().or_else(|| self.probe.clone()),
+        }
+    }
+
+    /// The pool as registered (RegisterRequest.pools).
+    pub fn spec(&self) -> pb::PoolSpec {
+        pb::PoolSpec {
+            pool_id: self.id.clone(),
+            engine: self.engine.clone().unwrap_or_default(),
+            model: self.model.clone().unwrap_or_default(),
+            slots_total: self.slots.unwrap_or(DEFAULT_SLOTS),
+            gpu_indices: self.gpus.clone().unwrap_or_default(),
+            engine_version: self.engine_version.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Checks what the registry would refuse, so a typo fails at start-up
+    /// instead of in an endless INVALID_ARGUMENT retry loop.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !crate::config::valid_pool_id(&self.id) {
+            return Err(ConfigError::invalid(
+                "pool id",
+                &self.id,
+                "1-63 characters of [A-Za-z0-9._-]",
+            ));
+        }
+        if let Some(url) = &self.probe {
+            probe::parse_probe_url(url)?;
+        }
+        Ok(())
+    }
+}
+
+/// A pool state as written in configuration and handoff files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfiguredState {
+    /// The engine is starting.
+    Initializing,
+    /// Accepting requests.
+    Ready,
+    /// Finishing in-flight requests.
+    Draining,
+    /// Unhealthy.
+    Failed,
+    /// Not running.
+    Offline,
+}
+
+impl ConfiguredState {
+    /// The protobuf state.
+    pub fn to_proto(self) -> pb::PoolState {
+        match self {
+            ConfiguredState::Initializing => pb::PoolState::Initializing,
+            ConfiguredState::Ready => pb::PoolState::Ready,
+            ConfiguredState::Draining => pb::PoolState::Draining,
+            ConfiguredState::Failed => pb::PoolState::Failed,
+            ConfiguredState::Offline => pb::PoolState::Offline,
+        }
+    }
+}
+
+impl FromStr for ConfiguredState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        <ConfiguredState as clap::ValueEnum>::from_str(s, true)
+            .map_err(|_| "expected ready, initializing, draining, failed or offline".to_owned())
+    }
+}
+
+/// Pools to drain on the registry's request (DrainCommand): reported as
+/// DRAINING while their engine is otherwise READY, since the agent cannot
+/// stop the engine itself but can keep the registry from placing new work.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Drain {
+    /// Every pool, present and future (a DrainCommand with no pool ids).
+    pub all: bool,
+    /// These pool ids.
+    pub pools: BTreeSet<String>,
+}
+
+impl Drain {
+    /// Adds the pools of one DrainCommand.
+    pub fn add(&mut self, pool_ids: &[String]) {
+        if pool_ids.is_empty() {
+            self.all = true;
+        } else {
+            self.pools.extend(pool_ids.iter().cloned());
+        }
+    }
+
+    fn covers(&self, pool_id: &str) -> bool {
+        self.all || self.pools.contains(pool_id)
+    }
+}
+
+/// Combines the static pools with the handoff directory's and turns them
+/// into specs and live statuses.
+pub struct PoolTracker {
+    static_pools: Vec<PoolConfig>,
+    handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
+    prober: Prober,
+}
+
+impl PoolTracker {
+    /// `handoff` is the watcher's channel where a handoff directory is set.
+    pub fn new(
+        static_pools: Vec<PoolConfig>,
+        handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
+        prober: Prober,
+    ) -> Self {
+        PoolTracker {
+            static_pools,
+            handoff,
+            prober,
+        }
+    }
+
+    /// A receiver that changes whenever the handoff files do (so a change is
+    /// reported at once, not at the next interval).
+    pub fn handoff_changes(&self) -> Option<watch::Receiver<Vec<PoolConfig>>> {
+        self.handoff.clone()
+    }
+
+    /// Every pool now, in pool id order.
+    pub fn current(&self) -> Vec<PoolConfig> {
+        let handoff = self
+            .handoff
+            .as_ref()
+            .map(|rx| rx.borrow().clone())
+            .unwrap_or_default();
+        merge_pools(&self.static_pools, &handoff)
+    }
+
+    /// Live status of `pools`: probed where a probe is set, configured
+    /// otherwise. `gpus` gives the free memory of each pool's GPUs.
+    pub async fn status(
+        &self,
+        pools: &[PoolConfig],
+        gpus: &[pb::GpuStats],
+        drain: &Drain,
+    ) -> Vec<pb::PoolStatus> {
+        let probes = pools.iter().map(|pool| async move {
+            match &pool.probe {
+                Some(url) => Some(self.prober.probe(&pool.id, url).await),
+                None => None,
+            }
+        });
+        let outcomes = futures_util::future::join_all(probes).await;
+        pools
+            .iter()
+            .zip(outcomes)
+            .map(|(pool, outcome)| pool_status(pool, outcome.as_ref(), gpus, drain))
+            .collect()
+    }
+}
+
+/// Static pools overlaid with handoff pools of the same id (the provisioner
+/// knows more about a running engine than the boot-time configuration),
+/// plus handoff-only pools; sorted by id.
+pub fn merge_pools(static_pools: &[PoolConfig], handoff: &[PoolConfig]) -> Vec<PoolConfig> {
+    let mut by_id: BTreeMap<String, PoolConfig> = static_pools
+        .iter()
+        .map(|p| (p.id.clone(), p.clone()))
+        .collect();
+    for pool in handoff {
+        let merged = match by_id.get(&pool.id) {
+            Some(base) => base.overlaid_with(pool),
+            None => pool.clone(),
+        };
+        by_id.insert(pool.id.clone(), merged);
+    }
+    by_id.into_values().collect()
+}
+
+/// One pool's status from its configuration and, where it has a probe, the
+/// probe's outcome.
+pub fn pool_status(
+    pool: &PoolConfig,
+    probe: Option<&ProbeOutcome>,
+    gpus: &[pb::GpuStats],
+    drain: &Drain,
+) -> pb::PoolStatus {
+    let mut state = match probe {
+        Some(outcome) => outcome.state,
+        None => pool
+            .state
+            .map(ConfiguredState::to_proto)
+            .unwrap_or(pb::PoolState::Ready),
+    };
+    if state == pb::PoolState::Ready && drain.covers(&pool.id) {
+        state = pb::PoolState::Draining;
+    }
+    // Without the engine's own count a ready pool is assumed idle; a pool in
+    // any other state takes no new work, whatever its engine says.
+    let (slots_total, mut slots_free) = match probe.and_then(|o| o.slots) {
+        Some(slots) => (slots.total, slots.free.min(slots.total)),
+        None => {
+            let total = pool.slots.unwrap_or(DEFAULT_SLOTS);
+            (total, total)
+        }
+    };
+    if state != pb::PoolState::Ready {
+        slots_free = 0;
+    }
+    let wanted = pool.gpus.as_deref().unwrap_or_default();
+    let vram_free_bytes = gpus
+        .iter()
+        .filter(|g| wanted.is_empty() || wanted.contains(&g.index))
+        .map(|g| g.memory_free_bytes)
+        .fold(0u64, u64::saturating_add);
+    pb::PoolStatus {
+        pool_id: pool.id.clone(),
+        state: state as i32,
+        slots_total,
+        slots_free,
+        vram_free_bytes,
+        model: pool.model.clone().unwrap_or_default(),
+        engine: pool.engine.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe::SlotCounts;
+    use super::*;
+
+    fn gpu(index: u32, free: u64) -> pb::GpuStats {
+        pb::GpuStats {
+            index,
+            memory_free_bytes: free,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn static_pool_defaults_to_ready_with_free_slots() {
+        let mut pool = PoolConfig::new("pool-0");
+        pool.slots = Some(4);
+        pool.model = Some("llama".into());
+        let status = pool_status(&pool, None, &[], &Drain::default());
+        assert_eq!(status.state(), pb::PoolState::Ready);
+        assert_eq!((status.slots_total, status.slots_free), (4, 4));
+        assert_eq!(status.model, "llama");
+    }
+
+    #[test]
+    fn configured_state_is_reported_and_takes_no_work_unless_ready() {
+        let mut pool = PoolConfig::new("pool-0");
+        pool.state = Some(ConfiguredState::Initializing);
+        let status = pool_status(&pool, None, &[], &Drain::default());
+        assert_eq!(status.state(), pb::PoolState::Initializing);
+        assert_eq!((status.slots_total, status.slots_free), (DEFAULT_SLOTS, 0));
+    }
+
+    #[test]
+    fn probe_outcome_overrides_configured_state_and_slots() {
+        let mut pool = PoolConfig::new("pool-0");
+        pool.slots = Some(8);
+        pool.probe = Some("http://127.0.0.1:1/health".into());
+        let outcome = ProbeOutcome {
+            state: pb::PoolState::Ready,
+            slots: Some(SlotCounts { total: 4, free: 1 }),
+        };
+        let status = pool_status(&pool, Some(&outcome), &[], &Drain::default());
+        assert_eq!((status.slots_total, status.slots_free), (4, 1));
+        let failed = ProbeOutcome {
+            state: pb::PoolState::Failed,
+            slots: None,
+        };
+        let status = pool_status(&pool, Some(&failed), &[], &Drain::default());
+        assert_eq!(status.state(), pb::PoolState::Failed);
+        assert_eq!((status.slots_total, status.slots_free), (8, 0));
+    }
+
+    #[test]
+    fn vram_free_sums_the_pools_gpus_or_all_of_them() {
+        let gpus = [gpu(0, 10), gpu(1, 20), gpu(2, 40)];
+        let mut pool = PoolConfig::new("p");
+        assert_eq!(
+            pool_status(&pool, None, &gpus, &Drain::default()).vram_free_bytes,
+            70
+        );
+        pool.gpus = Some(vec![0, 2]);
+        assert_eq!(
+            pool_status(&pool, None, &gpus, &Drain::default()).vram_free_bytes,
+            50
+        );
+    }
+
+    #[test]
+    fn drained_ready_pools_report_draining() {
+        let pool = PoolConfig::new("p");
+        let mut drain = Drain::default();
+        drain.add(&["other".to_owned()]);
+        assert_eq!(
+            pool_status(&pool, None, &[], &drain).state(),
+            pb::PoolState::Ready
+        );
+        drain.add(&[]);
+        let status = pool_status(&pool, None, &[], &drain);
+        assert_eq!(status.state(), pb::PoolState::Draining);
+        assert_eq!(status.slots_free, 0);
+    }
+
+    #[test]
+    fn handoff_pools_overlay_static_ones_field_by_field() {
+        let mut base = PoolConfig::new("pool-0");
+        base.slots = Some(4);
+        base.model = Some("static-model".into());
+        let mut file = PoolConfig::new("pool-0");
+        file.engine_version = Some("b4000".into());
+        file.model = Some("file-model".into());
+        let extra = PoolConfig::new("pool-1");
+        let merged = merge_pools(&[base], &[file, extra]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].slots, Some(4));
+        assert_eq!(merged[0].model.as_deref(), Some("file-model"));
+        assert_eq!(merged[0].engine_version.as_deref(), Some("b4000"));
+        assert_eq!(merged[1].id, "pool-1");
+    }
+}

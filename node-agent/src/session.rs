@@ -1,0 +1,515 @@
+//! The agent's life with the registry: Register, then one Heartbeat stream
+//! fed by a sender task, reconnecting with backoff on any failure,
+//! registering again when the registry no longer knows the node or its
+//! session, and Deregister at shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use registry_proto::convert::{from_proto_duration, to_proto_timestamp};
+use registry_proto::pb;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::{Backoff, random_up_to};
+use crate::config::{AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
+use crate::gpu::GpuSource;
+use crate::pools::{Drain, PoolConfig, PoolTracker};
+
+/// Resolves when the agent should stop.
+pub(crate) type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Heartbeat requests queued ahead of the stream; beats are seconds apart,
+/// so a small buffer only absorbs a slow connection.
+const REQUEST_BUFFER: usize = 4;
+
+/// One registration: what Register answered.
+#[derive(Debug, Clone)]
+struct Session {
+    id: u64,
+    /// The interval in effect: the flag's, else the registry's.
+    interval: Duration,
+    /// How long the registry waits for a beat; also how long the agent
+    /// waits for an ack before it gives up on the stream.
+    node_timeout: Duration,
+    /// Pools as registered, to notice when they change and re-register.
+    specs: Vec<pb::PoolSpec>,
+}
+
+/// How a heartbeat stream ended.
+#[derive(Debug)]
+enum StreamEnd {
+    /// Shutdown was requested (and Deregister was sent).
+    Shutdown,
+    /// The registry no longer knows the node or the session.
+    Reregister(String),
+    /// The pools' specs changed; the registration must be updated.
+    PoolsChanged,
+    /// Anything else: connection lost, stream closed, no acks.
+    Failed(Status),
+}
+
+/// What the sender task stopped for.
+#[derive(Debug)]
+enum SenderEnd {
+    PoolsChanged,
+    Closed,
+}
+
+/// Aborts a task when dropped, so no sender outlives its stream.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Everything a session needs, shared with the sender task.
+pub(crate) struct Agent {
+    config: AgentConfig,
+    client: NodeRegistryClient<Channel>,
+    gpus: Arc<dyn GpuSource>,
+    capabilities: pb::Capabilities,
+    pools: PoolTracker,
+    /// Heartbeat sequence numbers, increasing over the agent's life so
+    /// acks of an old stream can never be mistaken for new ones.
+    sequence: AtomicU64,
+    /// Pools the registry asked to drain.
+    drain: Mutex<Drain>,
+}
+
+impl Agent {
+    pub(crate) fn new(
+        config: AgentConfig,
+        channel: Channel,
+        gpus: Arc<dyn GpuSource>,
+        capabilities: pb::Capabilities,
+        pools: PoolTracker,
+    ) -> Self {
+        Agent {
+            config,
+            client: NodeRegistryClient::new(channel),
+            gpus,
+            capabilities,
+            pools,
+            sequence: AtomicU64::new(0),
+            drain: Mutex::new(Drain::default()),
+        }
+    }
+
+    fn drain(&self) -> std::sync::MutexGuard<'_, Drain> {
+        self.drain.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn register(&self) -> Result<Session, Status> {
+        let pools = self.pools.current();
+        let specs: Vec<pb::PoolSpec> = pools.iter().map(PoolConfig::spec).collect();
+        let request = pb::RegisterRequest {
+            node_id: self.config.node_id.clone(),
+            machine_id: self.config.machine_id.clone(),
+            address: self.config.address.clone(),
+            pools: specs.clone(),
+            capabilities: Some(self.capabilities.clone()),
+            agent_version: format!("node-agent {}", env!("CARGO_PKG_VERSION")),
+            labels: self
+                .config
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let mut client = self.client.clone();
+        let response = tokio::time::timeout(self.config.registry_timeout, client.register(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("register timed out"))??
+            .into_inner();
+        let server_interval = positive(response.heartbeat_interval.as_ref());
+        let interval = self
+            .config
+            .heartbeat_interval
+            .or(server_interval)
+            .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
+        let node_timeout = positive(response.node_timeout.as_ref()).unwrap_or(interval * 3);
+        if interval >= node_timeout {
+            warn!(
+                node_id = %self.config.node_id,
+                interval = %humantime::format_duration(interval),
+                node_timeout = %humantime::format_duration(node_timeout),
+                "heartbeat interval is not below the registry's node timeout; the node will flap offline"
+            );
+        }
+        info!(
+            node_id = %self.config.node_id,
+            session_id = response.session_id,
+            created = response.created,
+            interval = %humantime::format_duration(interval),
+            pools = specs.len(),
+            gpus = self.capabilities.gpus.len(),
+            "registered"
+        );
+        Ok(Session {
+            id: response.session_id,
+            interval,
+            node_timeout,
+            specs,
+        })
+    }
+
+    async fn deregister(&self, session: &Session) {
+        let request = pb::DeregisterRequest {
+            node_id: self.config.node_id.clone(),
+            session_id: session.id,
+        };
+        let mut client = self.client.clone();
+        let node_id = &self.config.node_id;
+        match tokio::time::timeout(self.config.deregister_timeout, client.deregister(request)).await
+        {
+            Ok(Ok(_)) => info!(%node_id, session_id = session.id, "deregistered"),
+            Ok(Err(status)) => warn!(
+                %node_id,
+                code = ?status.code(),
+                error = status.message(),
+                "deregister refused"
+            ),
+            Err(_) => warn!(
+                %node_id,
+                "deregister timed out; the registry will mark the node offline"
+            ),
+        }
+    }
+
+    async fn gpu_stats(&self) -> Vec<pb::GpuStats> {
+        let gpus = self.gpus.clone();
+        match tokio::task::spawn_blocking(move || gpus.stats()).await {
+            Ok(Ok(stats)) => stats,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read gpu stats");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!(error = %e, "gpu stats task failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The next heartbeat, or `None` when the pools' specs no longer match
+    /// the registration.
+    async fn beat(&self, session: &Session) -> Option<pb::HeartbeatRequest> {
+        let pools = self.pools.current();
+        if !pools
+            .iter()
+            .map(PoolConfig::spec)
+            .eq(session.specs.iter().cloned())
+        {
+            return None;
+        }
+        let gpus = self.gpu_stats().await;
+        let drain = self.drain().clone();
+        let statuses = self.pools.status(&pools, &gpus, &drain).await;
+        // node_id and session_id in every message, not only the first: the
+        // contract allows it and a message is then self-describing in logs.
+        Some(pb::HeartbeatRequest {
+            node_id: self.config.node_id.clone(),
+            session_id: session.id,
+            sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
+            pools: statuses,
+            gpus,
+            sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+        })
+    }
+
+    /// Runs one heartbeat stream until it ends. The bool tells whether the
+    /// registry acknowledged anything on it (the connection worked).
+    async fn heartbeat_stream(
+        self: &Arc<Self>,
+        session: &Session,
+        jitter: bool,
+        shutdown: &mut Shutdown,
+    ) -> (StreamEnd, bool) {
+        let node_id = &self.config.node_id;
+        if jitter {
+            // A fleet re-registering after a registry restart would
+            // otherwise beat in lockstep.
+            let delay = random_up_to(&mut fastrand::Rng::new(), session.interval / 2);
+            debug!(%node_id, delay = ?delay, "waiting before the first heartbeat");
+            if wait(delay, shutdown).await {
+                self.deregister(session).await;
+                return (StreamEnd::Shutdown, false);
+            }
+        }
+        let Some(first) = self.beat(session).await else {
+            return (StreamEnd::PoolsChanged, false);
+        };
+        let (tx, rx) = mpsc::channel(REQUEST_BUFFER);
+        // Queued before the call: the registry may wait for the first
+        // message before it answers with response headers.
+        if tx.send(first).await.is_err() {
+            return (
+                StreamEnd::Failed(Status::internal("request queue closed")),
+                false,
+            );
+        }
+        let mut client = self.client.clone();
+        let open = tokio::time::timeout(
+            self.config.registry_timeout,
+            client.heartbeat(ReceiverStream::new(rx)),
+        );
+        let opened = tokio::select! {
+            _ = &mut *shutdown => {
+                self.deregister(session).await;
+                return (StreamEnd::Shutdown, false);
+            }
+            opened = open => opened,
+        };
+        let mut inbound = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return (classify(status), false),
+            Err(_) => {
+                return (
+                    StreamEnd::Failed(Status::deadline_exceeded(
+                        "opening the heartbeat stream timed out",
+                    )),
+                    false,
+                );
+            }
+        };
+        debug!(%node_id, session_id = session.id, "heartbeat stream open");
+
+        let (interval_tx, interval_rx) = watch::channel(session.interval);
+        let mut sender = tokio::spawn(send_beats(
+            Arc::clone(self),
+            session.clone(),
+            tx,
+            interval_rx,
+            self.pools.handoff_changes(),
+        ));
+        let _abort_sender = AbortOnDrop(sender.abort_handle());
+        let mut acked = false;
+        let mut last_ack = Instant::now();
+        loop {
+            // The registry acks every beat; none for a whole node timeout
+            // means the stream is stuck even if TCP looks fine.
+            let ack_timeout = session.node_timeout.max(*interval_tx.borrow() * 2);
+            tokio::select! {
+                _ = &mut *shutdown => {
+                    self.deregister(session).await;
+                    return (StreamEnd::Shutdown, acked);
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(ack)) => {
+                        acked = true;
+                        last_ack = Instant::now();
+                        if let Some(end) = self.handle_ack(ack, &interval_tx) {
+                            return (end, acked);
+                        }
+                    }
+                    Ok(None) => {
+                        return (
+                            StreamEnd::Failed(Status::unavailable("registry closed the heartbeat stream")),
+                            acked,
+                        );
+                    }
+                    Err(status) => return (classify(status), acked),
+                },
+                end = &mut sender => {
+                    let end = match end {
+                        Ok(SenderEnd::PoolsChanged) => StreamEnd::PoolsChanged,
+                        Ok(SenderEnd::Closed) => {
+                            StreamEnd::Failed(Status::unavailable("heartbeat request stream closed"))
+                        }
+                        Err(e) => StreamEnd::Failed(Status::internal(format!("heartbeat sender failed: {e}"))),
+                    };
+                    return (end, acked);
+                }
+                _ = tokio::time::sleep_until(last_ack + ack_timeout) => {
+                    return (
+                        StreamEnd::Failed(Status::deadline_exceeded(format!(
+                            "no heartbeat ack for {}",
+                            humantime::format_duration(ack_timeout)
+                        ))),
+                        acked,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Applies an ack's interval and command; `Some` ends the stream.
+    fn handle_ack(
+        &self,
+        ack: pb::HeartbeatResponse,
+        interval: &watch::Sender<Duration>,
+    ) -> Option<StreamEnd> {
+        let node_id = &self.config.node_id;
+        debug!(%node_id, sequence = ack.sequence, "heartbeat acked");
+        if self.config.heartbeat_interval.is_none()
+            && let Some(wanted) = positive(ack.heartbeat_interval.as_ref())
+            && wanted != *interval.borrow()
+        {
+            info!(%node_id, interval = %humantime::format_duration(wanted), "registry changed the heartbeat interval");
+            interval.send_replace(wanted);
+        }
+        match ack.command {
+            Some(pb::heartbeat_response::Command::Reregister(cmd)) => {
+                Some(StreamEnd::Reregister(cmd.reason))
+            }
+            Some(pb::heartbeat_response::Command::Drain(cmd)) => {
+                warn!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, "registry asked to drain pools; reporting them draining");
+                self.drain().add(&cmd.pool_ids);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// The sender task: one beat per interval (timed from the previous beat's
+/// start, so slow probes do not stretch the period), and one at once when
+/// the handoff files change.
+async fn send_beats(
+    agent: Arc<Agent>,
+    session: Session,
+    tx: mpsc::Sender<pb::HeartbeatRequest>,
+    mut interval: watch::Receiver<Duration>,
+    mut handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
+) -> SenderEnd {
+    let mut last = Instant::now();
+    loop {
+        let next = last + *interval.borrow();
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            Ok(()) = interval.changed() => continue,
+            Ok(()) = changed(&mut handoff) => {
+                debug!(node_id = %agent.config.node_id, "handoff files changed; reporting now");
+            }
+        }
+        last = Instant::now();
+        let Some(beat) = agent.beat(&session).await else {
+            return SenderEnd::PoolsChanged;
+        };
+        if tx.send(beat).await.is_err() {
+            return SenderEnd::Closed;
+        }
+    }
+}
+
+async fn changed(
+    rx: &mut Option<watch::Receiver<Vec<PoolConfig>>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// NOT_FOUND (node unknown) and FAILED_PRECONDITION (session superseded)
+/// both mean "register again"; anything else is a failure to retry.
+fn classify(status: Status) -> StreamEnd {
+    match status.code() {
+        Code::NotFound | Code::FailedPrecondition => {
+            StreamEnd::Reregister(status.message().to_owned())
+        }
+        _ => StreamEnd::Failed(status),
+    }
+}
+
+fn positive(d: Option<&prost_types::Duration>) -> Option<Duration> {
+    d.and_then(from_proto_duration).filter(|d| !d.is_zero())
+}
+
+/// Sleeps for `delay`; true when shutdown came first.
+async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
+    tokio::select! {
+        _ = &mut *shutdown => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+fn log_failure(node_id: &str, what: &str, status: &Status, retry_in: Duration) {
+    let retry_in = humantime::format_duration(round_ms(retry_in)).to_string();
+    // A refused argument will not fix itself; say so louder.
+    if status.code() == Code::InvalidArgument {
+        error!(%node_id, code = ?status.code(), error = status.message(), %retry_in, "{what} rejected by the registry");
+    } else {
+        warn!(%node_id, code = ?status.code(), error = status.message(), %retry_in, "{what} failed");
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Registers and keeps heartbeating until `shutdown`; never gives up
+/// because the registry is unreachable.
+pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
+    let node_id = agent.config.node_id.clone();
+    let mut backoff = Backoff::new(agent.config.backoff.initial, agent.config.backoff.max);
+    let mut session: Option<Session> = None;
+    // Jitter before the first beat of a registration, not of a reconnect
+    // (backoff already spread those).
+    let mut jitter = true;
+    loop {
+        let (current, fresh) = match session.take() {
+            Some(s) => (s, false),
+            None => {
+                let registered = tokio::select! {
+                    _ = &mut shutdown => return,
+                    r = agent.register() => r,
+                };
+                match registered {
+                    Ok(s) => (s, true),
+                    Err(status) => {
+                        let delay = backoff.next_delay();
+                        log_failure(&node_id, "register", &status, delay);
+                        if wait(delay, &mut shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        let (end, acked) = agent
+            .heartbeat_stream(&current, jitter && fresh, &mut shutdown)
+            .await;
+        if acked {
+            backoff.reset();
+        }
+        match end {
+            StreamEnd::Shutdown => return,
+            StreamEnd::Reregister(reason) => {
+                info!(%node_id, session_id = current.id, %reason, "registry does not know this session; registering again");
+                jitter = true;
+                // A registration refused before any ack would loop hot.
+                if fresh && !acked && wait(backoff.next_delay(), &mut shutdown).await {
+                    return;
+                }
+            }
+            StreamEnd::PoolsChanged => {
+                info!(%node_id, "pools changed; updating the registration");
+                jitter = false;
+            }
+            StreamEnd::Failed(status) => {
+                let delay = backoff.next_delay();
+                log_failure(&node_id, "heartbeat stream", &status, delay);
+                jitter = false;
+                if wait(delay, &mut shutdown).await {
+                    // The registry may be back by now; try to leave cleanly.
+                    agent.deregister(&current).await;
+                    return;
+                }
+                session = Some(current);
+            }
+        }
+    }
+}
