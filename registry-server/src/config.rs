@@ -15,12 +15,30 @@ pub struct Cli {
     #[arg(long, env = "REGISTRY_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus metrics endpoint (`/metrics`), or `off`.
+    #[arg(long, env = "REGISTRY_METRICS_LISTEN", default_value = "0.0.0.0:9464", value_parser = parse_optional_addr)]
+    pub metrics_listen: OptionalAddr,
+
     /// How to print logs: human-readable text or one JSON object per line.
     #[arg(long, env = "REGISTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     #[command(flatten)]
     pub settings: Settings,
+}
+
+/// A listen address that can be switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// An address, or `off` for none.
+fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
+    match value {
+        "off" | "none" | "" => Ok(OptionalAddr(None)),
+        addr => addr.parse().map(|a| OptionalAddr(Some(a))).map_err(|e| {
+            format!("{addr:?} is neither an address like 0.0.0.0:9464 nor `off`: {e}")
+        }),
+    }
 }
 
 /// Log output format.
@@ -124,6 +142,7 @@ mod tests {
     fn defaults_match_the_documented_ones() {
         let cli = Cli::try_parse_from(["registry-server"]).unwrap();
         assert_eq!(cli.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(cli.metrics_listen.0, Some("0.0.0.0:9464".parse().unwrap()));
         assert_eq!(cli.settings, Settings::default());
         assert_eq!(cli.settings.node_timeout, Duration::from_secs(30));
         assert_eq!(cli.settings.heartbeat_interval, Duration::from_secs(10));
@@ -150,6 +169,9 @@ mod tests {
         assert_eq!(cli.settings.offline_retention, Duration::from_secs(600));
         assert_eq!(cli.log_format, LogFormat::Json);
         assert!(Cli::try_parse_from(["registry-server", "--node-timeout", "soon"]).is_err());
+        let off = Cli::try_parse_from(["registry-server", "--metrics-listen", "off"]).unwrap();
+        assert_eq!(off.metrics_listen.0, None);
+        assert!(Cli::try_parse_from(["registry-server", "--metrics-listen", "nine"]).is_err());
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! - [`validate`]: input rules applied before any state changes;
 //! - [`service`]: the tonic adapter, heartbeat streams included;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
+//! - [`metrics`]: Prometheus metrics;
 //! - [`config`]: command line and environment settings.
 
 pub mod config;
 pub mod error;
 pub mod expiry;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -7,6 +7,13 @@ use tracing::{error, info};
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     registry_server::telemetry::init_logging(cli.log_format);
+    if let Some(addr) = cli.metrics_listen.0 {
+        if let Err(err) = registry_server::metrics::install_prometheus(addr) {
+            error!(addr = %addr, error = %err, "cannot serve metrics");
+            return std::process::ExitCode::FAILURE;
+        }
+        info!(addr = %addr, "metrics at http://{addr}/metrics");
+    }
     let listener = match TcpListener::bind(cli.listen).await {
         Ok(listener) => listener,
         Err(err) => {

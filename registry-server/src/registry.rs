@@ -20,7 +20,7 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -104,6 +104,31 @@ pub struct Counts {
     pub offline: u64,
 }
 
+/// Running totals and gauges kept with relaxed atomics, so the hot path pays
+/// a few uncontended increments and metrics are published off the hot path.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Successful Register calls.
+    pub registrations: AtomicU64,
+    /// Successful Deregister calls.
+    pub deregistrations: AtomicU64,
+    /// Heartbeat messages accepted.
+    pub heartbeats: AtomicU64,
+    /// ONLINE -> OFFLINE transitions.
+    pub offline_transitions: AtomicU64,
+    /// OFFLINE -> ONLINE transitions.
+    pub online_transitions: AtomicU64,
+    /// Nodes removed after their offline retention.
+    pub expired: AtomicU64,
+    /// Heartbeat streams open now.
+    pub open_streams: AtomicI64,
+    /// Pools of ONLINE nodes by reported state, indexed by `PoolState as i32`.
+    pub pools_by_state: [AtomicI64; POOL_STATES],
+}
+
+/// Number of `PoolState` values (UNSPECIFIED included, never counted).
+pub const POOL_STATES: usize = 6;
+
 /// A cloneable handle to the registry state.
 #[derive(Clone)]
 pub struct Registry {
@@ -130,6 +155,8 @@ struct Shared {
     online: AtomicU64,
     /// Nodes OFFLINE, likewise.
     offline: AtomicU64,
+    /// Totals for metrics.
+    stats: Stats,
 }
 
 /// One node: its id and its lock-protected state.
@@ -252,6 +279,7 @@ impl Registry {
                 wakeup_seq: AtomicU64::new(0),
                 online: AtomicU64::new(0),
                 offline: AtomicU64::new(0),
+                stats: Stats::default(),
             }),
         }
     }
@@ -267,6 +295,11 @@ impl Registry {
             online: self.shared.online.load(AtomicOrdering::Relaxed),
             offline: self.shared.offline.load(AtomicOrdering::Relaxed),
         }
+    }
+
+    /// Running totals for metrics.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
     }
 
     /// Adds a node or updates a known one, starting a new session. The node
@@ -287,12 +320,17 @@ impl Registry {
                 st.last_heartbeat_at = wall;
                 // The new session reports its own pools; the old session's
                 // figures would describe another incarnation.
+                self.count_pools(&st, -1);
                 st.pool_status.clear();
                 st.gpu_stats.clear();
                 if st.liveness == Liveness::Offline {
                     self.set_online(slot, &mut st, wall, "re-registered");
                 }
                 self.schedule_if_earlier(slot, &mut st, deadline);
+                self.shared
+                    .stats
+                    .registrations
+                    .fetch_add(1, AtomicOrdering::Relaxed);
                 info!(node_id = %slot.id, session_id, "node re-registered");
                 return Registered {
                     session_id,
@@ -328,6 +366,10 @@ impl Registry {
         nodes.insert(id.clone(), slot);
         drop(nodes);
         self.shared.online.fetch_add(1, AtomicOrdering::Relaxed);
+        self.shared
+            .stats
+            .registrations
+            .fetch_add(1, AtomicOrdering::Relaxed);
         info!(node_id = %id, session_id, "node registered");
         Registered {
             session_id,
@@ -354,6 +396,10 @@ impl Registry {
         self.mark_removed(&mut st);
         drop(st);
         nodes.remove(node_id);
+        self.shared
+            .stats
+            .deregistrations
+            .fetch_add(1, AtomicOrdering::Relaxed);
         info!(node_id, "node deregistered");
         Ok(())
     }
@@ -385,6 +431,7 @@ impl Registry {
         st.last_seen = now;
         st.last_heartbeat_at = wall;
         st.agent_time = Some(beat.sent_at);
+        self.count_pools(&st, -1);
         st.pool_status = beat.pools;
         if !beat.gpus.is_empty() {
             st.gpu_stats = beat.gpus;
@@ -393,6 +440,11 @@ impl Registry {
             self.set_online(slot, &mut st, wall, "heartbeat resumed");
             self.schedule_if_earlier(slot, &mut st, now + self.shared.timing.node_timeout);
         }
+        self.count_pools(&st, 1);
+        self.shared
+            .stats
+            .heartbeats
+            .fetch_add(1, AtomicOrdering::Relaxed);
         Ok(())
     }
 
@@ -474,11 +526,16 @@ impl Registry {
             Liveness::Online => {
                 let deadline = st.last_seen + timing.node_timeout;
                 if deadline <= now {
+                    self.count_pools(&st, -1);
                     st.liveness = Liveness::Offline;
                     st.offline_since = Some(deadline);
                     st.status_changed_at = Utc::now();
                     self.shared.online.fetch_sub(1, AtomicOrdering::Relaxed);
                     self.shared.offline.fetch_add(1, AtomicOrdering::Relaxed);
+                    self.shared
+                        .stats
+                        .offline_transitions
+                        .fetch_add(1, AtomicOrdering::Relaxed);
                     let late = now.saturating_duration_since(deadline);
                     warn!(
                         node_id = %slot.id,
@@ -502,6 +559,10 @@ impl Registry {
                     if nodes.get(&slot.id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
                         nodes.remove(&slot.id);
                     }
+                    self.shared
+                        .stats
+                        .expired
+                        .fetch_add(1, AtomicOrdering::Relaxed);
                     info!(node_id = %slot.id, "offline node removed after retention");
                 } else {
                     self.schedule_if_earlier(&slot, &mut st, remove_at);
@@ -516,10 +577,31 @@ impl Registry {
         st.status_changed_at = wall;
         self.shared.offline.fetch_sub(1, AtomicOrdering::Relaxed);
         self.shared.online.fetch_add(1, AtomicOrdering::Relaxed);
+        self.shared
+            .stats
+            .online_transitions
+            .fetch_add(1, AtomicOrdering::Relaxed);
         info!(node_id = %slot.id, reason = why, "node online again");
     }
 
+    /// Adds (`sign` 1) or takes away (-1) the node's pools in the
+    /// pools-by-state gauge; only ONLINE nodes' pools are counted.
+    fn count_pools(&self, st: &NodeState, sign: i64) {
+        if st.liveness != Liveness::Online || st.removed {
+            return;
+        }
+        for pool in &st.pool_status {
+            if let Some(gauge) = usize::try_from(pool.state)
+                .ok()
+                .and_then(|i| self.shared.stats.pools_by_state.get(i))
+            {
+                gauge.fetch_add(sign, AtomicOrdering::Relaxed);
+            }
+        }
+    }
+
     fn mark_removed(&self, st: &mut NodeState) {
+        self.count_pools(st, -1);
         st.removed = true;
         st.wakeup_at = None;
         let counter = match st.liveness {

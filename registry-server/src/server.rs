@@ -47,6 +47,7 @@ pub async fn run(
     let registry = Registry::new(settings.timing());
     let stop = CancellationToken::new();
     let expiry_task = tokio::spawn(expiry::run(registry.clone(), stop.clone()));
+    let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -107,6 +108,7 @@ pub async fn run(
         .await;
     stop.cancel();
     let _ = expiry_task.await;
+    let _ = metrics_task.await;
     served?;
     info!("registry stopped");
     Ok(())

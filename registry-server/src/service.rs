@@ -106,7 +106,12 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        self.registry
+            .stats()
+            .open_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let session = HeartbeatSession {
+            latency: metrics::histogram!(crate::metrics::HEARTBEAT_SECONDS),
             registry: self.registry.clone(),
             inbound: request.into_inner(),
             shutdown: self.shutdown.clone(),
@@ -178,6 +183,17 @@ struct HeartbeatSession {
     session_id: u64,
     /// Set once the stream has ended (an error was sent, or input ended).
     done: bool,
+    /// Handling-time histogram, looked up once per stream, not per beat.
+    latency: metrics::Histogram,
+}
+
+impl Drop for HeartbeatSession {
+    fn drop(&mut self) {
+        self.registry
+            .stats()
+            .open_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl HeartbeatSession {
@@ -199,7 +215,7 @@ impl HeartbeatSession {
             message = self.inbound.message() => message,
         };
         match message {
-            Ok(Some(mut request)) => match self.handle(&mut request) {
+            Ok(Some(mut request)) => match self.timed_handle(&mut request) {
                 Ok(ack) => Some(Ok(ack)),
                 Err(err) => {
                     self.done = true;
@@ -218,6 +234,16 @@ impl HeartbeatSession {
                 Some(Err(status))
             }
         }
+    }
+
+    fn timed_handle(
+        &mut self,
+        request: &mut pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, RegistryError> {
+        let started = std::time::Instant::now();
+        let result = self.handle(request);
+        self.latency.record(started.elapsed().as_secs_f64());
+        result
     }
 
     fn handle(

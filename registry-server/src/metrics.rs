@@ -1,0 +1,114 @@
+//! Prometheus metrics. The registry keeps plain atomic totals (see
+//! [`crate::registry::Stats`]); a publisher task copies them into the
+//! `metrics` recorder once a second, so heartbeats pay no registry look-ups.
+//! Only the heartbeat handling latency is recorded per message.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use registry_proto::pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::{POOL_STATES, Registry};
+
+/// Nodes by status (`status` = online | offline).
+pub const NODES: &str = "registry_nodes";
+/// Pools of ONLINE nodes by reported state (`state` = ready | ...).
+pub const POOLS: &str = "registry_pools";
+/// Register calls accepted.
+pub const REGISTRATIONS: &str = "registry_registrations_total";
+/// Deregister calls accepted.
+pub const DEREGISTRATIONS: &str = "registry_deregistrations_total";
+/// Heartbeat messages accepted.
+pub const HEARTBEATS: &str = "registry_heartbeats_total";
+/// Heartbeat streams open now.
+pub const OPEN_STREAMS: &str = "registry_heartbeat_streams_open";
+/// ONLINE -> OFFLINE transitions.
+pub const OFFLINE_TRANSITIONS: &str = "registry_offline_transitions_total";
+/// OFFLINE -> ONLINE transitions.
+pub const ONLINE_TRANSITIONS: &str = "registry_online_transitions_total";
+/// Nodes removed after their offline retention.
+pub const EXPIRED: &str = "registry_expired_nodes_total";
+/// Time to validate and record one heartbeat message, in seconds.
+pub const HEARTBEAT_SECONDS: &str = "registry_heartbeat_handling_seconds";
+
+/// How often the publisher copies totals into the recorder.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// Histogram buckets for heartbeat handling: microseconds to 100 ms.
+const HEARTBEAT_BUCKETS: &[f64] = &[
+    5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3,
+];
+
+/// Installs the global Prometheus recorder with an HTTP listener serving
+/// `/metrics` on `addr`. Must run inside a tokio runtime.
+pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Full(HEARTBEAT_SECONDS.into()), HEARTBEAT_BUCKETS)?
+        .install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_gauge!(NODES, "Nodes by status (online, offline).");
+    describe_gauge!(POOLS, "Pools of ONLINE nodes by reported state.");
+    describe_counter!(REGISTRATIONS, "Register calls accepted.");
+    describe_counter!(DEREGISTRATIONS, "Deregister calls accepted.");
+    describe_counter!(HEARTBEATS, "Heartbeat messages accepted.");
+    describe_gauge!(OPEN_STREAMS, "Heartbeat streams open now.");
+    describe_counter!(
+        OFFLINE_TRANSITIONS,
+        "Nodes marked OFFLINE after the node timeout."
+    );
+    describe_counter!(ONLINE_TRANSITIONS, "OFFLINE nodes that came back ONLINE.");
+    describe_counter!(EXPIRED, "OFFLINE nodes removed after the retention.");
+    describe_histogram!(
+        HEARTBEAT_SECONDS,
+        Unit::Seconds,
+        "Time to validate and record one heartbeat message."
+    );
+}
+
+/// Copies the registry's totals into the recorder until `shutdown`.
+pub async fn publish(registry: Registry, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PUBLISH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => publish_once(&registry),
+        }
+    }
+}
+
+/// One copy of every total and gauge.
+pub fn publish_once(registry: &Registry) {
+    let counts = registry.counts();
+    gauge!(NODES, "status" => "online").set(counts.online as f64);
+    gauge!(NODES, "status" => "offline").set(counts.offline as f64);
+    let stats = registry.stats();
+    for index in 1..POOL_STATES {
+        let Ok(state) = pb::PoolState::try_from(index as i32) else {
+            continue;
+        };
+        let label = state
+            .as_str_name()
+            .trim_start_matches("POOL_STATE_")
+            .to_ascii_lowercase();
+        gauge!(POOLS, "state" => label)
+            .set(stats.pools_by_state[index].load(Ordering::Relaxed) as f64);
+    }
+    let total = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    counter!(REGISTRATIONS).absolute(total(&stats.registrations));
+    counter!(DEREGISTRATIONS).absolute(total(&stats.deregistrations));
+    counter!(HEARTBEATS).absolute(total(&stats.heartbeats));
+    counter!(OFFLINE_TRANSITIONS).absolute(total(&stats.offline_transitions));
+    counter!(ONLINE_TRANSITIONS).absolute(total(&stats.online_transitions));
+    counter!(EXPIRED).absolute(total(&stats.expired));
+    gauge!(OPEN_STREAMS).set(stats.open_streams.load(Ordering::Relaxed) as f64);
+}

@@ -1,0 +1,130 @@
+//! Metrics published from a real server's activity, read through the
+//! Prometheus recorder's own rendering (the text `/metrics` serves).
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use registry_proto::convert::to_proto_timestamp;
+use registry_proto::pb;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use registry_server::Settings;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+
+/// The value of one sample line (`name{labels} value`) in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn activity_shows_in_the_published_metrics() {
+    // This test binary holds only this test, so it owns the global recorder.
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                registry_server::metrics::HEARTBEAT_SECONDS.into(),
+            ),
+            &[1e-3, 1.0],
+        )
+        .unwrap()
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let settings = Settings {
+        node_timeout: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(100),
+        ..Settings::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(registry_server::run(listener, settings, async {
+        let _ = stopped.await;
+    }));
+    let mut client = NodeRegistryClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    let register = |id: &str| pb::RegisterRequest {
+        node_id: id.into(),
+        machine_id: "m".into(),
+        address: "http://h:1".into(),
+        ..Default::default()
+    };
+    let session = client
+        .register(register("beating"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    client.register(register("silent")).await.unwrap();
+    client.register(register("leaving")).await.unwrap();
+    client
+        .deregister(pb::DeregisterRequest {
+            node_id: "leaving".into(),
+            session_id: 0,
+        })
+        .await
+        .unwrap();
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = client
+        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut sequence = 0;
+    let text = loop {
+        sequence += 1;
+        tx.send(pb::HeartbeatRequest {
+            node_id: "beating".into(),
+            session_id: session,
+            sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
+            pools: vec![pb::PoolStatus {
+                pool_id: "p".into(),
+                state: pb::PoolState::Ready as i32,
+                ..Default::default()
+            }],
+            gpus: vec![],
+            sequence,
+        })
+        .await
+        .unwrap();
+        replies.next().await.unwrap().unwrap();
+        let text = handle.render();
+        let settled = sample(&text, "registry_nodes{status=\"offline\"}") == Some(1.0)
+            && sample(&text, "registry_pools{state=\"ready\"}") == Some(1.0);
+        if settled {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never settled:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    assert_eq!(
+        sample(&text, "registry_nodes{status=\"online\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "registry_registrations_total"), Some(3.0));
+    assert_eq!(sample(&text, "registry_deregistrations_total"), Some(1.0));
+    assert_eq!(
+        sample(&text, "registry_offline_transitions_total"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "registry_heartbeat_streams_open"), Some(1.0));
+    assert!(sample(&text, "registry_heartbeats_total").unwrap() >= 1.0);
+    assert!(
+        sample(&text, "registry_heartbeat_handling_seconds_count").unwrap() >= 1.0,
+        "{text}"
+    );
+
+    drop(tx);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
