@@ -101,13 +101,14 @@ pub struct NvmlGpuSource {
 }
 
 impl NvmlGpuSource {
-    /// Loads NVML: `libnvidia-ml.so`, else `libnvidia-ml.so.1` (container
-    /// runtimes often mount only the versioned name, without the dev link).
+    /// Loads NVML: `libnvidia-ml.so.1` (what the driver and container
+    /// runtimes install), else the unversioned `libnvidia-ml.so` that some
+    /// hand-made installs have instead.
     pub fn init() -> Result<Self, GpuError> {
         let nvml = match Nvml::init() {
             Ok(nvml) => nvml,
             Err(NvmlError::LibloadingError(first)) => Nvml::builder()
-                .lib_path(OsStr::new("libnvidia-ml.so.1"))
+                .lib_path(OsStr::new("libnvidia-ml.so"))
                 .init()
                 .map_err(|e| match e {
                     // Report the first failure: it names the usual library.

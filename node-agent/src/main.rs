@@ -2,6 +2,7 @@
 //! Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 2 for an unusable
 //! configuration, 1 when GPUs are required and missing or start-up fails.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -82,6 +83,8 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),

@@ -437,12 +437,29 @@ async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
 
 fn log_failure(node_id: &str, what: &str, status: &Status, retry_in: Duration) {
     let retry_in = humantime::format_duration(round_ms(retry_in)).to_string();
+    let error = describe(status);
     // A refused argument will not fix itself; say so louder.
     if status.code() == Code::InvalidArgument {
-        error!(%node_id, code = ?status.code(), error = status.message(), %retry_in, "{what} rejected by the registry");
+        error!(%node_id, code = ?status.code(), %error, %retry_in, "{what} rejected by the registry");
     } else {
-        warn!(%node_id, code = ?status.code(), error = status.message(), %retry_in, "{what} failed");
+        warn!(%node_id, code = ?status.code(), %error, %retry_in, "{what} failed");
     }
+}
+
+/// The status message and its causes ("tcp connect error: Connection
+/// refused"): tonic's message alone rarely says what went wrong.
+fn describe(status: &Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn round_ms(d: Duration) -> Duration {
