@@ -1,6 +1,7 @@
 //! Command line and environment configuration of registry-server.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -86,6 +87,79 @@ pub struct Settings {
         default_value_t = 1024
     )]
     pub max_streams_per_connection: u32,
+
+    /// Most open client connections; further connections are closed at
+    /// accept.
+    #[arg(long, env = "REGISTRY_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: usize,
+
+    /// Most registered nodes; Register of a new node beyond it gets
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "REGISTRY_MAX_NODES", default_value_t = 200_000)]
+    pub max_nodes: usize,
+
+    /// Most open heartbeat streams in all; further ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "REGISTRY_MAX_HEARTBEAT_STREAMS",
+        default_value_t = 250_000
+    )]
+    pub max_heartbeat_streams: usize,
+
+    /// Deadline of unary calls (Register, ListNodes ...).
+    #[arg(long, env = "REGISTRY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// File of `ROLE TOKEN` lines (roles: node, reader, admin); re-read on
+    /// SIGHUP and on change.
+    #[arg(long, env = "REGISTRY_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// One admin token (prefer the environment variable: flags show in `ps`).
+    #[arg(
+        long,
+        env = "REGISTRY_AUTH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub auth_token: Option<String>,
+
+    /// Allow listening on a non-loopback address without any token.
+    #[arg(long, env = "REGISTRY_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Switch gRPC server reflection off.
+    #[arg(long, env = "REGISTRY_DISABLE_REFLECTION")]
+    pub disable_reflection: bool,
+
+    /// PEM certificate chain of the server; turns TLS on (with --tls-key).
+    #[arg(
+        long,
+        env = "REGISTRY_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the server.
+    #[arg(
+        long,
+        env = "REGISTRY_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle; when set, every client must present a certificate it
+    /// signed (mTLS), and a node's certificate must name its node_id.
+    #[arg(
+        long,
+        env = "REGISTRY_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -98,6 +172,17 @@ impl Default for Settings {
             max_clock_skew: Duration::from_secs(3600),
             max_message_size: 1024 * 1024,
             max_streams_per_connection: 1024,
+            max_connections: 16_384,
+            max_nodes: 200_000,
+            max_heartbeat_streams: 250_000,
+            request_timeout: Duration::from_secs(10),
+            auth_token_file: None,
+            auth_token: None,
+            insecure_no_auth: false,
+            disable_reflection: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -127,8 +212,18 @@ impl Settings {
         if self.max_message_size < 4096 {
             return Err("--max-message-size must be at least 4096 bytes".into());
         }
-        if self.max_streams_per_connection == 0 {
-            return Err("--max-streams-per-connection must be at least 1".into());
+        if self.max_streams_per_connection == 0
+            || self.max_connections == 0
+            || self.max_nodes == 0
+            || self.max_heartbeat_streams == 0
+        {
+            return Err(
+                "--max-streams-per-connection, --max-connections, --max-nodes and --max-heartbeat-streams must be at least 1"
+                    .into(),
+            );
+        }
+        if self.request_timeout.is_zero() {
+            return Err("--request-timeout must be above zero".into());
         }
         Ok(())
     }

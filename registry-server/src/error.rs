@@ -35,6 +35,40 @@ pub enum RegistryError {
     /// The server is shutting down and ends open streams.
     #[error("registry is shutting down; reconnect later")]
     ShuttingDown,
+    /// No valid credentials.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Valid credentials that may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A live node of this id is registered from another machine.
+    #[error(
+        "node {node_id} is ONLINE and registered from another machine; deregister it first or wait until it is OFFLINE"
+    )]
+    NodeTaken {
+        /// The contested node id.
+        node_id: String,
+    },
+    /// A server limit was reached.
+    #[error("limit reached: {0}")]
+    LimitReached(String),
+    /// The caller was too slow (a stream that never sent its first message).
+    #[error("{0}")]
+    TooSlow(String),
+}
+
+impl From<crate::auth::AuthError> for RegistryError {
+    fn from(err: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError;
+        match err {
+            AuthError::Unauthenticated(m) => Self::Unauthenticated(m),
+            AuthError::PermissionDenied(m) => Self::PermissionDenied(m),
+            // A token file problem is the server's, never the caller's.
+            AuthError::TokenFile { .. } => {
+                Self::Unauthenticated("authentication is misconfigured".into())
+            }
+        }
+    }
 }
 
 impl RegistryError {
@@ -54,6 +88,11 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::NodeNotFound { .. } => tonic::Code::NotFound,
             RegistryError::SessionSuperseded { .. } => tonic::Code::FailedPrecondition,
             RegistryError::ShuttingDown => tonic::Code::Unavailable,
+            RegistryError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            RegistryError::PermissionDenied(_) => tonic::Code::PermissionDenied,
+            RegistryError::NodeTaken { .. } => tonic::Code::AlreadyExists,
+            RegistryError::LimitReached(_) => tonic::Code::ResourceExhausted,
+            RegistryError::TooSlow(_) => tonic::Code::DeadlineExceeded,
         };
         tonic::Status::new(code, err.to_string())
     }
@@ -90,6 +129,33 @@ mod tests {
                 RegistryError::ShuttingDown,
                 tonic::Code::Unavailable,
                 "shutting down",
+            ),
+            (
+                RegistryError::Unauthenticated("unknown token".into()),
+                tonic::Code::Unauthenticated,
+                "unknown token",
+            ),
+            (
+                RegistryError::PermissionDenied("a reader token may not call Register".into()),
+                tonic::Code::PermissionDenied,
+                "may not call Register",
+            ),
+            (
+                RegistryError::NodeTaken {
+                    node_id: "gpu-1".into(),
+                },
+                tonic::Code::AlreadyExists,
+                "gpu-1 is ONLINE and registered from another machine",
+            ),
+            (
+                RegistryError::LimitReached("at most 10 nodes".into()),
+                tonic::Code::ResourceExhausted,
+                "at most 10 nodes",
+            ),
+            (
+                RegistryError::TooSlow("no first message within 30s".into()),
+                tonic::Code::DeadlineExceeded,
+                "no first message",
             ),
         ];
         for (err, code, text) in cases {

@@ -8,11 +8,16 @@
 //! - [`service`]: the tonic adapter, heartbeat streams included;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
 //! - [`metrics`]: Prometheus metrics;
+//! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
+//! - [`limits`]: the connection cap;
 //! - [`config`]: command line and environment settings.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod expiry;
+pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod registry;
 pub mod server;

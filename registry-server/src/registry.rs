@@ -155,6 +155,8 @@ struct Shared {
     online: AtomicU64,
     /// Nodes OFFLINE, likewise.
     offline: AtomicU64,
+    /// Most nodes the registry holds; new ones beyond are refused.
+    max_nodes: usize,
     /// Totals for metrics.
     stats: Stats,
 }
@@ -266,9 +268,14 @@ impl SessionIds {
 }
 
 impl Registry {
-    /// An empty registry enforcing `timing`. Run [`crate::expiry::run`] on it
-    /// so deadlines take effect.
+    /// An empty registry enforcing `timing`, without a node cap. Run
+    /// [`crate::expiry::run`] on it so deadlines take effect.
     pub fn new(timing: Timing) -> Self {
+        Self::with_max_nodes(timing, usize::MAX)
+    }
+
+    /// An empty registry holding at most `max_nodes` nodes.
+    pub fn with_max_nodes(timing: Timing, max_nodes: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
                 nodes: RwLock::new(BTreeMap::new()),
@@ -279,6 +286,7 @@ impl Registry {
                 wakeup_seq: AtomicU64::new(0),
                 online: AtomicU64::new(0),
                 offline: AtomicU64::new(0),
+                max_nodes,
                 stats: Stats::default(),
             }),
         }
@@ -303,8 +311,10 @@ impl Registry {
     }
 
     /// Adds a node or updates a known one, starting a new session. The node
-    /// is ONLINE and its deadline starts now.
-    pub fn register(&self, registration: Registration) -> Registered {
+    /// is ONLINE and its deadline starts now. An ONLINE node registered from
+    /// another machine is not taken over (NodeTaken), and no node beyond the
+    /// cap is added (LimitReached).
+    pub fn register(&self, registration: Registration) -> Result<Registered, RegistryError> {
         let session_id = self.shared.sessions.next();
         let now = Instant::now();
         let wall = Utc::now();
@@ -314,6 +324,13 @@ impl Registry {
         if let Some(slot) = nodes.get(registration.node_id.as_str()) {
             let mut st = slot.lock();
             if !st.removed {
+                if st.liveness == Liveness::Online
+                    && st.registration.machine_id != registration.machine_id
+                {
+                    return Err(RegistryError::NodeTaken {
+                        node_id: registration.node_id,
+                    });
+                }
                 st.registration = registration;
                 st.session_id = session_id;
                 st.last_seen = now;
@@ -332,12 +349,18 @@ impl Registry {
                     .registrations
                     .fetch_add(1, AtomicOrdering::Relaxed);
                 info!(node_id = %slot.id, session_id, "node re-registered");
-                return Registered {
+                return Ok(Registered {
                     session_id,
                     created: false,
                     registered_at: st.registered_at,
-                };
+                });
             }
+        }
+        if nodes.len() >= self.shared.max_nodes {
+            return Err(RegistryError::LimitReached(format!(
+                "the registry holds its maximum of {} nodes",
+                self.shared.max_nodes
+            )));
         }
 
         let id: Arc<str> = Arc::from(registration.node_id.as_str());
@@ -371,11 +394,11 @@ impl Registry {
             .registrations
             .fetch_add(1, AtomicOrdering::Relaxed);
         info!(node_id = %id, session_id, "node registered");
-        Registered {
+        Ok(Registered {
             session_id,
             created: true,
             registered_at: wall,
-        }
+        })
     }
 
     /// Removes a node at once. With a non-zero `session_id`, only while that
@@ -770,7 +793,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_node_goes_offline_exactly_at_its_deadline() {
         let (registry, _stop) = start();
-        let reg = registry.register(registration("n1"));
+        let reg = registry.register(registration("n1")).unwrap();
         let slot = registry.attach("n1", reg.session_id).unwrap();
         advance(Duration::from_secs(10)).await;
         registry
@@ -794,7 +817,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_node_that_never_streams_goes_offline_at_its_deadline() {
         let (registry, _stop) = start();
-        registry.register(registration("quiet"));
+        registry.register(registration("quiet")).unwrap();
         advance(TIMEOUT - MS).await;
         assert_eq!(status(&registry, "quiet"), pb::NodeStatus::Online);
         advance(2 * MS).await;
@@ -804,7 +827,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn steady_heartbeats_keep_a_node_online() {
         let (registry, _stop) = start();
-        let reg = registry.register(registration("n1"));
+        let reg = registry.register(registration("n1")).unwrap();
         let slot = registry.attach("n1", reg.session_id).unwrap();
         for _ in 0..20 {
             advance(Duration::from_secs(10)).await;
@@ -818,7 +841,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_offline_node_is_online_again_on_its_next_heartbeat() {
         let (registry, _stop) = start();
-        let reg = registry.register(registration("n1"));
+        let reg = registry.register(registration("n1")).unwrap();
         let slot = registry.attach("n1", reg.session_id).unwrap();
         advance(TIMEOUT + MS).await;
         assert_eq!(status(&registry, "n1"), pb::NodeStatus::Offline);
@@ -845,14 +868,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn re_registering_keeps_registered_at_and_refuses_the_old_session() {
         let (registry, _stop) = start();
-        let first = registry.register(registration("n1"));
+        let first = registry.register(registration("n1")).unwrap();
         assert!(first.created);
         let old_slot = registry.attach("n1", first.session_id).unwrap();
         advance(Duration::from_secs(5)).await;
 
         let mut changed = registration("n1");
         changed.address = "http://elsewhere:9200".into();
-        let second = registry.register(changed);
+        let second = registry.register(changed).unwrap();
         assert!(!second.created);
         assert_ne!(second.session_id, first.session_id);
         assert_eq!(second.registered_at, first.registered_at);
@@ -881,10 +904,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn re_registering_an_offline_node_brings_it_online() {
         let (registry, _stop) = start();
-        registry.register(registration("n1"));
+        registry.register(registration("n1")).unwrap();
         advance(TIMEOUT + MS).await;
         assert_eq!(status(&registry, "n1"), pb::NodeStatus::Offline);
-        registry.register(registration("n1"));
+        registry.register(registration("n1")).unwrap();
         assert_eq!(status(&registry, "n1"), pb::NodeStatus::Online);
         advance(TIMEOUT - MS).await;
         assert_eq!(status(&registry, "n1"), pb::NodeStatus::Online);
@@ -893,7 +916,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn offline_nodes_are_removed_after_retention() {
         let (registry, _stop) = start();
-        registry.register(registration("n1"));
+        registry.register(registration("n1")).unwrap();
         advance(TIMEOUT + MS).await;
         advance(RETENTION - 2 * MS).await;
         assert_eq!(status(&registry, "n1"), pb::NodeStatus::Offline);
@@ -904,15 +927,15 @@ mod tests {
         ));
         assert_eq!(registry.counts(), Counts::default());
         // The id is free for a fresh registration.
-        assert!(registry.register(registration("n1")).created);
+        assert!(registry.register(registration("n1")).unwrap().created);
     }
 
     #[tokio::test(start_paused = true)]
     async fn deregister_removes_at_once_and_ends_the_session() {
         let (registry, _stop) = start();
-        let reg = registry.register(registration("n1"));
+        let reg = registry.register(registration("n1")).unwrap();
         let slot = registry.attach("n1", reg.session_id).unwrap();
-        registry.register(registration("n2"));
+        registry.register(registration("n2")).unwrap();
 
         assert!(matches!(
             registry.deregister("n1", reg.session_id + 1),
@@ -951,7 +974,9 @@ mod tests {
     async fn many_nodes_each_keep_their_own_deadline() {
         let (registry, _stop) = start();
         for i in 0..50 {
-            registry.register(registration(&format!("n{i:02}")));
+            registry
+                .register(registration(&format!("n{i:02}")))
+                .unwrap();
             advance(Duration::from_millis(100)).await;
         }
         // n00 registered at t=0 and n49 at t=4.9 s; at t=30.05 s the first
@@ -978,11 +1003,11 @@ mod tests {
                 reg.labels.insert("zone".into(), "b".into());
                 reg.pools[0].pool_id = "pool-b".into();
             }
-            registry.register(reg);
+            registry.register(reg).unwrap();
         }
         advance(TIMEOUT + MS).await;
-        let reg = registry.register(registration("d"));
-        registry.register(registration("e"));
+        let reg = registry.register(registration("d")).unwrap();
+        registry.register(registration("e")).unwrap();
         let slot = registry.attach("d", reg.session_id).unwrap();
         registry
             .heartbeat(&slot, reg.session_id, beat(pb::PoolState::Ready))
@@ -1038,6 +1063,43 @@ mod tests {
             ["e"]
         );
         assert!(token.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_node_is_not_taken_over_from_another_machine() {
+        let (registry, _stop) = start();
+        let first = registry.register(registration("n1")).unwrap();
+        let mut intruder = registration("n1");
+        intruder.machine_id = "other-machine".into();
+        assert!(matches!(
+            registry.register(intruder.clone()),
+            Err(RegistryError::NodeTaken { node_id }) if node_id == "n1"
+        ));
+        let node = registry.get("n1").unwrap();
+        assert_eq!(node.session_id, first.session_id, "nothing changed");
+        assert_eq!(node.machine_id, "machine-n1");
+
+        // The same machine may re-register; another may once n1 is OFFLINE.
+        registry.register(registration("n1")).unwrap();
+        advance(TIMEOUT + MS).await;
+        let moved = registry.register(intruder).unwrap();
+        assert!(!moved.created);
+        assert_eq!(registry.get("n1").unwrap().machine_id, "other-machine");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_node_beyond_the_cap_is_added() {
+        let registry = Registry::with_max_nodes(Timing::default(), 2);
+        registry.register(registration("a")).unwrap();
+        registry.register(registration("b")).unwrap();
+        assert!(matches!(
+            registry.register(registration("c")),
+            Err(RegistryError::LimitReached(m)) if m.contains("2 nodes")
+        ));
+        // Known nodes still re-register at the cap.
+        registry.register(registration("a")).unwrap();
+        registry.deregister("b", 0).unwrap();
+        registry.register(registration("c")).unwrap();
     }
 
     #[test]

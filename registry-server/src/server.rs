@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use registry_proto::pb::node_registry_server::NodeRegistryServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
-use tracing::info;
+use tracing::{info, warn};
 
+use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
 use crate::expiry;
 use crate::registry::Registry;
@@ -26,6 +26,17 @@ pub enum ServerError {
     /// Reading the listener's address failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// The token sources cannot be used.
+    #[error("authentication: {0}")]
+    Auth(#[from] crate::auth::AuthError),
+    /// A TLS file cannot be read.
+    #[error("TLS file {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
     /// Building the reflection service failed.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -44,10 +55,26 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     settings.check().map_err(ServerError::Settings)?;
     let local_addr = listener.local_addr()?;
-    let registry = Registry::new(settings.timing());
+    let auth = Authenticator::from_sources(TokenSources {
+        file: settings.auth_token_file.clone(),
+        admin_token: settings.auth_token.clone(),
+    })?;
+    if auth.is_open() {
+        if !local_addr.ip().is_loopback() && !settings.insecure_no_auth {
+            return Err(ServerError::Settings(format!(
+                "refusing to listen on {local_addr} without authentication: configure --auth-token-file or REGISTRY_AUTH_TOKEN, listen on a loopback address, or pass --insecure-no-auth"
+            )));
+        }
+        warn!(
+            "authentication is off: anyone who reaches this port may register, remove and read nodes"
+        );
+    }
+    let tls = tls_config(&settings)?;
+    let registry = Registry::with_max_nodes(settings.timing(), settings.max_nodes);
     let stop = CancellationToken::new();
     let expiry_task = tokio::spawn(expiry::run(registry.clone(), stop.clone()));
     let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));
+    let auth_task = tokio::spawn(auth.clone().watch(stop.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -68,6 +95,7 @@ pub async fn run(
     let registry_service = NodeRegistryServer::new(NodeRegistryService::new(
         registry.clone(),
         &settings,
+        auth,
         stop.clone(),
     ))
     .max_decoding_message_size(settings.max_message_size);
@@ -95,21 +123,55 @@ pub async fn run(
         offline_retention = %humantime::format_duration(settings.offline_retention),
         "registry listening"
     );
-    let served = Server::builder()
+    let mut builder = Server::builder()
         // Server pings find dead connections; they never count as liveness.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(settings.max_streams_per_connection))
+        // Bounds unary calls; a streaming call's response starts at once,
+        // so heartbeat streams are not cut by it.
+        .timeout(settings.request_timeout);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let reflection = (!settings.disable_reflection).then_some((reflection_v1, reflection_v1alpha));
+    let (reflection_v1, reflection_v1alpha) = reflection.unzip();
+    let served = builder
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(registry_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+        .serve_with_incoming_shutdown(
+            crate::limits::incoming(listener, settings.max_connections),
+            on_shutdown,
+        )
         .await;
     stop.cancel();
     let _ = expiry_task.await;
     let _ = metrics_task.await;
+    let _ = auth_task.await;
     served?;
     info!("registry stopped");
     Ok(())
+}
+
+/// The TLS configuration of `settings`, if TLS is on.
+fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServerError> {
+    let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| ServerError::TlsFile {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &settings.tls_client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        info!("mTLS on: clients must present a certificate signed by --tls-client-ca");
+    } else {
+        info!("TLS on");
+    }
+    Ok(Some(config))
 }

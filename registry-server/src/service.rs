@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::auth::{Authenticator, Role, Rpc};
 use crate::config::Settings;
 use crate::error::RegistryError;
+use crate::identity;
 use crate::registry::{Liveness, NodeFilter, NodeSlot, Registry};
 use crate::validate;
 
@@ -28,16 +30,53 @@ pub struct NodeRegistryService {
     /// Cancelled when the server shuts down, so heartbeat streams (which
     /// never end by themselves) end and graceful shutdown can finish.
     shutdown: CancellationToken,
+    /// Checks tokens and roles.
+    auth: Authenticator,
+    /// Cap on open heartbeat streams, so no client exhausts the server.
+    max_heartbeat_streams: usize,
+    /// How long a new stream may stay silent before its first message:
+    /// an open, never-written stream would otherwise hold resources forever.
+    first_message_timeout: Duration,
 }
 
 impl NodeRegistryService {
     /// A service over `registry`; `shutdown` ends its open streams.
-    pub fn new(registry: Registry, settings: &Settings, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        registry: Registry,
+        settings: &Settings,
+        auth: Authenticator,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             registry,
             max_clock_skew: settings.max_clock_skew,
             shutdown,
+            auth,
+            max_heartbeat_streams: settings.max_heartbeat_streams,
+            first_message_timeout: settings.node_timeout,
         }
+    }
+
+    /// The caller's role, if it may make `rpc`.
+    fn authorize<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<Role, RegistryError> {
+        Ok(self.auth.authorize(request.metadata(), rpc)?)
+    }
+}
+
+/// Under mTLS, a node may act only for the node its certificate names
+/// (admins for any).
+fn check_identity(
+    identities: &Option<Vec<String>>,
+    role: Role,
+    node_id: &str,
+) -> Result<(), RegistryError> {
+    match identities {
+        Some(names) if role != Role::Admin && !names.iter().any(|n| n == node_id) => {
+            Err(RegistryError::PermissionDenied(format!(
+                "the client certificate names {names:?}, not node {node_id}"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -50,8 +89,11 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let role = self.authorize(&request, Rpc::Register)?;
+        let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
-        let registered = self.registry.register(registration);
+        check_identity(&identities, role, &registration.node_id)?;
+        let registered = self.registry.register(registration)?;
         let timing = self.registry.timing();
         Ok(Response::new(pb::RegisterResponse {
             session_id: registered.session_id,
@@ -66,8 +108,11 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let role = self.authorize(&request, Rpc::Deregister)?;
+        let identities = identity::peer_identities(&request);
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
+        check_identity(&identities, role, &request.node_id)?;
         self.registry
             .deregister(&request.node_id, request.session_id)?;
         Ok(Response::new(pb::DeregisterResponse {}))
@@ -77,6 +122,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.authorize(&request, Rpc::ListNodes)?;
         let request = request.into_inner();
         let filter = list_filter(&request)?;
         if !request.page_token.is_empty() {
@@ -95,6 +141,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.authorize(&request, Rpc::GetNode)?;
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
         Ok(Response::new(self.registry.get(&request.node_id)?))
@@ -106,11 +153,29 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        self.registry
+        let role = self.authorize(&request, Rpc::Heartbeat)?;
+        let identities = identity::peer_identities(&request);
+        let open = self
+            .registry
             .stats()
             .open_streams
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Counted first so that concurrent opens cannot all slip under the
+        // cap; a refused stream takes its count back.
+        let guard = OpenStream(self.registry.clone());
+        if usize::try_from(open).unwrap_or(0) >= self.max_heartbeat_streams {
+            drop(guard);
+            return Err(RegistryError::LimitReached(format!(
+                "the registry holds its maximum of {} heartbeat streams",
+                self.max_heartbeat_streams
+            ))
+            .into());
+        }
         let session = HeartbeatSession {
+            _open: guard,
+            role,
+            identities,
+            first_message_timeout: self.first_message_timeout,
             latency: metrics::histogram!(crate::metrics::HEARTBEAT_SECONDS),
             registry: self.registry.clone(),
             inbound: request.into_inner(),
@@ -185,11 +250,22 @@ struct HeartbeatSession {
     done: bool,
     /// Handling-time histogram, looked up once per stream, not per beat.
     latency: metrics::Histogram,
+    /// Keeps the stream counted as open while it lives.
+    _open: OpenStream,
+    /// The caller's role (admins may speak for any node under mTLS).
+    role: Role,
+    /// Names in the client certificate, under mTLS.
+    identities: Option<Vec<String>>,
+    /// Deadline for the first message.
+    first_message_timeout: Duration,
 }
 
-impl Drop for HeartbeatSession {
+/// One open heartbeat stream in the registry's count, until dropped.
+struct OpenStream(Registry);
+
+impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.registry
+        self.0
             .stats()
             .open_streams
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -206,11 +282,31 @@ impl HeartbeatSession {
         if self.done {
             return None;
         }
+        // Until the stream has named its node, it may stay silent only so
+        // long; afterwards silence is the node's deadline's business.
+        let awaiting_first = self.node.is_none();
+        let first_message_timeout = self.first_message_timeout;
+        let first_deadline = async move {
+            if awaiting_first {
+                tokio::time::sleep(first_message_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         let message = tokio::select! {
             biased;
             () = self.shutdown.cancelled() => {
                 self.done = true;
                 return Some(Err(RegistryError::ShuttingDown.into()));
+            }
+            () = first_deadline => {
+                self.done = true;
+                let err = RegistryError::TooSlow(format!(
+                    "no first heartbeat message within {}; the stream is closed",
+                    humantime::format_duration(self.first_message_timeout)
+                ));
+                info!(error = %err, "idle heartbeat stream closed");
+                return Some(Err(err.into()));
             }
             message = self.inbound.message() => message,
         };
@@ -259,6 +355,7 @@ impl HeartbeatSession {
                         "is required in the first message of a stream (use RegisterResponse.session_id)",
                     ));
                 }
+                check_identity(&self.identities, self.role, &request.node_id)?;
                 let slot = self.registry.attach(&request.node_id, request.session_id)?;
                 debug!(node_id = %slot.id(), "heartbeat stream opened");
                 self.session_id = request.session_id;

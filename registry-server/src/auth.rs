@@ -1,0 +1,484 @@
+//! Bearer-token authentication and role checks.
+//!
+//! Tokens come from `--auth-token-file` (one `ROLE TOKEN` pair per line) and
+//! from `REGISTRY_AUTH_TOKEN` (one admin token). Only SHA-256 digests are
+//! kept; a presented token is hashed and compared with every digest in
+//! constant time, so neither the comparison nor an early exit tells an
+//! attacker how close a guess was. Tokens are never logged: a fingerprint
+//! (the first 8 hex digits of the digest) is the most that appears.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tracing::{error, info, warn};
+
+/// Shortest token accepted, so no guessable token is ever configured.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// How often the token file is checked for changes (besides SIGHUP).
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An agent: Register, Heartbeat, Deregister (for its own node only).
+    Node,
+    /// An orchestrator or dashboard: ListNodes, GetNode.
+    Reader,
+    /// An operator: everything, including removing any node.
+    Admin,
+}
+
+impl Role {
+    fn parse(word: &str) -> Option<Self> {
+        match word {
+            "node" => Some(Role::Node),
+            "reader" => Some(Role::Reader),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// Whether this role may call `rpc`. The one place that says who may
+    /// do what.
+    pub fn allows(self, rpc: Rpc) -> bool {
+        match (self, rpc) {
+            (Role::Admin, _) => true,
+            (Role::Node, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => true,
+            (Role::Reader, Rpc::ListNodes | Rpc::GetNode) => true,
+            (Role::Node, Rpc::ListNodes | Rpc::GetNode) => false,
+            (Role::Reader, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => false,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::Node => "node",
+            Role::Reader => "reader",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// The registry's RPCs, for role checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rpc {
+    /// `Register`.
+    Register,
+    /// `Heartbeat`.
+    Heartbeat,
+    /// `Deregister`.
+    Deregister,
+    /// `ListNodes`.
+    ListNodes,
+    /// `GetNode`.
+    GetNode,
+}
+
+/// Why a caller or a token file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token, or one that matches no configured token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token whose role may not make this call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The token file cannot be used.
+    #[error("token file {path}: {reason}")]
+    TokenFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A SHA-256 digest of a token.
+type TokenDigest = [u8; 32];
+
+fn digest(token: &str) -> TokenDigest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The short, non-secret name of a token for logs.
+pub fn fingerprint(token: &str) -> String {
+    digest(token)[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The configured tokens, as digests with their roles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenTable {
+    /// Every token's digest and role.
+    entries: Vec<(TokenDigest, Role)>,
+}
+
+impl TokenTable {
+    /// Parses a token file: `ROLE TOKEN` per line, `#` comments and blank
+    /// lines ignored. `source` names the file in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Self, AuthError> {
+        let bad = |line: usize, reason: String| AuthError::TokenFile {
+            path: source.to_string(),
+            reason: format!("line {line}: {reason}"),
+        };
+        let mut entries = Vec::new();
+        for (index, line) in text.lines().enumerate() {
+            let line_no = index + 1;
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let (Some(role), Some(token), None) = (words.next(), words.next(), words.next()) else {
+                return Err(bad(line_no, "expected `ROLE TOKEN`".into()));
+            };
+            let role = Role::parse(role).ok_or_else(|| {
+                bad(
+                    line_no,
+                    format!("unknown role {role:?}; use node, reader or admin"),
+                )
+            })?;
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(bad(
+                    line_no,
+                    format!("token is shorter than {MIN_TOKEN_LEN} characters"),
+                ));
+            }
+            entries.push((digest(token), role));
+        }
+        Ok(Self { entries })
+    }
+
+    /// The role of `token`, comparing against every entry in constant time.
+    pub fn role_of(&self, token: &str) -> Option<Role> {
+        let presented = digest(token);
+        let mut found = None;
+        for (known, role) in &self.entries {
+            if bool::from(known.ct_eq(&presented)) {
+                found = Some(*role);
+            }
+        }
+        found
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no token is configured.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Checks callers' tokens. Cloneable; rotation swaps the table under all
+/// clones.
+#[derive(Clone)]
+pub struct Authenticator {
+    /// The tokens in force; `None` when the server runs open.
+    table: Option<Arc<RwLock<Arc<TokenTable>>>>,
+    /// Where tokens come from, for reloads.
+    sources: Arc<TokenSources>,
+}
+
+/// Where tokens come from.
+#[derive(Debug, Default)]
+pub struct TokenSources {
+    /// `--auth-token-file`, re-read on SIGHUP or change.
+    pub file: Option<PathBuf>,
+    /// `REGISTRY_AUTH_TOKEN`: one admin token.
+    pub admin_token: Option<String>,
+}
+
+impl Authenticator {
+    /// No authentication: every caller may do everything.
+    pub fn open() -> Self {
+        Self {
+            table: None,
+            sources: Arc::new(TokenSources::default()),
+        }
+    }
+
+    /// Loads the tokens of `sources`; open when neither source is given.
+    pub fn from_sources(sources: TokenSources) -> Result<Self, AuthError> {
+        if sources.file.is_none() && sources.admin_token.is_none() {
+            return Ok(Self::open());
+        }
+        let table = load(&sources)?;
+        info!(tokens = table.len(), "authentication on");
+        Ok(Self {
+            table: Some(Arc::new(RwLock::new(Arc::new(table)))),
+            sources: Arc::new(sources),
+        })
+    }
+
+    /// Whether the server runs without authentication.
+    pub fn is_open(&self) -> bool {
+        self.table.is_none()
+    }
+
+    /// The caller's role if it may make `rpc`.
+    pub fn authorize(&self, metadata: &MetadataMap, rpc: Rpc) -> Result<Role, AuthError> {
+        let Some(table) = &self.table else {
+            return Ok(Role::Admin);
+        };
+        let header = metadata.get("authorization").ok_or_else(|| {
+            AuthError::Unauthenticated(
+                "missing `authorization: Bearer <token>` metadata".to_string(),
+            )
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                AuthError::Unauthenticated(
+                    "the authorization metadata must be `Bearer <token>`".to_string(),
+                )
+            })?;
+        let table = table.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let role = table
+            .role_of(token)
+            .ok_or_else(|| AuthError::Unauthenticated("unknown token".to_string()))?;
+        if !role.allows(rpc) {
+            return Err(AuthError::PermissionDenied(format!(
+                "a {} token may not call {rpc:?}",
+                role.name()
+            )));
+        }
+        Ok(role)
+    }
+
+    /// Re-reads the token sources; on error the old tokens stay in force.
+    pub fn reload(&self) -> Result<usize, AuthError> {
+        let Some(table) = &self.table else {
+            return Ok(0);
+        };
+        let fresh = load(&self.sources)?;
+        let count = fresh.len();
+        *table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        Ok(count)
+    }
+
+    /// Reloads the token file on SIGHUP and whenever it changes, until
+    /// `shutdown`.
+    pub async fn watch(self, shutdown: CancellationToken) {
+        let Some(path) = self.sources.file.clone() else {
+            return;
+        };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(err) => {
+                warn!(error = %err, "no SIGHUP handler; token file is reloaded on change only");
+                None
+            }
+        };
+        let mut seen = file_stamp(&path);
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        loop {
+            let why = tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let stamp = file_stamp(&path);
+                    if stamp == seen {
+                        continue;
+                    }
+                    seen = stamp;
+                    "changed"
+                }
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => "SIGHUP",
+            };
+            match self.reload() {
+                Ok(count) => info!(trigger = why, tokens = count, "auth tokens reloaded"),
+                Err(err) => {
+                    error!(trigger = why, error = %err, "auth tokens not reloaded; the previous tokens stay in force")
+                }
+            }
+        }
+    }
+}
+
+/// Modification time and length: enough to notice an edit or a rename
+/// over the file.
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn load(sources: &TokenSources) -> Result<TokenTable, AuthError> {
+    let mut table = TokenTable::default();
+    if let Some(path) = &sources.file {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| AuthError::TokenFile {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        table = TokenTable::parse(&text, &shown)?;
+    }
+    if let Some(token) = &sources.admin_token {
+        if token.len() < MIN_TOKEN_LEN {
+            return Err(AuthError::TokenFile {
+                path: "REGISTRY_AUTH_TOKEN".into(),
+                reason: format!("token is shorter than {MIN_TOKEN_LEN} characters"),
+            });
+        }
+        table.entries.push((digest(token), Role::Admin));
+    }
+    if table.is_empty() {
+        return Err(AuthError::TokenFile {
+            path: sources
+                .file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            reason: "holds no token; the server would refuse everyone".into(),
+        });
+    }
+    Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "node-token-0123456789";
+    const READER: &str = "reader-token-0123456789";
+    const ADMIN: &str = "admin-token-0123456789";
+
+    fn table() -> TokenTable {
+        TokenTable::parse(
+            &format!(
+                "# role token\nnode {NODE}\n\nreader   {READER}  # dashboards\nadmin {ADMIN}\n"
+            ),
+            "tokens",
+        )
+        .unwrap()
+    }
+
+    fn metadata(value: &str) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        map.insert("authorization", value.parse().unwrap());
+        map
+    }
+
+    fn with_table(table: TokenTable) -> Authenticator {
+        Authenticator {
+            table: Some(Arc::new(RwLock::new(Arc::new(table)))),
+            sources: Arc::new(TokenSources::default()),
+        }
+    }
+
+    #[test]
+    fn the_file_format_is_parsed_and_checked() {
+        let table = table();
+        assert_eq!(table.len(), 3);
+        assert_eq!(table.role_of(NODE), Some(Role::Node));
+        assert_eq!(table.role_of(READER), Some(Role::Reader));
+        assert_eq!(table.role_of(ADMIN), Some(Role::Admin));
+        assert_eq!(table.role_of("node-token-012345678"), None);
+
+        for (text, needle) in [
+            ("root abcdefghijklmnopq", "unknown role"),
+            ("node short", "shorter than 16"),
+            ("node", "expected `ROLE TOKEN`"),
+            ("node a b", "expected `ROLE TOKEN`"),
+        ] {
+            let err = TokenTable::parse(text, "f").unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("line 1"), "{err}");
+        }
+    }
+
+    #[test]
+    fn roles_allow_exactly_their_calls() {
+        use Rpc::*;
+        for rpc in [Register, Heartbeat, Deregister, ListNodes, GetNode] {
+            assert!(Role::Admin.allows(rpc));
+        }
+        assert!(Role::Node.allows(Register) && Role::Node.allows(Heartbeat));
+        assert!(Role::Node.allows(Deregister) && !Role::Node.allows(ListNodes));
+        assert!(Role::Reader.allows(ListNodes) && Role::Reader.allows(GetNode));
+        assert!(!Role::Reader.allows(Register) && !Role::Reader.allows(Heartbeat));
+    }
+
+    #[test]
+    fn callers_are_authenticated_then_authorised() {
+        let auth = with_table(table());
+        assert_eq!(
+            auth.authorize(&metadata(&format!("Bearer {NODE}")), Rpc::Heartbeat),
+            Ok(Role::Node)
+        );
+        assert!(matches!(
+            auth.authorize(&MetadataMap::new(), Rpc::ListNodes),
+            Err(AuthError::Unauthenticated(m)) if m.contains("missing")
+        ));
+        assert!(matches!(
+            auth.authorize(&metadata(NODE), Rpc::Register),
+            Err(AuthError::Unauthenticated(m)) if m.contains("Bearer")
+        ));
+        assert!(matches!(
+            auth.authorize(&metadata("Bearer wrong-token-0123456789"), Rpc::Register),
+            Err(AuthError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            auth.authorize(&metadata(&format!("Bearer {READER}")), Rpc::Register),
+            Err(AuthError::PermissionDenied(m)) if m.contains("reader")
+        ));
+        assert!(
+            Authenticator::open()
+                .authorize(&MetadataMap::new(), Rpc::Deregister)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn reload_rotates_tokens_and_keeps_old_ones_on_a_bad_file() {
+        let dir = std::env::temp_dir().join(format!("auth-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        std::fs::write(&path, format!("node {NODE}\n")).unwrap();
+        let auth = Authenticator::from_sources(TokenSources {
+            file: Some(path.clone()),
+            admin_token: None,
+        })
+        .unwrap();
+        let as_node = metadata(&format!("Bearer {NODE}"));
+        let as_new = metadata("Bearer rotated-token-0123456789");
+        assert!(auth.authorize(&as_node, Rpc::Register).is_ok());
+
+        std::fs::write(&path, "node rotated-token-0123456789\n").unwrap();
+        assert_eq!(auth.reload(), Ok(1));
+        assert!(auth.authorize(&as_node, Rpc::Register).is_err());
+        assert!(auth.authorize(&as_new, Rpc::Register).is_ok());
+
+        std::fs::write(&path, "garbage line here\n").unwrap();
+        assert!(auth.reload().is_err());
+        assert!(
+            auth.authorize(&as_new, Rpc::Register).is_ok(),
+            "old tokens stay"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fingerprints_do_not_reveal_the_token() {
+        let fp = fingerprint(ADMIN);
+        assert_eq!(fp.len(), 8);
+        assert!(!ADMIN.contains(&fp));
+    }
+}
