@@ -250,6 +250,7 @@ impl Agent {
         let Some(first) = self.beat(session).await else {
             return (StreamEnd::PoolsChanged, false);
         };
+        let last_sent = Arc::new(AtomicU64::new(first.sequence));
         let (tx, rx) = mpsc::channel(REQUEST_BUFFER);
         // Queued before the call: the registry may wait for the first
         // message before it answers with response headers.
@@ -292,14 +293,22 @@ impl Agent {
             tx,
             interval_rx,
             self.pools.handoff_changes(),
+            Arc::clone(&last_sent),
         ));
         let _abort_sender = AbortOnDrop(sender.abort_handle());
         let mut acked = false;
-        let mut last_ack = Instant::now();
+        let mut newest_ack = 0u64;
+        // The registry acks every beat: beats unacked for a whole node
+        // timeout mean the stream is stuck even if TCP looks fine. Silence
+        // is counted in watchdog ticks, not wall-clock time, so an agent
+        // that was frozen (SIGSTOP, a suspended VM) does not drop a healthy
+        // stream the moment it resumes.
+        let check_every = session.interval.min(Duration::from_secs(1));
+        let mut watchdog = tokio::time::interval_at(Instant::now() + check_every, check_every);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ack_since_tick = false;
+        let mut silent = Duration::ZERO;
         loop {
-            // The registry acks every beat; none for a whole node timeout
-            // means the stream is stuck even if TCP looks fine.
-            let ack_timeout = session.node_timeout.max(*interval_tx.borrow() * 2);
             tokio::select! {
                 _ = &mut *shutdown => {
                     self.deregister(session).await;
@@ -308,7 +317,8 @@ impl Agent {
                 message = inbound.message() => match message {
                     Ok(Some(ack)) => {
                         acked = true;
-                        last_ack = Instant::now();
+                        ack_since_tick = true;
+                        newest_ack = newest_ack.max(ack.sequence);
                         if let Some(end) = self.handle_ack(ack, &interval_tx) {
                             return (end, acked);
                         }
@@ -331,14 +341,24 @@ impl Agent {
                     };
                     return (end, acked);
                 }
-                _ = tokio::time::sleep_until(last_ack + ack_timeout) => {
-                    return (
-                        StreamEnd::Failed(Status::deadline_exceeded(format!(
-                            "no heartbeat ack for {}",
-                            humantime::format_duration(ack_timeout)
-                        ))),
-                        acked,
-                    );
+                _ = watchdog.tick() => {
+                    let waiting = last_sent.load(Ordering::Relaxed) > newest_ack;
+                    silent = if ack_since_tick || !waiting {
+                        Duration::ZERO
+                    } else {
+                        silent + check_every
+                    };
+                    ack_since_tick = false;
+                    let ack_timeout = session.node_timeout.max(*interval_tx.borrow() * 2);
+                    if silent >= ack_timeout {
+                        return (
+                            StreamEnd::Failed(Status::deadline_exceeded(format!(
+                                "no heartbeat ack for {}",
+                                humantime::format_duration(silent)
+                            ))),
+                            acked,
+                        );
+                    }
                 }
             }
         }
@@ -382,6 +402,7 @@ async fn send_beats(
     tx: mpsc::Sender<pb::HeartbeatRequest>,
     mut interval: watch::Receiver<Duration>,
     mut handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
+    last_sent: Arc<AtomicU64>,
 ) -> SenderEnd {
     let mut last = Instant::now();
     loop {
@@ -397,6 +418,7 @@ async fn send_beats(
         let Some(beat) = agent.beat(&session).await else {
             return SenderEnd::PoolsChanged;
         };
+        last_sent.store(beat.sequence, Ordering::Relaxed);
         if tx.send(beat).await.is_err() {
             return SenderEnd::Closed;
         }

@@ -50,7 +50,7 @@ pub fn incoming(
                     Err(_) => {
                         let refused = REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
                         // Log the first and then every 1000th, not a flood.
-                        if refused % 1000 == 0 {
+                        if refused.is_multiple_of(1000) {
                             warn!(%peer, max, refused = refused + 1, "connection refused: --max-connections reached");
                         }
                     }
