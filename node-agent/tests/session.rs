@@ -1,0 +1,245 @@
+//! The agent's session logic against a scripted registry that does what the
+//! real one rarely does: never ack, push Reregister and Drain commands, ask
+//! for another heartbeat interval.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Agent, agent_config, eventually};
+use node_agent::pools::PoolConfig;
+use registry_proto::convert::to_proto_duration;
+use registry_proto::pb;
+use registry_proto::pb::heartbeat_response::Command;
+use registry_proto::pb::node_registry_server::{NodeRegistry, NodeRegistryServer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// What the scripted registry saw and what it answers.
+#[derive(Default)]
+struct Script {
+    /// Ack heartbeats at all.
+    ack: bool,
+    /// Commands for the next acks, one per ack (None: a plain ack).
+    commands: VecDeque<Option<Command>>,
+    /// Interval advertised in RegisterResponse.
+    heartbeat_interval: Duration,
+    /// Node timeout advertised in RegisterResponse.
+    node_timeout: Duration,
+    registers: Vec<pb::RegisterRequest>,
+    streams_opened: usize,
+    beats: Vec<pb::HeartbeatRequest>,
+    deregisters: Vec<pb::DeregisterRequest>,
+}
+
+#[derive(Clone)]
+struct Scripted(Arc<Mutex<Script>>);
+
+impl Scripted {
+    fn with<T>(&self, f: impl FnOnce(&mut Script) -> T) -> T {
+        f(&mut self.0.lock().unwrap())
+    }
+
+    /// Serves the script on 127.0.0.1:0 and returns the URL.
+    async fn serve(script: Script) -> (Scripted, String) {
+        let scripted = Scripted(Arc::new(Mutex::new(script)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tonic::transport::Server::builder()
+            .add_service(NodeRegistryServer::new(scripted.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        (scripted, url)
+    }
+}
+
+#[tonic::async_trait]
+impl NodeRegistry for Scripted {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let (session_id, interval, timeout) = self.with(|s| {
+            s.registers.push(request.into_inner());
+            (
+                s.registers.len() as u64,
+                s.heartbeat_interval,
+                s.node_timeout,
+            )
+        });
+        Ok(Response::new(pb::RegisterResponse {
+            session_id,
+            created: session_id == 1,
+            heartbeat_interval: Some(to_proto_duration(interval)),
+            node_timeout: Some(to_proto_duration(timeout)),
+            registered_at: None,
+        }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.with(|s| s.deregisters.push(request.into_inner()));
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    type HeartbeatStream = ReceiverStream<Result<pb::HeartbeatResponse, Status>>;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        self.with(|s| s.streams_opened += 1);
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let script = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(beat)) = inbound.message().await {
+                let sequence = beat.sequence;
+                let reply = script.with(|s| {
+                    s.beats.push(beat);
+                    s.ack.then(|| s.commands.pop_front().flatten())
+                });
+                if let Some(command) = reply {
+                    let ack = pb::HeartbeatResponse {
+                        sequence,
+                        server_time: None,
+                        heartbeat_interval: None,
+                        command,
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn script(ack: bool) -> Script {
+    Script {
+        ack,
+        heartbeat_interval: Duration::from_millis(100),
+        node_timeout: Duration::from_millis(600),
+        ..Script::default()
+    }
+}
+
+#[tokio::test]
+async fn unacked_heartbeats_make_the_agent_reopen_the_stream() {
+    common::init_logs();
+    let (registry, url) = Scripted::serve(script(false)).await;
+    let mut config = agent_config(&url, "s1");
+    config.heartbeat_interval = Some(Duration::from_millis(100));
+    let agent = Agent::start(config);
+    eventually("a second heartbeat stream", WAIT, || {
+        let opened = registry.with(|s| s.streams_opened);
+        async move { (opened >= 2).then_some(()) }
+    })
+    .await;
+    // The session was never refused, so it is reused, not replaced.
+    assert_eq!(registry.with(|s| s.registers.len()), 1);
+    let sessions: Vec<u64> = registry.with(|s| s.beats.iter().map(|b| b.session_id).collect());
+    assert!(sessions.iter().all(|&id| id == 1), "{sessions:?}");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reregister_command_makes_the_agent_register_again() {
+    common::init_logs();
+    let mut s = script(true);
+    s.commands
+        .push_back(Some(Command::Reregister(pb::ReregisterCommand {
+            reason: "registry state lost".into(),
+        })));
+    let (registry, url) = Scripted::serve(s).await;
+    let agent = Agent::start(agent_config(&url, "s2"));
+    eventually("beats of the second session", WAIT, || {
+        let second = registry.with(|s| s.beats.iter().any(|b| b.session_id == 2));
+        async move { second.then_some(()) }
+    })
+    .await;
+    assert_eq!(registry.with(|s| s.registers.len()), 2);
+    agent.stop().await.unwrap();
+    // Deregister names the current session, so it cannot remove a newer one.
+    let deregisters = registry.with(|s| s.deregisters.clone());
+    assert_eq!(deregisters.len(), 1);
+    assert_eq!(deregisters[0].node_id, "s2");
+    assert_eq!(deregisters[0].session_id, 2);
+}
+
+#[tokio::test]
+async fn drain_command_reports_the_pools_draining() {
+    common::init_logs();
+    let mut s = script(true);
+    s.commands.push_back(Some(Command::Drain(pb::DrainCommand {
+        pool_ids: vec!["pool-0".into()],
+        reason: "maintenance".into(),
+    })));
+    let (registry, url) = Scripted::serve(s).await;
+    let mut config = agent_config(&url, "s3");
+    config.pools = vec![PoolConfig::new("pool-0"), PoolConfig::new("pool-1")];
+    let agent = Agent::start(config);
+    let beat = eventually("a beat with pool-0 draining", WAIT, || {
+        let beat = registry.with(|s| {
+            s.beats
+                .iter()
+                .find(|b| {
+                    b.pools
+                        .iter()
+                        .any(|p| p.pool_id == "pool-0" && p.state() == pb::PoolState::Draining)
+                })
+                .cloned()
+        });
+        async move { beat }
+    })
+    .await;
+    let other = beat.pools.iter().find(|p| p.pool_id == "pool-1").unwrap();
+    assert_eq!(other.state(), pb::PoolState::Ready);
+    // The first beat, before the command, had pool-0 ready.
+    let first = registry.with(|s| s.beats[0].clone());
+    assert_eq!(first.pools[0].state(), pb::PoolState::Ready);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn agent_follows_the_registry_interval_unless_overridden() {
+    common::init_logs();
+    let (registry, url) = Scripted::serve(script(true)).await;
+    let mut config = agent_config(&url, "s4");
+    // Without the override the registry's 100ms applies, not the 10s default.
+    config.heartbeat_interval = None;
+    let agent = Agent::start(config);
+    eventually("ten beats", Duration::from_secs(5), || {
+        let beats = registry.with(|s| s.beats.len());
+        async move { (beats >= 10).then_some(()) }
+    })
+    .await;
+    let beats = registry.with(|s| s.beats.clone());
+    // Every beat names the node and session and carries the agent's clock,
+    // with increasing sequence numbers.
+    assert!(beats.iter().all(|b| b.node_id == "s4" && b.session_id == 1));
+    assert!(beats.iter().all(|b| b.sent_at.is_some()));
+    assert!(beats.windows(2).all(|w| w[0].sequence < w[1].sequence));
+    assert!(beats.iter().all(|b| b.gpus.len() == 2));
+    agent.stop().await.unwrap();
+}
