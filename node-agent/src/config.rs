@@ -728,6 +728,23 @@ mod tests {
     }
 
     #[test]
+    fn example_config_file_is_valid() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/node-agent.example.toml");
+        let file = FileConfig::load(&path).unwrap();
+        let flags = Cli {
+            node_id: Some("n1".into()),
+            ..Cli::default()
+        };
+        let config = AgentConfig::resolve(flags, file).unwrap();
+        assert_eq!(config.registry, "http://registry.internal:50051");
+        assert_eq!(config.pools.len(), 2);
+        assert_eq!(config.pools[1].state, Some(ConfiguredState::Initializing));
+        assert_eq!(config.labels.len(), 2);
+        assert!(config.gpus.require);
+    }
+
+    #[test]
     fn file_pool_state_parses() {
         let file = FileConfig::parse(
             "[[pools]]\nid = \"p\"\nstate = \"draining\"\n",
