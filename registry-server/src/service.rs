@@ -57,21 +57,23 @@ impl NodeRegistryService {
         }
     }
 
-    /// The caller's role, if it may make `rpc`.
-    fn authorize<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<Role, RegistryError> {
-        Ok(self.auth.authorize(request.metadata(), rpc)?)
+    /// Whether the caller may make `rpc`; true when it holds an admin
+    /// token (which may act for any node).
+    fn authorize<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<bool, RegistryError> {
+        let role = self.auth.authorize(request.metadata(), rpc)?;
+        Ok(role == Role::Admin && !self.auth.is_open())
     }
 }
 
-/// Under mTLS, a node may act only for the node its certificate names
-/// (admins for any).
+/// Under mTLS, a node may act only for the node its certificate names;
+/// only a caller holding an admin token may act for any.
 fn check_identity(
     identities: &Option<Vec<String>>,
-    role: Role,
+    token_admin: bool,
     node_id: &str,
 ) -> Result<(), RegistryError> {
     match identities {
-        Some(names) if role != Role::Admin && !names.iter().any(|n| n == node_id) => {
+        Some(names) if !token_admin && !names.iter().any(|n| n == node_id) => {
             Err(RegistryError::PermissionDenied(format!(
                 "the client certificate names {names:?}, not node {node_id}"
             )))
@@ -89,10 +91,10 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let role = self.authorize(&request, Rpc::Register)?;
+        let token_admin = self.authorize(&request, Rpc::Register)?;
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
-        check_identity(&identities, role, &registration.node_id)?;
+        check_identity(&identities, token_admin, &registration.node_id)?;
         let registered = self.registry.register(registration)?;
         let timing = self.registry.timing();
         Ok(Response::new(pb::RegisterResponse {
@@ -108,11 +110,11 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        let role = self.authorize(&request, Rpc::Deregister)?;
+        let token_admin = self.authorize(&request, Rpc::Deregister)?;
         let identities = identity::peer_identities(&request);
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
-        check_identity(&identities, role, &request.node_id)?;
+        check_identity(&identities, token_admin, &request.node_id)?;
         self.registry
             .deregister(&request.node_id, request.session_id)?;
         Ok(Response::new(pb::DeregisterResponse {}))
@@ -153,7 +155,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        let role = self.authorize(&request, Rpc::Heartbeat)?;
+        let token_admin = self.authorize(&request, Rpc::Heartbeat)?;
         let identities = identity::peer_identities(&request);
         let open = self
             .registry
@@ -173,7 +175,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         }
         let session = HeartbeatSession {
             _open: guard,
-            role,
+            token_admin,
             identities,
             first_message_timeout: self.first_message_timeout,
             latency: metrics::histogram!(crate::metrics::HEARTBEAT_SECONDS),
@@ -252,8 +254,9 @@ struct HeartbeatSession {
     latency: metrics::Histogram,
     /// Keeps the stream counted as open while it lives.
     _open: OpenStream,
-    /// The caller's role (admins may speak for any node under mTLS).
-    role: Role,
+    /// Whether the caller holds an admin token (which may speak for any
+    /// node under mTLS).
+    token_admin: bool,
     /// Names in the client certificate, under mTLS.
     identities: Option<Vec<String>>,
     /// Deadline for the first message.
@@ -355,7 +358,7 @@ impl HeartbeatSession {
                         "is required in the first message of a stream (use RegisterResponse.session_id)",
                     ));
                 }
-                check_identity(&self.identities, self.role, &request.node_id)?;
+                check_identity(&self.identities, self.token_admin, &request.node_id)?;
                 let slot = self.registry.attach(&request.node_id, request.session_id)?;
                 debug!(node_id = %slot.id(), "heartbeat stream opened");
                 self.session_id = request.session_id;

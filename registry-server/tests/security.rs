@@ -1,0 +1,544 @@
+//! Authentication, TLS and mTLS, node identity, and resource limits, against
+//! real servers on 127.0.0.1:0.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Stream, TempDir, TestServer, beat, register_request, serving, wait_until};
+use registry_proto::pb;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use registry_server::Settings;
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const NODE_TOKEN: &str = "node-token-aaaaaaaaaaaaaaaa";
+const READER_TOKEN: &str = "reader-token-bbbbbbbbbbbbbbbb";
+const ADMIN_TOKEN: &str = "admin-token-cccccccccccccccc";
+
+/// Adds `authorization: Bearer <token>` to every call, or nothing.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+type AuthedClient = NodeRegistryClient<InterceptedService<Channel, Bearer>>;
+
+/// A client that sends `token` (or nothing) as a bearer token.
+fn client_with(channel: Channel, token: Option<&str>) -> AuthedClient {
+    let header = token.map(|t| format!("Bearer {t}").parse().unwrap());
+    NodeRegistryClient::with_interceptor(channel, Bearer(header))
+}
+
+fn write_tokens(dir: &TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.0.join("tokens");
+    // Write then rename, as operators should, so the server never reads a
+    // half-written file.
+    let tmp = dir.0.join("tokens.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
+    let dir = TempDir::new("auth");
+    let tokens = write_tokens(
+        &dir,
+        &format!("node {NODE_TOKEN}\nreader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\n"),
+    );
+    let server = TestServer::start(Settings {
+        auth_token_file: Some(tokens),
+        ..Settings::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut anonymous = client_with(channel.clone(), None);
+    let mut wrong = client_with(channel.clone(), Some("wrong-token-dddddddddddddddd"));
+    let mut node = client_with(channel.clone(), Some(NODE_TOKEN));
+    let mut reader = client_with(channel.clone(), Some(READER_TOKEN));
+    let mut admin = client_with(channel.clone(), Some(ADMIN_TOKEN));
+
+    let err = anonymous
+        .register(register_request("n1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("authorization"), "{}", err.message());
+    let err = wrong
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(!err.message().contains("wrong-token"), "never echo a token");
+    let err = Stream::open(&mut anonymous).await.err().unwrap();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let session = node
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let mut stream = Stream::open(&mut node).await.unwrap();
+    stream.send(beat("n1", session, 1)).await.unwrap();
+    let err = node
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("node token"), "{}", err.message());
+
+    let listed = reader
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.nodes.len(), 1);
+    reader
+        .get_node(pb::GetNodeRequest {
+            node_id: "n1".into(),
+        })
+        .await
+        .unwrap();
+    let err = reader.register(register_request("n2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = reader
+        .deregister(pb::DeregisterRequest {
+            node_id: "n1".into(),
+            session_id: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    admin
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap();
+    admin
+        .deregister(pb::DeregisterRequest {
+            node_id: "n1".into(),
+            session_id: 0,
+        })
+        .await
+        .unwrap();
+    assert!(serving(channel).await, "health needs no token");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_token_file_rotates_without_a_restart() {
+    let dir = TempDir::new("rotate");
+    let tokens = write_tokens(&dir, &format!("reader {READER_TOKEN}\n"));
+    let server = TestServer::start(Settings {
+        auth_token_file: Some(tokens),
+        ..Settings::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut old = client_with(channel.clone(), Some(READER_TOKEN));
+    old.list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap();
+
+    const ROTATED: &str = "rotated-reader-eeeeeeeeeeeeeeee";
+    write_tokens(&dir, &format!("reader {ROTATED} # rotated\n"));
+    let new = client_with(channel.clone(), Some(ROTATED));
+    wait_until(
+        "the rotated token is accepted",
+        Duration::from_secs(10),
+        || {
+            let mut new = new.clone();
+            async move {
+                new.list_nodes(pb::ListNodesRequest::default())
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+    let err = old
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_env_admin_token_works_alone() {
+    let server = TestServer::start(Settings {
+        auth_token: Some(ADMIN_TOKEN.into()),
+        ..Settings::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    client_with(channel.clone(), Some(ADMIN_TOKEN))
+        .register(register_request("n1"))
+        .await
+        .unwrap();
+    let err = client_with(channel, Some(NODE_TOKEN))
+        .register(register_request("n1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_tokens_only_loopback_listens_unless_told_otherwise() {
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let err = registry_server::run(listener, Settings::default(), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--insecure-no-auth"), "{err}");
+
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let server = TestServer::start_on(
+        listener,
+        Settings {
+            insecure_no_auth: true,
+            ..Settings::default()
+        },
+    );
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", server.addr.port()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    assert!(serving(channel).await);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn reflection_can_be_switched_off() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    let server = TestServer::start(Settings {
+        disable_reflection: true,
+        ..Settings::default()
+    })
+    .await;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let err = ServerReflectionClient::new(server.channel().await)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    server.shutdown().await;
+}
+
+/// A CA and certificates it signs, made at run time.
+struct Pki {
+    /// The CA, which signs leaves and whose PEM clients and servers trust.
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        Self { ca }
+    }
+
+    /// A leaf certificate for `names`, as (cert PEM, key PEM).
+    fn leaf(&self, names: &[&str]) -> (String, String) {
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A server with TLS (and mTLS when `client_ca`), its files in `dir`.
+async fn tls_server(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> TestServer {
+    let (cert, key) = pki.leaf(&["localhost"]);
+    let write = |name: &str, text: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    TestServer::start(Settings {
+        tls_cert: Some(write("server.pem", &cert)),
+        tls_key: Some(write("server.key", &key)),
+        tls_client_ca: client_ca.map(|ca| write("client-ca.pem", &ca.ca.pem())),
+        ..Settings::default()
+    })
+    .await
+}
+
+async fn tls_channel(
+    server: &TestServer,
+    pki: &Pki,
+    client: Option<(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.ca.pem()))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+#[tokio::test]
+async fn tls_serves_and_a_plaintext_client_is_refused() {
+    let dir = TempDir::new("tls");
+    let pki = Pki::new("registry test CA");
+    let server = tls_server(&dir, &pki, None).await;
+
+    let channel = tls_channel(&server, &pki, None).await.unwrap();
+    NodeRegistryClient::new(channel)
+        .register(register_request("n1"))
+        .await
+        .unwrap();
+
+    let plaintext = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match plaintext {
+        Err(_) => true,
+        Ok(channel) => NodeRegistryClient::new(channel)
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a plaintext client must not be served");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn mtls_refuses_clients_without_a_good_certificate_and_binds_node_ids() {
+    let dir = TempDir::new("mtls");
+    let server_pki = Pki::new("server CA");
+    let client_pki = Pki::new("client CA");
+    let stranger_pki = Pki::new("stranger CA");
+    let server = tls_server(&dir, &server_pki, Some(&client_pki)).await;
+
+    // No client certificate, or one from another CA: no service.
+    for client in [None, Some(stranger_pki.leaf(&["n1"]))] {
+        let refused = match tls_channel(&server, &server_pki, client).await {
+            Err(_) => true,
+            Ok(channel) => NodeRegistryClient::new(channel)
+                .list_nodes(pb::ListNodesRequest::default())
+                .await
+                .is_err(),
+        };
+        assert!(refused);
+    }
+
+    // A certificate for n1 acts for n1 only.
+    let channel = tls_channel(&server, &server_pki, Some(client_pki.leaf(&["n1"])))
+        .await
+        .unwrap();
+    let mut n1 = NodeRegistryClient::new(channel);
+    let session = n1
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let mut stream = Stream::open(&mut n1).await.unwrap();
+    stream.send(beat("n1", session, 1)).await.unwrap();
+    let err = n1.register(register_request("n2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("n2"), "{}", err.message());
+    let mut other = Stream::open(&mut n1).await.unwrap();
+    let err = other.send(beat("n2", 1, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_live_node_cannot_be_taken_over_from_another_machine() {
+    let server = TestServer::start(Settings::default()).await;
+    let mut client = NodeRegistryClient::new(server.channel().await);
+    client.register(register_request("n1")).await.unwrap();
+    let mut intruder = register_request("n1");
+    intruder.machine_id = "another-machine".into();
+    intruder.address = "http://evil.example:9200".into();
+    let err = client.register(intruder).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let node = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "n1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.address, "http://n1.example:9200");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_flood_is_refused_while_nodes_keep_heartbeating() {
+    let server = TestServer::start(Settings {
+        node_timeout: Duration::from_millis(1500),
+        heartbeat_interval: Duration::from_millis(100),
+        max_heartbeat_streams: 10,
+        max_nodes: 5,
+        ..Settings::default()
+    })
+    .await;
+    let mut client = NodeRegistryClient::new(server.channel().await);
+
+    // Three real nodes heartbeat throughout.
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        let session = client
+            .register(register_request(id))
+            .await
+            .unwrap()
+            .into_inner()
+            .session_id;
+        nodes.push((id, session, Stream::open(&mut client).await.unwrap()));
+    }
+    let beating = tokio::spawn(async move {
+        for sequence in 1.. {
+            for (id, session, stream) in &mut nodes {
+                stream.send(beat(id, *session, sequence)).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // The abuser opens streams without end on its own connection and never
+    // writes: 7 fit under the cap, the rest are refused.
+    let mut abuser = NodeRegistryClient::new(server.channel().await);
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for _ in 0..30 {
+        match Stream::open(&mut abuser).await {
+            Ok(stream) => idle.push(stream),
+            Err(status) => {
+                assert_eq!(
+                    status.code(),
+                    Code::ResourceExhausted,
+                    "{}",
+                    status.message()
+                );
+                assert!(status.message().contains("10 heartbeat streams"));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(idle.len(), 7);
+    assert_eq!(refused, 23);
+
+    // Registering more nodes than the cap is refused too.
+    client.register(register_request("n4")).await.unwrap();
+    client.register(register_request("n5")).await.unwrap();
+    let err = client.register(register_request("n6")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+
+    // Idle streams are closed after the first-message timeout...
+    for stream in &mut idle {
+        let err = stream.next().await.unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    }
+    // ...while the real nodes stayed ONLINE all along.
+    for id in ["n1", "n2", "n3"] {
+        let node = client
+            .get_node(pb::GetNodeRequest { node_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(node.status(), pb::NodeStatus::Online, "{id}");
+        assert_eq!(
+            node.status_changed_at, node.registered_at,
+            "{id} never flapped"
+        );
+    }
+    beating.abort();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_and_others_keep_working() {
+    let server = TestServer::start(Settings {
+        max_connections: 4,
+        ..Settings::default()
+    })
+    .await;
+    let mut client = NodeRegistryClient::new(server.channel().await);
+    client.register(register_request("n1")).await.unwrap();
+
+    // Raw connections fill the cap; the next ones are closed by the server.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut extra, &mut buf),
+    )
+    .await
+    .expect("the server closes a connection over the cap");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+    // The connection that was there first is still served.
+    client
+        .get_node(pb::GetNodeRequest {
+            node_id: "n1".into(),
+        })
+        .await
+        .unwrap();
+    drop(held);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn long_heartbeat_streams_outlive_the_unary_request_timeout() {
+    let server = TestServer::start(Settings {
+        request_timeout: Duration::from_millis(200),
+        ..Settings::default()
+    })
+    .await;
+    let mut client = NodeRegistryClient::new(server.channel().await);
+    let session = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    let mut stream = Stream::open(&mut client).await.unwrap();
+    for sequence in 1..=6 {
+        stream.send(beat("n1", session, sequence)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.shutdown().await;
+}
