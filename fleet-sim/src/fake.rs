@@ -1,0 +1,190 @@
+//! The payloads a virtual node sends: a registration that looks like a GPU
+//! host's (GPUs, pools, labels) and heartbeats with pool and GPU figures.
+//! Sizes match a real 8-GPU host, so the registry's memory and encoding costs
+//! are realistic; the values are made up and deterministic per node.
+
+use std::time::SystemTime;
+
+use registry_proto::pb;
+
+/// What a node looks like; fixed for the node's life.
+#[derive(Debug, Clone)]
+pub struct NodeShape {
+    /// The node's index in the fleet (seeds ids and values).
+    pub index: usize,
+    /// The node's id.
+    pub node_id: String,
+    /// GPUs the node has.
+    pub gpus: u32,
+    /// Pools the node runs.
+    pub pools: u32,
+}
+
+const GIB: u64 = 1 << 30;
+const GPU_MEMORY: u64 = 80 * GIB;
+const SLOTS: u32 = 16;
+
+impl NodeShape {
+    /// The node's RegisterRequest.
+    pub fn registration(&self) -> pb::RegisterRequest {
+        let i = self.index;
+        let gpus = (0..self.gpus)
+            .map(|g| pb::GpuInfo {
+                index: g,
+                uuid: format!("GPU-{i:08x}-{g:04x}-4000-8000-{:012x}", i * 64 + g as usize),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_bytes: GPU_MEMORY,
+                compute_capability: "9.0".into(),
+                pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + g),
+                mig_enabled: false,
+            })
+            .collect();
+        let pools = (0..self.pools)
+            .map(|p| pb::PoolSpec {
+                pool_id: pool_id(p),
+                engine: "vllm".into(),
+                model: model(i, p).into(),
+                slots_total: SLOTS,
+                gpu_indices: self.pool_gpus(p),
+                engine_version: "0.6.3".into(),
+            })
+            .collect();
+        pb::RegisterRequest {
+            node_id: self.node_id.clone(),
+            machine_id: format!("{:032x}", (i as u128 + 1) * 0x9e37_79b9_7f4a_7c15),
+            // .invalid never resolves: nothing ever connects to these nodes.
+            address: format!("http://{}.sim.invalid:9200", self.node_id),
+            pools,
+            capabilities: Some(pb::Capabilities {
+                gpus,
+                cpu_cores: 96,
+                ram_total_bytes: 1024 * GIB,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+            }),
+            agent_version: concat!("fleet-sim ", env!("CARGO_PKG_VERSION")).into(),
+            labels: [
+                ("zone".to_string(), format!("zone-{}", i % 4)),
+                ("rack".to_string(), format!("rack-{:03}", i / 40)),
+                ("gpu".to_string(), "h100".to_string()),
+            ]
+            .into(),
+        }
+    }
+
+    /// Heartbeat number `sequence`: every pool READY with some slots busy,
+    /// every GPU with varying utilisation. The first message of a stream
+    /// names the node and session.
+    pub fn heartbeat(
+        &self,
+        session_id: u64,
+        sequence: u64,
+        first: bool,
+        rng: &mut fastrand::Rng,
+    ) -> pb::HeartbeatRequest {
+        let pools = (0..self.pools)
+            .map(|p| pb::PoolStatus {
+                pool_id: pool_id(p),
+                state: pb::PoolState::Ready as i32,
+                slots_total: SLOTS,
+                slots_free: rng.u32(0..=SLOTS),
+                vram_free_bytes: rng.u64(0..GPU_MEMORY / 4),
+                model: model(self.index, p).into(),
+                engine: "vllm".into(),
+            })
+            .collect();
+        let gpus = (0..self.gpus)
+            .map(|g| {
+                let used = rng.u64(GPU_MEMORY / 2..GPU_MEMORY);
+                pb::GpuStats {
+                    index: g,
+                    memory_used_bytes: used,
+                    memory_free_bytes: GPU_MEMORY - used,
+                    utilization_percent: rng.u32(0..=100),
+                    temperature_celsius: Some(rng.u32(35..85)),
+                }
+            })
+            .collect();
+        pb::HeartbeatRequest {
+            node_id: if first {
+                self.node_id.clone()
+            } else {
+                String::new()
+            },
+            session_id: if first { session_id } else { 0 },
+            sent_at: Some(prost_types::Timestamp::from(SystemTime::now())),
+            pools,
+            gpus,
+            sequence,
+        }
+    }
+
+    /// GPUs of pool `p`: the node's GPUs split evenly between its pools.
+    fn pool_gpus(&self, p: u32) -> Vec<u32> {
+        let per_pool = (self.gpus / self.pools.max(1)).max(1);
+        (p * per_pool..((p + 1) * per_pool).min(self.gpus)).collect()
+    }
+}
+
+fn pool_id(p: u32) -> String {
+    format!("pool-{p}")
+}
+
+fn model(index: usize, p: u32) -> &'static str {
+    const MODELS: [&str; 3] = [
+        "llama-3.1-8b-instruct",
+        "llama-3.1-70b-instruct",
+        "qwen2.5-32b-instruct",
+    ];
+    MODELS[(index + p as usize) % MODELS.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(gpus: u32, pools: u32) -> NodeShape {
+        NodeShape {
+            index: 12,
+            node_id: "sim-000012".into(),
+            gpus,
+            pools,
+        }
+    }
+
+    #[test]
+    fn a_registration_has_the_requested_gpus_and_pools() {
+        let reg = shape(8, 2).registration();
+        assert_eq!(reg.node_id, "sim-000012");
+        let caps = reg.capabilities.unwrap();
+        assert_eq!(caps.gpus.len(), 8);
+        assert_eq!(reg.pools.len(), 2);
+        assert_eq!(reg.pools[0].gpu_indices, [0, 1, 2, 3]);
+        assert_eq!(reg.pools[1].gpu_indices, [4, 5, 6, 7]);
+        let uuids: std::collections::HashSet<_> = caps.gpus.iter().map(|g| &g.uuid).collect();
+        assert_eq!(uuids.len(), 8);
+        assert!(reg.address.starts_with("http://sim-000012."));
+    }
+
+    #[test]
+    fn only_the_first_heartbeat_names_node_and_session() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let node = shape(4, 3);
+        let first = node.heartbeat(77, 1, true, &mut rng);
+        assert_eq!(
+            (first.node_id.as_str(), first.session_id),
+            ("sim-000012", 77)
+        );
+        let later = node.heartbeat(77, 2, false, &mut rng);
+        assert_eq!((later.node_id.as_str(), later.session_id), ("", 0));
+        assert_eq!(later.sequence, 2);
+        assert_eq!(later.pools.len(), 3);
+        assert_eq!(later.gpus.len(), 4);
+        for pool in &later.pools {
+            assert!(pool.slots_free <= pool.slots_total);
+        }
+        for gpu in &later.gpus {
+            assert_eq!(gpu.memory_used_bytes + gpu.memory_free_bytes, GPU_MEMORY);
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! A fleet: the virtual nodes, the connections they share, and the controls
+//! a benchmark needs while they run (change the interval, silence the chosen
+//! nodes, stop and report).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::info;
+
+use crate::config::FleetConfig;
+use crate::limits;
+use crate::node;
+use crate::stats::{Report, Stats, fmt_errors};
+
+/// Why a fleet could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The options cannot work.
+    #[error("invalid options: {0}")]
+    Config(String),
+    /// The registry URL is not a usable endpoint.
+    #[error("registry address {url:?}: {source}")]
+    Endpoint {
+        /// The URL given.
+        url: String,
+        /// What tonic made of it.
+        source: tonic::transport::Error,
+    },
+    /// The open-file limit could not be read or raised.
+    #[error("open-file limit: {0}")]
+    FileLimit(std::io::Error),
+}
+
+/// What every node task of one fleet shares.
+pub(crate) struct Shared {
+    /// The fleet's options.
+    pub(crate) config: FleetConfig,
+    /// Where every node counts what it does.
+    pub(crate) stats: Arc<Stats>,
+    /// Interval set while running ([`Fleet::set_interval`]), in nanoseconds;
+    /// 0 when unset. Overrides `config.interval` and the advertised one.
+    interval_override: AtomicU64,
+    /// Cancelled to stop every node.
+    pub(crate) stop: CancellationToken,
+    /// Cancelled when the chosen nodes go silent.
+    pub(crate) silence: CancellationToken,
+}
+
+impl Shared {
+    /// The interval to wait now: the override, else the configured one,
+    /// else what the registry advertised to this node.
+    pub(crate) fn interval(&self, advertised: Duration) -> Duration {
+        match self.interval_override.load(Ordering::Relaxed) {
+            0 => self.config.interval.unwrap_or(advertised),
+            nanos => Duration::from_nanos(nanos),
+        }
+    }
+}
+
+/// A running fleet. Dropping it without [`Fleet::stop`] leaves the nodes
+/// running until their runtime ends.
+pub struct Fleet {
+    /// State shared with the node tasks.
+    shared: Arc<Shared>,
+    /// The task that starts nodes at the ramp rate; it hands back the node
+    /// tasks so `stop` can wait for them.
+    spawner: tokio::task::JoinHandle<JoinSet<()>>,
+}
+
+impl Fleet {
+    /// Starts the fleet on the current tokio runtime: raises the open-file
+    /// limit, prepares the connections (opened lazily by the first call on
+    /// each) and starts registering nodes at the ramp rate.
+    pub fn start(config: FleetConfig) -> Result<Self, SimError> {
+        config.check()?;
+        let connections = config.connection_count();
+        let soft_limit = limits::raise_nofile_limit()?;
+        limits::check_connections(connections, soft_limit)?;
+        let endpoint = Endpoint::from_shared(config.registry.clone())
+            .map_err(|source| SimError::Endpoint {
+                url: config.registry.clone(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let channels: Vec<Channel> = (0..connections).map(|_| endpoint.connect_lazy()).collect();
+        let shared = Arc::new(Shared {
+            config,
+            stats: Arc::new(Stats::new()),
+            interval_override: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+            silence: CancellationToken::new(),
+        });
+        info!(
+            nodes = shared.config.nodes,
+            connections,
+            registry = %shared.config.registry,
+            ramp = shared.config.ramp,
+            "fleet starting"
+        );
+        let spawner = tokio::spawn(spawn_nodes(shared.clone(), channels));
+        Ok(Self { shared, spawner })
+    }
+
+    /// The fleet's live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.shared.stats.clone()
+    }
+
+    /// The options the fleet runs with.
+    pub fn config(&self) -> &FleetConfig {
+        &self.shared.config
+    }
+
+    /// Every node waits `interval` (with jitter) from its next heartbeat on.
+    pub fn set_interval(&self, interval: Duration) {
+        let nanos = (interval.as_nanos() as u64).max(1);
+        self.shared
+            .interval_override
+            .store(nanos, Ordering::Relaxed);
+    }
+
+    /// The chosen nodes (see [`FleetConfig::is_silenced`]) stop sending now
+    /// and keep their streams open.
+    pub fn silence(&self) {
+        info!(
+            nodes = self.shared.config.silenced_ids().len(),
+            "fleet silencing nodes"
+        );
+        self.shared.silence.cancel();
+    }
+
+    /// Stops every node (streams are dropped, nothing is deregistered) and
+    /// returns the run's report.
+    pub async fn stop(self) -> Report {
+        self.shared.stop.cancel();
+        if let Ok(mut nodes) = self.spawner.await {
+            while nodes.join_next().await.is_some() {}
+        }
+        let config = &self.shared.config;
+        self.shared
+            .stats
+            .report(config.nodes, config.connection_count())
+    }
+}
+
+/// Starts node `i` at `start + i / ramp`, until all run or the fleet stops.
+async fn spawn_nodes(shared: Arc<Shared>, channels: Vec<Channel>) -> JoinSet<()> {
+    let mut nodes = JoinSet::new();
+    let start = Instant::now();
+    let ramp = shared.config.ramp;
+    for index in 0..shared.config.nodes {
+        if ramp > 0.0 {
+            let at = start + Duration::from_secs_f64(index as f64 / ramp);
+            if at > Instant::now() {
+                tokio::select! {
+                    () = shared.stop.cancelled() => break,
+                    () = sleep_until(at) => {}
+                }
+            }
+        }
+        if shared.stop.is_cancelled() {
+            break;
+        }
+        let channel = channels[index % channels.len()].clone();
+        nodes.spawn(node::run(index, shared.clone(), channel));
+    }
+    nodes
+}
+
+/// Runs a fleet for `config.duration` (silencing at `config.silence_at`),
+/// logging progress every `progress` and ending early when `interrupt`
+/// completes. Returns the report.
+pub async fn run(
+    config: FleetConfig,
+    progress: Duration,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> Result<Report, SimError> {
+    let duration = config.duration;
+    let silence_at = config.silence_at;
+    let fleet = Fleet::start(config)?;
+    let stats = fleet.stats();
+    let start = Instant::now();
+    let end = start + duration;
+    let mut silence_due = silence_at.map(|at| start + at);
+    let mut previous = stats.snapshot();
+    tokio::pin!(interrupt);
+    loop {
+        let mut wake = (Instant::now() + progress).min(end);
+        if let Some(at) = silence_due {
+            wake = wake.min(at);
+        }
+        tokio::select! {
+            () = &mut interrupt => {
+                info!("interrupted; stopping the fleet");
+                break;
+            }
+            () = sleep_until(wake) => {}
+        }
+        let now = Instant::now();
+        if silence_due.is_some_and(|at| at <= now) {
+            fleet.silence();
+            silence_due = None;
+        }
+        let snapshot = stats.snapshot();
+        if snapshot.at.duration_since(previous.at) >= progress.mul_f64(0.9) || now >= end {
+            info!(
+                elapsed_s = now.duration_since(start).as_secs(),
+                registrations = snapshot.registrations,
+                attached = snapshot.attached,
+                sent = snapshot.sent,
+                acked = snapshot.acked,
+                acks_per_sec = snapshot.ack_rate_since(&previous) as u64,
+                errors = %fmt_errors(&snapshot.errors),
+                "fleet progress"
+            );
+            previous = snapshot;
+        }
+        if now >= end {
+            break;
+        }
+    }
+    Ok(fleet.stop().await)
+}

@@ -1,0 +1,29 @@
+//! fleet-sim: many virtual node-agents in one process, for load and failure
+//! tests of a registry.
+//!
+//! Every virtual node registers with its own node_id, fake GPUs and pools,
+//! holds its own Heartbeat stream and sends on it every interval with jitter,
+//! like node-agent does. Nodes re-register (with backoff and jitter) when the
+//! registry answers NOT_FOUND or FAILED_PRECONDITION or the connection drops,
+//! so a registry restart can be simulated too.
+//!
+//! Module map:
+//! - [`config`]: the options (shared by the `fleet-sim` binary and `bench`);
+//! - [`fleet`]: starts the nodes, controls them (interval, silence), stops;
+//! - [`node`]: one virtual agent's life;
+//! - [`fake`]: the registration and heartbeat payloads a node sends;
+//! - [`stats`]: counters and latency histograms, snapshots and the report;
+//! - [`backoff`]: retry delays with full jitter;
+//! - [`limits`]: the open-file limit.
+
+pub mod backoff;
+pub mod config;
+pub mod fake;
+pub mod fleet;
+pub mod limits;
+pub mod node;
+pub mod stats;
+
+pub use config::FleetConfig;
+pub use fleet::{Fleet, SimError, run};
+pub use stats::{LatencySummary, Report, Snapshot, Stats};

@@ -1,0 +1,48 @@
+//! The open-file limit: every HTTP/2 connection is one file descriptor, so a
+//! fleet of one connection per node needs a soft limit above the node count.
+
+use crate::fleet::SimError;
+
+/// Descriptors kept free for everything that is not a node connection
+/// (stdio, the runtime, a ListNodes client, log files).
+pub const RESERVED_FDS: u64 = 64;
+
+/// Raises this process's soft open-file limit to its hard limit and returns
+/// the new soft limit. Without unsafe code: `rlimit` wraps getrlimit and
+/// setrlimit.
+pub fn raise_nofile_limit() -> Result<u64, SimError> {
+    rlimit::increase_nofile_limit(u64::MAX).map_err(SimError::FileLimit)
+}
+
+/// Refuses a connection count that the open-file limit cannot hold, naming
+/// the way out.
+pub fn check_connections(connections: usize, soft_limit: u64) -> Result<(), SimError> {
+    let needed = connections as u64 + RESERVED_FDS;
+    if needed > soft_limit {
+        return Err(SimError::Config(format!(
+            "{connections} connections need about {needed} open files but the limit is {soft_limit}: \
+             raise the hard limit (ulimit -Hn) or share connections with --connections"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_many_connections_for_the_limit_are_refused() {
+        check_connections(1000, 20_000).unwrap();
+        let err = check_connections(19_990, 20_000).unwrap_err().to_string();
+        assert!(err.contains("--connections"), "{err}");
+    }
+
+    #[test]
+    fn the_soft_limit_can_be_raised_to_the_hard_one() {
+        let soft = raise_nofile_limit().unwrap();
+        let (now_soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+        assert_eq!(soft, now_soft);
+        assert!(soft <= hard);
+    }
+}

@@ -1,0 +1,296 @@
+//! One virtual node-agent: register, open a Heartbeat stream, send every
+//! interval with jitter and wait for each ack; on NOT_FOUND,
+//! FAILED_PRECONDITION, a broken connection, a closed stream or a missing
+//! ack, wait a backoff with jitter and register again, as node-agent does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_proto::convert::from_proto_duration;
+use registry_proto::pb;
+use registry_proto::pb::heartbeat_response::Command;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::backoff::Backoff;
+use crate::fake::NodeShape;
+use crate::fleet::Shared;
+use crate::stats::Phase;
+
+/// First retry ceiling after a failure; doubles up to [`BACKOFF_MAX`].
+const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+/// Largest retry ceiling.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How a heartbeat session ended.
+enum End {
+    /// The fleet is stopping.
+    Stopped,
+    /// The stream failed or the registry lost the node: back off, register.
+    Lost,
+    /// The registry asked for a new registration: register at once.
+    Reregister,
+}
+
+/// Everything one node keeps for its life.
+struct Node {
+    /// Ids, payload sizes.
+    shape: NodeShape,
+    /// Whether this node goes silent in fault mode.
+    silenced: bool,
+    /// The fleet's shared state.
+    shared: Arc<Shared>,
+    /// The node's client, on its (possibly shared) connection.
+    client: NodeRegistryClient<Channel>,
+    /// Jitter and payload values.
+    rng: fastrand::Rng,
+    /// Retry delays after failures.
+    backoff: Backoff,
+    /// Heartbeat counter, across sessions.
+    sequence: u64,
+}
+
+/// Runs node `index` until the fleet stops.
+pub(crate) async fn run(index: usize, shared: Arc<Shared>, channel: Channel) {
+    let config = &shared.config;
+    let mut node = Node {
+        shape: NodeShape {
+            index,
+            node_id: config.node_id(index),
+            gpus: config.gpus,
+            pools: config.pools,
+        },
+        silenced: config.is_silenced(index),
+        client: NodeRegistryClient::new(channel),
+        rng: fastrand::Rng::new(),
+        backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
+        sequence: 0,
+        shared: shared.clone(),
+    };
+    node.live().await;
+}
+
+impl Node {
+    async fn live(&mut self) {
+        let stop = self.shared.stop.clone();
+        loop {
+            if self.silenced && self.shared.silence.is_cancelled() {
+                // A silenced node that lost its stream stays silent.
+                stop.cancelled().await;
+                return;
+            }
+            let Some((session_id, advertised)) = self.register().await else {
+                if self.pause().await {
+                    continue;
+                }
+                return;
+            };
+            match self.heartbeats(session_id, advertised).await {
+                End::Stopped => return,
+                End::Reregister => {}
+                End::Lost => {
+                    if !self.pause().await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits the next backoff delay; false when the fleet stopped meanwhile.
+    async fn pause(&mut self) -> bool {
+        let delay = self.backoff.next_delay(&mut self.rng);
+        tokio::select! {
+            () = self.shared.stop.cancelled() => false,
+            () = sleep(delay) => true,
+        }
+    }
+
+    /// One Register call: the session and the advertised interval, or None
+    /// after counting the error.
+    async fn register(&mut self) -> Option<(u64, Duration)> {
+        let stats = &self.shared.stats;
+        let request = self.shape.registration();
+        let started = Instant::now();
+        let call = timeout(
+            self.shared.config.ack_timeout,
+            self.client.register(request),
+        );
+        let result = tokio::select! {
+            () = self.shared.stop.cancelled() => return None,
+            result = call => result,
+        };
+        match result {
+            Ok(Ok(response)) => {
+                stats.registered(started.elapsed());
+                let response = response.into_inner();
+                let advertised = response
+                    .heartbeat_interval
+                    .as_ref()
+                    .and_then(from_proto_duration)
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_secs(10));
+                Some((response.session_id, advertised))
+            }
+            Ok(Err(status)) => {
+                if !self.shared.stop.is_cancelled() {
+                    stats.error(Phase::Register, status.code());
+                }
+                None
+            }
+            Err(_elapsed) => {
+                stats.error(Phase::Register, tonic::Code::DeadlineExceeded);
+                None
+            }
+        }
+    }
+
+    /// One heartbeat stream of session `session_id`, until it ends.
+    async fn heartbeats(&mut self, session_id: u64, advertised: Duration) -> End {
+        let mut attached = false;
+        let end = self.stream(session_id, advertised, &mut attached).await;
+        if attached {
+            self.shared.stats.attach(-1);
+        }
+        end
+    }
+
+    async fn stream(
+        &mut self,
+        session_id: u64,
+        mut advertised: Duration,
+        attached: &mut bool,
+    ) -> End {
+        let shared = self.shared.clone();
+        let stats = &shared.stats;
+        let stop = &shared.stop;
+        let ack_timeout = shared.config.ack_timeout;
+
+        let (tx, rx) = mpsc::channel(1);
+        self.sequence += 1;
+        let first = self
+            .shape
+            .heartbeat(session_id, self.sequence, true, &mut self.rng);
+        if tx.try_send(first).is_err() {
+            unreachable!("a new channel of capacity 1 has room");
+        }
+        let mut sent_at = Instant::now();
+        stats.sent();
+        let opened = tokio::select! {
+            () = stop.cancelled() => return End::Stopped,
+            opened = timeout(ack_timeout, self.client.heartbeat(ReceiverStream::new(rx))) => opened,
+        };
+        let mut inbound = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => {
+                stats.error(Phase::Heartbeat, status.code());
+                return End::Lost;
+            }
+            Err(_elapsed) => {
+                stats.ack_timeout();
+                return End::Lost;
+            }
+        };
+
+        loop {
+            // The ack of the message just sent.
+            let message = tokio::select! {
+                () = stop.cancelled() => return End::Stopped,
+                message = timeout_at(sent_at + ack_timeout, inbound.message()) => message,
+            };
+            let ack = match message {
+                Ok(Ok(Some(ack))) => ack,
+                Ok(Ok(None)) => {
+                    stats.stream_closed();
+                    return End::Lost;
+                }
+                Ok(Err(status)) => {
+                    if !stop.is_cancelled() {
+                        stats.error(Phase::Heartbeat, status.code());
+                    }
+                    return End::Lost;
+                }
+                Err(_elapsed) => {
+                    stats.ack_timeout();
+                    return End::Lost;
+                }
+            };
+            stats.acked(sent_at.elapsed());
+            if !*attached {
+                *attached = true;
+                stats.attach(1);
+                self.backoff.reset();
+            }
+            if let Some(end) = self.obey(&ack, &mut advertised) {
+                return end;
+            }
+
+            // Wait for the next send time, noticing at once if the registry
+            // ends the stream meanwhile (a restart, say).
+            let next = sent_at + self.jittered(shared.interval(advertised));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return End::Stopped,
+                    () = shared.silence.cancelled(), if self.silenced => {
+                        // Fault mode: keep the stream open, send nothing.
+                        stop.cancelled().await;
+                        return End::Stopped;
+                    }
+                    () = sleep_until(next) => break,
+                    message = inbound.message() => match message {
+                        Ok(Some(unsolicited)) => {
+                            if let Some(end) = self.obey(&unsolicited, &mut advertised) {
+                                return end;
+                            }
+                        }
+                        Ok(None) => {
+                            stats.stream_closed();
+                            return End::Lost;
+                        }
+                        Err(status) => {
+                            if !stop.is_cancelled() {
+                                stats.error(Phase::Heartbeat, status.code());
+                            }
+                            return End::Lost;
+                        }
+                    },
+                }
+            }
+            self.sequence += 1;
+            let beat = self
+                .shape
+                .heartbeat(session_id, self.sequence, false, &mut self.rng);
+            // A failed send means the stream is gone; reading the next
+            // message then yields its status.
+            if tx.send(beat).await.is_ok() {
+                stats.sent();
+            }
+            sent_at = Instant::now();
+        }
+    }
+
+    /// Follows what an ack asks: a new interval, or a new registration.
+    fn obey(&self, ack: &pb::HeartbeatResponse, advertised: &mut Duration) -> Option<End> {
+        if let Some(interval) = ack
+            .heartbeat_interval
+            .as_ref()
+            .and_then(from_proto_duration)
+            .filter(|d| !d.is_zero())
+        {
+            *advertised = interval;
+        }
+        match ack.command {
+            Some(Command::Reregister(_)) => Some(End::Reregister),
+            _ => None,
+        }
+    }
+
+    /// `interval` times a random factor in [1 - jitter, 1 + jitter].
+    fn jittered(&mut self, interval: Duration) -> Duration {
+        let jitter = self.shared.config.jitter;
+        interval.mul_f64(1.0 + jitter * (2.0 * self.rng.f64() - 1.0))
+    }
+}
