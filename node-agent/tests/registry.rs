@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use common::{Agent, FakeEngine, Registry, agent_config, eventually, get_node};
 use node_agent::pools::{ConfiguredState, PoolConfig};
 use registry_proto::pb;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -18,6 +20,19 @@ fn pool_state(node: &pb::Node, pool_id: &str) -> Option<pb::PoolState> {
         .iter()
         .find(|p| p.pool_id == pool_id)
         .map(|p| p.state())
+}
+
+/// The node as ListNodes shows it (what orchestrators read).
+async fn listed_node(client: &mut NodeRegistryClient<Channel>, node_id: &str) -> Option<pb::Node> {
+    let listed = client
+        .list_nodes(pb::ListNodesRequest {
+            pool_id: "pool-0".into(),
+            ..Default::default()
+        })
+        .await
+        .ok()?
+        .into_inner();
+    listed.nodes.into_iter().find(|n| n.node_id == node_id)
 }
 
 #[tokio::test]
@@ -94,7 +109,7 @@ async fn agent_registers_and_is_online_with_gpus_and_pools() {
 }
 
 #[tokio::test]
-async fn probed_pool_state_change_shows_within_one_interval() {
+async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
     common::init_logs();
     let registry = Registry::start().await;
     let engine = FakeEngine::start().await;
@@ -111,7 +126,7 @@ async fn probed_pool_state_change_shows_within_one_interval() {
     let node = eventually("pool-0 ready", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n2")
+            listed_node(&mut client, "n2")
                 .await
                 .filter(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Ready))
         }
@@ -134,7 +149,7 @@ async fn probed_pool_state_change_shows_within_one_interval() {
         eventually(&format!("pool-0 {want:?}"), WAIT, || {
             let mut client = client.clone();
             async move {
-                get_node(&mut client, "n2")
+                listed_node(&mut client, "n2")
                     .await
                     .filter(|n| pool_state(n, "pool-0") == Some(want))
             }
@@ -148,7 +163,7 @@ async fn probed_pool_state_change_shows_within_one_interval() {
     eventually("pool-0 offline", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n2")
+            listed_node(&mut client, "n2")
                 .await
                 .filter(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Offline))
         }
