@@ -18,6 +18,17 @@ pub struct Cli {
     #[arg(long, global = true, env = "REGISTRY_CTL_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
 
+    /// Bearer token for the registry's calls (a reader token for `list`,
+    /// `status` and `agent-check`); `health` needs none.
+    #[arg(
+        long,
+        global = true,
+        env = "REGISTRY_CTL_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
     /// Bound on connecting and on each call ("3s", "500ms").
     #[arg(long, global = true, default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,

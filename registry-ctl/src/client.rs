@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -20,11 +22,22 @@ pub struct Registry {
     channel: Channel,
     /// Bound on each call.
     timeout: Duration,
+    /// `authorization` metadata sent with every call, if a token was given.
+    authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Registry {
-    /// Connects to `url` within `timeout`.
-    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, CtlError> {
+    /// Connects to `url` within `timeout`; every call carries `token` as a
+    /// bearer token, if given.
+    pub async fn connect(
+        url: &str,
+        timeout: Duration,
+        token: Option<&str>,
+    ) -> Result<Self, CtlError> {
+        let authorization = token
+            .map(|token| MetadataValue::try_from(format!("Bearer {}", token.trim())))
+            .transpose()
+            .map_err(|_| CtlError::Token)?;
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|source| CtlError::Endpoint {
                 url: url.to_owned(),
@@ -46,15 +59,27 @@ impl Registry {
             url: url.to_owned(),
             channel,
             timeout,
+            authorization,
         })
+    }
+
+    /// `message` as a request with the token attached.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        request
     }
 
     /// The health service's answer for `service` ("" is the whole server).
     pub async fn health(&self, service: &str) -> Result<ServingStatus, CtlError> {
         let mut client = HealthClient::new(self.channel.clone());
-        let request = tonic_health::pb::HealthCheckRequest {
+        let request = self.request(tonic_health::pb::HealthCheckRequest {
             service: service.to_owned(),
-        };
+        });
         let response = bounded(self.timeout, self.what("Check"), async {
             client
                 .check(request)
@@ -75,12 +100,12 @@ impl Registry {
         let mut nodes = Vec::new();
         let mut page_token = String::new();
         loop {
-            let request = pb::ListNodesRequest {
+            let request = self.request(pb::ListNodesRequest {
                 status: status as i32,
                 pool_id: pool_id.to_owned(),
                 page_token: page_token.clone(),
                 ..Default::default()
-            };
+            });
             let page = bounded(self.timeout, self.what("ListNodes"), async {
                 client
                     .list_nodes(request)
@@ -100,9 +125,9 @@ impl Registry {
     /// The node `node_id`, or `None` when the registry does not know it.
     pub async fn node(&self, node_id: &str) -> Result<Option<pb::Node>, CtlError> {
         let mut client = NodeRegistryClient::new(self.channel.clone());
-        let request = pb::GetNodeRequest {
+        let request = self.request(pb::GetNodeRequest {
             node_id: node_id.to_owned(),
-        };
+        });
         let answer = bounded(self.timeout, self.what("GetNode"), async {
             Ok(client.get_node(request).await)
         })

@@ -39,6 +39,9 @@ pub enum CtlError {
         /// The bound, humantime-formatted.
         timeout: String,
     },
+    /// The token cannot be sent as gRPC metadata.
+    #[error("the token is not a valid header value (printable ASCII only)")]
+    Token,
     /// The node-agent's configuration could not be resolved.
     #[error("cannot resolve the node-agent configuration: {0}")]
     AgentConfig(String),

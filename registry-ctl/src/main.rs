@@ -49,11 +49,12 @@ fn main() -> ExitCode {
 /// Runs the command; `Ok(false)` is an unhealthy answer.
 async fn run(cli: Cli) -> Result<bool, CtlError> {
     let flag = cli.registry.as_deref();
+    let token = cli.token.as_deref();
     match cli.command {
         Command::Health { service } => {
             let listen = std::env::var("REGISTRY_LISTEN").ok();
             let url = endpoint::for_health(flag, listen.as_deref());
-            let status = Registry::connect(&url, cli.timeout)
+            let status = Registry::connect(&url, cli.timeout, token)
                 .await?
                 .health(&service)
                 .await?;
@@ -66,7 +67,8 @@ async fn run(cli: Cli) -> Result<bool, CtlError> {
                 Some(StatusFilter::Online) => pb::NodeStatus::Online,
                 Some(StatusFilter::Offline) => pb::NodeStatus::Offline,
             };
-            let registry = Registry::connect(&endpoint::for_queries(flag), cli.timeout).await?;
+            let registry =
+                Registry::connect(&endpoint::for_queries(flag), cli.timeout, token).await?;
             let nodes = registry
                 .list_nodes(status, pool.as_deref().unwrap_or_default())
                 .await?;
@@ -74,7 +76,8 @@ async fn run(cli: Cli) -> Result<bool, CtlError> {
             Ok(true)
         }
         Command::Status { node_id } => {
-            let registry = Registry::connect(&endpoint::for_queries(flag), cli.timeout).await?;
+            let registry =
+                Registry::connect(&endpoint::for_queries(flag), cli.timeout, token).await?;
             let node = registry.node(&node_id).await?;
             println!("{}", output::status_word(node.as_ref()));
             Ok(true)
@@ -82,7 +85,7 @@ async fn run(cli: Cli) -> Result<bool, CtlError> {
         Command::AgentCheck { pid } => {
             let target = agent::resolve(&agent::agent_args(pid))?;
             let url = flag.map_or(target.registry, endpoint::normalize);
-            let registry = Registry::connect(&url, cli.timeout).await?;
+            let registry = Registry::connect(&url, cli.timeout, token).await?;
             let node = registry.node(&target.node_id).await?;
             let word = output::status_word(node.as_ref());
             println!("{} is {word} at {url}", target.node_id);

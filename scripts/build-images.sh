@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Builds the registry-server and node-agent images on a machine that cannot
+# pull any image (no registry access), from what the host has:
+#
+# 1. release binaries built on the host with cargo;
+# 2. a local base image: `scratch` plus the shared libraries those binaries
+#    (and /bin/sh) need as ldd reports them, an unprivileged user 10001 in
+#    /etc/passwd, and /tmp, imported with `docker import`;
+# 3. the images, from the repository's Dockerfile (the same file a machine
+#    with internet builds from), with that base as RUST_IMAGE and
+#    RUNTIME_IMAGE and PREBUILT=1, so its build stage takes the host's
+#    binaries instead of compiling.
+#
+# Usage: scripts/build-images.sh
+# Environment:
+#   IMAGE_PREFIX  image name prefix            [node-registry]
+#   IMAGE_TAG     tag of both images           [local]
+#   BASE_IMAGE    name of the local base image [$IMAGE_PREFIX/base:local]
+#
+# The images run on the host's libc, so the host must be the same Linux
+# distribution family as the images' users expect (here Debian bookworm,
+# like the Dockerfile's default bases).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+prefix=${IMAGE_PREFIX:-node-registry}
+tag=${IMAGE_TAG:-local}
+base=${BASE_IMAGE:-$prefix/base:local}
+bins=(registry-server node-agent registry-ctl)
+dist=target/docker-dist
+
+log() { printf 'build-images: %s\n' "$*" >&2; }
+
+log "building release binaries on the host"
+cargo build --release --locked --bins -p registry-server -p node-agent -p registry-ctl
+release_dir="${CARGO_TARGET_DIR:-target}/release"
+rm -rf "$dist"
+mkdir -p "$dist"
+# Debug line tables off, symbols kept (backtraces still name functions):
+# the same as the Dockerfile's own build stage does.
+for bin in "${bins[@]}"; do
+  if command -v strip >/dev/null 2>&1; then
+    strip --strip-debug -o "$dist/$bin" "$release_dir/$bin"
+  else
+    cp "$release_dir/$bin" "$dist/$bin"
+  fi
+done
+
+rootfs=$(mktemp -d)
+trap 'rm -rf "$rootfs"' EXIT
+
+# Every shared library (and the dynamic loader) the binaries and /bin/sh
+# load, at the same path as on the host. /bin/sh is there because RUN in
+# the Dockerfile's build stage needs a shell.
+log "collecting shared libraries for the local base image"
+shell=$(readlink -f /bin/sh)
+mapfile -t libs < <(
+  for program in "${bins[@]/#/$dist/}" "$shell"; do
+    ldd "$program" | awk '
+      /=> \// { print $3; next }         # libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)
+      /^[[:space:]]*\// { print $1 }    # /lib64/ld-linux-x86-64.so.2 (0x...)
+    '
+  done | sort -u
+)
+for lib in "${libs[@]}"; do
+  mkdir -p "$rootfs$(dirname "$lib")"
+  cp -L "$lib" "$rootfs$lib"
+done
+mkdir -p "$rootfs/bin" "$rootfs/etc" "$rootfs/usr/local/bin"
+mkdir -m 1777 "$rootfs/tmp"
+cp -L "$shell" "$rootfs/bin/sh"
+cat >"$rootfs/etc/passwd" <<'PASSWD'
+root:x:0:0:root:/root:/bin/sh
+registry:x:10001:10001:registry:/nonexistent:/usr/sbin/nologin
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+PASSWD
+cat >"$rootfs/etc/group" <<'GROUP'
+root:x:0:
+registry:x:10001:
+nogroup:x:65534:
+GROUP
+echo 'hosts: files dns' >"$rootfs/etc/nsswitch.conf"
+
+log "importing $base (${#libs[@]} libraries)"
+tar -C "$rootfs" -c . | docker import \
+  --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' \
+  --message "local base image of scripts/build-images.sh" \
+  - "$base" >/dev/null
+
+for target in registry-server node-agent; do
+  log "building $prefix/$target:$tag"
+  docker build --quiet \
+    --target "$target" \
+    --build-arg RUST_IMAGE="$base" \
+    --build-arg RUNTIME_IMAGE="$base" \
+    --build-arg PREBUILT=1 \
+    -t "$prefix/$target:$tag" \
+    . >/dev/null
+done
+docker images --filter "reference=$prefix/*:$tag" --filter "reference=$base"
