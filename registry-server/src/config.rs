@@ -107,9 +107,15 @@ pub struct Settings {
     )]
     pub max_heartbeat_streams: usize,
 
-    /// Deadline of unary calls (Register, ListNodes ...).
+    /// Deadline of unary calls (Register, ListNodes ...), and of a new
+    /// connection's first bytes.
     #[arg(long, env = "REGISTRY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+
+    /// On shutdown, how long open connections may take to finish before
+    /// they are closed regardless.
+    #[arg(long, env = "REGISTRY_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
 
     /// File of `ROLE TOKEN` lines (roles: node, reader, admin); re-read on
     /// SIGHUP and on change.
@@ -176,6 +182,7 @@ impl Default for Settings {
             max_nodes: 200_000,
             max_heartbeat_streams: 250_000,
             request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
             auth_token_file: None,
             auth_token: None,
             insecure_no_auth: false,

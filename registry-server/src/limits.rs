@@ -3,6 +3,7 @@
 //! at once, so a client opening connections without limit cannot exhaust
 //! the server's file descriptors while registered nodes keep theirs.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,15 +24,21 @@ pub struct LimitedConnection {
     stream: TcpStream,
     /// Returned to the cap when the connection is dropped.
     _permit: OwnedSemaphorePermit,
+    /// Until the client's first bytes arrive: when they must have arrived.
+    /// A connection that never speaks would otherwise hold its permit, a
+    /// task and a file descriptor forever, and block graceful shutdown.
+    first_bytes_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Connections refused because the cap was reached (for logs and tests).
 pub static REFUSED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Accepts from `listener`, at most `max` connections open at once.
+/// Each connection must send its first bytes within `first_bytes_within`.
 pub fn incoming(
     listener: TcpListener,
     max: usize,
+    first_bytes_within: Duration,
 ) -> impl Stream<Item = io::Result<LimitedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
     futures_util::stream::unfold((listener, permits), move |(listener, permits)| async move {
@@ -44,6 +51,9 @@ pub fn incoming(
                         let connection = LimitedConnection {
                             stream,
                             _permit: permit,
+                            first_bytes_deadline: Some(Box::pin(tokio::time::sleep(
+                                first_bytes_within,
+                            ))),
                         };
                         return Some((Ok(connection), (listener, permits)));
                     }
@@ -80,7 +90,21 @@ impl AsyncRead for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        if let Some(deadline) = &mut this.first_bytes_deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client sent nothing in time",
+            )));
+        }
+        let filled = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > filled {
+            this.first_bytes_deadline = None;
+        }
+        polled
     }
 }
 

@@ -136,16 +136,31 @@ pub async fn run(
     }
     let reflection = (!settings.disable_reflection).then_some((reflection_v1, reflection_v1alpha));
     let (reflection_v1, reflection_v1alpha) = reflection.unzip();
-    let served = builder
+    let serve = builder
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(registry_service)
         .serve_with_incoming_shutdown(
-            crate::limits::incoming(listener, settings.max_connections),
+            crate::limits::incoming(listener, settings.max_connections, settings.request_timeout),
             on_shutdown,
-        )
-        .await;
+        );
+    // Graceful shutdown waits for every connection; a client that holds one
+    // open must not keep the process alive past the grace period.
+    let grace_over = async {
+        stop.cancelled().await;
+        tokio::time::sleep(settings.shutdown_grace).await;
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = grace_over => {
+            warn!(
+                grace = %humantime::format_duration(settings.shutdown_grace),
+                "connections still open after the shutdown grace period; closing them"
+            );
+            Ok(())
+        }
+    };
     stop.cancel();
     let _ = expiry_task.await;
     let _ = metrics_task.await;
