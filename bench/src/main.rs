@@ -1,0 +1,124 @@
+//! `bench`: runs the registry benchmarks and prints Markdown tables.
+//!
+//! `cargo run --release -p bench -- all` builds registry-server in the same
+//! profile, runs it as a separate process per scenario, and writes the
+//! tables to target/bench/results.md (server logs beside it).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use bench::plan::Plan;
+use bench::server::Launcher;
+use bench::{BenchError, Scenario};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Benchmarks of one registry: scale, throughput, detection, reads, restart.
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, about)]
+struct Cli {
+    /// The registry-server binary; by default the one next to this binary,
+    /// rebuilt first when run through `cargo run`.
+    #[arg(long, global = true)]
+    server_bin: Option<PathBuf>,
+
+    /// Where server logs and results.md go.
+    #[arg(long, global = true, default_value = "target/bench")]
+    out: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Every scenario with the published parameters (about 12 minutes).
+    All,
+    /// Every scenario with 200 nodes and second-long phases (CI).
+    Quick,
+    /// Some scenarios with the published parameters.
+    Run {
+        /// The scenarios, in order.
+        #[arg(required = true, value_enum)]
+        scenarios: Vec<Scenario>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "bench failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), BenchError> {
+    let server_bin = match cli.server_bin {
+        Some(bin) => bin,
+        None => sibling_server()?,
+    };
+    let (plan, scenarios, name) = match cli.command {
+        Command::All => (Plan::full(), Scenario::ALL.to_vec(), "all"),
+        Command::Quick => (Plan::quick(true), Scenario::ALL.to_vec(), "quick"),
+        Command::Run { scenarios } => (Plan::full(), scenarios, "run"),
+    };
+    let soft = rlimit::increase_nofile_limit(u64::MAX)
+        .map_err(|e| BenchError::Io(format!("raising the open-file limit: {e}")))?;
+    tracing::info!(open_files = soft, server = %server_bin.display(), "bench starting");
+    let launcher = Launcher::Process {
+        bin: server_bin,
+        log_dir: cli.out.join("logs"),
+    };
+    let machine = bench::machine();
+    println!("machine: {machine}\n");
+    let results = bench::run(&launcher, &plan, &scenarios, true).await?;
+    let report = format!(
+        "# bench {name}\n\nmachine: {machine}\n\n{}",
+        bench::table::all(&results)
+    );
+    let path = cli.out.join(format!("results-{name}.md"));
+    std::fs::write(&path, report)
+        .map_err(|e| BenchError::Io(format!("{}: {e}", path.display())))?;
+    tracing::info!(path = %path.display(), "results written");
+    Ok(())
+}
+
+/// registry-server next to this binary. Under `cargo run` (which sets
+/// CARGO) it is built first in this binary's profile, so the bench never
+/// measures a stale server.
+fn sibling_server() -> Result<PathBuf, BenchError> {
+    let exe = std::env::current_exe().map_err(|e| BenchError::Io(format!("current exe: {e}")))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let bin = dir.join("registry-server");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "-p", "registry-server", "--bin", "registry-server"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .map_err(|e| BenchError::Io(format!("cargo build -p registry-server: {e}")))?;
+        if !status.success() {
+            return Err(BenchError::Io(format!(
+                "cargo build -p registry-server failed: {status}"
+            )));
+        }
+    }
+    if !bin.exists() {
+        return Err(BenchError::Io(format!(
+            "{} not found: build it (cargo build --release -p registry-server) or pass --server-bin",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}

@@ -1,0 +1,218 @@
+//! The parameters of every scenario: the full run that produces the
+//! published figures, and the quick run (seconds, small N) that CI and
+//! `cargo test` use so the bench cannot rot.
+
+use std::time::Duration;
+
+use crate::server::StopMode;
+
+/// Every scenario's parameters.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Scale steps, run in order, each against a fresh server.
+    pub scale: Vec<ScaleStep>,
+    /// Heartbeat interval of the scale steps (advertised by the server).
+    pub scale_interval: Duration,
+    /// Node timeout of the scale steps.
+    pub scale_timeout: Duration,
+    /// Measured steady-state window of each scale step.
+    pub scale_window: Duration,
+    /// Throughput search.
+    pub throughput: ThroughputPlan,
+    /// Failure detection.
+    pub detection: DetectionPlan,
+    /// ListNodes under heartbeat load.
+    pub reads: ReadsPlan,
+    /// Restart storm.
+    pub restart: RestartPlan,
+}
+
+/// One scale step.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleStep {
+    /// Virtual nodes.
+    pub nodes: usize,
+    /// HTTP/2 connections they share (0: one per node).
+    pub connections: usize,
+    /// Registrations started per second.
+    pub ramp: f64,
+}
+
+/// The throughput search: one fleet, its interval shortened step by step.
+#[derive(Debug, Clone)]
+pub struct ThroughputPlan {
+    /// Virtual nodes.
+    pub nodes: usize,
+    /// Connections they share.
+    pub connections: usize,
+    /// Offered heartbeat rates, ascending, per second.
+    pub rates: Vec<u64>,
+    /// Time at each rate before measuring.
+    pub warmup: Duration,
+    /// Measured time at each rate.
+    pub window: Duration,
+    /// A rate is sustained while ack p99 stays under this.
+    pub p99_limit: Duration,
+}
+
+/// Failure detection: silence a fraction of a fleet and read how late the
+/// registry marked each silent node OFFLINE.
+#[derive(Debug, Clone)]
+pub struct DetectionPlan {
+    /// Virtual nodes.
+    pub nodes: usize,
+    /// Connections they share.
+    pub connections: usize,
+    /// Fraction silenced.
+    pub fraction: f64,
+    /// The server's node timeout (short, so the scenario is short).
+    pub node_timeout: Duration,
+    /// The heartbeat interval.
+    pub interval: Duration,
+    /// Steady running before the silence.
+    pub steady: Duration,
+}
+
+/// ListNodes latency under heartbeat load, and heartbeat latency under
+/// ListNodes load.
+#[derive(Debug, Clone)]
+pub struct ReadsPlan {
+    /// Virtual nodes.
+    pub nodes: usize,
+    /// Connections they share.
+    pub connections: usize,
+    /// Heartbeat interval (advertised by the server; timeout 3x).
+    pub interval: Duration,
+    /// Length of each phase (baseline, full listings, paged listings).
+    pub phase: Duration,
+    /// Page size of the paged phase.
+    pub page_size: u32,
+}
+
+/// Restart storm: stop the registry under a fleet, start it again, time
+/// until every node is back.
+#[derive(Debug, Clone)]
+pub struct RestartPlan {
+    /// Virtual nodes.
+    pub nodes: usize,
+    /// Connections (0: one per node, as real agents).
+    pub connections: usize,
+    /// How the registry is stopped, one restart each.
+    pub modes: Vec<StopMode>,
+    /// Longest wait for the fleet to come back.
+    pub limit: Duration,
+}
+
+impl Plan {
+    /// The published run: roughly 12 minutes on two cores.
+    pub fn full() -> Self {
+        Self {
+            scale: vec![
+                ScaleStep {
+                    nodes: 1_000,
+                    connections: 0,
+                    ramp: 2_000.0,
+                },
+                ScaleStep {
+                    nodes: 10_000,
+                    connections: 0,
+                    ramp: 2_000.0,
+                },
+                // Past ~19k connections a process runs out of descriptors:
+                // 100 nodes share each connection.
+                ScaleStep {
+                    nodes: 50_000,
+                    connections: 500,
+                    ramp: 5_000.0,
+                },
+                ScaleStep {
+                    nodes: 100_000,
+                    connections: 1_000,
+                    ramp: 5_000.0,
+                },
+            ],
+            scale_interval: Duration::from_secs(10),
+            scale_timeout: Duration::from_secs(30),
+            scale_window: Duration::from_secs(60),
+            throughput: ThroughputPlan {
+                nodes: 10_000,
+                connections: 100,
+                rates: vec![
+                    10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000,
+                ],
+                warmup: Duration::from_secs(3),
+                window: Duration::from_secs(10),
+                p99_limit: Duration::from_millis(10),
+            },
+            detection: DetectionPlan {
+                nodes: 10_000,
+                connections: 100,
+                fraction: 0.1,
+                node_timeout: Duration::from_secs(5),
+                interval: Duration::from_secs(1),
+                steady: Duration::from_secs(5),
+            },
+            reads: ReadsPlan {
+                nodes: 10_000,
+                connections: 100,
+                interval: Duration::from_secs(10),
+                phase: Duration::from_secs(15),
+                page_size: 100,
+            },
+            restart: RestartPlan {
+                nodes: 10_000,
+                connections: 0,
+                modes: vec![StopMode::Graceful, StopMode::Crash],
+                limit: Duration::from_secs(120),
+            },
+        }
+    }
+
+    /// The CI run: 200 nodes, seconds per scenario. `crash` is false for an
+    /// in-process server, which cannot be killed alone.
+    pub fn quick(crash: bool) -> Self {
+        let mut modes = vec![StopMode::Graceful];
+        if crash {
+            modes.push(StopMode::Crash);
+        }
+        Self {
+            scale: vec![ScaleStep {
+                nodes: 200,
+                connections: 0,
+                ramp: 1_000.0,
+            }],
+            scale_interval: Duration::from_millis(500),
+            scale_timeout: Duration::from_secs(3),
+            scale_window: Duration::from_secs(2),
+            throughput: ThroughputPlan {
+                nodes: 200,
+                connections: 4,
+                rates: vec![1_000, 2_000],
+                warmup: Duration::from_millis(500),
+                window: Duration::from_secs(1),
+                p99_limit: Duration::from_millis(10),
+            },
+            detection: DetectionPlan {
+                nodes: 200,
+                connections: 4,
+                fraction: 0.1,
+                node_timeout: Duration::from_secs(2),
+                interval: Duration::from_millis(250),
+                steady: Duration::from_millis(500),
+            },
+            reads: ReadsPlan {
+                nodes: 200,
+                connections: 4,
+                interval: Duration::from_millis(250),
+                phase: Duration::from_secs(1),
+                page_size: 50,
+            },
+            restart: RestartPlan {
+                nodes: 200,
+                connections: 0,
+                modes,
+                limit: Duration::from_secs(30),
+            },
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The figures as Markdown tables, ready for docs/BENCHMARKS.md.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use fleet_sim::stats::{fmt_errors, fmt_ms};
+
+use crate::Results;
+use crate::scenarios::detection::DetectionResult;
+use crate::scenarios::reads::ReadsResult;
+use crate::scenarios::restart::RestartRow;
+use crate::scenarios::scale::ScaleRow;
+use crate::scenarios::throughput::ThroughputResult;
+use crate::server::StopMode;
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{:.1} KiB", bytes as f64 / 1024.0)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Scenario 1.
+pub fn scale(rows: &[ScaleRow]) -> String {
+    let mut out = String::from(
+        "| nodes | connections | registrations/s | heartbeats/s | server CPU | server RSS (peak) | RSS/node | ack p50 | ack p99 | ack max | simulator CPU | errors | false OFFLINE |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0} | {:.1} % | {} ({}) | {} | {} | {} | {} | {:.0} % | {} | {} |",
+            r.nodes,
+            r.connections,
+            r.registrations_per_sec,
+            r.heartbeats_per_sec,
+            r.server_cpu_percent,
+            mib(r.rss),
+            mib(r.peak_rss),
+            kib(r.rss_per_node),
+            fmt_ms(r.ack.p50),
+            fmt_ms(r.ack.p99),
+            fmt_ms(r.ack.max),
+            r.sim_cpu_percent,
+            fmt_errors(&r.errors),
+            r.false_offline,
+        );
+    }
+    out
+}
+
+/// Scenario 2.
+pub fn throughput(t: &ThroughputResult) -> String {
+    let mut out = format!(
+        "{} nodes on {} connections; the interval shrinks until ack p99 reaches {} or acks fall behind.\n\n\
+         | offered/s | acked/s | ack p50 | ack p99 | ack max | server CPU | server CPU-s per 100k | simulator CPU | errors | sustained |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+        t.nodes,
+        t.connections,
+        fmt_ms(t.p99_limit)
+    );
+    for r in &t.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {} | {} | {:.0} % | {:.2} | {:.0} % | {} | {} |",
+            r.offered,
+            r.achieved,
+            fmt_ms(r.ack.p50),
+            fmt_ms(r.ack.p99),
+            fmt_ms(r.ack.max),
+            r.server_cpu_percent,
+            r.cpu_seconds_per_100k,
+            r.sim_cpu_percent,
+            fmt_errors(&r.errors),
+            if r.sustained { "yes" } else { "no" },
+        );
+    }
+    match t.best() {
+        Some(best) => {
+            let _ = writeln!(
+                out,
+                "\nHighest sustained: **{:.0} heartbeats/s**, ack p99 {}, {:.2} server CPU-seconds per 100k heartbeats.",
+                best.achieved,
+                fmt_ms(best.ack.p99),
+                best.cpu_seconds_per_100k
+            );
+        }
+        None => out.push_str("\nNo rate was sustained.\n"),
+    }
+    out
+}
+
+/// Scenario 3.
+pub fn detection(d: &DetectionResult) -> String {
+    format!(
+        "node timeout {}, interval {}.\n\n\
+         | nodes | silenced | marked OFFLINE | missed | false OFFLINE | lag p50 | lag p99 | lag max |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n\
+         | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        humantime::format_duration(d.node_timeout),
+        humantime::format_duration(d.interval),
+        d.nodes,
+        d.silenced,
+        d.detected,
+        d.missed,
+        d.false_offline,
+        fmt_ms(d.lag.p50),
+        fmt_ms(d.lag.p99),
+        fmt_ms(d.lag.max),
+    )
+}
+
+/// Scenario 4.
+pub fn reads(r: &ReadsResult) -> String {
+    let mut out = format!(
+        "{} nodes, {:.0} heartbeats/s flowing; one ListNodes client calling back to back.\n\n\
+         | phase | nodes per response | ListNodes p50 | ListNodes p99 | ListNodes max | calls | ack p50 | ack p99 | ack max | server CPU |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        r.nodes, r.heartbeats_per_sec
+    );
+    for row in &r.rows {
+        let (p50, p99, max, calls) = match &row.list {
+            Some(l) => (
+                fmt_ms(l.p50),
+                fmt_ms(l.p99),
+                fmt_ms(l.max),
+                l.count.to_string(),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {p50} | {p99} | {max} | {calls} | {} | {} | {} | {:.0} % |",
+            row.phase,
+            row.nodes_per_call,
+            fmt_ms(row.ack.p50),
+            fmt_ms(row.ack.p99),
+            fmt_ms(row.ack.max),
+            row.server_cpu_percent,
+        );
+    }
+    out
+}
+
+/// Scenario 5.
+pub fn restart(rows: &[RestartRow]) -> String {
+    let mut out = String::from(
+        "| stop | nodes | connections | registry down | all nodes back after | ONLINE after | false OFFLINE | errors seen by the fleet |\n\
+         |---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        let mode = match r.mode {
+            StopMode::Graceful => "SIGTERM",
+            StopMode::Crash => "SIGKILL",
+        };
+        let _ = writeln!(
+            out,
+            "| {mode} | {} | {} | {} | {} | {} | {} | {} |",
+            r.nodes,
+            r.connections,
+            secs(r.down),
+            secs(r.all_back),
+            r.online,
+            r.false_offline,
+            fmt_errors(&r.errors),
+        );
+    }
+    out
+}
+
+/// Every scenario that ran, with headings.
+pub fn all(results: &Results) -> String {
+    let mut out = String::new();
+    if let Some(rows) = &results.scale {
+        let _ = writeln!(out, "### 1. Scale\n\n{}", scale(rows));
+    }
+    if let Some(t) = &results.throughput {
+        let _ = writeln!(out, "### 2. Throughput\n\n{}", throughput(t));
+    }
+    if let Some(d) = &results.detection {
+        let _ = writeln!(out, "### 3. Detection\n\n{}", detection(d));
+    }
+    if let Some(r) = &results.reads {
+        let _ = writeln!(out, "### 4. Reads\n\n{}", reads(r));
+    }
+    if let Some(rows) = &results.restart {
+        let _ = writeln!(out, "### 5. Restart storm\n\n{}", restart(rows));
+    }
+    out
+}

@@ -1,0 +1,77 @@
+//! The quick plan against an in-process registry: proves every scenario
+//! still runs end to end and that the figures are sane (no errors, no false
+//! OFFLINE, every silent node detected). Never asserts a speed: timings on
+//! a shared CI machine mean nothing; the bench prints, a person reads.
+
+use bench::Scenario;
+use bench::plan::Plan;
+use bench::server::Launcher;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_plan_runs_every_scenario_correctly() {
+    let plan = Plan::quick(false);
+    let results = bench::run(&Launcher::InProcess, &plan, &Scenario::ALL, false)
+        .await
+        .expect("every scenario completes");
+
+    let scale = results.scale.as_ref().expect("scale ran");
+    assert_eq!(scale.len(), plan.scale.len());
+    for row in scale {
+        assert_eq!(row.listed, row.nodes, "every node is listed");
+        assert_eq!(row.false_offline, 0, "no node was marked OFFLINE");
+        assert!(row.errors.is_empty(), "errors: {:?}", row.errors);
+        assert!(row.heartbeats_per_sec > 0.0);
+        assert!(row.ack.count > 0 && row.ack.p50 <= row.ack.p99);
+    }
+
+    let throughput = results.throughput.as_ref().expect("throughput ran");
+    assert!(!throughput.rows.is_empty());
+    for row in &throughput.rows {
+        assert!(row.errors.is_empty(), "errors: {:?}", row.errors);
+        assert!(row.achieved > 0.0 && row.cpu_seconds_per_100k > 0.0);
+    }
+
+    let detection = results.detection.as_ref().expect("detection ran");
+    assert_eq!(
+        detection.silenced,
+        (plan.detection.nodes as f64 * plan.detection.fraction) as usize
+    );
+    assert_eq!(
+        detection.detected, detection.silenced,
+        "every silent node went OFFLINE"
+    );
+    assert_eq!(detection.missed, 0);
+    assert_eq!(detection.false_offline, 0, "no sending node went OFFLINE");
+    assert_eq!(detection.lag.count, detection.detected as u64);
+
+    let reads = results.reads.as_ref().expect("reads ran");
+    assert_eq!(reads.rows.len(), 3);
+    assert_eq!(
+        reads.rows[1].nodes_per_call, plan.reads.nodes,
+        "unpaged lists all"
+    );
+    assert_eq!(reads.rows[2].nodes_per_call, plan.reads.page_size as usize);
+    for row in &reads.rows[1..] {
+        assert!(row.list.is_some_and(|l| l.count > 0));
+        assert!(row.ack.count > 0, "heartbeats flowed during {}", row.phase);
+    }
+
+    let restart = results.restart.as_ref().expect("restart ran");
+    assert_eq!(restart.len(), plan.restart.modes.len());
+    for row in restart {
+        assert_eq!(row.online, row.nodes, "every node is back ONLINE");
+        assert_eq!(row.false_offline, 0);
+        assert!(row.all_back >= row.down);
+    }
+
+    let tables = bench::table::all(&results);
+    for heading in [
+        "1. Scale",
+        "2. Throughput",
+        "3. Detection",
+        "4. Reads",
+        "5. Restart",
+    ] {
+        assert!(tables.contains(heading), "{heading} missing from\n{tables}");
+    }
+}
