@@ -35,6 +35,9 @@ const REQUEST_BUFFER: usize = 4;
 #[derive(Debug, Clone)]
 struct Session {
     id: u64,
+    /// The session's secret: proves to the registry that heartbeats and
+    /// Deregister come from the agent that registered. Never logged.
+    secret: String,
     /// The interval in effect: the flag's, else the registry's.
     interval: Duration,
     /// How long the registry waits for a beat; also how long the agent
@@ -158,6 +161,7 @@ impl Agent {
         );
         Ok(Session {
             id: response.session_id,
+            secret: response.session_secret,
             interval,
             node_timeout,
             specs,
@@ -168,6 +172,7 @@ impl Agent {
         let request = pb::DeregisterRequest {
             node_id: self.config.node_id.clone(),
             session_id: session.id,
+            session_secret: session.secret.clone(),
         };
         let mut client = self.client.clone();
         let node_id = &self.config.node_id;
@@ -216,11 +221,13 @@ impl Agent {
         let gpus = self.gpu_stats().await;
         let drain = self.drain().clone();
         let statuses = self.pools.status(&pools, &gpus, &drain).await;
-        // node_id and session_id in every message, not only the first: the
-        // contract allows it and a message is then self-describing in logs.
+        // node_id, session_id and the secret in every message, not only the
+        // first: the contract allows it, and the stream's first message is
+        // whichever beat happens to go first.
         Some(pb::HeartbeatRequest {
             node_id: self.config.node_id.clone(),
             session_id: session.id,
+            session_secret: session.secret.clone(),
             sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
             pools: statuses,
             gpus,

@@ -79,6 +79,7 @@ impl NodeRegistry for Scripted {
             heartbeat_interval: Some(to_proto_duration(interval)),
             node_timeout: Some(to_proto_duration(timeout)),
             registered_at: None,
+            session_secret: format!("secret-{session_id}"),
         }))
     }
 
@@ -159,6 +160,11 @@ async fn unacked_heartbeats_make_the_agent_reopen_the_stream() {
     // The session was never refused, so it is reused, not replaced.
     assert_eq!(registry.with(|s| s.registers.len()), 1);
     let sessions: Vec<u64> = registry.with(|s| s.beats.iter().map(|b| b.session_id).collect());
+    assert!(registry.with(|s| {
+        s.beats
+            .iter()
+            .all(|b| b.session_secret == format!("secret-{}", b.session_id))
+    }));
     assert!(sessions.iter().all(|&id| id == 1), "{sessions:?}");
     agent.stop().await.unwrap();
 }
@@ -185,6 +191,7 @@ async fn reregister_command_makes_the_agent_register_again() {
     assert_eq!(deregisters.len(), 1);
     assert_eq!(deregisters[0].node_id, "s2");
     assert_eq!(deregisters[0].session_id, 2);
+    assert_eq!(deregisters[0].session_secret, "secret-2");
 }
 
 #[tokio::test]

@@ -78,6 +78,8 @@ impl Liveness {
 pub struct Registered {
     /// The new session, which heartbeat streams must name.
     pub session_id: u64,
+    /// The session's secret, which heartbeat streams and Deregister present.
+    pub session_secret: String,
     /// Whether the node was unknown before.
     pub created: bool,
     /// When the node was first registered.
@@ -187,6 +189,9 @@ struct NodeState {
     registration: Registration,
     /// The current session; streams naming another one are refused.
     session_id: u64,
+    /// The current session's secret (hex), known only to the registering
+    /// agent, so no one else can speak for the node.
+    session_secret: String,
     /// ONLINE or OFFLINE.
     liveness: Liveness,
     /// Monotonic time of the latest sign of life (register or heartbeat);
@@ -316,6 +321,7 @@ impl Registry {
     /// cap is added (LimitReached).
     pub fn register(&self, registration: Registration) -> Result<Registered, RegistryError> {
         let session_id = self.shared.sessions.next();
+        let session_secret = new_secret();
         let now = Instant::now();
         let wall = Utc::now();
         let deadline = now + self.shared.timing.node_timeout;
@@ -333,6 +339,7 @@ impl Registry {
                 }
                 st.registration = registration;
                 st.session_id = session_id;
+                st.session_secret = session_secret.clone();
                 st.last_seen = now;
                 st.last_heartbeat_at = wall;
                 // The new session reports its own pools; the old session's
@@ -351,6 +358,7 @@ impl Registry {
                 info!(node_id = %slot.id, session_id, "node re-registered");
                 return Ok(Registered {
                     session_id,
+                    session_secret,
                     created: false,
                     registered_at: st.registered_at,
                 });
@@ -369,6 +377,7 @@ impl Registry {
             state: Mutex::new(NodeState {
                 registration,
                 session_id,
+                session_secret: session_secret.clone(),
                 liveness: Liveness::Online,
                 last_seen: now,
                 offline_since: None,
@@ -396,14 +405,21 @@ impl Registry {
         info!(node_id = %id, session_id, "node registered");
         Ok(Registered {
             session_id,
+            session_secret,
             created: true,
             registered_at: wall,
         })
     }
 
     /// Removes a node at once. With a non-zero `session_id`, only while that
-    /// is the node's current session.
-    pub fn deregister(&self, node_id: &str, session_id: u64) -> Result<(), RegistryError> {
+    /// is the node's current session; with a `secret`, only if it is the
+    /// current session's.
+    pub fn deregister(
+        &self,
+        node_id: &str,
+        session_id: u64,
+        secret: Option<&str>,
+    ) -> Result<(), RegistryError> {
         let mut nodes = self.write_nodes();
         let slot = nodes
             .get(node_id)
@@ -416,6 +432,9 @@ impl Registry {
                 presented: session_id,
             });
         }
+        if let Some(secret) = secret {
+            check_secret(&slot, &st, secret)?;
+        }
         self.mark_removed(&mut st);
         drop(st);
         nodes.remove(node_id);
@@ -427,14 +446,24 @@ impl Registry {
         Ok(())
     }
 
-    /// Finds the slot a heartbeat stream will speak for, checking the session.
-    pub fn attach(&self, node_id: &str, session_id: u64) -> Result<Arc<NodeSlot>, RegistryError> {
+    /// Finds the slot a heartbeat stream will speak for, checking the
+    /// session and its secret.
+    pub fn attach(
+        &self,
+        node_id: &str,
+        session_id: u64,
+        secret: &str,
+    ) -> Result<Arc<NodeSlot>, RegistryError> {
         let slot = self
             .read_nodes()
             .get(node_id)
             .cloned()
             .ok_or_else(|| not_found(node_id))?;
-        check_session(&slot, &slot.lock(), session_id)?;
+        {
+            let st = slot.lock();
+            check_session(&slot, &st, session_id)?;
+            check_secret(&slot, &st, secret)?;
+        }
         Ok(slot)
     }
 
@@ -690,6 +719,33 @@ fn check_session(slot: &NodeSlot, st: &NodeState, session_id: u64) -> Result<(),
     Ok(())
 }
 
+/// Compares the presented secret with the session's in constant time.
+fn check_secret(slot: &NodeSlot, st: &NodeState, presented: &str) -> Result<(), RegistryError> {
+    use subtle::ConstantTimeEq;
+    if presented.is_empty() {
+        return Err(RegistryError::PermissionDenied(format!(
+            "node {} requires its session_secret (from RegisterResponse)",
+            slot.id
+        )));
+    }
+    if !bool::from(presented.as_bytes().ct_eq(st.session_secret.as_bytes())) {
+        return Err(RegistryError::PermissionDenied(format!(
+            "the session_secret does not match node {}'s session",
+            slot.id
+        )));
+    }
+    Ok(())
+}
+
+/// 128 random bits from the OS, as 32 hex digits.
+fn new_secret() -> String {
+    let mut bytes = [0u8; 16];
+    // The OS random source failing is not recoverable for a server that
+    // hands out credentials.
+    getrandom::fill(&mut bytes).expect("the OS random number generator failed");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn matches(st: &NodeState, filter: &NodeFilter) -> bool {
     if filter.status.is_some_and(|s| s != st.liveness) {
         return false;
@@ -794,7 +850,9 @@ mod tests {
     async fn a_silent_node_goes_offline_exactly_at_its_deadline() {
         let (registry, _stop) = start();
         let reg = registry.register(registration("n1")).unwrap();
-        let slot = registry.attach("n1", reg.session_id).unwrap();
+        let slot = registry
+            .attach("n1", reg.session_id, &reg.session_secret)
+            .unwrap();
         advance(Duration::from_secs(10)).await;
         registry
             .heartbeat(&slot, reg.session_id, beat(pb::PoolState::Ready))
@@ -828,7 +886,9 @@ mod tests {
     async fn steady_heartbeats_keep_a_node_online() {
         let (registry, _stop) = start();
         let reg = registry.register(registration("n1")).unwrap();
-        let slot = registry.attach("n1", reg.session_id).unwrap();
+        let slot = registry
+            .attach("n1", reg.session_id, &reg.session_secret)
+            .unwrap();
         for _ in 0..20 {
             advance(Duration::from_secs(10)).await;
             registry
@@ -842,7 +902,9 @@ mod tests {
     async fn an_offline_node_is_online_again_on_its_next_heartbeat() {
         let (registry, _stop) = start();
         let reg = registry.register(registration("n1")).unwrap();
-        let slot = registry.attach("n1", reg.session_id).unwrap();
+        let slot = registry
+            .attach("n1", reg.session_id, &reg.session_secret)
+            .unwrap();
         advance(TIMEOUT + MS).await;
         assert_eq!(status(&registry, "n1"), pb::NodeStatus::Offline);
 
@@ -870,7 +932,9 @@ mod tests {
         let (registry, _stop) = start();
         let first = registry.register(registration("n1")).unwrap();
         assert!(first.created);
-        let old_slot = registry.attach("n1", first.session_id).unwrap();
+        let old_slot = registry
+            .attach("n1", first.session_id, &first.session_secret)
+            .unwrap();
         advance(Duration::from_secs(5)).await;
 
         let mut changed = registration("n1");
@@ -888,10 +952,23 @@ mod tests {
             matches!(err, RegistryError::SessionSuperseded { presented, .. } if presented == first.session_id)
         );
         assert!(matches!(
-            registry.attach("n1", first.session_id),
+            registry.attach("n1", first.session_id, &first.session_secret),
             Err(RegistryError::SessionSuperseded { .. })
         ));
-        registry.attach("n1", second.session_id).unwrap();
+        // The new session's id with the old secret, or none: refused too.
+        assert!(matches!(
+            registry.attach("n1", second.session_id, &first.session_secret),
+            Err(RegistryError::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            registry.attach("n1", second.session_id, ""),
+            Err(RegistryError::PermissionDenied(m)) if m.contains("requires its session_secret")
+        ));
+        registry
+            .attach("n1", second.session_id, &second.session_secret)
+            .unwrap();
+        assert_ne!(first.session_secret, second.session_secret);
+        assert_eq!(second.session_secret.len(), 32);
         assert_eq!(
             registry.counts(),
             Counts {
@@ -934,21 +1011,25 @@ mod tests {
     async fn deregister_removes_at_once_and_ends_the_session() {
         let (registry, _stop) = start();
         let reg = registry.register(registration("n1")).unwrap();
-        let slot = registry.attach("n1", reg.session_id).unwrap();
+        let slot = registry
+            .attach("n1", reg.session_id, &reg.session_secret)
+            .unwrap();
         registry.register(registration("n2")).unwrap();
 
         assert!(matches!(
-            registry.deregister("n1", reg.session_id + 1),
+            registry.deregister("n1", reg.session_id + 1, None),
             Err(RegistryError::SessionSuperseded { .. })
         ));
-        registry.deregister("n1", reg.session_id).unwrap();
+        registry
+            .deregister("n1", reg.session_id, Some(&reg.session_secret))
+            .unwrap();
         assert!(registry.get("n1").is_err());
         assert!(matches!(
             registry.heartbeat(&slot, reg.session_id, beat(pb::PoolState::Ready)),
             Err(RegistryError::NodeNotFound { .. })
         ));
         assert!(matches!(
-            registry.deregister("n1", 0),
+            registry.deregister("n1", 0, None),
             Err(RegistryError::NodeNotFound { .. })
         ));
         assert_eq!(status(&registry, "n2"), pb::NodeStatus::Online);
@@ -1008,7 +1089,9 @@ mod tests {
         advance(TIMEOUT + MS).await;
         let reg = registry.register(registration("d")).unwrap();
         registry.register(registration("e")).unwrap();
-        let slot = registry.attach("d", reg.session_id).unwrap();
+        let slot = registry
+            .attach("d", reg.session_id, &reg.session_secret)
+            .unwrap();
         registry
             .heartbeat(&slot, reg.session_id, beat(pb::PoolState::Ready))
             .unwrap();
@@ -1098,7 +1181,7 @@ mod tests {
         ));
         // Known nodes still re-register at the cap.
         registry.register(registration("a")).unwrap();
-        registry.deregister("b", 0).unwrap();
+        registry.deregister("b", 0, None).unwrap();
         registry.register(registration("c")).unwrap();
     }
 

@@ -103,6 +103,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             heartbeat_interval: Some(to_proto_duration(timing.heartbeat_interval)),
             node_timeout: Some(to_proto_duration(timing.node_timeout)),
             registered_at: Some(to_proto_timestamp(registered.registered_at)),
+            session_secret: registered.session_secret,
         }))
     }
 
@@ -115,8 +116,19 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
         check_identity(&identities, token_admin, &request.node_id)?;
+        let secret =
+            (!request.session_secret.is_empty()).then_some(request.session_secret.as_str());
+        // Only an admin token, or a server that checks no tokens at all, may
+        // remove a node without its session's secret.
+        if secret.is_none() && !token_admin && !self.auth.is_open() {
+            return Err(RegistryError::PermissionDenied(format!(
+                "removing node {} needs its session_secret (or an admin token)",
+                request.node_id
+            ))
+            .into());
+        }
         self.registry
-            .deregister(&request.node_id, request.session_id)?;
+            .deregister(&request.node_id, request.session_id, secret)?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 
@@ -185,6 +197,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             max_clock_skew: self.max_clock_skew,
             node: None,
             session_id: 0,
+            session_secret: String::new(),
             done: false,
         };
         // No task and no channel per stream: the response stream pulls the
@@ -248,6 +261,9 @@ struct HeartbeatSession {
     node: Option<Arc<NodeSlot>>,
     /// The session the first message named.
     session_id: u64,
+    /// That session's secret, checked once at the first message; later
+    /// messages may repeat it but not change it.
+    session_secret: String,
     /// Set once the stream has ended (an error was sent, or input ended).
     done: bool,
     /// Handling-time histogram, looked up once per stream, not per beat.
@@ -359,9 +375,14 @@ impl HeartbeatSession {
                     ));
                 }
                 check_identity(&self.identities, self.token_admin, &request.node_id)?;
-                let slot = self.registry.attach(&request.node_id, request.session_id)?;
+                let slot = self.registry.attach(
+                    &request.node_id,
+                    request.session_id,
+                    &request.session_secret,
+                )?;
                 debug!(node_id = %slot.id(), "heartbeat stream opened");
                 self.session_id = request.session_id;
+                self.session_secret = std::mem::take(&mut request.session_secret);
                 self.node.insert(slot)
             }
             Some(slot) => {
@@ -374,7 +395,10 @@ impl HeartbeatSession {
                         ),
                     ));
                 }
-                if request.session_id != 0 && request.session_id != self.session_id {
+                if (request.session_id != 0 && request.session_id != self.session_id)
+                    || (!request.session_secret.is_empty()
+                        && request.session_secret != self.session_secret)
+                {
                     return Err(RegistryError::invalid(
                         "session_id",
                         format!(

@@ -467,6 +467,7 @@ mod tests {
             }],
             gpus: vec![],
             sequence: 1,
+            session_secret: "s".repeat(32),
         }
     }
 

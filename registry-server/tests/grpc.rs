@@ -1,64 +1,19 @@
 //! The registry served for real on 127.0.0.1:0 and driven by a real tonic
 //! client: every RPC, heartbeat streams, health and reflection.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
-use registry_proto::convert::to_proto_timestamp;
+use common::{
+    Session, Stream, TestServer, beat_in, register, register_request, status_of, wait_until,
+};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Streaming};
-
-/// A registry serving on a loopback port for the length of a test.
-struct TestServer {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), registry_server::ServerError>>,
-}
-
-impl TestServer {
-    async fn start(settings: Settings) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(registry_server::run(listener, settings, async {
-            let _ = stopped.await;
-        }));
-        Self {
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    async fn client(&self) -> NodeRegistryClient<Channel> {
-        NodeRegistryClient::new(self.channel().await)
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("server stops within 10 s")
-            .unwrap()
-            .unwrap();
-    }
-}
 
 /// Settings with timeouts short enough for tests that wait on expiry.
 fn fast() -> Settings {
@@ -69,127 +24,8 @@ fn fast() -> Settings {
     }
 }
 
-fn register_request(node_id: &str) -> pb::RegisterRequest {
-    pb::RegisterRequest {
-        node_id: node_id.into(),
-        machine_id: format!("machine-{node_id}"),
-        address: format!("http://{node_id}.example:9200"),
-        pools: vec![pb::PoolSpec {
-            pool_id: "pool-0".into(),
-            engine: "llamacpp".into(),
-            model: "llama-3.1-8b".into(),
-            slots_total: 4,
-            gpu_indices: vec![0],
-            engine_version: String::new(),
-        }],
-        capabilities: Some(pb::Capabilities {
-            gpus: vec![pb::GpuInfo {
-                index: 0,
-                uuid: format!("GPU-{node_id}"),
-                name: "NVIDIA H100 80GB HBM3".into(),
-                memory_total_bytes: 80 << 30,
-                compute_capability: "9.0".into(),
-                pci_bus_id: String::new(),
-                mig_enabled: false,
-            }],
-            cpu_cores: 32,
-            ram_total_bytes: 256 << 30,
-            driver_version: "550.54.15".into(),
-            cuda_version: "12.4".into(),
-        }),
-        agent_version: "test 0.0.0".into(),
-        labels: [("zone".to_string(), "eu-1".to_string())].into(),
-    }
-}
-
-fn beat(
-    node_id: &str,
-    session_id: u64,
-    sequence: u64,
-    state: pb::PoolState,
-) -> pb::HeartbeatRequest {
-    pb::HeartbeatRequest {
-        node_id: node_id.into(),
-        session_id,
-        sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
-        pools: vec![pb::PoolStatus {
-            pool_id: "pool-0".into(),
-            state: state as i32,
-            slots_total: 4,
-            slots_free: 3,
-            vram_free_bytes: 10 << 30,
-            model: "llama-3.1-8b".into(),
-            engine: "llamacpp".into(),
-        }],
-        gpus: vec![pb::GpuStats {
-            index: 0,
-            memory_used_bytes: 70 << 30,
-            memory_free_bytes: 10 << 30,
-            utilization_percent: 87,
-            temperature_celsius: Some(61),
-        }],
-        sequence,
-    }
-}
-
-/// An open Heartbeat stream: a sender for requests and the server's replies.
-struct Stream {
-    tx: mpsc::Sender<pb::HeartbeatRequest>,
-    rx: Streaming<pb::HeartbeatResponse>,
-}
-
-impl Stream {
-    async fn open(client: &mut NodeRegistryClient<Channel>) -> Self {
-        let (tx, requests) = mpsc::channel(16);
-        let rx = client
-            .heartbeat(ReceiverStream::new(requests))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    /// Sends one request and returns the server's answer to it.
-    async fn send(
-        &mut self,
-        request: pb::HeartbeatRequest,
-    ) -> Result<pb::HeartbeatResponse, tonic::Status> {
-        self.tx.send(request).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), self.rx.next())
-            .await
-            .expect("a reply within 5 s");
-        match reply {
-            Some(result) => result,
-            None => panic!("stream ended without a status"),
-        }
-    }
-}
-
-/// Polls `check` every 20 ms until it holds or `within` passes.
-async fn wait_until<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn status_of(client: &mut NodeRegistryClient<Channel>, node_id: &str) -> pb::NodeStatus {
-    client
-        .get_node(pb::GetNodeRequest {
-            node_id: node_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status()
+async fn client(server: &TestServer) -> NodeRegistryClient<Channel> {
+    NodeRegistryClient::new(server.channel().await)
 }
 
 fn ids(response: &pb::ListNodesResponse) -> Vec<&str> {
@@ -199,7 +35,7 @@ fn ids(response: &pb::ListNodesResponse) -> Vec<&str> {
 #[tokio::test]
 async fn register_get_list_and_deregister() {
     let server = TestServer::start(Settings::default()).await;
-    let mut client = server.client().await;
+    let mut client = client(&server).await;
 
     let first = client
         .register(register_request("gpu-b"))
@@ -251,6 +87,7 @@ async fn register_get_list_and_deregister() {
         .deregister(pb::DeregisterRequest {
             node_id: "gpu-b".into(),
             session_id: again.session_id,
+            session_secret: again.session_secret.clone(),
         })
         .await
         .unwrap();
@@ -265,7 +102,7 @@ async fn register_get_list_and_deregister() {
     let err = client
         .deregister(pb::DeregisterRequest {
             node_id: "gpu-b".into(),
-            session_id: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -282,7 +119,7 @@ async fn register_get_list_and_deregister() {
 #[tokio::test]
 async fn list_filters_by_status_pool_and_labels_and_pages() {
     let server = TestServer::start(fast()).await;
-    let mut client = server.client().await;
+    let mut client = client(&server).await;
 
     // n1 stays silent and goes OFFLINE; n2..n4 keep heartbeating.
     client.register(register_request("n1")).await.unwrap();
@@ -293,18 +130,13 @@ async fn list_filters_by_status_pool_and_labels_and_pages() {
             request.labels.insert("zone".into(), "us-1".into());
             request.pools[0].pool_id = "pool-x".into();
         }
-        let session = client
-            .register(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .session_id;
-        streams.push((id, session, Stream::open(&mut client).await));
+        let session = register(&mut client, request).await;
+        streams.push((id, session, Stream::open(&mut client).await.unwrap()));
     }
     let beating = tokio::spawn(async move {
         for sequence in 1.. {
             for (id, session, stream) in &mut streams {
-                let mut request = beat(id, *session, sequence, pb::PoolState::Ready);
+                let mut request = beat_in(id, session, sequence, pb::PoolState::Ready);
                 if *id == "n3" {
                     request.pools[0].pool_id = "pool-x".into();
                 }
@@ -382,17 +214,12 @@ async fn list_filters_by_status_pool_and_labels_and_pages() {
 #[tokio::test]
 async fn heartbeats_are_acknowledged_and_update_the_node() {
     let server = TestServer::start(Settings::default()).await;
-    let mut client = server.client().await;
-    let session = client
-        .register(register_request("n1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let mut stream = Stream::open(&mut client).await;
+    let mut client = client(&server).await;
+    let session = register(&mut client, register_request("n1")).await;
+    let mut stream = Stream::open(&mut client).await.unwrap();
 
     let ack = stream
-        .send(beat("n1", session, 7, pb::PoolState::Initializing))
+        .send(beat_in("n1", &session, 7, pb::PoolState::Initializing))
         .await
         .unwrap();
     assert_eq!(ack.sequence, 7);
@@ -401,7 +228,7 @@ async fn heartbeats_are_acknowledged_and_update_the_node() {
     assert!(ack.command.is_none());
 
     // Later messages may leave node_id and session_id out.
-    let mut later = beat("", 0, 8, pb::PoolState::Ready);
+    let mut later = beat_in("", &Session::none(), 8, pb::PoolState::Ready);
     later.gpus.clear();
     assert_eq!(stream.send(later).await.unwrap().sequence, 8);
 
@@ -424,16 +251,11 @@ async fn heartbeats_are_acknowledged_and_update_the_node() {
 #[tokio::test]
 async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
     let server = TestServer::start(fast()).await;
-    let mut client = server.client().await;
-    let session = client
-        .register(register_request("n1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let mut stream = Stream::open(&mut client).await;
+    let mut client = client(&server).await;
+    let session = register(&mut client, register_request("n1")).await;
+    let mut stream = Stream::open(&mut client).await.unwrap();
     stream
-        .send(beat("n1", session, 1, pb::PoolState::Ready))
+        .send(beat_in("n1", &session, 1, pb::PoolState::Ready))
         .await
         .unwrap();
 
@@ -445,7 +267,7 @@ async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
     .await;
     // On the same stream, without re-registering.
     stream
-        .send(beat("n1", session, 2, pb::PoolState::Ready))
+        .send(beat_in("n1", &session, 2, pb::PoolState::Ready))
         .await
         .unwrap();
     assert_eq!(status_of(&mut client, "n1").await, pb::NodeStatus::Online);
@@ -455,7 +277,7 @@ async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
 #[tokio::test]
 async fn a_registered_node_that_never_streams_goes_offline() {
     let server = TestServer::start(fast()).await;
-    let mut client = server.client().await;
+    let mut client = client(&server).await;
     client.register(register_request("mute")).await.unwrap();
     assert_eq!(status_of(&mut client, "mute").await, pb::NodeStatus::Online);
     wait_until("mute offline", Duration::from_secs(5), || {
@@ -469,10 +291,15 @@ async fn a_registered_node_that_never_streams_goes_offline() {
 #[tokio::test]
 async fn heartbeat_for_an_unknown_node_is_not_found_and_says_to_register() {
     let server = TestServer::start(Settings::default()).await;
-    let mut client = server.client().await;
-    let mut stream = Stream::open(&mut client).await;
+    let mut client = client(&server).await;
+    let mut stream = Stream::open(&mut client).await.unwrap();
     let err = stream
-        .send(beat("ghost", 99, 1, pb::PoolState::Ready))
+        .send(beat_in(
+            "ghost",
+            &Session::forged(99),
+            1,
+            pb::PoolState::Ready,
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -487,41 +314,31 @@ async fn heartbeat_for_an_unknown_node_is_not_found_and_says_to_register() {
 #[tokio::test]
 async fn a_stream_of_a_superseded_session_is_refused() {
     let server = TestServer::start(Settings::default()).await;
-    let mut client = server.client().await;
-    let old = client
-        .register(register_request("n1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let mut old_stream = Stream::open(&mut client).await;
+    let mut client = client(&server).await;
+    let old = register(&mut client, register_request("n1")).await;
+    let mut old_stream = Stream::open(&mut client).await.unwrap();
     old_stream
-        .send(beat("n1", old, 1, pb::PoolState::Ready))
+        .send(beat_in("n1", &old, 1, pb::PoolState::Ready))
         .await
         .unwrap();
 
-    let new = client
-        .register(register_request("n1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
+    let new = register(&mut client, register_request("n1")).await;
     let err = old_stream
-        .send(beat("n1", old, 2, pb::PoolState::Ready))
+        .send(beat_in("n1", &old, 2, pb::PoolState::Ready))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("superseded"), "{}", err.message());
 
-    let mut fresh = Stream::open(&mut client).await;
+    let mut fresh = Stream::open(&mut client).await.unwrap();
     let err = fresh
-        .send(beat("n1", old, 1, pb::PoolState::Ready))
+        .send(beat_in("n1", &old, 1, pb::PoolState::Ready))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    let mut current = Stream::open(&mut client).await;
+    let mut current = Stream::open(&mut client).await.unwrap();
     current
-        .send(beat("n1", new, 1, pb::PoolState::Ready))
+        .send(beat_in("n1", &new, 1, pb::PoolState::Ready))
         .await
         .unwrap();
     server.shutdown().await;
@@ -530,42 +347,32 @@ async fn a_stream_of_a_superseded_session_is_refused() {
 #[tokio::test]
 async fn bad_stream_input_ends_only_that_stream() {
     let server = TestServer::start(Settings::default()).await;
-    let mut client = server.client().await;
-    let s1 = client
-        .register(register_request("n1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let s2 = client
-        .register(register_request("n2"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
+    let mut client = client(&server).await;
+    let s1 = register(&mut client, register_request("n1")).await;
+    let s2 = register(&mut client, register_request("n2")).await;
 
-    let mut no_session = Stream::open(&mut client).await;
+    let mut no_session = Stream::open(&mut client).await.unwrap();
     let err = no_session
-        .send(beat("n1", 0, 1, pb::PoolState::Ready))
+        .send(beat_in("n1", &Session::forged(0), 1, pb::PoolState::Ready))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("session_id"), "{}", err.message());
 
-    let mut switching = Stream::open(&mut client).await;
+    let mut switching = Stream::open(&mut client).await.unwrap();
     switching
-        .send(beat("n1", s1, 1, pb::PoolState::Ready))
+        .send(beat_in("n1", &s1, 1, pb::PoolState::Ready))
         .await
         .unwrap();
     let err = switching
-        .send(beat("n2", s2, 2, pb::PoolState::Ready))
+        .send(beat_in("n2", &s2, 2, pb::PoolState::Ready))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("node_id"), "{}", err.message());
 
-    let mut bad_pool = Stream::open(&mut client).await;
-    let mut request = beat("n2", s2, 1, pb::PoolState::Ready);
+    let mut bad_pool = Stream::open(&mut client).await.unwrap();
+    let mut request = beat_in("n2", &s2, 1, pb::PoolState::Ready);
     request.pools[0].slots_free = 99;
     let err = bad_pool.send(request).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -584,8 +391,8 @@ async fn bad_stream_input_ends_only_that_stream() {
         .unwrap()
         .into_inner();
     assert!(n2.pool_status.is_empty());
-    let mut good = Stream::open(&mut client).await;
-    good.send(beat("n2", s2, 1, pb::PoolState::Ready))
+    let mut good = Stream::open(&mut client).await.unwrap();
+    good.send(beat_in("n2", &s2, 1, pb::PoolState::Ready))
         .await
         .unwrap();
     server.shutdown().await;
@@ -594,7 +401,7 @@ async fn bad_stream_input_ends_only_that_stream() {
 #[tokio::test]
 async fn invalid_registrations_are_refused_naming_the_field() {
     let server = TestServer::start(Settings::default()).await;
-    let mut client = server.client().await;
+    let mut client = client(&server).await;
     client.register(register_request("keeper")).await.unwrap();
     let before = client
         .get_node(pb::GetNodeRequest {
@@ -748,16 +555,11 @@ async fn reflection_lists_the_registry_in_v1_and_v1alpha() {
 #[tokio::test]
 async fn shutdown_ends_open_streams_with_unavailable() {
     let server = TestServer::start(Settings::default()).await;
-    let mut client = server.client().await;
-    let session = client
-        .register(register_request("n1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
-    let mut stream = Stream::open(&mut client).await;
+    let mut client = client(&server).await;
+    let session = register(&mut client, register_request("n1")).await;
+    let mut stream = Stream::open(&mut client).await.unwrap();
     stream
-        .send(beat("n1", session, 1, pb::PoolState::Ready))
+        .send(beat_in("n1", &session, 1, pb::PoolState::Ready))
         .await
         .unwrap();
 

@@ -6,13 +6,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stream, TestServer, beat, register_request, serving};
+use common::{Session, Stream, TestServer, beat, register, register_request, serving};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
 use tonic::transport::Channel;
+
+/// Builds a case's heartbeat messages from the session of node "beater".
+type MakeBeats = dyn Fn(&Session) -> Vec<pb::HeartbeatRequest>;
 
 /// What a case sends.
 enum Call {
@@ -22,7 +25,7 @@ enum Call {
     List(pb::ListNodesRequest),
     /// Heartbeat messages on one fresh stream; the session of node "beater"
     /// is passed in so cases can use (or misuse) it.
-    Beats(Box<dyn Fn(u64) -> Vec<pb::HeartbeatRequest>>),
+    Beats(Box<MakeBeats>),
 }
 
 struct Case {
@@ -53,7 +56,7 @@ fn beats(
     name: &'static str,
     says: &'static str,
     code: Code,
-    f: impl Fn(u64) -> Vec<pb::HeartbeatRequest> + 'static,
+    f: impl Fn(&Session) -> Vec<pb::HeartbeatRequest> + 'static,
 ) -> Case {
     Case {
         name,
@@ -232,7 +235,7 @@ fn cases() -> Vec<Case> {
             "heartbeat before register",
             "call Register first",
             NotFound,
-            |_| vec![beat("ghost", 7, 1)],
+            |_| vec![beat("ghost", &Session::forged(7), 1)],
         ),
         bad_beat("first beat without node_id", "node_id", |b| {
             b.node_id.clear()
@@ -241,10 +244,49 @@ fn cases() -> Vec<Case> {
             b.session_id = 0
         }),
         beats(
+            "first beat without session_secret",
+            "requires its session_secret",
+            PermissionDenied,
+            |session| {
+                let mut request = beat("beater", session, 1);
+                request.session_secret.clear();
+                vec![request]
+            },
+        ),
+        beats(
+            "first beat with a wrong session_secret",
+            "does not match",
+            PermissionDenied,
+            |session| {
+                let mut request = beat("beater", session, 1);
+                request.session_secret = "0".repeat(32);
+                vec![request]
+            },
+        ),
+        beats(
+            "a second message switching session_secret",
+            "cannot switch sessions",
+            InvalidArgument,
+            |session| {
+                let mut second = beat("beater", session, 2);
+                second.session_secret = "f".repeat(32);
+                vec![beat("beater", session, 1), second]
+            },
+        ),
+        beats(
             "beat with a wrong session",
             "superseded",
             FailedPrecondition,
-            |session| vec![beat("beater", session.wrapping_add(1), 1)],
+            |session| {
+                vec![beat(
+                    "beater",
+                    &Session {
+                        id: session.id.wrapping_add(1),
+                        ..session.clone()
+                    },
+                    1,
+                )]
+            },
         ),
         beats(
             "a second message switching node_id",
@@ -259,7 +301,14 @@ fn cases() -> Vec<Case> {
             |session| {
                 vec![
                     beat("beater", session, 1),
-                    beat("beater", session.wrapping_add(9), 2),
+                    beat(
+                        "beater",
+                        &Session {
+                            id: session.id.wrapping_add(9),
+                            ..session.clone()
+                        },
+                        2,
+                    ),
                 ]
             },
         ),
@@ -308,7 +357,7 @@ fn cases() -> Vec<Case> {
             name: "deregister of an unknown node",
             call: Call::Deregister(pb::DeregisterRequest {
                 node_id: "ghost".into(),
-                session_id: 0,
+                ..Default::default()
             }),
             code: NotFound,
             says: "ghost",
@@ -317,7 +366,7 @@ fn cases() -> Vec<Case> {
             name: "deregister with an invalid id",
             call: Call::Deregister(pb::DeregisterRequest {
                 node_id: "Ghost!".into(),
-                session_id: 0,
+                ..Default::default()
             }),
             code: InvalidArgument,
             says: "node_id",
@@ -327,6 +376,7 @@ fn cases() -> Vec<Case> {
             call: Call::Deregister(pb::DeregisterRequest {
                 node_id: "witness".into(),
                 session_id: 1,
+                ..Default::default()
             }),
             code: FailedPrecondition,
             says: "superseded",
@@ -377,7 +427,11 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-async fn run(client: &mut NodeRegistryClient<Channel>, call: &Call, session: u64) -> tonic::Status {
+async fn run(
+    client: &mut NodeRegistryClient<Channel>,
+    call: &Call,
+    session: &Session,
+) -> tonic::Status {
     match call {
         Call::Register(r) => client.register(r.clone()).await.unwrap_err(),
         Call::Deregister(r) => client.deregister(r.clone()).await.unwrap_err(),
@@ -404,12 +458,7 @@ async fn hostile_inputs_get_exact_codes_and_touch_nothing() {
     let channel = server.channel().await;
     let mut client = NodeRegistryClient::new(channel.clone());
     client.register(register_request("witness")).await.unwrap();
-    let session = client
-        .register(register_request("beater"))
-        .await
-        .unwrap()
-        .into_inner()
-        .session_id;
+    let session = register(&mut client, register_request("beater")).await;
     let reader = client.clone();
     let witness = || {
         let mut client = reader.clone();
@@ -428,7 +477,7 @@ async fn hostile_inputs_get_exact_codes_and_touch_nothing() {
     let cases = cases();
     assert!(cases.len() >= 40, "only {} cases", cases.len());
     for case in &cases {
-        let status = run(&mut client, &case.call, session).await;
+        let status = run(&mut client, &case.call, &session).await;
         assert_eq!(
             status.code(),
             case.code,

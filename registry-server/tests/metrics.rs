@@ -57,14 +57,13 @@ async fn activity_shows_in_the_published_metrics() {
         .register(register("beating"))
         .await
         .unwrap()
-        .into_inner()
-        .session_id;
+        .into_inner();
     client.register(register("silent")).await.unwrap();
     client.register(register("leaving")).await.unwrap();
     client
         .deregister(pb::DeregisterRequest {
             node_id: "leaving".into(),
-            session_id: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -81,7 +80,8 @@ async fn activity_shows_in_the_published_metrics() {
         sequence += 1;
         tx.send(pb::HeartbeatRequest {
             node_id: "beating".into(),
-            session_id: session,
+            session_id: session.session_id,
+            session_secret: session.session_secret.clone(),
             sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
             pools: vec![pb::PoolStatus {
                 pool_id: "p".into(),

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stream, TempDir, TestServer, beat, register_request, serving, wait_until};
+use common::{Session, Stream, TempDir, TestServer, beat, register_request, serving, wait_until};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
@@ -89,14 +89,14 @@ async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
     let err = Stream::open(&mut anonymous).await.err().unwrap();
     assert_eq!(err.code(), Code::Unauthenticated);
 
-    let session = node
+    let session: Session = node
         .register(register_request("n1"))
         .await
         .unwrap()
         .into_inner()
-        .session_id;
+        .into();
     let mut stream = Stream::open(&mut node).await.unwrap();
-    stream.send(beat("n1", session, 1)).await.unwrap();
+    stream.send(beat("n1", &session, 1)).await.unwrap();
     let err = node
         .list_nodes(pb::ListNodesRequest::default())
         .await
@@ -121,12 +121,51 @@ async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
     let err = reader
         .deregister(pb::DeregisterRequest {
             node_id: "n1".into(),
-            session_id: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
+    // A node token removes a node only with that session's secret.
+    let err = node
+        .deregister(pb::DeregisterRequest {
+            node_id: "n1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("session_secret"),
+        "{}",
+        err.message()
+    );
+    let err = node
+        .deregister(pb::DeregisterRequest {
+            node_id: "n1".into(),
+            session_id: session.id,
+            session_secret: "0".repeat(32),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    node.register(register_request("n2")).await.unwrap();
+    let n2: Session = node
+        .register(register_request("n2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .into();
+    node.deregister(pb::DeregisterRequest {
+        node_id: "n2".into(),
+        session_id: n2.id,
+        session_secret: n2.secret,
+    })
+    .await
+    .unwrap();
+
+    // An admin token removes any node.
     admin
         .list_nodes(pb::ListNodesRequest::default())
         .await
@@ -134,7 +173,7 @@ async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
     admin
         .deregister(pb::DeregisterRequest {
             node_id: "n1".into(),
-            session_id: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -364,19 +403,22 @@ async fn mtls_refuses_clients_without_a_good_certificate_and_binds_node_ids() {
         .await
         .unwrap();
     let mut n1 = NodeRegistryClient::new(channel);
-    let session = n1
+    let session: Session = n1
         .register(register_request("n1"))
         .await
         .unwrap()
         .into_inner()
-        .session_id;
+        .into();
     let mut stream = Stream::open(&mut n1).await.unwrap();
-    stream.send(beat("n1", session, 1)).await.unwrap();
+    stream.send(beat("n1", &session, 1)).await.unwrap();
     let err = n1.register(register_request("n2")).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("n2"), "{}", err.message());
     let mut other = Stream::open(&mut n1).await.unwrap();
-    let err = other.send(beat("n2", 1, 1)).await.unwrap_err();
+    let err = other
+        .send(beat("n2", &Session::forged(1), 1))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     server.shutdown().await;
 }
@@ -417,18 +459,18 @@ async fn a_stream_flood_is_refused_while_nodes_keep_heartbeating() {
     // Three real nodes heartbeat throughout.
     let mut nodes = Vec::new();
     for id in ["n1", "n2", "n3"] {
-        let session = client
+        let session: Session = client
             .register(register_request(id))
             .await
             .unwrap()
             .into_inner()
-            .session_id;
+            .into();
         nodes.push((id, session, Stream::open(&mut client).await.unwrap()));
     }
     let beating = tokio::spawn(async move {
         for sequence in 1.. {
             for (id, session, stream) in &mut nodes {
-                stream.send(beat(id, *session, sequence)).await.unwrap();
+                stream.send(beat(id, session, sequence)).await.unwrap();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -529,15 +571,15 @@ async fn long_heartbeat_streams_outlive_the_unary_request_timeout() {
     })
     .await;
     let mut client = NodeRegistryClient::new(server.channel().await);
-    let session = client
+    let session: Session = client
         .register(register_request("n1"))
         .await
         .unwrap()
         .into_inner()
-        .session_id;
+        .into();
     let mut stream = Stream::open(&mut client).await.unwrap();
     for sequence in 1..=6 {
-        stream.send(beat("n1", session, sequence)).await.unwrap();
+        stream.send(beat("n1", &session, sequence)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     server.shutdown().await;

@@ -92,23 +92,98 @@ pub fn register_request(node_id: &str) -> pb::RegisterRequest {
     }
 }
 
-pub fn beat(node_id: &str, session_id: u64, sequence: u64) -> pb::HeartbeatRequest {
+/// What a Register returned that heartbeats must present.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub id: u64,
+    pub secret: String,
+}
+
+impl Session {
+    /// No session: what a message after the first may send.
+    pub fn none() -> Self {
+        Self {
+            id: 0,
+            secret: String::new(),
+        }
+    }
+
+    /// A made-up session id with no secret.
+    pub fn forged(id: u64) -> Self {
+        Self {
+            id,
+            secret: String::new(),
+        }
+    }
+}
+
+impl From<pb::RegisterResponse> for Session {
+    fn from(response: pb::RegisterResponse) -> Self {
+        Self {
+            id: response.session_id,
+            secret: response.session_secret,
+        }
+    }
+}
+
+/// A heartbeat reporting pool-0 READY, with GPU figures.
+pub fn beat(node_id: &str, session: &Session, sequence: u64) -> pb::HeartbeatRequest {
+    beat_in(node_id, session, sequence, pb::PoolState::Ready)
+}
+
+/// A heartbeat reporting pool-0 in `state`, with GPU figures.
+pub fn beat_in(
+    node_id: &str,
+    session: &Session,
+    sequence: u64,
+    state: pb::PoolState,
+) -> pb::HeartbeatRequest {
     pb::HeartbeatRequest {
         node_id: node_id.into(),
-        session_id,
+        session_id: session.id,
+        session_secret: session.secret.clone(),
         sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
         pools: vec![pb::PoolStatus {
             pool_id: "pool-0".into(),
-            state: pb::PoolState::Ready as i32,
+            state: state as i32,
             slots_total: 4,
             slots_free: 3,
             vram_free_bytes: 10 << 30,
             model: "llama-3.1-8b".into(),
             engine: "llamacpp".into(),
         }],
-        gpus: vec![],
+        gpus: vec![pb::GpuStats {
+            index: 0,
+            memory_used_bytes: 70 << 30,
+            memory_free_bytes: 10 << 30,
+            utilization_percent: 87,
+            temperature_celsius: Some(61),
+        }],
         sequence,
     }
+}
+
+/// Registers `request` and returns its session.
+pub async fn register(
+    client: &mut pb::node_registry_client::NodeRegistryClient<Channel>,
+    request: pb::RegisterRequest,
+) -> Session {
+    client.register(request).await.unwrap().into_inner().into()
+}
+
+/// The node's status, as GetNode reports it.
+pub async fn status_of(
+    client: &mut pb::node_registry_client::NodeRegistryClient<Channel>,
+    node_id: &str,
+) -> pb::NodeStatus {
+    client
+        .get_node(pb::GetNodeRequest {
+            node_id: node_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
 }
 
 /// An open Heartbeat stream: a sender for requests and the server's replies.
