@@ -12,9 +12,11 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::auth::{self, Secret, TokenSource};
 use crate::host;
 use crate::pools::PoolConfig;
 use crate::pools::static_pools::parse_pool_arg;
+use crate::tls::TlsConfig;
 
 /// Where the registry listens when nothing says otherwise.
 pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50051";
@@ -24,9 +26,12 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    /// A file the configuration names (the config file, the token file,
+    /// a TLS file) could not be read.
+    #[error("cannot read {what} {path}: {source}")]
     ReadFile {
+        /// What the file is for ("config file", "auth token file").
+        what: &'static str,
         /// The file.
         path: PathBuf,
         /// The I/O error.
@@ -58,6 +63,31 @@ pub enum ConfigError {
         /// What is expected.
         why: String,
     },
+    /// A file holds no usable content (a TLS file without the expected
+    /// PEM block).
+    #[error("invalid {what} {path}: {why}")]
+    BadFile {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The auth token is unusable. The message never quotes the token.
+    #[error("invalid auth token from {from}: {why}")]
+    BadToken {
+        /// Where it came from ("file PATH" or the variable).
+        from: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Settings that exclude or need each other.
+    #[error("{0}")]
+    Conflict(String),
+    /// The TLS settings were refused when the connection was set up.
+    #[error("unusable tls settings: {0}")]
+    Tls(String),
     /// No node id was given and none could be derived from the hostname.
     #[error("no --node-id given and the hostname gives no usable one")]
     NoNodeId,
@@ -88,6 +118,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// Never fails: clap would quote the value in its error, and this value
+/// is a secret. [`AgentConfig::validate`] checks it without quoting it.
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
+}
+
 /// Command-line flags; each also reads the environment variable named in
 /// its help.
 #[derive(Debug, Clone, Default, Parser)]
@@ -101,7 +137,8 @@ pub struct Cli {
     #[arg(long, env = "NODE_AGENT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// gRPC endpoint of the registry (http://) [default: http://127.0.0.1:50051].
+    /// gRPC endpoint of the registry, http:// or https:// (https needs
+    /// --tls-ca) [default: http://127.0.0.1:50051].
     #[arg(long, env = "NODE_AGENT_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
 
@@ -192,6 +229,41 @@ pub struct Cli {
     /// Log format [default: text].
     #[arg(long, env = "NODE_AGENT_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// File holding the registry's bearer token (a node token) alone;
+    /// read again when the registry answers UNAUTHENTICATED.
+    #[arg(long, env = "NODE_AGENT_AUTH_TOKEN_FILE", value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// The bearer token itself. Prefer --auth-token-file, or at least the
+    /// environment variable: flags show in `ps`.
+    #[arg(
+        long,
+        env = "NODE_AGENT_AUTH_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        value_parser = parse_secret
+    )]
+    pub auth_token: Option<Secret>,
+
+    /// PEM CA bundle that signs the registry's certificate; required for
+    /// an https:// registry.
+    #[arg(long, env = "NODE_AGENT_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate for mTLS; it must name this node id (DNS SAN
+    /// or CN) when the registry checks client certificates.
+    #[arg(long, env = "NODE_AGENT_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "NODE_AGENT_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Name to verify the registry's certificate against
+    /// [default: the registry URL's host].
+    #[arg(long, env = "NODE_AGENT_TLS_DOMAIN", value_name = "NAME")]
+    pub tls_domain: Option<String>,
 }
 
 /// The TOML config file. Keys are the flags' names with `_` for `-`;
@@ -248,6 +320,20 @@ pub struct FileConfig {
     pub backoff_max: Option<Duration>,
     /// See [`Cli::log_format`].
     pub log_format: Option<LogFormat>,
+    /// See [`Cli::auth_token_file`].
+    pub auth_token_file: Option<PathBuf>,
+    /// Refused when present: a config file is often world-readable, so the
+    /// token belongs in `auth_token_file`. Kept as a key only to say so.
+    #[serde(default)]
+    pub auth_token: Option<serde::de::IgnoredAny>,
+    /// See [`Cli::tls_ca`].
+    pub tls_ca: Option<PathBuf>,
+    /// See [`Cli::tls_cert`].
+    pub tls_cert: Option<PathBuf>,
+    /// See [`Cli::tls_key`].
+    pub tls_key: Option<PathBuf>,
+    /// See [`Cli::tls_domain`].
+    pub tls_domain: Option<String>,
 }
 
 fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -269,6 +355,7 @@ impl FileConfig {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            what: "config file",
             path: path.to_owned(),
             source,
         })?;
@@ -331,6 +418,10 @@ pub struct AgentConfig {
     pub backoff: BackoffConfig,
     /// Log format (used by the binary).
     pub log_format: LogFormat,
+    /// Where the registry's bearer token comes from; `None` sends none.
+    pub auth_token: Option<TokenSource>,
+    /// TLS towards an `https://` registry.
+    pub tls: TlsConfig,
 }
 
 impl AgentConfig {
@@ -359,6 +450,8 @@ impl AgentConfig {
                 max: Duration::from_secs(30),
             },
             log_format: LogFormat::Text,
+            auth_token: None,
+            tls: TlsConfig::default(),
         }
     }
 
@@ -478,6 +571,35 @@ impl AgentConfig {
         config.backoff.max = pick(cli.backoff_max, file.backoff_max, config.backoff.max);
         config.log_format = cli.log_format.or(file.log_format).unwrap_or_default();
 
+        if file.auth_token.is_some() {
+            return Err(ConfigError::Conflict(
+                "the config file may not hold auth_token (config files are often world-readable); \
+                 put the token in a file of its own, mode 0600, and set auth_token_file"
+                    .into(),
+            ));
+        }
+        // One source only: with two, which token the registry sees would
+        // depend on precedence rules nobody remembers during an incident.
+        config.auth_token = match (cli.auth_token_file.or(file.auth_token_file), cli.auth_token) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict(
+                    "both an auth token file (--auth-token-file, NODE_AGENT_AUTH_TOKEN_FILE or \
+                     auth_token_file) and a token (--auth-token or NODE_AGENT_AUTH_TOKEN) are set; \
+                     give only one"
+                        .into(),
+                ));
+            }
+            (Some(path), None) => Some(TokenSource::File(path)),
+            (None, Some(token)) => Some(TokenSource::Value(token)),
+            (None, None) => None,
+        };
+        config.tls = TlsConfig {
+            ca: cli.tls_ca.or(file.tls_ca),
+            cert: cli.tls_cert.or(file.tls_cert),
+            key: cli.tls_key.or(file.tls_key),
+            domain: cli.tls_domain.or(file.tls_domain),
+        };
+
         config.validate()?;
         Ok(config)
     }
@@ -490,12 +612,22 @@ impl AgentConfig {
             .registry
             .parse()
             .map_err(|_| ConfigError::invalid("registry", &self.registry, "not a URL"))?;
-        if registry.scheme() != Some(&http::uri::Scheme::HTTP) || registry.host().is_none() {
+        let https = registry.scheme() == Some(&http::uri::Scheme::HTTPS);
+        if !(https || registry.scheme() == Some(&http::uri::Scheme::HTTP))
+            || registry.host().is_none()
+        {
             return Err(ConfigError::invalid(
                 "registry",
                 &self.registry,
-                "expected http://HOST:PORT (this build has no TLS)",
+                "expected http://HOST:PORT or https://HOST:PORT",
             ));
+        }
+        self.tls.validate(https)?;
+        if let Some(TokenSource::Value(token)) = &self.auth_token {
+            auth::check_token(token.expose()).map_err(|why| ConfigError::BadToken {
+                from: "--auth-token/NODE_AGENT_AUTH_TOKEN".into(),
+                why: why.to_owned(),
+            })?;
         }
         if !valid_node_id(&self.node_id) {
             return Err(ConfigError::invalid(

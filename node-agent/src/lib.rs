@@ -5,21 +5,25 @@
 //! [`run`] is the whole agent, so tests and embedders run it in-process;
 //! the `node-agent` binary only adds flags, logging and signal handling.
 
+pub mod auth;
 pub mod backoff;
 pub mod config;
 pub mod gpu;
 pub mod host;
 pub mod pools;
 mod session;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use registry_proto::pb;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
+pub use auth::{Secret, TokenSource};
 pub use config::{AgentConfig, Cli, ConfigError, LogFormat};
 pub use gpu::{FakeGpuSource, GpuError, GpuInventory, GpuSource, NvmlGpuSource};
+pub use tls::TlsConfig;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,27 @@ pub async fn run_with_gpu_source(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     config.validate()?;
+    // Files first: a token or certificate problem is a configuration
+    // error, reported before anything else happens.
+    let credentials = Arc::new(auth::Credentials::load(config.auth_token.clone())?);
+    let channel = connect_lazy(&config)?;
+    match &config.auth_token {
+        Some(source) => tracing::info!(
+            from = %source.describe(),
+            token = credentials.fingerprint().as_deref().unwrap_or(""),
+            "sending a bearer token"
+        ),
+        None => tracing::info!("no auth token configured; calls carry no authorization"),
+    }
+    if config.tls.is_set() {
+        tracing::info!(
+            ca = ?config.tls.ca,
+            client_cert = ?config.tls.cert,
+            domain = config.tls.domain.as_deref().unwrap_or("the registry url's host"),
+            "tls on"
+        );
+    }
+
     let inventory = {
         let gpus = Arc::clone(&gpus);
         match tokio::task::spawn_blocking(move || gpus.inventory()).await? {
@@ -103,21 +128,10 @@ pub async fn run_with_gpu_source(
         pools::probe::Prober::new(config.probe_timeout),
     );
 
-    // Lazy: the first RPC connects, and a lost connection is re-dialled on
-    // the next one, so a registry that is down at start is simply retried.
-    let channel = Endpoint::from_shared(config.registry.clone())?
-        .connect_timeout(config.registry_timeout)
-        .http2_keep_alive_interval(config.keepalive_interval)
-        .keep_alive_timeout(config.keepalive_timeout)
-        // Pings also while no RPC is in flight: a heartbeat stream waiting
-        // for its next beat must notice a dead peer too.
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect_lazy();
-
     let agent = Arc::new(session::Agent::new(
         config,
         channel,
+        credentials,
         gpus,
         capabilities,
         tracker,
@@ -127,4 +141,41 @@ pub async fn run_with_gpu_source(
         task.abort();
     }
     Ok(())
+}
+
+/// The registry channel, with TLS for an `https://` registry. Lazy: the
+/// first RPC connects, and a lost connection is re-dialled on the next
+/// one, so a registry that is down at start is simply retried.
+fn connect_lazy(config: &AgentConfig) -> Result<Channel, AgentError> {
+    let mut endpoint = Endpoint::from_shared(config.registry.clone())?
+        .connect_timeout(config.registry_timeout)
+        .http2_keep_alive_interval(config.keepalive_interval)
+        .keep_alive_timeout(config.keepalive_timeout)
+        // Pings also while no RPC is in flight: a heartbeat stream waiting
+        // for its next beat must notice a dead peer too.
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    if config.tls.is_set() {
+        let tls = config
+            .tls
+            .client_config()?
+            // The TLS handshake is part of connecting.
+            .timeout(config.registry_timeout);
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| ConfigError::Tls(error_chain(&e)))?;
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// An error and its causes, "a: b: c".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

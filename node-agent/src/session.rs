@@ -15,10 +15,12 @@ use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{debug, error, info, warn};
 
+use crate::auth::{BearerAuth, Credentials};
 use crate::backoff::{Backoff, random_up_to};
 use crate::config::{AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::gpu::GpuSource;
@@ -76,10 +78,15 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The registry client; every call carries the bearer token, if any.
+type Client = NodeRegistryClient<InterceptedService<Channel, BearerAuth>>;
+
 /// Everything a session needs, shared with the sender task.
 pub(crate) struct Agent {
     config: AgentConfig,
-    client: NodeRegistryClient<Channel>,
+    client: Client,
+    /// The token the client sends; re-read after UNAUTHENTICATED.
+    credentials: Arc<Credentials>,
     gpus: Arc<dyn GpuSource>,
     capabilities: pb::Capabilities,
     pools: PoolTracker,
@@ -94,13 +101,15 @@ impl Agent {
     pub(crate) fn new(
         config: AgentConfig,
         channel: Channel,
+        credentials: Arc<Credentials>,
         gpus: Arc<dyn GpuSource>,
         capabilities: pb::Capabilities,
         pools: PoolTracker,
     ) -> Self {
         Agent {
             config,
-            client: NodeRegistryClient::new(channel),
+            client: NodeRegistryClient::with_interceptor(channel, credentials.interceptor()),
+            credentials,
             gpus,
             capabilities,
             pools,
@@ -176,19 +185,76 @@ impl Agent {
         };
         let mut client = self.client.clone();
         let node_id = &self.config.node_id;
-        match tokio::time::timeout(self.config.deregister_timeout, client.deregister(request)).await
-        {
-            Ok(Ok(_)) => info!(%node_id, session_id = session.id, "deregistered"),
-            Ok(Err(status)) => warn!(
+        let deadline = Instant::now() + self.config.deregister_timeout;
+        // A token rotated since the last call: re-read it and try once more.
+        let mut retried = false;
+        loop {
+            match tokio::time::timeout_at(deadline, client.deregister(request.clone())).await {
+                Ok(Ok(_)) => info!(%node_id, session_id = session.id, "deregistered"),
+                Ok(Err(status))
+                    if status.code() == Code::Unauthenticated
+                        && !retried
+                        && self.credentials.reload() =>
+                {
+                    retried = true;
+                    continue;
+                }
+                Ok(Err(status)) => warn!(
+                    %node_id,
+                    code = ?status.code(),
+                    error = status.message(),
+                    "deregister refused"
+                ),
+                Err(_) => warn!(
+                    %node_id,
+                    "deregister timed out; the registry will mark the node offline"
+                ),
+            }
+            return;
+        }
+    }
+
+    /// Logs a failed call and, when the registry refused the token, reads
+    /// the token file again so a rotated token is used from the next try.
+    fn failed(&self, what: &str, status: &Status, retry_in: Duration) {
+        let node_id = &self.config.node_id;
+        let retry_in = humantime::format_duration(round_ms(retry_in)).to_string();
+        let error = describe(status);
+        let code = status.code();
+        match code {
+            Code::Unauthenticated => {
+                let token = self.credentials.fingerprint();
+                let hint = if self.credentials.configured() {
+                    "the registry does not accept this agent's token; check --auth-token-file \
+                     (re-read now) or NODE_AGENT_AUTH_TOKEN"
+                } else {
+                    "the registry requires a bearer token; set --auth-token-file"
+                };
+                error!(
+                    %node_id,
+                    ?code,
+                    %error,
+                    token = token.as_deref().unwrap_or("none"),
+                    hint,
+                    %retry_in,
+                    "{what} rejected by the registry: unauthenticated"
+                );
+                self.credentials.reload();
+            }
+            Code::PermissionDenied => error!(
                 %node_id,
-                code = ?status.code(),
-                error = status.message(),
-                "deregister refused"
+                ?code,
+                %error,
+                hint = "the token must have the node role, and under mtls the client \
+                        certificate must name this node id (dns san or cn)",
+                %retry_in,
+                "{what} rejected by the registry: permission denied"
             ),
-            Err(_) => warn!(
-                %node_id,
-                "deregister timed out; the registry will mark the node offline"
-            ),
+            // A refused argument will not fix itself; say so louder.
+            Code::InvalidArgument => {
+                error!(%node_id, ?code, %error, %retry_in, "{what} rejected by the registry");
+            }
+            _ => warn!(%node_id, ?code, %error, %retry_in, "{what} failed"),
         }
     }
 
@@ -464,17 +530,6 @@ async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
     }
 }
 
-fn log_failure(node_id: &str, what: &str, status: &Status, retry_in: Duration) {
-    let retry_in = humantime::format_duration(round_ms(retry_in)).to_string();
-    let error = describe(status);
-    // A refused argument will not fix itself; say so louder.
-    if status.code() == Code::InvalidArgument {
-        error!(%node_id, code = ?status.code(), %error, %retry_in, "{what} rejected by the registry");
-    } else {
-        warn!(%node_id, code = ?status.code(), %error, %retry_in, "{what} failed");
-    }
-}
-
 /// The status message and its causes ("tcp connect error: Connection
 /// refused"): tonic's message alone rarely says what went wrong.
 fn describe(status: &Status) -> String {
@@ -516,7 +571,7 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                     Ok(s) => (s, true),
                     Err(status) => {
                         let delay = backoff.next_delay();
-                        log_failure(&node_id, "register", &status, delay);
+                        agent.failed("register", &status, delay);
                         if wait(delay, &mut shutdown).await {
                             return;
                         }
@@ -547,7 +602,7 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
             }
             StreamEnd::Failed(status) => {
                 let delay = backoff.next_delay();
-                log_failure(&node_id, "heartbeat stream", &status, delay);
+                agent.failed("heartbeat stream", &status, delay);
                 jitter = false;
                 if wait(delay, &mut shutdown).await {
                     // The registry may be back by now; try to leave cleanly.
