@@ -50,9 +50,11 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    config.validate()?;
+    // Token and TLS files before the GPUs: a configuration problem is
+    // reported as one even on a host whose GPUs are missing too.
+    let registry = RegistryConnection::prepare(&config)?;
     let gpus = gpu::open(&config.gpus)?;
-    run_with_gpu_source(config, gpus, shutdown).await
+    run_prepared(config, registry, gpus, shutdown).await
 }
 
 /// [`run`] with a given GPU source instead of the one `config.gpus` names.
@@ -61,28 +63,52 @@ pub async fn run_with_gpu_source(
     gpus: Arc<dyn GpuSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
-    config.validate()?;
-    // Files first: a token or certificate problem is a configuration
-    // error, reported before anything else happens.
-    let credentials = Arc::new(auth::Credentials::load(config.auth_token.clone())?);
-    let channel = connect_lazy(&config)?;
-    match &config.auth_token {
-        Some(source) => tracing::info!(
-            from = %source.describe(),
-            token = credentials.fingerprint().as_deref().unwrap_or(""),
-            "sending a bearer token"
-        ),
-        None => tracing::info!("no auth token configured; calls carry no authorization"),
-    }
-    if config.tls.is_set() {
-        tracing::info!(
-            ca = ?config.tls.ca,
-            client_cert = ?config.tls.cert,
-            domain = config.tls.domain.as_deref().unwrap_or("the registry url's host"),
-            "tls on"
-        );
-    }
+    let registry = RegistryConnection::prepare(&config)?;
+    run_prepared(config, registry, gpus, shutdown).await
+}
 
+/// The way to the registry: the token and the (lazy) channel.
+struct RegistryConnection {
+    credentials: Arc<auth::Credentials>,
+    channel: Channel,
+}
+
+impl RegistryConnection {
+    /// Validates `config`, reads the token and TLS files, and sets up the
+    /// channel without connecting.
+    fn prepare(config: &AgentConfig) -> Result<Self, AgentError> {
+        config.validate()?;
+        let credentials = Arc::new(auth::Credentials::load(config.auth_token.clone())?);
+        let channel = connect_lazy(config)?;
+        match &config.auth_token {
+            Some(source) => tracing::info!(
+                from = %source.describe(),
+                token = credentials.fingerprint().as_deref().unwrap_or(""),
+                "sending a bearer token"
+            ),
+            None => tracing::info!("no auth token configured; calls carry no authorization"),
+        }
+        if config.tls.is_set() {
+            tracing::info!(
+                ca = ?config.tls.ca,
+                client_cert = ?config.tls.cert,
+                domain = config.tls.domain.as_deref().unwrap_or("the registry url's host"),
+                "tls on"
+            );
+        }
+        Ok(RegistryConnection {
+            credentials,
+            channel,
+        })
+    }
+}
+
+async fn run_prepared(
+    config: AgentConfig,
+    registry: RegistryConnection,
+    gpus: Arc<dyn GpuSource>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
     let inventory = {
         let gpus = Arc::clone(&gpus);
         match tokio::task::spawn_blocking(move || gpus.inventory()).await? {
@@ -130,8 +156,8 @@ pub async fn run_with_gpu_source(
 
     let agent = Arc::new(session::Agent::new(
         config,
-        channel,
-        credentials,
+        registry.channel,
+        registry.credentials,
         gpus,
         capabilities,
         tracker,

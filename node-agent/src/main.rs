@@ -1,12 +1,13 @@
 //! The `node-agent` binary: flags and environment, logging, signals.
 //! Exit status: 0 after a graceful stop (SIGTERM/SIGINT), 2 for an unusable
-//! configuration, 1 when GPUs are required and missing or start-up fails.
+//! configuration (flags, or a token or TLS file that cannot be used), 1 when
+//! GPUs are required and missing or start-up fails.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use node_agent::{AgentConfig, Cli, LogFormat};
+use node_agent::{AgentConfig, AgentError, Cli, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -54,6 +55,12 @@ fn main() -> ExitCode {
             Ok(()) => {
                 tracing::info!("node-agent stopped");
                 ExitCode::SUCCESS
+            }
+            // Token and TLS files are read here, not while parsing flags:
+            // still a configuration problem, so no restart loop.
+            Err(AgentError::Config(e)) => {
+                tracing::error!(error = %e, "unusable configuration");
+                ExitCode::from(2)
             }
             Err(e) => {
                 tracing::error!(error = %e, "node-agent cannot run");
