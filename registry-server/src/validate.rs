@@ -112,22 +112,25 @@ pub fn beat(
     })
 }
 
+/// A required value of at most `max` bytes.
+fn required(field: &str, value: &str, max: usize) -> Result<(), RegistryError> {
+    if value.is_empty() {
+        return Err(RegistryError::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(RegistryError::invalid(
+            field,
+            format!("is {} bytes long; at most {max} are allowed", value.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// A node id: a DNS label (1-63 characters of `[a-z0-9-]`, starting and
 /// ending with a letter or digit), so it is safe in hostnames, URLs, metric
 /// labels and logs.
 pub fn node_id(field: &str, id: &str) -> Result<(), RegistryError> {
-    if id.is_empty() {
-        return Err(RegistryError::invalid(field, "must not be empty"));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(RegistryError::invalid(
-            field,
-            format!(
-                "is {} bytes long; at most {MAX_ID_LEN} are allowed",
-                id.len()
-            ),
-        ));
-    }
+    required(field, id, MAX_ID_LEN)?;
     let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     if !id.chars().all(allowed) {
         return Err(RegistryError::invalid(
@@ -148,18 +151,7 @@ pub fn node_id(field: &str, id: &str) -> Result<(), RegistryError> {
 }
 
 fn machine_id(id: &str) -> Result<(), RegistryError> {
-    if id.is_empty() {
-        return Err(RegistryError::invalid("machine_id", "must not be empty"));
-    }
-    if id.len() > MAX_MACHINE_ID_LEN {
-        return Err(RegistryError::invalid(
-            "machine_id",
-            format!(
-                "is {} bytes long; at most {MAX_MACHINE_ID_LEN} are allowed",
-                id.len()
-            ),
-        ));
-    }
+    required("machine_id", id, MAX_MACHINE_ID_LEN)?;
     if !id.chars().all(|c| c.is_ascii_graphic()) {
         return Err(RegistryError::invalid(
             "machine_id",
@@ -170,18 +162,7 @@ fn machine_id(id: &str) -> Result<(), RegistryError> {
 }
 
 fn address(addr: &str) -> Result<(), RegistryError> {
-    if addr.is_empty() {
-        return Err(RegistryError::invalid("address", "must not be empty"));
-    }
-    if addr.len() > MAX_ADDRESS_LEN {
-        return Err(RegistryError::invalid(
-            "address",
-            format!(
-                "is {} bytes long; at most {MAX_ADDRESS_LEN} are allowed",
-                addr.len()
-            ),
-        ));
-    }
+    required("address", addr, MAX_ADDRESS_LEN)?;
     let uri: http::Uri = addr.parse().map_err(|e| {
         RegistryError::invalid("address", format!("{} is not a URL: {e}", quoted(addr)))
     })?;
@@ -205,18 +186,7 @@ fn address(addr: &str) -> Result<(), RegistryError> {
 
 /// A pool id: 1-63 characters of `[A-Za-z0-9._-]`.
 fn pool_id(field: &str, id: &str) -> Result<(), RegistryError> {
-    if id.is_empty() {
-        return Err(RegistryError::invalid(field, "must not be empty"));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(RegistryError::invalid(
-            field,
-            format!(
-                "is {} bytes long; at most {MAX_ID_LEN} are allowed",
-                id.len()
-            ),
-        ));
-    }
+    required(field, id, MAX_ID_LEN)?;
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if !id.chars().all(allowed) {
         return Err(RegistryError::invalid(
