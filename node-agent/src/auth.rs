@@ -175,11 +175,6 @@ impl Credentials {
         })
     }
 
-    /// Whether a token is configured at all.
-    pub fn configured(&self) -> bool {
-        self.source.is_some()
-    }
-
     /// The fingerprint of the token sent now.
     pub fn fingerprint(&self) -> Option<String> {
         self.read().as_ref().map(|b| b.fingerprint.clone())

@@ -89,9 +89,13 @@ impl RegistryConnection {
             None => tracing::info!("no auth token configured; calls carry no authorization"),
         }
         if config.tls.is_set() {
+            let show = |path: &Option<std::path::PathBuf>| {
+                path.as_deref()
+                    .map_or("none".to_owned(), |p| p.display().to_string())
+            };
             tracing::info!(
-                ca = ?config.tls.ca,
-                client_cert = ?config.tls.cert,
+                ca = %show(&config.tls.ca),
+                client_cert = %show(&config.tls.cert),
                 domain = config.tls.domain.as_deref().unwrap_or("the registry url's host"),
                 "tls on"
             );

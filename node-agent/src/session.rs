@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::{debug, error, info, warn};
 
-use crate::auth::{BearerAuth, Credentials};
+use crate::auth::{BearerAuth, Credentials, TokenSource};
 use crate::backoff::{Backoff, random_up_to};
 use crate::config::{AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::gpu::GpuSource;
@@ -224,11 +224,15 @@ impl Agent {
         match code {
             Code::Unauthenticated => {
                 let token = self.credentials.fingerprint();
-                let hint = if self.credentials.configured() {
-                    "the registry does not accept this agent's token; check --auth-token-file \
-                     (re-read now) or NODE_AGENT_AUTH_TOKEN"
-                } else {
-                    "the registry requires a bearer token; set --auth-token-file"
+                let hint = match &self.config.auth_token {
+                    Some(TokenSource::File(_)) => {
+                        "the registry does not accept this token; check --auth-token-file \
+                         (re-read before the next try)"
+                    }
+                    Some(TokenSource::Value(_)) => {
+                        "the registry does not accept this token; check NODE_AGENT_AUTH_TOKEN"
+                    }
+                    None => "the registry requires a bearer token; set --auth-token-file",
                 };
                 error!(
                     %node_id,

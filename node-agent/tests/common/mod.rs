@@ -5,19 +5,22 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use node_agent::AgentConfig;
+use node_agent::auth::{BearerAuth, Credentials};
 use node_agent::config::BackoffConfig;
+use node_agent::{AgentConfig, Secret, TokenSource};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Server heartbeat interval in the tests.
 pub const SERVER_INTERVAL: Duration = Duration::from_millis(200);
@@ -34,9 +37,138 @@ pub fn init_logs() {
     }
 }
 
+/// A `node` token the registry accepts in the security tests.
+pub const NODE_TOKEN: &str = "node-token-aaaaaaaaaaaaaaaa";
+/// An `admin` token, for the test's own reads.
+pub const ADMIN_TOKEN: &str = "admin-token-cccccccccccccccc";
+
+/// Registry settings of the tests: short timings, no security.
+pub fn registry_settings() -> registry_server::Settings {
+    registry_server::Settings {
+        node_timeout: NODE_TIMEOUT,
+        heartbeat_interval: SERVER_INTERVAL,
+        offline_retention: Duration::from_secs(60),
+        ..registry_server::Settings::default()
+    }
+}
+
+/// A directory of files a test writes (tokens, certificates), removed
+/// with it.
+pub struct Files(tempfile::TempDir);
+
+impl Files {
+    pub fn new() -> Self {
+        Files(tempfile::tempdir().unwrap())
+    }
+
+    /// Writes `name` by writing a temporary file and renaming it into
+    /// place, as a rotation should, so no reader sees half a file.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.path().join(name);
+        let tmp = self.0.path().join(format!("{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+
+    /// Writes a secret the way operators should: mode 0600.
+    pub fn write_secret(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.0.path().join(name);
+        let tmp = self.0.path().join(format!("{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+
+    /// The registry's token file: the node and admin tokens.
+    pub fn registry_tokens(&self) -> PathBuf {
+        self.write_secret(
+            "registry-tokens",
+            &format!("node {NODE_TOKEN}\nadmin {ADMIN_TOKEN}\n"),
+        )
+    }
+}
+
+/// How the test reaches a registry that checks tokens, and maybe TLS.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    /// PEM CA that signs the registry's certificate; `None` for plain
+    /// http.
+    pub ca: Option<String>,
+    /// Server name in the registry's certificate.
+    pub domain: String,
+    /// Client certificate and key (PEM), for mTLS.
+    pub identity: Option<(String, String)>,
+}
+
+/// The test's own client with the admin token: it reads the fleet as an
+/// operator would.
+#[derive(Clone)]
+pub struct Admin(NodeRegistryClient<InterceptedService<Channel, BearerAuth>>);
+
+impl Admin {
+    pub async fn connect(registry: &Registry, tls: &ClientTls) -> Self {
+        let mut endpoint = Channel::from_shared(registry.url()).unwrap();
+        if let Some(ca) = &tls.ca {
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(tls.domain.clone());
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(config).unwrap();
+        }
+        let channel = endpoint.connect().await.unwrap();
+        let credentials = Arc::new(
+            Credentials::load(Some(TokenSource::Value(Secret::new(ADMIN_TOKEN)))).unwrap(),
+        );
+        Admin(NodeRegistryClient::with_interceptor(
+            channel,
+            credentials.interceptor(),
+        ))
+    }
+
+    /// Every node the registry lists.
+    pub async fn nodes(&self) -> Vec<pb::Node> {
+        self.0
+            .clone()
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+    }
+
+    /// The node, while it is registered.
+    pub async fn node(&self, node_id: &str) -> Option<pb::Node> {
+        self.nodes()
+            .await
+            .into_iter()
+            .find(|n| n.node_id == node_id)
+    }
+
+    /// Waits until the node is ONLINE and a heartbeat with pool status
+    /// has arrived.
+    pub async fn wait_heartbeating(&self, node_id: &str) -> pb::Node {
+        eventually(
+            &format!("{node_id} online and heartbeating"),
+            Duration::from_secs(10),
+            || async {
+                self.node(node_id)
+                    .await
+                    .filter(|n| n.status() == pb::NodeStatus::Online && !n.pool_status.is_empty())
+            },
+        )
+        .await
+    }
+}
+
 /// A registry-server served from a listener the test bound.
 pub struct Registry {
     pub addr: SocketAddr,
+    scheme: &'static str,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), registry_server::ServerError>>,
 }
@@ -58,12 +190,21 @@ impl Registry {
 
     /// Serves on a listener the test already holds.
     pub fn serve(listener: TcpListener) -> Self {
+        Self::serve_with(listener, registry_settings())
+    }
+
+    /// Serves `settings` (tokens, TLS) on a fresh 127.0.0.1:0 listener.
+    pub async fn start_with(settings: registry_server::Settings) -> Self {
+        Self::serve_with(TcpListener::bind("127.0.0.1:0").await.unwrap(), settings)
+    }
+
+    /// Serves `settings` on a listener the test already holds.
+    pub fn serve_with(listener: TcpListener, settings: registry_server::Settings) -> Self {
         let addr = listener.local_addr().unwrap();
-        let settings = registry_server::Settings {
-            node_timeout: NODE_TIMEOUT,
-            heartbeat_interval: SERVER_INTERVAL,
-            offline_retention: Duration::from_secs(60),
-            ..registry_server::Settings::default()
+        let scheme = if settings.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(registry_server::run(listener, settings, async {
@@ -71,13 +212,14 @@ impl Registry {
         }));
         Registry {
             addr,
+            scheme,
             stop: Some(stop),
             task,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// A client on its own connection.
