@@ -6,7 +6,10 @@ mod common;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use common::{Registry, eventually, get_node};
+use common::{
+    ADMIN_TOKEN, Admin, ClientTls, Files, NODE_TOKEN, Registry, eventually, get_node,
+    registry_settings,
+};
 use registry_proto::pb;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -115,5 +118,104 @@ async fn binary_requiring_gpus_fails_clearly_without_them() {
         assert_eq!(status.code(), Some(1));
         let stderr = stderr_of(child);
         assert!(stderr.contains("NVML unavailable"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn binary_sends_the_token_from_the_environment_and_never_shows_it() {
+    let files = Files::new();
+    let registry = Registry::start_with(registry_server::Settings {
+        auth_token_file: Some(files.registry_tokens()),
+        ..registry_settings()
+    })
+    .await;
+    let admin = Admin::connect(&registry, &ClientTls::default()).await;
+    let mut child = agent_command()
+        .args([
+            "--registry",
+            &registry.url(),
+            "--node-id",
+            "bin-t",
+            "--fake-gpus",
+            "1",
+            "--pool",
+            "pool-0",
+            "--heartbeat-interval",
+            "300ms",
+        ])
+        .env("NODE_AGENT_AUTH_TOKEN", NODE_TOKEN)
+        .spawn()
+        .unwrap();
+    admin.wait_heartbeating("bin-t").await;
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = wait_exit(&mut child).await;
+    let stderr = stderr_of(child);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(admin.node("bin-t").await.is_none(), "deregistered");
+    assert!(stderr.contains("sending a bearer token"), "{stderr}");
+    assert!(
+        !stderr.contains(NODE_TOKEN),
+        "the token was logged:\n{stderr}"
+    );
+
+    // --help names the variable but not its value.
+    let help = agent_command()
+        .arg("--help")
+        .env("NODE_AGENT_AUTH_TOKEN", NODE_TOKEN)
+        .env("NODE_AGENT_AUTH_TOKEN_FILE", "/etc/node-agent/token")
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("NODE_AGENT_AUTH_TOKEN"), "{help}");
+    assert!(help.contains("/etc/node-agent/token"), "{help}");
+    assert!(!help.contains(NODE_TOKEN), "{help}");
+    assert!(!help.contains(ADMIN_TOKEN), "{help}");
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn binary_refuses_unusable_token_and_tls_settings_with_status_2() {
+    let files = Files::new();
+    let token_file = files.write_secret("token", NODE_TOKEN);
+    let token_file = token_file.to_str().unwrap();
+    let missing = files.path("missing-token");
+    let cases: [(&[&str], Option<&str>, &str); 4] = [
+        (
+            &["--auth-token-file", token_file],
+            Some(NODE_TOKEN),
+            "give only one",
+        ),
+        (
+            &["--auth-token-file", missing.to_str().unwrap()],
+            None,
+            "cannot read auth token file",
+        ),
+        (&[], Some("short"), "invalid auth token"),
+        (
+            &["--registry", "https://127.0.0.1:1"],
+            None,
+            "needs --tls-ca",
+        ),
+    ];
+    for (args, env_token, want) in cases {
+        let mut command = agent_command();
+        command
+            .args(["--node-id", "n1", "--fake-gpus", "0"])
+            .args(args);
+        if let Some(token) = env_token {
+            command.env("NODE_AGENT_AUTH_TOKEN", token);
+        }
+        let mut child = command.spawn().unwrap();
+        let status = wait_exit(&mut child).await;
+        let stderr = stderr_of(child);
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains(NODE_TOKEN), "{stderr}");
     }
 }

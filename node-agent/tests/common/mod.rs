@@ -61,6 +61,11 @@ impl Files {
         Files(tempfile::tempdir().unwrap())
     }
 
+    /// Where `name` is (or would be) in the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+
     /// Writes `name` by writing a temporary file and renaming it into
     /// place, as a rotation should, so no reader sees half a file.
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
