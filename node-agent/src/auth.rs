@@ -233,16 +233,18 @@ fn read_token_file(path: &Path) -> Result<Bearer, ConfigError> {
     })
 }
 
-/// A token file that other users can read leaks the node's credential.
+/// A token file that every user can read leaks the node's credential.
+/// Group access is left alone: `root:node-agent 0640` is a deliberate way
+/// to keep the agent from changing its own token.
 fn warn_if_shared(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if mode & 0o007 != 0 {
             warn!(
                 path = %path.display(),
                 mode = %format!("{mode:o}"),
-                "auth token file is readable by other users; chmod 600 it"
+                "auth token file is open to every user; chmod 600 it"
             );
         }
     }

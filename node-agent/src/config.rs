@@ -877,6 +877,38 @@ mod tests {
     }
 
     #[test]
+    fn example_security_settings_are_valid_when_uncommented() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/node-agent.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text: String = text
+            .lines()
+            .map(|line| {
+                let key = line.strip_prefix("# ").unwrap_or(line);
+                if key.starts_with("auth_token_file =") || key.starts_with("tls_") {
+                    key.to_owned()
+                } else {
+                    line.replace("http://registry.internal", "https://registry.internal")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file = FileConfig::parse(&text, &path).unwrap();
+        let flags = Cli {
+            node_id: Some("n1".into()),
+            ..Cli::default()
+        };
+        let config = AgentConfig::resolve(flags, file).unwrap();
+        assert_eq!(config.registry, "https://registry.internal:50051");
+        assert_eq!(
+            config.auth_token,
+            Some(TokenSource::File("/etc/node-agent/token".into()))
+        );
+        assert_eq!(config.tls.domain.as_deref(), Some("registry.internal"));
+        assert!(config.tls.ca.is_some() && config.tls.cert.is_some() && config.tls.key.is_some());
+    }
+
+    #[test]
     fn file_pool_state_parses() {
         let file = FileConfig::parse(
             "[[pools]]\nid = \"p\"\nstate = \"draining\"\n",

@@ -191,7 +191,7 @@ async fn agent_with_the_node_token_registers_and_heartbeats() {
     })
     .await;
     assert!(logs.count(&fingerprint(NODE_TOKEN)) >= 1, "{}", logs.text());
-    assert_eq!(logs.count("readable by other users"), 0, "{}", logs.text());
+    assert_eq!(logs.count("open to every user"), 0, "{}", logs.text());
     assert_no_token_in(&logs);
 
     agent.stop().await.unwrap();
@@ -222,7 +222,7 @@ async fn agent_with_a_wrong_token_keeps_retrying_and_is_never_registered() {
     assert!(text.contains("Unauthenticated"), "{text}");
     assert!(text.contains(&fingerprint(WRONG)), "{text}");
     assert!(text.contains("check --auth-token-file"), "{text}");
-    assert!(text.contains("readable by other users"), "{text}");
+    assert!(text.contains("open to every user"), "{text}");
     assert!(!text.contains(WRONG), "the token was logged:\n{text}");
 
     agent.stop().await.unwrap();
