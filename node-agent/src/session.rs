@@ -249,8 +249,9 @@ impl Agent {
                 %node_id,
                 ?code,
                 %error,
-                hint = "the token must have the node role, and under mtls the client \
-                        certificate must name this node id (dns san or cn)",
+                hint = "the token must have the node role, under mtls the client \
+                        certificate must name this node id (dns san or cn), and the \
+                        session must be this agent's",
                 %retry_in,
                 "{what} rejected by the registry: permission denied"
             ),

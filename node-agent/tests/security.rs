@@ -295,6 +295,68 @@ async fn graceful_stop_deregisters_under_tokens() {
 }
 
 #[tokio::test]
+async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
+    let (logs, _guard) = Logs::capture();
+    let files = Files::new();
+    let registry_tokens = files.registry_tokens();
+    let registry = Registry::start_with(registry_server::Settings {
+        auth_token_file: Some(registry_tokens),
+        ..registry_settings()
+    })
+    .await;
+    let admin = Admin::connect(&registry, &ClientTls::default()).await;
+    let agent = Agent::start(agent_with_token_file(&files, &registry, "t5"));
+    admin.wait_heartbeating("t5").await;
+
+    // The operator rotates: the registry knows only the new node token,
+    // and the agent's file holds it too.
+    const ROTATED: &str = "rotated-node-token-ffffffffffff";
+    files.write_secret(
+        "registry-tokens",
+        &format!("node {ROTATED}\nadmin {ADMIN_TOKEN}\n"),
+    );
+    files.write_secret("t5.token", ROTATED);
+    // The registry re-reads its file on its own schedule; the old token is
+    // refused as unknown (no longer "a node token may not list") once it has.
+    let old = Admin::with_token(&registry, NODE_TOKEN).await;
+    eventually("the registry to drop the old token", WAIT, || {
+        let old = old.clone();
+        async move {
+            let code = old.list_code().await;
+            (code == tonic::Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
+
+    // The open stream was authorised when it opened and carries on.
+    let before = admin.node("t5").await.unwrap().last_heartbeat_at.unwrap();
+    eventually("a heartbeat after the rotation", WAIT, || {
+        let admin = admin.clone();
+        async move {
+            admin.node("t5").await.filter(|n| {
+                let at = n.last_heartbeat_at.unwrap();
+                (at.seconds, at.nanos) > (before.seconds, before.nanos)
+            })
+        }
+    })
+    .await;
+
+    // Deregister goes out with the old token, is refused, re-reads the
+    // file and succeeds with the new one.
+    agent.stop().await.unwrap();
+    assert!(admin.node("t5").await.is_none(), "deregistered");
+    assert_eq!(
+        logs.count("auth token file changed; using the new token"),
+        1,
+        "{}",
+        logs.text()
+    );
+    assert!(!logs.text().contains(ROTATED), "{}", logs.text());
+    assert_no_token_in(&logs);
+    registry.stop().await;
+}
+
+#[tokio::test]
 async fn agent_over_tls_with_tls_ca_registers_and_deregisters() {
     let (logs, _guard) = Logs::capture();
     let files = Files::new();

@@ -125,14 +125,39 @@ impl Admin {
             }
             endpoint = endpoint.tls_config(config).unwrap();
         }
-        let channel = endpoint.connect().await.unwrap();
-        let credentials = Arc::new(
-            Credentials::load(Some(TokenSource::Value(Secret::new(ADMIN_TOKEN)))).unwrap(),
-        );
+        Self::on(endpoint.connect().await.unwrap(), ADMIN_TOKEN)
+    }
+
+    /// A plain-http client that sends `token` instead of the admin token.
+    pub async fn with_token(registry: &Registry, token: &str) -> Self {
+        let channel = Channel::from_shared(registry.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self::on(channel, token)
+    }
+
+    fn on(channel: Channel, token: &str) -> Self {
+        let credentials =
+            Arc::new(Credentials::load(Some(TokenSource::Value(Secret::new(token)))).unwrap());
         Admin(NodeRegistryClient::with_interceptor(
             channel,
             credentials.interceptor(),
         ))
+    }
+
+    /// The status code ListNodes answers with (`Ok` when it works).
+    pub async fn list_code(&self) -> tonic::Code {
+        match self
+            .0
+            .clone()
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+        {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        }
     }
 
     /// Every node the registry lists.
