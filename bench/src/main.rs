@@ -41,6 +41,14 @@ enum Command {
         /// The scenarios, in order.
         #[arg(required = true, value_enum)]
         scenarios: Vec<Scenario>,
+
+        /// Only the scale steps with these node counts (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        scale_nodes: Vec<usize>,
+
+        /// Length of each scale step's measured window.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        scale_window: Option<std::time::Duration>,
     },
 }
 
@@ -69,7 +77,20 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
     let (plan, scenarios, name) = match cli.command {
         Command::All => (Plan::full(), Scenario::ALL.to_vec(), "all"),
         Command::Quick => (Plan::quick(true), Scenario::ALL.to_vec(), "quick"),
-        Command::Run { scenarios } => (Plan::full(), scenarios, "run"),
+        Command::Run {
+            scenarios,
+            scale_nodes,
+            scale_window,
+        } => {
+            let mut plan = Plan::full();
+            if !scale_nodes.is_empty() {
+                plan.scale.retain(|step| scale_nodes.contains(&step.nodes));
+            }
+            if let Some(window) = scale_window {
+                plan.scale_window = window;
+            }
+            (plan, scenarios, "run")
+        }
     };
     let soft = rlimit::increase_nofile_limit(u64::MAX)
         .map_err(|e| BenchError::Io(format!("raising the open-file limit: {e}")))?;

@@ -123,12 +123,12 @@ impl Plan {
                 ScaleStep {
                     nodes: 50_000,
                     connections: 500,
-                    ramp: 5_000.0,
+                    ramp: 2_000.0,
                 },
                 ScaleStep {
                     nodes: 100_000,
                     connections: 1_000,
-                    ramp: 5_000.0,
+                    ramp: 2_000.0,
                 },
             ],
             scale_interval: Duration::from_secs(10),

@@ -28,13 +28,13 @@ fn secs(d: Duration) -> String {
 /// Scenario 1.
 pub fn scale(rows: &[ScaleRow]) -> String {
     let mut out = String::from(
-        "| nodes | connections | registrations/s | heartbeats/s | server CPU | server RSS (peak) | RSS/node | ack p50 | ack p99 | ack max | simulator CPU | errors | false OFFLINE |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+        "| nodes | connections | registrations/s | heartbeats/s | server CPU | server RSS (peak) | RSS/node | ack p50 | ack p99 | ack max | simulator CPU | sim timer lag p99 | errors | false OFFLINE |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {:.1} % | {} ({}) | {} | {} | {} | {} | {:.0} % | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.1} % | {} ({}) | {} | {} | {} | {} | {:.0} % | {} | {} | {} |",
             r.nodes,
             r.connections,
             r.registrations_per_sec,
@@ -47,6 +47,7 @@ pub fn scale(rows: &[ScaleRow]) -> String {
             fmt_ms(r.ack.p99),
             fmt_ms(r.ack.max),
             r.sim_cpu_percent,
+            fmt_ms(r.wake_lag.p99),
             fmt_errors(&r.errors),
             r.false_offline,
         );
@@ -58,8 +59,8 @@ pub fn scale(rows: &[ScaleRow]) -> String {
 pub fn throughput(t: &ThroughputResult) -> String {
     let mut out = format!(
         "{} nodes on {} connections; the interval shrinks until ack p99 reaches {} or acks fall behind.\n\n\
-         | offered/s | acked/s | ack p50 | ack p99 | ack max | server CPU | server CPU-s per 100k | simulator CPU | errors | sustained |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+         | offered/s | acked/s | ack p50 | ack p99 | ack max | server CPU | server CPU-s per 100k | simulator CPU | sim timer lag p99 | errors | sustained |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
         t.nodes,
         t.connections,
         fmt_ms(t.p99_limit)
@@ -67,7 +68,7 @@ pub fn throughput(t: &ThroughputResult) -> String {
     for r in &t.rows {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {} | {} | {:.0} % | {:.2} | {:.0} % | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {:.0} % | {:.2} | {:.0} % | {} | {} | {} |",
             r.offered,
             r.achieved,
             fmt_ms(r.ack.p50),
@@ -76,6 +77,7 @@ pub fn throughput(t: &ThroughputResult) -> String {
             r.server_cpu_percent,
             r.cpu_seconds_per_100k,
             r.sim_cpu_percent,
+            fmt_ms(r.wake_lag.p99),
             fmt_errors(&r.errors),
             if r.sustained { "yes" } else { "no" },
         );

@@ -74,10 +74,11 @@ impl NodeShape {
 
     /// Heartbeat number `sequence`: every pool READY with some slots busy,
     /// every GPU with varying utilisation. The first message of a stream
-    /// names the node and session.
+    /// names the node and session and presents the session's secret.
     pub fn heartbeat(
         &self,
         session_id: u64,
+        session_secret: &str,
         sequence: u64,
         first: bool,
         rng: &mut fastrand::Rng,
@@ -112,6 +113,11 @@ impl NodeShape {
                 String::new()
             },
             session_id: if first { session_id } else { 0 },
+            session_secret: if first {
+                session_secret.to_string()
+            } else {
+                String::new()
+            },
             sent_at: Some(prost_types::Timestamp::from(SystemTime::now())),
             pools,
             gpus,

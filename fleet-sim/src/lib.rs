@@ -26,4 +26,4 @@ pub mod stats;
 
 pub use config::FleetConfig;
 pub use fleet::{Fleet, SimError, run};
-pub use stats::{LatencySummary, Report, Snapshot, Stats};
+pub use stats::{LatencySummary, Report, Snapshot, Stats, WindowLatency};

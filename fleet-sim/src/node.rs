@@ -35,6 +35,15 @@ enum End {
     Reregister,
 }
 
+/// A registration's session, which the first message of every heartbeat
+/// stream presents.
+struct Session {
+    /// RegisterResponse.session_id.
+    id: u64,
+    /// RegisterResponse.session_secret.
+    secret: String,
+}
+
 /// Everything one node keeps for its life.
 struct Node {
     /// Ids, payload sizes.
@@ -82,13 +91,13 @@ impl Node {
                 stop.cancelled().await;
                 return;
             }
-            let Some((session_id, advertised)) = self.register().await else {
+            let Some((session, advertised)) = self.register().await else {
                 if self.pause().await {
                     continue;
                 }
                 return;
             };
-            match self.heartbeats(session_id, advertised).await {
+            match self.heartbeats(&session, advertised).await {
                 End::Stopped => return,
                 End::Reregister => {}
                 End::Lost => {
@@ -111,7 +120,7 @@ impl Node {
 
     /// One Register call: the session and the advertised interval, or None
     /// after counting the error.
-    async fn register(&mut self) -> Option<(u64, Duration)> {
+    async fn register(&mut self) -> Option<(Session, Duration)> {
         let stats = &self.shared.stats;
         let request = self.shape.registration();
         let started = Instant::now();
@@ -133,7 +142,11 @@ impl Node {
                     .and_then(from_proto_duration)
                     .filter(|d| !d.is_zero())
                     .unwrap_or(Duration::from_secs(10));
-                Some((response.session_id, advertised))
+                let session = Session {
+                    id: response.session_id,
+                    secret: response.session_secret,
+                };
+                Some((session, advertised))
             }
             Ok(Err(status)) => {
                 if !self.shared.stop.is_cancelled() {
@@ -148,10 +161,10 @@ impl Node {
         }
     }
 
-    /// One heartbeat stream of session `session_id`, until it ends.
-    async fn heartbeats(&mut self, session_id: u64, advertised: Duration) -> End {
+    /// One heartbeat stream of `session`, until it ends.
+    async fn heartbeats(&mut self, session: &Session, advertised: Duration) -> End {
         let mut attached = false;
-        let end = self.stream(session_id, advertised, &mut attached).await;
+        let end = self.stream(session, advertised, &mut attached).await;
         if attached {
             self.shared.stats.attach(-1);
         }
@@ -160,7 +173,7 @@ impl Node {
 
     async fn stream(
         &mut self,
-        session_id: u64,
+        session: &Session,
         mut advertised: Duration,
         attached: &mut bool,
     ) -> End {
@@ -171,9 +184,13 @@ impl Node {
 
         let (tx, rx) = mpsc::channel(1);
         self.sequence += 1;
-        let first = self
-            .shape
-            .heartbeat(session_id, self.sequence, true, &mut self.rng);
+        let first = self.shape.heartbeat(
+            session.id,
+            &session.secret,
+            self.sequence,
+            true,
+            &mut self.rng,
+        );
         if tx.try_send(first).is_err() {
             unreachable!("a new channel of capacity 1 has room");
         }
@@ -239,7 +256,10 @@ impl Node {
                         stop.cancelled().await;
                         return End::Stopped;
                     }
-                    () = sleep_until(next) => break,
+                    () = sleep_until(next) => {
+                        stats.woke_late(Instant::now().saturating_duration_since(next));
+                        break;
+                    }
                     message = inbound.message() => match message {
                         Ok(Some(unsolicited)) => {
                             if let Some(end) = self.obey(&unsolicited, &mut advertised) {
@@ -262,7 +282,7 @@ impl Node {
             self.sequence += 1;
             let beat = self
                 .shape
-                .heartbeat(session_id, self.sequence, false, &mut self.rng);
+                .heartbeat(session.id, "", self.sequence, false, &mut self.rng);
             // A failed send means the stream is gone; reading the next
             // message then yields its status.
             if tx.send(beat).await.is_ok() {

@@ -54,6 +54,9 @@ pub struct Stats {
     ack_latency: Mutex<Pair>,
     /// Register call latency, total and window.
     register_latency: Mutex<Pair>,
+    /// How late a node's timer fired for a scheduled heartbeat: the
+    /// simulator's own scheduling delay, a floor under ack latency.
+    wake_lag: Mutex<Pair>,
 }
 
 /// A histogram for the whole run and one for the current window.
@@ -151,6 +154,7 @@ impl Stats {
             streams_closed: AtomicU64::new(0),
             ack_latency: Mutex::new(Pair::new()),
             register_latency: Mutex::new(Pair::new()),
+            wake_lag: Mutex::new(Pair::new()),
         }
     }
 
@@ -160,6 +164,11 @@ impl Stats {
         let at = self.started.elapsed().as_micros() as u64;
         self.last_registration_us.fetch_max(at, Ordering::Relaxed);
         lock(&self.register_latency).record(latency);
+    }
+
+    /// A node's heartbeat timer fired `lag` after it was due.
+    pub fn woke_late(&self, lag: Duration) {
+        lock(&self.wake_lag).record(lag);
     }
 
     /// A heartbeat message was handed to its stream.
@@ -201,15 +210,19 @@ impl Stats {
         self.attached.load(Ordering::Relaxed)
     }
 
-    /// Every counter now, and the latency of the window since the previous
-    /// `take_window` (which starts a new window).
-    pub fn take_window(&self) -> (Snapshot, LatencySummary) {
+    /// Every counter now, and the ack latency and timer lateness of the
+    /// window since the previous `take_window` (which starts a new window).
+    pub fn take_window(&self) -> (Snapshot, WindowLatency) {
         let snapshot = self.snapshot();
-        let latency = {
-            let mut pair = lock(&self.ack_latency);
+        let take = |pair: &Mutex<Pair>| {
+            let mut pair = lock(pair);
             let summary = LatencySummary::of(&pair.window);
             pair.window.reset();
             summary
+        };
+        let latency = WindowLatency {
+            ack: take(&self.ack_latency),
+            wake_lag: take(&self.wake_lag),
         };
         lock(&self.register_latency).window.reset();
         (snapshot, latency)
@@ -257,10 +270,20 @@ impl Stats {
             sent: snapshot.sent,
             acked: snapshot.acked,
             ack_latency: LatencySummary::of(&lock(&self.ack_latency).total),
+            wake_lag: LatencySummary::of(&lock(&self.wake_lag).total),
             register_latency: LatencySummary::of(&lock(&self.register_latency).total),
             errors: snapshot.errors,
         }
     }
+}
+
+/// Latencies of one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WindowLatency {
+    /// Send-to-ack latency of heartbeats.
+    pub ack: LatencySummary,
+    /// How late heartbeat timers fired (the simulator's scheduling delay).
+    pub wake_lag: LatencySummary,
 }
 
 /// Counters at one instant; the difference of two is a window's work.
@@ -376,6 +399,10 @@ pub struct Report {
     pub ack_latency: LatencySummary,
     /// Latency of every successful Register call.
     pub register_latency: LatencySummary,
+    /// How late heartbeat timers fired: the simulator's own scheduling
+    /// delay. When it approaches the ack latency, the simulator (not the
+    /// registry) bounds the ack latency figure.
+    pub wake_lag: LatencySummary,
     /// Errors by "phase CODE".
     pub errors: BTreeMap<String, u64>,
 }
@@ -422,6 +449,11 @@ impl fmt::Display for Report {
             self.acked as f64 / secs
         )?;
         writeln!(f, "  ack latency        {}", self.ack_latency)?;
+        writeln!(
+            f,
+            "  timer lateness     {} (simulator scheduling)",
+            self.wake_lag
+        )?;
         write!(f, "  errors             {}", fmt_errors(&self.errors))
     }
 }
@@ -437,13 +469,16 @@ mod tests {
             stats.sent();
             stats.acked(Duration::from_millis(ms));
         }
+        stats.woke_late(Duration::from_micros(30));
         let (first, window) = stats.take_window();
-        assert_eq!(window.count, 4);
-        assert!(window.max >= Duration::from_millis(99));
+        assert_eq!(window.ack.count, 4);
+        assert!(window.ack.max >= Duration::from_millis(99));
+        assert_eq!(window.wake_lag.count, 1);
         stats.sent();
         stats.acked(Duration::from_millis(5));
         let (second, window) = stats.take_window();
-        assert_eq!(window.count, 1);
+        assert_eq!(window.ack.count, 1);
+        assert_eq!(window.wake_lag.count, 0);
         assert_eq!(second.acked - first.acked, 1);
         let report = stats.report(1, 1);
         assert_eq!(report.ack_latency.count, 5);

@@ -84,6 +84,8 @@ pub struct Window {
     pub fleet_after: Snapshot,
     /// Ack latency within the window.
     pub ack: LatencySummary,
+    /// How late the simulator's heartbeat timers fired within the window.
+    pub wake_lag: LatencySummary,
 }
 
 impl Window {
@@ -132,7 +134,7 @@ pub async fn measure(
     let sim_before = procfs::sample(me)?;
     let start = Instant::now();
     sleep(length).await;
-    let (fleet_after, ack) = stats.take_window();
+    let (fleet_after, latency) = stats.take_window();
     let server_after = server.sample()?;
     let sim_after = procfs::sample(me)?;
     Ok(Window {
@@ -143,6 +145,7 @@ pub async fn measure(
         sim_after,
         fleet_before,
         fleet_after,
-        ack,
+        ack: latency.ack,
+        wake_lag: latency.wake_lag,
     })
 }

@@ -36,6 +36,8 @@ pub struct ScaleRow {
     pub rss_per_node: u64,
     /// Ack latency in the window.
     pub ack: LatencySummary,
+    /// Simulator timer lateness in the window.
+    pub wake_lag: LatencySummary,
     /// Errors in the window.
     pub errors: BTreeMap<String, u64>,
     /// Nodes ever marked OFFLINE although none was silenced.
@@ -107,6 +109,7 @@ async fn step_run(
         peak_rss: window.server_after.hwm,
         rss_per_node: rss.saturating_sub(idle.rss) / step.nodes as u64,
         ack: window.ack,
+        wake_lag: window.wake_lag,
         errors: window.errors(),
         false_offline: census.false_offline + step.nodes.saturating_sub(census.listed),
         listed: census.listed,

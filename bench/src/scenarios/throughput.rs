@@ -21,6 +21,8 @@ pub struct ThroughputRow {
     pub achieved: f64,
     /// Ack latency at this rate.
     pub ack: LatencySummary,
+    /// Simulator timer lateness at this rate.
+    pub wake_lag: LatencySummary,
     /// Server CPU, percent of one core.
     pub server_cpu_percent: f64,
     /// Server CPU-seconds per 100k acknowledged heartbeats.
@@ -85,6 +87,7 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<ThroughputResult, B
             offered,
             achieved,
             ack: window.ack,
+            wake_lag: window.wake_lag,
             server_cpu_percent: window.server_cpu_percent(),
             cpu_seconds_per_100k: window.server_cpu().as_secs_f64() * 100_000.0 / acked as f64,
             sim_cpu_percent: window.sim_cpu_percent(),
