@@ -176,13 +176,15 @@ mod tests {
     fn only_the_first_heartbeat_names_node_and_session() {
         let mut rng = fastrand::Rng::with_seed(1);
         let node = shape(4, 3);
-        let first = node.heartbeat(77, 1, true, &mut rng);
+        let first = node.heartbeat(77, "s3cr3t", 1, true, &mut rng);
         assert_eq!(
             (first.node_id.as_str(), first.session_id),
             ("sim-000012", 77)
         );
-        let later = node.heartbeat(77, 2, false, &mut rng);
+        assert_eq!(first.session_secret, "s3cr3t");
+        let later = node.heartbeat(77, "s3cr3t", 2, false, &mut rng);
         assert_eq!((later.node_id.as_str(), later.session_id), ("", 0));
+        assert!(later.session_secret.is_empty());
         assert_eq!(later.sequence, 2);
         assert_eq!(later.pools.len(), 3);
         assert_eq!(later.gpus.len(), 4);
