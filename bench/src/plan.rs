@@ -45,7 +45,9 @@ pub struct ThroughputPlan {
     pub nodes: usize,
     /// Connections they share.
     pub connections: usize,
-    /// Offered heartbeat rates, ascending, per second.
+    /// Offered heartbeat rates, ascending, per second. The search goes on
+    /// past the p99 limit until acks fall behind the offered rate, so both
+    /// the highest rate within the limit and the saturation rate show.
     pub rates: Vec<u64>,
     /// Time at each rate before measuring.
     pub warmup: Duration,
@@ -138,7 +140,8 @@ impl Plan {
                 nodes: 10_000,
                 connections: 100,
                 rates: vec![
-                    10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000,
+                    2_000, 5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 40_000, 50_000, 60_000,
+                    80_000, 100_000, 120_000,
                 ],
                 warmup: Duration::from_secs(3),
                 window: Duration::from_secs(10),

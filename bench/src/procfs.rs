@@ -55,6 +55,24 @@ fn parse_kib(status: &str, key: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// TcpExt ListenOverflows of this network namespace: connections dropped
+/// because a listener's accept queue was full (a reconnect storm larger
+/// than the listen backlog). None where /proc/net/netstat is unreadable.
+pub fn listen_overflows() -> Option<u64> {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    netstat_value(&netstat, "TcpExt:", "ListenOverflows")
+}
+
+/// A value from /proc/net/netstat, whose sections are a header line of
+/// names and a line of values, both starting with `section`.
+fn netstat_value(netstat: &str, section: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with(section));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let index = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(index)?.parse().ok()
+}
+
 /// CPU use between two samples as a percentage of one core.
 pub fn cpu_percent(before: &ProcSample, after: &ProcSample, wall: Duration) -> f64 {
     let cpu = after.cpu.saturating_sub(before.cpu);
@@ -77,6 +95,17 @@ mod tests {
         assert_eq!(parse_kib(status, "VmRSS:"), Some(1024 * 1024));
         assert_eq!(parse_kib(status, "VmHWM:"), Some(2048 * 1024));
         assert_eq!(parse_kib(status, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn netstat_values_are_found_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 17 19\nIpExt: InNoRoutes\nIpExt: 3\n";
+        assert_eq!(
+            netstat_value(netstat, "TcpExt:", "ListenOverflows"),
+            Some(17)
+        );
+        assert_eq!(netstat_value(netstat, "IpExt:", "InNoRoutes"), Some(3));
+        assert_eq!(netstat_value(netstat, "TcpExt:", "Nope"), None);
     }
 
     #[test]

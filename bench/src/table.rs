@@ -58,7 +58,7 @@ pub fn scale(rows: &[ScaleRow]) -> String {
 /// Scenario 2.
 pub fn throughput(t: &ThroughputResult) -> String {
     let mut out = format!(
-        "{} nodes on {} connections; the interval shrinks until ack p99 reaches {} or acks fall behind.\n\n\
+        "{} nodes on {} connections; the interval shrinks step by step until acks fall behind; sustained = ack p99 under {}, >= 95 % acked, no errors.\n\n\
          | offered/s | acked/s | ack p50 | ack p99 | ack max | server CPU | server CPU-s per 100k | simulator CPU | sim timer lag p99 | errors | sustained |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
         t.nodes,
@@ -93,6 +93,15 @@ pub fn throughput(t: &ThroughputResult) -> String {
             );
         }
         None => out.push_str("\nNo rate was sustained.\n"),
+    }
+    if let Some(peak) = t.peak() {
+        let _ = writeln!(
+            out,
+            "Peak acknowledged (latency aside): **{:.0} heartbeats/s** at {:.0} % server CPU, ack p99 {}.",
+            peak.achieved,
+            peak.server_cpu_percent,
+            fmt_ms(peak.ack.p99)
+        );
     }
     out
 }
@@ -152,8 +161,8 @@ pub fn reads(r: &ReadsResult) -> String {
 /// Scenario 5.
 pub fn restart(rows: &[RestartRow]) -> String {
     let mut out = String::from(
-        "| stop | nodes | connections | registry down | all nodes back after | ONLINE after | false OFFLINE | errors seen by the fleet |\n\
-         |---|---:|---:|---:|---:|---:|---:|---|\n",
+        "| stop | nodes | connections | registry down | all nodes back after | ONLINE after | false OFFLINE | accept-queue overflows | errors seen by the fleet |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         let mode = match r.mode {
@@ -162,13 +171,15 @@ pub fn restart(rows: &[RestartRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {mode} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {mode} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.nodes,
             r.connections,
             secs(r.down),
             secs(r.all_back),
             r.online,
             r.false_offline,
+            r.listen_overflows
+                .map_or_else(|| "-".to_string(), |n| n.to_string()),
             fmt_errors(&r.errors),
         );
     }

@@ -10,9 +10,9 @@ use tracing::info;
 
 use super::{fleet_config, start_fleet, wait_attached};
 use crate::BenchError;
-use crate::inspect;
 use crate::plan::Plan;
 use crate::server::{Launcher, ServerSpec, StopMode};
+use crate::{inspect, procfs};
 
 /// One restart's figures.
 #[derive(Debug, Clone)]
@@ -31,6 +31,10 @@ pub struct RestartRow {
     pub online: usize,
     /// Nodes marked OFFLINE by the new registry, or missing from it.
     pub false_offline: usize,
+    /// Connections the kernel dropped because the registry's accept queue
+    /// was full (TcpExt ListenOverflows during the storm); each costs its
+    /// client a SYN retransmit (1 s, then 3 s ...). None if unreadable.
+    pub listen_overflows: Option<u64>,
     /// Errors the fleet saw during the storm (expected: UNAVAILABLE and
     /// NOT_FOUND while the registry was away and after it came back).
     pub errors: BTreeMap<String, u64>,
@@ -53,6 +57,7 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, Be
     for &mode in &p.modes {
         sleep(Duration::from_secs(1)).await;
         let before = stats.snapshot();
+        let overflows_before = procfs::listen_overflows();
         let start = Instant::now();
         server.restart(mode).await?;
         let down = start.elapsed();
@@ -64,6 +69,9 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, Be
         }
         wait_attached(&fleet, p.nodes, p.limit).await?;
         let all_back = start.elapsed();
+        let listen_overflows = overflows_before
+            .zip(procfs::listen_overflows())
+            .map(|(before, after)| after.saturating_sub(before));
         let errors = stats.snapshot().errors_since(&before);
         let mut client = inspect::client(&server.url()).await?;
         let census = inspect::census(&mut client, &HashSet::new()).await?;
@@ -75,6 +83,7 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, Be
             all_back,
             online: census.online,
             false_offline: census.false_offline + p.nodes.saturating_sub(census.listed),
+            listen_overflows,
             errors,
         };
         info!(mode = ?mode, down_ms = down.as_millis() as u64, all_back_ms = all_back.as_millis() as u64, false_offline = row.false_offline, "restart done");
