@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let well_known = protoc_bin_vendored::include_path()?;
 
     tonic_prost_build::configure()
+        // 1 KiB starting buffers per call instead of 8 KiB: see src/codec.rs.
+        .codec_path("crate::codec::SmallBufferCodec")
         .file_descriptor_set_path(out_dir.join("registry_v1_descriptor.bin"))
         .compile_with_config(config, &[registry_proto], &[proto_root.clone(), well_known])?;
 

@@ -2,6 +2,8 @@
 //! and the tests: message types, the `NodeRegistry` client and server stubs,
 //! and the encoded descriptor set that server reflection serves.
 
+pub mod codec;
+
 /// Generated types and stubs of the `registry.v1` package.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]

@@ -93,6 +93,12 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
 
+    /// Largest ListNodes page; a request for more (or for 0, "all") gets
+    /// this many and a next_page_token, so no single call holds a worker
+    /// for long at fleet scale.
+    #[arg(long, env = "REGISTRY_MAX_PAGE_SIZE", default_value_t = 1000)]
+    pub max_page_size: u32,
+
     /// Most registered nodes; Register of a new node beyond it gets
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "REGISTRY_MAX_NODES", default_value_t = 200_000)]
@@ -180,6 +186,7 @@ impl Default for Settings {
             max_streams_per_connection: 1024,
             max_connections: 16_384,
             max_nodes: 200_000,
+            max_page_size: 1000,
             max_heartbeat_streams: 250_000,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
@@ -223,9 +230,10 @@ impl Settings {
             || self.max_connections == 0
             || self.max_nodes == 0
             || self.max_heartbeat_streams == 0
+            || self.max_page_size == 0
         {
             return Err(
-                "--max-streams-per-connection, --max-connections, --max-nodes and --max-heartbeat-streams must be at least 1"
+                "--max-streams-per-connection, --max-connections, --max-nodes, --max-page-size and --max-heartbeat-streams must be at least 1"
                     .into(),
             );
         }

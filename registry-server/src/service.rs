@@ -34,6 +34,8 @@ pub struct NodeRegistryService {
     auth: Authenticator,
     /// Cap on open heartbeat streams, so no client exhausts the server.
     max_heartbeat_streams: usize,
+    /// Largest ListNodes page.
+    max_page_size: u32,
     /// How long a new stream may stay silent before its first message:
     /// an open, never-written stream would otherwise hold resources forever.
     first_message_timeout: Duration,
@@ -53,6 +55,7 @@ impl NodeRegistryService {
             shutdown,
             auth,
             max_heartbeat_streams: settings.max_heartbeat_streams,
+            max_page_size: settings.max_page_size,
             first_message_timeout: settings.node_timeout,
         }
     }
@@ -142,9 +145,13 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         if !request.page_token.is_empty() {
             validate::node_id("page_token", &request.page_token)?;
         }
-        let (nodes, next) =
-            self.registry
-                .list(&filter, request.page_size as usize, &request.page_token);
+        let page_size = match request.page_size {
+            0 => self.max_page_size,
+            asked => asked.min(self.max_page_size),
+        };
+        let (nodes, next) = self
+            .registry
+            .list(&filter, page_size as usize, &request.page_token);
         Ok(Response::new(pb::ListNodesResponse {
             nodes,
             next_page_token: next.unwrap_or_default(),

@@ -574,3 +574,38 @@ async fn shutdown_ends_open_streams_with_unavailable() {
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn pages_never_exceed_the_server_maximum() {
+    let server = TestServer::start(Settings {
+        max_page_size: 2,
+        ..Settings::default()
+    })
+    .await;
+    let mut client = client(&server).await;
+    for id in ["a", "b", "c", "d", "e"] {
+        register(&mut client, register_request(id)).await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        // page_size 0 ("all") and 50 are both capped at 2.
+        let page = client
+            .list_nodes(pb::ListNodesRequest {
+                page_size: if seen.is_empty() { 0 } else { 50 },
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.nodes.len() <= 2, "{}", page.nodes.len());
+        seen.extend(page.nodes.iter().map(|n| n.node_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+    server.shutdown().await;
+}
