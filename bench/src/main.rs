@@ -100,12 +100,13 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         log_dir: cli.out.join("logs"),
     };
     let machine = bench::machine();
-    println!("machine: {machine}\n");
+    tracing::info!(machine = %machine, "machine");
     let results = bench::run(&launcher, &plan, &scenarios, true).await?;
     let report = format!(
         "# bench {name}\n\nmachine: {machine}\n\n{}",
         bench::table::all(&results)
     );
+    println!("{report}");
     let path = cli.out.join(format!("results-{name}.md"));
     std::fs::write(&path, report)
         .map_err(|e| BenchError::Io(format!("{}: {e}", path.display())))?;

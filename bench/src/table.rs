@@ -129,13 +129,13 @@ pub fn detection(d: &DetectionResult) -> String {
 /// Scenario 4.
 pub fn reads(r: &ReadsResult) -> String {
     let mut out = format!(
-        "{} nodes, {:.0} heartbeats/s flowing; one ListNodes client calling back to back.\n\n\
-         | phase | nodes per response | ListNodes p50 | ListNodes p99 | ListNodes max | calls | ack p50 | ack p99 | ack max | server CPU |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "{} nodes, {:.0} heartbeats/s flowing; one reader calling ListNodes back to back.\n\n\
+         | reader | nodes per read | calls per read | read p50 | read p99 | read max | reads | ack p50 | ack p99 | ack max | server CPU |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.nodes, r.heartbeats_per_sec
     );
     for row in &r.rows {
-        let (p50, p99, max, calls) = match &row.list {
+        let (p50, p99, max, reads) = match &row.list {
             Some(l) => (
                 fmt_ms(l.p50),
                 fmt_ms(l.p99),
@@ -146,9 +146,10 @@ pub fn reads(r: &ReadsResult) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {p50} | {p99} | {max} | {calls} | {} | {} | {} | {:.0} % |",
+            "| {} | {} | {} | {p50} | {p99} | {max} | {reads} | {} | {} | {} | {:.0} % |",
             row.phase,
-            row.nodes_per_call,
+            row.nodes_per_read,
+            row.calls_per_read,
             fmt_ms(row.ack.p50),
             fmt_ms(row.ack.p99),
             fmt_ms(row.ack.max),

@@ -47,10 +47,11 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
     let reads = results.reads.as_ref().expect("reads ran");
     assert_eq!(reads.rows.len(), 3);
     assert_eq!(
-        reads.rows[1].nodes_per_call, plan.reads.nodes,
-        "unpaged lists all"
+        reads.rows[1].nodes_per_read, plan.reads.nodes,
+        "a walk reads every node"
     );
-    assert_eq!(reads.rows[2].nodes_per_call, plan.reads.page_size as usize);
+    assert_eq!(reads.rows[2].nodes_per_read, plan.reads.page_size as usize);
+    assert_eq!(reads.rows[2].calls_per_read, 1);
     for row in &reads.rows[1..] {
         assert!(row.list.is_some_and(|l| l.count > 0));
         assert!(row.ack.count > 0, "heartbeats flowed during {}", row.phase);

@@ -1,5 +1,7 @@
 //! Scenario 4, reads: ListNodes latency while heartbeats flow, and
-//! heartbeat ack latency while ListNodes runs in a loop.
+//! heartbeat ack latency while ListNodes runs in a loop. Two readers: one
+//! walks every node page by page (page_size 0: the server's largest page),
+//! timing the whole walk; one asks for a small page again and again.
 
 use std::time::Duration;
 
@@ -20,10 +22,12 @@ use crate::server::{Launcher, ServerSpec};
 pub struct ReadsRow {
     /// What ran besides the heartbeats.
     pub phase: String,
-    /// ListNodes latency (none in the baseline phase).
+    /// Latency of one read: a whole walk or one page (none in the baseline).
     pub list: Option<LatencySummary>,
-    /// Nodes in each ListNodes response.
-    pub nodes_per_call: usize,
+    /// Nodes one read returned.
+    pub nodes_per_read: usize,
+    /// ListNodes calls one read took.
+    pub calls_per_read: usize,
     /// Heartbeat ack latency in the phase.
     pub ack: LatencySummary,
     /// Server CPU, percent of one core.
@@ -60,29 +64,28 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<ReadsResult, BenchE
     let mut rows = vec![ReadsRow {
         phase: "heartbeats only".into(),
         list: None,
-        nodes_per_call: 0,
+        nodes_per_read: 0,
+        calls_per_read: 0,
         ack: baseline.ack,
         server_cpu_percent: baseline.server_cpu_percent(),
     }];
-    for (phase, page_size) in [
-        ("ListNodes loop, all nodes".to_string(), 0),
-        (
-            format!("ListNodes loop, page of {}", p.page_size),
-            p.page_size,
-        ),
+    for (phase, page_size, walk) in [
+        ("every node, page by page".to_string(), 0, true),
+        (format!("one page of {}", p.page_size), p.page_size, false),
     ] {
         let url = server.url();
         let length = p.phase;
-        let lister = tokio::spawn(async move { list_loop(&url, page_size, length).await });
+        let lister = tokio::spawn(async move { list_loop(&url, page_size, walk, length).await });
         let window = measure(&server, &fleet, p.phase).await?;
-        let (list, nodes_per_call) = lister
+        let (list, nodes_per_read, calls_per_read) = lister
             .await
             .map_err(|e| BenchError::Sim(format!("ListNodes loop: {e}")))??;
         info!(phase = %phase, list_p99_us = list.p99.as_micros() as u64, ack_p99_us = window.ack.p99.as_micros() as u64, "reads phase done");
         rows.push(ReadsRow {
             phase,
             list: Some(list),
-            nodes_per_call,
+            nodes_per_read,
+            calls_per_read,
             ack: window.ack,
             server_cpu_percent: window.server_cpu_percent(),
         });
@@ -96,29 +99,42 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<ReadsResult, BenchE
     })
 }
 
-/// Calls ListNodes back to back for `length`, on its own connection.
+/// Reads back to back for `length`, on its own connection: one page of
+/// `page_size`, or (`walk`) every node following next_page_token. Returns
+/// the latency of one read, and the nodes and calls of the last read.
 async fn list_loop(
     url: &str,
     page_size: u32,
+    walk: bool,
     length: Duration,
-) -> Result<(LatencySummary, usize), BenchError> {
+) -> Result<(LatencySummary, usize, usize), BenchError> {
     let mut client = inspect::client(url).await?;
     let mut latency =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
-    let mut nodes = 0;
+    let (mut nodes, mut calls) = (0, 0);
     let end = Instant::now() + length;
     while Instant::now() < end {
         let started = Instant::now();
-        let response = client
-            .list_nodes(pb::ListNodesRequest {
-                page_size,
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| BenchError::Server(format!("ListNodes: {}", s.message())))?
-            .into_inner();
+        let mut page_token = String::new();
+        (nodes, calls) = (0, 0);
+        loop {
+            let response = client
+                .list_nodes(pb::ListNodesRequest {
+                    page_size,
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| BenchError::Server(format!("ListNodes: {}", s.message())))?
+                .into_inner();
+            nodes += response.nodes.len();
+            calls += 1;
+            if !walk || response.next_page_token.is_empty() {
+                break;
+            }
+            page_token = response.next_page_token;
+        }
         latency.saturating_record((started.elapsed().as_micros() as u64).max(1));
-        nodes = response.nodes.len();
     }
-    Ok((LatencySummary::of(&latency), nodes))
+    Ok((LatencySummary::of(&latency), nodes, calls))
 }
