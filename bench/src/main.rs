@@ -124,6 +124,22 @@ fn sibling_server() -> Result<PathBuf, BenchError> {
     if let Ok(cargo) = std::env::var("CARGO") {
         let mut build = std::process::Command::new(cargo);
         build.args(["build", "-p", "registry-server", "--bin", "registry-server"]);
+        // `cargo run` hands this process the bench package's CARGO_PKG_*,
+        // CARGO_MANIFEST_* ... variables; build scripts that watch them
+        // (ring's does) would otherwise rebuild on every run, in both this
+        // build and the next `cargo run`.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            let from_cargo_run = key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    &*key,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+                );
+            if from_cargo_run {
+                build.env_remove(&*key);
+            }
+        }
         if !cfg!(debug_assertions) {
             build.arg("--release");
         }
