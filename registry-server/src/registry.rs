@@ -477,7 +477,7 @@ impl Registry {
         beat: Beat,
     ) -> Result<(), RegistryError> {
         let now = Instant::now();
-        let wall = Utc::now();
+        let wall = beat.received_at;
         let mut st = slot.lock();
         check_session(slot, &st, session_id)?;
         st.last_seen = now;
@@ -831,6 +831,7 @@ mod tests {
     fn beat(pool_state: pb::PoolState) -> Beat {
         Beat {
             sent_at: Utc::now(),
+            received_at: Utc::now(),
             pools: vec![pb::PoolStatus {
                 pool_id: "pool-0".into(),
                 state: pool_state as i32,

@@ -52,6 +52,9 @@ pub struct Registration {
 pub struct Beat {
     /// The agent's clock when it sent the message.
     pub sent_at: DateTime<Utc>,
+    /// The server's clock when the message was validated: read once per
+    /// message and reused as last_heartbeat_at and in the ack.
+    pub received_at: DateTime<Utc>,
     /// Status of every pool, unique by pool_id.
     pub pools: Vec<pb::PoolStatus>,
     /// Live GPU figures; empty when the agent sent none.
@@ -107,6 +110,7 @@ pub fn beat(
     gpu_stats(&req.gpus)?;
     Ok(Beat {
         sent_at,
+        received_at: now,
         pools: std::mem::take(&mut req.pools),
         gpus: std::mem::take(&mut req.gpus),
     })
