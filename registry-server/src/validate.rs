@@ -12,6 +12,7 @@ use registry_proto::convert::from_proto_timestamp;
 use registry_proto::pb;
 
 use crate::error::RegistryError;
+use crate::registry::{Beat, Registration};
 
 /// Most pools a node may run (registration and heartbeat alike).
 pub const MAX_POOLS: usize = 64;
@@ -27,39 +28,6 @@ pub const MAX_ADDRESS_LEN: usize = 2048;
 pub const MAX_MACHINE_ID_LEN: usize = 128;
 /// Longest identifier (node id, pool id, label key): a DNS label's length.
 pub const MAX_ID_LEN: usize = 63;
-
-/// A registration that passed validation: the contract's fields, checked.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Registration {
-    /// DNS-label node name; the registry's key.
-    pub node_id: String,
-    /// Host identity, to tell two hosts claiming one node_id apart.
-    pub machine_id: String,
-    /// Endpoint URL that orchestrators use to reach the node.
-    pub address: String,
-    /// Pools the node runs, unique by pool_id.
-    pub pools: Vec<pb::PoolSpec>,
-    /// Hardware of the node.
-    pub capabilities: pb::Capabilities,
-    /// Version of the registering agent, for fleet audits.
-    pub agent_version: String,
-    /// Labels that ListNodes filters on.
-    pub labels: std::collections::HashMap<String, String>,
-}
-
-/// One heartbeat message that passed validation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Beat {
-    /// The agent's clock when it sent the message.
-    pub sent_at: DateTime<Utc>,
-    /// The server's clock when the message was validated: read once per
-    /// message and reused as last_heartbeat_at and in the ack.
-    pub received_at: DateTime<Utc>,
-    /// Status of every pool, unique by pool_id.
-    pub pools: Vec<pb::PoolStatus>,
-    /// Live GPU figures; empty when the agent sent none.
-    pub gpus: Vec<pb::GpuStats>,
-}
 
 /// Checks a RegisterRequest and turns it into a [`Registration`].
 pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryError> {

@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use registry_proto::convert::to_proto_timestamp;
 use registry_proto::pb;
 use registry_server::RegistryError;
-use registry_server::registry::{Registry, Timing};
+use registry_server::registry::{Beat, Registration, Registry, Timing};
 use registry_server::validate;
 
 /// Strings that are mostly near the rules' edges, plus arbitrary text.
@@ -233,7 +233,7 @@ async fn advance(ms: u64) {
     }
 }
 
-fn beat_for(n: usize, session: &(u64, String)) -> validate::Beat {
+fn beat_for(n: usize, session: &(u64, String)) -> Beat {
     let mut request = pb::HeartbeatRequest {
         node_id: format!("n{n}"),
         session_id: session.0,
@@ -244,7 +244,7 @@ fn beat_for(n: usize, session: &(u64, String)) -> validate::Beat {
     validate::beat(&mut request, Utc::now(), Duration::from_secs(60)).unwrap()
 }
 
-fn registration(n: usize, m: usize) -> validate::Registration {
+fn registration(n: usize, m: usize) -> Registration {
     validate::registration(pb::RegisterRequest {
         node_id: format!("n{n}"),
         machine_id: format!("machine-{m}"),

@@ -32,7 +32,9 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::error::RegistryError;
-use crate::validate::{Beat, Registration};
+
+mod input;
+pub use input::{Beat, Registration};
 
 /// The timing rules the registry enforces and tells agents about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
