@@ -20,6 +20,9 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 # build: the three release binaries in /src/target/docker-dist/, without
 # debug line tables (symbols stay, so backtraces still name functions).
 FROM ${RUST_IMAGE} AS build
+# Lets scripts/build-images.sh remove this stage's untagged image afterwards
+# (the legacy builder keeps one per build, shown as <none>).
+LABEL io.node-registry.stage=build
 # 1: take target/docker-dist/ from the build context as it is (built on a
 # host with the same libc as RUNTIME_IMAGE); anything else: compile here.
 ARG PREBUILT=0

@@ -81,6 +81,13 @@ nogroup:x:65534:
 GROUP
 echo 'hosts: files dns' >"$rootfs/etc/nsswitch.conf"
 
+# Each rebuild re-tags the names below; the images they pointed to before
+# are removed afterwards, so repeated builds leave no <none> images behind.
+image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
+replaced=()
+remember() { local id; id=$(image_id "$1"); [ -n "$id" ] && replaced+=("$id") || true; }
+
+remember "$base"
 log "importing $base (${#libs[@]} libraries)"
 tar -C "$rootfs" -c . | docker import \
   --change 'ENV PATH=/usr/local/bin:/usr/bin:/bin' \
@@ -88,6 +95,7 @@ tar -C "$rootfs" -c . | docker import \
   - "$base" >/dev/null
 
 for target in registry-server node-agent; do
+  remember "$prefix/$target:$tag"
   log "building $prefix/$target:$tag"
   docker build --quiet \
     --target "$target" \
@@ -97,4 +105,10 @@ for target in registry-server node-agent; do
     -t "$prefix/$target:$tag" \
     . >/dev/null
 done
+# Old images that no tag names any more, and the untagged build stages.
+current=" $(image_id "$base") $(image_id "$prefix/registry-server:$tag") $(image_id "$prefix/node-agent:$tag") "
+for id in "${replaced[@]}"; do
+  [[ "$current" == *" $id "* ]] || docker rmi "$id" >/dev/null 2>&1 || true
+done
+docker image prune --force --filter "label=io.node-registry.stage=build" >/dev/null
 docker images --filter "reference=$prefix/*:$tag" --filter "reference=$base"

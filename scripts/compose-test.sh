@@ -33,14 +33,9 @@ export NODE_AGENT_IMAGE="$prefix/node-agent:$tag"
 node_timeout_s=3
 
 project="registry-compose-test-$$"
-if docker compose version >/dev/null 2>&1; then
-  compose=(docker compose -p "$project" -f docker-compose.yml)
-elif command -v docker-compose >/dev/null 2>&1; then
-  compose=(docker-compose -p "$project" -f docker-compose.yml)
-else
-  echo "compose-test: neither 'docker compose' nor 'docker-compose' is installed" >&2
-  exit 1
-fi
+# scripts/compose.sh picks `docker compose` (v2) or `docker-compose` (v1).
+compose=(scripts/compose.sh -p "$project" -f docker-compose.yml)
+scripts/compose.sh version >/dev/null || exit 1
 ctl=target/docker-dist/registry-ctl
 passed=0
 started=$(date +%s)
