@@ -258,3 +258,68 @@ fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServerErro
     }
     Ok(Some(config))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Serves on a loopback port with `expiry` as the deadline loop and no
+    /// shutdown, returning how the server ended.
+    async fn serve_with<F>(expiry: fn(Registry, CancellationToken) -> F) -> ServerError
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(30),
+            run_with(
+                listener,
+                Settings::default(),
+                std::future::pending(),
+                expiry,
+            ),
+        )
+        .await
+        .expect("the server kept serving without its expiry task");
+        ended.expect_err("the server ended cleanly without its expiry task")
+    }
+
+    #[tokio::test]
+    async fn the_server_fails_when_the_expiry_task_panics() {
+        async fn faulty(_: Registry, _: CancellationToken) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            panic!("injected expiry fault");
+        }
+        let err = serve_with(faulty).await;
+        assert!(
+            matches!(&err, ServerError::ExpiryStopped(why) if why.contains("injected expiry fault")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_server_fails_when_the_expiry_task_returns_early() {
+        async fn quitter(_: Registry, _: CancellationToken) {}
+        let err = serve_with(quitter).await;
+        assert!(
+            matches!(&err, ServerError::ExpiryStopped(why) if why.contains("returned")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("never go OFFLINE"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_expiry_task_ending_at_shutdown_is_a_clean_stop() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = tokio::time::sleep(Duration::from_millis(100));
+        let ended = tokio::time::timeout(
+            Duration::from_secs(30),
+            run_with(listener, Settings::default(), shutdown, expiry::run),
+        )
+        .await
+        .expect("the server did not stop on shutdown");
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+}

@@ -1,5 +1,9 @@
 //! Unit tests of the registry core, on tokio's paused clock: the registry
 //! reads no clock itself, so every operation gets the paused clock's time.
+//! Liveness, sessions and listing here; bounds, gauges and lock hygiene in
+//! [`hygiene`].
+
+mod hygiene;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
