@@ -1,9 +1,9 @@
 //! The registry's state: which nodes exist, their registration, liveness and
 //! latest pool status. The public operations live here; each concern has
-//! its own file: [`node`] (a node's state, proto view, filters),
-//! [`sessions`] (ids, secrets, checks), [`stats`] (totals and gauges),
-//! `deadlines` (the expiry rules run by [`crate::expiry`]) and [`input`]
-//! (what callers pass in, clocks included).
+//! its own file: `node` (a node's state, proto view, filters), `sessions`
+//! (ids, secrets, checks), `stats` (totals and gauges), `deadlines` (the
+//! expiry rules run by [`crate::expiry`]) and `input` (what callers pass
+//! in, clocks included).
 //!
 //! Concurrency design (why it looks like this):
 //! - Nodes live in a `BTreeMap` behind a `RwLock`, ordered by node_id so
