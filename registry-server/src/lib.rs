@@ -2,7 +2,8 @@
 //! their GPUs and the pools they run, served over gRPC (`registry.v1`).
 //!
 //! Module map:
-//! - [`registry`]: node state, liveness and the deadline schedule;
+//! - [`registry`]: node state, sessions, liveness and the deadline rules;
+//! - [`schedule`]: the deadline queue (one entry per listed node);
 //! - [`expiry`]: the task that enforces deadlines and retention;
 //! - [`validate`]: input rules applied before any state changes;
 //! - [`service`]: the tonic adapter, heartbeat streams included;
@@ -20,6 +21,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod registry;
+pub mod schedule;
 pub mod server;
 pub mod service;
 pub mod telemetry;

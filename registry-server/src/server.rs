@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
@@ -43,16 +43,38 @@ pub enum ServerError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The expiry task ended before shutdown (it returned or panicked), so
+    /// no node would ever go OFFLINE again; the server stops rather than
+    /// serve a registry that silently lies about liveness.
+    #[error("the expiry task stopped before shutdown ({0}); nodes would never go OFFLINE")]
+    ExpiryStopped(String),
 }
 
 /// Serves the registry on `listener` until `shutdown` completes, then stops
 /// gracefully: health turns NOT_SERVING, heartbeat streams end with
-/// UNAVAILABLE, and in-flight calls finish.
+/// UNAVAILABLE, and in-flight calls finish. Fails with
+/// [`ServerError::ExpiryStopped`] if the expiry task ends before that.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with(listener, settings, shutdown, expiry::run).await
+}
+
+/// [`run`] with the deadline loop built by `expiry` from the registry and
+/// the stop token (production passes [`expiry::run`]; tests pass a loop
+/// that fails, to show the server does not outlive it).
+pub async fn run_with<E, F>(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    expiry: E,
+) -> Result<(), ServerError>
+where
+    E: FnOnce(Registry, CancellationToken) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
     settings.check().map_err(ServerError::Settings)?;
     let local_addr = listener.local_addr()?;
     let auth = Authenticator::from_sources(TokenSources {
@@ -72,7 +94,7 @@ pub async fn run(
     let tls = tls_config(&settings)?;
     let registry = Registry::with_max_nodes(settings.timing(), settings.max_nodes);
     let stop = CancellationToken::new();
-    let expiry_task = tokio::spawn(expiry::run(registry.clone(), stop.clone()));
+    let mut expiry_task = tokio::spawn(expiry(registry.clone(), stop.clone()));
     let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));
     let auth_task = tokio::spawn(auth.clone().watch(stop.clone()));
 
@@ -151,23 +173,69 @@ pub async fn run(
         stop.cancelled().await;
         tokio::time::sleep(settings.shutdown_grace).await;
     };
-    let served = tokio::select! {
-        served = serve => served,
+    // The expiry task must live as long as the server serves: ending after
+    // shutdown began is its normal way out, ending before is fatal.
+    let mut expiry_joined = false;
+    let expiry_ended = async {
+        let joined = (&mut expiry_task).await;
+        expiry_joined = true;
+        if stop.is_cancelled() && joined.is_ok() {
+            return std::future::pending().await;
+        }
+        match joined {
+            Ok(()) => "it returned".to_string(),
+            Err(err) => join_failure(err),
+        }
+    };
+    let ended = tokio::select! {
+        served = serve => Ended::Served(served),
         () = grace_over => {
             warn!(
                 grace = %humantime::format_duration(settings.shutdown_grace),
                 "connections still open after the shutdown grace period; closing them"
             );
-            Ok(())
+            Ended::Served(Ok(()))
         }
+        why = expiry_ended => Ended::ExpiryStopped(why),
     };
     stop.cancel();
-    let _ = expiry_task.await;
+    if !expiry_joined {
+        let _ = expiry_task.await;
+    }
     let _ = metrics_task.await;
     let _ = auth_task.await;
-    served?;
+    match ended {
+        Ended::Served(served) => served?,
+        Ended::ExpiryStopped(why) => {
+            let err = ServerError::ExpiryStopped(why);
+            error!(error = %err, "registry stopping");
+            return Err(err);
+        }
+    }
     info!("registry stopped");
     Ok(())
+}
+
+/// How serving ended.
+enum Ended {
+    /// The server stopped (after shutdown), with the transport's verdict.
+    Served(Result<(), tonic::transport::Error>),
+    /// The expiry task ended first, for this reason.
+    ExpiryStopped(String),
+}
+
+/// Why a task ended abnormally, with a panic's message when it has one.
+fn join_failure(err: tokio::task::JoinError) -> String {
+    if !err.is_panic() {
+        return err.to_string();
+    }
+    let payload = err.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text payload".to_string());
+    format!("it panicked: {message}")
 }
 
 /// The TLS configuration of `settings`, if TLS is on.
@@ -189,4 +257,69 @@ fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServerErro
         info!("TLS on");
     }
     Ok(Some(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Serves on a loopback port with `expiry` as the deadline loop and no
+    /// shutdown, returning how the server ended.
+    async fn serve_with<F>(expiry: fn(Registry, CancellationToken) -> F) -> ServerError
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(30),
+            run_with(
+                listener,
+                Settings::default(),
+                std::future::pending(),
+                expiry,
+            ),
+        )
+        .await
+        .expect("the server kept serving without its expiry task");
+        ended.expect_err("the server ended cleanly without its expiry task")
+    }
+
+    #[tokio::test]
+    async fn the_server_fails_when_the_expiry_task_panics() {
+        async fn faulty(_: Registry, _: CancellationToken) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            panic!("injected expiry fault");
+        }
+        let err = serve_with(faulty).await;
+        assert!(
+            matches!(&err, ServerError::ExpiryStopped(why) if why.contains("injected expiry fault")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_server_fails_when_the_expiry_task_returns_early() {
+        async fn quitter(_: Registry, _: CancellationToken) {}
+        let err = serve_with(quitter).await;
+        assert!(
+            matches!(&err, ServerError::ExpiryStopped(why) if why.contains("returned")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("never go OFFLINE"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_expiry_task_ending_at_shutdown_is_a_clean_stop() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = tokio::time::sleep(Duration::from_millis(100));
+        let ended = tokio::time::timeout(
+            Duration::from_secs(30),
+            run_with(listener, Settings::default(), shutdown, expiry::run),
+        )
+        .await
+        .expect("the server did not stop on shutdown");
+        assert!(ended.is_ok(), "{ended:?}");
+    }
 }

@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures_util::Stream;
 use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
@@ -17,7 +16,7 @@ use crate::auth::{Authenticator, Role, Rpc};
 use crate::config::Settings;
 use crate::error::RegistryError;
 use crate::identity;
-use crate::registry::{Liveness, NodeFilter, NodeSlot, Registry};
+use crate::registry::{Liveness, NodeFilter, NodeSlot, Now, Registry, secrets_equal};
 use crate::validate;
 
 /// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
@@ -98,7 +97,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
         check_identity(&identities, token_admin, &registration.node_id)?;
-        let registered = self.registry.register(registration)?;
+        let registered = self.registry.register(registration, Now::read())?;
         let timing = self.registry.timing();
         Ok(Response::new(pb::RegisterResponse {
             session_id: registered.session_id,
@@ -268,8 +267,9 @@ struct HeartbeatSession {
     node: Option<Arc<NodeSlot>>,
     /// The session the first message named.
     session_id: u64,
-    /// That session's secret, checked once at the first message; later
-    /// messages may repeat it but not change it.
+    /// That session's secret, checked by the registry at the first
+    /// message; later messages may repeat it (compared in constant time)
+    /// but not change it.
     session_secret: String,
     /// Set once the stream has ended (an error was sent, or input ended).
     done: bool,
@@ -404,7 +404,7 @@ impl HeartbeatSession {
                 }
                 if (request.session_id != 0 && request.session_id != self.session_id)
                     || (!request.session_secret.is_empty()
-                        && request.session_secret != self.session_secret)
+                        && !secrets_equal(&request.session_secret, &self.session_secret))
                 {
                     return Err(RegistryError::invalid(
                         "session_id",
@@ -417,12 +417,13 @@ impl HeartbeatSession {
                 slot
             }
         };
-        let now = Utc::now();
-        let beat = validate::beat(request, now, self.max_clock_skew)?;
-        self.registry.heartbeat(node, self.session_id, beat)?;
+        let now = Now::read();
+        let beat = validate::beat(request, now.wall, self.max_clock_skew)?;
+        self.registry
+            .heartbeat(node, self.session_id, beat, now.at)?;
         Ok(pb::HeartbeatResponse {
             sequence: request.sequence,
-            server_time: Some(to_proto_timestamp(now)),
+            server_time: Some(to_proto_timestamp(now.wall)),
             heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
             command: None,
         })

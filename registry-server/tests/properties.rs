@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use registry_proto::convert::to_proto_timestamp;
 use registry_proto::pb;
 use registry_server::RegistryError;
-use registry_server::registry::{Beat, Registration, Registry, Timing};
+use registry_server::registry::{Beat, Now, Registration, Registry, Timing};
 use registry_server::validate;
 
 /// Strings that are mostly near the rules' edges, plus arbitrary text.
@@ -280,7 +280,7 @@ async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let taken = model
                     .get(&n)
                     .is_some_and(|node| node.online(now) && node.machine != m);
-                match registry.register(registration(n, m)) {
+                match registry.register(registration(n, m), Now::read()) {
                     Ok(reg) => {
                         prop_assert!(!taken, "took over a live node");
                         let previous = model.get(&n).map(|node| node.session.clone());
@@ -305,7 +305,12 @@ async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         let slot = registry.attach(&id, node.session.0, &node.session.1);
                         prop_assert!(slot.is_ok(), "attach failed: {:?}", slot.err());
                         registry
-                            .heartbeat(&slot.unwrap(), node.session.0, beat_for(n, &node.session))
+                            .heartbeat(
+                                &slot.unwrap(),
+                                node.session.0,
+                                beat_for(n, &node.session),
+                                tokio::time::Instant::now(),
+                            )
                             .map_err(|e| TestCaseError::fail(e.to_string()))?;
                         node.last_seen = now;
                     }

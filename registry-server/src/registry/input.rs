@@ -1,9 +1,11 @@
 //! What the registry accepts as input: a registration and a heartbeat that
-//! passed [`crate::validate`]. Plain domain types, so the registry core never
-//! sees a raw protobuf request.
+//! passed [`crate::validate`], and the time they happen at. Plain domain
+//! types, so the registry core never sees a raw protobuf request or reads a
+//! clock.
 
 use chrono::{DateTime, Utc};
 use registry_proto::pb;
+use tokio::time::Instant;
 
 /// A registration that passed validation: the contract's fields, checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,4 +38,26 @@ pub struct Beat {
     pub pools: Vec<pb::PoolStatus>,
     /// Live GPU figures; empty when the agent sent none.
     pub gpus: Vec<pb::GpuStats>,
+}
+
+/// Both clocks, read once by the caller (the gRPC service or the expiry
+/// loop) and passed in, so the registry itself never reads a clock: its
+/// rules are plain functions of their inputs, and tests drive them with
+/// tokio's paused clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time, for deadlines and retention.
+    pub at: Instant,
+    /// Wall-clock time, for the timestamps operators read.
+    pub wall: DateTime<Utc>,
+}
+
+impl Now {
+    /// Reads both clocks.
+    pub fn read() -> Self {
+        Self {
+            at: Instant::now(),
+            wall: Utc::now(),
+        }
+    }
 }

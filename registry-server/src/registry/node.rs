@@ -1,0 +1,188 @@
+//! One node: its slot in the map, its lock-protected state, the proto view
+//! of that state and ListNodes filter matching.
+
+use std::sync::{Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use registry_proto::convert::to_proto_timestamp;
+use registry_proto::pb;
+use tokio::time::Instant;
+
+use super::Registration;
+use super::stats::{POOL_STATES, PoolTally};
+use crate::schedule::Key;
+
+/// Liveness of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Heard from within the node timeout.
+    Online,
+    /// Silent for longer than the node timeout.
+    Offline,
+}
+
+impl Liveness {
+    fn to_proto(self) -> pb::NodeStatus {
+        match self {
+            Liveness::Online => pb::NodeStatus::Online,
+            Liveness::Offline => pb::NodeStatus::Offline,
+        }
+    }
+}
+
+/// ListNodes filters; every set filter must match.
+#[derive(Debug, Clone, Default)]
+pub struct NodeFilter {
+    /// Only nodes with this liveness.
+    pub status: Option<Liveness>,
+    /// Only nodes running a pool with this id.
+    pub pool_id: Option<String>,
+    /// Only nodes carrying all these labels with equal values.
+    pub labels: Vec<(String, String)>,
+}
+
+/// One node: its id and its lock-protected state.
+pub struct NodeSlot {
+    /// The node's id, shared with the map key and the log fields.
+    pub(super) id: std::sync::Arc<str>,
+    /// Everything that changes, under the node's own lock.
+    pub(super) state: Mutex<NodeState>,
+}
+
+impl NodeSlot {
+    /// The node's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, NodeState> {
+        // A panic while holding a node lock cannot leave the state torn in a
+        // way that matters more than losing the node, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Everything about a node that changes, guarded by [`NodeSlot::state`].
+pub(super) struct NodeState {
+    /// The latest accepted registration.
+    pub(super) registration: Registration,
+    /// The current session; streams naming another one are refused.
+    pub(super) session_id: u64,
+    /// The current session's secret (hex), known only to the registering
+    /// agent, so no one else can speak for the node.
+    pub(super) session_secret: String,
+    /// ONLINE or OFFLINE.
+    pub(super) liveness: Liveness,
+    /// Monotonic time of the latest sign of life (register or heartbeat);
+    /// the deadline is `last_seen + node_timeout`.
+    pub(super) last_seen: Instant,
+    /// Monotonic time the node went OFFLINE, for retention.
+    pub(super) offline_since: Option<Instant>,
+    /// Wall-clock time of first registration (kept across re-registration).
+    pub(super) registered_at: DateTime<Utc>,
+    /// Wall-clock time of the latest sign of life, for operators.
+    pub(super) last_heartbeat_at: DateTime<Utc>,
+    /// Wall-clock time of the latest liveness change.
+    pub(super) status_changed_at: DateTime<Utc>,
+    /// The agent's clock in its latest heartbeat.
+    pub(super) agent_time: Option<DateTime<Utc>>,
+    /// Pool status from the latest heartbeat.
+    pub(super) pool_status: Vec<pb::PoolStatus>,
+    /// GPU figures from the latest heartbeat that carried any.
+    pub(super) gpu_stats: Vec<pb::GpuStats>,
+    /// The node's one entry in the schedule, so re-scheduling or removal
+    /// deletes it instead of leaving a stale one behind.
+    pub(super) wakeup: Option<Key>,
+    /// Set once the node is removed, so streams holding the slot stop.
+    pub(super) removed: bool,
+}
+
+impl NodeState {
+    /// A freshly registered, ONLINE node seen at `now` / `wall`.
+    pub(super) fn new(
+        registration: Registration,
+        session_id: u64,
+        session_secret: String,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            registration,
+            session_id,
+            session_secret,
+            liveness: Liveness::Online,
+            last_seen: now,
+            offline_since: None,
+            registered_at: wall,
+            last_heartbeat_at: wall,
+            status_changed_at: wall,
+            agent_time: None,
+            pool_status: Vec::new(),
+            gpu_stats: Vec::new(),
+            wakeup: None,
+            removed: false,
+        }
+    }
+
+    /// How this node's pools count in the pools-by-state gauge: by state,
+    /// and only while the node is ONLINE and listed.
+    pub(super) fn pool_tally(&self) -> PoolTally {
+        let mut tally = [0; POOL_STATES];
+        if self.liveness != Liveness::Online || self.removed {
+            return tally;
+        }
+        for pool in &self.pool_status {
+            if let Some(n) = usize::try_from(pool.state)
+                .ok()
+                .and_then(|i| tally.get_mut(i))
+            {
+                *n += 1;
+            }
+        }
+        tally
+    }
+
+    /// Whether the node passes every filter that is set.
+    pub(super) fn matches(&self, filter: &NodeFilter) -> bool {
+        if filter.status.is_some_and(|s| s != self.liveness) {
+            return false;
+        }
+        if let Some(pool_id) = &filter.pool_id {
+            let registered = self
+                .registration
+                .pools
+                .iter()
+                .any(|p| &p.pool_id == pool_id);
+            let reported = self.pool_status.iter().any(|p| &p.pool_id == pool_id);
+            if !registered && !reported {
+                return false;
+            }
+        }
+        filter
+            .labels
+            .iter()
+            .all(|(k, v)| self.registration.labels.get(k) == Some(v))
+    }
+
+    /// The node as the contract describes it.
+    pub(super) fn to_proto(&self) -> pb::Node {
+        let reg = &self.registration;
+        pb::Node {
+            node_id: reg.node_id.clone(),
+            machine_id: reg.machine_id.clone(),
+            address: reg.address.clone(),
+            pools: reg.pools.clone(),
+            capabilities: Some(reg.capabilities.clone()),
+            agent_version: reg.agent_version.clone(),
+            labels: reg.labels.clone(),
+            status: self.liveness.to_proto() as i32,
+            registered_at: Some(to_proto_timestamp(self.registered_at)),
+            last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
+            pool_status: self.pool_status.clone(),
+            gpu_stats: self.gpu_stats.clone(),
+            session_id: self.session_id,
+            status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
+            agent_time: self.agent_time.map(to_proto_timestamp),
+        }
+    }
+}
