@@ -16,9 +16,15 @@ pub struct Cli {
     #[arg(long, env = "REGISTRY_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
-    /// Address of the Prometheus metrics endpoint (`/metrics`), or `off`.
-    #[arg(long, env = "REGISTRY_METRICS_LISTEN", default_value = "0.0.0.0:9464", value_parser = parse_optional_addr)]
-    pub metrics_listen: OptionalAddr,
+    /// Address of the Prometheus metrics endpoint (`/metrics`), or `off`
+    /// [default: the --listen host, port 9464].
+    #[arg(long, env = "REGISTRY_METRICS_LISTEN", value_parser = parse_optional_addr)]
+    pub metrics_listen: Option<OptionalAddr>,
+
+    /// Heartbeat interval the server asks agents for; must be shorter than
+    /// the node timeout [default: a third of --node-timeout, at most 10s].
+    #[arg(long, env = "REGISTRY_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
 
     /// How to print logs: human-readable text or one JSON object per line.
     #[arg(long, env = "REGISTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -26,6 +32,42 @@ pub struct Cli {
 
     #[command(flatten)]
     pub settings: Settings,
+}
+
+/// Port of the metrics endpoint when `--metrics-listen` is not given.
+pub const DEFAULT_METRICS_PORT: u16 = 9464;
+/// Longest heartbeat interval derived from the node timeout.
+pub const MAX_DERIVED_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Cli {
+    /// The settings with the heartbeat interval resolved: the flag's value,
+    /// or a third of the node timeout (at most 10 s), so `--node-timeout 5s`
+    /// alone works.
+    pub fn settings(&self) -> Settings {
+        let mut settings = self.settings.clone();
+        settings.heartbeat_interval = self
+            .heartbeat_interval
+            .unwrap_or_else(|| derived_interval(settings.node_timeout));
+        settings
+    }
+
+    /// Where `/metrics` listens: the flag's address, none for `off`, or by
+    /// default port 9464 on the same host as `--listen` (so two registries
+    /// on different loopback ports do not fight over 0.0.0.0:9464, and a
+    /// loopback registry does not expose its metrics on every interface).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        match self.metrics_listen {
+            Some(OptionalAddr(addr)) => addr,
+            None => Some(SocketAddr::new(self.listen.ip(), DEFAULT_METRICS_PORT)),
+        }
+    }
+}
+
+/// A third of `node_timeout`, at most [`MAX_DERIVED_INTERVAL`], in whole
+/// milliseconds: an agent then misses two beats before it is OFFLINE.
+pub fn derived_interval(node_timeout: Duration) -> Duration {
+    let third = Duration::from_millis((node_timeout.as_millis() / 3) as u64);
+    third.min(MAX_DERIVED_INTERVAL)
 }
 
 /// A listen address that can be switched off.
@@ -61,8 +103,9 @@ pub struct Settings {
     pub node_timeout: Duration,
 
     /// Heartbeat interval the server asks agents for; must be shorter than
-    /// the node timeout.
-    #[arg(long, env = "REGISTRY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// the node timeout. On the command line it is `Cli::heartbeat_interval`,
+    /// which [`Cli::settings`] derives from the timeout when not given.
+    #[arg(skip)]
     pub heartbeat_interval: Duration,
 
     /// How long OFFLINE nodes stay listed before they are removed.
@@ -211,6 +254,24 @@ impl Settings {
         }
     }
 
+    /// Refuses to serve on a non-loopback `addr` when no token source is
+    /// configured, unless `--insecure-no-auth` says so. `main` asks before
+    /// binding anything; [`crate::run`] asks again once the token files are
+    /// read (a file may hold no token).
+    pub fn check_exposure(&self, addr: SocketAddr, open: bool) -> Result<(), String> {
+        if open && !addr.ip().is_loopback() && !self.insecure_no_auth {
+            return Err(format!(
+                "refusing to listen on {addr} without authentication: configure --auth-token-file or REGISTRY_AUTH_TOKEN, listen on a loopback address, or pass --insecure-no-auth"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether no token source is configured at all.
+    pub fn has_no_token_source(&self) -> bool {
+        self.auth_token_file.is_none() && self.auth_token.is_none()
+    }
+
     /// Refuses settings that cannot work, with the reason.
     pub fn check(&self) -> Result<(), String> {
         if self.node_timeout.is_zero() || self.heartbeat_interval.is_zero() {
@@ -252,12 +313,13 @@ mod tests {
     fn defaults_match_the_documented_ones() {
         let cli = Cli::try_parse_from(["registry-server"]).unwrap();
         assert_eq!(cli.listen, "0.0.0.0:50051".parse().unwrap());
-        assert_eq!(cli.metrics_listen.0, Some("0.0.0.0:9464".parse().unwrap()));
-        assert_eq!(cli.settings, Settings::default());
-        assert_eq!(cli.settings.node_timeout, Duration::from_secs(30));
-        assert_eq!(cli.settings.heartbeat_interval, Duration::from_secs(10));
-        assert_eq!(cli.settings.offline_retention, Duration::from_secs(3600));
-        cli.settings.check().unwrap();
+        assert_eq!(cli.metrics_addr(), Some("0.0.0.0:9464".parse().unwrap()));
+        let settings = cli.settings();
+        assert_eq!(settings, Settings::default());
+        assert_eq!(settings.node_timeout, Duration::from_secs(30));
+        assert_eq!(settings.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(settings.offline_retention, Duration::from_secs(3600));
+        settings.check().unwrap();
     }
 
     #[test]
@@ -274,14 +336,64 @@ mod tests {
             "json",
         ])
         .unwrap();
-        assert_eq!(cli.settings.node_timeout, Duration::from_secs(2));
-        assert_eq!(cli.settings.heartbeat_interval, Duration::from_millis(500));
-        assert_eq!(cli.settings.offline_retention, Duration::from_secs(600));
+        let settings = cli.settings();
+        assert_eq!(settings.node_timeout, Duration::from_secs(2));
+        assert_eq!(settings.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(settings.offline_retention, Duration::from_secs(600));
         assert_eq!(cli.log_format, LogFormat::Json);
         assert!(Cli::try_parse_from(["registry-server", "--node-timeout", "soon"]).is_err());
         let off = Cli::try_parse_from(["registry-server", "--metrics-listen", "off"]).unwrap();
-        assert_eq!(off.metrics_listen.0, None);
+        assert_eq!(off.metrics_addr(), None);
         assert!(Cli::try_parse_from(["registry-server", "--metrics-listen", "nine"]).is_err());
+    }
+
+    #[test]
+    fn a_short_timeout_alone_works_and_metrics_follow_the_listen_host() {
+        let cli = Cli::try_parse_from([
+            "registry-server",
+            "--listen",
+            "127.0.0.1:50061",
+            "--node-timeout",
+            "5s",
+        ])
+        .unwrap();
+        let settings = cli.settings();
+        assert_eq!(settings.heartbeat_interval, Duration::from_millis(1666));
+        settings.check().unwrap();
+        assert_eq!(cli.metrics_addr(), Some("127.0.0.1:9464".parse().unwrap()));
+        let long = Cli::try_parse_from(["registry-server", "--node-timeout", "2m"]).unwrap();
+        assert_eq!(long.settings().heartbeat_interval, Duration::from_secs(10));
+        let given = Cli::try_parse_from([
+            "registry-server",
+            "--node-timeout",
+            "5s",
+            "--heartbeat-interval",
+            "4s",
+            "--metrics-listen",
+            "127.0.0.2:9999",
+        ])
+        .unwrap();
+        assert_eq!(given.settings().heartbeat_interval, Duration::from_secs(4));
+        assert_eq!(
+            given.metrics_addr(),
+            Some("127.0.0.2:9999".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn an_open_registry_stays_on_loopback() {
+        let settings = Settings::default();
+        let public: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        assert!(settings.check_exposure(public, true).is_err());
+        settings.check_exposure(public, false).unwrap();
+        settings
+            .check_exposure("127.0.0.1:50051".parse().unwrap(), true)
+            .unwrap();
+        let insecure = Settings {
+            insecure_no_auth: true,
+            ..Settings::default()
+        };
+        insecure.check_exposure(public, true).unwrap();
     }
 
     #[test]

@@ -50,6 +50,18 @@ pub enum ServerError {
     ExpiryStopped(String),
 }
 
+impl ServerError {
+    /// Whether the error is in the configuration (a value, a file, a
+    /// combination that cannot work) rather than a failure while running:
+    /// `main` exits 2 for these, 1 for the rest.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            ServerError::Settings(_) | ServerError::Auth(_) | ServerError::TlsFile { .. }
+        )
+    }
+}
+
 /// Serves the registry on `listener` until `shutdown` completes, then stops
 /// gracefully: health turns NOT_SERVING, heartbeat streams end with
 /// UNAVAILABLE, and in-flight calls finish. Fails with
@@ -82,11 +94,9 @@ where
         admin_token: settings.auth_token.clone(),
     })?;
     if auth.is_open() {
-        if !local_addr.ip().is_loopback() && !settings.insecure_no_auth {
-            return Err(ServerError::Settings(format!(
-                "refusing to listen on {local_addr} without authentication: configure --auth-token-file or REGISTRY_AUTH_TOKEN, listen on a loopback address, or pass --insecure-no-auth"
-            )));
-        }
+        settings
+            .check_exposure(local_addr, true)
+            .map_err(ServerError::Settings)?;
         warn!(
             "authentication is off: anyone who reaches this port may register, remove and read nodes"
         );
