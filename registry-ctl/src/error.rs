@@ -166,12 +166,29 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 impl CtlError {
     /// A failed call to `url`.
+    /// The status's transport cause, if any, is added to its message
+    /// ("transport error: connection closed").
     pub fn rpc(call: &'static str, url: &str, status: &tonic::Status) -> Self {
+        let mut message = status.message().to_owned();
+        if let Some(cause) = std::error::Error::source(status) {
+            let cause = error_chain(cause);
+            if cause.starts_with(&message) {
+                message = cause;
+            } else if !message.contains(&cause) {
+                message = format!("{message}: {cause}");
+            }
+            if url.starts_with("http://") && status.code() == tonic::Code::Unknown {
+                message.push_str(
+                    " (a registry that speaks TLS closes plain-text connections: \
+                     try https:// with --tls-ca)",
+                );
+            }
+        }
         Self::Rpc {
             call,
             url: url.to_owned(),
             code: status.code(),
-            message: status.message().to_owned(),
+            message,
         }
     }
 
