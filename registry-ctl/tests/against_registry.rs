@@ -14,6 +14,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const ADMIN_TOKEN: &str = "admin-token-aaaaaaaaaaaaaaaa";
 const READER_TOKEN: &str = "reader-token-bbbbbbbbbbbbbbbb";
+const NODE_TOKEN: &str = "node-token-dddddddddddddddd";
 
 /// A registry serving on a loopback port for the length of a test.
 struct TestRegistry {
@@ -87,18 +88,30 @@ impl TestRegistry {
     }
 }
 
-/// Runs the built registry-ctl with `args` and no REGISTRY_CTL_* from the
-/// environment of the test run.
+/// Runs the built registry-ctl with `args` and no REGISTRY_CTL_* or
+/// NODE_AGENT_* from the environment of the test run.
 async fn ctl(args: &[&str]) -> Output {
+    ctl_with_env(args, &[]).await
+}
+
+/// [`ctl`] with these environment variables set.
+async fn ctl_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_registry-ctl"));
         for (name, _) in std::env::vars() {
-            if name.starts_with("REGISTRY_CTL_") || name == "REGISTRY_LISTEN" {
+            if name.starts_with("REGISTRY_CTL_")
+                || name.starts_with("NODE_AGENT_")
+                || name == "REGISTRY_LISTEN"
+            {
                 command.env_remove(name);
             }
         }
-        command.args(&args).output().unwrap()
+        command.envs(env).args(&args).output().unwrap()
     })
     .await
     .unwrap()
@@ -300,7 +313,7 @@ async fn tokens_come_from_a_file_and_refusals_exit_3() {
     let tokens = write(
         dir.path(),
         "tokens",
-        &format!("reader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\n"),
+        &format!("reader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\nnode {NODE_TOKEN}\n"),
     );
     let registry = TestRegistry::start(Settings {
         auth_token_file: Some(tokens),
@@ -332,6 +345,15 @@ async fn tokens_come_from_a_file_and_refusals_exit_3() {
     assert_exit(&output, 3);
     assert!(
         stderr(&output).contains("UNAUTHENTICATED"),
+        "{}",
+        stderr(&output)
+    );
+
+    // A node token may not read nodes.
+    let output = ctl(&["--registry", url, "--token", NODE_TOKEN, "get", "gpu-a"]).await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("PERMISSION_DENIED"),
         "{}",
         stderr(&output)
     );
@@ -471,6 +493,66 @@ async fn https_registries_need_the_ca_and_a_wrong_one_is_a_tls_failure() {
     // Plain text against the TLS port.
     let plain = registry.url.replace("https://", "http://");
     let output = ctl(&["--registry", &plain, "--timeout", "2s", "get", "gpu-a"]).await;
+    assert_exit(&output, 3);
+
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_never_answers_is_a_deadline_exceeded() {
+    // Accepts connections and holds them without a byte of HTTP/2.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let output = ctl(&["--registry", &url, "--timeout", "300ms", "get", "gpu-a"]).await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("deadline exceeded"),
+        "{}",
+        stderr(&output)
+    );
+    holder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_check_resolves_the_agent_from_its_environment() {
+    let registry = TestRegistry::start(Settings::default()).await;
+    registry
+        .register(registry.plain_channel().await, None, "gpu-a")
+        .await;
+    // The test process is no node-agent: only the environment counts.
+    let pid = std::process::id().to_string();
+    let check = |node: &'static str, url: String| {
+        let pid = pid.clone();
+        async move {
+            ctl_with_env(
+                &["--timeout", "3s", "agent-check", "--pid", &pid],
+                &[("NODE_AGENT_REGISTRY", &url), ("NODE_AGENT_NODE_ID", node)],
+            )
+            .await
+        }
+    };
+
+    let output = check("gpu-a", registry.url.clone()).await;
+    assert_exit(&output, 0);
+    assert_eq!(
+        stdout(&output),
+        format!("gpu-a is online at {}\n", registry.url)
+    );
+
+    let output = check("gpu-z", registry.url.clone()).await;
+    assert_exit(&output, 1);
+    assert_eq!(
+        stdout(&output),
+        format!("gpu-z is absent at {}\n", registry.url)
+    );
+
+    let output = check("gpu-a", closed_port().await).await;
     assert_exit(&output, 3);
 
     registry.shutdown().await;
