@@ -34,15 +34,16 @@ impl Registry {
         let prepared = options.prepare()?;
         let url = options.url.as_str();
         let timeout = options.timeout;
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| CtlError::Endpoint {
+        let mut endpoint =
+            Endpoint::from_shared(url.to_owned()).map_err(|source| CtlError::Endpoint {
                 url: url.to_owned(),
                 source,
-            })?
-            .connect_timeout(timeout)
-            .timeout(timeout);
+            })?;
+        // No connect_timeout or timeout on the endpoint: `bounded` alone
+        // bounds each step, so running out of time is always reported as
+        // a deadline, never as tonic's CANCELLED "Timeout expired".
         if let Some(tls) = prepared.tls {
-            endpoint = endpoint.tls_config(tls.timeout(timeout)).map_err(|err| {
+            endpoint = endpoint.tls_config(tls).map_err(|err| {
                 CtlError::Settings(node_agent::ConfigError::Tls(error_chain(&err)))
             })?;
         }
