@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("registry-ctl: cannot start the async runtime: {err}");
-            return Exit::Unreachable.into();
+            return Exit::No.into();
         }
     };
     let mut printer = Printer::new(cli.output, std::io::stdout().lock());
