@@ -38,7 +38,13 @@ impl Credentialing {
     /// the message names registry-ctl's flag; a token file is read when
     /// connecting.
     pub fn from_cli(cli: &Cli) -> Result<Self, CtlError> {
-        let token = match (&cli.token, &cli.token_file) {
+        // An empty REGISTRY_CTL_TOKEN (a variable set from an unset one)
+        // sends no token, as it always did: a HEALTHCHECK keeps working.
+        let value = cli
+            .token
+            .as_deref()
+            .filter(|value| !value.trim().is_empty());
+        let token = match (value, &cli.token_file) {
             (Some(_), Some(_)) => return Err(CtlError::TwoTokens),
             (Some(value), None) => {
                 let token = auth::check_token(value).map_err(|why| CtlError::Token { why })?;
@@ -117,6 +123,8 @@ mod tests {
         assert_eq!(value.token, Some(TokenSource::Value(Secret::new(TOKEN))));
         let file = Credentialing::from_cli(&cli(&["--token-file", "/t"])).unwrap();
         assert_eq!(file.token, Some(TokenSource::File("/t".into())));
+        let empty = Credentialing::from_cli(&cli(&["--token", " "])).unwrap();
+        assert_eq!(empty.token, None);
     }
 
     #[test]

@@ -83,3 +83,38 @@ impl<W: Write> Printer<W> {
         Ok(self.out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::node::tests::sample_node;
+
+    #[test]
+    fn json_is_one_object_per_line() {
+        let mut printer = Printer::new(Format::Json, Vec::new());
+        let mut second = sample_node();
+        second.node_id = "gpu-node-2".into();
+        printer.message(&sample_node()).unwrap();
+        printer.message(&second).unwrap();
+        printer
+            .value(&serde_json::json!({"nodeId": "n", "status": "absent"}))
+            .unwrap();
+        let text = String::from_utf8(printer.finish().unwrap()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0]["nodeId"], "gpu-node-1");
+        assert_eq!(lines[1]["nodeId"], "gpu-node-2");
+        assert_eq!(lines[2]["status"], "absent");
+    }
+
+    #[test]
+    fn text_is_written_as_it_is() {
+        let mut printer = Printer::new(Format::Table, Vec::new());
+        assert_eq!(printer.format(), Format::Table);
+        printer.text("online\n").unwrap();
+        assert_eq!(printer.finish().unwrap(), b"online\n");
+    }
+}
