@@ -4,7 +4,7 @@ use clap::Parser;
 
 use crate::error::CtlError;
 
-/// The registry and node id of a node-agent.
+/// The registry, node id and TLS settings of a node-agent.
 #[derive(Debug, Clone)]
 pub struct AgentTarget {
     /// The registry the agent registers with.

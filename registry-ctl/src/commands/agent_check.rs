@@ -13,8 +13,9 @@ use crate::output::{Format, Printer, node};
 /// Resolves the node-agent of process `pid` as the agent does, asks its
 /// registry about its node and prints "NODE is WORD at URL" (JSON:
 /// `{"nodeId", "status", "registry"}`). Exit 0 when ONLINE, 1 otherwise.
-/// The agent's TLS settings are used unless TLS flags are given; its token
-/// is not (a node token may not call GetNode).
+/// Towards an https:// registry the agent's TLS settings are used unless
+/// TLS flags are given; its token is not (a node token may not call
+/// GetNode).
 pub async fn run<W: Write>(
     context: &Context,
     pid: u32,
@@ -26,7 +27,7 @@ pub async fn run<W: Write>(
         .as_deref()
         .map_or(target.registry, endpoint::normalize);
     let mut options = context.credentials.towards(url, context.timeout);
-    if !options.tls.is_set() {
+    if !options.tls.is_set() && options.url.starts_with("https://") {
         options.tls = target.tls;
     }
     let registry = Registry::connect(&options).await?;
