@@ -465,6 +465,21 @@ async fn https_registries_need_the_ca_and_a_wrong_one_is_a_tls_failure() {
     let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_eq!(node["nodeId"], "gpu-a");
 
+    // agent-check takes the agent's own TLS settings.
+    let pid = std::process::id().to_string();
+    let output = ctl_with_env(
+        &["agent-check", "--pid", &pid],
+        &[
+            ("NODE_AGENT_REGISTRY", url),
+            ("NODE_AGENT_NODE_ID", "gpu-a"),
+            ("NODE_AGENT_TLS_CA", ca),
+            ("NODE_AGENT_TLS_DOMAIN", "localhost"),
+        ],
+    )
+    .await;
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), format!("gpu-a is online at {url}\n"));
+
     // https:// without --tls-ca: a usage error, before connecting.
     let output = ctl(&["--registry", url, "get", "gpu-a"]).await;
     assert_exit(&output, 2);
