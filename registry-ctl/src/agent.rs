@@ -4,13 +4,15 @@ use clap::Parser;
 
 use crate::error::CtlError;
 
-/// The registry and node id of a node-agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The registry, node id and TLS settings of a node-agent.
+#[derive(Debug, Clone)]
 pub struct AgentTarget {
     /// The registry the agent registers with.
     pub registry: String,
     /// The node the agent speaks for.
     pub node_id: String,
+    /// The agent's TLS settings towards the registry.
+    pub tls: node_agent::TlsConfig,
 }
 
 /// The node-agent arguments of process `pid`: its command line when that
@@ -46,6 +48,7 @@ pub fn resolve(args: &[String]) -> Result<AgentTarget, CtlError> {
     Ok(AgentTarget {
         registry: config.registry,
         node_id: config.node_id,
+        tls: config.tls,
     })
 }
 
@@ -87,5 +90,6 @@ mod tests {
         let target = resolve(&args).unwrap();
         assert_eq!(target.registry, "http://registry:50051");
         assert_eq!(target.node_id, "node-a");
+        assert!(!target.tls.is_set());
     }
 }

@@ -1,25 +1,27 @@
 //! Command line of registry-ctl.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-/// A small gRPC client of the node registry, for container HEALTHCHECKs
-/// and scripts.
-///
-/// Exit status: 0 when the command succeeded (for `health` and
-/// `agent-check`: when the answer was healthy), 1 when the answer was
-/// unhealthy or the registry could not be asked, 2 for a usage error.
+use crate::exit::EXIT_STATUS_HELP;
+use crate::output::Format;
+
+/// A small gRPC client of the node registry, for people, scripts and
+/// container HEALTHCHECKs.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "registry-ctl", version, about)]
+#[command(name = "registry-ctl", version, about, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
-    /// The registry's gRPC endpoint ("http://HOST:PORT", or "HOST:PORT")
-    /// [default: per command, see its help].
+    /// The registry's gRPC endpoint ("http://HOST:PORT", "https://HOST:PORT",
+    /// or "HOST:PORT" for http) [default: per command, see its help].
     #[arg(long, global = true, env = "REGISTRY_CTL_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
 
     /// Bearer token for the registry's calls (a reader token for `list`,
-    /// `status` and `agent-check`); `health` needs none.
+    /// `get`, `status` and `agent-check`); `health` needs none. An empty
+    /// value sends none. Prefer --token-file or the variable: flags show in
+    /// `ps`.
     #[arg(
         long,
         global = true,
@@ -29,9 +31,59 @@ pub struct Cli {
     )]
     pub token: Option<String>,
 
+    /// File holding the bearer token alone (surrounding whitespace is
+    /// ignored).
+    #[arg(
+        long,
+        global = true,
+        env = "REGISTRY_CTL_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub token_file: Option<PathBuf>,
+
+    /// PEM CA bundle that signs the registry's certificate; required for
+    /// an https:// registry (this build trusts no CA by itself).
+    #[arg(long, global = true, env = "REGISTRY_CTL_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate, for a registry that requires mTLS.
+    #[arg(
+        long,
+        global = true,
+        env = "REGISTRY_CTL_TLS_CERT",
+        value_name = "FILE"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "REGISTRY_CTL_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Name to verify the registry's certificate against
+    /// [default: the registry URL's host].
+    #[arg(
+        long,
+        global = true,
+        env = "REGISTRY_CTL_TLS_DOMAIN",
+        value_name = "NAME"
+    )]
+    pub tls_domain: Option<String>,
+
     /// Bound on connecting and on each call ("3s", "500ms").
     #[arg(long, global = true, default_value = "3s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+
+    /// Output format: `table` (aligned columns for people), `wide` (more
+    /// columns), or `json` (proto3 canonical JSON, one object per line).
+    #[arg(
+        long,
+        short = 'o',
+        global = true,
+        value_enum,
+        default_value_t = Format::Table,
+        value_name = "FORMAT"
+    )]
+    pub output: Format,
 
     /// What to do.
     #[command(subcommand)]
@@ -42,16 +94,17 @@ pub struct Cli {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Asks the gRPC health service (grpc.health.v1) whether the server is
-    /// SERVING; exits 0 if so, 1 otherwise. Without --registry it asks the
-    /// registry of this container: REGISTRY_LISTEN with a wildcard address
-    /// turned into 127.0.0.1, else http://127.0.0.1:50051.
+    /// SERVING; exits 0 if so, 1 if not, 3 when it cannot ask. Without
+    /// --registry it asks the registry of this container: REGISTRY_LISTEN
+    /// with a wildcard address turned into 127.0.0.1, else
+    /// http://127.0.0.1:50051.
     Health {
         /// The service to ask about; empty means the whole server.
         #[arg(long, default_value = "")]
         service: String,
     },
-    /// Lists the registry's nodes, one line each [default registry:
-    /// http://127.0.0.1:50051].
+    /// Lists the registry's nodes, one line each; exits 1 when no node
+    /// matches [default registry: http://127.0.0.1:50051].
     List {
         /// Only nodes with this status.
         #[arg(long, value_enum)]
@@ -59,24 +112,43 @@ pub enum Command {
         /// Only nodes that run this pool.
         #[arg(long)]
         pool: Option<String>,
+        /// Only nodes carrying this label (KEY=VALUE); repeatable, all must
+        /// match.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Shows one node: its status, pools and GPUs; exits 1 when the
+    /// registry does not know it [default registry: http://127.0.0.1:50051].
+    Get {
+        /// The node.
+        node_id: String,
     },
     /// Prints the status of one node: "online", "offline", or "absent" when
-    /// the registry does not know it [default registry:
-    /// http://127.0.0.1:50051].
+    /// the registry does not know it; exits 0 for all three
+    /// [default registry: http://127.0.0.1:50051].
     Status {
         /// The node.
         node_id: String,
     },
     /// Exits 0 when the registry lists this container's node-agent ONLINE,
-    /// 1 otherwise: the node-agent image's HEALTHCHECK. The registry and the
-    /// node id are resolved exactly as the agent resolves them, from its
-    /// command line (read from /proc/PID/cmdline), its NODE_AGENT_*
-    /// environment and its config file.
+    /// 1 when it is OFFLINE or absent, 3 when the registry cannot be asked:
+    /// the node-agent image's HEALTHCHECK. The registry, the node id and
+    /// (unless TLS flags are given) the TLS settings are resolved exactly
+    /// as the agent resolves them, from its command line (read from
+    /// /proc/PID/cmdline), its NODE_AGENT_* environment and its config file.
     AgentCheck {
         /// Process id of the node-agent whose command line to read; when
         /// that process is not a node-agent, only the environment counts.
         #[arg(long, default_value_t = 1)]
         pid: u32,
+    },
+    /// Prints a shell completion script. Bash: `registry-ctl completions
+    /// bash > /etc/bash_completion.d/registry-ctl`; zsh: into a directory
+    /// of $fpath as `_registry-ctl`; fish: into
+    /// ~/.config/fish/completions/registry-ctl.fish.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -87,6 +159,14 @@ pub enum StatusFilter {
     Online,
     /// OFFLINE nodes.
     Offline,
+}
+
+/// A `KEY=VALUE` label filter.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 #[cfg(test)]
@@ -103,24 +183,110 @@ mod tests {
             "127.0.0.1:1",
             "--timeout",
             "500ms",
+            "-o",
+            "json",
         ])
         .unwrap();
         assert_eq!(cli.registry.as_deref(), Some("127.0.0.1:1"));
         assert_eq!(cli.timeout, Duration::from_millis(500));
+        assert_eq!(cli.output, Format::Json);
         assert!(matches!(cli.command, Command::Status { node_id } if node_id == "node-a"));
     }
 
     #[test]
+    fn the_healthchecks_command_lines_still_parse() {
+        for command in ["health", "agent-check"] {
+            let cli = Cli::try_parse_from(["registry-ctl", "--timeout", "3s", command]).unwrap();
+            assert_eq!(cli.timeout, Duration::from_secs(3));
+            assert_eq!(cli.output, Format::Table);
+        }
+    }
+
+    #[test]
     fn list_filters_parse() {
-        let cli =
-            Cli::try_parse_from(["registry-ctl", "list", "--status", "offline", "--pool", "p"])
-                .unwrap();
+        let cli = Cli::try_parse_from([
+            "registry-ctl",
+            "list",
+            "--status",
+            "offline",
+            "--pool",
+            "p",
+            "--label",
+            "zone=eu-1",
+            "--label",
+            "rack=",
+        ])
+        .unwrap();
         match cli.command {
-            Command::List { status, pool } => {
+            Command::List {
+                status,
+                pool,
+                labels,
+            } => {
                 assert_eq!(status, Some(StatusFilter::Offline));
                 assert_eq!(pool.as_deref(), Some("p"));
+                assert_eq!(
+                    labels,
+                    vec![
+                        ("zone".to_owned(), "eu-1".to_owned()),
+                        ("rack".to_owned(), String::new())
+                    ]
+                );
             }
             other => panic!("parsed as {other:?}"),
         }
+        assert!(Cli::try_parse_from(["registry-ctl", "list", "--label", "novalue"]).is_err());
+        assert!(Cli::try_parse_from(["registry-ctl", "list", "--label", "=v"]).is_err());
+    }
+
+    #[test]
+    fn output_formats_and_shells_parse() {
+        for (word, format) in [
+            ("table", Format::Table),
+            ("wide", Format::Wide),
+            ("json", Format::Json),
+        ] {
+            let cli = Cli::try_parse_from(["registry-ctl", "--output", word, "get", "n"]).unwrap();
+            assert_eq!(cli.output, format);
+        }
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["registry-ctl", "completions", shell]).unwrap();
+            assert!(matches!(cli.command, Command::Completions { .. }));
+        }
+        assert!(Cli::try_parse_from(["registry-ctl", "get"]).is_err());
+    }
+
+    #[test]
+    fn tls_and_token_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "registry-ctl",
+            "--registry",
+            "https://registry:50051",
+            "--token-file",
+            "/run/secrets/token",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-domain",
+            "registry.internal",
+            "list",
+        ])
+        .unwrap();
+        assert_eq!(cli.token_file, Some(PathBuf::from("/run/secrets/token")));
+        assert_eq!(cli.tls_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(cli.tls_cert, Some(PathBuf::from("c.pem")));
+        assert_eq!(cli.tls_key, Some(PathBuf::from("k.pem")));
+        assert_eq!(cli.tls_domain.as_deref(), Some("registry.internal"));
+    }
+
+    #[test]
+    fn help_documents_the_exit_statuses() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit status:"), "{help}");
+        assert!(help.contains("3  cannot reach the registry"), "{help}");
     }
 }

@@ -3,114 +3,109 @@
 use std::future::Future;
 use std::time::Duration;
 
+use node_agent::auth::BearerAuth;
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
-use tonic::Request;
-use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::error::CtlError;
+use crate::connect::ConnectOptions;
+use crate::error::{ConnectFailure, CtlError, error_chain};
+
+/// A channel whose every call carries the bearer token, if any.
+type AuthChannel = InterceptedService<Channel, BearerAuth>;
 
 /// A connection to one registry, every step bounded by `timeout`.
 #[derive(Debug, Clone)]
 pub struct Registry {
     /// The registry's URL.
     url: String,
-    /// The connection.
-    channel: Channel,
+    /// The connection, with the token interceptor.
+    channel: AuthChannel,
     /// Bound on each call.
     timeout: Duration,
-    /// `authorization` metadata sent with every call, if a token was given.
-    authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Registry {
-    /// Connects to `url` within `timeout`; every call carries `token` as a
-    /// bearer token, if given.
-    pub async fn connect(
-        url: &str,
-        timeout: Duration,
-        token: Option<&str>,
-    ) -> Result<Self, CtlError> {
-        let authorization = token
-            .map(|token| MetadataValue::try_from(format!("Bearer {}", token.trim())))
-            .transpose()
-            .map_err(|_| CtlError::Token)?;
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| CtlError::Endpoint {
+    /// Reads the token and TLS files, then connects within the timeout.
+    pub async fn connect(options: &ConnectOptions) -> Result<Self, CtlError> {
+        let prepared = options.prepare()?;
+        let url = options.url.as_str();
+        let timeout = options.timeout;
+        let mut endpoint =
+            Endpoint::from_shared(url.to_owned()).map_err(|source| CtlError::Endpoint {
                 url: url.to_owned(),
                 source,
-            })?
-            .connect_timeout(timeout)
-            .timeout(timeout);
+            })?;
+        // No connect_timeout or timeout on the endpoint: `bounded` alone
+        // bounds each step, so running out of time is always reported as
+        // a deadline, never as tonic's CANCELLED "Timeout expired".
+        if let Some(tls) = prepared.tls {
+            endpoint = endpoint.tls_config(tls).map_err(|err| {
+                CtlError::Settings(node_agent::ConfigError::Tls(error_chain(&err)))
+            })?;
+        }
         let channel = bounded(timeout, format!("connecting to {url}"), async {
             endpoint
                 .connect()
                 .await
                 .map_err(|source| CtlError::Connect {
                     url: url.to_owned(),
-                    source,
+                    failure: ConnectFailure::of(url, &source),
+                    detail: error_chain(&source),
                 })
         })
         .await?;
         Ok(Self {
             url: url.to_owned(),
-            channel,
+            channel: InterceptedService::new(channel, prepared.credentials.interceptor()),
             timeout,
-            authorization,
         })
     }
 
-    /// `message` as a request with the token attached.
-    fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        request
+    /// The registry's URL.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// The health service's answer for `service` ("" is the whole server).
     pub async fn health(&self, service: &str) -> Result<ServingStatus, CtlError> {
         let mut client = HealthClient::new(self.channel.clone());
-        let request = self.request(tonic_health::pb::HealthCheckRequest {
+        let request = tonic_health::pb::HealthCheckRequest {
             service: service.to_owned(),
-        });
+        };
         let response = bounded(self.timeout, self.what("Check"), async {
             client
                 .check(request)
                 .await
-                .map_err(|status| CtlError::rpc("grpc.health.v1.Health/Check", status))
+                .map_err(|status| CtlError::rpc("grpc.health.v1.Health/Check", &self.url, &status))
         })
         .await?;
         Ok(response.into_inner().status())
     }
 
-    /// Every node matching `status` and `pool_id` (empty: any), all pages.
+    /// Every node matching `filter` (its page fields are ignored), all
+    /// pages.
     pub async fn list_nodes(
         &self,
-        status: pb::NodeStatus,
-        pool_id: &str,
+        filter: pb::ListNodesRequest,
     ) -> Result<Vec<pb::Node>, CtlError> {
         let mut client = NodeRegistryClient::new(self.channel.clone());
         let mut nodes = Vec::new();
         let mut page_token = String::new();
         loop {
-            let request = self.request(pb::ListNodesRequest {
-                status: status as i32,
-                pool_id: pool_id.to_owned(),
+            let request = pb::ListNodesRequest {
                 page_token: page_token.clone(),
-                ..Default::default()
-            });
+                page_size: 0,
+                ..filter.clone()
+            };
             let page = bounded(self.timeout, self.what("ListNodes"), async {
                 client
                     .list_nodes(request)
                     .await
-                    .map_err(|status| CtlError::rpc("ListNodes", status))
+                    .map_err(|status| CtlError::rpc("ListNodes", &self.url, &status))
             })
             .await?
             .into_inner();
@@ -125,9 +120,9 @@ impl Registry {
     /// The node `node_id`, or `None` when the registry does not know it.
     pub async fn node(&self, node_id: &str) -> Result<Option<pb::Node>, CtlError> {
         let mut client = NodeRegistryClient::new(self.channel.clone());
-        let request = self.request(pb::GetNodeRequest {
+        let request = pb::GetNodeRequest {
             node_id: node_id.to_owned(),
-        });
+        };
         let answer = bounded(self.timeout, self.what("GetNode"), async {
             Ok(client.get_node(request).await)
         })
@@ -135,7 +130,7 @@ impl Registry {
         match answer {
             Ok(node) => Ok(Some(node.into_inner())),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => Err(CtlError::rpc("GetNode", status)),
+            Err(status) => Err(CtlError::rpc("GetNode", &self.url, &status)),
         }
     }
 

@@ -1,4 +1,8 @@
-//! The one error type of registry-ctl.
+//! The one error type of registry-ctl, and the exit status of each error.
+
+use std::io;
+
+use crate::exit::Exit;
 
 /// Why a command could not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -12,48 +16,305 @@ pub enum CtlError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The token given as a value cannot be one. Never quotes the token.
+    #[error("invalid token from --token/REGISTRY_CTL_TOKEN: {why}")]
+    Token {
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// Both a token and a token file were given.
+    #[error(
+        "both --token (or REGISTRY_CTL_TOKEN) and --token-file (or REGISTRY_CTL_TOKEN_FILE) are set; give one"
+    )]
+    TwoTokens,
+    /// A token or TLS setting or file is unusable (node-agent's checks).
+    #[error("{0}")]
+    Settings(#[from] node_agent::ConfigError),
+    /// The node-agent's configuration could not be resolved.
+    #[error("cannot resolve the node-agent configuration: {0}")]
+    AgentConfig(String),
     /// Connecting failed.
-    #[error("cannot connect to {url}: {source}")]
+    #[error("cannot reach {url}: {failure}: {detail}")]
     Connect {
         /// The registry's URL.
         url: String,
-        /// The transport error.
-        #[source]
-        source: tonic::transport::Error,
+        /// The kind of failure, in words.
+        failure: ConnectFailure,
+        /// The transport error and its causes.
+        detail: String,
     },
     /// The call failed with a gRPC status.
-    #[error("{call} failed: {code:?}: {message}")]
+    #[error("{call} on {url} failed: {}: {message}", explain(*code))]
     Rpc {
         /// The call.
         call: &'static str,
+        /// The registry's URL.
+        url: String,
         /// The status code.
         code: tonic::Code,
         /// The status message.
         message: String,
     },
     /// Connecting or the call took longer than --timeout.
-    #[error("{what} did not answer within {timeout}")]
+    #[error("{what} did not answer within {timeout} (deadline exceeded; see --timeout)")]
     Timeout {
         /// What was waited for.
         what: String,
         /// The bound, humantime-formatted.
         timeout: String,
     },
-    /// The token cannot be sent as gRPC metadata.
-    #[error("the token is not a valid header value (printable ASCII only)")]
-    Token,
-    /// The node-agent's configuration could not be resolved.
-    #[error("cannot resolve the node-agent configuration: {0}")]
-    AgentConfig(String),
+    /// A message could not be turned into JSON.
+    #[error("cannot print {message} as JSON: {why}")]
+    Json {
+        /// The message's full protobuf name.
+        message: &'static str,
+        /// What went wrong.
+        why: String,
+    },
+    /// Writing to stdout failed.
+    #[error("cannot write the output: {0}")]
+    Output(#[from] io::Error),
+}
+
+/// What kind of connection failure it was, for people to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectFailure {
+    /// Nothing listens on the port (or a firewall rejects it).
+    #[error("connection refused (is the registry running, and on this port?)")]
+    Refused,
+    /// The TLS handshake failed: unknown CA, wrong name, plain-text server.
+    #[error("TLS failure (check --tls-ca, --tls-domain, and http:// vs https://)")]
+    Tls,
+    /// The host name did not resolve.
+    #[error("the host name does not resolve")]
+    NameResolution,
+    /// Any other transport failure.
+    #[error("connection failed")]
+    Other,
+}
+
+impl ConnectFailure {
+    /// Classifies a transport error from connecting to `url`.
+    pub fn of(url: &str, error: &(dyn std::error::Error + 'static)) -> Self {
+        let chain = error_chain(error);
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(cause) = source {
+            if let Some(io) = cause.downcast_ref::<io::Error>() {
+                match io.kind() {
+                    io::ErrorKind::ConnectionRefused => return ConnectFailure::Refused,
+                    // tokio-rustls reports handshake failures as InvalidData.
+                    io::ErrorKind::InvalidData if url.starts_with("https://") => {
+                        return ConnectFailure::Tls;
+                    }
+                    _ => {}
+                }
+            }
+            source = cause.source();
+        }
+        let lower = chain.to_ascii_lowercase();
+        if lower.contains("dns error") || lower.contains("failed to lookup address") {
+            ConnectFailure::NameResolution
+        } else if lower.contains("tls") || lower.contains("certificate") {
+            ConnectFailure::Tls
+        } else {
+            ConnectFailure::Other
+        }
+    }
+}
+
+/// The status code's name and what it usually means for registry-ctl.
+pub fn explain(code: tonic::Code) -> String {
+    let hint = match code {
+        tonic::Code::Unauthenticated => {
+            "no valid bearer token: pass a reader token with --token-file, --token or REGISTRY_CTL_TOKEN"
+        }
+        tonic::Code::PermissionDenied => {
+            "the token may not make this call: reading nodes needs a reader or admin token, or the client certificate was refused"
+        }
+        tonic::Code::DeadlineExceeded => "deadline exceeded: no answer in time",
+        tonic::Code::Unavailable => {
+            "unavailable: the registry is shutting down or the connection broke"
+        }
+        other => other.description(),
+    };
+    format!("{} ({hint})", code_name(code))
+}
+
+/// The canonical upper-case name of a status code ("PERMISSION_DENIED").
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 impl CtlError {
-    /// A failed call.
-    pub fn rpc(call: &'static str, status: tonic::Status) -> Self {
+    /// A failed call to `url`.
+    /// The status's transport cause, if any, is added to its message
+    /// ("transport error: connection closed").
+    pub fn rpc(call: &'static str, url: &str, status: &tonic::Status) -> Self {
+        let mut message = status.message().to_owned();
+        if let Some(cause) = std::error::Error::source(status) {
+            let cause = error_chain(cause);
+            if cause.starts_with(&message) {
+                message = cause;
+            } else if !message.contains(&cause) {
+                message = format!("{message}: {cause}");
+            }
+            if url.starts_with("http://") && status.code() == tonic::Code::Unknown {
+                message.push_str(
+                    " (a registry that speaks TLS closes plain-text connections: \
+                     try https:// with --tls-ca)",
+                );
+            }
+        }
         Self::Rpc {
             call,
+            url: url.to_owned(),
             code: status.code(),
-            message: status.message().to_owned(),
+            message,
         }
+    }
+
+    /// The exit status this error ends the run with.
+    pub fn exit(&self) -> Exit {
+        match self {
+            CtlError::Endpoint { .. }
+            | CtlError::Token { .. }
+            | CtlError::TwoTokens
+            | CtlError::Settings(_)
+            | CtlError::AgentConfig(_) => Exit::Usage,
+            CtlError::Rpc {
+                code: tonic::Code::InvalidArgument,
+                ..
+            } => Exit::Usage,
+            CtlError::Rpc {
+                code: tonic::Code::NotFound,
+                ..
+            } => Exit::No,
+            CtlError::Connect { .. } | CtlError::Rpc { .. } | CtlError::Timeout { .. } => {
+                Exit::Unreachable
+            }
+            CtlError::Json { .. } | CtlError::Output(_) => Exit::No,
+        }
+    }
+
+    /// Whether this is stdout closed early (`registry-ctl list | head`),
+    /// which is no failure worth a message.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, CtlError::Output(err) if err.kind() == io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// An error and its causes, "a: b: c", each cause once.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(code: tonic::Code) -> CtlError {
+        CtlError::rpc(
+            "GetNode",
+            "http://r:1",
+            &tonic::Status::new(code, "message"),
+        )
+    }
+
+    #[test]
+    fn statuses_map_to_exit_codes() {
+        assert_eq!(rpc(tonic::Code::NotFound).exit(), Exit::No);
+        assert_eq!(rpc(tonic::Code::InvalidArgument).exit(), Exit::Usage);
+        for code in [
+            tonic::Code::Unauthenticated,
+            tonic::Code::PermissionDenied,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Unavailable,
+            tonic::Code::Internal,
+            tonic::Code::ResourceExhausted,
+        ] {
+            assert_eq!(rpc(code).exit(), Exit::Unreachable, "{code:?}");
+        }
+        let timeout = CtlError::Timeout {
+            what: "GetNode".into(),
+            timeout: "3s".into(),
+        };
+        assert_eq!(timeout.exit(), Exit::Unreachable);
+        assert_eq!(CtlError::TwoTokens.exit(), Exit::Usage);
+        assert_eq!(CtlError::Token { why: "it is empty" }.exit(), Exit::Usage);
+    }
+
+    #[test]
+    fn refusals_are_explained_in_words() {
+        let text = rpc(tonic::Code::Unauthenticated).to_string();
+        assert!(
+            text.contains("UNAUTHENTICATED") && text.contains("--token"),
+            "{text}"
+        );
+        let text = rpc(tonic::Code::PermissionDenied).to_string();
+        assert!(
+            text.contains("PERMISSION_DENIED") && text.contains("reader"),
+            "{text}"
+        );
+        let text = rpc(tonic::Code::DeadlineExceeded).to_string();
+        assert!(text.contains("deadline exceeded"), "{text}");
+        let text = rpc(tonic::Code::Internal).to_string();
+        assert!(
+            text.starts_with("GetNode on http://r:1 failed: INTERNAL"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn connection_failures_are_classified() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            ConnectFailure::of("http://r:1", &refused),
+            ConnectFailure::Refused
+        );
+        let handshake = io::Error::new(io::ErrorKind::InvalidData, "invalid peer certificate");
+        assert_eq!(
+            ConnectFailure::of("https://r:1", &handshake),
+            ConnectFailure::Tls
+        );
+        let other = io::Error::other("something else");
+        assert_eq!(
+            ConnectFailure::of("http://r:1", &other),
+            ConnectFailure::Other
+        );
+    }
+
+    #[test]
+    fn a_closed_stdout_is_no_failure() {
+        assert!(CtlError::Output(io::ErrorKind::BrokenPipe.into()).is_broken_pipe());
+        assert!(!CtlError::TwoTokens.is_broken_pipe());
     }
 }

@@ -1,0 +1,81 @@
+//! One module per command. Each takes the [`Context`] (the global flags)
+//! and its own arguments, prints through a [`Printer`], and returns the
+//! [`Exit`] status of its answer; errors carry their own (see
+//! [`CtlError::exit`](crate::error::CtlError::exit)).
+
+pub mod agent_check;
+pub mod completions;
+pub mod get;
+pub mod health;
+pub mod list;
+pub mod status;
+
+use std::io::Write;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::cli::{Cli, Command};
+use crate::client::Registry;
+use crate::connect::Credentialing;
+use crate::endpoint;
+use crate::error::CtlError;
+use crate::exit::Exit;
+use crate::output::Printer;
+
+/// What every command gets from the global flags.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// `--registry`, if given.
+    pub registry: Option<String>,
+    /// `--timeout`.
+    pub timeout: Duration,
+    /// The token and TLS flags.
+    pub credentials: Credentialing,
+    /// The time ages are measured against.
+    pub now: DateTime<Utc>,
+}
+
+impl Context {
+    /// The global flags of `cli`, checked.
+    pub fn from_cli(cli: &Cli) -> Result<Self, CtlError> {
+        Ok(Context {
+            registry: cli.registry.clone(),
+            timeout: cli.timeout,
+            credentials: Credentialing::from_cli(cli)?,
+            now: Utc::now(),
+        })
+    }
+
+    /// A connection to the registry of the query commands: --registry,
+    /// else http://127.0.0.1:50051.
+    pub async fn query_registry(&self) -> Result<Registry, CtlError> {
+        let url = endpoint::for_queries(self.registry.as_deref());
+        Registry::connect(&self.credentials.towards(url, self.timeout)).await
+    }
+}
+
+/// Runs the command of `cli`. `completions` needs no registry and no
+/// checked token or TLS flags; every other command gets the [`Context`].
+pub async fn run<W: Write>(cli: &Cli, printer: &mut Printer<W>) -> Result<Exit, CtlError> {
+    let context = || Context::from_cli(cli);
+    match &cli.command {
+        Command::Completions { shell } => completions::run(*shell, printer),
+        Command::Health { service } => health::run(&context()?, service, printer).await,
+        Command::List {
+            status,
+            pool,
+            labels,
+        } => {
+            let filter = list::Filter {
+                status: *status,
+                pool: pool.clone(),
+                labels: labels.clone(),
+            };
+            list::run(&context()?, &filter, printer).await
+        }
+        Command::Get { node_id } => get::run(&context()?, node_id, printer).await,
+        Command::Status { node_id } => status::run(&context()?, node_id, printer).await,
+        Command::AgentCheck { pid } => agent_check::run(&context()?, *pid, printer).await,
+    }
+}

@@ -1,0 +1,574 @@
+//! registry-ctl, the built binary, against a real registry-server running
+//! in-process on 127.0.0.1:0: output and exit statuses as scripts see them.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use registry_proto::pb;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use registry_server::Settings;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const ADMIN_TOKEN: &str = "admin-token-aaaaaaaaaaaaaaaa";
+const READER_TOKEN: &str = "reader-token-bbbbbbbbbbbbbbbb";
+const NODE_TOKEN: &str = "node-token-dddddddddddddddd";
+
+/// A registry serving on a loopback port for the length of a test.
+struct TestRegistry {
+    /// Its URL, http:// or https:// with the loopback address.
+    url: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), registry_server::ServerError>>,
+}
+
+impl TestRegistry {
+    async fn start(settings: Settings) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let scheme = if settings.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(registry_server::run(listener, settings, async {
+            let _ = stopped.await;
+        }));
+        TestRegistry { url, stop, task }
+    }
+
+    /// Registers `node_id` (with pool-0 and one GPU) over `channel`.
+    async fn register(&self, channel: Channel, token: Option<&str>, node_id: &str) {
+        let mut client = NodeRegistryClient::new(channel);
+        let mut request = tonic::Request::new(pb::RegisterRequest {
+            node_id: node_id.into(),
+            machine_id: format!("machine-{node_id}"),
+            address: format!("http://{node_id}.example:9200"),
+            pools: vec![pb::PoolSpec {
+                pool_id: "pool-0".into(),
+                slots_total: 4,
+                ..Default::default()
+            }],
+            capabilities: Some(pb::Capabilities {
+                gpus: vec![pb::GpuInfo {
+                    index: 0,
+                    uuid: format!("GPU-{node_id}"),
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    memory_total_bytes: 80 << 30,
+                    compute_capability: "9.0".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            agent_version: "test".into(),
+            labels: [("zone".to_owned(), "eu-1".to_owned())].into(),
+        });
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        client.register(request).await.unwrap();
+    }
+
+    async fn plain_channel(&self) -> Channel {
+        Endpoint::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Runs the built registry-ctl with `args` and no REGISTRY_CTL_* or
+/// NODE_AGENT_* from the environment of the test run.
+async fn ctl(args: &[&str]) -> Output {
+    ctl_with_env(args, &[]).await
+}
+
+/// [`ctl`] with these environment variables set.
+async fn ctl_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_registry-ctl"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("REGISTRY_CTL_")
+                || name.starts_with("NODE_AGENT_")
+                || name == "REGISTRY_LISTEN"
+            {
+                command.env_remove(name);
+            }
+        }
+        command.envs(env).args(&args).output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+/// The exit status, with stdout and stderr in the message when it differs.
+#[track_caller]
+fn assert_exit(output: &Output, want: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(want),
+        "stdout: {}\nstderr: {}",
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// A free loopback port nothing listens on.
+async fn closed_port() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_list_status_and_health_against_an_open_registry() {
+    let registry = TestRegistry::start(Settings::default()).await;
+    registry
+        .register(registry.plain_channel().await, None, "gpu-a")
+        .await;
+    registry
+        .register(registry.plain_channel().await, None, "gpu-b")
+        .await;
+    let url = registry.url.as_str();
+
+    // get of a registered node: 0, one line of proto3 JSON.
+    let output = ctl(&["--registry", url, "-o", "json", "get", "gpu-a"]).await;
+    assert_exit(&output, 0);
+    let text = stdout(&output);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let node: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(node["nodeId"], "gpu-a");
+    assert_eq!(node["status"], "NODE_STATUS_ONLINE");
+    assert!(node["sessionId"].is_string(), "{node}");
+    assert!(
+        node["registeredAt"].as_str().unwrap().ends_with('Z'),
+        "{node}"
+    );
+
+    // get as a table: the description.
+    let output = ctl(&["--registry", url, "get", "gpu-a"]).await;
+    assert_exit(&output, 0);
+    let text = stdout(&output);
+    assert!(text.starts_with("Node:            gpu-a\n"), "{text}");
+    assert!(text.contains("Status:          online, since"), "{text}");
+    assert!(text.contains("NVIDIA H100 80GB HBM3"), "{text}");
+
+    // get of an absent node: 1, nothing on stdout, the reason on stderr.
+    let output = ctl(&["--registry", url, "-o", "json", "get", "nobody"]).await;
+    assert_exit(&output, 1);
+    assert_eq!(stdout(&output), "");
+    assert!(
+        stderr(&output).contains("not registered"),
+        "{}",
+        stderr(&output)
+    );
+
+    // list as JSON lines: one node per line, in node id order.
+    let output = ctl(&["--registry", url, "--output", "json", "list"]).await;
+    assert_exit(&output, 0);
+    let ids: Vec<String> = stdout(&output)
+        .lines()
+        .map(|line| {
+            let node: serde_json::Value = serde_json::from_str(line).unwrap();
+            node["nodeId"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["gpu-a", "gpu-b"]);
+
+    // list as a table, with filters.
+    let output = ctl(&[
+        "--registry",
+        url,
+        "list",
+        "--status",
+        "online",
+        "--pool",
+        "pool-0",
+        "--label",
+        "zone=eu-1",
+    ])
+    .await;
+    assert_exit(&output, 0);
+    let text = stdout(&output);
+    assert!(
+        text.starts_with("NODE   STATUS  GPUS  POOLS   ADDRESS"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\ngpu-a  online  1     pool-0  http://gpu-a.example:9200"),
+        "{text}"
+    );
+    let output = ctl(&["--registry", url, "-o", "wide", "list"]).await;
+    assert_exit(&output, 0);
+    assert!(
+        stdout(&output).contains("machine-gpu-a"),
+        "{}",
+        stdout(&output)
+    );
+
+    // list with filters matching nothing: 1.
+    let output = ctl(&[
+        "--registry",
+        url,
+        "-o",
+        "json",
+        "list",
+        "--status",
+        "offline",
+    ])
+    .await;
+    assert_exit(&output, 1);
+    assert_eq!(stdout(&output), "");
+    let output = ctl(&["--registry", url, "list", "--pool", "no-such-pool"]).await;
+    assert_exit(&output, 1);
+
+    // status: a word, and 0 even for an absent node.
+    let output = ctl(&["--registry", url, "status", "gpu-b"]).await;
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), "online\n");
+    let output = ctl(&["--registry", url, "status", "nobody"]).await;
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), "absent\n");
+    let output = ctl(&["--registry", url, "-o", "json", "status", "gpu-b"]).await;
+    assert_eq!(
+        stdout(&output),
+        "{\"nodeId\":\"gpu-b\",\"status\":\"online\"}\n"
+    );
+
+    // health, exactly as the HEALTHCHECK runs it (with REGISTRY_LISTEN
+    // replaced by --registry).
+    let output = ctl(&["--registry", url, "--timeout", "3s", "health"]).await;
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), "serving\n");
+    let output = ctl(&["--registry", url, "-o", "json", "health"]).await;
+    assert_eq!(stdout(&output), "{\"status\":\"SERVING\"}\n");
+
+    // An argument the registry refuses: 2.
+    let output = ctl(&["--registry", url, "get", "Not_A_Node"]).await;
+    assert_exit(&output, 2);
+    assert!(
+        stderr(&output).contains("INVALID_ARGUMENT"),
+        "{}",
+        stderr(&output)
+    );
+
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_registry_exits_3_with_the_reason() {
+    let url = closed_port().await;
+    for command in [
+        vec!["get", "gpu-a"],
+        vec!["list"],
+        vec!["status", "gpu-a"],
+        vec!["health"],
+    ] {
+        let mut args = vec!["--registry", url.as_str(), "--timeout", "2s"];
+        args.extend(command);
+        let output = ctl(&args).await;
+        assert_exit(&output, 3);
+        assert!(
+            stderr(&output).contains("connection refused"),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_come_from_a_file_and_refusals_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        &format!("reader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\nnode {NODE_TOKEN}\n"),
+    );
+    let registry = TestRegistry::start(Settings {
+        auth_token_file: Some(tokens),
+        ..Settings::default()
+    })
+    .await;
+    registry
+        .register(registry.plain_channel().await, Some(ADMIN_TOKEN), "gpu-a")
+        .await;
+    let url = registry.url.as_str();
+
+    let output = ctl(&["--registry", url, "get", "gpu-a"]).await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("UNAUTHENTICATED"),
+        "{}",
+        stderr(&output)
+    );
+
+    let wrong = write(dir.path(), "wrong", "wrong-token-cccccccccccccccc\n");
+    let output = ctl(&[
+        "--registry",
+        url,
+        "--token-file",
+        wrong.to_str().unwrap(),
+        "list",
+    ])
+    .await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("UNAUTHENTICATED"),
+        "{}",
+        stderr(&output)
+    );
+
+    // A node token may not read nodes.
+    let output = ctl(&["--registry", url, "--token", NODE_TOKEN, "get", "gpu-a"]).await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("PERMISSION_DENIED"),
+        "{}",
+        stderr(&output)
+    );
+
+    let reader = write(dir.path(), "reader", &format!("{READER_TOKEN}\n"));
+    let output = ctl(&[
+        "--registry",
+        url,
+        "--token-file",
+        reader.to_str().unwrap(),
+        "-o",
+        "json",
+        "get",
+        "gpu-a",
+    ])
+    .await;
+    assert_exit(&output, 0);
+    let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(node["nodeId"], "gpu-a");
+
+    let output = ctl(&[
+        "--registry",
+        url,
+        "--token",
+        READER_TOKEN,
+        "status",
+        "gpu-a",
+    ])
+    .await;
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), "online\n");
+
+    // The health service needs no token.
+    let output = ctl(&["--registry", url, "health"]).await;
+    assert_exit(&output, 0);
+
+    registry.shutdown().await;
+}
+
+/// A CA and a server certificate for "localhost" it signed, as PEM.
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+}
+
+impl Pki {
+    fn generate() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "registry-ctl test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        Pki {
+            ca: ca.pem(),
+            server_cert: cert.pem(),
+            server_key: key.serialize_pem(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_registries_need_the_ca_and_a_wrong_one_is_a_tls_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate();
+    let registry = TestRegistry::start(Settings {
+        tls_cert: Some(write(dir.path(), "server.pem", &pki.server_cert)),
+        tls_key: Some(write(dir.path(), "server.key", &pki.server_key)),
+        ..Settings::default()
+    })
+    .await;
+    let ca = write(dir.path(), "ca.pem", &pki.ca);
+    let channel = Endpoint::from_shared(registry.url.clone())
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&pki.ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    registry.register(channel, None, "gpu-a").await;
+    let url = registry.url.as_str();
+    let ca = ca.to_str().unwrap();
+
+    let output = ctl(&[
+        "--registry",
+        url,
+        "--tls-ca",
+        ca,
+        "--tls-domain",
+        "localhost",
+        "-o",
+        "json",
+        "get",
+        "gpu-a",
+    ])
+    .await;
+    assert_exit(&output, 0);
+    let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(node["nodeId"], "gpu-a");
+
+    // agent-check takes the agent's own TLS settings.
+    let pid = std::process::id().to_string();
+    let output = ctl_with_env(
+        &["agent-check", "--pid", &pid],
+        &[
+            ("NODE_AGENT_REGISTRY", url),
+            ("NODE_AGENT_NODE_ID", "gpu-a"),
+            ("NODE_AGENT_TLS_CA", ca),
+            ("NODE_AGENT_TLS_DOMAIN", "localhost"),
+        ],
+    )
+    .await;
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), format!("gpu-a is online at {url}\n"));
+
+    // https:// without --tls-ca: a usage error, before connecting.
+    let output = ctl(&["--registry", url, "get", "gpu-a"]).await;
+    assert_exit(&output, 2);
+    assert!(stderr(&output).contains("--tls-ca"), "{}", stderr(&output));
+
+    // A CA that did not sign the server's certificate.
+    let other = write(dir.path(), "other-ca.pem", &Pki::generate().ca);
+    let output = ctl(&[
+        "--registry",
+        url,
+        "--tls-ca",
+        other.to_str().unwrap(),
+        "--tls-domain",
+        "localhost",
+        "get",
+        "gpu-a",
+    ])
+    .await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("TLS failure"),
+        "{}",
+        stderr(&output)
+    );
+
+    // Plain text against the TLS port.
+    let plain = registry.url.replace("https://", "http://");
+    let output = ctl(&["--registry", &plain, "--timeout", "2s", "get", "gpu-a"]).await;
+    assert_exit(&output, 3);
+
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_never_answers_is_a_deadline_exceeded() {
+    // Accepts connections and holds them without a byte of HTTP/2.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let output = ctl(&["--registry", &url, "--timeout", "300ms", "get", "gpu-a"]).await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("deadline exceeded"),
+        "{}",
+        stderr(&output)
+    );
+    holder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_check_resolves_the_agent_from_its_environment() {
+    let registry = TestRegistry::start(Settings::default()).await;
+    registry
+        .register(registry.plain_channel().await, None, "gpu-a")
+        .await;
+    // The test process is no node-agent: only the environment counts.
+    let pid = std::process::id().to_string();
+    let check = |node: &'static str, url: String| {
+        let pid = pid.clone();
+        async move {
+            ctl_with_env(
+                &["--timeout", "3s", "agent-check", "--pid", &pid],
+                &[("NODE_AGENT_REGISTRY", &url), ("NODE_AGENT_NODE_ID", node)],
+            )
+            .await
+        }
+    };
+
+    let output = check("gpu-a", registry.url.clone()).await;
+    assert_exit(&output, 0);
+    assert_eq!(
+        stdout(&output),
+        format!("gpu-a is online at {}\n", registry.url)
+    );
+
+    let output = check("gpu-z", registry.url.clone()).await;
+    assert_exit(&output, 1);
+    assert_eq!(
+        stdout(&output),
+        format!("gpu-z is absent at {}\n", registry.url)
+    );
+
+    let output = check("gpu-a", closed_port().await).await;
+    assert_exit(&output, 3);
+
+    registry.shutdown().await;
+}
