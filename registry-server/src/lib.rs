@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod expiry;
 pub mod identity;
 pub mod limits;
