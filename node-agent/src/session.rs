@@ -12,6 +12,7 @@ use std::time::Duration;
 use registry_proto::convert::{from_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use registry_proto::rules;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -139,6 +140,15 @@ impl Agent {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
+        // The same rules the registry applies. Configuration and handoff
+        // files were checked already, so this only catches a gap between
+        // those checks and the request; it is answered like the registry's
+        // own refusal, without a round trip.
+        if let Err(rule) = rules::register_request(&request) {
+            return Err(Status::invalid_argument(format!(
+                "the agent's own check refused the registration: {rule}"
+            )));
+        }
         let mut client = self.client.clone();
         let response = tokio::time::timeout(self.config.registry_timeout, client.register(request))
             .await
@@ -256,9 +266,15 @@ impl Agent {
                 "{what} rejected by the registry: permission denied"
             ),
             // A refused argument will not fix itself; say so louder.
-            Code::InvalidArgument => {
-                error!(%node_id, ?code, %error, %retry_in, "{what} rejected by the registry");
-            }
+            Code::InvalidArgument => error!(
+                %node_id,
+                ?code,
+                %error,
+                hint = "fix the value the message names; a refused registration is retried \
+                        only every --register-refused-retry",
+                %retry_in,
+                "{what} rejected by the registry: invalid argument"
+            ),
             _ => warn!(%node_id, ?code, %error, %retry_in, "{what} failed"),
         }
     }
@@ -266,7 +282,7 @@ impl Agent {
     async fn gpu_stats(&self) -> Vec<pb::GpuStats> {
         let gpus = self.gpus.clone();
         match tokio::task::spawn_blocking(move || gpus.stats()).await {
-            Ok(Ok(stats)) => stats,
+            Ok(Ok(stats)) => crate::gpu::fit_stats(stats),
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot read gpu stats");
                 Vec::new()
@@ -512,14 +528,13 @@ async fn changed(
     }
 }
 
-/// NOT_FOUND (node unknown) and FAILED_PRECONDITION (session superseded)
-/// both mean "register again"; anything else is a failure to retry.
+/// Register again where the contract says so ([`rules::must_register_again`]:
+/// node unknown, session superseded); anything else is a failure to retry.
 fn classify(status: Status) -> StreamEnd {
-    match status.code() {
-        Code::NotFound | Code::FailedPrecondition => {
-            StreamEnd::Reregister(status.message().to_owned())
-        }
-        _ => StreamEnd::Failed(status),
+    if rules::must_register_again(status.code()) {
+        StreamEnd::Reregister(status.message().to_owned())
+    } else {
+        StreamEnd::Failed(status)
     }
 }
 
@@ -575,7 +590,13 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                 match registered {
                     Ok(s) => (s, true),
                     Err(status) => {
-                        let delay = backoff.next_delay();
+                        // Refused as invalid: retrying soon cannot help,
+                        // and the error is logged with the registry's words.
+                        let delay = if status.code() == Code::InvalidArgument {
+                            agent.config.register_refused_retry
+                        } else {
+                            backoff.next_delay()
+                        };
                         agent.failed("register", &status, delay);
                         if wait(delay, &mut shutdown).await {
                             return;

@@ -300,11 +300,20 @@ pub fn labels<'a>(
 
 /// One pool as registered, at position `index` of `pools`.
 pub fn pool_spec(index: usize, pool: &pb::PoolSpec) -> RuleResult {
-    let field = |name| Field::Item {
+    pool_spec_fields(pool, &|name| Field::Item {
         list: "pools",
         index,
         name,
-    };
+    })
+}
+
+/// The rules of one pool (but not its uniqueness among others), each
+/// field named by `field`: the registry names `pools[3].model`, the agent
+/// names the pool's own setting.
+pub fn pool_spec_fields<'f>(
+    pool: &pb::PoolSpec,
+    field: &dyn Fn(&'static str) -> Field<'f>,
+) -> RuleResult {
     pool_id(field("pool_id"), &pool.pool_id)?;
     text(field("engine"), &pool.engine)?;
     text(field("model"), &pool.model)?;
