@@ -47,9 +47,9 @@ pub enum ConfigError {
     },
     /// A setting's value breaks a rule of the registry's contract, which
     /// the registry would refuse with INVALID_ARGUMENT on every try.
-    #[error("{setting}: {rule}")]
+    #[error("invalid {setting}: {}: {}", rule.field, rule.reason)]
     Rule {
-        /// The setting: its flag, environment variable and file key.
+        /// The setting, with its flag, environment variable and file key.
         setting: &'static str,
         /// The broken rule, naming the field. Not a `#[source]`: the
         /// message already holds it, and error chains would repeat it.
@@ -140,10 +140,10 @@ mod tests {
     #[test]
     fn a_broken_rule_names_the_setting_and_the_field() {
         let rule = registry_proto::rules::node_id("node_id".into(), "Bad_Node").unwrap_err();
-        let error = ConfigError::rule("--node-id / NODE_AGENT_NODE_ID / node_id")(rule);
+        let error = ConfigError::rule("node id (--node-id, NODE_AGENT_NODE_ID, node_id)")(rule);
         let text = error_chain(&error);
         assert!(
-            text.starts_with("--node-id / NODE_AGENT_NODE_ID / node_id: invalid node_id: "),
+            text.starts_with("invalid node id (--node-id, NODE_AGENT_NODE_ID, node_id): node_id: "),
             "{text}"
         );
         assert_eq!(text.matches("DNS label").count(), 1, "{text}");

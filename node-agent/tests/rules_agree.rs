@@ -13,7 +13,7 @@ use registry_proto::rules::{MAX_GPUS, MAX_LABELS, MAX_POOLS};
 
 /// One value under test, in the field it goes to.
 #[derive(Debug, Clone)]
-enum Value {
+enum Case {
     NodeId(String),
     MachineId(String),
     Address(String),
@@ -32,8 +32,8 @@ enum Value {
 }
 
 /// The table: each value and whether the contract accepts it.
-fn table() -> Vec<(Value, bool)> {
-    use Value::*;
+fn table() -> Vec<(Case, bool)> {
+    use Case::*;
     let s = |v: &str| v.to_owned();
     vec![
         (NodeId(s("gpu-01")), true),
@@ -103,7 +103,7 @@ fn table() -> Vec<(Value, bool)> {
 }
 
 /// A valid configuration with `value` applied.
-fn config_with(value: &Value) -> AgentConfig {
+fn config_with(value: &Case) -> AgentConfig {
     let mut config = AgentConfig::new("http://127.0.0.1:50051", "gpu-01");
     config.machine_id = "4c4c4544004d3510".into();
     config.address = "http://10.0.0.5:9200".into();
@@ -111,24 +111,24 @@ fn config_with(value: &Value) -> AgentConfig {
     config.pools = vec![PoolConfig::new("pool-0")];
     let pool = &mut config.pools[0];
     match value.clone() {
-        Value::NodeId(v) => config.node_id = v,
-        Value::MachineId(v) => config.machine_id = v,
-        Value::Address(v) => config.address = v,
-        Value::PoolId(v) => pool.id = v,
-        Value::LabelKey(v) => {
+        Case::NodeId(v) => config.node_id = v,
+        Case::MachineId(v) => config.machine_id = v,
+        Case::Address(v) => config.address = v,
+        Case::PoolId(v) => pool.id = v,
+        Case::LabelKey(v) => {
             config.labels.insert(v, "x".into());
         }
-        Value::LabelValue(v) => {
+        Case::LabelValue(v) => {
             config.labels.insert("zone".into(), v);
         }
-        Value::Model(v) => pool.model = Some(v),
-        Value::Engine(v) => pool.engine = Some(v),
-        Value::EngineVersion(v) => pool.engine_version = Some(v),
-        Value::GpuIndices(n) => pool.gpus = Some((0..n as u32).collect()),
-        Value::Pools(n) => {
+        Case::Model(v) => pool.model = Some(v),
+        Case::Engine(v) => pool.engine = Some(v),
+        Case::EngineVersion(v) => pool.engine_version = Some(v),
+        Case::GpuIndices(n) => pool.gpus = Some((0..n as u32).collect()),
+        Case::Pools(n) => {
             config.pools = (0..n).map(|i| PoolConfig::new(format!("p{i}"))).collect();
         }
-        Value::Labels(n) => {
+        Case::Labels(n) => {
             config.labels = (0..n).map(|i| (format!("k{i}"), "v".into())).collect();
         }
     }
@@ -160,14 +160,14 @@ fn register_request(config: &AgentConfig) -> pb::RegisterRequest {
 }
 
 /// The same pool written as a handoff file, where the value is a pool's.
-fn handoff_json(value: &Value) -> Option<String> {
+fn handoff_json(value: &Case) -> Option<String> {
     let field = |key: &str, v: &str| serde_json::json!({ key: v }).to_string();
     match value {
-        Value::PoolId(v) => Some(field("pool_id", v)),
-        Value::Model(v) => Some(field("model", v)),
-        Value::Engine(v) => Some(field("engine", v)),
-        Value::EngineVersion(v) => Some(field("engine_version", v)),
-        Value::GpuIndices(n) => Some(
+        Case::PoolId(v) => Some(field("pool_id", v)),
+        Case::Model(v) => Some(field("model", v)),
+        Case::Engine(v) => Some(field("engine", v)),
+        Case::EngineVersion(v) => Some(field("engine_version", v)),
+        Case::GpuIndices(n) => Some(
             serde_json::json!({ "device_mask": (0..*n as u32).collect::<Vec<_>>() }).to_string(),
         ),
         _ => None,
@@ -207,7 +207,7 @@ fn the_agent_leaves_out_handoff_pools_beyond_the_limit_so_the_registry_accepts()
     let merged = node_agent::pools::merge_pools(&[PoolConfig::new("static")], &handoff);
     assert_eq!(merged.pools.len(), MAX_POOLS);
     assert_eq!(merged.left_out.len(), 11);
-    let mut config = config_with(&Value::Pools(0));
+    let mut config = config_with(&Case::Pools(0));
     config.pools = merged.pools;
     registry_server::validate::registration(register_request(&config)).unwrap();
 }

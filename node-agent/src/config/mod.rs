@@ -41,12 +41,12 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_REGISTER_REFUSED_RETRY: Duration = Duration::from_secs(5 * 60);
 
 // How errors name each setting a person can fix: flag, variable, file key.
-const NODE_ID: &str = "--node-id / NODE_AGENT_NODE_ID / node_id";
-const MACHINE_ID: &str = "--machine-id / NODE_AGENT_MACHINE_ID / machine_id";
-const ADDRESS: &str = "--address / NODE_AGENT_ADDRESS / address";
-const LABELS: &str = "--label / NODE_AGENT_LABEL / [labels]";
-const POOLS: &str = "--pool / NODE_AGENT_POOL / [[pools]]";
-const FAKE_GPUS: &str = "--fake-gpus / NODE_AGENT_FAKE_GPUS / fake_gpus";
+const NODE_ID: &str = "node id (--node-id, NODE_AGENT_NODE_ID, node_id)";
+const MACHINE_ID: &str = "machine id (--machine-id, NODE_AGENT_MACHINE_ID, machine_id)";
+const ADDRESS: &str = "address (--address, NODE_AGENT_ADDRESS, address)";
+const LABELS: &str = "labels (--label, NODE_AGENT_LABEL, [labels])";
+const POOLS: &str = "pools (--pool, NODE_AGENT_POOL, [[pools]])";
+const FAKE_GPUS: &str = "fake gpus (--fake-gpus, NODE_AGENT_FAKE_GPUS, fake_gpus)";
 
 /// Where GPU information comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
