@@ -55,8 +55,13 @@ pub enum ConfigError {
         /// message already holds it, and error chains would repeat it.
         rule: RuleError,
     },
-    /// A configured pool breaks a rule of the registry's contract.
-    #[error("pool {pool_id}: {rule}")]
+    /// A configured pool (`--pool` or `[[pools]]`) breaks a rule of the
+    /// registry's contract.
+    #[error(
+        "invalid pool {pool_id} (--pool, NODE_AGENT_POOL, [[pools]]): {}: {}",
+        rule.field,
+        rule.reason
+    )]
     Pool {
         /// The pool's id, quoted and cut short when long.
         pool_id: String,
