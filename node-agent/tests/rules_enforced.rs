@@ -2,7 +2,7 @@
 //! setting stops the binary with status 2 naming it, a bad handoff file is
 //! left out while the node still registers, and a registration the
 //! registry refuses anyway is retried on the long `--register-refused-retry`
-//! delay, not the reconnect backoff.
+//! delay, not the reconnect backoff, unless a handoff file changes.
 //!
 //! The registry here is a stub NodeRegistry that records every Register
 //! and answers it as told, since the real registry-server accepts whatever
@@ -130,6 +130,37 @@ async fn a_refused_registration_waits_the_long_retry_not_the_backoff() {
     run_agent(short, Duration::from_millis(1500)).await;
     let calls = refused.registered.lock().unwrap().len();
     assert!((2..=8).contains(&calls), "{calls} registrations");
+}
+
+#[tokio::test]
+async fn a_handoff_change_ends_the_long_retry_early() {
+    let refused = StubRegistry {
+        registered: Arc::default(),
+        refuse: Some(Status::invalid_argument(
+            "invalid pools[0].model: stub says no",
+        )),
+    };
+    let url = serve(refused.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.json"), r#"{"model":"a"}"#).unwrap();
+    let mut config = config(&url);
+    config.register_refused_retry = Duration::from_secs(3600);
+    config.handoff_dir = Some(dir.path().to_owned());
+    config.handoff_poll_interval = Duration::from_millis(100);
+    let path = dir.path().join("p.json");
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        std::fs::write(path, r#"{"model":"b"}"#).unwrap();
+    });
+    run_agent(config, Duration::from_millis(1500)).await;
+    let models: Vec<String> = refused
+        .registered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.pools[0].model.clone())
+        .collect();
+    assert_eq!(models, ["a", "b"]);
 }
 
 #[tokio::test]

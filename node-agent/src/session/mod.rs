@@ -296,6 +296,24 @@ fn positive(d: Option<&prost_types::Duration>) -> Option<Duration> {
     d.and_then(from_proto_duration).filter(|d| !d.is_zero())
 }
 
+/// Sleeps for `delay` or until the handoff files change; true when
+/// shutdown came first.
+async fn wait_for_fix(agent: &Agent, delay: Duration, shutdown: &mut Shutdown) -> bool {
+    let mut handoff = agent.pools.handoff_changes();
+    if let Some(rx) = &mut handoff {
+        // Only a change from now on counts.
+        rx.borrow_and_update();
+    }
+    tokio::select! {
+        _ = &mut *shutdown => true,
+        _ = tokio::time::sleep(delay) => false,
+        Ok(()) = stream::changed(&mut handoff) => {
+            info!(node_id = %agent.config.node_id, "handoff files changed; registering again");
+            false
+        }
+    }
+}
+
 /// Sleeps for `delay`; true when shutdown came first.
 async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
     tokio::select! {
@@ -343,14 +361,20 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                 };
                 match registered {
                     Ok(s) => (s, true),
+                    // Refused as invalid: retrying soon cannot help, and
+                    // the error is logged with the registry's words. A
+                    // handoff file that changes meanwhile may be the fix,
+                    // so that ends the wait early.
+                    Err(status) if status.code() == Code::InvalidArgument => {
+                        let delay = agent.config.register_refused_retry;
+                        agent.failed("register", &status, delay);
+                        if wait_for_fix(&agent, delay, &mut shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
                     Err(status) => {
-                        // Refused as invalid: retrying soon cannot help,
-                        // and the error is logged with the registry's words.
-                        let delay = if status.code() == Code::InvalidArgument {
-                            agent.config.register_refused_retry
-                        } else {
-                            backoff.next_delay()
-                        };
+                        let delay = backoff.next_delay();
                         agent.failed("register", &status, delay);
                         if wait(delay, &mut shutdown).await {
                             return;

@@ -249,7 +249,7 @@ async fn send_beats(
     }
 }
 
-async fn changed(
+pub(super) async fn changed(
     rx: &mut Option<watch::Receiver<Vec<PoolConfig>>>,
 ) -> Result<(), watch::error::RecvError> {
     match rx {
