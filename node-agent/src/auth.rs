@@ -15,20 +15,23 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use sha2::{Digest, Sha256};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use tracing::{info, warn};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// Shortest token the registry accepts; a shorter one can never work.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub use registry_proto::rules::MIN_TOKEN_LEN;
+/// The short, non-secret name of a token for logs: the same function the
+/// registry logs with, so both sides' logs name a token alike.
+pub use registry_proto::rules::token_fingerprint as fingerprint;
 
 /// A secret string. `Debug` shows its fingerprint, never the value, so a
 /// configuration can be printed safely.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -68,15 +71,6 @@ impl TokenSource {
             TokenSource::Value(_) => "--auth-token/NODE_AGENT_AUTH_TOKEN".to_owned(),
         }
     }
-}
-
-/// The short, non-secret name of a token: the first 8 hex digits of its
-/// SHA-256, as the registry logs it.
-pub fn fingerprint(token: &str) -> String {
-    Sha256::digest(token.as_bytes())[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The token in `text` with surrounding whitespace removed, or why it

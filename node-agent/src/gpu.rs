@@ -14,11 +14,12 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::error::NvmlError;
 use registry_proto::pb;
+use registry_proto::rules::{self, Field, fit_text};
 
 use crate::config::GpuConfig;
 
 /// The contract's limit on GPUs per node.
-pub const MAX_GPUS: usize = 64;
+pub use registry_proto::rules::MAX_GPUS;
 
 /// What is known about the GPUs at start-up, sent with Register.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,6 +30,43 @@ pub struct GpuInventory {
     pub driver_version: String,
     /// Highest CUDA version the driver supports ("12.4"); empty without NVML.
     pub cuda_version: String,
+}
+
+impl GpuInventory {
+    /// The inventory made to pass the registry's rules
+    /// ([`rules::capabilities`]): the driver's strings are not the agent's
+    /// to trust, and a registry refusing them would keep the node
+    /// unregistered. Text is cut to 256 bytes without control characters,
+    /// a malformed compute capability becomes unknown (empty), GPUs beyond
+    /// [`MAX_GPUS`] or with a repeated index are dropped.
+    pub fn fit_contract(mut self) -> Self {
+        let mut seen = std::collections::HashSet::new();
+        self.gpus.retain(|gpu| seen.insert(gpu.index));
+        self.gpus.truncate(MAX_GPUS);
+        for gpu in &mut self.gpus {
+            gpu.uuid = fit_text(&gpu.uuid);
+            gpu.name = fit_text(&gpu.name);
+            gpu.pci_bus_id = fit_text(&gpu.pci_bus_id);
+            if rules::compute_capability(Field::Name("compute_capability"), &gpu.compute_capability)
+                .is_err()
+            {
+                gpu.compute_capability.clear();
+            }
+        }
+        self.driver_version = fit_text(&self.driver_version);
+        self.cuda_version = fit_text(&self.cuda_version);
+        self
+    }
+}
+
+/// Live GPU figures made to pass the registry's rules
+/// ([`rules::gpu_stats`]): at most [`MAX_GPUS`], utilization at most 100.
+pub fn fit_stats(mut stats: Vec<pb::GpuStats>) -> Vec<pb::GpuStats> {
+    stats.truncate(MAX_GPUS);
+    for gpu in &mut stats {
+        gpu.utilization_percent = gpu.utilization_percent.min(100);
+    }
+    stats
 }
 
 /// Why GPU information could not be read.
@@ -365,5 +403,41 @@ mod tests {
             require: true,
         });
         assert!(matches!(required, Err(GpuError::NvmlUnavailable(_))));
+    }
+
+    #[test]
+    fn what_the_driver_reports_is_made_to_pass_the_registry_rules() {
+        let gpu = |index: u32| pb::GpuInfo {
+            index,
+            uuid: "GPU-\u{7}x".into(),
+            name: "N".repeat(1000),
+            compute_capability: "sm_90".into(),
+            ..Default::default()
+        };
+        let inventory = GpuInventory {
+            gpus: (0..70).map(gpu).chain([gpu(0)]).collect(),
+            driver_version: "550\n".into(),
+            cuda_version: "12.4".into(),
+        }
+        .fit_contract();
+        assert_eq!(inventory.gpus.len(), MAX_GPUS);
+        assert_eq!(inventory.gpus[0].uuid, "GPU-x");
+        assert_eq!(inventory.gpus[0].compute_capability, "");
+        let caps = pb::Capabilities {
+            gpus: inventory.gpus,
+            driver_version: inventory.driver_version,
+            cuda_version: inventory.cuda_version,
+            ..Default::default()
+        };
+        rules::capabilities(&caps).unwrap();
+
+        let stats = fit_stats(vec![
+            pb::GpuStats {
+                utilization_percent: 250,
+                ..Default::default()
+            };
+            70
+        ]);
+        rules::gpu_stats(&stats).unwrap();
     }
 }

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod backoff;
 pub mod config;
+pub mod error;
 pub mod gpu;
 pub mod host;
 pub mod pools;
@@ -20,8 +21,11 @@ use std::sync::Arc;
 use registry_proto::pb;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::error::error_chain;
+
 pub use auth::{Secret, TokenSource};
-pub use config::{AgentConfig, Cli, ConfigError, LogFormat};
+pub use config::{AgentConfig, Cli, LogFormat, Settings};
+pub use error::ConfigError;
 pub use gpu::{FakeGpuSource, GpuError, GpuInventory, GpuSource, NvmlGpuSource};
 pub use tls::TlsConfig;
 
@@ -116,7 +120,7 @@ async fn run_prepared(
     let inventory = {
         let gpus = Arc::clone(&gpus);
         match tokio::task::spawn_blocking(move || gpus.inventory()).await? {
-            Ok(inventory) => inventory,
+            Ok(inventory) => inventory.fit_contract(),
             Err(e) if config.gpus.require => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list gpus; registering with none");
@@ -196,16 +200,4 @@ fn connect_lazy(config: &AgentConfig) -> Result<Channel, AgentError> {
             .map_err(|e| ConfigError::Tls(error_chain(&e)))?;
     }
     Ok(endpoint.connect_lazy())
-}
-
-/// An error and its causes, "a: b: c".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// TLS settings; all empty for a plain `http://` registry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

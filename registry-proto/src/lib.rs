@@ -3,6 +3,7 @@
 //! and the encoded descriptor set that server reflection serves.
 
 pub mod codec;
+pub mod rules;
 
 /// Generated types and stubs of the `registry.v1` package.
 pub mod pb {

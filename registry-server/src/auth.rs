@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tracing::{error, info, warn};
 
-/// Shortest token accepted, so no guessable token is ever configured.
-pub const MIN_TOKEN_LEN: usize = 16;
+pub use registry_proto::rules::MIN_TOKEN_LEN;
+/// The short, non-secret name of a token for logs (the same on the agent).
+pub use registry_proto::rules::token_fingerprint as fingerprint;
 
 /// How often the token file is checked for changes (besides SIGHUP).
 const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -104,14 +105,6 @@ type TokenDigest = [u8; 32];
 
 fn digest(token: &str) -> TokenDigest {
     Sha256::digest(token.as_bytes()).into()
-}
-
-/// The short, non-secret name of a token for logs.
-pub fn fingerprint(token: &str) -> String {
-    digest(token)[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// The configured tokens, as digests with their roles.

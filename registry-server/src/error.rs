@@ -57,6 +57,17 @@ pub enum RegistryError {
     TooSlow(String),
 }
 
+/// A broken contract rule (see [`registry_proto::rules`]) is an invalid
+/// argument naming the same field.
+impl From<registry_proto::rules::RuleError> for RegistryError {
+    fn from(e: registry_proto::rules::RuleError) -> Self {
+        RegistryError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 impl From<crate::auth::AuthError> for RegistryError {
     fn from(err: crate::auth::AuthError) -> Self {
         use crate::auth::AuthError;

@@ -1,50 +1,34 @@
 //! Validation of everything a client sends, before any state is touched.
 //!
-//! Every rule returns [`RegistryError::InvalidArgument`] naming the field, so
-//! a bad request is refused whole and no node's data changes. Values are never
-//! echoed at length: a 1 MiB label would otherwise come back in the error.
+//! The rules themselves live in [`registry_proto::rules`], shared with
+//! node-agent so both sides agree on what is valid; this module applies
+//! them and turns a broken rule into [`RegistryError::InvalidArgument`]
+//! naming the field, so a bad request is refused whole and no node's data
+//! changes.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use registry_proto::convert::from_proto_timestamp;
 use registry_proto::pb;
+use registry_proto::rules::{self, Field};
 
 use crate::error::RegistryError;
 use crate::registry::{Beat, Registration};
 
-/// Most pools a node may run (registration and heartbeat alike).
-pub const MAX_POOLS: usize = 64;
-/// Most GPUs a node may report.
-pub const MAX_GPUS: usize = 64;
-/// Most labels a node may carry.
-pub const MAX_LABELS: usize = 64;
-/// Longest free-text value (model, engine, GPU name, label value ...).
-pub const MAX_TEXT_LEN: usize = 256;
-/// Longest node address URL.
-pub const MAX_ADDRESS_LEN: usize = 2048;
-/// Longest machine id.
-pub const MAX_MACHINE_ID_LEN: usize = 128;
-/// Longest identifier (node id, pool id, label key): a DNS label's length.
-pub const MAX_ID_LEN: usize = 63;
+pub use registry_proto::rules::{
+    MAX_ADDRESS_LEN, MAX_GPUS, MAX_ID_LEN, MAX_LABELS, MAX_MACHINE_ID_LEN, MAX_POOLS, MAX_TEXT_LEN,
+};
 
 /// Checks a RegisterRequest and turns it into a [`Registration`].
 pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryError> {
-    node_id("node_id", &req.node_id)?;
-    machine_id(&req.machine_id)?;
-    address(&req.address)?;
-    text("agent_version", &req.agent_version)?;
-    pool_specs(&req.pools)?;
-    let capabilities = req.capabilities.unwrap_or_default();
-    capabilities_rules(&capabilities)?;
-    labels("labels", &req.labels)?;
+    rules::register_request(&req)?;
     Ok(Registration {
         node_id: req.node_id,
         machine_id: req.machine_id,
         address: req.address,
         pools: req.pools,
-        capabilities,
+        capabilities: req.capabilities.unwrap_or_default(),
         agent_version: req.agent_version,
         labels: req.labels,
     })
@@ -74,8 +58,8 @@ pub fn beat(
             ),
         ));
     }
-    pool_statuses(&req.pools)?;
-    gpu_stats(&req.gpus)?;
+    rules::pool_statuses(&req.pools)?;
+    rules::gpu_stats(&req.gpus)?;
     Ok(Beat {
         sent_at,
         received_at: now,
@@ -84,276 +68,11 @@ pub fn beat(
     })
 }
 
-/// A required value of at most `max` bytes.
-fn required(field: &str, value: &str, max: usize) -> Result<(), RegistryError> {
-    if value.is_empty() {
-        return Err(RegistryError::invalid(field, "must not be empty"));
-    }
-    if value.len() > max {
-        return Err(RegistryError::invalid(
-            field,
-            format!("is {} bytes long; at most {max} are allowed", value.len()),
-        ));
-    }
-    Ok(())
-}
-
 /// A node id: a DNS label (1-63 characters of `[a-z0-9-]`, starting and
 /// ending with a letter or digit), so it is safe in hostnames, URLs, metric
 /// labels and logs.
 pub fn node_id(field: &str, id: &str) -> Result<(), RegistryError> {
-    required(field, id, MAX_ID_LEN)?;
-    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
-    if !id.chars().all(allowed) {
-        return Err(RegistryError::invalid(
-            field,
-            format!(
-                "{} must be a DNS label: only lowercase letters a-z, digits and '-'",
-                quoted(id)
-            ),
-        ));
-    }
-    if id.starts_with('-') || id.ends_with('-') {
-        return Err(RegistryError::invalid(
-            field,
-            format!("{} must not start or end with '-'", quoted(id)),
-        ));
-    }
-    Ok(())
-}
-
-fn machine_id(id: &str) -> Result<(), RegistryError> {
-    required("machine_id", id, MAX_MACHINE_ID_LEN)?;
-    if !id.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(RegistryError::invalid(
-            "machine_id",
-            "must be printable ASCII without spaces",
-        ));
-    }
-    Ok(())
-}
-
-fn address(addr: &str) -> Result<(), RegistryError> {
-    required("address", addr, MAX_ADDRESS_LEN)?;
-    let uri: http::Uri = addr.parse().map_err(|e| {
-        RegistryError::invalid("address", format!("{} is not a URL: {e}", quoted(addr)))
-    })?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => {
-            return Err(RegistryError::invalid(
-                "address",
-                format!("{} must start with http:// or https://", quoted(addr)),
-            ));
-        }
-    }
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(RegistryError::invalid(
-            "address",
-            format!("{} has no host", quoted(addr)),
-        ));
-    }
-    Ok(())
-}
-
-/// A pool id: 1-63 characters of `[A-Za-z0-9._-]`.
-fn pool_id(field: &str, id: &str) -> Result<(), RegistryError> {
-    required(field, id, MAX_ID_LEN)?;
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if !id.chars().all(allowed) {
-        return Err(RegistryError::invalid(
-            field,
-            format!(
-                "{} may only hold A-Z, a-z, 0-9, '.', '_' and '-'",
-                quoted(id)
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn text(field: &str, value: &str) -> Result<(), RegistryError> {
-    if value.len() > MAX_TEXT_LEN {
-        return Err(RegistryError::invalid(
-            field,
-            format!(
-                "is {} bytes long; at most {MAX_TEXT_LEN} are allowed",
-                value.len()
-            ),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(RegistryError::invalid(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(())
-}
-
-fn at_most(field: &str, len: usize, max: usize) -> Result<(), RegistryError> {
-    if len > max {
-        return Err(RegistryError::invalid(
-            field,
-            format!("has {len} entries; at most {max} are allowed"),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks that `id` was not seen before in this list.
-fn unique<'a>(seen: &mut HashSet<&'a str>, field: &str, id: &'a str) -> Result<(), RegistryError> {
-    if !seen.insert(id) {
-        return Err(RegistryError::invalid(
-            field,
-            format!("{} appears more than once", quoted(id)),
-        ));
-    }
-    Ok(())
-}
-
-fn pool_specs(pools: &[pb::PoolSpec]) -> Result<(), RegistryError> {
-    at_most("pools", pools.len(), MAX_POOLS)?;
-    let mut seen = HashSet::new();
-    for (i, pool) in pools.iter().enumerate() {
-        let field = |name: &str| format!("pools[{i}].{name}");
-        pool_id(&field("pool_id"), &pool.pool_id)?;
-        unique(&mut seen, &field("pool_id"), &pool.pool_id)?;
-        text(&field("engine"), &pool.engine)?;
-        text(&field("model"), &pool.model)?;
-        text(&field("engine_version"), &pool.engine_version)?;
-        at_most(&field("gpu_indices"), pool.gpu_indices.len(), MAX_GPUS)?;
-    }
-    Ok(())
-}
-
-fn capabilities_rules(caps: &pb::Capabilities) -> Result<(), RegistryError> {
-    at_most("capabilities.gpus", caps.gpus.len(), MAX_GPUS)?;
-    text("capabilities.driver_version", &caps.driver_version)?;
-    text("capabilities.cuda_version", &caps.cuda_version)?;
-    let mut seen_index = HashSet::new();
-    for (i, gpu) in caps.gpus.iter().enumerate() {
-        let field = |name: &str| format!("capabilities.gpus[{i}].{name}");
-        if !seen_index.insert(gpu.index) {
-            return Err(RegistryError::invalid(
-                field("index"),
-                format!("GPU index {} appears more than once", gpu.index),
-            ));
-        }
-        text(&field("uuid"), &gpu.uuid)?;
-        text(&field("name"), &gpu.name)?;
-        text(&field("pci_bus_id"), &gpu.pci_bus_id)?;
-        compute_capability(&field("compute_capability"), &gpu.compute_capability)?;
-    }
-    Ok(())
-}
-
-/// "major.minor" with decimal digits, or empty where unknown.
-fn compute_capability(field: &str, cc: &str) -> Result<(), RegistryError> {
-    if cc.is_empty() {
-        return Ok(());
-    }
-    let ok = cc.len() <= 8
-        && cc.split_once('.').is_some_and(|(major, minor)| {
-            !major.is_empty()
-                && !minor.is_empty()
-                && major.bytes().all(|b| b.is_ascii_digit())
-                && minor.bytes().all(|b| b.is_ascii_digit())
-        });
-    if !ok {
-        return Err(RegistryError::invalid(
-            field,
-            format!("{} must look like \"8.9\" (major.minor)", quoted(cc)),
-        ));
-    }
-    Ok(())
-}
-
-fn labels(
-    field: &str,
-    labels: &std::collections::HashMap<String, String>,
-) -> Result<(), RegistryError> {
-    at_most(field, labels.len(), MAX_LABELS)?;
-    // Sorted so the same bad request always names the same label.
-    let mut keys: Vec<&String> = labels.keys().collect();
-    keys.sort();
-    for key in keys {
-        let key_field = format!("{field}[{}]", quoted(key));
-        let key_ok = !key.is_empty()
-            && key.len() <= MAX_ID_LEN
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
-        if !key_ok {
-            return Err(RegistryError::invalid(
-                key_field,
-                "label keys must be 1-63 characters of A-Z, a-z, 0-9, '.', '_', '/' and '-'",
-            ));
-        }
-        text(&key_field, &labels[key])?;
-    }
-    Ok(())
-}
-
-fn pool_statuses(pools: &[pb::PoolStatus]) -> Result<(), RegistryError> {
-    at_most("pools", pools.len(), MAX_POOLS)?;
-    let mut seen = HashSet::new();
-    for (i, pool) in pools.iter().enumerate() {
-        let field = |name: &str| format!("pools[{i}].{name}");
-        pool_id(&field("pool_id"), &pool.pool_id)?;
-        unique(&mut seen, &field("pool_id"), &pool.pool_id)?;
-        match pb::PoolState::try_from(pool.state) {
-            Ok(pb::PoolState::Unspecified) => {
-                return Err(RegistryError::invalid(
-                    field("state"),
-                    "must be set (POOL_STATE_UNSPECIFIED is not a state)",
-                ));
-            }
-            Ok(_) => {}
-            Err(_) => {
-                return Err(RegistryError::invalid(
-                    field("state"),
-                    format!("{} is not a known PoolState", pool.state),
-                ));
-            }
-        }
-        if pool.slots_free > pool.slots_total {
-            return Err(RegistryError::invalid(
-                field("slots_free"),
-                format!(
-                    "{} exceeds slots_total {}",
-                    pool.slots_free, pool.slots_total
-                ),
-            ));
-        }
-        text(&field("model"), &pool.model)?;
-        text(&field("engine"), &pool.engine)?;
-    }
-    Ok(())
-}
-
-fn gpu_stats(gpus: &[pb::GpuStats]) -> Result<(), RegistryError> {
-    at_most("gpus", gpus.len(), MAX_GPUS)?;
-    for (i, gpu) in gpus.iter().enumerate() {
-        if gpu.utilization_percent > 100 {
-            return Err(RegistryError::invalid(
-                format!("gpus[{i}].utilization_percent"),
-                format!("{} is above 100", gpu.utilization_percent),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A value for an error message: quoted, and cut short when long.
-fn quoted(value: &str) -> String {
-    const SHOWN: usize = 64;
-    if value.chars().count() <= SHOWN {
-        format!("{value:?}")
-    } else {
-        let head: String = value.chars().take(SHOWN).collect();
-        format!("{head:?}... ({} bytes)", value.len())
-    }
+    Ok(rules::node_id(Field::Name(field), id)?)
 }
 
 #[cfg(test)]
@@ -497,8 +216,8 @@ mod tests {
         }
         let long = format!("http://h/{}", "p".repeat(MAX_ADDRESS_LEN));
         assert_eq!(register_field(|r| r.address = long), "address");
-        address("https://gpu-1.example:9200/v1").unwrap();
-        address("http://[::1]:9200").unwrap();
+        rules::address("address".into(), "https://gpu-1.example:9200/v1").unwrap();
+        rules::address("address".into(), "http://[::1]:9200").unwrap();
     }
 
     #[test]
@@ -636,6 +355,6 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().len() < 200, "{}", err.to_string().len());
-        assert!(quoted(&"y".repeat(1000)).len() < 100);
+        assert!(rules::quoted(&"y".repeat(1000)).len() < 100);
     }
 }

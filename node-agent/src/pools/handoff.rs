@@ -12,12 +12,17 @@
 //!
 //! A file that fails to parse (say, caught half-written by a provisioner
 //! that does not write atomically) keeps the pool it last described, with a
-//! warning, so the pool does not flap away and back.
+//! warning, so the pool does not flap away and back. A file that parses but
+//! describes a pool the registry would refuse (a rule of
+//! [`registry_proto::rules`]: a bad pool id, a model over 256 bytes, more
+//! than 64 GPUs ...) is skipped with a warning naming the file and the
+//! field: one bad file must not keep the whole node unregistered.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use registry_proto::rules::RuleError;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -92,6 +97,9 @@ pub enum HandoffError {
     /// Parsed, but a field is unusable.
     #[error("{0}")]
     Invalid(String),
+    /// The pool breaks a rule of the registry's contract.
+    #[error(transparent)]
+    Rule(#[from] RuleError),
 }
 
 /// Turns the content of the handoff file `<stem>.json` into a pool.
@@ -118,8 +126,10 @@ pub fn parse_handoff(stem: &str, bytes: &[u8]) -> Result<PoolConfig, HandoffErro
         state: file.state,
         probe,
     };
-    pool.validate()
-        .map_err(|e| HandoffError::Invalid(e.to_string()))?;
+    pool.check_contract()?;
+    if let Some(url) = &pool.probe {
+        super::probe::parse_probe_url(url).map_err(|e| HandoffError::Invalid(e.to_string()))?;
+    }
     Ok(pool)
 }
 
@@ -221,9 +231,20 @@ impl HandoffDir {
                 tracing::info!(file = %path.display(), pool_id = %pool.id, "handoff file read");
                 Some(pool)
             }
-            Err(e) => {
+            // Maybe caught half-written: the next poll will tell.
+            Err(e @ HandoffError::Json(_)) => {
                 tracing::warn!(file = %path.display(), error = %e, "ignoring handoff file content; keeping what it said before");
                 previous
+            }
+            // Complete but unusable: the registry would refuse the whole
+            // registration for it, so the file is left out until fixed.
+            Err(HandoffError::Rule(rule)) => {
+                tracing::warn!(file = %path.display(), field = %rule.field, reason = %rule.reason, "handoff file skipped: its pool breaks a registry rule");
+                None
+            }
+            Err(e @ HandoffError::Invalid(_)) => {
+                tracing::warn!(file = %path.display(), error = %e, "handoff file skipped");
+                None
             }
         };
         self.files.insert(path.to_owned(), Cached { bytes, pool });
@@ -329,6 +350,38 @@ mod tests {
         assert!(parse_handoff("p", br#"{"pool_id":"bad id"}"#).is_err());
         assert!(parse_handoff("p", br#"{"url":"https://x"}"#).is_err());
         assert!(parse_handoff("p", br#"{"state":"sleepy"}"#).is_err());
+    }
+
+    #[test]
+    fn pools_the_registry_would_refuse_are_refused_naming_the_field() {
+        let long_model = format!(r#"{{"model":"{}"}}"#, "m".repeat(257));
+        let many_gpus = format!(r#"{{"device_mask":{:?}}}"#, (0..65).collect::<Vec<u32>>());
+        for (json, field) in [
+            (long_model.as_str(), "model"),
+            (r#"{"engine":"llama\u0000cpp"}"#, "engine"),
+            (many_gpus.as_str(), "gpu_indices"),
+            (r#"{"pool_id":"bad id"}"#, "pool_id"),
+        ] {
+            match parse_handoff("p", json.as_bytes()) {
+                Err(HandoffError::Rule(rule)) => assert_eq!(rule.field, field, "{json}"),
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_file_breaking_a_rule_is_skipped_and_the_others_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handoff = HandoffDir::new(dir.path());
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"{"pool_id":"pool-bad","slots":1}"#).unwrap();
+        std::fs::write(dir.path().join("good.json"), r#"{"pool_id":"pool-good"}"#).unwrap();
+        assert_eq!(handoff.scan().len(), 2);
+        // Rewritten with a value the registry refuses: dropped, not kept.
+        let long = format!(r#"{{"pool_id":"pool-bad","model":"{}"}}"#, "m".repeat(300));
+        std::fs::write(&bad, long).unwrap();
+        let ids: Vec<_> = handoff.scan().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["pool-good"]);
     }
 
     #[test]

@@ -8,13 +8,15 @@ pub mod static_pools;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use registry_proto::pb;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use probe::{ProbeOutcome, Prober};
+use registry_proto::rules::{self, Field, MAX_POOLS, RuleError};
 
 /// Slots a pool reports when neither the configuration nor the engine says
 /// how many it has: one request at a time is the safe assumption.
@@ -84,16 +86,20 @@ impl PoolConfig {
         }
     }
 
-    /// Checks what the registry would refuse, so a typo fails at start-up
-    /// instead of in an endless INVALID_ARGUMENT retry loop.
+    /// The registry's rules for one pool ([`rules::pool_spec_fields`]),
+    /// fields named as in the pool's own configuration (`model`).
+    pub fn check_contract(&self) -> Result<(), RuleError> {
+        rules::pool_spec_fields(&self.spec(), &Field::Name)
+    }
+
+    /// Checks what the registry would refuse and whether the probe URL is
+    /// usable, so a typo fails at start-up instead of in an endless
+    /// INVALID_ARGUMENT retry loop.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !crate::config::valid_pool_id(&self.id) {
-            return Err(ConfigError::invalid(
-                "pool id",
-                &self.id,
-                "1-63 characters of [A-Za-z0-9._-]",
-            ));
-        }
+        self.check_contract().map_err(|rule| ConfigError::Pool {
+            pool_id: rules::quoted(&self.id),
+            rule,
+        })?;
         if let Some(url) = &self.probe {
             probe::parse_probe_url(url)?;
         }
@@ -168,9 +174,15 @@ impl Drain {
 /// Combines the static pools with the handoff directory's and turns them
 /// into specs and live statuses.
 pub struct PoolTracker {
+    /// The configured pools (at most [`MAX_POOLS`], checked at start-up).
     static_pools: Vec<PoolConfig>,
+    /// The handoff directory's pools, where one is set.
     handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
+    /// Probes the pools that have a health URL.
     prober: Prober,
+    /// Pool ids left out at the last merge, so the warning is logged when
+    /// the set changes, not on every heartbeat.
+    left_out: Mutex<Vec<String>>,
 }
 
 impl PoolTracker {
@@ -184,6 +196,7 @@ impl PoolTracker {
             static_pools,
             handoff,
             prober,
+            left_out: Mutex::new(Vec::new()),
         }
     }
 
@@ -193,14 +206,27 @@ impl PoolTracker {
         self.handoff.clone()
     }
 
-    /// Every pool now, in pool id order.
+    /// Every pool now, in pool id order; at most [`MAX_POOLS`], with a
+    /// warning naming those left out.
     pub fn current(&self) -> Vec<PoolConfig> {
         let handoff = self
             .handoff
             .as_ref()
             .map(|rx| rx.borrow().clone())
             .unwrap_or_default();
-        merge_pools(&self.static_pools, &handoff)
+        let Merged { pools, left_out } = merge_pools(&self.static_pools, &handoff);
+        let mut logged = self.left_out.lock().unwrap_or_else(|e| e.into_inner());
+        if *logged != left_out {
+            if !left_out.is_empty() {
+                tracing::warn!(
+                    left_out = ?left_out,
+                    max = MAX_POOLS,
+                    "more pools than the registry accepts; these handoff pools are not reported"
+                );
+            }
+            *logged = left_out;
+        }
+        pools
     }
 
     /// Live status of `pools`: probed where a probe is set, configured
@@ -226,22 +252,42 @@ impl PoolTracker {
     }
 }
 
+/// The pools to report, and the ids of those left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// At most [`MAX_POOLS`] pools, sorted by id.
+    pub pools: Vec<PoolConfig>,
+    /// Handoff pools beyond [`MAX_POOLS`], in id order.
+    pub left_out: Vec<String>,
+}
+
 /// Static pools overlaid with handoff pools of the same id (the provisioner
 /// knows more about a running engine than the boot-time configuration),
-/// plus handoff-only pools; sorted by id.
-pub fn merge_pools(static_pools: &[PoolConfig], handoff: &[PoolConfig]) -> Vec<PoolConfig> {
+/// plus handoff-only pools while fewer than [`MAX_POOLS`] are taken: the
+/// registry refuses a registration with more, and the configured pools
+/// come first. `handoff` is in id order, so the same pools are left out
+/// every time.
+pub fn merge_pools(static_pools: &[PoolConfig], handoff: &[PoolConfig]) -> Merged {
     let mut by_id: BTreeMap<String, PoolConfig> = static_pools
         .iter()
         .map(|p| (p.id.clone(), p.clone()))
         .collect();
+    let mut left_out = Vec::new();
     for pool in handoff {
         let merged = match by_id.get(&pool.id) {
             Some(base) => base.overlaid_with(pool),
+            None if by_id.len() >= MAX_POOLS => {
+                left_out.push(pool.id.clone());
+                continue;
+            }
             None => pool.clone(),
         };
         by_id.insert(pool.id.clone(), merged);
     }
-    by_id.into_values().collect()
+    Merged {
+        pools: by_id.into_values().collect(),
+        left_out,
+    }
 }
 
 /// One pool's status from its configuration and, where it has a probe, the
@@ -383,11 +429,50 @@ mod tests {
         file.engine_version = Some("b4000".into());
         file.model = Some("file-model".into());
         let extra = PoolConfig::new("pool-1");
-        let merged = merge_pools(&[base], &[file, extra]);
+        let merged = merge_pools(&[base], &[file, extra]).pools;
         assert_eq!(merged.len(), 2);
         assert_eq!(merged[0].slots, Some(4));
         assert_eq!(merged[0].model.as_deref(), Some("file-model"));
         assert_eq!(merged[0].engine_version.as_deref(), Some("b4000"));
         assert_eq!(merged[1].id, "pool-1");
+    }
+
+    #[test]
+    fn pools_beyond_the_limit_are_left_out_static_ones_first() {
+        let ids = |prefix: &str, n: usize| -> Vec<PoolConfig> {
+            (0..n)
+                .map(|i| PoolConfig::new(format!("{prefix}{i:02}")))
+                .collect()
+        };
+        let static_pools = ids("s", 10);
+        // Handoff files for two static pools and 60 new ones.
+        let mut handoff = ids("h", 60);
+        handoff.extend(ids("s", 2));
+        handoff.sort_by(|a, b| a.id.cmp(&b.id));
+        let merged = merge_pools(&static_pools, &handoff);
+        assert_eq!(merged.pools.len(), MAX_POOLS);
+        assert!(
+            static_pools
+                .iter()
+                .all(|s| merged.pools.iter().any(|p| p.id == s.id))
+        );
+        let left: Vec<String> = (54..60).map(|i| format!("h{i:02}")).collect();
+        assert_eq!(merged.left_out, left);
+        let specs: Vec<pb::PoolSpec> = merged.pools.iter().map(PoolConfig::spec).collect();
+        rules::pool_specs(&specs).unwrap();
+    }
+
+    #[test]
+    fn a_pool_breaking_a_rule_names_the_pool_and_the_field() {
+        let mut pool = PoolConfig::new("pool-0");
+        pool.engine = Some("e".repeat(300));
+        let err = pool.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("\"pool-0\"") && err.contains("engine"),
+            "{err}"
+        );
+        pool.engine = None;
+        pool.gpus = Some((0..65).collect());
+        assert_eq!(pool.check_contract().unwrap_err().field, "gpu_indices");
     }
 }

@@ -18,7 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use registry_proto::pb;
 
-use crate::config::ConfigError;
+use crate::error::{ConfigError, error_chain};
 
 /// Largest probe answer read; a `/slots` list is a few KiB.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -251,17 +251,6 @@ fn is_refused(err: &hyper_util::client::legacy::Error) -> bool {
         source = e.source();
     }
     false
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]

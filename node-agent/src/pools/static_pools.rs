@@ -8,7 +8,7 @@
 //! `--pool pool-0,engine=llamacpp,slots=4,gpus=0:1,probe=http://127.0.0.1:8081/health`.
 
 use super::{ConfiguredState, PoolConfig};
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 
 /// Parses one `--pool` value.
 pub fn parse_pool_arg(arg: &str) -> Result<PoolConfig, ConfigError> {

@@ -1,7 +1,7 @@
 //! The agent's life with the registry: Register, then one Heartbeat stream
-//! fed by a sender task, reconnecting with backoff on any failure,
-//! registering again when the registry no longer knows the node or its
-//! session, and Deregister at shutdown.
+//! fed by a sender task ([`stream`]), reconnecting with backoff on any
+//! failure, registering again when the registry no longer knows the node or
+//! its session, and Deregister at shutdown.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,26 +12,25 @@ use std::time::Duration;
 use registry_proto::convert::{from_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
-use tokio::sync::{mpsc, watch};
+use registry_proto::rules;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::auth::{BearerAuth, Credentials, TokenSource};
-use crate::backoff::{Backoff, random_up_to};
+use crate::backoff::Backoff;
 use crate::config::{AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::gpu::GpuSource;
 use crate::pools::{Drain, PoolConfig, PoolTracker};
 
+mod stream;
+
+use stream::StreamEnd;
+
 /// Resolves when the agent should stop.
 pub(crate) type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Heartbeat requests queued ahead of the stream; beats are seconds apart,
-/// so a small buffer only absorbs a slow connection.
-const REQUEST_BUFFER: usize = 4;
 
 /// One registration: what Register answered.
 #[derive(Debug, Clone)]
@@ -47,35 +46,6 @@ struct Session {
     node_timeout: Duration,
     /// Pools as registered, to notice when they change and re-register.
     specs: Vec<pb::PoolSpec>,
-}
-
-/// How a heartbeat stream ended.
-#[derive(Debug)]
-enum StreamEnd {
-    /// Shutdown was requested (and Deregister was sent).
-    Shutdown,
-    /// The registry no longer knows the node or the session.
-    Reregister(String),
-    /// The pools' specs changed; the registration must be updated.
-    PoolsChanged,
-    /// Anything else: connection lost, stream closed, no acks.
-    Failed(Status),
-}
-
-/// What the sender task stopped for.
-#[derive(Debug)]
-enum SenderEnd {
-    PoolsChanged,
-    Closed,
-}
-
-/// Aborts a task when dropped, so no sender outlives its stream.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The registry client; every call carries the bearer token, if any.
@@ -139,6 +109,15 @@ impl Agent {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
+        // The same rules the registry applies. Configuration and handoff
+        // files were checked already, so this only catches a gap between
+        // those checks and the request; it is answered like the registry's
+        // own refusal, without a round trip.
+        if let Err(rule) = rules::register_request(&request) {
+            return Err(Status::invalid_argument(format!(
+                "the agent's own check refused the registration: {rule}"
+            )));
+        }
         let mut client = self.client.clone();
         let response = tokio::time::timeout(self.config.registry_timeout, client.register(request))
             .await
@@ -256,9 +235,15 @@ impl Agent {
                 "{what} rejected by the registry: permission denied"
             ),
             // A refused argument will not fix itself; say so louder.
-            Code::InvalidArgument => {
-                error!(%node_id, ?code, %error, %retry_in, "{what} rejected by the registry");
-            }
+            Code::InvalidArgument => error!(
+                %node_id,
+                ?code,
+                %error,
+                hint = "fix the value the message names; a refused registration is retried \
+                        only every --register-refused-retry",
+                %retry_in,
+                "{what} rejected by the registry: invalid argument"
+            ),
             _ => warn!(%node_id, ?code, %error, %retry_in, "{what} failed"),
         }
     }
@@ -266,7 +251,7 @@ impl Agent {
     async fn gpu_stats(&self) -> Vec<pb::GpuStats> {
         let gpus = self.gpus.clone();
         match tokio::task::spawn_blocking(move || gpus.stats()).await {
-            Ok(Ok(stats)) => stats,
+            Ok(Ok(stats)) => crate::gpu::fit_stats(stats),
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot read gpu stats");
                 Vec::new()
@@ -305,226 +290,28 @@ impl Agent {
             sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
         })
     }
-
-    /// Runs one heartbeat stream until it ends. The bool tells whether the
-    /// registry acknowledged anything on it (the connection worked).
-    async fn heartbeat_stream(
-        self: &Arc<Self>,
-        session: &Session,
-        jitter: bool,
-        shutdown: &mut Shutdown,
-    ) -> (StreamEnd, bool) {
-        let node_id = &self.config.node_id;
-        if jitter {
-            // A fleet re-registering after a registry restart would
-            // otherwise beat in lockstep.
-            let delay = random_up_to(&mut fastrand::Rng::new(), session.interval / 2);
-            debug!(%node_id, delay = ?delay, "waiting before the first heartbeat");
-            if wait(delay, shutdown).await {
-                self.deregister(session).await;
-                return (StreamEnd::Shutdown, false);
-            }
-        }
-        let Some(first) = self.beat(session).await else {
-            return (StreamEnd::PoolsChanged, false);
-        };
-        let last_sent = Arc::new(AtomicU64::new(first.sequence));
-        let (tx, rx) = mpsc::channel(REQUEST_BUFFER);
-        // Queued before the call: the registry may wait for the first
-        // message before it answers with response headers.
-        if tx.send(first).await.is_err() {
-            return (
-                StreamEnd::Failed(Status::internal("request queue closed")),
-                false,
-            );
-        }
-        let mut client = self.client.clone();
-        let open = tokio::time::timeout(
-            self.config.registry_timeout,
-            client.heartbeat(ReceiverStream::new(rx)),
-        );
-        let opened = tokio::select! {
-            _ = &mut *shutdown => {
-                self.deregister(session).await;
-                return (StreamEnd::Shutdown, false);
-            }
-            opened = open => opened,
-        };
-        let mut inbound = match opened {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => return (classify(status), false),
-            Err(_) => {
-                return (
-                    StreamEnd::Failed(Status::deadline_exceeded(
-                        "opening the heartbeat stream timed out",
-                    )),
-                    false,
-                );
-            }
-        };
-        debug!(%node_id, session_id = session.id, "heartbeat stream open");
-
-        let (interval_tx, interval_rx) = watch::channel(session.interval);
-        let mut sender = tokio::spawn(send_beats(
-            Arc::clone(self),
-            session.clone(),
-            tx,
-            interval_rx,
-            self.pools.handoff_changes(),
-            Arc::clone(&last_sent),
-        ));
-        let _abort_sender = AbortOnDrop(sender.abort_handle());
-        let mut acked = false;
-        let mut newest_ack = 0u64;
-        // The registry acks every beat: beats unacked for a whole node
-        // timeout mean the stream is stuck even if TCP looks fine. Silence
-        // is counted in watchdog ticks, not wall-clock time, so an agent
-        // that was frozen (SIGSTOP, a suspended VM) does not drop a healthy
-        // stream the moment it resumes.
-        let check_every = session.interval.min(Duration::from_secs(1));
-        let mut watchdog = tokio::time::interval_at(Instant::now() + check_every, check_every);
-        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ack_since_tick = false;
-        let mut silent = Duration::ZERO;
-        loop {
-            tokio::select! {
-                _ = &mut *shutdown => {
-                    self.deregister(session).await;
-                    return (StreamEnd::Shutdown, acked);
-                }
-                message = inbound.message() => match message {
-                    Ok(Some(ack)) => {
-                        acked = true;
-                        ack_since_tick = true;
-                        newest_ack = newest_ack.max(ack.sequence);
-                        if let Some(end) = self.handle_ack(ack, &interval_tx) {
-                            return (end, acked);
-                        }
-                    }
-                    Ok(None) => {
-                        return (
-                            StreamEnd::Failed(Status::unavailable("registry closed the heartbeat stream")),
-                            acked,
-                        );
-                    }
-                    Err(status) => return (classify(status), acked),
-                },
-                end = &mut sender => {
-                    let end = match end {
-                        Ok(SenderEnd::PoolsChanged) => StreamEnd::PoolsChanged,
-                        Ok(SenderEnd::Closed) => {
-                            StreamEnd::Failed(Status::unavailable("heartbeat request stream closed"))
-                        }
-                        Err(e) => StreamEnd::Failed(Status::internal(format!("heartbeat sender failed: {e}"))),
-                    };
-                    return (end, acked);
-                }
-                _ = watchdog.tick() => {
-                    let waiting = last_sent.load(Ordering::Relaxed) > newest_ack;
-                    silent = if ack_since_tick || !waiting {
-                        Duration::ZERO
-                    } else {
-                        silent + check_every
-                    };
-                    ack_since_tick = false;
-                    let ack_timeout = session.node_timeout.max(*interval_tx.borrow() * 2);
-                    if silent >= ack_timeout {
-                        return (
-                            StreamEnd::Failed(Status::deadline_exceeded(format!(
-                                "no heartbeat ack for {}",
-                                humantime::format_duration(silent)
-                            ))),
-                            acked,
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// Applies an ack's interval and command; `Some` ends the stream.
-    fn handle_ack(
-        &self,
-        ack: pb::HeartbeatResponse,
-        interval: &watch::Sender<Duration>,
-    ) -> Option<StreamEnd> {
-        let node_id = &self.config.node_id;
-        debug!(%node_id, sequence = ack.sequence, "heartbeat acked");
-        if self.config.heartbeat_interval.is_none()
-            && let Some(wanted) = positive(ack.heartbeat_interval.as_ref())
-            && wanted != *interval.borrow()
-        {
-            info!(%node_id, interval = %humantime::format_duration(wanted), "registry changed the heartbeat interval");
-            interval.send_replace(wanted);
-        }
-        match ack.command {
-            Some(pb::heartbeat_response::Command::Reregister(cmd)) => {
-                Some(StreamEnd::Reregister(cmd.reason))
-            }
-            Some(pb::heartbeat_response::Command::Drain(cmd)) => {
-                warn!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, "registry asked to drain pools; reporting them draining");
-                self.drain().add(&cmd.pool_ids);
-                None
-            }
-            None => None,
-        }
-    }
-}
-
-/// The sender task: one beat per interval (timed from the previous beat's
-/// start, so slow probes do not stretch the period), and one at once when
-/// the handoff files change.
-async fn send_beats(
-    agent: Arc<Agent>,
-    session: Session,
-    tx: mpsc::Sender<pb::HeartbeatRequest>,
-    mut interval: watch::Receiver<Duration>,
-    mut handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
-    last_sent: Arc<AtomicU64>,
-) -> SenderEnd {
-    let mut last = Instant::now();
-    loop {
-        let next = last + *interval.borrow();
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            Ok(()) = interval.changed() => continue,
-            Ok(()) = changed(&mut handoff) => {
-                debug!(node_id = %agent.config.node_id, "handoff files changed; reporting now");
-            }
-        }
-        last = Instant::now();
-        let Some(beat) = agent.beat(&session).await else {
-            return SenderEnd::PoolsChanged;
-        };
-        last_sent.store(beat.sequence, Ordering::Relaxed);
-        if tx.send(beat).await.is_err() {
-            return SenderEnd::Closed;
-        }
-    }
-}
-
-async fn changed(
-    rx: &mut Option<watch::Receiver<Vec<PoolConfig>>>,
-) -> Result<(), watch::error::RecvError> {
-    match rx {
-        Some(rx) => rx.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// NOT_FOUND (node unknown) and FAILED_PRECONDITION (session superseded)
-/// both mean "register again"; anything else is a failure to retry.
-fn classify(status: Status) -> StreamEnd {
-    match status.code() {
-        Code::NotFound | Code::FailedPrecondition => {
-            StreamEnd::Reregister(status.message().to_owned())
-        }
-        _ => StreamEnd::Failed(status),
-    }
 }
 
 fn positive(d: Option<&prost_types::Duration>) -> Option<Duration> {
     d.and_then(from_proto_duration).filter(|d| !d.is_zero())
+}
+
+/// Sleeps for `delay` or until the handoff files change; true when
+/// shutdown came first.
+async fn wait_for_fix(agent: &Agent, delay: Duration, shutdown: &mut Shutdown) -> bool {
+    let mut handoff = agent.pools.handoff_changes();
+    if let Some(rx) = &mut handoff {
+        // Only a change from now on counts.
+        rx.borrow_and_update();
+    }
+    tokio::select! {
+        _ = &mut *shutdown => true,
+        _ = tokio::time::sleep(delay) => false,
+        Ok(()) = stream::changed(&mut handoff) => {
+            info!(node_id = %agent.config.node_id, "handoff files changed; registering again");
+            false
+        }
+    }
 }
 
 /// Sleeps for `delay`; true when shutdown came first.
@@ -574,6 +361,18 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                 };
                 match registered {
                     Ok(s) => (s, true),
+                    // Refused as invalid: retrying soon cannot help, and
+                    // the error is logged with the registry's words. A
+                    // handoff file that changes meanwhile may be the fix,
+                    // so that ends the wait early.
+                    Err(status) if status.code() == Code::InvalidArgument => {
+                        let delay = agent.config.register_refused_retry;
+                        agent.failed("register", &status, delay);
+                        if wait_for_fix(&agent, delay, &mut shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
                     Err(status) => {
                         let delay = backoff.next_delay();
                         agent.failed("register", &status, delay);

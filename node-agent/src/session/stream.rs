@@ -1,0 +1,269 @@
+//! One heartbeat stream: opening it, the sender task that feeds it, the
+//! acks and their commands, and the watchdog that gives up on a stuck
+//! stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use registry_proto::pb;
+use registry_proto::rules;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use super::{Agent, Session, Shutdown, positive, wait};
+use crate::backoff::random_up_to;
+use crate::pools::PoolConfig;
+
+/// Heartbeat requests queued ahead of the stream; beats are seconds apart,
+/// so a small buffer only absorbs a slow connection.
+const REQUEST_BUFFER: usize = 4;
+
+/// How a heartbeat stream ended.
+#[derive(Debug)]
+pub(super) enum StreamEnd {
+    /// Shutdown was requested (and Deregister was sent).
+    Shutdown,
+    /// The registry no longer knows the node or the session.
+    Reregister(String),
+    /// The pools' specs changed; the registration must be updated.
+    PoolsChanged,
+    /// Anything else: connection lost, stream closed, no acks.
+    Failed(Status),
+}
+
+/// What the sender task stopped for.
+#[derive(Debug)]
+enum SenderEnd {
+    PoolsChanged,
+    Closed,
+}
+
+/// Aborts a task when dropped, so no sender outlives its stream.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Agent {
+    /// Runs one heartbeat stream until it ends. The bool tells whether the
+    /// registry acknowledged anything on it (the connection worked).
+    pub(super) async fn heartbeat_stream(
+        self: &Arc<Self>,
+        session: &Session,
+        jitter: bool,
+        shutdown: &mut Shutdown,
+    ) -> (StreamEnd, bool) {
+        let node_id = &self.config.node_id;
+        if jitter {
+            // A fleet re-registering after a registry restart would
+            // otherwise beat in lockstep.
+            let delay = random_up_to(&mut fastrand::Rng::new(), session.interval / 2);
+            debug!(%node_id, delay = ?delay, "waiting before the first heartbeat");
+            if wait(delay, shutdown).await {
+                self.deregister(session).await;
+                return (StreamEnd::Shutdown, false);
+            }
+        }
+        let Some(first) = self.beat(session).await else {
+            return (StreamEnd::PoolsChanged, false);
+        };
+        let last_sent = Arc::new(AtomicU64::new(first.sequence));
+        let (tx, rx) = mpsc::channel(REQUEST_BUFFER);
+        // Queued before the call: the registry may wait for the first
+        // message before it answers with response headers.
+        if tx.send(first).await.is_err() {
+            return (
+                StreamEnd::Failed(Status::internal("request queue closed")),
+                false,
+            );
+        }
+        let mut client = self.client.clone();
+        let open = tokio::time::timeout(
+            self.config.registry_timeout,
+            client.heartbeat(ReceiverStream::new(rx)),
+        );
+        let opened = tokio::select! {
+            _ = &mut *shutdown => {
+                self.deregister(session).await;
+                return (StreamEnd::Shutdown, false);
+            }
+            opened = open => opened,
+        };
+        let mut inbound = match opened {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return (classify(status), false),
+            Err(_) => {
+                return (
+                    StreamEnd::Failed(Status::deadline_exceeded(
+                        "opening the heartbeat stream timed out",
+                    )),
+                    false,
+                );
+            }
+        };
+        debug!(%node_id, session_id = session.id, "heartbeat stream open");
+
+        let (interval_tx, interval_rx) = watch::channel(session.interval);
+        let mut sender = tokio::spawn(send_beats(
+            Arc::clone(self),
+            session.clone(),
+            tx,
+            interval_rx,
+            self.pools.handoff_changes(),
+            Arc::clone(&last_sent),
+        ));
+        let _abort_sender = AbortOnDrop(sender.abort_handle());
+        let mut acked = false;
+        let mut newest_ack = 0u64;
+        // The registry acks every beat: beats unacked for a whole node
+        // timeout mean the stream is stuck even if TCP looks fine. Silence
+        // is counted in watchdog ticks, not wall-clock time, so an agent
+        // that was frozen (SIGSTOP, a suspended VM) does not drop a healthy
+        // stream the moment it resumes.
+        let check_every = session.interval.min(Duration::from_secs(1));
+        let mut watchdog = tokio::time::interval_at(Instant::now() + check_every, check_every);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ack_since_tick = false;
+        let mut silent = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = &mut *shutdown => {
+                    self.deregister(session).await;
+                    return (StreamEnd::Shutdown, acked);
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(ack)) => {
+                        acked = true;
+                        ack_since_tick = true;
+                        newest_ack = newest_ack.max(ack.sequence);
+                        if let Some(end) = self.handle_ack(ack, &interval_tx) {
+                            return (end, acked);
+                        }
+                    }
+                    Ok(None) => {
+                        return (
+                            StreamEnd::Failed(Status::unavailable("registry closed the heartbeat stream")),
+                            acked,
+                        );
+                    }
+                    Err(status) => return (classify(status), acked),
+                },
+                end = &mut sender => {
+                    let end = match end {
+                        Ok(SenderEnd::PoolsChanged) => StreamEnd::PoolsChanged,
+                        Ok(SenderEnd::Closed) => {
+                            StreamEnd::Failed(Status::unavailable("heartbeat request stream closed"))
+                        }
+                        Err(e) => StreamEnd::Failed(Status::internal(format!("heartbeat sender failed: {e}"))),
+                    };
+                    return (end, acked);
+                }
+                _ = watchdog.tick() => {
+                    let waiting = last_sent.load(Ordering::Relaxed) > newest_ack;
+                    silent = if ack_since_tick || !waiting {
+                        Duration::ZERO
+                    } else {
+                        silent + check_every
+                    };
+                    ack_since_tick = false;
+                    let ack_timeout = session.node_timeout.max(*interval_tx.borrow() * 2);
+                    if silent >= ack_timeout {
+                        return (
+                            StreamEnd::Failed(Status::deadline_exceeded(format!(
+                                "no heartbeat ack for {}",
+                                humantime::format_duration(silent)
+                            ))),
+                            acked,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies an ack's interval and command; `Some` ends the stream.
+    fn handle_ack(
+        &self,
+        ack: pb::HeartbeatResponse,
+        interval: &watch::Sender<Duration>,
+    ) -> Option<StreamEnd> {
+        let node_id = &self.config.node_id;
+        debug!(%node_id, sequence = ack.sequence, "heartbeat acked");
+        if self.config.heartbeat_interval.is_none()
+            && let Some(wanted) = positive(ack.heartbeat_interval.as_ref())
+            && wanted != *interval.borrow()
+        {
+            info!(%node_id, interval = %humantime::format_duration(wanted), "registry changed the heartbeat interval");
+            interval.send_replace(wanted);
+        }
+        match ack.command {
+            Some(pb::heartbeat_response::Command::Reregister(cmd)) => {
+                Some(StreamEnd::Reregister(cmd.reason))
+            }
+            Some(pb::heartbeat_response::Command::Drain(cmd)) => {
+                warn!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, "registry asked to drain pools; reporting them draining");
+                self.drain().add(&cmd.pool_ids);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// The sender task: one beat per interval (timed from the previous beat's
+/// start, so slow probes do not stretch the period), and one at once when
+/// the handoff files change.
+async fn send_beats(
+    agent: Arc<Agent>,
+    session: Session,
+    tx: mpsc::Sender<pb::HeartbeatRequest>,
+    mut interval: watch::Receiver<Duration>,
+    mut handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
+    last_sent: Arc<AtomicU64>,
+) -> SenderEnd {
+    let mut last = Instant::now();
+    loop {
+        let next = last + *interval.borrow();
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            Ok(()) = interval.changed() => continue,
+            Ok(()) = changed(&mut handoff) => {
+                debug!(node_id = %agent.config.node_id, "handoff files changed; reporting now");
+            }
+        }
+        last = Instant::now();
+        let Some(beat) = agent.beat(&session).await else {
+            return SenderEnd::PoolsChanged;
+        };
+        last_sent.store(beat.sequence, Ordering::Relaxed);
+        if tx.send(beat).await.is_err() {
+            return SenderEnd::Closed;
+        }
+    }
+}
+
+pub(super) async fn changed(
+    rx: &mut Option<watch::Receiver<Vec<PoolConfig>>>,
+) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Register again where the contract says so ([`rules::must_register_again`]:
+/// node unknown, session superseded); anything else is a failure to retry.
+fn classify(status: Status) -> StreamEnd {
+    if rules::must_register_again(status.code()) {
+        StreamEnd::Reregister(status.message().to_owned())
+    } else {
+        StreamEnd::Failed(status)
+    }
+}

@@ -1,0 +1,227 @@
+//! What the agent does with values the registry would refuse: a bad
+//! setting stops the binary with status 2 naming it, a bad handoff file is
+//! left out while the node still registers, and a registration the
+//! registry refuses anyway is retried on the long `--register-refused-retry`
+//! delay, not the reconnect backoff, unless a handoff file changes.
+//!
+//! The registry here is a stub NodeRegistry that records every Register
+//! and answers it as told, since the real registry-server accepts whatever
+//! the agent's own checks let through.
+
+use std::pin::Pin;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::Stream;
+use node_agent::{AgentConfig, FakeGpuSource};
+use registry_proto::pb;
+use registry_proto::pb::node_registry_server::{NodeRegistry, NodeRegistryServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// A registry that records Register calls and answers them with `answer`.
+#[derive(Clone)]
+struct StubRegistry {
+    /// Every RegisterRequest received, in order.
+    registered: Arc<Mutex<Vec<pb::RegisterRequest>>>,
+    /// `None` accepts; `Some(status)` refuses every Register with it.
+    refuse: Option<Status>,
+}
+
+type Beats = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeRegistry for StubRegistry {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.registered.lock().unwrap().push(request.into_inner());
+        match &self.refuse {
+            Some(status) => Err(status.clone()),
+            None => Ok(Response::new(pb::RegisterResponse {
+                session_id: 1,
+                created: true,
+                session_secret: "s".repeat(32),
+                ..Default::default()
+            })),
+        }
+    }
+
+    async fn deregister(
+        &self,
+        _: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        Ok(Response::new(pb::DeregisterResponse::default()))
+    }
+
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    type HeartbeatStream = Beats;
+
+    async fn heartbeat(
+        &self,
+        _: Request<Streaming<pb::HeartbeatRequest>>,
+    ) -> Result<Response<Beats>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+}
+
+/// Serves `stub` on 127.0.0.1:0; returns its URL.
+async fn serve(stub: StubRegistry) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(NodeRegistryServer::new(stub))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    url
+}
+
+/// Short timeouts and a fast reconnect backoff, so only the refused-retry
+/// setting can keep the agent from registering again within a second.
+fn config(registry: &str) -> AgentConfig {
+    let mut config = AgentConfig::new(registry, "rules-1");
+    config.gpus.fake = Some(1);
+    config.registry_timeout = Duration::from_secs(1);
+    config.deregister_timeout = Duration::from_millis(200);
+    config.backoff.initial = Duration::from_millis(10);
+    config.backoff.max = Duration::from_millis(50);
+    config
+}
+
+/// Runs the agent for `run_for`, then stops it.
+async fn run_agent(config: AgentConfig, run_for: Duration) {
+    let gpus = Arc::new(FakeGpuSource::new(1, "rules"));
+    node_agent::run_with_gpu_source(config, gpus, tokio::time::sleep(run_for))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_registration_waits_the_long_retry_not_the_backoff() {
+    let refused = StubRegistry {
+        registered: Arc::default(),
+        refuse: Some(Status::invalid_argument("invalid machine_id: stub says no")),
+    };
+    let url = serve(refused.clone()).await;
+    let mut long = config(&url);
+    long.register_refused_retry = Duration::from_secs(3600);
+    run_agent(long, Duration::from_millis(1500)).await;
+    assert_eq!(refused.registered.lock().unwrap().len(), 1);
+
+    // The same refusal with a short setting is retried: the delay is the
+    // setting's.
+    refused.registered.lock().unwrap().clear();
+    let mut short = config(&url);
+    short.register_refused_retry = Duration::from_millis(300);
+    run_agent(short, Duration::from_millis(1500)).await;
+    let calls = refused.registered.lock().unwrap().len();
+    assert!((2..=8).contains(&calls), "{calls} registrations");
+}
+
+#[tokio::test]
+async fn a_handoff_change_ends_the_long_retry_early() {
+    let refused = StubRegistry {
+        registered: Arc::default(),
+        refuse: Some(Status::invalid_argument(
+            "invalid pools[0].model: stub says no",
+        )),
+    };
+    let url = serve(refused.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.json"), r#"{"model":"a"}"#).unwrap();
+    let mut config = config(&url);
+    config.register_refused_retry = Duration::from_secs(3600);
+    config.handoff_dir = Some(dir.path().to_owned());
+    config.handoff_poll_interval = Duration::from_millis(100);
+    let path = dir.path().join("p.json");
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        std::fs::write(path, r#"{"model":"b"}"#).unwrap();
+    });
+    run_agent(config, Duration::from_millis(1500)).await;
+    let models: Vec<String> = refused
+        .registered
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.pools[0].model.clone())
+        .collect();
+    assert_eq!(models, ["a", "b"]);
+}
+
+#[tokio::test]
+async fn a_handoff_file_breaking_a_rule_is_left_out_and_the_node_registers() {
+    let stub = StubRegistry {
+        registered: Arc::default(),
+        refuse: None,
+    };
+    let url = serve(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("good.json"), r#"{"pool_id":"pool-good"}"#).unwrap();
+    let long_model = format!(r#"{{"pool_id":"pool-bad","model":"{}"}}"#, "m".repeat(300));
+    std::fs::write(dir.path().join("bad.json"), long_model).unwrap();
+    std::fs::write(dir.path().join("bad id.json"), "{}").unwrap();
+    let mut config = config(&url);
+    config.handoff_dir = Some(dir.path().to_owned());
+    run_agent(config, Duration::from_millis(500)).await;
+
+    let registered = stub.registered.lock().unwrap();
+    let first = registered.first().expect("the node registered");
+    let pools: Vec<&str> = first.pools.iter().map(|p| p.pool_id.as_str()).collect();
+    assert_eq!(pools, ["pool-good"]);
+    registry_server::validate::registration(first.clone()).unwrap();
+}
+
+/// The binary, without the caller's NODE_AGENT_* variables.
+fn agent_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_node-agent"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("NODE_AGENT_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdout(Stdio::null()).stderr(Stdio::piped());
+    command
+}
+
+#[test]
+fn settings_the_registry_would_refuse_exit_2_naming_the_setting() {
+    let long_model = format!("pool-0,model={}", "m".repeat(257));
+    let cases: [(&[&str], &str); 3] = [
+        (&["--machine-id", "has space"], "--machine-id"),
+        (&["--pool", &long_model], "model"),
+        (&["--label", "zone=a\u{1}b"], "--label"),
+    ];
+    for (args, named) in cases {
+        let output = agent_command()
+            .args(["--node-id", "n1", "--fake-gpus", "1"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+    let output = agent_command()
+        .args(["--node-id", "n1"])
+        .env("NODE_AGENT_MACHINE_ID", "two words")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("NODE_AGENT_MACHINE_ID"), "{stderr}");
+}

@@ -1,0 +1,601 @@
+//! The contract's rules: what the registry accepts in a RegisterRequest and
+//! a heartbeat, written once and used by both sides. registry-server refuses
+//! a request that breaks a rule; node-agent checks what it sends with the
+//! same functions, so a value the registry would refuse stops the agent at
+//! start-up (or skips one handoff file) instead of looping on
+//! INVALID_ARGUMENT.
+//!
+//! Every rule returns a [`RuleError`] naming the field. The field's path
+//! (`pools[3].model`) is a [`Field`] value, turned into text only when a
+//! rule fails, so checking a good request allocates nothing for names.
+//! Values are never echoed at length: a 1 MiB label would otherwise come
+//! back in the error.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use crate::pb;
+
+/// Most pools a node may run (registration and heartbeat alike).
+pub const MAX_POOLS: usize = 64;
+/// Most GPUs a node may report, and most GPU indices one pool may name.
+pub const MAX_GPUS: usize = 64;
+/// Most labels a node may carry.
+pub const MAX_LABELS: usize = 64;
+/// Longest free-text value in bytes (model, engine, GPU name, label value ...).
+pub const MAX_TEXT_LEN: usize = 256;
+/// Longest node address URL in bytes.
+pub const MAX_ADDRESS_LEN: usize = 2048;
+/// Longest machine id in bytes.
+pub const MAX_MACHINE_ID_LEN: usize = 128;
+/// Longest identifier (node id, pool id, label key): a DNS label's length.
+pub const MAX_ID_LEN: usize = 63;
+/// Longest compute capability ("major.minor").
+pub const MAX_COMPUTE_CAPABILITY_LEN: usize = 8;
+/// Shortest bearer token either side accepts, so no guessable token is
+/// ever configured.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Where a value sits in a request, formatted only when a rule fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field<'a> {
+    /// A top-level field or a setting's name: `node_id`.
+    Name(&'a str),
+    /// A field of one list entry: `pools[3].model`.
+    Item {
+        /// The list: `pools`, `capabilities.gpus`.
+        list: &'a str,
+        /// The entry's position.
+        index: usize,
+        /// The entry's field.
+        name: &'a str,
+    },
+    /// One entry of a map, by key: `labels["zone"]`.
+    Key {
+        /// The map: `labels`.
+        map: &'a str,
+        /// The entry's key (cut short when long).
+        key: &'a str,
+    },
+}
+
+impl<'a> From<&'a str> for Field<'a> {
+    fn from(name: &'a str) -> Self {
+        Field::Name(name)
+    }
+}
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Field::Name(name) => f.write_str(name),
+            Field::Item { list, index, name } => write!(f, "{list}[{index}].{name}"),
+            Field::Key { map, key } => write!(f, "{map}[{}]", quoted(key)),
+        }
+    }
+}
+
+/// A value that breaks one of the contract's rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct RuleError {
+    /// Path of the offending field (`pools[1].pool_id`).
+    pub field: String,
+    /// What is wrong with it; quotes the value only cut short.
+    pub reason: String,
+}
+
+impl RuleError {
+    /// A broken rule of `field`.
+    pub fn new(field: Field<'_>, reason: impl Into<String>) -> Self {
+        RuleError {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result of a rule.
+pub type RuleResult = Result<(), RuleError>;
+
+/// A required value of at most `max` bytes.
+pub fn required(field: Field<'_>, value: &str, max: usize) -> RuleResult {
+    if value.is_empty() {
+        return Err(RuleError::new(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(RuleError::new(
+            field,
+            format!("is {} bytes long; at most {max} are allowed", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A node id: a DNS label (1-63 characters of `[a-z0-9-]`, starting and
+/// ending with a letter or digit), so it is safe in hostnames, URLs, metric
+/// labels and logs.
+pub fn node_id(field: Field<'_>, id: &str) -> RuleResult {
+    required(field, id, MAX_ID_LEN)?;
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if !id.chars().all(allowed) {
+        return Err(RuleError::new(
+            field,
+            format!(
+                "{} must be a DNS label: only lowercase letters a-z, digits and '-'",
+                quoted(id)
+            ),
+        ));
+    }
+    if id.starts_with('-') || id.ends_with('-') {
+        return Err(RuleError::new(
+            field,
+            format!("{} must not start or end with '-'", quoted(id)),
+        ));
+    }
+    Ok(())
+}
+
+/// A machine id: 1-128 bytes of printable ASCII without spaces.
+pub fn machine_id(field: Field<'_>, id: &str) -> RuleResult {
+    required(field, id, MAX_MACHINE_ID_LEN)?;
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(RuleError::new(
+            field,
+            "must be printable ASCII without spaces",
+        ));
+    }
+    Ok(())
+}
+
+/// A node address: an `http://` or `https://` URL with a host, at most
+/// 2048 bytes.
+pub fn address(field: Field<'_>, addr: &str) -> RuleResult {
+    required(field, addr, MAX_ADDRESS_LEN)?;
+    let uri: http::Uri = addr
+        .parse()
+        .map_err(|e| RuleError::new(field, format!("{} is not a URL: {e}", quoted(addr))))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(RuleError::new(
+            field,
+            format!("{} must start with http:// or https://", quoted(addr)),
+        ));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(RuleError::new(
+            field,
+            format!("{} has no host", quoted(addr)),
+        ));
+    }
+    Ok(())
+}
+
+/// A pool id: 1-63 characters of `[A-Za-z0-9._-]`.
+pub fn pool_id(field: Field<'_>, id: &str) -> RuleResult {
+    required(field, id, MAX_ID_LEN)?;
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if !id.chars().all(allowed) {
+        return Err(RuleError::new(
+            field,
+            format!(
+                "{} may only hold A-Z, a-z, 0-9, '.', '_' and '-'",
+                quoted(id)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A label key: 1-63 characters of `[A-Za-z0-9._/-]`.
+pub fn label_key(field: Field<'_>, key: &str) -> RuleResult {
+    let ok = !key.is_empty()
+        && key.len() <= MAX_ID_LEN
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+    if !ok {
+        return Err(RuleError::new(
+            field,
+            "label keys must be 1-63 characters of A-Z, a-z, 0-9, '.', '_', '/' and '-'",
+        ));
+    }
+    Ok(())
+}
+
+/// Free text (a label value, model, engine, GPU name ...): at most 256
+/// bytes and no control characters; may be empty.
+pub fn text(field: Field<'_>, value: &str) -> RuleResult {
+    if value.len() > MAX_TEXT_LEN {
+        return Err(RuleError::new(
+            field,
+            format!(
+                "is {} bytes long; at most {MAX_TEXT_LEN} are allowed",
+                value.len()
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(RuleError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// `value` made to pass [`text`]: control characters dropped, cut to
+/// [`MAX_TEXT_LEN`] bytes on a character boundary. For values the agent
+/// reads from the hardware rather than from a person.
+pub fn fit_text(value: &str) -> String {
+    let mut fitted = String::with_capacity(value.len().min(MAX_TEXT_LEN));
+    for c in value.chars().filter(|c| !c.is_control()) {
+        if fitted.len() + c.len_utf8() > MAX_TEXT_LEN {
+            break;
+        }
+        fitted.push(c);
+    }
+    fitted
+}
+
+/// A list of at most `max` entries.
+pub fn at_most(field: Field<'_>, len: usize, max: usize) -> RuleResult {
+    if len > max {
+        return Err(RuleError::new(
+            field,
+            format!("has {len} entries; at most {max} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `id` was not seen before in this list.
+pub fn unique<'a>(seen: &mut HashSet<&'a str>, field: Field<'_>, id: &'a str) -> RuleResult {
+    if !seen.insert(id) {
+        return Err(RuleError::new(
+            field,
+            format!("{} appears more than once", quoted(id)),
+        ));
+    }
+    Ok(())
+}
+
+/// A compute capability: "major.minor" with decimal digits, or empty where
+/// unknown.
+pub fn compute_capability(field: Field<'_>, cc: &str) -> RuleResult {
+    if cc.is_empty() {
+        return Ok(());
+    }
+    let ok = cc.len() <= MAX_COMPUTE_CAPABILITY_LEN
+        && cc.split_once('.').is_some_and(|(major, minor)| {
+            !major.is_empty()
+                && !minor.is_empty()
+                && major.bytes().all(|b| b.is_ascii_digit())
+                && minor.bytes().all(|b| b.is_ascii_digit())
+        });
+    if !ok {
+        return Err(RuleError::new(
+            field,
+            format!("{} must look like \"8.9\" (major.minor)", quoted(cc)),
+        ));
+    }
+    Ok(())
+}
+
+/// Labels: at most 64, each key a [`label_key`] and each value [`text`].
+/// Checked in key order, so the same bad request always names the same
+/// label.
+pub fn labels<'a>(
+    field: &str,
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> RuleResult {
+    let mut entries: Vec<(&String, &String)> = labels.into_iter().collect();
+    at_most(Field::Name(field), entries.len(), MAX_LABELS)?;
+    entries.sort_unstable_by_key(|(key, _)| *key);
+    for (key, value) in entries {
+        let key_field = Field::Key { map: field, key };
+        label_key(key_field, key)?;
+        text(key_field, value)?;
+    }
+    Ok(())
+}
+
+/// One pool as registered, at position `index` of `pools`.
+pub fn pool_spec(index: usize, pool: &pb::PoolSpec) -> RuleResult {
+    pool_spec_fields(pool, &|name| Field::Item {
+        list: "pools",
+        index,
+        name,
+    })
+}
+
+/// The rules of one pool (but not its uniqueness among others), each
+/// field named by `field`: the registry names `pools[3].model`, the agent
+/// names the pool's own setting.
+pub fn pool_spec_fields<'f>(
+    pool: &pb::PoolSpec,
+    field: &dyn Fn(&'static str) -> Field<'f>,
+) -> RuleResult {
+    pool_id(field("pool_id"), &pool.pool_id)?;
+    text(field("engine"), &pool.engine)?;
+    text(field("model"), &pool.model)?;
+    text(field("engine_version"), &pool.engine_version)?;
+    at_most(field("gpu_indices"), pool.gpu_indices.len(), MAX_GPUS)
+}
+
+/// The pools of a RegisterRequest: at most 64, each valid, ids unique.
+pub fn pool_specs(pools: &[pb::PoolSpec]) -> RuleResult {
+    at_most(Field::Name("pools"), pools.len(), MAX_POOLS)?;
+    let mut seen = HashSet::new();
+    for (index, pool) in pools.iter().enumerate() {
+        pool_spec(index, pool)?;
+        let field = Field::Item {
+            list: "pools",
+            index,
+            name: "pool_id",
+        };
+        unique(&mut seen, field, &pool.pool_id)?;
+    }
+    Ok(())
+}
+
+/// A node's hardware: at most 64 GPUs with distinct indices, bounded text.
+pub fn capabilities(caps: &pb::Capabilities) -> RuleResult {
+    at_most(Field::Name("capabilities.gpus"), caps.gpus.len(), MAX_GPUS)?;
+    text(
+        Field::Name("capabilities.driver_version"),
+        &caps.driver_version,
+    )?;
+    text(Field::Name("capabilities.cuda_version"), &caps.cuda_version)?;
+    let mut seen_index = HashSet::new();
+    for (index, gpu) in caps.gpus.iter().enumerate() {
+        let field = |name| Field::Item {
+            list: "capabilities.gpus",
+            index,
+            name,
+        };
+        if !seen_index.insert(gpu.index) {
+            return Err(RuleError::new(
+                field("index"),
+                format!("GPU index {} appears more than once", gpu.index),
+            ));
+        }
+        text(field("uuid"), &gpu.uuid)?;
+        text(field("name"), &gpu.name)?;
+        text(field("pci_bus_id"), &gpu.pci_bus_id)?;
+        compute_capability(field("compute_capability"), &gpu.compute_capability)?;
+    }
+    Ok(())
+}
+
+/// A whole RegisterRequest. A missing `capabilities` counts as empty.
+pub fn register_request(req: &pb::RegisterRequest) -> RuleResult {
+    node_id(Field::Name("node_id"), &req.node_id)?;
+    machine_id(Field::Name("machine_id"), &req.machine_id)?;
+    address(Field::Name("address"), &req.address)?;
+    text(Field::Name("agent_version"), &req.agent_version)?;
+    pool_specs(&req.pools)?;
+    if let Some(caps) = &req.capabilities {
+        capabilities(caps)?;
+    }
+    labels("labels", &req.labels)
+}
+
+/// The pools of a heartbeat: at most 64, ids unique, a known state, free
+/// slots within the total.
+pub fn pool_statuses(pools: &[pb::PoolStatus]) -> RuleResult {
+    at_most(Field::Name("pools"), pools.len(), MAX_POOLS)?;
+    let mut seen = HashSet::new();
+    for (index, pool) in pools.iter().enumerate() {
+        let field = |name| Field::Item {
+            list: "pools",
+            index,
+            name,
+        };
+        pool_id(field("pool_id"), &pool.pool_id)?;
+        unique(&mut seen, field("pool_id"), &pool.pool_id)?;
+        match pb::PoolState::try_from(pool.state) {
+            Ok(pb::PoolState::Unspecified) => {
+                return Err(RuleError::new(
+                    field("state"),
+                    "must be set (POOL_STATE_UNSPECIFIED is not a state)",
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                return Err(RuleError::new(
+                    field("state"),
+                    format!("{} is not a known PoolState", pool.state),
+                ));
+            }
+        }
+        if pool.slots_free > pool.slots_total {
+            return Err(RuleError::new(
+                field("slots_free"),
+                format!(
+                    "{} exceeds slots_total {}",
+                    pool.slots_free, pool.slots_total
+                ),
+            ));
+        }
+        text(field("model"), &pool.model)?;
+        text(field("engine"), &pool.engine)?;
+    }
+    Ok(())
+}
+
+/// The GPU figures of a heartbeat: at most 64, utilization a percentage.
+pub fn gpu_stats(gpus: &[pb::GpuStats]) -> RuleResult {
+    at_most(Field::Name("gpus"), gpus.len(), MAX_GPUS)?;
+    for (index, gpu) in gpus.iter().enumerate() {
+        if gpu.utilization_percent > 100 {
+            return Err(RuleError::new(
+                Field::Item {
+                    list: "gpus",
+                    index,
+                    name: "utilization_percent",
+                },
+                format!("{} is above 100", gpu.utilization_percent),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The short, non-secret name of a bearer token for logs: the first 8 hex
+/// digits of its SHA-256, the same on the agent and the registry so their
+/// logs can be matched.
+pub fn token_fingerprint(token: &str) -> String {
+    use fmt::Write as _;
+    let digest = Sha256::digest(token.as_bytes());
+    let mut hex = String::with_capacity(8);
+    for byte in &digest[..4] {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// Whether a failed Heartbeat (or Deregister) means "register again":
+/// NOT_FOUND (the registry no longer knows the node) and
+/// FAILED_PRECONDITION (its session was superseded). Anything else is a
+/// failure to retry on the same registration.
+pub fn must_register_again(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::NotFound | tonic::Code::FailedPrecondition
+    )
+}
+
+/// A value for an error message: quoted, and cut short when long.
+pub fn quoted(value: &str) -> String {
+    const SHOWN: usize = 64;
+    if value.chars().count() <= SHOWN {
+        format!("{value:?}")
+    } else {
+        let head: String = value.chars().take(SHOWN).collect();
+        format!("{head:?}... ({} bytes)", value.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_format_as_paths() {
+        assert_eq!(Field::Name("node_id").to_string(), "node_id");
+        let item = Field::Item {
+            list: "pools",
+            index: 3,
+            name: "model",
+        };
+        assert_eq!(item.to_string(), "pools[3].model");
+        let key = Field::Key {
+            map: "labels",
+            key: "zone",
+        };
+        assert_eq!(key.to_string(), "labels[\"zone\"]");
+    }
+
+    #[test]
+    fn identifier_rules() {
+        for good in ["a", "0", "gpu-node-1", &"a".repeat(63)] {
+            node_id("n".into(), good).unwrap();
+        }
+        for bad in [
+            "",
+            "UPPER",
+            "under_score",
+            "-lead",
+            "trail-",
+            "spa ce",
+            &"a".repeat(64),
+        ] {
+            assert!(node_id("n".into(), bad).is_err(), "{bad:?}");
+        }
+        pool_id("p".into(), "Pool_0.a-b").unwrap();
+        assert!(pool_id("p".into(), "pool 0").is_err());
+        label_key("k".into(), "team/owner").unwrap();
+        assert!(label_key("k".into(), "a=b").is_err());
+        machine_id("m".into(), "4c4c4544004d3510").unwrap();
+        assert!(machine_id("m".into(), "a b").is_err());
+        assert!(machine_id("m".into(), &"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn addresses_need_an_http_scheme_and_a_host() {
+        address("a".into(), "https://gpu-1.example:9200/v1").unwrap();
+        address("a".into(), "http://[::1]:9200").unwrap();
+        for bad in ["", "not a url", "ftp://host/", "10.0.0.1:9200", "http://"] {
+            let err = address("address".into(), bad).unwrap_err();
+            assert_eq!(err.field, "address", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn text_is_bounded_in_bytes_and_has_no_control_characters() {
+        text("t".into(), &"é".repeat(128)).unwrap();
+        assert!(text("t".into(), &"é".repeat(129)).is_err());
+        assert!(text("t".into(), "a\nb").is_err());
+        let fitted = fit_text(&format!("a\tb{}", "é".repeat(300)));
+        text("t".into(), &fitted).unwrap();
+        assert!(fitted.starts_with("abé"));
+    }
+
+    #[test]
+    fn compute_capability_is_major_dot_minor() {
+        compute_capability("c".into(), "").unwrap();
+        compute_capability("c".into(), "9.0").unwrap();
+        for bad in ["9", "9.", ".0", "x.y", "1.2.3", "123456.78"] {
+            assert!(compute_capability("c".into(), bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_path() {
+        let pools = vec![
+            pb::PoolSpec {
+                pool_id: "a".into(),
+                ..Default::default()
+            };
+            2
+        ];
+        assert_eq!(pool_specs(&pools).unwrap_err().field, "pools[1].pool_id");
+        let bad_label = [("zone".to_owned(), "x".repeat(257))];
+        let map: std::collections::HashMap<_, _> = bad_label.into();
+        assert_eq!(
+            labels("labels", &map).unwrap_err().field,
+            "labels[\"zone\"]"
+        );
+        let long = "k".repeat(1000);
+        let err = label_key(
+            Field::Key {
+                map: "labels",
+                key: &long,
+            },
+            &long,
+        )
+        .unwrap_err();
+        assert!(err.to_string().len() < 300, "{err}");
+    }
+
+    #[test]
+    fn fingerprints_are_short_and_stable() {
+        let fp = token_fingerprint("node-token-aaaaaaaaaaaaaaaa");
+        assert_eq!(fp.len(), 8);
+        assert_eq!(fp, token_fingerprint("node-token-aaaaaaaaaaaaaaaa"));
+        assert_ne!(fp, token_fingerprint("node-token-bbbbbbbbbbbbbbbb"));
+    }
+
+    #[test]
+    fn only_not_found_and_failed_precondition_mean_register_again() {
+        assert!(must_register_again(tonic::Code::NotFound));
+        assert!(must_register_again(tonic::Code::FailedPrecondition));
+        for code in [
+            tonic::Code::InvalidArgument,
+            tonic::Code::Unavailable,
+            tonic::Code::Unauthenticated,
+            tonic::Code::PermissionDenied,
+        ] {
+            assert!(!must_register_again(code), "{code:?}");
+        }
+    }
+}
