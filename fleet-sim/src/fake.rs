@@ -47,6 +47,7 @@ impl NodeShape {
                 slots_total: SLOTS,
                 gpu_indices: self.pool_gpus(p),
                 engine_version: "0.6.3".into(),
+                metrics_url: format!("http://{}.sim.invalid:8000/metrics", self.node_id),
             })
             .collect();
         pb::RegisterRequest {
@@ -54,6 +55,7 @@ impl NodeShape {
             machine_id: format!("{:032x}", (i as u128 + 1) * 0x9e37_79b9_7f4a_7c15),
             // .invalid never resolves: nothing ever connects to these nodes.
             address: format!("http://{}.sim.invalid:9200", self.node_id),
+            metrics_address: format!("http://{}.sim.invalid:9101/metrics", self.node_id),
             pools,
             capabilities: Some(pb::Capabilities {
                 gpus,

@@ -65,6 +65,7 @@ impl TestRegistry {
             }),
             agent_version: "test".into(),
             labels: [("zone".to_owned(), "eu-1".to_owned())].into(),
+            ..Default::default()
         });
         if let Some(token) = token {
             request

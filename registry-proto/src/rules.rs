@@ -172,6 +172,14 @@ pub fn address(field: Field<'_>, addr: &str) -> RuleResult {
     Ok(())
 }
 
+/// An optional URL (a metrics endpoint): empty, or what [`address`] accepts.
+pub fn optional_address(field: Field<'_>, addr: &str) -> RuleResult {
+    if addr.is_empty() {
+        return Ok(());
+    }
+    address(field, addr)
+}
+
 /// A pool id: 1-63 characters of `[A-Za-z0-9._-]`.
 pub fn pool_id(field: Field<'_>, id: &str) -> RuleResult {
     required(field, id, MAX_ID_LEN)?;
@@ -318,6 +326,7 @@ pub fn pool_spec_fields<'f>(
     text(field("engine"), &pool.engine)?;
     text(field("model"), &pool.model)?;
     text(field("engine_version"), &pool.engine_version)?;
+    optional_address(field("metrics_url"), &pool.metrics_url)?;
     at_most(field("gpu_indices"), pool.gpu_indices.len(), MAX_GPUS)
 }
 
@@ -371,6 +380,7 @@ pub fn register_request(req: &pb::RegisterRequest) -> RuleResult {
     node_id(Field::Name("node_id"), &req.node_id)?;
     machine_id(Field::Name("machine_id"), &req.machine_id)?;
     address(Field::Name("address"), &req.address)?;
+    optional_address(Field::Name("metrics_address"), &req.metrics_address)?;
     text(Field::Name("agent_version"), &req.agent_version)?;
     pool_specs(&req.pools)?;
     if let Some(caps) = &req.capabilities {

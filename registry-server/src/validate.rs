@@ -31,6 +31,7 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryEr
         capabilities: req.capabilities.unwrap_or_default(),
         agent_version: req.agent_version,
         labels: req.labels,
+        metrics_address: req.metrics_address,
     })
 }
 
@@ -91,6 +92,7 @@ mod tests {
                 slots_total: 4,
                 gpu_indices: vec![0],
                 engine_version: "b3000".into(),
+                metrics_url: "http://10.0.0.5:8080/metrics".into(),
             }],
             capabilities: Some(pb::Capabilities {
                 gpus: vec![pb::GpuInfo {
@@ -109,6 +111,7 @@ mod tests {
             }),
             agent_version: "node-agent 0.1.0".into(),
             labels: [("zone".to_string(), "eu-1".to_string())].into(),
+            metrics_address: "http://10.0.0.5:9101/metrics".into(),
         }
     }
 

@@ -83,6 +83,8 @@ impl PoolConfig {
             slots_total: self.slots.unwrap_or(DEFAULT_SLOTS),
             gpu_indices: self.gpus.clone().unwrap_or_default(),
             engine_version: self.engine_version.clone().unwrap_or_default(),
+            // Engine metrics URLs are not configurable yet.
+            metrics_url: String::new(),
         }
     }
 

@@ -102,6 +102,8 @@ impl Agent {
             pools: specs.clone(),
             capabilities: Some(self.capabilities.clone()),
             agent_version: format!("node-agent {}", env!("CARGO_PKG_VERSION")),
+            // The agent serves no metrics endpoint yet.
+            metrics_address: String::new(),
             labels: self
                 .config
                 .labels

@@ -313,6 +313,7 @@ pub(crate) mod tests {
                 slots_total: 4,
                 gpu_indices: vec![0, 1],
                 engine_version: "0.6.1".into(),
+                ..Default::default()
             }],
             capabilities: Some(pb::Capabilities {
                 gpus: vec![
@@ -366,6 +367,7 @@ pub(crate) mod tests {
             session_id: u64::MAX,
             status_changed_at: timestamp("2026-11-23T11:55:00Z"),
             agent_time: timestamp("2026-11-23T11:59:58Z"),
+            ..Default::default()
         }
     }
 

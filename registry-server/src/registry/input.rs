@@ -22,6 +22,9 @@ pub struct Registration {
     pub capabilities: pb::Capabilities,
     /// Version of the registering agent, for fleet audits.
     pub agent_version: String,
+    /// URL of the agent's Prometheus metrics (empty: none), for service
+    /// discovery.
+    pub metrics_address: String,
     /// Labels that ListNodes filters on.
     pub labels: std::collections::HashMap<String, String>,
 }

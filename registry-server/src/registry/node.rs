@@ -174,6 +174,7 @@ impl NodeState {
             pools: reg.pools.clone(),
             capabilities: Some(reg.capabilities.clone()),
             agent_version: reg.agent_version.clone(),
+            metrics_address: reg.metrics_address.clone(),
             labels: reg.labels.clone(),
             status: self.liveness.to_proto() as i32,
             registered_at: Some(to_proto_timestamp(self.registered_at)),

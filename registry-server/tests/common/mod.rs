@@ -71,6 +71,7 @@ pub fn register_request(node_id: &str) -> pb::RegisterRequest {
             slots_total: 4,
             gpu_indices: vec![0],
             engine_version: String::new(),
+            metrics_url: String::new(),
         }],
         capabilities: Some(pb::Capabilities {
             gpus: vec![pb::GpuInfo {
@@ -89,6 +90,7 @@ pub fn register_request(node_id: &str) -> pb::RegisterRequest {
         }),
         agent_version: "test 0.0.0".into(),
         labels: [("zone".to_string(), "eu-1".to_string())].into(),
+        metrics_address: String::new(),
     }
 }
 

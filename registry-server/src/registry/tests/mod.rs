@@ -52,6 +52,7 @@ fn registration(node_id: &str) -> Registration {
         capabilities: pb::Capabilities::default(),
         agent_version: "test".into(),
         labels: [("zone".to_string(), "a".to_string())].into(),
+        metrics_address: String::new(),
     }
 }
 
