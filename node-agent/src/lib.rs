@@ -6,7 +6,6 @@
 //! the `node-agent` binary only adds flags, logging and signal handling.
 
 pub mod auth;
-pub mod backoff;
 pub mod config;
 pub mod gpu;
 pub mod host;

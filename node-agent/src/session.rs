@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use registry_proto::backoff::{Backoff, random_up_to};
 use registry_proto::convert::{from_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
@@ -21,7 +22,6 @@ use tonic::{Code, Status};
 use tracing::{debug, error, info, warn};
 
 use crate::auth::{BearerAuth, Credentials, TokenSource};
-use crate::backoff::{Backoff, random_up_to};
 use crate::config::{AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::gpu::GpuSource;
 use crate::pools::{Drain, PoolConfig, PoolTracker};
