@@ -6,11 +6,9 @@ mod common;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use common::{
-    ADMIN_TOKEN, Admin, ClientTls, Files, NODE_TOKEN, Registry, eventually, get_node,
-    registry_settings,
-};
+use common::{ADMIN_TOKEN, Admin, ClientTls, Files, NODE_TOKEN, get_node, registry_settings};
 use registry_proto::pb;
+use test_support::{TestRegistry, eventually};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -41,7 +39,7 @@ fn stderr_of(child: Child) -> String {
 
 #[tokio::test]
 async fn binary_registers_and_deregisters_on_sigterm() {
-    let registry = Registry::start().await;
+    let registry = TestRegistry::start(registry_settings()).await;
     let mut child = agent_command()
         .args([
             "--registry",
@@ -124,7 +122,7 @@ async fn binary_requiring_gpus_fails_clearly_without_them() {
 #[tokio::test]
 async fn binary_sends_the_token_from_the_environment_and_never_shows_it() {
     let files = Files::new();
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(files.registry_tokens()),
         ..registry_settings()
     })

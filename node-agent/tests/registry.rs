@@ -6,10 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, FakeEngine, Registry, agent_config, eventually, get_node};
+use common::{Agent, FakeEngine, agent_config, get_node, registry_settings};
 use node_agent::pools::{ConfiguredState, PoolConfig};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use test_support::{TestRegistry, eventually};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -37,8 +38,8 @@ async fn listed_node(client: &mut NodeRegistryClient<Channel>, node_id: &str) ->
 
 #[tokio::test]
 async fn agent_registers_and_is_online_with_gpus_and_pools() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let mut config = agent_config(&registry.url(), "n1");
     let mut pool = PoolConfig::new("pool-0");
     pool.slots = Some(4);
@@ -110,8 +111,8 @@ async fn agent_registers_and_is_online_with_gpus_and_pools() {
 
 #[tokio::test]
 async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let engine = FakeEngine::start().await;
     engine.set_slots(r#"[{"id":0,"is_processing":true},{"id":1,"is_processing":false}]"#);
     let mut config = agent_config(&registry.url(), "n2");
@@ -176,8 +177,8 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
 
 #[tokio::test]
 async fn handoff_files_update_pools_within_two_seconds() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = agent_config(&registry.url(), "n3");
     config.handoff_dir = Some(dir.path().to_owned());
@@ -263,8 +264,8 @@ async fn handoff_files_update_pools_within_two_seconds() {
 
 #[tokio::test]
 async fn agent_reregisters_after_registry_restart_on_same_address() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let addr = registry.addr;
     let mut config = agent_config(&registry.url(), "n4");
     let mut pool = PoolConfig::new("pool-0");
@@ -286,7 +287,7 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
 
     // A new, empty registry on the same address: the agent must notice
     // (stream ends, heartbeat gets NOT_FOUND) and register by itself.
-    let registry = Registry::restart_on(addr).await;
+    let registry = TestRegistry::restart_on(addr, registry_settings()).await;
     let mut client = registry.client().await;
     let again = eventually("n4 registered again", WAIT, || {
         let mut client = client.clone();
@@ -308,8 +309,8 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
 
 #[tokio::test]
 async fn agent_stopped_gracefully_removes_the_node() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let agent = Agent::start(agent_config(&registry.url(), "n5"));
     let mut client = registry.client().await;
     eventually("n5 online", WAIT, || {
@@ -336,7 +337,7 @@ async fn agent_stopped_gracefully_removes_the_node() {
 
 #[tokio::test]
 async fn agent_retries_until_the_registry_answers() {
-    common::init_logs();
+    test_support::init_logs();
     // The test holds the listener first and drops the agent's first two
     // connections (a registry that is up but broken), then hands the
     // listener to a real registry: the agent must keep retrying.
@@ -350,7 +351,7 @@ async fn agent_retries_until_the_registry_answers() {
             .unwrap();
         drop(connection);
     }
-    let registry = Registry::serve(listener);
+    let registry = TestRegistry::serve(listener, registry_settings());
     let mut client = registry.client().await;
     eventually("n6 online", WAIT, || {
         let mut client = client.clone();
@@ -368,7 +369,7 @@ async fn agent_retries_until_the_registry_answers() {
 
 #[tokio::test]
 async fn agent_stops_promptly_while_the_registry_is_down() {
-    common::init_logs();
+    test_support::init_logs();
     // Every connection is dropped at once: the registry is unusable.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

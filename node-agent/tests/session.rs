@@ -8,12 +8,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Agent, agent_config, eventually};
+use common::{Agent, agent_config};
 use node_agent::pools::PoolConfig;
 use registry_proto::convert::to_proto_duration;
 use registry_proto::pb;
 use registry_proto::pb::heartbeat_response::Command;
 use registry_proto::pb::node_registry_server::{NodeRegistry, NodeRegistryServer};
+use test_support::eventually;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -147,7 +148,7 @@ fn script(ack: bool) -> Script {
 
 #[tokio::test]
 async fn unacked_heartbeats_make_the_agent_reopen_the_stream() {
-    common::init_logs();
+    test_support::init_logs();
     let (registry, url) = Scripted::serve(script(false)).await;
     let mut config = agent_config(&url, "s1");
     config.heartbeat_interval = Some(Duration::from_millis(100));
@@ -171,7 +172,7 @@ async fn unacked_heartbeats_make_the_agent_reopen_the_stream() {
 
 #[tokio::test]
 async fn reregister_command_makes_the_agent_register_again() {
-    common::init_logs();
+    test_support::init_logs();
     let mut s = script(true);
     s.commands
         .push_back(Some(Command::Reregister(pb::ReregisterCommand {
@@ -196,7 +197,7 @@ async fn reregister_command_makes_the_agent_register_again() {
 
 #[tokio::test]
 async fn drain_command_reports_the_pools_draining() {
-    common::init_logs();
+    test_support::init_logs();
     let mut s = script(true);
     s.commands.push_back(Some(Command::Drain(pb::DrainCommand {
         pool_ids: vec!["pool-0".into()],
@@ -230,7 +231,7 @@ async fn drain_command_reports_the_pools_draining() {
 
 #[tokio::test]
 async fn agent_follows_the_registry_interval_unless_overridden() {
-    common::init_logs();
+    test_support::init_logs();
     let (registry, url) = Scripted::serve(script(true)).await;
     let mut config = agent_config(&url, "s4");
     // Without the override the registry's 100ms applies, not the 10s default.

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -56,6 +57,30 @@ impl LogCapture {
     pub fn count(&self, needle: &str) -> usize {
         self.text().matches(needle).count()
     }
+
+    /// Waits until `needle` has been logged at least `times` times.
+    ///
+    /// # Panics
+    ///
+    /// When that takes longer than `timeout`; the panic says how many
+    /// times it was seen.
+    pub async fn wait_for(&self, needle: &str, times: usize, timeout: Duration) {
+        crate::eventually(
+            &format!("{times} × {needle:?} in the logs"),
+            timeout,
+            || {
+                let seen = self.count(needle);
+                async move {
+                    if seen >= times {
+                        Ok(())
+                    } else {
+                        Err(format!("seen {seen} times"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
 }
 
 impl Write for LogCapture {
@@ -96,5 +121,21 @@ mod tests {
         assert!(text.contains("answer=42"), "{text}");
         assert_eq!(logs.count("below the filter"), 0, "{text}");
         assert_eq!(logs.count("after the guard"), 0, "{text}");
+    }
+
+    #[tokio::test]
+    async fn waits_for_a_line_logged_later() {
+        // The test's runtime has one thread, so the spawned task logs into
+        // this thread's capture.
+        let (logs, _guard) = LogCapture::start("info");
+        let later = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tracing::info!("logged later");
+        });
+        assert_eq!(logs.count("logged later"), 0);
+        logs.wait_for("logged later", 1, Duration::from_secs(5))
+            .await;
+        later.await.unwrap();
+        assert_eq!(logs.count("logged later"), 1);
     }
 }
