@@ -5,10 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stream, TempDir, serving};
+use common::{Stream, serving};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
+use tempfile::TempDir;
 use test_support::{
     Pki, Session, TestRegistry, eventually,
     fixtures::{beat, register_request},
@@ -50,10 +51,10 @@ fn client_with(channel: Channel, token: Option<&str>) -> AuthedClient {
 }
 
 fn write_tokens(dir: &TempDir, text: &str) -> std::path::PathBuf {
-    let path = dir.0.join("tokens");
+    let path = dir.path().join("tokens");
     // Write then rename, as operators should, so the server never reads a
     // half-written file.
-    let tmp = dir.0.join("tokens.tmp");
+    let tmp = dir.path().join("tokens.tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     path
@@ -61,7 +62,7 @@ fn write_tokens(dir: &TempDir, text: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
-    let dir = TempDir::new("auth");
+    let dir = tempfile::tempdir().unwrap();
     let tokens = write_tokens(
         &dir,
         &format!("node {NODE_TOKEN}\nreader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\n"),
@@ -187,7 +188,7 @@ async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
 
 #[tokio::test]
 async fn the_token_file_rotates_without_a_restart() {
-    let dir = TempDir::new("rotate");
+    let dir = tempfile::tempdir().unwrap();
     let tokens = write_tokens(&dir, &format!("reader {READER_TOKEN}\n"));
     let server = TestRegistry::start(Settings {
         auth_token_file: Some(tokens),
@@ -295,7 +296,7 @@ async fn reflection_can_be_switched_off() {
 async fn tls_server(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> TestRegistry {
     let (cert, key) = pki.leaf(&["localhost"]);
     let write = |name: &str, text: &str| {
-        let path = dir.0.join(name);
+        let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
     };
@@ -328,7 +329,7 @@ async fn tls_channel(
 
 #[tokio::test]
 async fn tls_serves_and_a_plaintext_client_is_refused() {
-    let dir = TempDir::new("tls");
+    let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("registry test CA");
     let server = tls_server(&dir, &pki, None).await;
 
@@ -355,7 +356,7 @@ async fn tls_serves_and_a_plaintext_client_is_refused() {
 
 #[tokio::test]
 async fn mtls_refuses_clients_without_a_good_certificate_and_binds_node_ids() {
-    let dir = TempDir::new("mtls");
+    let dir = tempfile::tempdir().unwrap();
     let server_pki = Pki::new("server CA");
     let client_pki = Pki::new("client CA");
     let stranger_pki = Pki::new("stranger CA");
