@@ -6,7 +6,9 @@ mod common;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use common::{ADMIN_TOKEN, Admin, ClientTls, Files, NODE_TOKEN, get_node, registry_settings};
+use common::{
+    ADMIN_TOKEN, Admin, ClientTls, Files, NODE_TOKEN, NodeCondition, get_node, registry_settings,
+};
 use registry_proto::pb;
 use test_support::{TestRegistry, eventually};
 
@@ -62,7 +64,7 @@ async fn binary_registers_and_deregisters_on_sigterm() {
     let node = eventually("bin-1 online with pool status", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "bin-1").await.filter(|n| {
+            get_node(&mut client, "bin-1").await.matching(|n| {
                 n.status() == pb::NodeStatus::Online
                     && n.pool_status.iter().any(|p| p.pool_id == "pool-0")
             })

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, FakeEngine, agent_config, get_node, registry_settings};
+use common::{Agent, FakeEngine, NodeCondition, agent_config, get_node, registry_settings};
 use node_agent::pools::{ConfiguredState, PoolConfig};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
@@ -57,7 +57,7 @@ async fn agent_registers_and_is_online_with_gpus_and_pools() {
         async move {
             get_node(&mut client, "n1")
                 .await
-                .filter(|n| n.status() == pb::NodeStatus::Online && n.pool_status.len() == 2)
+                .matching(|n| n.status() == pb::NodeStatus::Online && n.pool_status.len() == 2)
         }
     })
     .await;
@@ -94,7 +94,7 @@ async fn agent_registers_and_is_online_with_gpus_and_pools() {
         async move {
             get_node(&mut client, "n1")
                 .await
-                .filter(|n| n.gpu_stats.len() == 2)
+                .matching(|n| n.gpu_stats.len() == 2)
         }
     })
     .await;
@@ -129,7 +129,7 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
         async move {
             listed_node(&mut client, "n2")
                 .await
-                .filter(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Ready))
+                .matching(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Ready))
         }
     })
     .await;
@@ -152,7 +152,7 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
             async move {
                 listed_node(&mut client, "n2")
                     .await
-                    .filter(|n| pool_state(n, "pool-0") == Some(want))
+                    .matching(|n| pool_state(n, "pool-0") == Some(want))
             }
         })
         .await;
@@ -166,7 +166,7 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
         async move {
             listed_node(&mut client, "n2")
                 .await
-                .filter(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Offline))
+                .matching(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Offline))
         }
     })
     .await;
@@ -190,7 +190,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
         async move {
             get_node(&mut client, "n3")
                 .await
-                .filter(|n| pool_state(n, "static-0").is_some())
+                .matching(|n| pool_state(n, "static-0").is_some())
         }
     })
     .await;
@@ -206,7 +206,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
     let node = eventually("pool-h registered and reported", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n3").await.filter(|n| {
+            get_node(&mut client, "n3").await.matching(|n| {
                 n.pools.iter().any(|p| p.pool_id == "pool-h")
                     && pool_state(n, "pool-h") == Some(pb::PoolState::Initializing)
             })
@@ -236,7 +236,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
         async move {
             get_node(&mut client, "n3")
                 .await
-                .filter(|n| pool_state(n, "pool-h") == Some(pb::PoolState::Ready))
+                .matching(|n| pool_state(n, "pool-h") == Some(pb::PoolState::Ready))
         }
     })
     .await;
@@ -251,7 +251,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
     eventually("pool-h gone", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n3").await.filter(|n| {
+            get_node(&mut client, "n3").await.matching(|n| {
                 !n.pools.iter().any(|p| p.pool_id == "pool-h") && pool_state(n, "pool-h").is_none()
             })
         }
@@ -278,7 +278,7 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
         async move {
             get_node(&mut client, "n4")
                 .await
-                .filter(|n| !n.pool_status.is_empty())
+                .matching(|n| !n.pool_status.is_empty())
         }
     })
     .await;
@@ -292,7 +292,7 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
     let again = eventually("n4 registered again", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n4").await.filter(|n| {
+            get_node(&mut client, "n4").await.matching(|n| {
                 n.status() == pb::NodeStatus::Online
                     && pool_state(n, "pool-0") == Some(pb::PoolState::Ready)
             })
@@ -318,7 +318,7 @@ async fn agent_stopped_gracefully_removes_the_node() {
         async move {
             get_node(&mut client, "n5")
                 .await
-                .filter(|n| n.status() == pb::NodeStatus::Online)
+                .matching(|n| n.status() == pb::NodeStatus::Online)
         }
     })
     .await;
@@ -358,7 +358,7 @@ async fn agent_retries_until_the_registry_answers() {
         async move {
             get_node(&mut client, "n6")
                 .await
-                .filter(|n| n.status() == pb::NodeStatus::Online)
+                .matching(|n| n.status() == pb::NodeStatus::Online)
         }
     })
     .await;

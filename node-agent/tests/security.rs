@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    ADMIN_TOKEN, Admin, Agent, ClientTls, Files, NODE_TOKEN, agent_config, registry_settings,
+    ADMIN_TOKEN, Admin, Agent, ClientTls, Files, NODE_TOKEN, NodeCondition, agent_config,
+    registry_settings,
 };
 use node_agent::auth::fingerprint;
 use node_agent::pools::PoolConfig;
@@ -98,7 +99,7 @@ async fn agent_with_the_node_token_registers_and_heartbeats() {
     eventually("a later heartbeat", WAIT, || {
         let admin = admin.clone();
         async move {
-            admin.node("t1").await.filter(|n| {
+            admin.node("t1").await.matching(|n| {
                 let at = n.last_heartbeat_at.unwrap();
                 (at.seconds, at.nanos) > (first.seconds, first.nanos)
             })
@@ -256,7 +257,7 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
     eventually("a heartbeat after the rotation", WAIT, || {
         let admin = admin.clone();
         async move {
-            admin.node("t5").await.filter(|n| {
+            admin.node("t5").await.matching(|n| {
                 let at = n.last_heartbeat_at.unwrap();
                 (at.seconds, at.nanos) > (before.seconds, before.nanos)
             })

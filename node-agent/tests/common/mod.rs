@@ -180,7 +180,7 @@ impl Admin {
             || async {
                 self.node(node_id)
                     .await
-                    .filter(|n| n.status() == pb::NodeStatus::Online && !n.pool_status.is_empty())
+                    .matching(|n| n.status() == pb::NodeStatus::Online && !n.pool_status.is_empty())
             },
         )
         .await
@@ -196,6 +196,42 @@ pub async fn get_node(client: &mut NodeRegistryClient<Channel>, node_id: &str) -
         .await
         .ok()
         .map(|r| r.into_inner())
+}
+
+/// A condition on a node as the registry reports it, for
+/// [`eventually`]: the node when it holds, else what was seen instead, so
+/// a timeout says why.
+pub trait NodeCondition {
+    /// `Ok(node)` when the node is registered and `holds` accepts it.
+    fn matching(self, holds: impl FnOnce(&pb::Node) -> bool) -> Result<pb::Node, String>;
+}
+
+impl NodeCondition for Option<pb::Node> {
+    fn matching(self, holds: impl FnOnce(&pb::Node) -> bool) -> Result<pb::Node, String> {
+        match self {
+            None => Err("the node is not registered".to_owned()),
+            Some(node) if holds(&node) => Ok(node),
+            Some(node) => Err(describe(&node)),
+        }
+    }
+}
+
+/// A node's status, pools and figures, in one line.
+fn describe(node: &pb::Node) -> String {
+    let pools: Vec<String> = node
+        .pool_status
+        .iter()
+        .map(|p| format!("{} {:?}", p.pool_id, p.state()))
+        .collect();
+    let specs: Vec<&str> = node.pools.iter().map(|p| p.pool_id.as_str()).collect();
+    format!(
+        "{} is {:?}, pools registered {specs:?}, pool status [{}], {} GPU stats, last heartbeat {:?}",
+        node.node_id,
+        node.status(),
+        pools.join(", "),
+        node.gpu_stats.len(),
+        node.last_heartbeat_at,
+    )
 }
 
 /// Agent settings for tests: fake GPUs, short intervals and backoff.
