@@ -29,7 +29,7 @@ fn agent_command() -> Command {
 async fn wait_exit(child: &mut Child) -> ExitStatus {
     eventually("the agent to exit", WAIT, || {
         let status = child.try_wait().unwrap();
-        async move { status }
+        async move { status.ok_or_else(|| "still running".to_owned()) }
     })
     .await
 }

@@ -246,8 +246,10 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
     eventually("the registry to drop the old token", WAIT, || {
         let old = old.clone();
         async move {
-            let code = old.list_code().await;
-            (code == tonic::Code::Unauthenticated).then_some(())
+            match old.list_code().await {
+                tonic::Code::Unauthenticated => Ok(()),
+                code => Err(format!("the old token still gets {code:?}")),
+            }
         }
     })
     .await;

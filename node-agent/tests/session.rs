@@ -155,7 +155,13 @@ async fn unacked_heartbeats_make_the_agent_reopen_the_stream() {
     let agent = Agent::start(config);
     eventually("a second heartbeat stream", WAIT, || {
         let opened = registry.with(|s| s.streams_opened);
-        async move { (opened >= 2).then_some(()) }
+        async move {
+            if opened >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{opened} streams opened"))
+            }
+        }
     })
     .await;
     // The session was never refused, so it is reused, not replaced.
@@ -181,8 +187,14 @@ async fn reregister_command_makes_the_agent_register_again() {
     let (registry, url) = Scripted::serve(s).await;
     let agent = Agent::start(agent_config(&url, "s2"));
     eventually("beats of the second session", WAIT, || {
-        let second = registry.with(|s| s.beats.iter().any(|b| b.session_id == 2));
-        async move { second.then_some(()) }
+        let sessions: Vec<u64> = registry.with(|s| s.beats.iter().map(|b| b.session_id).collect());
+        async move {
+            if sessions.contains(&2) {
+                Ok(())
+            } else {
+                Err(format!("beats of sessions {sessions:?}"))
+            }
+        }
     })
     .await;
     assert_eq!(registry.with(|s| s.registers.len()), 2);
@@ -239,7 +251,13 @@ async fn agent_follows_the_registry_interval_unless_overridden() {
     let agent = Agent::start(config);
     eventually("ten beats", Duration::from_secs(5), || {
         let beats = registry.with(|s| s.beats.len());
-        async move { (beats >= 10).then_some(()) }
+        async move {
+            if beats >= 10 {
+                Ok(())
+            } else {
+                Err(format!("{beats} beats"))
+            }
+        }
     })
     .await;
     let beats = registry.with(|s| s.beats.clone());

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stream, register, status_of};
+use common::{Stream, register, status_is, status_of};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
@@ -149,7 +149,7 @@ async fn list_filters_by_status_pool_and_labels_and_pages() {
     });
     eventually("n1 offline", Duration::from_secs(5), || {
         let mut client = client.clone();
-        async move { status_of(&mut client, "n1").await == pb::NodeStatus::Offline }
+        async move { status_is(&mut client, "n1", pb::NodeStatus::Offline).await }
     })
     .await;
 
@@ -264,7 +264,7 @@ async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
     // The stream stays open but silent: only messages count as liveness.
     eventually("n1 offline", Duration::from_secs(5), || {
         let mut client = client.clone();
-        async move { status_of(&mut client, "n1").await == pb::NodeStatus::Offline }
+        async move { status_is(&mut client, "n1", pb::NodeStatus::Offline).await }
     })
     .await;
     // On the same stream, without re-registering.
@@ -284,7 +284,7 @@ async fn a_registered_node_that_never_streams_goes_offline() {
     assert_eq!(status_of(&mut client, "mute").await, pb::NodeStatus::Online);
     eventually("mute offline", Duration::from_secs(5), || {
         let mut client = client.clone();
-        async move { status_of(&mut client, "mute").await == pb::NodeStatus::Offline }
+        async move { status_is(&mut client, "mute", pb::NodeStatus::Offline).await }
     })
     .await;
     server.stop().await;

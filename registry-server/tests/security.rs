@@ -210,9 +210,10 @@ async fn the_token_file_rotates_without_a_restart() {
         || {
             let mut new = new.clone();
             async move {
-                new.list_nodes(pb::ListNodesRequest::default())
-                    .await
-                    .is_ok()
+                match new.list_nodes(pb::ListNodesRequest::default()).await {
+                    Ok(_) => Ok(()),
+                    Err(status) => Err(format!("ListNodes answered {status}")),
+                }
             }
         },
     )

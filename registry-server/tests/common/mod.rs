@@ -36,6 +36,19 @@ pub async fn status_of(
         .status()
 }
 
+/// `Ok` when the node's status is `want`, else the status it has, for
+/// `test_support::eventually`.
+pub async fn status_is(
+    client: &mut pb::node_registry_client::NodeRegistryClient<Channel>,
+    node_id: &str,
+    want: pb::NodeStatus,
+) -> Result<(), String> {
+    match status_of(client, node_id).await {
+        status if status == want => Ok(()),
+        status => Err(format!("{node_id} is {status:?}")),
+    }
+}
+
 /// An open Heartbeat stream: a sender for requests and the server's replies.
 pub struct Stream {
     pub tx: mpsc::Sender<pb::HeartbeatRequest>,
