@@ -229,6 +229,7 @@ async fn drain_command_reports_the_pools_draining() {
                         .any(|p| p.pool_id == "pool-0" && p.state() == pb::PoolState::Draining)
                 })
                 .cloned()
+                .ok_or_else(|| format!("{} beats, none with pool-0 draining", s.beats.len()))
         });
         async move { beat }
     })

@@ -24,4 +24,4 @@ pub use fixtures::Session;
 pub use logs::{LogCapture, init_logs};
 pub use pki::Pki;
 pub use registry::TestRegistry;
-pub use wait::{Attempt, eventually, poll_until};
+pub use wait::{eventually, poll_until};
