@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::fleet::SimError;
+use crate::error::SimError;
 
 /// What fleet to simulate and against which registry.
 #[derive(Debug, Clone, clap::Args)]

@@ -3,64 +3,18 @@
 //! nodes, stop and report).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::info;
 
 use crate::config::FleetConfig;
+use crate::error::SimError;
 use crate::limits;
-use crate::node;
+use crate::node::{self, Shared};
 use crate::stats::{Report, Stats, fmt_errors};
-
-/// Why a fleet could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum SimError {
-    /// The options cannot work.
-    #[error("invalid options: {0}")]
-    Config(String),
-    /// The registry URL is not a usable endpoint.
-    #[error("registry address {url:?}: {source}")]
-    Endpoint {
-        /// The URL given.
-        url: String,
-        /// What tonic made of it.
-        source: tonic::transport::Error,
-    },
-    /// The open-file limit could not be read or raised.
-    #[error("open-file limit: {0}")]
-    FileLimit(std::io::Error),
-}
-
-/// What every node task of one fleet shares.
-pub(crate) struct Shared {
-    /// The fleet's options.
-    pub(crate) config: FleetConfig,
-    /// Where every node counts what it does.
-    pub(crate) stats: Arc<Stats>,
-    /// Interval set while running ([`Fleet::set_interval`]), in nanoseconds;
-    /// 0 when unset. Overrides `config.interval` and the advertised one.
-    interval_override: AtomicU64,
-    /// Cancelled to stop every node.
-    pub(crate) stop: CancellationToken,
-    /// Cancelled when the chosen nodes go silent.
-    pub(crate) silence: CancellationToken,
-}
-
-impl Shared {
-    /// The interval to wait now: the override, else the configured one,
-    /// else what the registry advertised to this node.
-    pub(crate) fn interval(&self, advertised: Duration) -> Duration {
-        match self.interval_override.load(Ordering::Relaxed) {
-            0 => self.config.interval.unwrap_or(advertised),
-            nanos => Duration::from_nanos(nanos),
-        }
-    }
-}
 
 /// A running fleet. Dropping it without [`Fleet::stop`] leaves the nodes
 /// running until their runtime ends.
@@ -89,13 +43,7 @@ impl Fleet {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let channels: Vec<Channel> = (0..connections).map(|_| endpoint.connect_lazy()).collect();
-        let shared = Arc::new(Shared {
-            config,
-            stats: Arc::new(Stats::new()),
-            interval_override: AtomicU64::new(0),
-            stop: CancellationToken::new(),
-            silence: CancellationToken::new(),
-        });
+        let shared = Arc::new(Shared::new(config, Arc::new(Stats::new())));
         info!(
             nodes = shared.config.nodes,
             connections,
@@ -119,10 +67,7 @@ impl Fleet {
 
     /// Every node waits `interval` (with jitter) from its next heartbeat on.
     pub fn set_interval(&self, interval: Duration) {
-        let nanos = (interval.as_nanos() as u64).max(1);
-        self.shared
-            .interval_override
-            .store(nanos, Ordering::Relaxed);
+        self.shared.set_interval(interval);
     }
 
     /// The chosen nodes (see [`FleetConfig::is_silenced`]) stop sending now

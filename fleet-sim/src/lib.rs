@@ -10,14 +10,18 @@
 //! Module map:
 //! - [`config`]: the options (shared by the `fleet-sim` binary and `bench`);
 //! - [`fleet`]: starts the nodes, controls them (interval, silence), stops;
-//! - [`node`]: one virtual agent's life;
+//! - [`node`]: one virtual agent's life, and the state all of a fleet's
+//!   nodes share;
 //! - [`fake`]: the registration and heartbeat payloads a node sends;
 //! - [`stats`]: counters and latency histograms, snapshots and the report;
-//! - [`backoff`]: retry delays with full jitter;
-//! - [`limits`]: the open-file limit.
+//! - [`limits`]: the open-file limit;
+//! - [`error`]: why a fleet could not start.
+//!
+//! Retry delays come from [`registry_proto::backoff`], the backoff
+//! node-agent uses too.
 
-pub mod backoff;
 pub mod config;
+pub mod error;
 pub mod fake;
 pub mod fleet;
 pub mod limits;
@@ -25,5 +29,6 @@ pub mod node;
 pub mod stats;
 
 pub use config::FleetConfig;
-pub use fleet::{Fleet, SimError, run};
+pub use error::SimError;
+pub use fleet::{Fleet, run};
 pub use stats::{LatencySummary, Report, Snapshot, Stats, WindowLatency};

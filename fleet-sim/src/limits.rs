@@ -1,7 +1,7 @@
 //! The open-file limit: every HTTP/2 connection is one file descriptor, so a
 //! fleet of one connection per node needs a soft limit above the node count.
 
-use crate::fleet::SimError;
+use crate::error::SimError;
 
 /// Descriptors kept free for everything that is not a node connection
 /// (stdio, the runtime, a ListNodes client, log files).

@@ -2,10 +2,16 @@
 //! interval with jitter and wait for each ack; on NOT_FOUND,
 //! FAILED_PRECONDITION, a broken connection, a closed stream or a missing
 //! ack, wait a backoff with jitter and register again, as node-agent does.
+//!
+//! [`Shared`] is what every node task of one fleet shares (options, counters,
+//! the stop and silence signals); the fleet owns one and hands it to each
+//! node.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use registry_proto::backoff::Backoff;
 use registry_proto::convert::from_proto_duration;
 use registry_proto::pb;
 use registry_proto::pb::heartbeat_response::Command;
@@ -13,17 +19,64 @@ use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::backoff::Backoff;
+use crate::config::FleetConfig;
 use crate::fake::NodeShape;
-use crate::fleet::Shared;
-use crate::stats::Phase;
+use crate::stats::{Phase, Stats};
 
 /// First retry ceiling after a failure; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 /// Largest retry ceiling.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What every node task of one fleet shares.
+pub(crate) struct Shared {
+    /// The fleet's options.
+    pub(crate) config: FleetConfig,
+    /// Where every node counts what it does.
+    pub(crate) stats: Arc<Stats>,
+    /// Interval set while running ([`Shared::set_interval`]), in nanoseconds;
+    /// 0 when unset. Overrides `config.interval` and the advertised one.
+    interval_override: AtomicU64,
+    /// Cancelled to stop every node.
+    pub(crate) stop: CancellationToken,
+    /// Cancelled when the chosen nodes go silent.
+    pub(crate) silence: CancellationToken,
+}
+
+impl Shared {
+    /// The state of a fleet of `config` that counts into `stats`, not
+    /// stopped, not silenced, with no interval override.
+    pub(crate) fn new(config: FleetConfig, stats: Arc<Stats>) -> Self {
+        Self {
+            config,
+            stats,
+            interval_override: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+            silence: CancellationToken::new(),
+        }
+    }
+
+    /// Every node waits `interval` from its next heartbeat on, whatever
+    /// the configured or advertised one.
+    pub(crate) fn set_interval(&self, interval: Duration) {
+        let nanos = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.interval_override.store(nanos, Ordering::Relaxed);
+    }
+
+    /// The interval to wait now: the override, else the configured one,
+    /// else what the registry advertised to this node.
+    pub(crate) fn interval(&self, advertised: Duration) -> Duration {
+        match self.interval_override.load(Ordering::Relaxed) {
+            0 => self.config.interval.unwrap_or(advertised),
+            nanos => Duration::from_nanos(nanos),
+        }
+    }
+}
 
 /// How a heartbeat session ended.
 enum End {
@@ -111,7 +164,7 @@ impl Node {
 
     /// Waits the next backoff delay; false when the fleet stopped meanwhile.
     async fn pause(&mut self) -> bool {
-        let delay = self.backoff.next_delay(&mut self.rng);
+        let delay = self.backoff.next_delay();
         tokio::select! {
             () = self.shared.stop.cancelled() => false,
             () = sleep(delay) => true,

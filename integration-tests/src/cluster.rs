@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use test_support::eventually;
 
 use crate::agent::{AgentProcess, AgentSpec};
 use crate::binaries::binaries;
 use crate::error::HarnessError;
 use crate::registry::{RegistryProcess, Timing};
-use crate::wait::eventually;
 
 /// The registry's nodes by node_id.
 pub type Nodes = BTreeMap<String, pb::Node>;

@@ -6,12 +6,12 @@
 //! the `node-agent` binary only adds flags, logging and signal handling.
 
 pub mod auth;
-pub mod backoff;
 pub mod config;
 pub mod error;
 pub mod gpu;
 pub mod host;
 pub mod pools;
+pub mod registration;
 mod session;
 pub mod tls;
 

@@ -7,10 +7,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use common::{
-    ADMIN_TOKEN, Admin, ClientTls, Files, NODE_TOKEN, Registry, eventually, get_node,
-    registry_settings,
+    ADMIN_TOKEN, Admin, ClientTls, Files, NODE_TOKEN, NodeCondition, get_node, registry_settings,
 };
 use registry_proto::pb;
+use test_support::{TestRegistry, eventually};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -29,7 +29,7 @@ fn agent_command() -> Command {
 async fn wait_exit(child: &mut Child) -> ExitStatus {
     eventually("the agent to exit", WAIT, || {
         let status = child.try_wait().unwrap();
-        async move { status }
+        async move { status.ok_or_else(|| "still running".to_owned()) }
     })
     .await
 }
@@ -41,7 +41,7 @@ fn stderr_of(child: Child) -> String {
 
 #[tokio::test]
 async fn binary_registers_and_deregisters_on_sigterm() {
-    let registry = Registry::start().await;
+    let registry = TestRegistry::start(registry_settings()).await;
     let mut child = agent_command()
         .args([
             "--registry",
@@ -64,7 +64,7 @@ async fn binary_registers_and_deregisters_on_sigterm() {
     let node = eventually("bin-1 online with pool status", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "bin-1").await.filter(|n| {
+            get_node(&mut client, "bin-1").await.matching(|n| {
                 n.status() == pb::NodeStatus::Online
                     && n.pool_status.iter().any(|p| p.pool_id == "pool-0")
             })
@@ -124,7 +124,7 @@ async fn binary_requiring_gpus_fails_clearly_without_them() {
 #[tokio::test]
 async fn binary_sends_the_token_from_the_environment_and_never_shows_it() {
     let files = Files::new();
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(files.registry_tokens()),
         ..registry_settings()
     })

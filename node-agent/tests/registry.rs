@@ -6,10 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, FakeEngine, Registry, agent_config, eventually, get_node};
+use common::{Agent, FakeEngine, NodeCondition, agent_config, get_node, registry_settings};
 use node_agent::pools::{ConfiguredState, PoolConfig};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use test_support::{TestRegistry, eventually};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -37,8 +38,8 @@ async fn listed_node(client: &mut NodeRegistryClient<Channel>, node_id: &str) ->
 
 #[tokio::test]
 async fn agent_registers_and_is_online_with_gpus_and_pools() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let mut config = agent_config(&registry.url(), "n1");
     let mut pool = PoolConfig::new("pool-0");
     pool.slots = Some(4);
@@ -56,7 +57,7 @@ async fn agent_registers_and_is_online_with_gpus_and_pools() {
         async move {
             get_node(&mut client, "n1")
                 .await
-                .filter(|n| n.status() == pb::NodeStatus::Online && n.pool_status.len() == 2)
+                .matching(|n| n.status() == pb::NodeStatus::Online && n.pool_status.len() == 2)
         }
     })
     .await;
@@ -93,7 +94,7 @@ async fn agent_registers_and_is_online_with_gpus_and_pools() {
         async move {
             get_node(&mut client, "n1")
                 .await
-                .filter(|n| n.gpu_stats.len() == 2)
+                .matching(|n| n.gpu_stats.len() == 2)
         }
     })
     .await;
@@ -110,8 +111,8 @@ async fn agent_registers_and_is_online_with_gpus_and_pools() {
 
 #[tokio::test]
 async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let engine = FakeEngine::start().await;
     engine.set_slots(r#"[{"id":0,"is_processing":true},{"id":1,"is_processing":false}]"#);
     let mut config = agent_config(&registry.url(), "n2");
@@ -128,7 +129,7 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
         async move {
             listed_node(&mut client, "n2")
                 .await
-                .filter(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Ready))
+                .matching(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Ready))
         }
     })
     .await;
@@ -151,7 +152,7 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
             async move {
                 listed_node(&mut client, "n2")
                     .await
-                    .filter(|n| pool_state(n, "pool-0") == Some(want))
+                    .matching(|n| pool_state(n, "pool-0") == Some(want))
             }
         })
         .await;
@@ -165,7 +166,7 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
         async move {
             listed_node(&mut client, "n2")
                 .await
-                .filter(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Offline))
+                .matching(|n| pool_state(n, "pool-0") == Some(pb::PoolState::Offline))
         }
     })
     .await;
@@ -176,8 +177,8 @@ async fn probed_pool_state_change_shows_in_list_nodes_within_one_interval() {
 
 #[tokio::test]
 async fn handoff_files_update_pools_within_two_seconds() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = agent_config(&registry.url(), "n3");
     config.handoff_dir = Some(dir.path().to_owned());
@@ -189,7 +190,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
         async move {
             get_node(&mut client, "n3")
                 .await
-                .filter(|n| pool_state(n, "static-0").is_some())
+                .matching(|n| pool_state(n, "static-0").is_some())
         }
     })
     .await;
@@ -205,7 +206,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
     let node = eventually("pool-h registered and reported", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n3").await.filter(|n| {
+            get_node(&mut client, "n3").await.matching(|n| {
                 n.pools.iter().any(|p| p.pool_id == "pool-h")
                     && pool_state(n, "pool-h") == Some(pb::PoolState::Initializing)
             })
@@ -235,7 +236,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
         async move {
             get_node(&mut client, "n3")
                 .await
-                .filter(|n| pool_state(n, "pool-h") == Some(pb::PoolState::Ready))
+                .matching(|n| pool_state(n, "pool-h") == Some(pb::PoolState::Ready))
         }
     })
     .await;
@@ -250,7 +251,7 @@ async fn handoff_files_update_pools_within_two_seconds() {
     eventually("pool-h gone", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n3").await.filter(|n| {
+            get_node(&mut client, "n3").await.matching(|n| {
                 !n.pools.iter().any(|p| p.pool_id == "pool-h") && pool_state(n, "pool-h").is_none()
             })
         }
@@ -263,8 +264,8 @@ async fn handoff_files_update_pools_within_two_seconds() {
 
 #[tokio::test]
 async fn agent_reregisters_after_registry_restart_on_same_address() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let addr = registry.addr;
     let mut config = agent_config(&registry.url(), "n4");
     let mut pool = PoolConfig::new("pool-0");
@@ -277,7 +278,7 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
         async move {
             get_node(&mut client, "n4")
                 .await
-                .filter(|n| !n.pool_status.is_empty())
+                .matching(|n| !n.pool_status.is_empty())
         }
     })
     .await;
@@ -286,12 +287,12 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
 
     // A new, empty registry on the same address: the agent must notice
     // (stream ends, heartbeat gets NOT_FOUND) and register by itself.
-    let registry = Registry::restart_on(addr).await;
+    let registry = TestRegistry::restart_on(addr, registry_settings()).await;
     let mut client = registry.client().await;
     let again = eventually("n4 registered again", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n4").await.filter(|n| {
+            get_node(&mut client, "n4").await.matching(|n| {
                 n.status() == pb::NodeStatus::Online
                     && pool_state(n, "pool-0") == Some(pb::PoolState::Ready)
             })
@@ -308,8 +309,8 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
 
 #[tokio::test]
 async fn agent_stopped_gracefully_removes_the_node() {
-    common::init_logs();
-    let registry = Registry::start().await;
+    test_support::init_logs();
+    let registry = TestRegistry::start(registry_settings()).await;
     let agent = Agent::start(agent_config(&registry.url(), "n5"));
     let mut client = registry.client().await;
     eventually("n5 online", WAIT, || {
@@ -317,7 +318,7 @@ async fn agent_stopped_gracefully_removes_the_node() {
         async move {
             get_node(&mut client, "n5")
                 .await
-                .filter(|n| n.status() == pb::NodeStatus::Online)
+                .matching(|n| n.status() == pb::NodeStatus::Online)
         }
     })
     .await;
@@ -336,7 +337,7 @@ async fn agent_stopped_gracefully_removes_the_node() {
 
 #[tokio::test]
 async fn agent_retries_until_the_registry_answers() {
-    common::init_logs();
+    test_support::init_logs();
     // The test holds the listener first and drops the agent's first two
     // connections (a registry that is up but broken), then hands the
     // listener to a real registry: the agent must keep retrying.
@@ -350,14 +351,14 @@ async fn agent_retries_until_the_registry_answers() {
             .unwrap();
         drop(connection);
     }
-    let registry = Registry::serve(listener);
+    let registry = TestRegistry::serve(listener, registry_settings());
     let mut client = registry.client().await;
     eventually("n6 online", WAIT, || {
         let mut client = client.clone();
         async move {
             get_node(&mut client, "n6")
                 .await
-                .filter(|n| n.status() == pb::NodeStatus::Online)
+                .matching(|n| n.status() == pb::NodeStatus::Online)
         }
     })
     .await;
@@ -368,7 +369,7 @@ async fn agent_retries_until_the_registry_answers() {
 
 #[tokio::test]
 async fn agent_stops_promptly_while_the_registry_is_down() {
-    common::init_logs();
+    test_support::init_logs();
     // Every connection is dropped at once: the registry is unusable.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

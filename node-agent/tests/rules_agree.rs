@@ -138,25 +138,17 @@ fn config_with(value: &Case) -> AgentConfig {
 /// The RegisterRequest the agent sends for `config`.
 fn register_request(config: &AgentConfig) -> pb::RegisterRequest {
     let inventory = FakeGpuSource::new(2, "seed").inventory().unwrap();
-    pb::RegisterRequest {
-        node_id: config.node_id.clone(),
-        machine_id: config.machine_id.clone(),
-        address: config.address.clone(),
-        pools: config.pools.iter().map(PoolConfig::spec).collect(),
-        capabilities: Some(pb::Capabilities {
+    node_agent::registration::register_request(
+        config,
+        &config.pools,
+        pb::Capabilities {
             gpus: inventory.gpus,
             cpu_cores: 8,
             ram_total_bytes: 1 << 30,
             driver_version: inventory.driver_version,
             cuda_version: inventory.cuda_version,
-        }),
-        agent_version: "node-agent 0.1.0".into(),
-        labels: config
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
+        },
+    )
 }
 
 /// The same pool written as a handoff file, where the value is a pool's.

@@ -5,112 +5,28 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    ADMIN_TOKEN, Admin, Agent, ClientTls, Files, NODE_TOKEN, Registry, agent_config, eventually,
+    ADMIN_TOKEN, Admin, Agent, ClientTls, Files, NODE_TOKEN, NodeCondition, agent_config,
     registry_settings,
 };
 use node_agent::auth::fingerprint;
 use node_agent::pools::PoolConfig;
 use node_agent::{AgentConfig, Secret, TlsConfig, TokenSource};
-use tracing_subscriber::fmt::MakeWriter;
+use test_support::{LogCapture, Pki, TestRegistry, eventually};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The log lines of this test. `#[tokio::test]` runs on one thread, and the
-/// in-process agent and registry run on it too, so a thread-local
-/// subscriber sees all they log.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    /// Captures until the guard is dropped.
-    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info,node_agent=debug"))
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        self.text().matches(needle).count()
-    }
-
-    /// Waits until `needle` has been logged `times` times.
-    async fn wait_for(&self, needle: &str, times: usize) {
-        eventually(&format!("{times} × {needle:?} in the logs"), WAIT, || {
-            let seen = self.count(needle);
-            async move { (seen >= times).then_some(()) }
-        })
-        .await;
-    }
-}
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Logs {
-    type Writer = Logs;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-/// A CA and the certificates it signs, made at run time.
-struct Pki {
-    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
-            .unwrap();
-        Pki { ca }
-    }
-
-    fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
-    /// A leaf certificate naming `names` (DNS SANs), as (cert, key) PEM.
-    fn leaf(&self, names: &[&str]) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let params = rcgen::CertificateParams::new(names).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 /// A registry with tokens and TLS ("localhost" certificate), with mTLS
 /// when `client_ca` is given; and the test's admin client for it.
-async fn tls_registry(files: &Files, server: &Pki, client_ca: Option<&Pki>) -> (Registry, Admin) {
+async fn tls_registry(
+    files: &Files,
+    server: &Pki,
+    client_ca: Option<&Pki>,
+) -> (TestRegistry, Admin) {
     let (cert, key) = server.leaf(&["localhost"]);
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(files.registry_tokens()),
         tls_cert: Some(files.write("server.pem", &cert)),
         tls_key: Some(files.write("server.key", &key)),
@@ -131,7 +47,7 @@ async fn tls_registry(files: &Files, server: &Pki, client_ca: Option<&Pki>) -> (
 }
 
 /// An agent for `node_id` with the node token from a file.
-fn agent_with_token_file(files: &Files, registry: &Registry, node_id: &str) -> AgentConfig {
+fn agent_with_token_file(files: &Files, registry: &TestRegistry, node_id: &str) -> AgentConfig {
     let mut config = agent_config(&registry.url(), node_id);
     config.pools = vec![PoolConfig::new("pool-0")];
     let path = files.write_secret(&format!("{node_id}.token"), &format!("{NODE_TOKEN}\n"));
@@ -157,7 +73,7 @@ fn agent_tls(files: &Files, server: &Pki, identity: Option<(String, String)>) ->
     }
 }
 
-fn assert_no_token_in(logs: &Logs) {
+fn assert_no_token_in(logs: &LogCapture) {
     let text = logs.text();
     for token in [NODE_TOKEN, ADMIN_TOKEN] {
         assert!(!text.contains(token), "a token was logged:\n{text}");
@@ -166,9 +82,9 @@ fn assert_no_token_in(logs: &Logs) {
 
 #[tokio::test]
 async fn agent_with_the_node_token_registers_and_heartbeats() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(files.registry_tokens()),
         ..registry_settings()
     })
@@ -183,7 +99,7 @@ async fn agent_with_the_node_token_registers_and_heartbeats() {
     eventually("a later heartbeat", WAIT, || {
         let admin = admin.clone();
         async move {
-            admin.node("t1").await.filter(|n| {
+            admin.node("t1").await.matching(|n| {
                 let at = n.last_heartbeat_at.unwrap();
                 (at.seconds, at.nanos) > (first.seconds, first.nanos)
             })
@@ -200,9 +116,9 @@ async fn agent_with_the_node_token_registers_and_heartbeats() {
 
 #[tokio::test]
 async fn agent_with_a_wrong_token_keeps_retrying_and_is_never_registered() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(files.registry_tokens()),
         ..registry_settings()
     })
@@ -215,8 +131,12 @@ async fn agent_with_a_wrong_token_keeps_retrying_and_is_never_registered() {
     let agent = Agent::start(config);
 
     // Three refusals: it retries, with backoff, and says why each time.
-    logs.wait_for("register rejected by the registry: unauthenticated", 3)
-        .await;
+    logs.wait_for(
+        "register rejected by the registry: unauthenticated",
+        3,
+        WAIT,
+    )
+    .await;
     assert!(admin.nodes().await.is_empty());
     let text = logs.text();
     assert!(text.contains("Unauthenticated"), "{text}");
@@ -232,9 +152,9 @@ async fn agent_with_a_wrong_token_keeps_retrying_and_is_never_registered() {
 
 #[tokio::test]
 async fn agent_rereads_its_token_file_after_unauthenticated() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(files.registry_tokens()),
         ..registry_settings()
     })
@@ -246,8 +166,12 @@ async fn agent_rereads_its_token_file_after_unauthenticated() {
     let token_file = files.write_secret("t3.token", "retired-token-eeeeeeeeeeeeeeee\n");
     config.auth_token = Some(TokenSource::File(token_file));
     let agent = Agent::start(config);
-    logs.wait_for("register rejected by the registry: unauthenticated", 1)
-        .await;
+    logs.wait_for(
+        "register rejected by the registry: unauthenticated",
+        1,
+        WAIT,
+    )
+    .await;
 
     // The new token lands in the file; no restart, no signal.
     files.write_secret("t3.token", &format!("{NODE_TOKEN}\n"));
@@ -266,9 +190,9 @@ async fn agent_rereads_its_token_file_after_unauthenticated() {
 
 #[tokio::test]
 async fn graceful_stop_deregisters_under_tokens() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(files.registry_tokens()),
         ..registry_settings()
     })
@@ -296,10 +220,10 @@ async fn graceful_stop_deregisters_under_tokens() {
 
 #[tokio::test]
 async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
     let registry_tokens = files.registry_tokens();
-    let registry = Registry::start_with(registry_server::Settings {
+    let registry = TestRegistry::start(registry_server::Settings {
         auth_token_file: Some(registry_tokens),
         ..registry_settings()
     })
@@ -322,8 +246,10 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
     eventually("the registry to drop the old token", WAIT, || {
         let old = old.clone();
         async move {
-            let code = old.list_code().await;
-            (code == tonic::Code::Unauthenticated).then_some(())
+            match old.list_code().await {
+                tonic::Code::Unauthenticated => Ok(()),
+                code => Err(format!("the old token still gets {code:?}")),
+            }
         }
     })
     .await;
@@ -333,7 +259,7 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
     eventually("a heartbeat after the rotation", WAIT, || {
         let admin = admin.clone();
         async move {
-            admin.node("t5").await.filter(|n| {
+            admin.node("t5").await.matching(|n| {
                 let at = n.last_heartbeat_at.unwrap();
                 (at.seconds, at.nanos) > (before.seconds, before.nanos)
             })
@@ -358,7 +284,7 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
 
 #[tokio::test]
 async fn agent_over_tls_with_tls_ca_registers_and_deregisters() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
     let server = Pki::new("registry CA");
     let (registry, admin) = tls_registry(&files, &server, None).await;
@@ -376,7 +302,7 @@ async fn agent_over_tls_with_tls_ca_registers_and_deregisters() {
 
 #[tokio::test]
 async fn agent_over_tls_refuses_a_registry_certificate_it_cannot_verify() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
     let server = Pki::new("registry CA");
     let (registry, admin) = tls_registry(&files, &server, None).await;
@@ -387,7 +313,7 @@ async fn agent_over_tls_refuses_a_registry_certificate_it_cannot_verify() {
     config.tls = agent_tls(&files, &server, None);
     config.tls.domain = None;
     let agent = Agent::start(config);
-    logs.wait_for("register failed", 2).await;
+    logs.wait_for("register failed", 2, WAIT).await;
     assert!(admin.nodes().await.is_empty());
     assert!(logs.text().contains("certificate"), "{}", logs.text());
     agent.stop().await.unwrap();
@@ -399,7 +325,7 @@ async fn agent_over_tls_refuses_a_registry_certificate_it_cannot_verify() {
     config.tls.ca = Some(files.write("impostor-ca.pem", &impostor.ca_pem()));
     let failures = logs.count("register failed");
     let agent = Agent::start(config);
-    logs.wait_for("register failed", failures + 2).await;
+    logs.wait_for("register failed", failures + 2, WAIT).await;
     assert!(admin.nodes().await.is_empty());
     agent.stop().await.unwrap();
     registry.stop().await;
@@ -407,7 +333,7 @@ async fn agent_over_tls_refuses_a_registry_certificate_it_cannot_verify() {
 
 #[tokio::test]
 async fn agent_over_mtls_with_a_certificate_for_its_node_id_registers() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
     let server = Pki::new("registry CA");
     let clients = Pki::new("node CA");
@@ -425,7 +351,7 @@ async fn agent_over_mtls_with_a_certificate_for_its_node_id_registers() {
 
 #[tokio::test]
 async fn agent_over_mtls_with_a_certificate_for_another_name_is_refused() {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
     let server = Pki::new("registry CA");
     let clients = Pki::new("node CA");
@@ -435,8 +361,12 @@ async fn agent_over_mtls_with_a_certificate_for_another_name_is_refused() {
     config.tls = agent_tls(&files, &server, Some(clients.leaf(&["m3"])));
     let agent = Agent::start(config);
 
-    logs.wait_for("register rejected by the registry: permission denied", 2)
-        .await;
+    logs.wait_for(
+        "register rejected by the registry: permission denied",
+        2,
+        WAIT,
+    )
+    .await;
     assert!(admin.nodes().await.is_empty());
     let text = logs.text();
     assert!(text.contains("PermissionDenied"), "{text}");

@@ -8,12 +8,13 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Agent, agent_config, eventually};
+use common::{Agent, agent_config};
 use node_agent::pools::PoolConfig;
 use registry_proto::convert::to_proto_duration;
 use registry_proto::pb;
 use registry_proto::pb::heartbeat_response::Command;
 use registry_proto::pb::node_registry_server::{NodeRegistry, NodeRegistryServer};
+use test_support::eventually;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -147,14 +148,20 @@ fn script(ack: bool) -> Script {
 
 #[tokio::test]
 async fn unacked_heartbeats_make_the_agent_reopen_the_stream() {
-    common::init_logs();
+    test_support::init_logs();
     let (registry, url) = Scripted::serve(script(false)).await;
     let mut config = agent_config(&url, "s1");
     config.heartbeat_interval = Some(Duration::from_millis(100));
     let agent = Agent::start(config);
     eventually("a second heartbeat stream", WAIT, || {
         let opened = registry.with(|s| s.streams_opened);
-        async move { (opened >= 2).then_some(()) }
+        async move {
+            if opened >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{opened} streams opened"))
+            }
+        }
     })
     .await;
     // The session was never refused, so it is reused, not replaced.
@@ -171,7 +178,7 @@ async fn unacked_heartbeats_make_the_agent_reopen_the_stream() {
 
 #[tokio::test]
 async fn reregister_command_makes_the_agent_register_again() {
-    common::init_logs();
+    test_support::init_logs();
     let mut s = script(true);
     s.commands
         .push_back(Some(Command::Reregister(pb::ReregisterCommand {
@@ -180,8 +187,14 @@ async fn reregister_command_makes_the_agent_register_again() {
     let (registry, url) = Scripted::serve(s).await;
     let agent = Agent::start(agent_config(&url, "s2"));
     eventually("beats of the second session", WAIT, || {
-        let second = registry.with(|s| s.beats.iter().any(|b| b.session_id == 2));
-        async move { second.then_some(()) }
+        let sessions: Vec<u64> = registry.with(|s| s.beats.iter().map(|b| b.session_id).collect());
+        async move {
+            if sessions.contains(&2) {
+                Ok(())
+            } else {
+                Err(format!("beats of sessions {sessions:?}"))
+            }
+        }
     })
     .await;
     assert_eq!(registry.with(|s| s.registers.len()), 2);
@@ -196,7 +209,7 @@ async fn reregister_command_makes_the_agent_register_again() {
 
 #[tokio::test]
 async fn drain_command_reports_the_pools_draining() {
-    common::init_logs();
+    test_support::init_logs();
     let mut s = script(true);
     s.commands.push_back(Some(Command::Drain(pb::DrainCommand {
         pool_ids: vec!["pool-0".into()],
@@ -216,6 +229,7 @@ async fn drain_command_reports_the_pools_draining() {
                         .any(|p| p.pool_id == "pool-0" && p.state() == pb::PoolState::Draining)
                 })
                 .cloned()
+                .ok_or_else(|| format!("{} beats, none with pool-0 draining", s.beats.len()))
         });
         async move { beat }
     })
@@ -230,7 +244,7 @@ async fn drain_command_reports_the_pools_draining() {
 
 #[tokio::test]
 async fn agent_follows_the_registry_interval_unless_overridden() {
-    common::init_logs();
+    test_support::init_logs();
     let (registry, url) = Scripted::serve(script(true)).await;
     let mut config = agent_config(&url, "s4");
     // Without the override the registry's 100ms applies, not the 10s default.
@@ -238,7 +252,13 @@ async fn agent_follows_the_registry_interval_unless_overridden() {
     let agent = Agent::start(config);
     eventually("ten beats", Duration::from_secs(5), || {
         let beats = registry.with(|s| s.beats.len());
-        async move { (beats >= 10).then_some(()) }
+        async move {
+            if beats >= 10 {
+                Ok(())
+            } else {
+                Err(format!("{beats} beats"))
+            }
+        }
     })
     .await;
     let beats = registry.with(|s| s.beats.clone());

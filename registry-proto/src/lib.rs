@@ -1,7 +1,10 @@
 //! The `registry.v1` protobuf contract shared by registry-server, node-agent
 //! and the tests: message types, the `NodeRegistry` client and server stubs,
-//! and the encoded descriptor set that server reflection serves.
+//! and the encoded descriptor set that server reflection serves; and the
+//! reconnect [`backoff`] both clients of the contract (node-agent and
+//! fleet-sim) use.
 
+pub mod backoff;
 pub mod codec;
 pub mod rules;
 

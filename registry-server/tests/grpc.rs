@@ -5,12 +5,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    Session, Stream, TestServer, beat_in, register, register_request, status_of, wait_until,
-};
+use common::{Stream, register, status_is, status_of};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
+use test_support::{
+    Session, TestRegistry, eventually,
+    fixtures::{beat_in, register_request},
+};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -24,7 +26,7 @@ fn fast() -> Settings {
     }
 }
 
-async fn client(server: &TestServer) -> NodeRegistryClient<Channel> {
+async fn client(server: &TestRegistry) -> NodeRegistryClient<Channel> {
     NodeRegistryClient::new(server.channel().await)
 }
 
@@ -34,7 +36,7 @@ fn ids(response: &pb::ListNodesResponse) -> Vec<&str> {
 
 #[tokio::test]
 async fn register_get_list_and_deregister() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = client(&server).await;
 
     let first = client
@@ -113,12 +115,12 @@ async fn register_get_list_and_deregister() {
         .unwrap()
         .into_inner();
     assert_eq!(ids(&all), ["gpu-a"]);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn list_filters_by_status_pool_and_labels_and_pages() {
-    let server = TestServer::start(fast()).await;
+    let server = TestRegistry::start(fast()).await;
     let mut client = client(&server).await;
 
     // n1 stays silent and goes OFFLINE; n2..n4 keep heartbeating.
@@ -145,9 +147,9 @@ async fn list_filters_by_status_pool_and_labels_and_pages() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    wait_until("n1 offline", Duration::from_secs(5), || {
+    eventually("n1 offline", Duration::from_secs(5), || {
         let mut client = client.clone();
-        async move { status_of(&mut client, "n1").await == pb::NodeStatus::Offline }
+        async move { status_is(&mut client, "n1", pb::NodeStatus::Offline).await }
     })
     .await;
 
@@ -208,12 +210,12 @@ async fn list_filters_by_status_pool_and_labels_and_pages() {
     assert!(err.message().contains("status"), "{}", err.message());
 
     beating.abort();
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn heartbeats_are_acknowledged_and_update_the_node() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = client(&server).await;
     let session = register(&mut client, register_request("n1")).await;
     let mut stream = Stream::open(&mut client).await.unwrap();
@@ -245,12 +247,12 @@ async fn heartbeats_are_acknowledged_and_update_the_node() {
     // A beat without GPU figures keeps the last ones.
     assert_eq!(node.gpu_stats[0].utilization_percent, 87);
     assert!(node.agent_time.is_some());
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
-    let server = TestServer::start(fast()).await;
+    let server = TestRegistry::start(fast()).await;
     let mut client = client(&server).await;
     let session = register(&mut client, register_request("n1")).await;
     let mut stream = Stream::open(&mut client).await.unwrap();
@@ -260,9 +262,9 @@ async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
         .unwrap();
 
     // The stream stays open but silent: only messages count as liveness.
-    wait_until("n1 offline", Duration::from_secs(5), || {
+    eventually("n1 offline", Duration::from_secs(5), || {
         let mut client = client.clone();
-        async move { status_of(&mut client, "n1").await == pb::NodeStatus::Offline }
+        async move { status_is(&mut client, "n1", pb::NodeStatus::Offline).await }
     })
     .await;
     // On the same stream, without re-registering.
@@ -271,26 +273,26 @@ async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
         .await
         .unwrap();
     assert_eq!(status_of(&mut client, "n1").await, pb::NodeStatus::Online);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_registered_node_that_never_streams_goes_offline() {
-    let server = TestServer::start(fast()).await;
+    let server = TestRegistry::start(fast()).await;
     let mut client = client(&server).await;
     client.register(register_request("mute")).await.unwrap();
     assert_eq!(status_of(&mut client, "mute").await, pb::NodeStatus::Online);
-    wait_until("mute offline", Duration::from_secs(5), || {
+    eventually("mute offline", Duration::from_secs(5), || {
         let mut client = client.clone();
-        async move { status_of(&mut client, "mute").await == pb::NodeStatus::Offline }
+        async move { status_is(&mut client, "mute", pb::NodeStatus::Offline).await }
     })
     .await;
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn heartbeat_for_an_unknown_node_is_not_found_and_says_to_register() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = client(&server).await;
     let mut stream = Stream::open(&mut client).await.unwrap();
     let err = stream
@@ -308,12 +310,12 @@ async fn heartbeat_for_an_unknown_node_is_not_found_and_says_to_register() {
         "{}",
         err.message()
     );
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_stream_of_a_superseded_session_is_refused() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = client(&server).await;
     let old = register(&mut client, register_request("n1")).await;
     let mut old_stream = Stream::open(&mut client).await.unwrap();
@@ -341,12 +343,12 @@ async fn a_stream_of_a_superseded_session_is_refused() {
         .send(beat_in("n1", &new, 1, pb::PoolState::Ready))
         .await
         .unwrap();
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn bad_stream_input_ends_only_that_stream() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = client(&server).await;
     let s1 = register(&mut client, register_request("n1")).await;
     let s2 = register(&mut client, register_request("n2")).await;
@@ -395,12 +397,12 @@ async fn bad_stream_input_ends_only_that_stream() {
     good.send(beat_in("n2", &s2, 1, pb::PoolState::Ready))
         .await
         .unwrap();
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn invalid_registrations_are_refused_naming_the_field() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = client(&server).await;
     client.register(register_request("keeper")).await.unwrap();
     let before = client
@@ -471,7 +473,7 @@ async fn invalid_registrations_are_refused_naming_the_field() {
         .unwrap()
         .into_inner();
     assert_eq!(before, after, "refused registrations changed nothing");
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -479,7 +481,7 @@ async fn health_reports_serving() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", "registry.v1.NodeRegistry"] {
         let reply = health
@@ -495,12 +497,12 @@ async fn health_reports_serving() {
             "service {service:?}"
         );
     }
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn reflection_lists_the_registry_in_v1_and_v1alpha() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let channel = server.channel().await;
 
     {
@@ -549,12 +551,12 @@ async fn reflection_lists_the_registry_in_v1_and_v1alpha() {
         };
         assert!(!files.file_descriptor_proto.is_empty());
     }
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn shutdown_ends_open_streams_with_unavailable() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = client(&server).await;
     let session = register(&mut client, register_request("n1")).await;
     let mut stream = Stream::open(&mut client).await.unwrap();
@@ -565,7 +567,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
 
     let mut rx = stream.rx;
     let _keep_sending_side_open = stream.tx;
-    server.shutdown().await;
+    server.stop().await;
     let ended = tokio::time::timeout(Duration::from_secs(5), rx.next())
         .await
         .unwrap();
@@ -577,7 +579,7 @@ async fn shutdown_ends_open_streams_with_unavailable() {
 
 #[tokio::test]
 async fn pages_never_exceed_the_server_maximum() {
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         max_page_size: 2,
         ..Settings::default()
     })
@@ -607,5 +609,5 @@ async fn pages_never_exceed_the_server_maximum() {
         token = page.next_page_token;
     }
     assert_eq!(seen, ["a", "b", "c", "d", "e"]);
-    server.shutdown().await;
+    server.stop().await;
 }

@@ -6,10 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Session, Stream, TestServer, beat, register, register_request, serving};
+use common::{Stream, register, serving};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
+use test_support::{
+    Session, TestRegistry,
+    fixtures::{beat, register_request},
+};
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -454,7 +458,7 @@ async fn run(
 
 #[tokio::test]
 async fn hostile_inputs_get_exact_codes_and_touch_nothing() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let channel = server.channel().await;
     let mut client = NodeRegistryClient::new(channel.clone());
     client.register(register_request("witness")).await.unwrap();
@@ -517,12 +521,12 @@ async fn hostile_inputs_get_exact_codes_and_touch_nothing() {
         .into_inner();
     let ids: Vec<_> = listed.nodes.iter().map(|n| n.node_id.as_str()).collect();
     assert_eq!(ids, ["beater", "witness"]);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn garbage_bytes_and_half_open_connections_do_not_hurt_the_server() {
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         // Also the deadline for a new connection's first bytes.
         request_timeout: Duration::from_millis(500),
         ..Settings::default()
@@ -564,5 +568,5 @@ async fn garbage_bytes_and_half_open_connections_do_not_hurt_the_server() {
         .unwrap()
         .into_inner();
     assert_eq!(node.status(), pb::NodeStatus::Online);
-    server.shutdown().await;
+    server.stop().await;
 }

@@ -6,9 +6,8 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use registry_proto::convert::to_proto_timestamp;
 use registry_proto::pb;
-use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
-use tokio::net::TcpListener;
+use test_support::{TestRegistry, eventually};
 use tokio_stream::StreamExt;
 
 /// The value of one sample line (`name{labels} value`) in `text`.
@@ -32,20 +31,13 @@ async fn activity_shows_in_the_published_metrics() {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).unwrap();
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let settings = Settings {
+    let registry = TestRegistry::start(Settings {
         node_timeout: Duration::from_millis(300),
         heartbeat_interval: Duration::from_millis(100),
         ..Settings::default()
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(registry_server::run(listener, settings, async {
-        let _ = stopped.await;
-    }));
-    let mut client = NodeRegistryClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    })
+    .await;
+    let mut client = registry.client().await;
 
     let register = |id: &str| pb::RegisterRequest {
         node_id: id.into(),
@@ -74,38 +66,43 @@ async fn activity_shows_in_the_published_metrics() {
         .await
         .unwrap()
         .into_inner();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut sequence = 0;
-    let text = loop {
-        sequence += 1;
-        tx.send(pb::HeartbeatRequest {
-            node_id: "beating".into(),
-            session_id: session.session_id,
-            session_secret: session.session_secret.clone(),
-            sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
-            pools: vec![pb::PoolStatus {
-                pool_id: "p".into(),
-                state: pb::PoolState::Ready as i32,
-                ..Default::default()
-            }],
-            gpus: vec![],
-            sequence,
-        })
-        .await
-        .unwrap();
-        replies.next().await.unwrap().unwrap();
-        let text = handle.render();
-        let settled = sample(&text, "registry_nodes{status=\"offline\"}") == Some(1.0)
-            && sample(&text, "registry_pools{state=\"ready\"}") == Some(1.0);
-        if settled {
-            break text;
+    // "beating" heartbeats every 50 ms while the test waits for "silent"
+    // to go OFFLINE.
+    let beating = tokio::spawn(async move {
+        for sequence in 1.. {
+            let beat = pb::HeartbeatRequest {
+                node_id: "beating".into(),
+                session_id: session.session_id,
+                session_secret: session.session_secret.clone(),
+                sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
+                pools: vec![pb::PoolStatus {
+                    pool_id: "p".into(),
+                    state: pb::PoolState::Ready as i32,
+                    ..Default::default()
+                }],
+                gpus: vec![],
+                sequence,
+            };
+            if tx.send(beat).await.is_err() {
+                return;
+            }
+            replies.next().await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "metrics never settled:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    });
+    let text = eventually(
+        "one node offline and one pool ready in the metrics",
+        Duration::from_secs(10),
+        || {
+            let text = handle.render();
+            async move {
+                let settled = sample(&text, "registry_nodes{status=\"offline\"}") == Some(1.0)
+                    && sample(&text, "registry_pools{state=\"ready\"}") == Some(1.0);
+                if settled { Ok(text) } else { Err(text) }
+            }
+        },
+    )
+    .await;
 
     assert_eq!(
         sample(&text, "registry_nodes{status=\"online\"}"),
@@ -124,7 +121,7 @@ async fn activity_shows_in_the_published_metrics() {
         "{text}"
     );
 
-    drop(tx);
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    beating.abort();
+    drop(client);
+    registry.stop().await;
 }

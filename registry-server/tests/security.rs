@@ -5,10 +5,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Session, Stream, TempDir, TestServer, beat, register_request, serving, wait_until};
+use common::{Stream, serving};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
+use tempfile::TempDir;
+use test_support::{
+    Pki, Session, TestRegistry, eventually,
+    fixtures::{beat, register_request},
+};
 use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -46,10 +51,10 @@ fn client_with(channel: Channel, token: Option<&str>) -> AuthedClient {
 }
 
 fn write_tokens(dir: &TempDir, text: &str) -> std::path::PathBuf {
-    let path = dir.0.join("tokens");
+    let path = dir.path().join("tokens");
     // Write then rename, as operators should, so the server never reads a
     // half-written file.
-    let tmp = dir.0.join("tokens.tmp");
+    let tmp = dir.path().join("tokens.tmp");
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     path
@@ -57,12 +62,12 @@ fn write_tokens(dir: &TempDir, text: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
-    let dir = TempDir::new("auth");
+    let dir = tempfile::tempdir().unwrap();
     let tokens = write_tokens(
         &dir,
         &format!("node {NODE_TOKEN}\nreader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\n"),
     );
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         auth_token_file: Some(tokens),
         ..Settings::default()
     })
@@ -178,14 +183,14 @@ async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
         .await
         .unwrap();
     assert!(serving(channel).await, "health needs no token");
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn the_token_file_rotates_without_a_restart() {
-    let dir = TempDir::new("rotate");
+    let dir = tempfile::tempdir().unwrap();
     let tokens = write_tokens(&dir, &format!("reader {READER_TOKEN}\n"));
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         auth_token_file: Some(tokens),
         ..Settings::default()
     })
@@ -199,15 +204,16 @@ async fn the_token_file_rotates_without_a_restart() {
     const ROTATED: &str = "rotated-reader-eeeeeeeeeeeeeeee";
     write_tokens(&dir, &format!("reader {ROTATED} # rotated\n"));
     let new = client_with(channel.clone(), Some(ROTATED));
-    wait_until(
+    eventually(
         "the rotated token is accepted",
         Duration::from_secs(10),
         || {
             let mut new = new.clone();
             async move {
-                new.list_nodes(pb::ListNodesRequest::default())
-                    .await
-                    .is_ok()
+                match new.list_nodes(pb::ListNodesRequest::default()).await {
+                    Ok(_) => Ok(()),
+                    Err(status) => Err(format!("ListNodes answered {status}")),
+                }
             }
         },
     )
@@ -217,12 +223,12 @@ async fn the_token_file_rotates_without_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn an_env_admin_token_works_alone() {
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         auth_token: Some(ADMIN_TOKEN.into()),
         ..Settings::default()
     })
@@ -237,7 +243,7 @@ async fn an_env_admin_token_works_alone() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -249,7 +255,7 @@ async fn without_tokens_only_loopback_listens_unless_told_otherwise() {
     assert!(err.to_string().contains("--insecure-no-auth"), "{err}");
 
     let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let server = TestServer::start_on(
+    let server = TestRegistry::serve(
         listener,
         Settings {
             insecure_no_auth: true,
@@ -262,7 +268,7 @@ async fn without_tokens_only_loopback_listens_unless_told_otherwise() {
         .await
         .unwrap();
     assert!(serving(channel).await);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -270,7 +276,7 @@ async fn reflection_can_be_switched_off() {
     use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         disable_reflection: true,
         ..Settings::default()
     })
@@ -284,62 +290,33 @@ async fn reflection_can_be_switched_off() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    server.shutdown().await;
-}
-
-/// A CA and certificates it signs, made at run time.
-struct Pki {
-    /// The CA, which signs leaves and whose PEM clients and servers trust.
-    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
-            .unwrap();
-        Self { ca }
-    }
-
-    /// A leaf certificate for `names`, as (cert PEM, key PEM).
-    fn leaf(&self, names: &[&str]) -> (String, String) {
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
+    server.stop().await;
 }
 
 /// A server with TLS (and mTLS when `client_ca`), its files in `dir`.
-async fn tls_server(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> TestServer {
+async fn tls_server(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> TestRegistry {
     let (cert, key) = pki.leaf(&["localhost"]);
     let write = |name: &str, text: &str| {
-        let path = dir.0.join(name);
+        let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
     };
-    TestServer::start(Settings {
+    TestRegistry::start(Settings {
         tls_cert: Some(write("server.pem", &cert)),
         tls_key: Some(write("server.key", &key)),
-        tls_client_ca: client_ca.map(|ca| write("client-ca.pem", &ca.ca.pem())),
+        tls_client_ca: client_ca.map(|ca| write("client-ca.pem", &ca.ca_pem())),
         ..Settings::default()
     })
     .await
 }
 
 async fn tls_channel(
-    server: &TestServer,
+    server: &TestRegistry,
     pki: &Pki,
     client: Option<(String, String)>,
 ) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(pki.ca.pem()))
+        .ca_certificate(Certificate::from_pem(pki.ca_pem()))
         .domain_name("localhost");
     if let Some((cert, key)) = client {
         tls = tls.identity(Identity::from_pem(cert, key));
@@ -353,7 +330,7 @@ async fn tls_channel(
 
 #[tokio::test]
 async fn tls_serves_and_a_plaintext_client_is_refused() {
-    let dir = TempDir::new("tls");
+    let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("registry test CA");
     let server = tls_server(&dir, &pki, None).await;
 
@@ -375,12 +352,12 @@ async fn tls_serves_and_a_plaintext_client_is_refused() {
             .is_err(),
     };
     assert!(refused, "a plaintext client must not be served");
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn mtls_refuses_clients_without_a_good_certificate_and_binds_node_ids() {
-    let dir = TempDir::new("mtls");
+    let dir = tempfile::tempdir().unwrap();
     let server_pki = Pki::new("server CA");
     let client_pki = Pki::new("client CA");
     let stranger_pki = Pki::new("stranger CA");
@@ -420,12 +397,12 @@ async fn mtls_refuses_clients_without_a_good_certificate_and_binds_node_ids() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_live_node_cannot_be_taken_over_from_another_machine() {
-    let server = TestServer::start(Settings::default()).await;
+    let server = TestRegistry::start(Settings::default()).await;
     let mut client = NodeRegistryClient::new(server.channel().await);
     client.register(register_request("n1")).await.unwrap();
     let mut intruder = register_request("n1");
@@ -441,12 +418,12 @@ async fn a_live_node_cannot_be_taken_over_from_another_machine() {
         .unwrap()
         .into_inner();
     assert_eq!(node.address, "http://n1.example:9200");
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_stream_flood_is_refused_while_nodes_keep_heartbeating() {
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         node_timeout: Duration::from_millis(1500),
         heartbeat_interval: Duration::from_millis(100),
         max_heartbeat_streams: 10,
@@ -524,12 +501,12 @@ async fn a_stream_flood_is_refused_while_nodes_keep_heartbeating() {
         );
     }
     beating.abort();
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn connections_beyond_the_cap_are_closed_and_others_keep_working() {
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         max_connections: 4,
         ..Settings::default()
     })
@@ -560,12 +537,12 @@ async fn connections_beyond_the_cap_are_closed_and_others_keep_working() {
         .await
         .unwrap();
     drop(held);
-    server.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn long_heartbeat_streams_outlive_the_unary_request_timeout() {
-    let server = TestServer::start(Settings {
+    let server = TestRegistry::start(Settings {
         request_timeout: Duration::from_millis(200),
         ..Settings::default()
     })
@@ -582,5 +559,5 @@ async fn long_heartbeat_streams_outlive_the_unary_request_timeout() {
         stream.send(beat("n1", &session, sequence)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    server.shutdown().await;
+    server.stop().await;
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use registry_proto::backoff::Backoff;
 use registry_proto::convert::{from_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
@@ -20,7 +21,6 @@ use tonic::{Code, Status};
 use tracing::{error, info, warn};
 
 use crate::auth::{BearerAuth, Credentials, TokenSource};
-use crate::backoff::Backoff;
 use crate::config::{AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::gpu::GpuSource;
 use crate::pools::{Drain, PoolConfig, PoolTracker};
@@ -94,23 +94,9 @@ impl Agent {
 
     async fn register(&self) -> Result<Session, Status> {
         let pools = self.pools.current();
-        let specs: Vec<pb::PoolSpec> = pools.iter().map(PoolConfig::spec).collect();
-        let request = pb::RegisterRequest {
-            node_id: self.config.node_id.clone(),
-            machine_id: self.config.machine_id.clone(),
-            address: self.config.address.clone(),
-            pools: specs.clone(),
-            capabilities: Some(self.capabilities.clone()),
-            agent_version: format!("node-agent {}", env!("CARGO_PKG_VERSION")),
-            // The agent serves no metrics endpoint yet.
-            metrics_address: String::new(),
-            labels: self
-                .config
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        };
+        let request =
+            crate::registration::register_request(&self.config, &pools, self.capabilities.clone());
+        let specs = request.pools.clone();
         // The same rules the registry applies. Configuration and handoff
         // files were checked already, so this only catches a gap between
         // those checks and the request; it is answered like the registry's

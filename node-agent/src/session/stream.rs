@@ -15,8 +15,8 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use super::{Agent, Session, Shutdown, positive, wait};
-use crate::backoff::random_up_to;
 use crate::pools::PoolConfig;
+use registry_proto::backoff::random_up_to;
 
 /// Heartbeat requests queued ahead of the stream; beats are seconds apart,
 /// so a small buffer only absorbs a slow connection.

@@ -1,9 +1,10 @@
-//! Shared by the integration tests: a real registry on a loopback port, the
-//! agent run in-process, a fake llama.cpp engine, and deadline-bound waits.
+//! Shared by node-agent's integration tests: registry settings with short
+//! timings, the agent run in-process, an admin client, a fake llama.cpp
+//! engine. The registry itself, waits, PKI and log capture come from the
+//! test-support crate.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -15,8 +16,9 @@ use node_agent::config::BackoffConfig;
 use node_agent::{AgentConfig, Secret, TokenSource};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use test_support::{TestRegistry, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
@@ -26,16 +28,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 pub const SERVER_INTERVAL: Duration = Duration::from_millis(200);
 /// Server node timeout in the tests.
 pub const NODE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Logs to the test's output when `RUST_LOG` is set, to debug a failure.
-pub fn init_logs() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
-}
 
 /// A `node` token the registry accepts in the security tests.
 pub const NODE_TOKEN: &str = "node-token-aaaaaaaaaaaaaaaa";
@@ -114,7 +106,7 @@ pub struct ClientTls {
 pub struct Admin(NodeRegistryClient<InterceptedService<Channel, BearerAuth>>);
 
 impl Admin {
-    pub async fn connect(registry: &Registry, tls: &ClientTls) -> Self {
+    pub async fn connect(registry: &TestRegistry, tls: &ClientTls) -> Self {
         let mut endpoint = Channel::from_shared(registry.url()).unwrap();
         if let Some(ca) = &tls.ca {
             let mut config = ClientTlsConfig::new()
@@ -129,7 +121,7 @@ impl Admin {
     }
 
     /// A plain-http client that sends `token` instead of the admin token.
-    pub async fn with_token(registry: &Registry, token: &str) -> Self {
+    pub async fn with_token(registry: &TestRegistry, token: &str) -> Self {
         let channel = Channel::from_shared(registry.url())
             .unwrap()
             .connect()
@@ -188,88 +180,10 @@ impl Admin {
             || async {
                 self.node(node_id)
                     .await
-                    .filter(|n| n.status() == pb::NodeStatus::Online && !n.pool_status.is_empty())
+                    .matching(|n| n.status() == pb::NodeStatus::Online && !n.pool_status.is_empty())
             },
         )
         .await
-    }
-}
-
-/// A registry-server served from a listener the test bound.
-pub struct Registry {
-    pub addr: SocketAddr,
-    scheme: &'static str,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), registry_server::ServerError>>,
-}
-
-impl Registry {
-    /// Serves on a fresh 127.0.0.1:0 listener.
-    pub async fn start() -> Self {
-        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
-    }
-
-    /// Serves on `addr` again after an earlier registry there stopped
-    /// (SO_REUSEADDR, so connections in TIME_WAIT do not block the bind).
-    pub async fn restart_on(addr: SocketAddr) -> Self {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket.bind(addr).unwrap();
-        Self::serve(socket.listen(1024).unwrap())
-    }
-
-    /// Serves on a listener the test already holds.
-    pub fn serve(listener: TcpListener) -> Self {
-        Self::serve_with(listener, registry_settings())
-    }
-
-    /// Serves `settings` (tokens, TLS) on a fresh 127.0.0.1:0 listener.
-    pub async fn start_with(settings: registry_server::Settings) -> Self {
-        Self::serve_with(TcpListener::bind("127.0.0.1:0").await.unwrap(), settings)
-    }
-
-    /// Serves `settings` on a listener the test already holds.
-    pub fn serve_with(listener: TcpListener, settings: registry_server::Settings) -> Self {
-        let addr = listener.local_addr().unwrap();
-        let scheme = if settings.tls_cert.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(registry_server::run(listener, settings, async {
-            let _ = stopped.await;
-        }));
-        Registry {
-            addr,
-            scheme,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("{}://{}", self.scheme, self.addr)
-    }
-
-    /// A client on its own connection.
-    pub async fn client(&self) -> NodeRegistryClient<Channel> {
-        let channel = Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        NodeRegistryClient::new(channel)
-    }
-
-    /// Stops gracefully and waits until the listener is closed.
-    pub async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("registry stops within 10 s")
-            .unwrap()
-            .unwrap();
     }
 }
 
@@ -282,6 +196,42 @@ pub async fn get_node(client: &mut NodeRegistryClient<Channel>, node_id: &str) -
         .await
         .ok()
         .map(|r| r.into_inner())
+}
+
+/// A condition on a node as the registry reports it, for
+/// [`eventually`]: the node when it holds, else what was seen instead, so
+/// a timeout says why.
+pub trait NodeCondition {
+    /// `Ok(node)` when the node is registered and `holds` accepts it.
+    fn matching(self, holds: impl FnOnce(&pb::Node) -> bool) -> Result<pb::Node, String>;
+}
+
+impl NodeCondition for Option<pb::Node> {
+    fn matching(self, holds: impl FnOnce(&pb::Node) -> bool) -> Result<pb::Node, String> {
+        match self {
+            None => Err("the node is not registered".to_owned()),
+            Some(node) if holds(&node) => Ok(node),
+            Some(node) => Err(describe(&node)),
+        }
+    }
+}
+
+/// A node's status, pools and figures, in one line.
+fn describe(node: &pb::Node) -> String {
+    let pools: Vec<String> = node
+        .pool_status
+        .iter()
+        .map(|p| format!("{} {:?}", p.pool_id, p.state()))
+        .collect();
+    let specs: Vec<&str> = node.pools.iter().map(|p| p.pool_id.as_str()).collect();
+    format!(
+        "{} is {:?}, pools registered {specs:?}, pool status [{}], {} GPU stats, last heartbeat {:?}",
+        node.node_id,
+        node.status(),
+        pools.join(", "),
+        node.gpu_stats.len(),
+        node.last_heartbeat_at,
+    )
 }
 
 /// Agent settings for tests: fake GPUs, short intervals and backoff.
@@ -326,25 +276,6 @@ impl Agent {
             .await
             .expect("agent stops within 10 s")
             .unwrap()
-    }
-}
-
-/// Polls `check` until it gives a value or `within` has passed (then
-/// panics naming `what`).
-pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -2,15 +2,22 @@
 //! random time in `[0, min(max, initial * 2^n)]`. Full jitter spreads the
 //! reconnects of a whole fleet after a registry restart instead of having
 //! every agent retry in lockstep.
+//!
+//! node-agent reconnects with it, and fleet-sim's virtual agents do the
+//! same, so a simulated fleet comes back the way a real one does.
 
 use std::time::Duration;
 
 /// Retry delays for one run of failures; [`Backoff::reset`] after success.
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    /// Ceiling of the first delay.
     initial: Duration,
+    /// Largest ceiling, however many failures in a row.
     max: Duration,
+    /// Failures since the last success; doubles the ceiling each time.
     attempt: u32,
+    /// Where the jitter comes from.
     rng: fastrand::Rng,
 }
 

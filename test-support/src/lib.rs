@@ -1,0 +1,27 @@
+//! What the workspace's tests share, so each exists once:
+//!
+//! - [`wait`]: polling a condition until a deadline ([`eventually`]), with
+//!   the last reason it did not hold in the panic;
+//! - [`registry`]: a registry-server served in-process on `127.0.0.1:0`,
+//!   stopped and restarted on the same address ([`TestRegistry`]);
+//! - [`pki`]: a CA and leaf certificates made at run time ([`Pki`]);
+//! - [`fixtures`]: valid Register and Heartbeat requests and the session a
+//!   Register returns;
+//! - [`logs`]: logs of a failing test on request ([`init_logs`]) and
+//!   captured logs to assert on ([`LogCapture`]).
+//!
+//! Only tests use it: registry-server and node-agent list it as a
+//! dev-dependency (registry-server's unit tests in `src/` cannot, as this
+//! crate depends on registry-server), integration-tests as a dependency.
+
+pub mod fixtures;
+pub mod logs;
+pub mod pki;
+pub mod registry;
+pub mod wait;
+
+pub use fixtures::Session;
+pub use logs::{LogCapture, init_logs};
+pub use pki::Pki;
+pub use registry::TestRegistry;
+pub use wait::{eventually, poll_until};
