@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use registry_proto::rules::RuleError;
+pub use registry_proto::status::error_chain;
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -113,34 +114,9 @@ impl ConfigError {
     }
 }
 
-/// An error and its causes, "a: b: c".
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("tls handshake failed")]
-    struct Outer(#[source] std::io::Error);
-
-    #[test]
-    fn error_chain_lists_every_cause() {
-        let error = Outer(std::io::Error::other("connection refused"));
-        assert_eq!(
-            error_chain(&error),
-            "tls handshake failed: connection refused"
-        );
-    }
 
     #[test]
     fn a_broken_rule_names_the_setting_and_the_field() {

@@ -2,6 +2,8 @@
 
 use std::io;
 
+pub use registry_proto::status::{code_name, error_chain};
+
 use crate::exit::Exit;
 
 /// Why a command could not get an answer.
@@ -140,30 +142,6 @@ pub fn explain(code: tonic::Code) -> String {
     format!("{} ({hint})", code_name(code))
 }
 
-/// The canonical upper-case name of a status code ("PERMISSION_DENIED").
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 impl CtlError {
     /// A failed call to `url`.
     /// The status's transport cause, if any, is added to its message
@@ -220,21 +198,6 @@ impl CtlError {
     pub fn is_broken_pipe(&self) -> bool {
         matches!(self, CtlError::Output(err) if err.kind() == io::ErrorKind::BrokenPipe)
     }
-}
-
-/// An error and its causes, "a: b: c", each cause once.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

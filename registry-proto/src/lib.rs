@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod codec;
 pub mod rules;
+pub mod status;
 
 /// Generated types and stubs of the `registry.v1` package.
 pub mod pb {

@@ -186,7 +186,7 @@ impl Agent {
     fn failed(&self, what: &str, status: &Status, retry_in: Duration) {
         let node_id = &self.config.node_id;
         let retry_in = humantime::format_duration(round_ms(retry_in)).to_string();
-        let error = describe(status);
+        let error = registry_proto::status::status_chain(status);
         let code = status.code();
         match code {
             Code::Unauthenticated => {
@@ -308,22 +308,6 @@ async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
         _ = &mut *shutdown => true,
         _ = tokio::time::sleep(delay) => false,
     }
-}
-
-/// The status message and its causes ("tcp connect error: Connection
-/// refused"): tonic's message alone rarely says what went wrong.
-fn describe(status: &Status) -> String {
-    let mut text = status.message().to_owned();
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn round_ms(d: Duration) -> Duration {

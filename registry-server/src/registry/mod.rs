@@ -119,7 +119,7 @@ enum Renewal {
     Done(Result<(Registered, bool), RegistryError>),
     /// The node was removed meanwhile; the registration is handed back to
     /// be added as a new node.
-    Gone(Registration),
+    Gone(Box<Registration>),
 }
 
 impl Registry {
@@ -179,7 +179,7 @@ impl Registry {
         let registration = match known {
             Some(slot) => match self.renew(&slot, registration, session_id, &session_secret, now) {
                 Renewal::Done(result) => return log_renewal(&slot, result),
-                Renewal::Gone(registration) => registration,
+                Renewal::Gone(registration) => *registration,
             },
             None => registration,
         };
@@ -194,7 +194,7 @@ impl Registry {
                     drop(nodes);
                     return log_renewal(&slot, result);
                 }
-                Renewal::Gone(registration) => registration,
+                Renewal::Gone(registration) => *registration,
             },
             None => registration,
         };
@@ -244,7 +244,7 @@ impl Registry {
     ) -> Renewal {
         let mut st = slot.lock();
         if st.removed {
-            return Renewal::Gone(registration);
+            return Renewal::Gone(Box::new(registration));
         }
         if st.liveness == Liveness::Online && st.registration.machine_id != registration.machine_id
         {
