@@ -7,86 +7,25 @@ use std::process::Output;
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
+use test_support::{Pki, TestRegistry, fixtures};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const ADMIN_TOKEN: &str = "admin-token-aaaaaaaaaaaaaaaa";
 const READER_TOKEN: &str = "reader-token-bbbbbbbbbbbbbbbb";
 const NODE_TOKEN: &str = "node-token-dddddddddddddddd";
 
-/// A registry serving on a loopback port for the length of a test.
-struct TestRegistry {
-    /// Its URL, http:// or https:// with the loopback address.
-    url: String,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), registry_server::ServerError>>,
-}
-
-impl TestRegistry {
-    async fn start(settings: Settings) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let scheme = if settings.tls_cert.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        let url = format!("{scheme}://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(registry_server::run(listener, settings, async {
-            let _ = stopped.await;
-        }));
-        TestRegistry { url, stop, task }
+/// Registers `node_id` (test_support's fixture: pool-0, one GPU, label
+/// zone=eu-1) over `channel`, with `token` as bearer when given.
+async fn register(channel: Channel, token: Option<&str>, node_id: &str) {
+    let mut client = NodeRegistryClient::new(channel);
+    let mut request = tonic::Request::new(fixtures::register_request(node_id));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
-
-    /// Registers `node_id` (with pool-0 and one GPU) over `channel`.
-    async fn register(&self, channel: Channel, token: Option<&str>, node_id: &str) {
-        let mut client = NodeRegistryClient::new(channel);
-        let mut request = tonic::Request::new(pb::RegisterRequest {
-            node_id: node_id.into(),
-            machine_id: format!("machine-{node_id}"),
-            address: format!("http://{node_id}.example:9200"),
-            pools: vec![pb::PoolSpec {
-                pool_id: "pool-0".into(),
-                slots_total: 4,
-                ..Default::default()
-            }],
-            capabilities: Some(pb::Capabilities {
-                gpus: vec![pb::GpuInfo {
-                    index: 0,
-                    uuid: format!("GPU-{node_id}"),
-                    name: "NVIDIA H100 80GB HBM3".into(),
-                    memory_total_bytes: 80 << 30,
-                    compute_capability: "9.0".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            agent_version: "test".into(),
-            labels: [("zone".to_owned(), "eu-1".to_owned())].into(),
-            ..Default::default()
-        });
-        if let Some(token) = token {
-            request
-                .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        }
-        client.register(request).await.unwrap();
-    }
-
-    async fn plain_channel(&self) -> Channel {
-        Endpoint::from_shared(self.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    async fn shutdown(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
+    client.register(request).await.unwrap();
 }
 
 /// Runs the built registry-ctl with `args` and no REGISTRY_CTL_* or
@@ -155,13 +94,9 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_list_status_and_health_against_an_open_registry() {
     let registry = TestRegistry::start(Settings::default()).await;
-    registry
-        .register(registry.plain_channel().await, None, "gpu-a")
-        .await;
-    registry
-        .register(registry.plain_channel().await, None, "gpu-b")
-        .await;
-    let url = registry.url.as_str();
+    register(registry.channel().await, None, "gpu-a").await;
+    register(registry.channel().await, None, "gpu-b").await;
+    let url = &registry.url();
 
     // get of a registered node: 0, one line of proto3 JSON.
     let output = ctl(&["--registry", url, "-o", "json", "get", "gpu-a"]).await;
@@ -284,7 +219,7 @@ async fn get_list_status_and_health_against_an_open_registry() {
         stderr(&output)
     );
 
-    registry.shutdown().await;
+    registry.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,10 +256,8 @@ async fn tokens_come_from_a_file_and_refusals_exit_3() {
         ..Settings::default()
     })
     .await;
-    registry
-        .register(registry.plain_channel().await, Some(ADMIN_TOKEN), "gpu-a")
-        .await;
-    let url = registry.url.as_str();
+    register(registry.channel().await, Some(ADMIN_TOKEN), "gpu-a").await;
+    let url = &registry.url();
 
     let output = ctl(&["--registry", url, "get", "gpu-a"]).await;
     assert_exit(&output, 3);
@@ -391,62 +324,34 @@ async fn tokens_come_from_a_file_and_refusals_exit_3() {
     let output = ctl(&["--registry", url, "health"]).await;
     assert_exit(&output, 0);
 
-    registry.shutdown().await;
-}
-
-/// A CA and a server certificate for "localhost" it signed, as PEM.
-struct Pki {
-    ca: String,
-    server_cert: String,
-    server_key: String,
-}
-
-impl Pki {
-    fn generate() -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "registry-ctl test CA");
-        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
-            .unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        Pki {
-            ca: ca.pem(),
-            server_cert: cert.pem(),
-            server_key: key.serialize_pem(),
-        }
-    }
+    registry.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_registries_need_the_ca_and_a_wrong_one_is_a_tls_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate();
+    let pki = Pki::new("registry-ctl test CA");
+    let (server_cert, server_key) = pki.leaf(&["localhost"]);
     let registry = TestRegistry::start(Settings {
-        tls_cert: Some(write(dir.path(), "server.pem", &pki.server_cert)),
-        tls_key: Some(write(dir.path(), "server.key", &pki.server_key)),
+        tls_cert: Some(write(dir.path(), "server.pem", &server_cert)),
+        tls_key: Some(write(dir.path(), "server.key", &server_key)),
         ..Settings::default()
     })
     .await;
-    let ca = write(dir.path(), "ca.pem", &pki.ca);
-    let channel = Endpoint::from_shared(registry.url.clone())
+    let ca = write(dir.path(), "ca.pem", &pki.ca_pem());
+    let channel = Endpoint::from_shared(registry.url())
         .unwrap()
         .tls_config(
             ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(&pki.ca))
+                .ca_certificate(Certificate::from_pem(pki.ca_pem()))
                 .domain_name("localhost"),
         )
         .unwrap()
         .connect()
         .await
         .unwrap();
-    registry.register(channel, None, "gpu-a").await;
-    let url = registry.url.as_str();
+    register(channel, None, "gpu-a").await;
+    let url = &registry.url();
     let ca = ca.to_str().unwrap();
 
     let output = ctl(&[
@@ -487,7 +392,7 @@ async fn https_registries_need_the_ca_and_a_wrong_one_is_a_tls_failure() {
     assert!(stderr(&output).contains("--tls-ca"), "{}", stderr(&output));
 
     // A CA that did not sign the server's certificate.
-    let other = write(dir.path(), "other-ca.pem", &Pki::generate().ca);
+    let other = write(dir.path(), "other-ca.pem", &Pki::new("another CA").ca_pem());
     let output = ctl(&[
         "--registry",
         url,
@@ -507,11 +412,11 @@ async fn https_registries_need_the_ca_and_a_wrong_one_is_a_tls_failure() {
     );
 
     // Plain text against the TLS port.
-    let plain = registry.url.replace("https://", "http://");
+    let plain = registry.url().replace("https://", "http://");
     let output = ctl(&["--registry", &plain, "--timeout", "2s", "get", "gpu-a"]).await;
     assert_exit(&output, 3);
 
-    registry.shutdown().await;
+    registry.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,9 +443,7 @@ async fn a_registry_that_never_answers_is_a_deadline_exceeded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_check_resolves_the_agent_from_its_environment() {
     let registry = TestRegistry::start(Settings::default()).await;
-    registry
-        .register(registry.plain_channel().await, None, "gpu-a")
-        .await;
+    register(registry.channel().await, None, "gpu-a").await;
     // The test process is no node-agent: only the environment counts.
     let pid = std::process::id().to_string();
     let check = |node: &'static str, url: String| {
@@ -554,22 +457,22 @@ async fn agent_check_resolves_the_agent_from_its_environment() {
         }
     };
 
-    let output = check("gpu-a", registry.url.clone()).await;
+    let output = check("gpu-a", registry.url()).await;
     assert_exit(&output, 0);
     assert_eq!(
         stdout(&output),
-        format!("gpu-a is online at {}\n", registry.url)
+        format!("gpu-a is online at {}\n", registry.url())
     );
 
-    let output = check("gpu-z", registry.url.clone()).await;
+    let output = check("gpu-z", registry.url()).await;
     assert_exit(&output, 1);
     assert_eq!(
         stdout(&output),
-        format!("gpu-z is absent at {}\n", registry.url)
+        format!("gpu-z is absent at {}\n", registry.url())
     );
 
     let output = check("gpu-a", closed_port().await).await;
     assert_exit(&output, 3);
 
-    registry.shutdown().await;
+    registry.stop().await;
 }
