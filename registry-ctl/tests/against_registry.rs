@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
 use test_support::{Pki, TestRegistry, fixtures};
