@@ -163,10 +163,26 @@ pub fn address(field: Field<'_>, addr: &str) -> RuleResult {
             format!("{} must start with http:// or https://", quoted(addr)),
         ));
     }
-    if uri.host().is_none_or(str::is_empty) {
+    let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
         return Err(RuleError::new(
             field,
             format!("{} has no host", quoted(addr)),
+        ));
+    };
+    // Credentials in the URL would be shown to every reader of the node.
+    // The message does not quote the address, so it does not repeat them.
+    if authority.as_str().contains('@') {
+        return Err(RuleError::new(
+            field,
+            "must not carry user:password@ (credentials would be shown to every reader)",
+        ));
+    }
+    // `http::Uri` keeps a port it cannot read as a u16 (":65536", ":99999").
+    let after_host = &authority.as_str()[authority.as_str().rfind(']').unwrap_or(0)..];
+    if after_host.contains(':') && authority.port_u16().is_none_or(|p| p == 0) {
+        return Err(RuleError::new(
+            field,
+            format!("{} has no valid port (1-65535)", quoted(addr)),
         ));
     }
     Ok(())
@@ -534,10 +550,26 @@ mod tests {
     fn addresses_need_an_http_scheme_and_a_host() {
         address("a".into(), "https://gpu-1.example:9200/v1").unwrap();
         address("a".into(), "http://[::1]:9200").unwrap();
-        for bad in ["", "not a url", "ftp://host/", "10.0.0.1:9200", "http://"] {
+        address("a".into(), "http://[::1]").unwrap();
+        address("a".into(), "http://gpu-1:65535").unwrap();
+        for bad in [
+            "",
+            "not a url",
+            "ftp://host/",
+            "10.0.0.1:9200",
+            "http://",
+            "http://host:65536",
+            "http://[::1]:99999",
+            "http://host:0",
+            "http://host:",
+            "http://user:pass@host:9200",
+            "http://user@host",
+        ] {
             let err = address("address".into(), bad).unwrap_err();
             assert_eq!(err.field, "address", "{bad:?}");
         }
+        let err = address("address".into(), "http://admin:s3cret@host").unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]

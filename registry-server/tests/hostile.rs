@@ -140,6 +140,15 @@ fn cases() -> Vec<Case> {
         reg("URL without host", InvalidArgument, "address", |r| {
             r.address = "http://".into()
         }),
+        reg("port above 65535", InvalidArgument, "address", |r| {
+            r.address = "http://host:65536".into()
+        }),
+        reg("IPv6 port above 65535", InvalidArgument, "address", |r| {
+            r.address = "http://[::1]:99999".into()
+        }),
+        reg("credentials in the URL", InvalidArgument, "address", |r| {
+            r.address = "http://user:pass@host:9200".into()
+        }),
         reg("long URL", InvalidArgument, "address", |r| {
             r.address = format!("http://h/{}", "p".repeat(3000))
         }),

@@ -172,6 +172,8 @@ fn invalid_address() -> BoxedStrategy<String> {
         Just("http://".to_owned()),
         Just("https://:9200".to_owned()),
         Just("http:// spaced.example".to_owned()),
+        Just("http://node.example:65536".to_owned()),
+        Just("http://user:pass@node.example".to_owned()),
     ]
     .boxed()
 }
