@@ -5,10 +5,18 @@
 //! bytes, yet the default codec gives each stream an 8 KiB decode buffer and
 //! an 8 KiB encode buffer: about 1.5 GiB at 100,000 open streams. Buffers
 //! still grow on demand for a large message (a ListNodes page).
+//!
+//! A request that is not valid protobuf (bad UTF-8 in a string field, a
+//! truncated field) is the caller's mistake: the server answers
+//! INVALID_ARGUMENT naming the message ("malformed RegisterRequest: ..."),
+//! not tonic's INTERNAL. Only request messages (`*Request`, decoded by the
+//! server) are mapped; a client that cannot decode a response keeps
+//! INTERNAL, since there the fault is not the caller's.
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::{Code, Status};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// Starting size of each call's encode and decode buffer.
@@ -38,13 +46,57 @@ where
     type Encode = T;
     type Decode = U;
     type Encoder = ProstEncoder<T>;
-    type Decoder = ProstDecoder<U>;
+    type Decoder = ContractDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
         ProstEncoder::new(settings())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(settings())
+        ContractDecoder(ProstDecoder::new(settings()))
+    }
+}
+
+/// Prost decoding that answers a malformed request with INVALID_ARGUMENT.
+#[derive(Debug)]
+pub struct ContractDecoder<U>(ProstDecoder<U>);
+
+impl<U: prost::Message + Default> Decoder for ContractDecoder<U> {
+    type Item = U;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        self.0.decode(buf).map_err(|status| {
+            let name = message_name::<U>();
+            if status.code() == Code::Internal && name.ends_with("Request") {
+                Status::invalid_argument(format!("malformed {name}: {}", status.message()))
+            } else {
+                status
+            }
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// The message's own name ("RegisterRequest") from its Rust type path.
+fn message_name<U>() -> &'static str {
+    let path = std::any::type_name::<U>();
+    path.rsplit("::").next().unwrap_or(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_names_are_the_last_path_segment() {
+        assert_eq!(
+            message_name::<crate::pb::RegisterRequest>(),
+            "RegisterRequest"
+        );
+        assert_eq!(message_name::<crate::pb::Node>(), "Node");
     }
 }

@@ -579,3 +579,105 @@ async fn garbage_bytes_and_half_open_connections_do_not_hurt_the_server() {
     assert_eq!(node.status(), pb::NodeStatus::Online);
     server.stop().await;
 }
+
+/// Sends pre-encoded bytes as one unary request and returns the status, so
+/// a test can send what no generated client would: invalid protobuf.
+async fn raw_unary(channel: Channel, path: &'static str, body: Vec<u8>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(body),
+        http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .expect_err("a malformed request is refused")
+}
+
+/// Bytes in, bytes out.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, len).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn malformed_protobuf_is_invalid_argument_naming_the_message() {
+    let server = TestRegistry::start(Settings::default()).await;
+    let channel = server.channel().await;
+    let mut client = NodeRegistryClient::new(channel.clone());
+    client.register(register_request("witness")).await.unwrap();
+
+    // Field 1 (node_id), length 2, bytes that are not UTF-8.
+    let bad_utf8 = vec![0x0a, 0x02, 0xff, 0xfe];
+    let status = raw_unary(
+        channel.clone(),
+        "/registry.v1.NodeRegistry/Register",
+        bad_utf8.clone(),
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("malformed RegisterRequest"),
+        "{status:?}"
+    );
+    // A length running past the end of the message.
+    let truncated = vec![0x0a, 0x10, b'a'];
+    let status = raw_unary(
+        channel.clone(),
+        "/registry.v1.NodeRegistry/GetNode",
+        truncated,
+    )
+    .await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("malformed GetNodeRequest"),
+        "{status:?}"
+    );
+
+    assert!(serving(channel).await);
+    let node = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "witness".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.status(), pb::NodeStatus::Online);
+    server.stop().await;
+}
