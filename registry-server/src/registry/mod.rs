@@ -314,7 +314,7 @@ impl Registry {
         }
         self.unlink(&slot);
         Stats::bump(&self.shared.stats.deregistrations);
-        info!(node_id, "node deregistered");
+        info!(node_id = %node_id, "node deregistered");
         Ok(())
     }
 
