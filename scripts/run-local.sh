@@ -6,6 +6,8 @@
 #
 #   scripts/run-local.sh                 # registry + agent "local-gpu-node"
 #   AGENT_ARGS="--fake-gpus 8" scripts/run-local.sh
+#   RUN_LOCAL_LISTEN=127.0.0.1:50061 RUN_LOCAL_METRICS=127.0.0.1:9465 scripts/run-local.sh
+#   RUN_LOCAL_PROFILE=debug scripts/run-local.sh   # the debug build `cargo test` made
 #
 # It builds the same release binaries as scripts/build-images.sh and
 # `cargo run --release`, so one build serves all three. The compose stack
@@ -13,10 +15,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked --bins -p registry-server -p node-agent -p registry-ctl
-target=${CARGO_TARGET_DIR:-target}/release
+listen=${RUN_LOCAL_LISTEN:-127.0.0.1:50051}
+metrics=${RUN_LOCAL_METRICS:-127.0.0.1:9464}
+profile=${RUN_LOCAL_PROFILE:-release}
+if [ "$profile" = release ]; then
+  cargo build --release --locked --bins -p registry-server -p node-agent -p registry-ctl
+else
+  cargo build --locked --bins -p registry-server -p node-agent -p registry-ctl
+fi
+target=${CARGO_TARGET_DIR:-target}/$([ "$profile" = release ] && echo release || echo debug)
 
-"$target/registry-server" --listen 127.0.0.1:50051 --metrics-listen 127.0.0.1:9464 &
+"$target/registry-server" --listen "$listen" --metrics-listen "$metrics" &
 registry=$!
 agent=""
 stop() {
@@ -29,16 +38,17 @@ trap stop EXIT INT TERM
 # Start the agent once the registry answers health, so its first line is
 # not a connection-refused warning.
 for _ in $(seq 1 100); do
-  "$target/registry-ctl" --registry http://127.0.0.1:50051 --timeout 1s health >/dev/null 2>&1 && break
+  "$target/registry-ctl" --registry "http://$listen" --timeout 1s health >/dev/null 2>&1 && break
   kill -0 "$registry" 2>/dev/null || { echo "run-local: registry-server exited" >&2; exit 1; }
   sleep 0.1
 done
 
 # shellcheck disable=SC2086 # AGENT_ARGS is a list of flags
-"$target/node-agent" --registry http://127.0.0.1:50051 --node-id local-gpu-node \
-  --address http://127.0.0.1:9200 --fake-gpus 2 --pool pool-0 ${AGENT_ARGS:-} &
+"$target/node-agent" --registry "http://$listen" --node-id local-gpu-node \
+  --address http://127.0.0.1:9200 --fake-gpus 2 --pool pool-0 --label zone=local \
+  ${AGENT_ARGS:-} &
 agent=$!
 
-echo "registry on 127.0.0.1:50051 (metrics on 127.0.0.1:9464), agent pid $agent; try:"
-echo "  grpcurl -plaintext 127.0.0.1:50051 registry.v1.NodeRegistry/ListNodes"
+echo "registry on $listen (metrics on $metrics), agent pid $agent; try:"
+echo "  grpcurl -plaintext $listen registry.v1.NodeRegistry/ListNodes"
 wait "$agent"
