@@ -71,6 +71,9 @@ impl ServerSpec {
             self.max_streams_per_connection.to_string(),
             "--max-connections".into(),
             self.max_connections.to_string(),
+            // Every simulated node connects from 127.0.0.1.
+            "--max-connections-per-address".into(),
+            self.max_connections.to_string(),
         ]
     }
 
@@ -80,6 +83,7 @@ impl ServerSpec {
             heartbeat_interval: self.heartbeat_interval,
             max_streams_per_connection: self.max_streams_per_connection,
             max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections,
             ..registry_server::Settings::default()
         }
     }

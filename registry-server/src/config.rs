@@ -136,6 +136,15 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: usize,
 
+    /// Most open connections from one source address, so one host cannot
+    /// take every slot (agents behind one NAT address count together).
+    #[arg(
+        long,
+        env = "REGISTRY_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 4096
+    )]
+    pub max_connections_per_address: usize,
+
     /// Largest ListNodes page; a request for more (or for 0, "all") gets
     /// this many and a next_page_token, so no single call holds a worker
     /// for long at fleet scale.
@@ -228,6 +237,7 @@ impl Default for Settings {
             max_message_size: 1024 * 1024,
             max_streams_per_connection: 1024,
             max_connections: 16_384,
+            max_connections_per_address: 4096,
             max_nodes: 200_000,
             max_page_size: 1000,
             max_heartbeat_streams: 250_000,
@@ -289,12 +299,13 @@ impl Settings {
         }
         if self.max_streams_per_connection == 0
             || self.max_connections == 0
+            || self.max_connections_per_address == 0
             || self.max_nodes == 0
             || self.max_heartbeat_streams == 0
             || self.max_page_size == 0
         {
             return Err(
-                "--max-streams-per-connection, --max-connections, --max-nodes, --max-page-size and --max-heartbeat-streams must be at least 1"
+                "--max-streams-per-connection, --max-connections, --max-connections-per-address, --max-nodes, --max-page-size and --max-heartbeat-streams must be at least 1"
                     .into(),
             );
         }

@@ -174,7 +174,14 @@ where
         .add_optional_service(reflection_v1alpha)
         .add_service(registry_service)
         .serve_with_incoming_shutdown(
-            crate::limits::incoming(listener, settings.max_connections, settings.request_timeout),
+            crate::limits::incoming(
+                listener,
+                crate::limits::ConnectionLimits {
+                    max: settings.max_connections,
+                    per_address: settings.max_connections_per_address,
+                    handshake_within: settings.request_timeout,
+                },
+            ),
             on_shutdown,
         );
     // Graceful shutdown waits for every connection; a client that holds one

@@ -540,6 +540,72 @@ async fn connections_beyond_the_cap_are_closed_and_others_keep_working() {
     server.stop().await;
 }
 
+/// Reads until the server closes `stream` (EOF or reset), or `within`
+/// passes; true when it closed.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut sink = Vec::new();
+    tokio::time::timeout(
+        within,
+        tokio::io::AsyncReadExt::read_to_end(stream, &mut sink),
+    )
+    .await
+    .is_ok()
+}
+
+/// A raw TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_connection_slot() {
+    let server = TestRegistry::start(Settings {
+        max_connections_per_address: 2,
+        ..Settings::default()
+    })
+    .await;
+    let mut held = vec![
+        connect_from("127.0.0.2", server.addr).await,
+        connect_from("127.0.0.2", server.addr).await,
+    ];
+    // The address's third connection is closed at once...
+    let mut third = connect_from("127.0.0.2", server.addr).await;
+    assert!(closed_by_server(&mut third, Duration::from_secs(5)).await);
+    // ...while another address is still served.
+    let mut client = NodeRegistryClient::new(server.channel().await);
+    client.register(register_request("n1")).await.unwrap();
+    // Closing one gives the address its slot back.
+    held.pop();
+    let again = connect_from("127.0.0.2", server.addr).await;
+    let mut probe = again;
+    assert!(!closed_by_server(&mut probe, Duration::from_millis(300)).await);
+    drop(held);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_closed_at_the_deadline() {
+    let server = TestRegistry::start(Settings {
+        request_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    })
+    .await;
+    // A few bytes of the HTTP/2 preface, then nothing: before, the server
+    // kept such a socket (and its slot) for as long as the client liked.
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, b"PRI * HTTP")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut stalled, Duration::from_secs(10)).await);
+    // A real client completes its handshake and is served past the deadline.
+    let mut client = NodeRegistryClient::new(server.channel().await);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    client.register(register_request("n1")).await.unwrap();
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn long_heartbeat_streams_outlive_the_unary_request_timeout() {
     let server = TestRegistry::start(Settings {
