@@ -68,6 +68,22 @@ impl NodeRegistry for StubRegistry {
         Err(Status::unimplemented("stub"))
     }
 
+    // The agent never asks for placement; these answer like any RPC the
+    // test does not script.
+    async fn find_pools(
+        &self,
+        _: Request<pb::FindPoolsRequest>,
+    ) -> Result<Response<pb::FindPoolsResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     type HeartbeatStream = Beats;
 
     async fn heartbeat(

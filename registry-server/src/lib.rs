@@ -21,6 +21,7 @@ pub mod expiry;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod placement;
 pub mod registry;
 pub mod schedule;
 pub mod server;

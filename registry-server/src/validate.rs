@@ -32,6 +32,7 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryEr
         agent_version: req.agent_version,
         labels: req.labels,
         metrics_address: req.metrics_address,
+        models_available: req.models_available,
     })
 }
 
@@ -93,6 +94,7 @@ mod tests {
                 gpu_indices: vec![0],
                 engine_version: "b3000".into(),
                 metrics_url: "http://10.0.0.5:8080/metrics".into(),
+                endpoint: "http://10.0.0.5:8080".into(),
             }],
             capabilities: Some(pb::Capabilities {
                 gpus: vec![pb::GpuInfo {
@@ -112,6 +114,7 @@ mod tests {
             agent_version: "node-agent 0.1.0".into(),
             labels: [("zone".to_string(), "eu-1".to_string())].into(),
             metrics_address: "http://10.0.0.5:9101/metrics".into(),
+            models_available: vec!["qwen2.5-7b".into()],
         }
     }
 
@@ -128,6 +131,7 @@ mod tests {
                 vram_free_bytes: 1 << 30,
                 model: "m".into(),
                 engine: "llamacpp".into(),
+                endpoint: String::new(),
             }],
             gpus: vec![],
             sequence: 1,

@@ -280,6 +280,7 @@ fn valid_pool_spec(pool_id: String) -> BoxedStrategy<pb::PoolSpec> {
                     gpu_indices,
                     engine_version,
                     metrics_url,
+                    endpoint: String::new(),
                 }
             },
         )
@@ -364,6 +365,7 @@ fn valid_register_request() -> BoxedStrategy<pb::RegisterRequest> {
                     agent_version,
                     labels,
                     metrics_address,
+                    models_available: Vec::new(),
                 }
             },
         )
@@ -402,6 +404,7 @@ fn valid_pool_status(pool_id: String) -> BoxedStrategy<pb::PoolStatus> {
                     vram_free_bytes,
                     model,
                     engine,
+                    endpoint: String::new(),
                 }
             },
         )
@@ -1037,6 +1040,7 @@ fn arbitrary_pool_spec() -> impl Strategy<Value = pb::PoolSpec> {
                 gpu_indices,
                 engine_version: String::new(),
                 metrics_url,
+                endpoint: String::new(),
             },
         )
 }
@@ -1093,6 +1097,7 @@ fn arbitrary_register_request() -> impl Strategy<Value = pb::RegisterRequest> {
                     agent_version,
                     labels,
                     metrics_address,
+                    models_available: Vec::new(),
                 }
             },
         )
@@ -1108,6 +1113,7 @@ fn arbitrary_pool_status() -> impl Strategy<Value = pb::PoolStatus> {
             vram_free_bytes: 0,
             model: String::new(),
             engine: String::new(),
+            endpoint: String::new(),
         },
     )
 }

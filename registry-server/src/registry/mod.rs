@@ -118,8 +118,9 @@ enum Renewal {
     /// ONLINE) or refused.
     Done(Result<(Registered, bool), RegistryError>),
     /// The node was removed meanwhile; the registration is handed back to
-    /// be added as a new node.
-    Gone(Registration),
+    /// be added as a new node (boxed: a registration is much larger than
+    /// the other variant, and this path is rare).
+    Gone(Box<Registration>),
 }
 
 impl Registry {
@@ -179,7 +180,7 @@ impl Registry {
         let registration = match known {
             Some(slot) => match self.renew(&slot, registration, session_id, &session_secret, now) {
                 Renewal::Done(result) => return log_renewal(&slot, result),
-                Renewal::Gone(registration) => registration,
+                Renewal::Gone(registration) => *registration,
             },
             None => registration,
         };
@@ -194,7 +195,7 @@ impl Registry {
                     drop(nodes);
                     return log_renewal(&slot, result);
                 }
-                Renewal::Gone(registration) => registration,
+                Renewal::Gone(registration) => *registration,
             },
             None => registration,
         };
@@ -244,7 +245,7 @@ impl Registry {
     ) -> Renewal {
         let mut st = slot.lock();
         if st.removed {
-            return Renewal::Gone(registration);
+            return Renewal::Gone(Box::new(registration));
         }
         if st.liveness == Liveness::Online && st.registration.machine_id != registration.machine_id
         {

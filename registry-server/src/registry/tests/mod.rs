@@ -53,6 +53,7 @@ fn registration(node_id: &str) -> Registration {
         agent_version: "test".into(),
         labels: [("zone".to_string(), "a".to_string())].into(),
         metrics_address: String::new(),
+        models_available: Vec::new(),
     }
 }
 
