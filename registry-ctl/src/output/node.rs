@@ -215,7 +215,7 @@ fn gpu_count(node: &pb::Node) -> usize {
 }
 
 /// A pool state as a lower-case word ("ready").
-fn pool_state_word(state: pb::PoolState) -> String {
+pub(crate) fn pool_state_word(state: pb::PoolState) -> String {
     state
         .as_str_name()
         .trim_start_matches("POOL_STATE_")
@@ -223,7 +223,7 @@ fn pool_state_word(state: pb::PoolState) -> String {
 }
 
 /// Labels as `k=v,k2=v2`, keys in order.
-fn labels(labels: &std::collections::HashMap<String, String>) -> String {
+pub(crate) fn labels(labels: &std::collections::HashMap<String, String>) -> String {
     let sorted: BTreeMap<_, _> = labels.iter().collect();
     sorted
         .into_iter()
@@ -242,7 +242,7 @@ fn join(numbers: &[u32]) -> String {
 }
 
 /// "-" for an empty cell.
-fn or_dash(text: String) -> String {
+pub(crate) fn or_dash(text: String) -> String {
     if text.is_empty() {
         "-".to_owned()
     } else {
@@ -356,6 +356,7 @@ pub(crate) mod tests {
                 vram_free_bytes: 10 << 30,
                 model: "llama-3.1-8b".into(),
                 engine: "vllm".into(),
+                endpoint: String::new(),
             }],
             gpu_stats: vec![pb::GpuStats {
                 index: 0,
