@@ -785,3 +785,90 @@ fn requests_are_checked_and_defaulted() {
         "labels[\"a b\"]"
     );
 }
+
+/// The sizing of the issue: 10,000 nodes × 4 pools over 100 models. Every
+/// event replaces one node's entries, and a query walks only its model's
+/// 400 pools; the answer is the pool with the most free VRAM.
+#[test]
+fn ten_thousand_nodes_of_four_pools_stay_consistent_under_events() {
+    let index = PlacementIndex::new();
+    let node = |n: usize, bump: u64| {
+        let pools = (0..4)
+            .map(|p| {
+                spec(
+                    &format!("p{p}"),
+                    &format!("model-{}", (n * 4 + p) % 100),
+                    "vllm",
+                    &[],
+                )
+            })
+            .collect();
+        let beat: Vec<pb::PoolStatus> = (0..4)
+            .map(|p| {
+                let vram = ((n * 4 + p) as u64 * 7919) % 100_000 + bump;
+                status(
+                    &format!("p{p}"),
+                    &format!("model-{}", (n * 4 + p) % 100),
+                    Ready,
+                    1,
+                    vram,
+                )
+            })
+            .collect();
+        view(
+            &register(&format!("n{n:05}"), "a", pools),
+            Some(&beat),
+            pb::NodeStatus::Online,
+        )
+    };
+    let started = std::time::Instant::now();
+    for n in 0..10_000 {
+        index.apply(&event(n as u64 + 1, EventKind::Added, node(n, 0)));
+    }
+    let loaded = started.elapsed();
+    // 1,000 Modified events: node n00042 gets far more free VRAM everywhere.
+    let started = std::time::Instant::now();
+    for i in 0..1_000u64 {
+        let n = if i == 999 {
+            42
+        } else {
+            (i as usize * 13) % 10_000
+        };
+        let bump = if i == 999 { 1 << 40 } else { 0 };
+        index.apply(&event(10_001 + i, EventKind::Modified, node(n, bump)));
+    }
+    let modified = started.elapsed();
+    let started = std::time::Instant::now();
+    let mut worst = std::time::Duration::ZERO;
+    for m in 0..100 {
+        let one = std::time::Instant::now();
+        let found = index
+            .find(&with_limit(query(&format!("model-{m}")), 10))
+            .unwrap();
+        worst = worst.max(one.elapsed());
+        assert_eq!(found.candidates.len(), 10);
+        let vram: Vec<u64> = found.candidates.iter().map(|c| c.vram_free_bytes).collect();
+        assert!(vram.windows(2).all(|w| w[0] >= w[1]), "{vram:?}");
+    }
+    let queried = started.elapsed();
+    // n00042's pools serve models 68..=71; each is now their best.
+    for m in 68..=71 {
+        let best = &index
+            .find(&query(&format!("model-{m}")))
+            .unwrap()
+            .candidates[0];
+        assert_eq!(best.node_id, "n00042", "model-{m}");
+    }
+    let models = index.models();
+    assert_eq!(models.len(), 100);
+    assert!(
+        models
+            .iter()
+            .all(|m| m.pools.len() == 400 && m.pools_ready == 400)
+    );
+    assert_eq!(index.revision(), 11_000);
+    eprintln!(
+        "40,000 pools: load {loaded:?}, 1,000 events {modified:?}, \
+         100 finds over 400 pools each {queried:?} (slowest {worst:?})"
+    );
+}
