@@ -169,6 +169,25 @@ mod tests {
     }
 
     #[test]
+    fn pool_endpoints_and_staged_models_are_checked_and_kept() {
+        let reg = registration(good_register()).unwrap();
+        assert_eq!(reg.pools[0].endpoint, "http://10.0.0.5:8080");
+        assert_eq!(reg.models_available, ["qwen2.5-7b"]);
+        assert_eq!(
+            register_field(|r| r.pools[0].endpoint = "10.0.0.5:8080".into()),
+            "pools[0].endpoint"
+        );
+        assert_eq!(
+            register_field(|r| r.models_available.push(String::new())),
+            "models_available[1]"
+        );
+        assert_eq!(
+            beat_field(|b| b.pools[0].endpoint = "ftp://x".into()),
+            "pools[0].endpoint"
+        );
+    }
+
+    #[test]
     fn node_id_must_be_a_dns_label() {
         for bad in [
             "",
