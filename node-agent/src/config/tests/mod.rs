@@ -128,6 +128,11 @@ fn example_config_file_is_valid() {
     assert_eq!(config.pools[1].state, Some(ConfiguredState::Initializing));
     assert_eq!(config.labels.len(), 2);
     assert!(config.gpus.require);
+    assert_eq!(config.models_available, ["llama-3.1-70b-instruct"]);
+    assert_eq!(
+        config.pools[0].endpoint.as_deref(),
+        Some("http://10.0.0.5:8081")
+    );
 }
 
 #[test]
