@@ -245,7 +245,7 @@ impl PlacementQuery {
         None
     }
 
-    /// What the set of `count` pools lacked once `filter` emptied it.
+    /// What the pools lacked once `filter` emptied the set, in words.
     fn lack(&self, filter: Filter) -> String {
         match filter {
             Filter::Model => "no pool serves it".into(),
@@ -586,10 +586,9 @@ impl Inner {
         Some(entry)
     }
 
-    /// Puts the node's current view in.
-    fn insert(&mut self, revision: u64, node: &Arc<pb::Node>) {
+    /// Puts the node's current view in, its pools built beforehand.
+    fn insert(&mut self, revision: u64, node: &Arc<pb::Node>, pools: Vec<PoolEntry>) {
         let node_id = node.node_id.clone();
-        let pools = pools_of(node);
         let keys = pools
             .iter()
             .map(|p| (p.model.clone(), p.pool_id.clone()))
@@ -696,6 +695,12 @@ impl PlacementIndex {
     /// Applies one change: Added/Modified replace the node's entries with
     /// those of its new view, Deleted removes them. O(pools of the node).
     pub fn apply(&self, event: &Event) {
+        // Built before taking the write lock, so readers wait only for the
+        // map updates.
+        let pools = match event.kind {
+            EventKind::Added | EventKind::Modified => Some(pools_of(&event.node)),
+            EventKind::Deleted => None,
+        };
         let mut inner = self.write();
         inner.revision = inner.revision.max(event.revision);
         let node_id = event.node.node_id.as_str();
@@ -707,9 +712,8 @@ impl PlacementIndex {
             return;
         }
         inner.remove(node_id);
-        match event.kind {
-            EventKind::Added | EventKind::Modified => inner.insert(event.revision, &event.node),
-            EventKind::Deleted => {}
+        if let Some(pools) = pools {
+            inner.insert(event.revision, &event.node, pools);
         }
     }
 
