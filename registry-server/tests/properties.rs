@@ -39,6 +39,8 @@ use registry_server::validate;
 // a changed limit fails this test instead of moving it along.
 /// Most pools a node may run.
 const MAX_POOLS: usize = 64;
+/// Most staged model names (`models_available`).
+const MAX_MODELS_AVAILABLE: usize = 256;
 /// Most GPUs a node may report, and GPU indices a pool may name.
 const MAX_GPUS: usize = 64;
 /// Most labels a node may carry.
@@ -480,6 +482,11 @@ enum RegisterEdit {
     PoolText(Index, &'static str, Candidate<String>),
     PoolGpuIndexCount(Index, Candidate<usize>),
     PoolMetricsUrl(Index, Candidate<String>),
+    PoolEndpoint(Index, Candidate<String>),
+    /// This many distinct staged model names.
+    ModelsAvailableCount(Candidate<usize>),
+    /// One staged model name.
+    ModelAvailable(Candidate<String>),
     GpuCount(Candidate<usize>),
     DuplicateGpuIndex(Index),
     /// `uuid`, `name` or `pci_bus_id` of a GPU.
@@ -516,6 +523,13 @@ fn register_edit() -> BoxedStrategy<RegisterEdit> {
             either(valid_optional_address(), invalid_optional_address())
         )
             .prop_map(|(i, url)| E::PoolMetricsUrl(i, url)),
+        (
+            index(),
+            either(valid_optional_address(), invalid_optional_address())
+        )
+            .prop_map(|(i, url)| E::PoolEndpoint(i, url)),
+        count(MAX_MODELS_AVAILABLE).prop_map(E::ModelsAvailableCount),
+        text_candidate().prop_map(E::ModelAvailable),
         count(MAX_GPUS).prop_map(E::GpuCount),
         index().prop_map(E::DuplicateGpuIndex),
         (
@@ -662,6 +676,21 @@ impl RegisterEdit {
                 let i = pick_pool_spec(request, &index, 1);
                 request.pools[i].metrics_url = c.value;
                 (format!("pools[{i}].metrics_url"), c.valid)
+            }
+            E::PoolEndpoint(index, c) => {
+                let i = pick_pool_spec(request, &index, 1);
+                request.pools[i].endpoint = c.value;
+                (format!("pools[{i}].endpoint"), c.valid)
+            }
+            E::ModelsAvailableCount(c) => {
+                request.models_available = (0..c.value).map(|k| format!("model-{k}")).collect();
+                ("models_available".into(), c.valid)
+            }
+            E::ModelAvailable(c) => {
+                // An empty name is refused although empty free text is not.
+                let valid = c.valid && !c.value.is_empty();
+                request.models_available = vec![c.value];
+                ("models_available[0]".into(), valid)
             }
             E::GpuCount(c) => {
                 *gpus_of(request) = (0..c.value as u32)
