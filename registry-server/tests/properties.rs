@@ -786,6 +786,8 @@ enum BeatEdit {
     Slots(Index, Candidate<(u32, u32)>),
     /// `model` or `engine` of a pool.
     PoolText(Index, &'static str, Candidate<String>),
+    /// A reported pool endpoint.
+    PoolEndpoint(Index, Candidate<String>),
     GpuCount(Candidate<usize>),
     Utilization(Index, Candidate<u32>),
 }
@@ -825,6 +827,11 @@ fn beat_edit() -> BoxedStrategy<BeatEdit> {
             )
         )
             .prop_map(|(i, slots)| E::Slots(i, slots)),
+        (
+            index(),
+            either(valid_optional_address(), invalid_optional_address())
+        )
+            .prop_map(|(i, url)| E::PoolEndpoint(i, url)),
         (
             index(),
             prop::sample::select(vec!["model", "engine"]),
@@ -917,6 +924,11 @@ impl BeatEdit {
                     _ => &mut pool.engine,
                 } = c.value;
                 (format!("pools[{i}].{field}"), c.valid)
+            }
+            E::PoolEndpoint(index, c) => {
+                let i = pick_pool_status(request, &index, 1);
+                request.pools[i].endpoint = c.value;
+                (format!("pools[{i}].endpoint"), c.valid)
             }
             E::GpuCount(c) => {
                 request.gpus = (0..c.value as u32)
