@@ -48,6 +48,7 @@ impl NodeShape {
                 gpu_indices: self.pool_gpus(p),
                 engine_version: "0.6.3".into(),
                 metrics_url: format!("http://{}.sim.invalid:8000/metrics", self.node_id),
+                endpoint: format!("http://{}.sim.invalid:{}", self.node_id, 8000 + p),
             })
             .collect();
         pb::RegisterRequest {
@@ -56,6 +57,7 @@ impl NodeShape {
             // .invalid never resolves: nothing ever connects to these nodes.
             address: format!("http://{}.sim.invalid:9200", self.node_id),
             metrics_address: format!("http://{}.sim.invalid:9101/metrics", self.node_id),
+            models_available: Vec::new(),
             pools,
             capabilities: Some(pb::Capabilities {
                 gpus,
@@ -94,6 +96,7 @@ impl NodeShape {
                 vram_free_bytes: rng.u64(0..GPU_MEMORY / 4),
                 model: model(self.index, p).into(),
                 engine: "vllm".into(),
+                endpoint: String::new(),
             })
             .collect();
         let gpus = (0..self.gpus)

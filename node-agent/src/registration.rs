@@ -22,6 +22,7 @@ pub fn register_request(
         agent_version: format!("node-agent {}", env!("CARGO_PKG_VERSION")),
         // The agent serves no metrics endpoint yet.
         metrics_address: String::new(),
+        models_available: config.models_available.clone(),
         labels: config
             .labels
             .iter()

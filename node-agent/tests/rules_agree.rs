@@ -9,7 +9,7 @@ use node_agent::pools::PoolConfig;
 use node_agent::pools::handoff::parse_handoff;
 use node_agent::{AgentConfig, FakeGpuSource, GpuSource};
 use registry_proto::pb;
-use registry_proto::rules::{MAX_GPUS, MAX_LABELS, MAX_POOLS};
+use registry_proto::rules::{MAX_GPUS, MAX_LABELS, MAX_MODELS_AVAILABLE, MAX_POOLS};
 
 /// One value under test, in the field it goes to.
 #[derive(Debug, Clone)]
@@ -29,6 +29,12 @@ enum Case {
     Pools(usize),
     /// This many labels.
     Labels(usize),
+    /// A pool's endpoint URL.
+    Endpoint(String),
+    /// One staged model name.
+    ModelAvailable(String),
+    /// This many staged models.
+    ModelsAvailable(usize),
 }
 
 /// The table: each value and whether the contract accepts it.
@@ -102,6 +108,22 @@ fn table() -> Vec<(Case, bool)> {
         (Pools(MAX_POOLS + 1), false),
         (Labels(MAX_LABELS), true),
         (Labels(MAX_LABELS + 1), false),
+        (Endpoint(s("")), true),
+        (Endpoint(s("http://10.0.0.5:8000")), true),
+        (Endpoint(s("https://pool-0.gpu-01.example.com/v1")), true),
+        (Endpoint(s("http://[::1]:8000")), true),
+        (Endpoint(s("10.0.0.5:8000")), false),
+        (Endpoint(s("grpc://10.0.0.5:8000")), false),
+        (Endpoint(s("http://")), false),
+        (Endpoint(s("not a url")), false),
+        (Endpoint(format!("http://h/{}", "p".repeat(2048))), false),
+        (ModelAvailable(s("qwen2.5-7b-instruct")), true),
+        (ModelAvailable("m".repeat(256)), true),
+        (ModelAvailable(s("")), false),
+        (ModelAvailable("m".repeat(257)), false),
+        (ModelAvailable(s("tab\there")), false),
+        (ModelsAvailable(MAX_MODELS_AVAILABLE), true),
+        (ModelsAvailable(MAX_MODELS_AVAILABLE + 1), false),
     ]
 }
 
@@ -134,6 +156,11 @@ fn config_with(value: &Case) -> AgentConfig {
         Case::Labels(n) => {
             config.labels = (0..n).map(|i| (format!("k{i}"), "v".into())).collect();
         }
+        Case::Endpoint(v) => pool.endpoint = Some(v),
+        Case::ModelAvailable(v) => config.models_available = vec![v],
+        Case::ModelsAvailable(n) => {
+            config.models_available = (0..n).map(|i| format!("m{i}")).collect();
+        }
     }
     config
 }
@@ -165,6 +192,9 @@ fn handoff_json(value: &Case) -> Option<String> {
         Case::GpuIndices(n) => Some(
             serde_json::json!({ "device_mask": (0..*n as u32).collect::<Vec<_>>() }).to_string(),
         ),
+        // A handoff file's `url` is the endpoint, but it is also probed and
+        // the probe accepts only plain http://, stricter than the contract:
+        // endpoints are compared on the configuration path only.
         _ => None,
     }
 }

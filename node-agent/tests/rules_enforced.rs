@@ -68,6 +68,22 @@ impl NodeRegistry for StubRegistry {
         Err(Status::unimplemented("stub"))
     }
 
+    // The agent never asks for placement; these answer like any RPC the
+    // test does not script.
+    async fn find_pools(
+        &self,
+        _: Request<pb::FindPoolsRequest>,
+    ) -> Result<Response<pb::FindPoolsResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     type HeartbeatStream = Beats;
 
     async fn heartbeat(
@@ -201,10 +217,12 @@ fn agent_command() -> Command {
 #[test]
 fn settings_the_registry_would_refuse_exit_2_naming_the_setting() {
     let long_model = format!("pool-0,model={}", "m".repeat(257));
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--machine-id", "has space"], "--machine-id"),
         (&["--pool", &long_model], "model"),
         (&["--label", "zone=a\u{1}b"], "--label"),
+        (&["--pool", "pool-0,endpoint=10.0.0.5:8000"], "endpoint"),
+        (&["--model-available", "tab\there"], "--model-available"),
     ];
     for (args, named) in cases {
         let output = agent_command()

@@ -103,6 +103,22 @@ impl NodeRegistry for Scripted {
         Err(Status::unimplemented("not scripted"))
     }
 
+    // The agent never asks for placement; these answer like any RPC the
+    // test does not script.
+    async fn find_pools(
+        &self,
+        _: Request<pb::FindPoolsRequest>,
+    ) -> Result<Response<pb::FindPoolsResponse>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
     type HeartbeatStream = ReceiverStream<Result<pb::HeartbeatResponse, Status>>;
 
     async fn heartbeat(

@@ -117,6 +117,19 @@ pub enum Command {
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
+    /// Finds the best pools for a model (FindPools): READY pools on ONLINE
+    /// nodes, most free VRAM first, then most free slots; exits 1 with the
+    /// registry's reason on stderr when none qualifies
+    /// [default registry: http://127.0.0.1:50051].
+    Find(FindArgs),
+    /// Lists the models the fleet serves or has staged (ListModels): nodes,
+    /// pools, READY pools, free/total slots and the nodes that only have a
+    /// model staged; exits 1 when none is listed
+    /// [default registry: http://127.0.0.1:50051].
+    Models {
+        /// Only this model.
+        model: Option<String>,
+    },
     /// Shows one node: its status, pools and GPUs; exits 1 when the
     /// registry does not know it [default registry: http://127.0.0.1:50051].
     Get {
@@ -150,6 +163,101 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// The filters of `find`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FindArgs {
+    /// The model to serve.
+    #[arg(long)]
+    pub model: String,
+    /// Only pools of this engine ("vllm").
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// Only pools with at least this many free slots [registry default: 1;
+    /// 0 also offers full pools].
+    #[arg(long, value_name = "N")]
+    pub min_slots: Option<u32>,
+    /// Only pools with at least this much free GPU memory: bytes, or a
+    /// size like 10GiB, 512MiB, 8GB.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub min_vram: Option<u64>,
+    /// Only pools on nodes carrying this label (KEY=VALUE); repeatable,
+    /// all must match.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Only pools whose every GPU's name contains this text, ignoring case
+    /// ("h100").
+    #[arg(long, value_name = "NAME")]
+    pub gpu: Option<String>,
+    /// Only pools whose every GPU has at least this compute capability
+    /// ("8.0"; major then minor, compared as numbers).
+    #[arg(long, value_name = "MAJOR.MINOR")]
+    pub min_compute_capability: Option<String>,
+    /// Only pools of this node.
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Never pools of this node; repeatable.
+    #[arg(long, value_name = "NODE")]
+    pub exclude: Vec<String>,
+    /// How many pools to print, best first (1-100) [registry default: 1].
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+}
+
+impl FindArgs {
+    /// The query of these flags.
+    pub fn query(&self) -> crate::commands::find::Query {
+        crate::commands::find::Query {
+            model: self.model.clone(),
+            engine: self.engine.clone(),
+            min_slots: self.min_slots,
+            min_vram: self.min_vram,
+            labels: self.labels.clone(),
+            gpu: self.gpu.clone(),
+            min_compute_capability: self.min_compute_capability.clone(),
+            node: self.node.clone(),
+            exclude: self.exclude.clone(),
+            limit: self.limit,
+        }
+    }
+}
+
+/// A size in bytes: a plain number, or a number with a unit (B, KB, MB,
+/// GB, TB in powers of 1000; KiB, MiB, GiB, TiB in powers of 1024), unit
+/// case ignored.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let bad = || format!("expected bytes or a size like 10GiB, got {text:?}");
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole.checked_mul(factor).ok_or_else(bad);
+    }
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = (value * factor as f64).round();
+    if !(0.0..=u64::MAX as f64).contains(&bytes) {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
 }
 
 /// Node status filter of `list`.
@@ -280,6 +388,65 @@ mod tests {
         assert_eq!(cli.tls_cert, Some(PathBuf::from("c.pem")));
         assert_eq!(cli.tls_key, Some(PathBuf::from("k.pem")));
         assert_eq!(cli.tls_domain.as_deref(), Some("registry.internal"));
+    }
+
+    #[test]
+    fn find_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "registry-ctl",
+            "find",
+            "--model",
+            "llama-3.1-8b",
+            "--engine",
+            "vllm",
+            "--min-slots",
+            "0",
+            "--min-vram",
+            "10GiB",
+            "--label",
+            "zone=a",
+            "--gpu",
+            "H100",
+            "--min-compute-capability",
+            "8.0",
+            "--node",
+            "n1",
+            "--exclude",
+            "n2",
+            "--exclude",
+            "n3",
+            "--limit",
+            "3",
+        ])
+        .unwrap();
+        let Command::Find(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        let query = args.query();
+        assert_eq!(query.model, "llama-3.1-8b");
+        assert_eq!(query.min_slots, Some(0));
+        assert_eq!(query.min_vram, Some(10 << 30));
+        assert_eq!(query.labels, [("zone".to_owned(), "a".to_owned())]);
+        assert_eq!(query.exclude, ["n2", "n3"]);
+        assert_eq!(query.limit, Some(3));
+        assert!(
+            Cli::try_parse_from(["registry-ctl", "find"]).is_err(),
+            "--model is required"
+        );
+        let cli = Cli::try_parse_from(["registry-ctl", "models", "qwen"]).unwrap();
+        assert!(matches!(cli.command, Command::Models { model: Some(m) } if m == "qwen"));
+    }
+
+    #[test]
+    fn sizes_parse_in_bytes_and_units() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes("1.5gib"), Ok(3 << 29));
+        assert_eq!(parse_bytes("8GB"), Ok(8_000_000_000));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert!(parse_bytes("10 parsecs").is_err());
+        assert!(parse_bytes("GiB").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
     }
 
     #[test]

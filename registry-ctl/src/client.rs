@@ -134,6 +134,40 @@ impl Registry {
         }
     }
 
+    /// FindPools' answer; its refusals (NOT_FOUND with the filter that
+    /// left no pool, FAILED_PRECONDITION for an unavailable pinned node)
+    /// come back as [`CtlError::Rpc`] with the server's message.
+    pub async fn find_pools(
+        &self,
+        request: pb::FindPoolsRequest,
+    ) -> Result<pb::FindPoolsResponse, CtlError> {
+        let mut client = NodeRegistryClient::new(self.channel.clone());
+        let answer = bounded(self.timeout, self.what("FindPools"), async {
+            client
+                .find_pools(request)
+                .await
+                .map_err(|status| CtlError::rpc("FindPools", &self.url, &status))
+        })
+        .await?;
+        Ok(answer.into_inner())
+    }
+
+    /// ListModels' answer.
+    pub async fn list_models(
+        &self,
+        request: pb::ListModelsRequest,
+    ) -> Result<pb::ListModelsResponse, CtlError> {
+        let mut client = NodeRegistryClient::new(self.channel.clone());
+        let answer = bounded(self.timeout, self.what("ListModels"), async {
+            client
+                .list_models(request)
+                .await
+                .map_err(|status| CtlError::rpc("ListModels", &self.url, &status))
+        })
+        .await?;
+        Ok(answer.into_inner())
+    }
+
     fn what(&self, call: &str) -> String {
         format!("{call} on {}", self.url)
     }

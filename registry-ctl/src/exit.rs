@@ -7,7 +7,7 @@ pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0  found / ok (health: SERVING; agent-check: the node is ONLINE)
   1  not found or nothing matched (get of an absent node, list matching no
-     node), not healthy (health: not SERVING; agent-check: OFFLINE or
+     node, find finding no pool, models listing none), not healthy (health: not SERVING; agent-check: OFFLINE or
      absent), or the output could not be written
   2  usage error: bad flags (clap), an unusable token, token file, TLS file
      or URL, or an argument the registry refused (INVALID_ARGUMENT)

@@ -475,3 +475,59 @@ async fn agent_check_resolves_the_agent_from_its_environment() {
 
     registry.stop().await;
 }
+
+/// `find` and `models` as scripts see them. The registry's placement index
+/// is fed by its change feed; gpu-a has registered but never sent a
+/// heartbeat, so it is not offered either way: `find` exits 1 with the
+/// registry's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_and_models_need_a_reader_and_exit_1_when_nothing_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        &format!("reader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\nnode {NODE_TOKEN}\n"),
+    );
+    let registry = TestRegistry::start(Settings {
+        auth_token_file: Some(tokens),
+        ..Settings::default()
+    })
+    .await;
+    register(registry.channel().await, Some(ADMIN_TOKEN), "gpu-a").await;
+    let url = &registry.url();
+    let reader = ["--registry", url, "--token", READER_TOKEN];
+
+    let output = ctl(&[&reader[..], &["find", "--model", "llama-3.1-8b"]].concat()).await;
+    assert_exit(&output, 1);
+    assert_eq!(stdout(&output), "");
+    let err = stderr(&output);
+    assert!(
+        err.contains("no pool found") && err.contains("llama-3.1-8b"),
+        "{err}"
+    );
+
+    let output = ctl(&[&reader[..], &["find", "--model", "m", "--limit", "101"]].concat()).await;
+    assert_exit(&output, 2);
+    assert!(stderr(&output).contains("limit"), "{}", stderr(&output));
+
+    let output = ctl(&[&reader[..], &["find", "--model", "m", "--node", "ghost"]].concat()).await;
+    assert_exit(&output, 1);
+    assert!(
+        stderr(&output).contains("ghost is not registered"),
+        "{}",
+        stderr(&output)
+    );
+
+    for command in [&["find", "--model", "m"][..], &["models"][..]] {
+        let output =
+            ctl(&[&["--registry", url, "--token", NODE_TOKEN][..], command].concat()).await;
+        assert_exit(&output, 3);
+        assert!(
+            stderr(&output).contains("PERMISSION_DENIED"),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+    }
+
+    registry.stop().await;
+}

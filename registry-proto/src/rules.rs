@@ -34,6 +34,8 @@ pub const MAX_MACHINE_ID_LEN: usize = 128;
 pub const MAX_ID_LEN: usize = 63;
 /// Longest compute capability ("major.minor").
 pub const MAX_COMPUTE_CAPABILITY_LEN: usize = 8;
+/// Most staged model names a node may report (`models_available`).
+pub const MAX_MODELS_AVAILABLE: usize = 256;
 /// Shortest bearer token either side accepts, so no guessable token is
 /// ever configured.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -51,6 +53,13 @@ pub enum Field<'a> {
         index: usize,
         /// The entry's field.
         name: &'a str,
+    },
+    /// One entry of a list of plain values: `models_available[2]`.
+    Entry {
+        /// The list: `models_available`.
+        list: &'a str,
+        /// The entry's position.
+        index: usize,
     },
     /// One entry of a map, by key: `labels["zone"]`.
     Key {
@@ -72,6 +81,7 @@ impl fmt::Display for Field<'_> {
         match self {
             Field::Name(name) => f.write_str(name),
             Field::Item { list, index, name } => write!(f, "{list}[{index}].{name}"),
+            Field::Entry { list, index } => write!(f, "{list}[{index}]"),
             Field::Key { map, key } => write!(f, "{map}[{}]", quoted(key)),
         }
     }
@@ -194,6 +204,26 @@ pub fn optional_address(field: Field<'_>, addr: &str) -> RuleResult {
         return Ok(());
     }
     address(field, addr)
+}
+
+/// A pool's endpoint (where its engine takes requests): empty when
+/// unknown, otherwise an [`address`].
+pub fn endpoint(field: Field<'_>, url: &str) -> RuleResult {
+    optional_address(field, url)
+}
+
+/// Models staged on a node's disk: at most [`MAX_MODELS_AVAILABLE`] names,
+/// each non-empty [`text`], no name twice.
+pub fn models_available(field: &str, models: &[String]) -> RuleResult {
+    at_most(Field::Name(field), models.len(), MAX_MODELS_AVAILABLE)?;
+    let mut seen = HashSet::new();
+    for (index, model) in models.iter().enumerate() {
+        let item = Field::Entry { list: field, index };
+        required(item, model, MAX_TEXT_LEN)?;
+        text(item, model)?;
+        unique(&mut seen, item, model)?;
+    }
+    Ok(())
 }
 
 /// A pool id: 1-63 characters of `[A-Za-z0-9._-]`.
@@ -343,6 +373,7 @@ pub fn pool_spec_fields<'f>(
     text(field("model"), &pool.model)?;
     text(field("engine_version"), &pool.engine_version)?;
     optional_address(field("metrics_url"), &pool.metrics_url)?;
+    endpoint(field("endpoint"), &pool.endpoint)?;
     at_most(field("gpu_indices"), pool.gpu_indices.len(), MAX_GPUS)
 }
 
@@ -399,6 +430,7 @@ pub fn register_request(req: &pb::RegisterRequest) -> RuleResult {
     optional_address(Field::Name("metrics_address"), &req.metrics_address)?;
     text(Field::Name("agent_version"), &req.agent_version)?;
     pool_specs(&req.pools)?;
+    models_available("models_available", &req.models_available)?;
     if let Some(caps) = &req.capabilities {
         capabilities(caps)?;
     }
@@ -444,6 +476,7 @@ pub fn pool_statuses(pools: &[pb::PoolStatus]) -> RuleResult {
         }
         text(field("model"), &pool.model)?;
         text(field("engine"), &pool.engine)?;
+        endpoint(field("endpoint"), &pool.endpoint)?;
     }
     Ok(())
 }
@@ -519,6 +552,90 @@ mod tests {
             key: "zone",
         };
         assert_eq!(key.to_string(), "labels[\"zone\"]");
+    }
+
+    #[test]
+    fn endpoints_are_optional_urls() {
+        endpoint("e".into(), "").unwrap();
+        endpoint("e".into(), "http://10.0.0.5:8000").unwrap();
+        endpoint("e".into(), "https://pool.example/v1").unwrap();
+        for bad in [
+            "10.0.0.5:8000",
+            "ftp://h/",
+            "http://",
+            &format!("http://{}", "a".repeat(2048)),
+        ] {
+            let err = endpoint(
+                Field::Item {
+                    list: "pools",
+                    index: 1,
+                    name: "endpoint",
+                },
+                bad,
+            )
+            .unwrap_err();
+            assert_eq!(err.field, "pools[1].endpoint", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn models_available_are_bounded_unique_text() {
+        models_available("models_available", &[]).unwrap();
+        models_available(
+            "models_available",
+            &["llama-3.1-8b".into(), "qwen2.5-7b".into()],
+        )
+        .unwrap();
+        let err = models_available("models_available", &["a".into(), "".into()]).unwrap_err();
+        assert_eq!(err.field, "models_available[1]");
+        assert!(err.reason.contains("empty"));
+        let err = models_available("models_available", &["a".into(), "a".into()]).unwrap_err();
+        assert!(err.reason.contains("more than once"), "{err}");
+        let err = models_available("models_available", &["bad\nname".into()]).unwrap_err();
+        assert!(err.reason.contains("control"), "{err}");
+        let many: Vec<String> = (0..=MAX_MODELS_AVAILABLE)
+            .map(|i| format!("m{i}"))
+            .collect();
+        let err = models_available("models_available", &many).unwrap_err();
+        assert_eq!(err.field, "models_available");
+    }
+
+    #[test]
+    fn register_request_and_heartbeat_check_endpoints_and_models() {
+        let mut req = pb::RegisterRequest {
+            node_id: "gpu-1".into(),
+            machine_id: "m-1".into(),
+            address: "http://10.0.0.5:9200".into(),
+            pools: vec![pb::PoolSpec {
+                pool_id: "p0".into(),
+                endpoint: "http://10.0.0.5:8000".into(),
+                ..Default::default()
+            }],
+            models_available: vec!["llama".into()],
+            ..Default::default()
+        };
+        register_request(&req).unwrap();
+        req.pools[0].endpoint = "nope".into();
+        assert_eq!(
+            register_request(&req).unwrap_err().field,
+            "pools[0].endpoint"
+        );
+        req.pools[0].endpoint.clear();
+        req.models_available.push("llama".into());
+        assert_eq!(
+            register_request(&req).unwrap_err().field,
+            "models_available[1]"
+        );
+        let status = pb::PoolStatus {
+            pool_id: "p0".into(),
+            state: pb::PoolState::Ready as i32,
+            endpoint: "tcp://x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            pool_statuses(&[status]).unwrap_err().field,
+            "pools[0].endpoint"
+        );
     }
 
     #[test]

@@ -51,8 +51,10 @@ impl Role {
         match (self, rpc) {
             (Role::Admin, _) => true,
             (Role::Node, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => true,
-            (Role::Reader, Rpc::ListNodes | Rpc::GetNode) => true,
-            (Role::Node, Rpc::ListNodes | Rpc::GetNode) => false,
+            (Role::Reader, Rpc::ListNodes | Rpc::GetNode | Rpc::FindPools | Rpc::ListModels) => {
+                true
+            }
+            (Role::Node, Rpc::ListNodes | Rpc::GetNode | Rpc::FindPools | Rpc::ListModels) => false,
             (Role::Reader, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => false,
         }
     }
@@ -79,6 +81,10 @@ pub enum Rpc {
     ListNodes,
     /// `GetNode`.
     GetNode,
+    /// `FindPools`: a read of the fleet, for schedulers (reader role).
+    FindPools,
+    /// `ListModels`: a read of the fleet (reader role).
+    ListModels,
 }
 
 /// Why a caller or a token file was refused.
@@ -400,9 +406,13 @@ mod tests {
     #[test]
     fn roles_allow_exactly_their_calls() {
         use Rpc::*;
-        for rpc in [Register, Heartbeat, Deregister, ListNodes, GetNode] {
+        for rpc in [
+            Register, Heartbeat, Deregister, ListNodes, GetNode, FindPools, ListModels,
+        ] {
             assert!(Role::Admin.allows(rpc));
         }
+        assert!(Role::Reader.allows(FindPools) && Role::Reader.allows(ListModels));
+        assert!(!Role::Node.allows(FindPools) && !Role::Node.allows(ListModels));
         assert!(Role::Node.allows(Register) && Role::Node.allows(Heartbeat));
         assert!(Role::Node.allows(Deregister) && !Role::Node.allows(ListNodes));
         assert!(Role::Reader.allows(ListNodes) && Role::Reader.allows(GetNode));

@@ -55,6 +55,29 @@ pub enum RegistryError {
     /// The caller was too slow (a stream that never sent its first message).
     #[error("{0}")]
     TooSlow(String),
+    /// FindPools found no pool (or its pinned node is unknown); the message
+    /// names the filter that left none, so the caller can relax it.
+    #[error("{0}")]
+    NoPlacement(String),
+    /// FindPools' pinned node is registered but cannot serve the request
+    /// now; the message says why.
+    #[error("node unavailable: {0}")]
+    NodeUnavailable(String),
+}
+
+/// A placement refusal keeps its reason; only the code is decided here.
+impl From<crate::placement::PlacementError> for RegistryError {
+    fn from(err: crate::placement::PlacementError) -> Self {
+        use crate::placement::PlacementError;
+        match err {
+            PlacementError::InvalidArgument { field, reason } => {
+                Self::InvalidArgument { field, reason }
+            }
+            e @ PlacementError::UnknownNode { .. } => Self::NoPlacement(e.to_string()),
+            PlacementError::NodeUnavailable { reason, .. } => Self::NodeUnavailable(reason),
+            PlacementError::NoCandidate { reason, .. } => Self::NoPlacement(reason),
+        }
+    }
 }
 
 /// A broken contract rule (see [`registry_proto::rules`]) is an invalid
@@ -104,6 +127,8 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::NodeTaken { .. } => tonic::Code::AlreadyExists,
             RegistryError::LimitReached(_) => tonic::Code::ResourceExhausted,
             RegistryError::TooSlow(_) => tonic::Code::DeadlineExceeded,
+            RegistryError::NoPlacement(_) => tonic::Code::NotFound,
+            RegistryError::NodeUnavailable(_) => tonic::Code::FailedPrecondition,
         };
         tonic::Status::new(code, err.to_string())
     }
@@ -167,6 +192,16 @@ mod tests {
                 RegistryError::TooSlow("no first message within 30s".into()),
                 tonic::Code::DeadlineExceeded,
                 "no first message",
+            ),
+            (
+                RegistryError::NoPlacement("model m is served by no pool".into()),
+                tonic::Code::NotFound,
+                "model m is served by no pool",
+            ),
+            (
+                RegistryError::NodeUnavailable("node n1 runs no pool of model m".into()),
+                tonic::Code::FailedPrecondition,
+                "node unavailable: node n1 runs no pool of model m",
             ),
         ];
         for (err, code, text) in cases {

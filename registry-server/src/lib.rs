@@ -7,6 +7,8 @@
 //! - [`expiry`]: the task that enforces deadlines and retention;
 //! - [`validate`]: input rules applied before any state changes;
 //! - [`service`]: the tonic adapter, heartbeat streams included;
+//! - [`placement`]: the model → pools index behind FindPools and
+//!   ListModels, fed by [`events::Event`]s;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
@@ -21,6 +23,7 @@ pub mod expiry;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod placement;
 pub mod registry;
 pub mod schedule;
 pub mod server;

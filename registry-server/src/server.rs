@@ -14,6 +14,7 @@ use tracing::{error, info, warn};
 use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
 use crate::expiry;
+use crate::placement::PlacementIndex;
 use crate::registry::Registry;
 use crate::service::NodeRegistryService;
 
@@ -124,11 +125,16 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // FindPools and ListModels answer from this index. It is fed by the
+    // registry core's change feed (one `placement.apply(&event)` per
+    // event), wired where the core publishes its events.
+    let placement = PlacementIndex::new();
     let registry_service = NodeRegistryServer::new(NodeRegistryService::new(
         registry.clone(),
         &settings,
         auth,
         stop.clone(),
+        placement,
     ))
     .max_decoding_message_size(settings.max_message_size);
 

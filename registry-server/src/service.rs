@@ -16,6 +16,7 @@ use crate::auth::{Authenticator, Role, Rpc};
 use crate::config::Settings;
 use crate::error::RegistryError;
 use crate::identity;
+use crate::placement::{self, PlacementIndex, PlacementQuery};
 use crate::registry::{Liveness, NodeFilter, NodeSlot, Now, Registry, secrets_equal};
 use crate::validate;
 
@@ -38,15 +39,20 @@ pub struct NodeRegistryService {
     /// How long a new stream may stay silent before its first message:
     /// an open, never-written stream would otherwise hold resources forever.
     first_message_timeout: Duration,
+    /// Answers FindPools and ListModels; fed by the registry's change feed,
+    /// not read from the registry, so a query never scans the fleet.
+    placement: PlacementIndex,
 }
 
 impl NodeRegistryService {
-    /// A service over `registry`; `shutdown` ends its open streams.
+    /// A service over `registry`; `shutdown` ends its open streams;
+    /// `placement` answers the placement RPCs.
     pub fn new(
         registry: Registry,
         settings: &Settings,
         auth: Authenticator,
         shutdown: CancellationToken,
+        placement: PlacementIndex,
     ) -> Self {
         Self {
             registry,
@@ -56,6 +62,7 @@ impl NodeRegistryService {
             max_heartbeat_streams: settings.max_heartbeat_streams,
             max_page_size: settings.max_page_size,
             first_message_timeout: settings.node_timeout,
+            placement,
         }
     }
 
@@ -167,6 +174,39 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         Ok(Response::new(self.registry.get(&request.node_id)?))
     }
 
+    async fn find_pools(
+        &self,
+        request: Request<pb::FindPoolsRequest>,
+    ) -> Result<Response<pb::FindPoolsResponse>, Status> {
+        self.authorize(&request, Rpc::FindPools)?;
+        let query =
+            PlacementQuery::from_request(request.into_inner()).map_err(RegistryError::from)?;
+        let placement = self.placement.find(&query).map_err(RegistryError::from)?;
+        Ok(Response::new(pb::FindPoolsResponse {
+            candidates: placement
+                .candidates
+                .into_iter()
+                .map(candidate_to_proto)
+                .collect(),
+            revision: placement.revision,
+        }))
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.authorize(&request, Rpc::ListModels)?;
+        let request = request.into_inner();
+        registry_proto::rules::text("model".into(), &request.model).map_err(RegistryError::from)?;
+        let only = (!request.model.is_empty()).then_some(request.model.as_str());
+        let list = self.placement.list_models(only);
+        Ok(Response::new(pb::ListModelsResponse {
+            models: list.models.into_iter().map(model_to_proto).collect(),
+            revision: list.revision,
+        }))
+    }
+
     type HeartbeatStream = HeartbeatStream;
 
     async fn heartbeat(
@@ -213,6 +253,46 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             Some((reply, session))
         });
         Ok(Response::new(Box::pin(replies)))
+    }
+}
+
+fn candidate_to_proto(c: placement::Candidate) -> pb::PoolCandidate {
+    pb::PoolCandidate {
+        node_id: c.node_id,
+        pool_id: c.pool_id,
+        endpoint: c.endpoint,
+        model: c.model,
+        engine: c.engine,
+        slots_free: c.slots_free,
+        vram_free_bytes: c.vram_free_bytes,
+        node_address: c.node_address,
+        labels: c.labels,
+        slots_total: c.slots_total,
+    }
+}
+
+fn model_to_proto(m: placement::ModelAvailability) -> pb::ModelAvailability {
+    pb::ModelAvailability {
+        model: m.model,
+        pools: m
+            .pools
+            .into_iter()
+            .map(|p| pb::ModelPool {
+                node_id: p.node_id,
+                pool_id: p.pool_id,
+                engine: p.engine,
+                state: p.state.unwrap_or(pb::PoolState::Unspecified) as i32,
+                node_status: p.node_status as i32,
+                slots_total: p.slots_total,
+                slots_free: p.slots_free,
+                ready: p.ready,
+            })
+            .collect(),
+        nodes_serving: m.nodes_serving,
+        pools_ready: m.pools_ready,
+        slots_total: m.slots_total,
+        slots_free: m.slots_free,
+        staged_on: m.staged_on,
     }
 }
 
@@ -427,5 +507,169 @@ impl HeartbeatSession {
             heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
             command: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use pb::node_registry_server::NodeRegistry as _;
+
+    use super::*;
+    use crate::events::EventKind;
+    use crate::placement::testing::{event, view};
+
+    /// A service whose placement index holds one ONLINE node, `gpu-1`,
+    /// built from a RegisterRequest and a heartbeat (the registry core
+    /// feeds the index once merged; these tests feed it directly).
+    fn service() -> NodeRegistryService {
+        let settings = Settings::default();
+        let index = PlacementIndex::new();
+        let request = pb::RegisterRequest {
+            node_id: "gpu-1".into(),
+            machine_id: "machine-gpu-1".into(),
+            address: "http://gpu-1.example:9200".into(),
+            pools: vec![pb::PoolSpec {
+                pool_id: "pool-0".into(),
+                engine: "llamacpp".into(),
+                model: "llama-3.1-8b".into(),
+                slots_total: 4,
+                endpoint: "http://gpu-1.example:8000".into(),
+                ..Default::default()
+            }],
+            labels: [("zone".to_owned(), "eu-1".to_owned())].into(),
+            models_available: vec!["qwen2.5-7b".into()],
+            ..Default::default()
+        };
+        let beat = [pb::PoolStatus {
+            pool_id: "pool-0".into(),
+            state: pb::PoolState::Ready as i32,
+            slots_total: 4,
+            slots_free: 3,
+            vram_free_bytes: 10 << 30,
+            model: "llama-3.1-8b".into(),
+            engine: "llamacpp".into(),
+            endpoint: String::new(),
+        }];
+        let node = view(&request, Some(&beat), pb::NodeStatus::Online);
+        index.apply(&event(3, EventKind::Added, Arc::clone(&node)));
+        NodeRegistryService::new(
+            Registry::new(settings.timing()),
+            &settings,
+            Authenticator::open(),
+            CancellationToken::new(),
+            index,
+        )
+    }
+
+    #[tokio::test]
+    async fn find_pools_answers_from_the_index() {
+        let service = service();
+        let answer = service
+            .find_pools(Request::new(pb::FindPoolsRequest {
+                model: "llama-3.1-8b".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.revision, 3);
+        assert_eq!(answer.candidates.len(), 1);
+        let best = &answer.candidates[0];
+        assert_eq!(
+            (best.node_id.as_str(), best.pool_id.as_str()),
+            ("gpu-1", "pool-0")
+        );
+        assert_eq!(best.endpoint, "http://gpu-1.example:8000");
+        assert_eq!(best.node_address, "http://gpu-1.example:9200");
+        assert_eq!(best.labels.get("zone").map(String::as_str), Some("eu-1"));
+        assert_eq!((best.slots_free, best.slots_total), (3, 4));
+    }
+
+    #[tokio::test]
+    async fn find_pools_maps_refusals_to_their_codes() {
+        let service = service();
+        let find = |req: pb::FindPoolsRequest| {
+            let service = service.clone();
+            async move { service.find_pools(Request::new(req)).await.unwrap_err() }
+        };
+        let base = || pb::FindPoolsRequest {
+            model: "llama-3.1-8b".into(),
+            ..Default::default()
+        };
+        let status = find(pb::FindPoolsRequest {
+            model: "absent".into(),
+            ..base()
+        })
+        .await;
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(status.message(), "model absent is served by no pool");
+        let status = find(pb::FindPoolsRequest {
+            engine: "vllm".into(),
+            ..base()
+        })
+        .await;
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(
+            status.message().contains("none runs engine vllm"),
+            "{}",
+            status.message()
+        );
+        let status = find(pb::FindPoolsRequest {
+            node_id: "ghost".into(),
+            ..base()
+        })
+        .await;
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert!(status.message().contains("ghost is not registered"));
+        let status = find(pb::FindPoolsRequest {
+            node_id: "gpu-1".into(),
+            min_slots_free: Some(4),
+            ..base()
+        })
+        .await;
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().starts_with("node unavailable: node gpu-1"),
+            "{}",
+            status.message()
+        );
+        let status = find(pb::FindPoolsRequest {
+            limit: 101,
+            ..base()
+        })
+        .await;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("limit"));
+    }
+
+    #[tokio::test]
+    async fn list_models_reports_served_and_staged_models() {
+        let service = service();
+        let answer = service
+            .list_models(Request::new(pb::ListModelsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.revision, 3);
+        let names: Vec<&str> = answer.models.iter().map(|m| m.model.as_str()).collect();
+        assert_eq!(names, ["llama-3.1-8b", "qwen2.5-7b"]);
+        let llama = &answer.models[0];
+        assert_eq!(
+            (llama.nodes_serving, llama.pools_ready, llama.slots_free),
+            (1, 1, 3)
+        );
+        assert_eq!(llama.pools[0].state, pb::PoolState::Ready as i32);
+        assert_eq!(llama.pools[0].node_status, pb::NodeStatus::Online as i32);
+        assert_eq!(answer.models[1].staged_on, ["gpu-1"]);
+        let one = service
+            .list_models(Request::new(pb::ListModelsRequest {
+                model: "qwen2.5-7b".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(one.models.len(), 1);
     }
 }

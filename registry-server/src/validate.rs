@@ -32,6 +32,7 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryEr
         agent_version: req.agent_version,
         labels: req.labels,
         metrics_address: req.metrics_address,
+        models_available: req.models_available,
     })
 }
 
@@ -93,6 +94,7 @@ mod tests {
                 gpu_indices: vec![0],
                 engine_version: "b3000".into(),
                 metrics_url: "http://10.0.0.5:8080/metrics".into(),
+                endpoint: "http://10.0.0.5:8080".into(),
             }],
             capabilities: Some(pb::Capabilities {
                 gpus: vec![pb::GpuInfo {
@@ -112,6 +114,7 @@ mod tests {
             agent_version: "node-agent 0.1.0".into(),
             labels: [("zone".to_string(), "eu-1".to_string())].into(),
             metrics_address: "http://10.0.0.5:9101/metrics".into(),
+            models_available: vec!["qwen2.5-7b".into()],
         }
     }
 
@@ -128,6 +131,7 @@ mod tests {
                 vram_free_bytes: 1 << 30,
                 model: "m".into(),
                 engine: "llamacpp".into(),
+                endpoint: String::new(),
             }],
             gpus: vec![],
             sequence: 1,
@@ -162,6 +166,25 @@ mod tests {
         let reg = registration(good_register()).unwrap();
         assert_eq!(reg.node_id, "gpu-node-1");
         assert_eq!(reg.capabilities.gpus.len(), 1);
+    }
+
+    #[test]
+    fn pool_endpoints_and_staged_models_are_checked_and_kept() {
+        let reg = registration(good_register()).unwrap();
+        assert_eq!(reg.pools[0].endpoint, "http://10.0.0.5:8080");
+        assert_eq!(reg.models_available, ["qwen2.5-7b"]);
+        assert_eq!(
+            register_field(|r| r.pools[0].endpoint = "10.0.0.5:8080".into()),
+            "pools[0].endpoint"
+        );
+        assert_eq!(
+            register_field(|r| r.models_available.push(String::new())),
+            "models_available[1]"
+        );
+        assert_eq!(
+            beat_field(|b| b.pools[0].endpoint = "ftp://x".into()),
+            "pools[0].endpoint"
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ use registry_server::validate;
 // a changed limit fails this test instead of moving it along.
 /// Most pools a node may run.
 const MAX_POOLS: usize = 64;
+/// Most staged model names (`models_available`).
+const MAX_MODELS_AVAILABLE: usize = 256;
 /// Most GPUs a node may report, and GPU indices a pool may name.
 const MAX_GPUS: usize = 64;
 /// Most labels a node may carry.
@@ -282,6 +284,7 @@ fn valid_pool_spec(pool_id: String) -> BoxedStrategy<pb::PoolSpec> {
                     gpu_indices,
                     engine_version,
                     metrics_url,
+                    endpoint: String::new(),
                 }
             },
         )
@@ -366,6 +369,7 @@ fn valid_register_request() -> BoxedStrategy<pb::RegisterRequest> {
                     agent_version,
                     labels,
                     metrics_address,
+                    models_available: Vec::new(),
                 }
             },
         )
@@ -404,6 +408,7 @@ fn valid_pool_status(pool_id: String) -> BoxedStrategy<pb::PoolStatus> {
                     vram_free_bytes,
                     model,
                     engine,
+                    endpoint: String::new(),
                 }
             },
         )
@@ -479,6 +484,11 @@ enum RegisterEdit {
     PoolText(Index, &'static str, Candidate<String>),
     PoolGpuIndexCount(Index, Candidate<usize>),
     PoolMetricsUrl(Index, Candidate<String>),
+    PoolEndpoint(Index, Candidate<String>),
+    /// This many distinct staged model names.
+    ModelsAvailableCount(Candidate<usize>),
+    /// One staged model name.
+    ModelAvailable(Candidate<String>),
     GpuCount(Candidate<usize>),
     DuplicateGpuIndex(Index),
     /// `uuid`, `name` or `pci_bus_id` of a GPU.
@@ -515,6 +525,13 @@ fn register_edit() -> BoxedStrategy<RegisterEdit> {
             either(valid_optional_address(), invalid_optional_address())
         )
             .prop_map(|(i, url)| E::PoolMetricsUrl(i, url)),
+        (
+            index(),
+            either(valid_optional_address(), invalid_optional_address())
+        )
+            .prop_map(|(i, url)| E::PoolEndpoint(i, url)),
+        count(MAX_MODELS_AVAILABLE).prop_map(E::ModelsAvailableCount),
+        text_candidate().prop_map(E::ModelAvailable),
         count(MAX_GPUS).prop_map(E::GpuCount),
         index().prop_map(E::DuplicateGpuIndex),
         (
@@ -662,6 +679,21 @@ impl RegisterEdit {
                 request.pools[i].metrics_url = c.value;
                 (format!("pools[{i}].metrics_url"), c.valid)
             }
+            E::PoolEndpoint(index, c) => {
+                let i = pick_pool_spec(request, &index, 1);
+                request.pools[i].endpoint = c.value;
+                (format!("pools[{i}].endpoint"), c.valid)
+            }
+            E::ModelsAvailableCount(c) => {
+                request.models_available = (0..c.value).map(|k| format!("model-{k}")).collect();
+                ("models_available".into(), c.valid)
+            }
+            E::ModelAvailable(c) => {
+                // An empty name is refused although empty free text is not.
+                let valid = c.valid && !c.value.is_empty();
+                request.models_available = vec![c.value];
+                ("models_available[0]".into(), valid)
+            }
             E::GpuCount(c) => {
                 *gpus_of(request) = (0..c.value as u32)
                     .map(|index| pb::GpuInfo {
@@ -756,6 +788,8 @@ enum BeatEdit {
     Slots(Index, Candidate<(u32, u32)>),
     /// `model` or `engine` of a pool.
     PoolText(Index, &'static str, Candidate<String>),
+    /// A reported pool endpoint.
+    PoolEndpoint(Index, Candidate<String>),
     GpuCount(Candidate<usize>),
     Utilization(Index, Candidate<u32>),
 }
@@ -795,6 +829,11 @@ fn beat_edit() -> BoxedStrategy<BeatEdit> {
             )
         )
             .prop_map(|(i, slots)| E::Slots(i, slots)),
+        (
+            index(),
+            either(valid_optional_address(), invalid_optional_address())
+        )
+            .prop_map(|(i, url)| E::PoolEndpoint(i, url)),
         (
             index(),
             prop::sample::select(vec!["model", "engine"]),
@@ -887,6 +926,11 @@ impl BeatEdit {
                     _ => &mut pool.engine,
                 } = c.value;
                 (format!("pools[{i}].{field}"), c.valid)
+            }
+            E::PoolEndpoint(index, c) => {
+                let i = pick_pool_status(request, &index, 1);
+                request.pools[i].endpoint = c.value;
+                (format!("pools[{i}].endpoint"), c.valid)
             }
             E::GpuCount(c) => {
                 request.gpus = (0..c.value as u32)
@@ -1039,6 +1083,7 @@ fn arbitrary_pool_spec() -> impl Strategy<Value = pb::PoolSpec> {
                 gpu_indices,
                 engine_version: String::new(),
                 metrics_url,
+                endpoint: String::new(),
             },
         )
 }
@@ -1095,6 +1140,7 @@ fn arbitrary_register_request() -> impl Strategy<Value = pb::RegisterRequest> {
                     agent_version,
                     labels,
                     metrics_address,
+                    models_available: Vec::new(),
                 }
             },
         )
@@ -1110,6 +1156,7 @@ fn arbitrary_pool_status() -> impl Strategy<Value = pb::PoolStatus> {
             vram_free_bytes: 0,
             model: String::new(),
             engine: String::new(),
+            endpoint: String::new(),
         },
     )
 }

@@ -104,6 +104,7 @@ pub fn beat_in(
             vram_free_bytes: 10 << 30,
             model: "llama-3.1-8b".into(),
             engine: "llamacpp".into(),
+            endpoint: String::new(),
         }],
         gpus: vec![pb::GpuStats {
             index: 0,

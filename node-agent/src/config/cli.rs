@@ -27,7 +27,8 @@ pub struct Cli {
 
     /// A pool: ID[,slots=N][,model=M][,engine=E][,engine_version=V]
     /// [,state=ready|initializing|draining|failed|offline][,gpus=0:1]
-    /// [,probe=http://HOST:PORT/health]. Repeatable; the environment
+    /// [,probe=http://HOST:PORT/health][,endpoint=http://HOST:PORT].
+    /// Repeatable; the environment
     /// variable separates pools with ';'.
     #[arg(
         long = "pool",
@@ -46,4 +47,16 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub labels: Vec<String>,
+
+    /// A model staged on this host's disk but not loaded by any pool, so
+    /// ListModels can say where it could start quickly. Repeatable; added
+    /// to the file's `models_available`; the environment variable
+    /// separates models with ','.
+    #[arg(
+        long = "model-available",
+        env = "NODE_AGENT_MODEL_AVAILABLE",
+        value_name = "MODEL",
+        value_delimiter = ','
+    )]
+    pub models_available: Vec<String>,
 }

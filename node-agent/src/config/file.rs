@@ -28,6 +28,9 @@ pub struct FileConfig {
     /// `[[pools]]` tables.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    /// `models_available = [...]`: models staged on disk, not loaded.
+    #[serde(default)]
+    pub models_available: Vec<String>,
 }
 
 impl FileConfig {

@@ -46,6 +46,8 @@ const MACHINE_ID: &str = "machine id (--machine-id, NODE_AGENT_MACHINE_ID, machi
 const ADDRESS: &str = "address (--address, NODE_AGENT_ADDRESS, address)";
 const LABELS: &str = "labels (--label, NODE_AGENT_LABEL, [labels])";
 const POOLS: &str = "pools (--pool, NODE_AGENT_POOL, [[pools]])";
+const MODELS_AVAILABLE: &str =
+    "models available (--model-available, NODE_AGENT_MODEL_AVAILABLE, models_available)";
 const FAKE_GPUS: &str = "fake gpus (--fake-gpus, NODE_AGENT_FAKE_GPUS, fake_gpus)";
 
 /// Where GPU information comes from.
@@ -81,6 +83,10 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Statically configured pools (handoff pools come at run time).
     pub pools: Vec<PoolConfig>,
+    /// Models staged on disk but not loaded (RegisterRequest
+    /// .models_available), so schedulers know where a model could start.
+    /// From configuration only: handoff files describe running engines.
+    pub models_available: Vec<String>,
     /// GPU discovery.
     pub gpus: GpuConfig,
     /// Handoff directory, where provisioners announce engines.
@@ -125,6 +131,7 @@ impl AgentConfig {
             node_id,
             labels: BTreeMap::new(),
             pools: Vec::new(),
+            models_available: Vec::new(),
             gpus: GpuConfig::default(),
             handoff_dir: None,
             handoff_poll_interval: Duration::from_secs(1),
@@ -189,6 +196,7 @@ impl AgentConfig {
         };
         config.labels = merge_labels(file.labels, &cli.labels)?;
         config.pools = merge_pools(file.pools, &cli.pools)?;
+        config.models_available = merge_models(file.models_available, cli.models_available);
         config.gpus = GpuConfig {
             fake: set.fake_gpus,
             require: set.require_gpus.unwrap_or(false),
@@ -266,6 +274,8 @@ impl AgentConfig {
         rules::address(Field::Name("address"), &self.address)
             .map_err(ConfigError::rule(ADDRESS))?;
         rules::labels("labels", &self.labels).map_err(ConfigError::rule(LABELS))?;
+        rules::models_available("models_available", &self.models_available)
+            .map_err(ConfigError::rule(MODELS_AVAILABLE))?;
         rules::at_most(Field::Name("pools"), self.pools.len(), MAX_POOLS)
             .map_err(ConfigError::rule(POOLS))?;
         for pool in &self.pools {
@@ -300,6 +310,18 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// The file's `models_available` followed by the `--model-available`
+/// flags, each name once (a model named in both is not a mistake).
+fn merge_models(mut models: Vec<String>, flags: Vec<String>) -> Vec<String> {
+    for model in flags {
+        let model = model.trim().to_owned();
+        if !models.contains(&model) {
+            models.push(model);
+        }
+    }
+    models
 }
 
 /// The file's `[labels]` with each `--label KEY=VALUE` over them.

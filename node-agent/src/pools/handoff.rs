@@ -44,7 +44,10 @@ pub struct HandoffFile {
     /// Model served.
     pub model: Option<String>,
     /// Base URL of the engine ("http://127.0.0.1:8081"); its `/health` is
-    /// probed unless `health_url` names another URL.
+    /// probed unless `health_url` names another URL, and it is the pool's
+    /// endpoint (PoolSpec.endpoint) for FindPools. Handoff files carry no
+    /// staged models: staging is the node's business, not one engine's, so
+    /// `models_available` comes from the agent's configuration only.
     pub url: Option<String>,
     /// Explicit health URL.
     pub health_url: Option<String>,
@@ -125,6 +128,7 @@ pub fn parse_handoff(stem: &str, bytes: &[u8]) -> Result<PoolConfig, HandoffErro
         gpus,
         state: file.state,
         probe,
+        endpoint: file.url.clone(),
     };
     pool.check_contract()?;
     if let Some(url) = &pool.probe {
@@ -319,6 +323,8 @@ mod tests {
         assert_eq!(pool.slots, Some(4));
         assert_eq!(pool.gpus, Some(vec![0, 1]));
         assert_eq!(pool.probe.as_deref(), Some("http://127.0.0.1:8081/health"));
+        assert_eq!(pool.endpoint.as_deref(), Some("http://127.0.0.1:8081/"));
+        assert_eq!(pool.spec().endpoint, "http://127.0.0.1:8081/");
     }
 
     #[test]

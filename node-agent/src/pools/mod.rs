@@ -46,6 +46,10 @@ pub struct PoolConfig {
     pub state: Option<ConfiguredState>,
     /// Health URL (http://) whose answer decides the pool's state.
     pub probe: Option<String>,
+    /// URL where the engine takes requests (PoolSpec.endpoint), so
+    /// FindPools can hand callers a pool they can talk to directly; checked
+    /// by the shared endpoint rule (http:// or https:// with a host).
+    pub endpoint: Option<String>,
 }
 
 impl PoolConfig {
@@ -71,6 +75,7 @@ impl PoolConfig {
             gpus: over.gpus.clone().or_else(|| self.gpus.clone()),
             state: over.state.or(self.state),
             probe: over.probe.clone().or_else(|| self.probe.clone()),
+            endpoint: over.endpoint.clone().or_else(|| self.endpoint.clone()),
         }
     }
 
@@ -85,6 +90,7 @@ impl PoolConfig {
             engine_version: self.engine_version.clone().unwrap_or_default(),
             // Engine metrics URLs are not configurable yet.
             metrics_url: String::new(),
+            endpoint: self.endpoint.clone().unwrap_or_default(),
         }
     }
 
@@ -336,6 +342,10 @@ pub fn pool_status(
         vram_free_bytes,
         model: pool.model.clone().unwrap_or_default(),
         engine: pool.engine.clone().unwrap_or_default(),
+        // The endpoint is registered with the spec; a heartbeat repeats it
+        // only when it differs, which the agent's sources never make happen
+        // (a changed endpoint changes the spec and re-registers).
+        endpoint: String::new(),
     }
 }
 

@@ -5,9 +5,11 @@
 
 pub mod agent_check;
 pub mod completions;
+pub mod find;
 pub mod get;
 pub mod health;
 pub mod list;
+pub mod models;
 pub mod status;
 
 use std::io::Write;
@@ -74,6 +76,8 @@ pub async fn run<W: Write>(cli: &Cli, printer: &mut Printer<W>) -> Result<Exit, 
             };
             list::run(&context()?, &filter, printer).await
         }
+        Command::Find(args) => find::run(&context()?, &args.query(), printer).await,
+        Command::Models { model } => models::run(&context()?, model.as_deref(), printer).await,
         Command::Get { node_id } => get::run(&context()?, node_id, printer).await,
         Command::Status { node_id } => status::run(&context()?, node_id, printer).await,
         Command::AgentCheck { pid } => agent_check::run(&context()?, *pid, printer).await,

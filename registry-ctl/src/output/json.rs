@@ -19,6 +19,14 @@ impl ProtoMessage for pb::Node {
     const FULL_NAME: &'static str = "registry.v1.Node";
 }
 
+impl ProtoMessage for pb::FindPoolsResponse {
+    const FULL_NAME: &'static str = "registry.v1.FindPoolsResponse";
+}
+
+impl ProtoMessage for pb::ListModelsResponse {
+    const FULL_NAME: &'static str = "registry.v1.ListModelsResponse";
+}
+
 impl ProtoMessage for HealthCheckResponse {
     const FULL_NAME: &'static str = "grpc.health.v1.HealthCheckResponse";
 }
@@ -83,6 +91,8 @@ mod tests {
             "google.protobuf.Timestamp",
             "google.protobuf.Duration",
             pb::Node::FULL_NAME,
+            pb::FindPoolsResponse::FULL_NAME,
+            pb::ListModelsResponse::FULL_NAME,
             HealthCheckResponse::FULL_NAME,
         ] {
             assert!(json.pool.get_message_by_name(name).is_some(), "{name}");

@@ -8,6 +8,7 @@
 
 pub mod json;
 pub mod node;
+pub mod placement;
 pub mod table;
 
 use std::io::Write;

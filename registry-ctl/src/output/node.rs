@@ -87,6 +87,9 @@ pub fn describe(node: &pb::Node, now: DateTime<Utc>, wide: bool) -> String {
         when(node.last_heartbeat_at.as_ref()),
     ]);
     fields.row(["Labels:".to_owned(), or_dash(labels(&node.labels))]);
+    if !node.models_available.is_empty() {
+        fields.row(["Staged models:".to_owned(), node.models_available.join(",")]);
+    }
     if let Some(caps) = &node.capabilities {
         fields.row([
             "Host:".to_owned(),
@@ -129,7 +132,7 @@ fn pools_section(node: &pb::Node, wide: bool) -> String {
         "GPUS",
     ];
     if wide {
-        header.push("ENGINE VERSION");
+        header.extend(["ENGINE VERSION", "ENDPOINT"]);
     }
     let mut table = Table::new(header).indented(2);
     let registered = node.pools.iter().map(|spec| spec.pool_id.as_str());
@@ -166,6 +169,13 @@ fn pools_section(node: &pb::Node, wide: bool) -> String {
             row.push(or_dash(
                 spec.map_or(String::new(), |s| s.engine_version.clone()),
             ));
+            // The reported endpoint overrides the registered one.
+            let endpoint = live
+                .map(|s| s.endpoint.as_str())
+                .filter(|e| !e.is_empty())
+                .or(spec.map(|s| s.endpoint.as_str()))
+                .unwrap_or_default();
+            row.push(or_dash(endpoint.to_owned()));
         }
         table.row(row);
     }
@@ -215,7 +225,7 @@ fn gpu_count(node: &pb::Node) -> usize {
 }
 
 /// A pool state as a lower-case word ("ready").
-fn pool_state_word(state: pb::PoolState) -> String {
+pub(crate) fn pool_state_word(state: pb::PoolState) -> String {
     state
         .as_str_name()
         .trim_start_matches("POOL_STATE_")
@@ -223,7 +233,7 @@ fn pool_state_word(state: pb::PoolState) -> String {
 }
 
 /// Labels as `k=v,k2=v2`, keys in order.
-fn labels(labels: &std::collections::HashMap<String, String>) -> String {
+pub(crate) fn labels(labels: &std::collections::HashMap<String, String>) -> String {
     let sorted: BTreeMap<_, _> = labels.iter().collect();
     sorted
         .into_iter()
@@ -242,7 +252,7 @@ fn join(numbers: &[u32]) -> String {
 }
 
 /// "-" for an empty cell.
-fn or_dash(text: String) -> String {
+pub(crate) fn or_dash(text: String) -> String {
     if text.is_empty() {
         "-".to_owned()
     } else {
@@ -356,6 +366,7 @@ pub(crate) mod tests {
                 vram_free_bytes: 10 << 30,
                 model: "llama-3.1-8b".into(),
                 engine: "vllm".into(),
+                endpoint: String::new(),
             }],
             gpu_stats: vec![pb::GpuStats {
                 index: 0,
@@ -448,6 +459,34 @@ pub(crate) mod tests {
         );
         assert!(text.contains("ENGINE VERSION"), "{text}");
         assert!(text.contains("GPU-bbbb  00000000:18:00.0"), "{text}");
+    }
+
+    #[test]
+    fn staged_models_and_pool_endpoints_are_described() {
+        let mut node = sample_node();
+        assert!(!describe(&node, now(), false).contains("Staged models:"));
+        node.models_available = vec!["qwen2.5-7b".into(), "mistral-7b".into()];
+        node.pools[0].endpoint = "http://10.0.0.5:8000".into();
+        let text = describe(&node, now(), false);
+        assert!(
+            text.contains("Staged models:   qwen2.5-7b,mistral-7b\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("http://10.0.0.5:8000"),
+            "endpoints only in wide: {text}"
+        );
+        let text = describe(&node, now(), true);
+        assert!(
+            text.contains("ENDPOINT") && text.contains("http://10.0.0.5:8000"),
+            "{text}"
+        );
+        node.pool_status[0].endpoint = "http://10.0.0.5:9000".into();
+        let text = describe(&node, now(), true);
+        assert!(
+            text.contains("http://10.0.0.5:9000") && !text.contains(":8000"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Registration {
     /// URL of the agent's Prometheus metrics (empty: none), for service
     /// discovery.
     pub metrics_address: String,
+    /// Models staged on disk but not loaded (CLOUD-5010), for ListModels
+    /// and the placement index.
+    pub models_available: Vec<String>,
     /// Labels that ListNodes filters on.
     pub labels: std::collections::HashMap<String, String>,
 }

@@ -118,7 +118,8 @@ enum Renewal {
     /// ONLINE) or refused.
     Done(Result<(Registered, bool), RegistryError>),
     /// The node was removed meanwhile; the registration is handed back to
-    /// be added as a new node.
+    /// be added as a new node (boxed: a registration is much larger than
+    /// the other variant, and this path is rare).
     Gone(Box<Registration>),
 }
 

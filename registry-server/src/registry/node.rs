@@ -175,6 +175,7 @@ impl NodeState {
             capabilities: Some(reg.capabilities.clone()),
             agent_version: reg.agent_version.clone(),
             metrics_address: reg.metrics_address.clone(),
+            models_available: reg.models_available.clone(),
             labels: reg.labels.clone(),
             status: self.liveness.to_proto() as i32,
             registered_at: Some(to_proto_timestamp(self.registered_at)),

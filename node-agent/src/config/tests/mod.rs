@@ -10,6 +10,8 @@ use clap::{CommandFactory, Parser};
 use super::*;
 use crate::auth::Secret;
 use crate::pools::ConfiguredState;
+use registry_proto::pb;
+use registry_proto::rules::MAX_MODELS_AVAILABLE;
 
 fn cli(args: &[&str]) -> Cli {
     Cli::try_parse_from(std::iter::once("node-agent").chain(args.iter().copied())).unwrap()
@@ -126,6 +128,11 @@ fn example_config_file_is_valid() {
     assert_eq!(config.pools[1].state, Some(ConfiguredState::Initializing));
     assert_eq!(config.labels.len(), 2);
     assert!(config.gpus.require);
+    assert_eq!(config.models_available, ["llama-3.1-70b-instruct"]);
+    assert_eq!(
+        config.pools[0].endpoint.as_deref(),
+        Some("http://10.0.0.5:8081")
+    );
 }
 
 #[test]
@@ -352,4 +359,78 @@ fn require_gpus_is_a_flag_that_also_takes_a_value() {
     );
     let unset = cli(&["--node-id", "n1"]);
     assert!(AgentConfig::resolve(unset, file).unwrap().gpus.require);
+}
+
+#[test]
+fn pool_endpoints_and_staged_models_come_from_flags_and_file() {
+    let file = FileConfig::parse(
+        r#"
+        models_available = ["llama-3.1-70b", "qwen2.5-7b"]
+
+        [[pools]]
+        id = "pool-1"
+        endpoint = "https://pool-1.gpu-01.example/v1"
+        "#,
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let config = AgentConfig::resolve(
+        cli(&[
+            "--node-id",
+            "n1",
+            "--pool",
+            "pool-0,model=m,endpoint=http://127.0.0.1:8081",
+            "--model-available",
+            "mistral-7b,qwen2.5-7b",
+        ]),
+        file,
+    )
+    .unwrap();
+    let endpoints: Vec<String> = config.pools.iter().map(|p| p.spec().endpoint).collect();
+    assert!(
+        endpoints.contains(&"http://127.0.0.1:8081".to_owned()),
+        "{endpoints:?}"
+    );
+    assert!(endpoints.contains(&"https://pool-1.gpu-01.example/v1".to_owned()));
+    assert_eq!(
+        config.models_available,
+        ["llama-3.1-70b", "qwen2.5-7b", "mistral-7b"],
+        "the flags add to the file's list, each model once"
+    );
+    let request =
+        crate::registration::register_request(&config, &config.pools, pb::Capabilities::default());
+    assert_eq!(request.models_available, config.models_available);
+}
+
+#[test]
+fn bad_endpoints_and_staged_models_stop_the_agent_naming_the_setting() {
+    let err = AgentConfig::resolve(
+        cli(&["--node-id", "n1", "--pool", "p,endpoint=10.0.0.5:8000"]),
+        FileConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("endpoint") && err.contains("\"p\""), "{err}");
+    let err = AgentConfig::resolve(
+        cli(&["--node-id", "n1", "--model-available", "bad\tname"]),
+        FileConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--model-available") && err.contains("models_available[0]"),
+        "{err}"
+    );
+    let many = (0..=MAX_MODELS_AVAILABLE)
+        .map(|i| format!("\"m{i}\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    let file = FileConfig::parse(&format!("models_available = [{many}]"), Path::new("t")).unwrap();
+    let err = AgentConfig::resolve(cli(&["--node-id", "n1"]), file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("models_available") && err.contains("257 entries"),
+        "{err}"
+    );
 }

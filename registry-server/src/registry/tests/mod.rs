@@ -53,6 +53,7 @@ fn registration(node_id: &str) -> Registration {
         agent_version: "test".into(),
         labels: [("zone".to_string(), "a".to_string())].into(),
         metrics_address: String::new(),
+        models_available: Vec::new(),
     }
 }
 
@@ -73,6 +74,27 @@ fn beat(pool_state: pb::PoolState) -> Beat {
 
 fn status(registry: &Registry, id: &str) -> pb::NodeStatus {
     registry.get(id).unwrap().status()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_read_view_carries_staged_models_and_reported_endpoints() {
+    let (registry, _stop) = start();
+    let mut registration = registration("n1");
+    registration.models_available = vec!["qwen2.5-7b".into()];
+    let reg = registry.register(registration, Now::read()).unwrap();
+    assert_eq!(registry.get("n1").unwrap().models_available, ["qwen2.5-7b"]);
+    let slot = registry
+        .attach("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    let mut heartbeat = beat(pb::PoolState::Ready);
+    heartbeat.pools[0].endpoint = "http://n1:8001".into();
+    registry
+        .heartbeat(&slot, reg.session_id, heartbeat, Instant::now())
+        .unwrap();
+    assert_eq!(
+        registry.get("n1").unwrap().pool_status[0].endpoint,
+        "http://n1:8001"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,0 +1,874 @@
+use super::testing::{event, view};
+use super::*;
+
+const GIB: u64 = 1 << 30;
+
+fn gpu(index: u32, name: &str, cc: &str) -> pb::GpuInfo {
+    pb::GpuInfo {
+        index,
+        name: name.into(),
+        compute_capability: cc.into(),
+        ..Default::default()
+    }
+}
+
+fn spec(pool_id: &str, model: &str, engine: &str, gpus: &[u32]) -> pb::PoolSpec {
+    pb::PoolSpec {
+        pool_id: pool_id.into(),
+        model: model.into(),
+        engine: engine.into(),
+        slots_total: 4,
+        gpu_indices: gpus.to_vec(),
+        endpoint: format!("http://spec-{pool_id}:8000"),
+        ..Default::default()
+    }
+}
+
+fn status(
+    pool_id: &str,
+    model: &str,
+    state: pb::PoolState,
+    free: u32,
+    vram: u64,
+) -> pb::PoolStatus {
+    pb::PoolStatus {
+        pool_id: pool_id.into(),
+        state: state as i32,
+        slots_total: 4,
+        slots_free: free,
+        vram_free_bytes: vram,
+        model: model.into(),
+        ..Default::default()
+    }
+}
+
+/// A node in zone `zone` with an H100 (9.0) at index 0 and an A100 (8.0)
+/// at index 1, running `pools`.
+fn register(node_id: &str, zone: &str, pools: Vec<pb::PoolSpec>) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        node_id: node_id.into(),
+        machine_id: format!("m-{node_id}"),
+        address: format!("http://{node_id}:9200"),
+        pools,
+        capabilities: Some(pb::Capabilities {
+            gpus: vec![
+                gpu(0, "NVIDIA H100 80GB HBM3", "9.0"),
+                gpu(1, "NVIDIA A100-SXM4-40GB", "8.0"),
+            ],
+            ..Default::default()
+        }),
+        labels: [("zone".to_owned(), zone.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+/// An index fed one Added event per (request, heartbeat), ONLINE.
+struct Fleet {
+    index: PlacementIndex,
+    revision: u64,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        Fleet {
+            index: PlacementIndex::new(),
+            revision: 0,
+        }
+    }
+
+    fn send(&mut self, kind: EventKind, node: Arc<pb::Node>) {
+        self.revision += 1;
+        self.index.apply(&event(self.revision, kind, node));
+    }
+
+    fn online(&mut self, req: &pb::RegisterRequest, beat: &[pb::PoolStatus]) {
+        self.send(
+            EventKind::Added,
+            view(req, Some(beat), pb::NodeStatus::Online),
+        );
+    }
+
+    fn ids(&self, query: &PlacementQuery) -> Vec<(String, String)> {
+        self.index
+            .find(query)
+            .unwrap()
+            .candidates
+            .into_iter()
+            .map(|c| (c.node_id, c.pool_id))
+            .collect()
+    }
+}
+
+fn ids(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(n, p)| (n.to_string(), p.to_string()))
+        .collect()
+}
+
+fn query(model: &str) -> PlacementQuery {
+    PlacementQuery::for_model(model)
+}
+
+fn with_limit(mut q: PlacementQuery, limit: usize) -> PlacementQuery {
+    q.limit = limit;
+    q
+}
+
+use pb::PoolState::{Failed, Initializing, Ready};
+
+#[test]
+fn ranks_by_free_vram_then_free_slots_then_node_and_pool_id() {
+    let mut fleet = Fleet::new();
+    let two = |n: &str| {
+        register(
+            n,
+            "a",
+            vec![spec("p0", "m", "vllm", &[0]), spec("p1", "m", "vllm", &[1])],
+        )
+    };
+    fleet.online(
+        &two("n-b"),
+        &[
+            status("p0", "m", Ready, 1, 8 * GIB),
+            status("p1", "m", Ready, 3, 8 * GIB),
+        ],
+    );
+    fleet.online(
+        &two("n-a"),
+        &[
+            status("p0", "m", Ready, 3, 8 * GIB),
+            status("p1", "m", Ready, 1, 20 * GIB),
+        ],
+    );
+    fleet.online(
+        &two("n-c"),
+        &[
+            status("p0", "m", Ready, 3, 8 * GIB),
+            status("p1", "m", Ready, 3, 8 * GIB),
+        ],
+    );
+    assert_eq!(
+        fleet.ids(&with_limit(query("m"), 10)),
+        ids(&[
+            ("n-a", "p1"), // most VRAM
+            ("n-a", "p0"), // 8 GiB, 3 slots: ties broken by node, then pool id
+            ("n-b", "p1"),
+            ("n-c", "p0"),
+            ("n-c", "p1"),
+            ("n-b", "p0"), // 8 GiB, 1 slot
+        ])
+    );
+    assert_eq!(
+        fleet.ids(&query("m")),
+        ids(&[("n-a", "p1")]),
+        "default limit is 1"
+    );
+    assert_eq!(
+        fleet.ids(&with_limit(query("m"), 2)),
+        ids(&[("n-a", "p1"), ("n-a", "p0")])
+    );
+}
+
+#[test]
+fn a_candidate_carries_what_a_caller_needs_to_send_requests() {
+    let mut fleet = Fleet::new();
+    let req = register(
+        "n1",
+        "a",
+        vec![spec("p0", "m", "vllm", &[0]), spec("p1", "m", "vllm", &[1])],
+    );
+    let mut reported = status("p1", "m", Ready, 2, GIB);
+    reported.endpoint = "http://moved:9000".into();
+    fleet.online(&req, &[status("p0", "m", Ready, 3, 2 * GIB), reported]);
+    let placement = fleet.index.find(&with_limit(query("m"), 2)).unwrap();
+    assert_eq!(placement.revision, 1);
+    let best = &placement.candidates[0];
+    assert_eq!(
+        best,
+        &Candidate {
+            node_id: "n1".into(),
+            pool_id: "p0".into(),
+            endpoint: "http://spec-p0:8000".into(),
+            model: "m".into(),
+            engine: "vllm".into(),
+            slots_free: 3,
+            slots_total: 4,
+            vram_free_bytes: 2 * GIB,
+            node_address: "http://n1:9200".into(),
+            labels: [("zone".to_owned(), "a".to_owned())].into(),
+        }
+    );
+    assert_eq!(
+        placement.candidates[1].endpoint, "http://moved:9000",
+        "the reported endpoint overrides the registered one"
+    );
+}
+
+/// A fleet where each filter has something to remove: n1 (zone a) runs
+/// p0 on the H100 with vllm and p1 on the A100 with llamacpp; n2 (zone b)
+/// runs p0 on both GPUs with vllm.
+fn mixed_fleet() -> Fleet {
+    let mut fleet = Fleet::new();
+    fleet.online(
+        &register(
+            "n1",
+            "a",
+            vec![
+                spec("p0", "m", "vllm", &[0]),
+                spec("p1", "m", "llamacpp", &[1]),
+            ],
+        ),
+        &[
+            status("p0", "m", Ready, 1, 10 * GIB),
+            status("p1", "m", Ready, 4, 30 * GIB),
+        ],
+    );
+    fleet.online(
+        &register("n2", "b", vec![spec("p0", "m", "vllm", &[])]),
+        &[status("p0", "m", Ready, 0, 50 * GIB)],
+    );
+    fleet
+}
+
+#[test]
+fn every_filter_narrows_the_candidates() {
+    let fleet = mixed_fleet();
+    let all = |q: PlacementQuery| fleet.ids(&with_limit(q, 100));
+    assert_eq!(
+        all(query("m")),
+        ids(&[("n1", "p1"), ("n1", "p0")]),
+        "n2 has no free slot"
+    );
+
+    let mut q = query("m");
+    q.min_slots_free = 0;
+    assert_eq!(
+        all(q),
+        ids(&[("n2", "p0"), ("n1", "p1"), ("n1", "p0")]),
+        "0 offers full pools"
+    );
+
+    let mut q = query("m");
+    q.engine = Some("vllm".into());
+    assert_eq!(all(q), ids(&[("n1", "p0")]));
+
+    let mut q = query("m");
+    q.min_slots_free = 2;
+    assert_eq!(all(q), ids(&[("n1", "p1")]));
+
+    let mut q = query("m");
+    q.min_vram_free_bytes = 20 * GIB;
+    assert_eq!(all(q), ids(&[("n1", "p1")]));
+
+    let mut q = query("m");
+    q.min_slots_free = 0;
+    q.labels = [("zone".to_owned(), "b".to_owned())].into();
+    assert_eq!(all(q), ids(&[("n2", "p0")]));
+
+    // GPU name: a case-insensitive substring every GPU of the pool has.
+    // n2's pool names no GPU, so it runs on both: H100 and A100.
+    let mut q = query("m");
+    q.min_slots_free = 0;
+    q.gpu_name = Some("h100".into());
+    assert_eq!(all(q), ids(&[("n1", "p0")]));
+    let mut q = query("m");
+    q.min_slots_free = 0;
+    q.gpu_name = Some("nvidia".into());
+    assert_eq!(all(q).len(), 3);
+
+    let mut q = query("m");
+    q.min_slots_free = 0;
+    q.min_compute_capability = Some((8, 9));
+    assert_eq!(all(q), ids(&[("n1", "p0")]));
+    let mut q = query("m");
+    q.min_slots_free = 0;
+    q.min_compute_capability = Some((8, 0));
+    assert_eq!(all(q).len(), 3);
+
+    let mut q = query("m");
+    q.node_id = Some("n1".into());
+    q.min_slots_free = 0;
+    assert_eq!(all(q), ids(&[("n1", "p1"), ("n1", "p0")]));
+
+    let mut q = query("m");
+    q.exclude = ["n1".to_owned()].into();
+    q.min_slots_free = 0;
+    assert_eq!(all(q), ids(&[("n2", "p0")]));
+}
+
+#[test]
+fn compute_capability_compares_numerically() {
+    let mut fleet = Fleet::new();
+    let mut req = register("n1", "a", vec![spec("p0", "m", "vllm", &[0])]);
+    req.capabilities.as_mut().unwrap().gpus[0].compute_capability = "8.10".into();
+    fleet.online(&req, &[status("p0", "m", Ready, 1, GIB)]);
+    let mut q = query("m");
+    q.min_compute_capability = Some((8, 9));
+    assert_eq!(fleet.ids(&q), ids(&[("n1", "p0")]), "8.10 is above 8.9");
+    q.min_compute_capability = Some((9, 0));
+    assert!(fleet.index.find(&q).is_err());
+}
+
+#[test]
+fn the_no_candidate_answer_names_the_first_filter_that_emptied_the_set() {
+    let mut fleet = mixed_fleet();
+    // n3 is OFFLINE, n4 never reported, n5 is INITIALIZING: each serves "x".
+    let x = |n: &str| register(n, "c", vec![spec("p0", "x", "vllm", &[0])]);
+    fleet.send(
+        EventKind::Added,
+        view(
+            &x("n3"),
+            Some(&[status("p0", "x", Ready, 4, GIB)]),
+            pb::NodeStatus::Offline,
+        ),
+    );
+    fleet.send(
+        EventKind::Added,
+        view(&x("n4"), None, pb::NodeStatus::Online),
+    );
+    fleet.online(&x("n5"), &[status("p0", "x", Initializing, 0, GIB)]);
+
+    let cases: Vec<(PlacementQuery, Filter, &str)> = vec![
+        (
+            query("nope"),
+            Filter::Model,
+            "model nope is served by no pool",
+        ),
+        (
+            PlacementQuery {
+                exclude: ["n1".into(), "n2".into()].into(),
+                ..query("m")
+            },
+            Filter::Excluded,
+            "3 pools serve m but all are on excluded nodes",
+        ),
+        (
+            PlacementQuery {
+                engine: Some("sglang".into()),
+                ..query("m")
+            },
+            Filter::Engine,
+            "3 pools serve m but none runs engine sglang",
+        ),
+        (
+            PlacementQuery {
+                labels: [("zone".into(), "z".into())].into(),
+                ..query("m")
+            },
+            Filter::Labels,
+            "3 pools serve m but none is on a node with labels zone=z",
+        ),
+        (
+            PlacementQuery {
+                gpu_name: Some("b200".into()),
+                ..query("m")
+            },
+            Filter::GpuName,
+            "3 pools serve m but none runs only on GPUs whose name contains \"b200\"",
+        ),
+        (
+            PlacementQuery {
+                min_compute_capability: Some((10, 0)),
+                ..query("m")
+            },
+            Filter::ComputeCapability,
+            "none runs only on GPUs of compute capability 10.0 or higher",
+        ),
+        (
+            PlacementQuery {
+                exclude: ["n4".into(), "n5".into()].into(),
+                ..query("x")
+            },
+            Filter::Online,
+            "3 pools serve x; 1 matches the earlier filters but none is on an ONLINE node",
+        ),
+        (
+            PlacementQuery {
+                exclude: ["n5".into()].into(),
+                ..query("x")
+            },
+            Filter::Reported,
+            "3 pools serve x; 1 matches the earlier filters but none has reported its status yet",
+        ),
+        (
+            query("x"),
+            Filter::Ready,
+            "3 pools serve x; 1 matches the earlier filters but none is READY",
+        ),
+        (
+            PlacementQuery {
+                min_slots_free: 5,
+                ..query("m")
+            },
+            Filter::SlotsFree,
+            "3 pools serve m but none is READY with 5 free slots",
+        ),
+        (
+            PlacementQuery {
+                labels: [("zone".into(), "b".into())].into(),
+                ..query("m")
+            },
+            Filter::SlotsFree,
+            "3 pools serve m; 1 matches the earlier filters but none is READY with a free slot",
+        ),
+        (
+            PlacementQuery {
+                min_vram_free_bytes: 100 * GIB,
+                ..query("m")
+            },
+            Filter::VramFree,
+            "none is READY with 107374182400 bytes of VRAM free",
+        ),
+    ];
+    for (q, filter, text) in cases {
+        match fleet.index.find(&q) {
+            Err(PlacementError::NoCandidate {
+                filter: got,
+                reason,
+            }) => {
+                assert_eq!(got, filter, "{q:?}: {reason}");
+                assert!(reason.contains(text), "{reason:?} lacks {text:?}");
+            }
+            other => panic!("{q:?}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_pinned_node_is_not_found_when_unknown_and_unavailable_when_it_cannot_serve() {
+    let mut fleet = mixed_fleet();
+    fleet.send(
+        EventKind::Added,
+        view(
+            &register("n9", "a", vec![spec("p0", "m", "vllm", &[0])]),
+            Some(&[status("p0", "m", Ready, 2, GIB)]),
+            pb::NodeStatus::Offline,
+        ),
+    );
+    let pinned = |n: &str| PlacementQuery {
+        node_id: Some(n.into()),
+        ..query("m")
+    };
+    assert_eq!(
+        fleet.index.find(&pinned("ghost")),
+        Err(PlacementError::UnknownNode {
+            node_id: "ghost".into()
+        })
+    );
+    match fleet.index.find(&pinned("n9")) {
+        Err(PlacementError::NodeUnavailable {
+            node_id,
+            filter,
+            reason,
+        }) => {
+            assert_eq!(node_id, "n9");
+            assert_eq!(filter, Filter::Online);
+            assert_eq!(
+                reason,
+                "node n9 has 1 pool of model m but none is on an ONLINE node"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match fleet.index.find(&PlacementQuery {
+        node_id: Some("n2".into()),
+        ..query("other")
+    }) {
+        Err(e @ PlacementError::NodeUnavailable { .. }) => {
+            assert_eq!(
+                e.to_string(),
+                "node unavailable: node n2 runs no pool of model other"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match fleet.index.find(&pinned("n2")) {
+        Err(PlacementError::NodeUnavailable { filter, .. }) => {
+            assert_eq!(filter, Filter::SlotsFree)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fleet.ids(&pinned("n1")), ids(&[("n1", "p1")]));
+}
+
+#[test]
+fn the_index_follows_added_modified_and_deleted_events() {
+    let mut fleet = Fleet::new();
+    let two = register(
+        "n1",
+        "a",
+        vec![spec("p0", "m", "vllm", &[0]), spec("p1", "m", "vllm", &[1])],
+    );
+    fleet.online(
+        &two,
+        &[
+            status("p0", "m", Ready, 1, GIB),
+            status("p1", "m", Ready, 1, 2 * GIB),
+        ],
+    );
+    assert_eq!(
+        fleet.ids(&with_limit(query("m"), 5)),
+        ids(&[("n1", "p1"), ("n1", "p0")])
+    );
+
+    // p1 goes FAILED: only p0 is left.
+    let beat = [
+        status("p0", "m", Ready, 1, GIB),
+        status("p1", "m", Failed, 0, 2 * GIB),
+    ];
+    fleet.send(
+        EventKind::Modified,
+        view(&two, Some(&beat), pb::NodeStatus::Online),
+    );
+    assert_eq!(fleet.ids(&with_limit(query("m"), 5)), ids(&[("n1", "p0")]));
+
+    // p0 is reloaded with another model: m keeps no pool of it.
+    let beat = [
+        status("p0", "m2", Ready, 1, GIB),
+        status("p1", "m", Failed, 0, 2 * GIB),
+    ];
+    fleet.send(
+        EventKind::Modified,
+        view(&two, Some(&beat), pb::NodeStatus::Online),
+    );
+    assert_eq!(fleet.ids(&query("m2")), ids(&[("n1", "p0")]));
+    assert!(matches!(
+        fleet.index.find(&query("m")),
+        Err(PlacementError::NoCandidate {
+            filter: Filter::Ready,
+            ..
+        })
+    ));
+
+    // p1 is removed by a re-registration: m is served by no pool at all.
+    let one = register("n1", "a", vec![spec("p0", "m2", "vllm", &[0])]);
+    fleet.send(
+        EventKind::Modified,
+        view(&one, Some(&beat[..1]), pb::NodeStatus::Online),
+    );
+    assert!(matches!(
+        fleet.index.find(&query("m")),
+        Err(PlacementError::NoCandidate {
+            filter: Filter::Model,
+            ..
+        })
+    ));
+
+    // The node goes OFFLINE, then comes back.
+    fleet.send(
+        EventKind::Modified,
+        view(&one, Some(&beat[..1]), pb::NodeStatus::Offline),
+    );
+    assert!(matches!(
+        fleet.index.find(&query("m2")),
+        Err(PlacementError::NoCandidate {
+            filter: Filter::Online,
+            ..
+        })
+    ));
+    fleet.send(
+        EventKind::Modified,
+        view(&one, Some(&beat[..1]), pb::NodeStatus::Online),
+    );
+    assert_eq!(fleet.ids(&query("m2")), ids(&[("n1", "p0")]));
+
+    // Deleted: the node is unknown, its pools gone.
+    fleet.send(
+        EventKind::Deleted,
+        view(&one, Some(&beat[..1]), pb::NodeStatus::Online),
+    );
+    assert!(matches!(
+        fleet.index.find(&query("m2")),
+        Err(PlacementError::NoCandidate {
+            filter: Filter::Model,
+            ..
+        })
+    ));
+    assert_eq!(
+        fleet.index.find(&PlacementQuery {
+            node_id: Some("n1".into()),
+            ..query("m2")
+        }),
+        Err(PlacementError::UnknownNode {
+            node_id: "n1".into()
+        })
+    );
+    assert!(fleet.index.models().is_empty());
+    assert_eq!(fleet.index.revision(), 7);
+}
+
+#[test]
+fn an_event_older_than_the_nodes_latest_is_ignored() {
+    let index = PlacementIndex::new();
+    let req = register("n1", "a", vec![spec("p0", "m", "vllm", &[0])]);
+    let ready = [status("p0", "m", Ready, 1, GIB)];
+    let failed = [status("p0", "m", Failed, 0, GIB)];
+    index.apply(&event(
+        5,
+        EventKind::Modified,
+        view(&req, Some(&ready), pb::NodeStatus::Online),
+    ));
+    index.apply(&event(
+        4,
+        EventKind::Modified,
+        view(&req, Some(&failed), pb::NodeStatus::Online),
+    ));
+    assert_eq!(index.find(&query("m")).unwrap().candidates[0].node_id, "n1");
+    assert_eq!(index.revision(), 5);
+}
+
+#[test]
+fn a_registered_node_is_offered_only_after_its_first_heartbeat() {
+    let mut fleet = Fleet::new();
+    let req = register("n1", "a", vec![spec("p0", "m", "vllm", &[0])]);
+    fleet.send(EventKind::Added, view(&req, None, pb::NodeStatus::Online));
+    assert!(matches!(
+        fleet.index.find(&query("m")),
+        Err(PlacementError::NoCandidate {
+            filter: Filter::Reported,
+            ..
+        })
+    ));
+    fleet.send(
+        EventKind::Modified,
+        view(
+            &req,
+            Some(&[status("p0", "m", Ready, 1, GIB)]),
+            pb::NodeStatus::Online,
+        ),
+    );
+    assert_eq!(fleet.ids(&query("m")), ids(&[("n1", "p0")]));
+}
+
+#[test]
+fn list_models_counts_pools_slots_and_staged_nodes() {
+    let mut fleet = mixed_fleet();
+    let mut staged = register("n3", "a", vec![spec("p0", "x", "vllm", &[0])]);
+    staged.models_available = vec!["m".into(), "only-staged".into(), "x".into()];
+    fleet.send(
+        EventKind::Added,
+        view(
+            &staged,
+            Some(&[status("p0", "x", Failed, 0, 0)]),
+            pb::NodeStatus::Online,
+        ),
+    );
+    let mut on_n1 = mixed_fleet_n1();
+    on_n1.models_available = vec!["m".into()];
+    fleet.online(
+        &on_n1,
+        &[
+            status("p0", "m", Ready, 1, 10 * GIB),
+            status("p1", "m", Ready, 4, 30 * GIB),
+        ],
+    );
+
+    let models = fleet.index.models();
+    let names: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
+    assert_eq!(names, ["m", "only-staged", "x"]);
+    let m = &models[0];
+    assert_eq!(m.pools.len(), 3);
+    assert_eq!(m.nodes_serving, 2);
+    assert_eq!(m.pools_ready, 3, "n2's full pool is READY all the same");
+    assert_eq!(m.slots_total, 12);
+    assert_eq!(m.slots_free, 5);
+    assert_eq!(
+        m.staged_on,
+        ["n3"],
+        "n1 serves m, so it is not listed as only staged"
+    );
+    assert_eq!(
+        (
+            m.pools[0].node_id.as_str(),
+            m.pools[0].pool_id.as_str(),
+            m.pools[0].state,
+            m.pools[0].ready
+        ),
+        ("n1", "p0", Some(Ready), true)
+    );
+    let only = &models[1];
+    assert!(only.pools.is_empty());
+    assert_eq!(
+        (only.nodes_serving, only.pools_ready, only.slots_total),
+        (0, 0, 0)
+    );
+    assert_eq!(only.staged_on, ["n3"]);
+    let x = &models[2];
+    assert_eq!((x.nodes_serving, x.pools_ready, x.slots_free), (1, 0, 0));
+    assert!(!x.pools[0].ready);
+    assert!(x.staged_on.is_empty(), "n3 serves x (FAILED, but serving)");
+
+    let one = fleet.index.list_models(Some("x"));
+    assert_eq!(one.models.len(), 1);
+    assert_eq!(one.revision, fleet.revision);
+    assert!(fleet.index.list_models(Some("absent")).models.is_empty());
+}
+
+fn mixed_fleet_n1() -> pb::RegisterRequest {
+    register(
+        "n1",
+        "a",
+        vec![
+            spec("p0", "m", "vllm", &[0]),
+            spec("p1", "m", "llamacpp", &[1]),
+        ],
+    )
+}
+
+#[test]
+fn requests_are_checked_and_defaulted() {
+    let q = PlacementQuery::from_request(pb::FindPoolsRequest {
+        model: "m".into(),
+        gpu_name: "H100".into(),
+        min_compute_capability: "8.9".into(),
+        exclude_node_ids: vec!["n1".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(q.limit, 1);
+    assert_eq!(q.min_slots_free, 1);
+    assert_eq!(q.gpu_name.as_deref(), Some("h100"));
+    assert_eq!(q.min_compute_capability, Some((8, 9)));
+    assert_eq!(q.engine, None);
+    let q = PlacementQuery::from_request(pb::FindPoolsRequest {
+        model: "m".into(),
+        min_slots_free: Some(0),
+        limit: 100,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!((q.min_slots_free, q.limit), (0, 100));
+
+    let field_of = |req: pb::FindPoolsRequest| match PlacementQuery::from_request(req) {
+        Err(PlacementError::InvalidArgument { field, .. }) => field,
+        other => panic!("{other:?}"),
+    };
+    let base = || pb::FindPoolsRequest {
+        model: "m".into(),
+        ..Default::default()
+    };
+    assert_eq!(field_of(pb::FindPoolsRequest::default()), "model");
+    assert_eq!(
+        field_of(pb::FindPoolsRequest {
+            limit: 101,
+            ..base()
+        }),
+        "limit"
+    );
+    assert_eq!(
+        field_of(pb::FindPoolsRequest {
+            min_compute_capability: "9".into(),
+            ..base()
+        }),
+        "min_compute_capability"
+    );
+    assert_eq!(
+        field_of(pb::FindPoolsRequest {
+            node_id: "Bad_Id".into(),
+            ..base()
+        }),
+        "node_id"
+    );
+    assert_eq!(
+        field_of(pb::FindPoolsRequest {
+            exclude_node_ids: vec!["ok".into(), "".into()],
+            ..base()
+        }),
+        "exclude_node_ids[1]"
+    );
+    assert_eq!(
+        field_of(pb::FindPoolsRequest {
+            labels: [("a b".into(), "v".into())].into(),
+            ..base()
+        }),
+        "labels[\"a b\"]"
+    );
+}
+
+/// The sizing of the issue: 10,000 nodes × 4 pools over 100 models. Every
+/// event replaces one node's entries, and a query walks only its model's
+/// 400 pools; the answer is the pool with the most free VRAM.
+#[test]
+fn ten_thousand_nodes_of_four_pools_stay_consistent_under_events() {
+    let index = PlacementIndex::new();
+    let node = |n: usize, bump: u64| {
+        let pools = (0..4)
+            .map(|p| {
+                spec(
+                    &format!("p{p}"),
+                    &format!("model-{}", (n * 4 + p) % 100),
+                    "vllm",
+                    &[],
+                )
+            })
+            .collect();
+        let beat: Vec<pb::PoolStatus> = (0..4)
+            .map(|p| {
+                let vram = ((n * 4 + p) as u64 * 7919) % 100_000 + bump;
+                status(
+                    &format!("p{p}"),
+                    &format!("model-{}", (n * 4 + p) % 100),
+                    Ready,
+                    1,
+                    vram,
+                )
+            })
+            .collect();
+        view(
+            &register(&format!("n{n:05}"), "a", pools),
+            Some(&beat),
+            pb::NodeStatus::Online,
+        )
+    };
+    let started = std::time::Instant::now();
+    for n in 0..10_000 {
+        index.apply(&event(n as u64 + 1, EventKind::Added, node(n, 0)));
+    }
+    let loaded = started.elapsed();
+    // 1,000 Modified events: node n00042 gets far more free VRAM everywhere.
+    let started = std::time::Instant::now();
+    for i in 0..1_000u64 {
+        let n = if i == 999 {
+            42
+        } else {
+            (i as usize * 13) % 10_000
+        };
+        let bump = if i == 999 { 1 << 40 } else { 0 };
+        index.apply(&event(10_001 + i, EventKind::Modified, node(n, bump)));
+    }
+    let modified = started.elapsed();
+    let started = std::time::Instant::now();
+    let mut worst = std::time::Duration::ZERO;
+    for m in 0..100 {
+        let one = std::time::Instant::now();
+        let found = index
+            .find(&with_limit(query(&format!("model-{m}")), 10))
+            .unwrap();
+        worst = worst.max(one.elapsed());
+        assert_eq!(found.candidates.len(), 10);
+        let vram: Vec<u64> = found.candidates.iter().map(|c| c.vram_free_bytes).collect();
+        assert!(vram.windows(2).all(|w| w[0] >= w[1]), "{vram:?}");
+    }
+    let queried = started.elapsed();
+    // n00042's pools serve models 68..=71; each is now their best.
+    for m in 68..=71 {
+        let best = &index
+            .find(&query(&format!("model-{m}")))
+            .unwrap()
+            .candidates[0];
+        assert_eq!(best.node_id, "n00042", "model-{m}");
+    }
+    let models = index.models();
+    assert_eq!(models.len(), 100);
+    assert!(
+        models
+            .iter()
+            .all(|m| m.pools.len() == 400 && m.pools_ready == 400)
+    );
+    assert_eq!(index.revision(), 11_000);
+    eprintln!(
+        "40,000 pools: load {loaded:?}, 1,000 events {modified:?}, \
+         100 finds over 400 pools each {queried:?} (slowest {worst:?})"
+    );
+}
