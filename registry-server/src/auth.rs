@@ -51,8 +51,8 @@ impl Role {
         match (self, rpc) {
             (Role::Admin, _) => true,
             (Role::Node, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => true,
-            (Role::Reader, Rpc::ListNodes | Rpc::GetNode) => true,
-            (Role::Node, Rpc::ListNodes | Rpc::GetNode) => false,
+            (Role::Reader, Rpc::ListNodes | Rpc::GetNode | Rpc::WatchNodes) => true,
+            (Role::Node, Rpc::ListNodes | Rpc::GetNode | Rpc::WatchNodes) => false,
             (Role::Reader, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => false,
         }
     }
@@ -79,6 +79,8 @@ pub enum Rpc {
     ListNodes,
     /// `GetNode`.
     GetNode,
+    /// `WatchNodes`.
+    WatchNodes,
 }
 
 /// Why a caller or a token file was refused.
@@ -400,12 +402,15 @@ mod tests {
     #[test]
     fn roles_allow_exactly_their_calls() {
         use Rpc::*;
-        for rpc in [Register, Heartbeat, Deregister, ListNodes, GetNode] {
+        for rpc in [
+            Register, Heartbeat, Deregister, ListNodes, GetNode, WatchNodes,
+        ] {
             assert!(Role::Admin.allows(rpc));
         }
         assert!(Role::Node.allows(Register) && Role::Node.allows(Heartbeat));
         assert!(Role::Node.allows(Deregister) && !Role::Node.allows(ListNodes));
         assert!(Role::Reader.allows(ListNodes) && Role::Reader.allows(GetNode));
+        assert!(Role::Reader.allows(WatchNodes) && !Role::Node.allows(WatchNodes));
         assert!(!Role::Reader.allows(Register) && !Role::Reader.allows(Heartbeat));
     }
 

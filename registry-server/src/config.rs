@@ -156,6 +156,26 @@ pub struct Settings {
     )]
     pub max_heartbeat_streams: usize,
 
+    /// Changes kept for WatchNodes to resume from; a start_revision older
+    /// than these gets OUT_OF_RANGE ("compacted; relist").
+    #[arg(long, env = "REGISTRY_WATCH_HISTORY", default_value_t = 100_000)]
+    pub watch_history: usize,
+
+    /// Changes a watcher may fall behind before it is ended with
+    /// RESOURCE_EXHAUSTED (it resumes from the revision in the message).
+    #[arg(long, env = "REGISTRY_WATCH_QUEUE", default_value_t = 10_000)]
+    pub watch_queue: usize,
+
+    /// Silence after which a watcher gets a PROGRESS event with the
+    /// revision it has seen everything up to.
+    #[arg(long, env = "REGISTRY_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub watch_progress_interval: Duration,
+
+    /// Most concurrent WatchNodes streams; further ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 10_000)]
+    pub max_watchers: usize,
+
     /// Deadline of unary calls (Register, ListNodes ...), and of a new
     /// connection's first bytes.
     #[arg(long, env = "REGISTRY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -231,6 +251,10 @@ impl Default for Settings {
             max_nodes: 200_000,
             max_page_size: 1000,
             max_heartbeat_streams: 250_000,
+            watch_history: 100_000,
+            watch_queue: 10_000,
+            watch_progress_interval: Duration::from_secs(10),
+            max_watchers: 10_000,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             auth_token_file: None,
@@ -292,11 +316,17 @@ impl Settings {
             || self.max_nodes == 0
             || self.max_heartbeat_streams == 0
             || self.max_page_size == 0
+            || self.watch_history == 0
+            || self.watch_queue == 0
+            || self.max_watchers == 0
         {
             return Err(
-                "--max-streams-per-connection, --max-connections, --max-nodes, --max-page-size and --max-heartbeat-streams must be at least 1"
+                "--max-streams-per-connection, --max-connections, --max-nodes, --max-page-size, --max-heartbeat-streams, --watch-history, --watch-queue and --max-watchers must be at least 1"
                     .into(),
             );
+        }
+        if self.watch_progress_interval.is_zero() {
+            return Err("--watch-progress-interval must be above zero".into());
         }
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be above zero".into());

@@ -7,6 +7,8 @@
 //! - [`expiry`]: the task that enforces deadlines and retention;
 //! - [`validate`]: input rules applied before any state changes;
 //! - [`service`]: the tonic adapter, heartbeat streams included;
+//! - [`events`]: the change feed (revision, history, subscribers);
+//!   [`watch`]: WatchNodes streams;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
@@ -27,6 +29,7 @@ pub mod server;
 pub mod service;
 pub mod telemetry;
 pub mod validate;
+pub mod watch;
 
 pub use config::Settings;
 pub use error::RegistryError;

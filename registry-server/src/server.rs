@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
 use crate::expiry;
-use crate::registry::Registry;
+use crate::registry::{Options, Registry};
 use crate::service::NodeRegistryService;
 
 /// Why the server could not start or stopped with an error.
@@ -102,7 +102,16 @@ where
         );
     }
     let tls = tls_config(&settings)?;
-    let registry = Registry::with_max_nodes(settings.timing(), settings.max_nodes);
+    let registry = Registry::with_options(
+        settings.timing(),
+        Options {
+            max_nodes: settings.max_nodes,
+            watch_history: settings.watch_history,
+            watch_queue: settings.watch_queue,
+            // The placement index plugs in here.
+            subscribers: Vec::new(),
+        },
+    );
     let stop = CancellationToken::new();
     let mut expiry_task = tokio::spawn(expiry(registry.clone(), stop.clone()));
     let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));

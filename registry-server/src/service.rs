@@ -18,6 +18,7 @@ use crate::error::RegistryError;
 use crate::identity;
 use crate::registry::{Liveness, NodeFilter, NodeSlot, Now, Registry, secrets_equal};
 use crate::validate;
+use crate::watch::{WatchStream, Watchers};
 
 /// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
 #[derive(Clone)]
@@ -38,6 +39,8 @@ pub struct NodeRegistryService {
     /// How long a new stream may stay silent before its first message:
     /// an open, never-written stream would otherwise hold resources forever.
     first_message_timeout: Duration,
+    /// The cap and timing of WatchNodes streams.
+    watchers: Watchers,
 }
 
 impl NodeRegistryService {
@@ -56,6 +59,7 @@ impl NodeRegistryService {
             max_heartbeat_streams: settings.max_heartbeat_streams,
             max_page_size: settings.max_page_size,
             first_message_timeout: settings.node_timeout,
+            watchers: Watchers::new(settings.max_watchers, settings.watch_progress_interval),
         }
     }
 
@@ -148,12 +152,13 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             0 => self.max_page_size,
             asked => asked.min(self.max_page_size),
         };
-        let (nodes, next) = self
+        let page = self
             .registry
-            .list(&filter, page_size as usize, &request.page_token);
+            .list_page(&filter, page_size as usize, &request.page_token);
         Ok(Response::new(pb::ListNodesResponse {
-            nodes,
-            next_page_token: next.unwrap_or_default(),
+            nodes: page.nodes,
+            next_page_token: page.next_page_token.unwrap_or_default(),
+            revision: page.revision,
         }))
     }
 
@@ -165,6 +170,32 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
         Ok(Response::new(self.registry.get(&request.node_id)?))
+    }
+
+    type WatchNodesStream = WatchStream;
+
+    async fn watch_nodes(
+        &self,
+        request: Request<pb::WatchNodesRequest>,
+    ) -> Result<Response<Self::WatchNodesStream>, Status> {
+        self.authorize(&request, Rpc::WatchNodes)?;
+        let request = request.into_inner();
+        let mut filter = node_filter(request.status, &request.pool_id, &request.labels)?;
+        if request.model.len() > validate::MAX_ID_LEN * 4 {
+            return Err(RegistryError::invalid(
+                "model",
+                format!("is longer than {} bytes", validate::MAX_ID_LEN * 4),
+            )
+            .into());
+        }
+        filter.model = (!request.model.is_empty()).then_some(request.model);
+        let stream = self.watchers.watch(
+            &self.registry,
+            filter,
+            request.start_revision,
+            self.shutdown.clone(),
+        )?;
+        Ok(Response::new(stream))
     }
 
     type HeartbeatStream = HeartbeatStream;
@@ -218,24 +249,33 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
 
 /// Turns ListNodes' request fields into a [`NodeFilter`].
 fn list_filter(request: &pb::ListNodesRequest) -> Result<NodeFilter, RegistryError> {
-    let status = match pb::NodeStatus::try_from(request.status) {
+    node_filter(request.status, &request.pool_id, &request.labels)
+}
+
+/// The filters ListNodes and WatchNodes share, checked.
+fn node_filter(
+    status: i32,
+    pool_id: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<NodeFilter, RegistryError> {
+    let status = match pb::NodeStatus::try_from(status) {
         Ok(pb::NodeStatus::Unspecified) => None,
         Ok(pb::NodeStatus::Online) => Some(Liveness::Online),
         Ok(pb::NodeStatus::Offline) => Some(Liveness::Offline),
         Err(_) => {
             return Err(RegistryError::invalid(
                 "status",
-                format!("{} is not a known NodeStatus", request.status),
+                format!("{status} is not a known NodeStatus"),
             ));
         }
     };
-    if request.pool_id.len() > validate::MAX_ID_LEN {
+    if pool_id.len() > validate::MAX_ID_LEN {
         return Err(RegistryError::invalid(
             "pool_id",
             format!("is longer than {} bytes", validate::MAX_ID_LEN),
         ));
     }
-    if request.labels.len() > validate::MAX_LABELS {
+    if labels.len() > validate::MAX_LABELS {
         return Err(RegistryError::invalid(
             "labels",
             format!("has more than {} entries", validate::MAX_LABELS),
@@ -243,12 +283,9 @@ fn list_filter(request: &pb::ListNodesRequest) -> Result<NodeFilter, RegistryErr
     }
     Ok(NodeFilter {
         status,
-        pool_id: (!request.pool_id.is_empty()).then(|| request.pool_id.clone()),
-        labels: request
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        pool_id: (!pool_id.is_empty()).then(|| pool_id.to_string()),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        model: None,
     })
 }
 
