@@ -175,8 +175,8 @@ enum Renewal {
     /// ONLINE) or refused.
     Done(Result<(Registered, bool), RegistryError>),
     /// The node was removed meanwhile; the registration is handed back to
-    /// be added as a new node.
-    Gone(Registration),
+    /// be added as a new node (boxed: it dwarfs the other variant).
+    Gone(Box<Registration>),
 }
 
 impl Registry {
@@ -273,7 +273,7 @@ impl Registry {
         let registration = match known {
             Some(slot) => match self.renew(&slot, registration, session_id, &session_secret, now) {
                 Renewal::Done(result) => return log_renewal(&slot, result),
-                Renewal::Gone(registration) => registration,
+                Renewal::Gone(registration) => *registration,
             },
             None => registration,
         };
@@ -288,7 +288,7 @@ impl Registry {
                     drop(nodes);
                     return log_renewal(&slot, result);
                 }
-                Renewal::Gone(registration) => registration,
+                Renewal::Gone(registration) => *registration,
             },
             None => registration,
         };
@@ -339,7 +339,7 @@ impl Registry {
     ) -> Renewal {
         let mut st = slot.lock();
         if st.removed {
-            return Renewal::Gone(registration);
+            return Renewal::Gone(Box::new(registration));
         }
         if st.liveness == Liveness::Online && st.registration.machine_id != registration.machine_id
         {
