@@ -573,3 +573,64 @@ async fn agent_check_resolves_the_agent_from_its_environment() {
 
     registry.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_the_snapshot_then_changes_and_a_compacted_start_exits_4() {
+    use std::io::{BufRead, BufReader};
+    let registry = TestRegistry::start(Settings {
+        watch_history: 2,
+        ..Settings::default()
+    })
+    .await;
+    let channel = registry.plain_channel().await;
+    registry.register(channel.clone(), None, "gpu-a").await;
+    // A running watch in JSON: the snapshot, its marker, then a change.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_registry-ctl"))
+        .args(["--registry", &registry.url, "-o", "json", "watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .take(3)
+            .map(Result::unwrap)
+            .collect::<Vec<String>>()
+    });
+    // The watch is open once its snapshot is out; register after a moment
+    // either way, since a change before the snapshot shows in it instead.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    registry.register(channel.clone(), None, "gpu-b").await;
+    let lines = tokio::time::timeout(std::time::Duration::from_secs(10), lines)
+        .await
+        .expect("three lines within 10 s")
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(events[0]["type"], "WATCH_EVENT_TYPE_ADDED", "{lines:?}");
+    assert_eq!(events[0]["node"]["nodeId"], "gpu-a");
+    assert_eq!(events[1]["type"], "WATCH_EVENT_TYPE_SNAPSHOT_COMPLETE");
+    assert_eq!(events[1]["revision"], "1");
+    assert_eq!(events[2]["type"], "WATCH_EVENT_TYPE_ADDED");
+    assert_eq!(events[2]["node"]["nodeId"], "gpu-b");
+    assert_eq!(events[2]["revision"], "2");
+
+    // With gpu-c and gpu-d the history of 2 holds revisions 3 and 4:
+    // resuming after 1 is compacted: exit 4, saying to relist.
+    registry.register(channel.clone(), None, "gpu-c").await;
+    registry.register(channel, None, "gpu-d").await;
+    let compacted = ctl(&["--registry", &registry.url, "watch", "--from-revision", "1"]).await;
+    assert_exit(&compacted, 4);
+    assert!(
+        stderr(&compacted).contains("compacted; relist from revision 4"),
+        "{}",
+        stderr(&compacted)
+    );
+    registry.shutdown().await;
+}

@@ -9,6 +9,7 @@ pub mod get;
 pub mod health;
 pub mod list;
 pub mod status;
+pub mod watch;
 
 use std::io::Write;
 use std::time::Duration;
@@ -73,6 +74,23 @@ pub async fn run<W: Write>(cli: &Cli, printer: &mut Printer<W>) -> Result<Exit, 
                 labels: labels.clone(),
             };
             list::run(&context()?, &filter, printer).await
+        }
+        Command::Watch {
+            status,
+            pool,
+            labels,
+            model,
+            from_revision,
+        } => {
+            let filter = watch::Filter {
+                list: list::Filter {
+                    status: *status,
+                    pool: pool.clone(),
+                    labels: labels.clone(),
+                },
+                model: model.clone(),
+            };
+            watch::run(&context()?, &filter, *from_revision, printer).await
         }
         Command::Get { node_id } => get::run(&context()?, node_id, printer).await,
         Command::Status { node_id } => status::run(&context()?, node_id, printer).await,

@@ -19,6 +19,10 @@ impl ProtoMessage for pb::Node {
     const FULL_NAME: &'static str = "registry.v1.Node";
 }
 
+impl ProtoMessage for pb::WatchNodesResponse {
+    const FULL_NAME: &'static str = "registry.v1.WatchNodesResponse";
+}
+
 impl ProtoMessage for HealthCheckResponse {
     const FULL_NAME: &'static str = "grpc.health.v1.HealthCheckResponse";
 }
