@@ -181,10 +181,14 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         self.authorize(&request, Rpc::WatchNodes)?;
         let request = request.into_inner();
         let mut filter = node_filter(request.status, &request.pool_id, &request.labels)?;
-        if request.model.len() > validate::MAX_ID_LEN * 4 {
+        // A model is free text in the contract: the same bound.
+        if request.model.len() > registry_proto::rules::MAX_TEXT_LEN {
             return Err(RegistryError::invalid(
                 "model",
-                format!("is longer than {} bytes", validate::MAX_ID_LEN * 4),
+                format!(
+                    "is longer than {} bytes",
+                    registry_proto::rules::MAX_TEXT_LEN
+                ),
             )
             .into());
         }
