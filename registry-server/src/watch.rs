@@ -7,9 +7,11 @@
 //! Costs: an event is built once and shared (`Arc`) by every watcher; each
 //! watcher still copies the node into its own response message and encodes
 //! it, which prost's owned message types make unavoidable. A filtered
-//! watcher remembers which nodes it has been shown (one entry per node seen
-//! by it), so it can tell entering from leaving; an unfiltered one keeps
-//! nothing per node.
+//! watcher remembers which nodes it holds (one entry per node in its view;
+//! after a resume also per node seen out of it), so it can tell entering
+//! from leaving; an unfiltered one keeps nothing per node. The live queue
+//! is tokio's broadcast ring, whose capacity is `--watch-queue` rounded up
+//! to a power of two.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -284,10 +286,12 @@ impl Watcher {
         })
     }
 
-    /// Notes whether `node_id` is in the watcher's view; a removed node is
-    /// forgotten, so `held` holds only listed nodes.
+    /// Notes whether `node_id` is in the watcher's view. A removed node is
+    /// forgotten, and after a snapshot so is one out of view (absent means
+    /// out then), so `held` holds only the watcher's own nodes; after a
+    /// resume, "out" is remembered so it is told only once.
     fn remember(&mut self, node_id: &str, held: bool, kind: EventKind) {
-        if kind == EventKind::Deleted {
+        if kind == EventKind::Deleted || (!held && self.complete) {
             self.held.remove(node_id);
         } else if let Some(entry) = self.held.get_mut(node_id) {
             *entry = held;
