@@ -209,18 +209,18 @@ impl Watcher {
                 }
                 received = self.live.recv() => received,
                 () = tokio::time::sleep_until(progress_at) => {
-                    let revision = self.seen;
-                    return Some(Ok(self.sent(pb::WatchNodesResponse {
-                        r#type: pb::WatchEventType::Progress as i32,
-                        revision,
-                        node: None,
-                    })));
+                    return Some(Ok(self.progress()));
                 }
             };
             match received {
                 Ok(event) => {
                     if let Some(reply) = self.translate(&event) {
                         return Some(Ok(self.sent(reply)));
+                    }
+                    // Events this watcher's filter skips must not starve
+                    // its progress.
+                    if Instant::now() >= progress_at {
+                        return Some(Ok(self.progress()));
                     }
                 }
                 Err(RecvError::Lagged(missed)) => {
@@ -241,6 +241,16 @@ impl Watcher {
     fn fail(&mut self, err: RegistryError) -> Option<Result<pb::WatchNodesResponse, Status>> {
         self.done = true;
         Some(Err(err.into()))
+    }
+
+    /// A PROGRESS event at the revision the watcher is complete up to.
+    fn progress(&mut self) -> pb::WatchNodesResponse {
+        let revision = self.seen;
+        self.sent(pb::WatchNodesResponse {
+            r#type: pb::WatchEventType::Progress as i32,
+            revision,
+            node: None,
+        })
     }
 
     fn sent(&mut self, reply: pb::WatchNodesResponse) -> pb::WatchNodesResponse {
@@ -298,5 +308,63 @@ impl Watcher {
         } else {
             self.held.insert(node_id.to_string(), held);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use registry_proto::pb;
+
+    use super::*;
+    use crate::registry::{Now, Registration, Timing};
+
+    fn registration(node_id: &str) -> Registration {
+        Registration {
+            node_id: node_id.into(),
+            machine_id: "m".into(),
+            address: "http://n:9200".into(),
+            pools: vec![],
+            capabilities: pb::Capabilities::default(),
+            agent_version: "test".into(),
+            metrics_address: String::new(),
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_a_filter_skips_do_not_starve_progress() {
+        let registry = Registry::new(Timing::default());
+        let watchers = Watchers::new(1, Duration::from_secs(1));
+        let filter = NodeFilter {
+            pool_id: Some("no-such-pool".into()),
+            ..NodeFilter::default()
+        };
+        let mut watch = watchers
+            .watch(&registry, filter, 0, CancellationToken::new())
+            .unwrap();
+        let marker = watch.next().await.unwrap().unwrap();
+        assert_eq!(marker.r#type(), pb::WatchEventType::SnapshotComplete);
+        // A skipped event every 100 ms: the watch is never idle for 1 s.
+        let feeder = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    registry
+                        .register(registration("busy"), Now::read())
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let progress = watch.next().await.unwrap().unwrap();
+        assert_eq!(progress.r#type(), pb::WatchEventType::Progress);
+        // Around 1 s in, not after the feeder stops at revision 50.
+        assert!((10..=15).contains(&progress.revision), "{progress:?}");
+        assert!(progress.revision <= registry.revision());
+        feeder.abort();
+        assert_eq!(watchers.open(), 1);
+        drop(watch);
+        assert_eq!(watchers.open(), 0, "a dropped watch leaves the count");
     }
 }
