@@ -532,17 +532,21 @@ impl Registry {
         let nodes = self.read_nodes();
         let mut page = Vec::new();
         for (id, slot) in nodes.range::<str, _>((start, Bound::Unbounded)) {
-            let st = slot.lock();
-            if st.removed || !filter.matches(&st.view) {
-                continue;
-            }
+            let reading = {
+                let st = slot.lock();
+                if st.removed || !filter.matches(&st.view) {
+                    continue;
+                }
+                st.reading()
+            };
             if page.len() == limit {
                 // One more node matches: the caller needs another page.
                 let token = page.last().map(|n: &pb::Node| n.node_id.clone());
                 debug_assert!(token.as_deref() < Some(&**id));
                 return (page, token);
             }
-            page.push(st.read());
+            // The deep copy happens with the node's lock released.
+            page.push(reading.into_node());
         }
         (page, None)
     }

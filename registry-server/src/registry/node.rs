@@ -100,6 +100,32 @@ impl NodeSlot {
     }
 }
 
+/// A node's shared view and its liveness fields, read under its lock and
+/// turned into the reader's copy after it.
+pub(super) struct Reading {
+    /// The published view.
+    view: Arc<pb::Node>,
+    /// Wall-clock time of the latest sign of life.
+    last_heartbeat_at: DateTime<Utc>,
+    /// The agent's clock in its latest heartbeat.
+    agent_time: Option<DateTime<Utc>>,
+    /// The latest GPU figures, when any were reported.
+    gpu_stats: Option<Vec<pb::GpuStats>>,
+}
+
+impl Reading {
+    /// The reader's copy: the view with the liveness fields patched in.
+    pub(super) fn into_node(self) -> pb::Node {
+        let mut node = pb::Node::clone(&self.view);
+        node.last_heartbeat_at = Some(to_proto_timestamp(self.last_heartbeat_at));
+        node.agent_time = self.agent_time.map(to_proto_timestamp);
+        if let Some(gpu_stats) = self.gpu_stats {
+            node.gpu_stats = gpu_stats;
+        }
+        node
+    }
+}
+
 /// Everything about a node that changes, guarded by [`NodeSlot::state`].
 pub(super) struct NodeState {
     /// The latest accepted registration.
@@ -189,13 +215,19 @@ impl NodeState {
     /// fields (last_heartbeat_at, agent_time, GPU figures), which move on
     /// every beat without a new revision, patched in.
     pub(super) fn read(&self) -> pb::Node {
-        let mut node = pb::Node::clone(&self.view);
-        node.last_heartbeat_at = Some(to_proto_timestamp(self.last_heartbeat_at));
-        node.agent_time = self.agent_time.map(to_proto_timestamp);
-        if !self.gpu_stats.is_empty() {
-            node.gpu_stats.clone_from(&self.gpu_stats);
+        self.reading().into_node()
+    }
+
+    /// What [`NodeState::read`] needs, taken cheaply under the node's lock
+    /// (an `Arc` and the liveness fields), so the deep copy of the view can
+    /// happen after the lock is released.
+    pub(super) fn reading(&self) -> Reading {
+        Reading {
+            view: self.view.clone(),
+            last_heartbeat_at: self.last_heartbeat_at,
+            agent_time: self.agent_time,
+            gpu_stats: (!self.gpu_stats.is_empty()).then(|| self.gpu_stats.clone()),
         }
-        node
     }
 
     /// Whether a heartbeat's pool status differs from the published one in
