@@ -579,6 +579,7 @@ async fn watch_prints_the_snapshot_then_changes_and_a_compacted_start_exits_4() 
     use std::io::{BufRead, BufReader};
     let registry = TestRegistry::start(Settings {
         watch_history: 2,
+        revision_base: registry_server::RevisionBase::Zero,
         ..Settings::default()
     })
     .await;

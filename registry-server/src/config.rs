@@ -84,6 +84,31 @@ fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
     }
 }
 
+/// Where the registry's revisions start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RevisionBase {
+    /// At the wall clock's microseconds since the Unix epoch when the
+    /// server starts: revisions then keep increasing across restarts as
+    /// long as fewer than a million changes a second were made on average,
+    /// and the clock is not set back by more than the run's changes.
+    #[default]
+    Clock,
+    /// At 0.
+    Zero,
+}
+
+impl RevisionBase {
+    /// The revision before the first change, read now.
+    pub fn first_revision(self) -> u64 {
+        match self {
+            RevisionBase::Clock => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            RevisionBase::Zero => 0,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -176,6 +201,11 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 10_000)]
     pub max_watchers: usize,
 
+    /// Where revisions start: at the start time in microseconds (the
+    /// server), or at 0 (tests that name exact revisions).
+    #[arg(skip)]
+    pub revision_base: RevisionBase,
+
     /// Deadline of unary calls (Register, ListNodes ...), and of a new
     /// connection's first bytes.
     #[arg(long, env = "REGISTRY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -255,6 +285,7 @@ impl Default for Settings {
             watch_queue: 10_000,
             watch_progress_interval: Duration::from_secs(10),
             max_watchers: 10_000,
+            revision_base: RevisionBase::Clock,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             auth_token_file: None,

@@ -134,16 +134,17 @@ struct FeedState {
 }
 
 impl Feed {
-    /// An empty feed at revision 0 keeping `history_len` events and
-    /// queueing `queue_len` events per watcher.
+    /// An empty feed at revision `first_revision` keeping `history_len`
+    /// events and queueing `queue_len` events per watcher.
     pub fn new(
         history_len: usize,
         queue_len: usize,
+        first_revision: u64,
         subscribers: Vec<Arc<dyn ChangeSubscriber>>,
     ) -> Self {
         let (live, _) = broadcast::channel(queue_len.max(1));
         Self {
-            revision: AtomicU64::new(0),
+            revision: AtomicU64::new(first_revision),
             state: Mutex::new(FeedState {
                 history: VecDeque::with_capacity(history_len.min(1 << 16)),
                 views: BTreeMap::new(),

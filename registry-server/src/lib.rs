@@ -31,6 +31,6 @@ pub mod telemetry;
 pub mod validate;
 pub mod watch;
 
-pub use config::Settings;
+pub use config::{RevisionBase, Settings};
 pub use error::RegistryError;
 pub use server::{ServerError, run};

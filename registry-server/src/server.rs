@@ -110,6 +110,7 @@ where
             watch_queue: settings.watch_queue,
             // The placement index plugs in here.
             subscribers: Vec::new(),
+            first_revision: settings.revision_base.first_revision(),
         },
     );
     let stop = CancellationToken::new();

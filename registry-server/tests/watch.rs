@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Stream, register};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
-use registry_server::Settings;
+use registry_server::{RevisionBase, Settings};
 use test_support::{
     Session, TestRegistry,
     fixtures::{beat_in, register_request},
@@ -20,6 +20,14 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 type Watch = Streaming<pb::WatchNodesResponse>;
+
+/// Default settings with revisions from 0, so tests can name them.
+fn zero() -> Settings {
+    Settings {
+        revision_base: RevisionBase::Zero,
+        ..Settings::default()
+    }
+}
 
 async fn watch(client: &mut NodeRegistryClient<Channel>, request: pb::WatchNodesRequest) -> Watch {
     client.watch_nodes(request).await.unwrap().into_inner()
@@ -84,7 +92,7 @@ use pb::WatchEventType::{Added, Deleted, Modified, Progress, SnapshotComplete};
 
 #[tokio::test]
 async fn a_snapshot_then_its_marker_then_live_events() {
-    let server = TestRegistry::start(Settings::default()).await;
+    let server = TestRegistry::start(zero()).await;
     let mut client = server.client().await;
     register(&mut client, register_request("b")).await;
     register(&mut client, register_request("a")).await;
@@ -125,7 +133,7 @@ async fn a_snapshot_then_its_marker_then_live_events() {
 
 #[tokio::test]
 async fn a_resumed_watch_sees_every_later_change_exactly_once() {
-    let server = TestRegistry::start(Settings::default()).await;
+    let server = TestRegistry::start(zero()).await;
     let mut client = server.client().await;
     let mut sessions = Vec::new();
     for i in 0..5 {
@@ -169,7 +177,7 @@ async fn a_resumed_watch_sees_every_later_change_exactly_once() {
 async fn a_start_older_than_the_history_is_out_of_range_with_the_relist_revision() {
     let settings = Settings {
         watch_history: 3,
-        ..Settings::default()
+        ..zero()
     };
     let server = TestRegistry::start(settings).await;
     let mut client = server.client().await;
@@ -201,7 +209,7 @@ async fn a_watcher_that_never_reads_is_ended_while_every_heartbeat_is_acknowledg
     const NODES: usize = 1000;
     let settings = Settings {
         watch_queue: 64,
-        ..Settings::default()
+        ..zero()
     };
     let server = TestRegistry::start(settings).await;
     let mut client = server.client().await;
@@ -271,7 +279,7 @@ async fn a_status_filter_turns_offline_into_deleted_and_back_into_added() {
     let settings = Settings {
         node_timeout: Duration::from_millis(400),
         heartbeat_interval: Duration::from_millis(100),
-        ..Settings::default()
+        ..zero()
     };
     let server = TestRegistry::start(settings).await;
     let mut client = server.client().await;
@@ -299,7 +307,7 @@ async fn a_status_filter_turns_offline_into_deleted_and_back_into_added() {
 
 #[tokio::test]
 async fn a_model_filter_matches_registered_and_reported_models() {
-    let server = TestRegistry::start(Settings::default()).await;
+    let server = TestRegistry::start(zero()).await;
     let mut client = server.client().await;
     let mut other = register_request("other");
     other.pools[0].model = "mistral-7b".into();
@@ -325,7 +333,7 @@ async fn a_quiet_watch_gets_progress_and_the_cap_refuses_more_watchers() {
     let settings = Settings {
         watch_progress_interval: Duration::from_millis(200),
         max_watchers: 1,
-        ..Settings::default()
+        ..zero()
     };
     let server = TestRegistry::start(settings).await;
     let mut client = server.client().await;
@@ -366,7 +374,7 @@ fn published(mut node: pb::Node) -> pb::Node {
 async fn list_then_watch_from_the_first_page_misses_nothing() {
     let settings = Settings {
         watch_progress_interval: Duration::from_millis(100),
-        ..Settings::default()
+        ..zero()
     };
     let server = TestRegistry::start(settings).await;
     let mut client = server.client().await;
@@ -456,4 +464,33 @@ async fn list_then_watch_from_the_first_page_misses_nothing() {
     let rebuilt: BTreeMap<String, pb::Node> =
         state.into_iter().map(|(k, n)| (k, published(n))).collect();
     assert_eq!(rebuilt, fleet);
+}
+
+#[tokio::test]
+async fn a_revision_from_before_a_restart_is_compacted_not_resumed() {
+    // Revisions start at the start time in microseconds (the default).
+    let server = TestRegistry::start(Settings::default()).await;
+    let mut client = server.client().await;
+    register(&mut client, register_request("n1")).await;
+    let before = revision(&mut client).await;
+    assert!(
+        before > 1_600_000_000_000_000,
+        "a clock-based revision: {before}"
+    );
+    let addr = server.addr;
+    server.stop().await;
+
+    let again = TestRegistry::restart_on(addr, Settings::default()).await;
+    let mut client = again.client().await;
+    // The fleet re-registers: the new history moves on, from a higher base.
+    register(&mut client, register_request("n1")).await;
+    let after = revision(&mut client).await;
+    assert!(after > before, "{after} after {before}");
+    let status = match client.watch_nodes(from(before)).await {
+        Ok(response) => next(&mut response.into_inner()).await.unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("relist"), "{}", status.message());
+    again.stop().await;
 }

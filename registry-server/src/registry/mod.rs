@@ -145,6 +145,11 @@ pub struct Options {
     pub watch_queue: usize,
     /// Consumers of every event, in revision order (the placement index).
     pub subscribers: Vec<Arc<dyn ChangeSubscriber>>,
+    /// The revision before the first change. The server starts it at its
+    /// start time in microseconds, so revisions keep increasing across
+    /// restarts and a revision from before one is below the new history
+    /// (OUT_OF_RANGE: relist) instead of naming another history's change.
+    pub first_revision: u64,
 }
 
 impl Default for Options {
@@ -154,6 +159,7 @@ impl Default for Options {
             watch_history: 100_000,
             watch_queue: 10_000,
             subscribers: Vec::new(),
+            first_revision: 0,
         }
     }
 }
@@ -205,6 +211,7 @@ impl Registry {
                 feed: Feed::new(
                     options.watch_history,
                     options.watch_queue,
+                    options.first_revision,
                     options.subscribers,
                 ),
                 nodes: RwLock::new(BTreeMap::new()),
