@@ -26,7 +26,12 @@ struct TestRegistry {
 
 impl TestRegistry {
     async fn start(settings: Settings) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0", settings).await
+    }
+
+    /// [`TestRegistry::start`] on `addr` (a port a stopped registry used).
+    async fn start_on(addr: &str, settings: Settings) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let scheme = if settings.tls_cert.is_some() {
             "https"
         } else {
@@ -634,4 +639,74 @@ async fn watch_prints_the_snapshot_then_changes_and_a_compacted_start_exits_4() 
         stderr(&compacted)
     );
     registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reconnects_after_a_restart_and_exits_4_when_its_revision_is_gone() {
+    use std::io::{BufRead, BufReader, Read};
+    let registry = TestRegistry::start(Settings::default()).await;
+    let addr = registry.url.trim_start_matches("http://").to_owned();
+    registry
+        .register(registry.plain_channel().await, None, "gpu-a")
+        .await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_registry-ctl"))
+        .args(["--registry", &registry.url, "watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let head = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            lines.push(line);
+        }
+        lines
+    });
+    let head = tokio::time::timeout(std::time::Duration::from_secs(10), head)
+        .await
+        .expect("the snapshot within 10 s")
+        .unwrap();
+    assert!(head[0].starts_with("REVISION"), "{head:?}");
+    assert!(
+        head[1].contains("ADDED") && head[1].contains("gpu-a"),
+        "{head:?}"
+    );
+    assert!(head[2].contains("SNAPSHOT_COMPLETE"), "{head:?}");
+
+    // A restart: the watch ends with UNAVAILABLE, registry-ctl retries
+    // until the new registry answers, whose history starts after the old
+    // revision: OUT_OF_RANGE, exit 4.
+    registry.shutdown().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let again = TestRegistry::start_on(&addr, Settings::default()).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .unwrap();
+                return (status, stderr);
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("registry-ctl watch did not end within 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    let (status, stderr) = status;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("resuming from revision"), "{stderr}");
+    assert!(stderr.contains("compacted; relist"), "{stderr}");
+    again.shutdown().await;
 }

@@ -17,6 +17,10 @@ use crate::output::{Format, Printer};
 /// hammered.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
+/// Connection attempts after a watch ended (a registry restarting), one
+/// every [`RECONNECT_PAUSE`], before giving up with exit 3.
+const RECONNECT_TRIES: u32 = 30;
+
 /// The filters of `watch`: those of `list`, and a model.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -56,9 +60,26 @@ pub async fn run<W: Write>(
         ))?;
     }
     let mut last = from_revision;
+    // Reconnect attempts left after the watch ended; the first connection
+    // gets none (an unreachable registry then exits 3 at once).
+    let mut retries = 0;
     loop {
-        let registry = context.query_registry().await?;
-        let mut stream = registry.watch(filter.request(last)).await?;
+        let opened = async {
+            let registry = context.query_registry().await?;
+            let stream = registry.watch(filter.request(last)).await?;
+            Ok::<_, CtlError>((registry, stream))
+        };
+        let (registry, mut stream) = match opened.await {
+            Ok(opened) => opened,
+            Err(err) if retries > 0 && err.exit() == Exit::Unreachable => {
+                retries -= 1;
+                eprintln!("registry-ctl: {err}; retrying");
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        retries = RECONNECT_TRIES;
         // A snapshot's ADDED events carry each node's own revision; only
         // its SNAPSHOT_COMPLETE says where the watch stands.
         let mut in_snapshot = last == 0;
