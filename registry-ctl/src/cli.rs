@@ -19,7 +19,7 @@ pub struct Cli {
     pub registry: Option<String>,
 
     /// Bearer token for the registry's calls (a reader token for `list`,
-    /// `get`, `status` and `agent-check`); `health` needs none. An empty
+    /// `get`, `status`, `watch` and `agent-check`); `health` needs none. An empty
     /// value sends none. Prefer --token-file or the variable: flags show in
     /// `ps`.
     #[arg(

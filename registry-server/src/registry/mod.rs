@@ -28,7 +28,8 @@
 //!   (`Arc<pb::Node>`), and [`Feed::publish`] bumps the registry-wide
 //!   revision, keeps the view for snapshots, appends the [`crate::events::Event`] to the
 //!   history ring and hands it to the watchers and subscribers, in
-//!   revision order. Lock order: map → node → feed (→ schedule).
+//!   revision order. Lock order: map → node → feed; the feed and the
+//!   schedule are each taken under the node, never one inside the other.
 //! - Visible changes: register (ADDED), every re-registration (MODIFIED:
 //!   even an identical one starts a new session, and session_id is visible),
 //!   deregister and removal after retention (DELETED, with the final
