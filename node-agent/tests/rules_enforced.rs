@@ -84,6 +84,16 @@ impl NodeRegistry for StubRegistry {
         Err(Status::unimplemented("stub"))
     }
 
+    type WatchNodesStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchNodesResponse, Status>> + Send>>;
+
+    async fn watch_nodes(
+        &self,
+        _: Request<pb::WatchNodesRequest>,
+    ) -> Result<Response<Self::WatchNodesStream>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
+
     type HeartbeatStream = Beats;
 
     async fn heartbeat(

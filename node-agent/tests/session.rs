@@ -119,6 +119,16 @@ impl NodeRegistry for Scripted {
         Err(Status::unimplemented("not scripted"))
     }
 
+    type WatchNodesStream = ReceiverStream<Result<pb::WatchNodesResponse, Status>>;
+
+    // The agent never watches; the contract's change feed is not scripted.
+    async fn watch_nodes(
+        &self,
+        _: Request<pb::WatchNodesRequest>,
+    ) -> Result<Response<Self::WatchNodesStream>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
     type HeartbeatStream = ReceiverStream<Result<pb::HeartbeatResponse, Status>>;
 
     async fn heartbeat(

@@ -19,7 +19,7 @@ pub struct Cli {
     pub registry: Option<String>,
 
     /// Bearer token for the registry's calls (a reader token for `list`,
-    /// `get`, `status` and `agent-check`); `health` needs none. An empty
+    /// `get`, `status`, `watch` and `agent-check`); `health` needs none. An empty
     /// value sends none. Prefer --token-file or the variable: flags show in
     /// `ps`.
     #[arg(
@@ -129,6 +129,34 @@ pub enum Command {
     Models {
         /// Only this model.
         model: Option<String>,
+    },
+    /// Follows the registry's changes, one line per event (table: REVISION
+    /// TYPE NODE STATUS POOLS; json: one WatchNodesResponse per line),
+    /// until interrupted. Starts with a snapshot (every matching node as
+    /// ADDED, then SNAPSHOT_COMPLETE) unless --from-revision is given. When
+    /// the registry ends the watch as too slow (RESOURCE_EXHAUSTED) or
+    /// restarts (UNAVAILABLE), it reconnects from the last revision seen;
+    /// when that revision is compacted (OUT_OF_RANGE) it says so and exits
+    /// 4 [default registry: http://127.0.0.1:50051].
+    Watch {
+        /// Only nodes with this status (one that leaves it shows as
+        /// DELETED, one that enters it as ADDED).
+        #[arg(long, value_enum)]
+        status: Option<StatusFilter>,
+        /// Only nodes that run this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Only nodes carrying this label (KEY=VALUE); repeatable, all must
+        /// match.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Only nodes with a pool serving this model.
+        #[arg(long)]
+        model: Option<String>,
+        /// Every change after this revision (the last one a previous watch
+        /// printed, or a ListNodes revision) instead of a snapshot.
+        #[arg(long, value_name = "R", default_value_t = 0)]
+        from_revision: u64,
     },
     /// Shows one node: its status, pools and GPUs; exits 1 when the
     /// registry does not know it [default registry: http://127.0.0.1:50051].
@@ -345,6 +373,39 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["registry-ctl", "list", "--label", "novalue"]).is_err());
         assert!(Cli::try_parse_from(["registry-ctl", "list", "--label", "=v"]).is_err());
+    }
+
+    #[test]
+    fn watch_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "registry-ctl",
+            "watch",
+            "--status",
+            "online",
+            "--model",
+            "llama",
+            "--label",
+            "zone=eu-1",
+            "--from-revision",
+            "42",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Watch {
+                status,
+                pool,
+                labels,
+                model,
+                from_revision,
+            } => {
+                assert_eq!(status, Some(StatusFilter::Online));
+                assert_eq!(pool, None);
+                assert_eq!(labels, vec![("zone".to_owned(), "eu-1".to_owned())]);
+                assert_eq!(model.as_deref(), Some("llama"));
+                assert_eq!(from_revision, 42);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]

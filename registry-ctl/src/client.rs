@@ -168,6 +168,23 @@ impl Registry {
         Ok(answer.into_inner())
     }
 
+    /// Opens a WatchNodes stream (the opening is bounded by the timeout,
+    /// the stream itself is not).
+    pub async fn watch(
+        &self,
+        request: pb::WatchNodesRequest,
+    ) -> Result<tonic::Streaming<pb::WatchNodesResponse>, CtlError> {
+        let mut client = NodeRegistryClient::new(self.channel.clone());
+        let stream = bounded(self.timeout, self.what("WatchNodes"), async {
+            client
+                .watch_nodes(request)
+                .await
+                .map_err(|status| CtlError::rpc("WatchNodes", &self.url, &status))
+        })
+        .await?;
+        Ok(stream.into_inner())
+    }
+
     fn what(&self, call: &str) -> String {
         format!("{call} on {}", self.url)
     }

@@ -137,6 +137,9 @@ pub fn explain(code: tonic::Code) -> String {
         tonic::Code::Unavailable => {
             "unavailable: the registry is shutting down or the connection broke"
         }
+        tonic::Code::OutOfRange => {
+            "out of range: for watch, the revision is older than the registry's history; list again and watch from the listing's revision"
+        }
         other => other.description(),
     };
     format!("{} ({hint})", code_name(code))
@@ -186,6 +189,11 @@ impl CtlError {
                 code: tonic::Code::NotFound,
                 ..
             } => Exit::No,
+            CtlError::Rpc {
+                code: tonic::Code::OutOfRange,
+                call: "WatchNodes",
+                ..
+            } => Exit::Compacted,
             CtlError::Connect { .. } | CtlError::Rpc { .. } | CtlError::Timeout { .. } => {
                 Exit::Unreachable
             }
@@ -216,6 +224,13 @@ mod tests {
     fn statuses_map_to_exit_codes() {
         assert_eq!(rpc(tonic::Code::NotFound).exit(), Exit::No);
         assert_eq!(rpc(tonic::Code::InvalidArgument).exit(), Exit::Usage);
+        let compacted = CtlError::rpc(
+            "WatchNodes",
+            "http://r:1",
+            &tonic::Status::out_of_range("compacted; relist from revision 9"),
+        );
+        assert_eq!(compacted.exit(), Exit::Compacted);
+        assert!(compacted.to_string().contains("relist from revision 9"));
         for code in [
             tonic::Code::Unauthenticated,
             tonic::Code::PermissionDenied,

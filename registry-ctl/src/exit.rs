@@ -14,6 +14,8 @@ Exit status:
   3  cannot reach the registry: connection refused, TLS failure,
      UNAUTHENTICATED / PERMISSION_DENIED (bad or missing token), deadline
      exceeded, or any other failed call; the reason is on stderr
+  4  watch: the revision to resume from is compacted (OUT_OF_RANGE): relist
+     (list) and watch again from the listing's revision
 `status` prints \"absent\" for an unknown node and exits 0: it answered.";
 
 /// How a run of registry-ctl ended, as its exit status.
@@ -28,6 +30,8 @@ pub enum Exit {
     Usage,
     /// 3: the registry could not be reached or its answer was a failure.
     Unreachable,
+    /// 4: a watch's revision is older than the registry's history.
+    Compacted,
 }
 
 impl Exit {
@@ -38,6 +42,7 @@ impl Exit {
             Exit::No => 1,
             Exit::Usage => 2,
             Exit::Unreachable => 3,
+            Exit::Compacted => 4,
         }
     }
 
@@ -63,6 +68,7 @@ mod tests {
         assert_eq!(Exit::No.code(), 1);
         assert_eq!(Exit::Usage.code(), 2);
         assert_eq!(Exit::Unreachable.code(), 3);
+        assert_eq!(Exit::Compacted.code(), 4);
         assert_eq!(Exit::from_answer(true), Exit::Ok);
         assert_eq!(Exit::from_answer(false), Exit::No);
     }

@@ -531,3 +531,140 @@ async fn find_and_models_need_a_reader_and_exit_1_when_nothing_matches() {
 
     registry.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_the_snapshot_then_changes_and_a_compacted_start_exits_4() {
+    use std::io::{BufRead, BufReader};
+    let registry = TestRegistry::start(Settings {
+        watch_history: 2,
+        revision_base: registry_server::RevisionBase::Zero,
+        ..Settings::default()
+    })
+    .await;
+    let channel = registry.channel().await;
+    register(channel.clone(), None, "gpu-a").await;
+    // A running watch in JSON: the snapshot, its marker, then a change.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_registry-ctl"))
+        .args(["--registry", &registry.url(), "-o", "json", "watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .take(3)
+            .map(Result::unwrap)
+            .collect::<Vec<String>>()
+    });
+    // The watch is open once its snapshot is out; register after a moment
+    // either way, since a change before the snapshot shows in it instead.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    register(channel.clone(), None, "gpu-b").await;
+    let lines = tokio::time::timeout(std::time::Duration::from_secs(10), lines)
+        .await
+        .expect("three lines within 10 s")
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(events[0]["type"], "WATCH_EVENT_TYPE_ADDED", "{lines:?}");
+    assert_eq!(events[0]["node"]["nodeId"], "gpu-a");
+    assert_eq!(events[1]["type"], "WATCH_EVENT_TYPE_SNAPSHOT_COMPLETE");
+    assert_eq!(events[1]["revision"], "1");
+    assert_eq!(events[2]["type"], "WATCH_EVENT_TYPE_ADDED");
+    assert_eq!(events[2]["node"]["nodeId"], "gpu-b");
+    assert_eq!(events[2]["revision"], "2");
+
+    // With gpu-c and gpu-d the history of 2 holds revisions 3 and 4:
+    // resuming after 1 is compacted: exit 4, saying to relist.
+    register(channel.clone(), None, "gpu-c").await;
+    register(channel, None, "gpu-d").await;
+    let compacted = ctl(&[
+        "--registry",
+        &registry.url(),
+        "watch",
+        "--from-revision",
+        "1",
+    ])
+    .await;
+    assert_exit(&compacted, 4);
+    assert!(
+        stderr(&compacted).contains("compacted; relist from revision 4"),
+        "{}",
+        stderr(&compacted)
+    );
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reconnects_after_a_restart_and_exits_4_when_its_revision_is_gone() {
+    use std::io::{BufRead, BufReader, Read};
+    let registry = TestRegistry::start(Settings::default()).await;
+    let addr = registry.addr;
+    register(registry.channel().await, None, "gpu-a").await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_registry-ctl"))
+        .args(["--registry", &registry.url(), "watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let head = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            lines.push(line);
+        }
+        lines
+    });
+    let head = tokio::time::timeout(std::time::Duration::from_secs(10), head)
+        .await
+        .expect("the snapshot within 10 s")
+        .unwrap();
+    assert!(head[0].starts_with("REVISION"), "{head:?}");
+    assert!(
+        head[1].contains("ADDED") && head[1].contains("gpu-a"),
+        "{head:?}"
+    );
+    assert!(head[2].contains("SNAPSHOT_COMPLETE"), "{head:?}");
+
+    // A restart: the watch ends with UNAVAILABLE, registry-ctl retries
+    // until the new registry answers, whose history starts after the old
+    // revision: OUT_OF_RANGE, exit 4.
+    registry.stop().await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let again = TestRegistry::restart_on(addr, Settings::default()).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .unwrap();
+                return (status, stderr);
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("registry-ctl watch did not end within 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    let (status, stderr) = status;
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("resuming from revision"), "{stderr}");
+    assert!(stderr.contains("compacted; relist"), "{stderr}");
+    again.stop().await;
+}

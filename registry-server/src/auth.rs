@@ -51,10 +51,14 @@ impl Role {
         match (self, rpc) {
             (Role::Admin, _) => true,
             (Role::Node, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => true,
-            (Role::Reader, Rpc::ListNodes | Rpc::GetNode | Rpc::FindPools | Rpc::ListModels) => {
-                true
-            }
-            (Role::Node, Rpc::ListNodes | Rpc::GetNode | Rpc::FindPools | Rpc::ListModels) => false,
+            (
+                Role::Reader,
+                Rpc::ListNodes | Rpc::GetNode | Rpc::WatchNodes | Rpc::FindPools | Rpc::ListModels,
+            ) => true,
+            (
+                Role::Node,
+                Rpc::ListNodes | Rpc::GetNode | Rpc::WatchNodes | Rpc::FindPools | Rpc::ListModels,
+            ) => false,
             (Role::Reader, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => false,
         }
     }
@@ -85,6 +89,8 @@ pub enum Rpc {
     FindPools,
     /// `ListModels`: a read of the fleet (reader role).
     ListModels,
+    /// `WatchNodes`.
+    WatchNodes,
 }
 
 /// Why a caller or a token file was refused.
@@ -407,7 +413,7 @@ mod tests {
     fn roles_allow_exactly_their_calls() {
         use Rpc::*;
         for rpc in [
-            Register, Heartbeat, Deregister, ListNodes, GetNode, FindPools, ListModels,
+            Register, Heartbeat, Deregister, ListNodes, GetNode, WatchNodes, FindPools, ListModels,
         ] {
             assert!(Role::Admin.allows(rpc));
         }
@@ -416,6 +422,7 @@ mod tests {
         assert!(Role::Node.allows(Register) && Role::Node.allows(Heartbeat));
         assert!(Role::Node.allows(Deregister) && !Role::Node.allows(ListNodes));
         assert!(Role::Reader.allows(ListNodes) && Role::Reader.allows(GetNode));
+        assert!(Role::Reader.allows(WatchNodes) && !Role::Node.allows(WatchNodes));
         assert!(!Role::Reader.allows(Register) && !Role::Reader.allows(Heartbeat));
     }
 

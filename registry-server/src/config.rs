@@ -84,6 +84,31 @@ fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
     }
 }
 
+/// Where the registry's revisions start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RevisionBase {
+    /// At the wall clock's microseconds since the Unix epoch when the
+    /// server starts: revisions then keep increasing across restarts as
+    /// long as fewer than a million changes a second were made on average,
+    /// and the clock is not set back by more than the run's changes.
+    #[default]
+    Clock,
+    /// At 0.
+    Zero,
+}
+
+impl RevisionBase {
+    /// The revision before the first change, read now.
+    pub fn first_revision(self) -> u64 {
+        match self {
+            RevisionBase::Clock => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            RevisionBase::Zero => 0,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -165,6 +190,31 @@ pub struct Settings {
     )]
     pub max_heartbeat_streams: usize,
 
+    /// Changes kept for WatchNodes to resume from; a start_revision older
+    /// than these gets OUT_OF_RANGE ("compacted; relist").
+    #[arg(long, env = "REGISTRY_WATCH_HISTORY", default_value_t = 100_000)]
+    pub watch_history: usize,
+
+    /// Changes a watcher may fall behind before it is ended with
+    /// RESOURCE_EXHAUSTED (it resumes from the revision in the message).
+    #[arg(long, env = "REGISTRY_WATCH_QUEUE", default_value_t = 10_000)]
+    pub watch_queue: usize,
+
+    /// Silence after which a watcher gets a PROGRESS event with the
+    /// revision it has seen everything up to.
+    #[arg(long, env = "REGISTRY_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub watch_progress_interval: Duration,
+
+    /// Most concurrent WatchNodes streams; further ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 10_000)]
+    pub max_watchers: usize,
+
+    /// Where revisions start: at the start time in microseconds (the
+    /// server), or at 0 (tests that name exact revisions).
+    #[arg(skip)]
+    pub revision_base: RevisionBase,
+
     /// Deadline of unary calls (Register, ListNodes ...), and of a new
     /// connection's first bytes.
     #[arg(long, env = "REGISTRY_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -241,6 +291,11 @@ impl Default for Settings {
             max_nodes: 200_000,
             max_page_size: 1000,
             max_heartbeat_streams: 250_000,
+            watch_history: 100_000,
+            watch_queue: 10_000,
+            watch_progress_interval: Duration::from_secs(10),
+            max_watchers: 10_000,
+            revision_base: RevisionBase::Clock,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             auth_token_file: None,
@@ -303,11 +358,17 @@ impl Settings {
             || self.max_nodes == 0
             || self.max_heartbeat_streams == 0
             || self.max_page_size == 0
+            || self.watch_history == 0
+            || self.watch_queue == 0
+            || self.max_watchers == 0
         {
             return Err(
-                "--max-streams-per-connection, --max-connections, --max-connections-per-address, --max-nodes, --max-page-size and --max-heartbeat-streams must be at least 1"
+                "--max-streams-per-connection, --max-connections, --max-connections-per-address, --max-nodes, --max-page-size, --max-heartbeat-streams, --watch-history, --watch-queue and --max-watchers must be at least 1"
                     .into(),
             );
+        }
+        if self.watch_progress_interval.is_zero() {
+            return Err("--watch-progress-interval must be above zero".into());
         }
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be above zero".into());

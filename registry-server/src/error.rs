@@ -63,6 +63,28 @@ pub enum RegistryError {
     /// now; the message says why.
     #[error("node unavailable: {0}")]
     NodeUnavailable(String),
+    /// A watch asked for changes older than the watch history keeps; the
+    /// caller must relist (ListNodes) and watch from the list's revision.
+    #[error(
+        "compacted; relist from revision {current}: start_revision {requested} is older than the watch history (the oldest start_revision served is {oldest})"
+    )]
+    Compacted {
+        /// The start_revision asked for.
+        requested: u64,
+        /// The oldest start_revision still served.
+        oldest: u64,
+        /// The current revision, which a relist reads at least.
+        current: u64,
+    },
+    /// A watcher fell more than its queue behind the feed and was ended so
+    /// it cannot slow anyone or hold memory; it resumes from `resume_from`.
+    #[error(
+        "the watcher fell more than --watch-queue events behind; resume with start_revision {resume_from}"
+    )]
+    WatcherBehind {
+        /// The revision up to which the watcher was sent everything.
+        resume_from: u64,
+    },
 }
 
 /// A placement refusal keeps its reason; only the code is decided here.
@@ -129,6 +151,8 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::TooSlow(_) => tonic::Code::DeadlineExceeded,
             RegistryError::NoPlacement(_) => tonic::Code::NotFound,
             RegistryError::NodeUnavailable(_) => tonic::Code::FailedPrecondition,
+            RegistryError::Compacted { .. } => tonic::Code::OutOfRange,
+            RegistryError::WatcherBehind { .. } => tonic::Code::ResourceExhausted,
         };
         tonic::Status::new(code, err.to_string())
     }
@@ -202,6 +226,20 @@ mod tests {
                 RegistryError::NodeUnavailable("node n1 runs no pool of model m".into()),
                 tonic::Code::FailedPrecondition,
                 "node unavailable: node n1 runs no pool of model m",
+            ),
+            (
+                RegistryError::Compacted {
+                    requested: 3,
+                    oldest: 10,
+                    current: 20,
+                },
+                tonic::Code::OutOfRange,
+                "compacted; relist from revision 20",
+            ),
+            (
+                RegistryError::WatcherBehind { resume_from: 42 },
+                tonic::Code::ResourceExhausted,
+                "resume with start_revision 42",
             ),
         ];
         for (err, code, text) in cases {

@@ -9,6 +9,8 @@
 //! - [`service`]: the tonic adapter, heartbeat streams included;
 //! - [`placement`]: the model → pools index behind FindPools and
 //!   ListModels, fed by [`events::Event`]s;
+//! - [`events`]: the change feed (revision, history, subscribers);
+//!   [`watch`]: WatchNodes streams;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
@@ -30,7 +32,8 @@ pub mod server;
 pub mod service;
 pub mod telemetry;
 pub mod validate;
+pub mod watch;
 
-pub use config::Settings;
+pub use config::{RevisionBase, Settings};
 pub use error::RegistryError;
 pub use server::{ServerError, run};

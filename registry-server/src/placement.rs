@@ -920,3 +920,10 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests;
+
+/// The index follows the registry's change feed.
+impl crate::events::ChangeSubscriber for PlacementIndex {
+    fn apply(&self, event: &Event) {
+        PlacementIndex::apply(self, event);
+    }
+}

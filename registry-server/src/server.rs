@@ -2,6 +2,7 @@
 //! tonic server. `run` is shared by `main` and the tests.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use registry_proto::pb::node_registry_server::NodeRegistryServer;
@@ -13,9 +14,10 @@ use tracing::{error, info, warn};
 
 use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
+use crate::events::ChangeSubscriber;
 use crate::expiry;
 use crate::placement::PlacementIndex;
-use crate::registry::Registry;
+use crate::registry::{Options, Registry};
 use crate::service::NodeRegistryService;
 
 /// Why the server could not start or stopped with an error.
@@ -103,7 +105,19 @@ where
         );
     }
     let tls = tls_config(&settings)?;
-    let registry = Registry::with_max_nodes(settings.timing(), settings.max_nodes);
+    // FindPools and ListModels answer from this index, fed by the registry
+    // core's change feed: one `apply` per event, in revision order.
+    let placement = PlacementIndex::new();
+    let registry = Registry::with_options(
+        settings.timing(),
+        Options {
+            max_nodes: settings.max_nodes,
+            watch_history: settings.watch_history,
+            watch_queue: settings.watch_queue,
+            subscribers: vec![Arc::new(placement.clone()) as Arc<dyn ChangeSubscriber>],
+            first_revision: settings.revision_base.first_revision(),
+        },
+    );
     let stop = CancellationToken::new();
     let mut expiry_task = tokio::spawn(expiry(registry.clone(), stop.clone()));
     let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));
@@ -125,10 +139,6 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    // FindPools and ListModels answer from this index. It is fed by the
-    // registry core's change feed (one `placement.apply(&event)` per
-    // event), wired where the core publishes its events.
-    let placement = PlacementIndex::new();
     let registry_service = NodeRegistryServer::new(NodeRegistryService::new(
         registry.clone(),
         &settings,

@@ -19,6 +19,7 @@ use crate::identity;
 use crate::placement::{self, PlacementIndex, PlacementQuery};
 use crate::registry::{Liveness, NodeFilter, NodeSlot, Now, Registry, secrets_equal};
 use crate::validate;
+use crate::watch::{WatchStream, Watchers};
 
 /// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
 #[derive(Clone)]
@@ -42,6 +43,8 @@ pub struct NodeRegistryService {
     /// Answers FindPools and ListModels; fed by the registry's change feed,
     /// not read from the registry, so a query never scans the fleet.
     placement: PlacementIndex,
+    /// The cap and timing of WatchNodes streams.
+    watchers: Watchers,
 }
 
 impl NodeRegistryService {
@@ -63,6 +66,7 @@ impl NodeRegistryService {
             max_page_size: settings.max_page_size,
             first_message_timeout: settings.node_timeout,
             placement,
+            watchers: Watchers::new(settings.max_watchers, settings.watch_progress_interval),
         }
     }
 
@@ -155,12 +159,13 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             0 => self.max_page_size,
             asked => asked.min(self.max_page_size),
         };
-        let (nodes, next) = self
+        let page = self
             .registry
-            .list(&filter, page_size as usize, &request.page_token);
+            .list_page(&filter, page_size as usize, &request.page_token);
         Ok(Response::new(pb::ListNodesResponse {
-            nodes,
-            next_page_token: next.unwrap_or_default(),
+            nodes: page.nodes,
+            next_page_token: page.next_page_token.unwrap_or_default(),
+            revision: page.revision,
         }))
     }
 
@@ -205,6 +210,36 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             models: list.models.into_iter().map(model_to_proto).collect(),
             revision: list.revision,
         }))
+    }
+
+    type WatchNodesStream = WatchStream;
+
+    async fn watch_nodes(
+        &self,
+        request: Request<pb::WatchNodesRequest>,
+    ) -> Result<Response<Self::WatchNodesStream>, Status> {
+        self.authorize(&request, Rpc::WatchNodes)?;
+        let request = request.into_inner();
+        let mut filter = node_filter(request.status, &request.pool_id, &request.labels)?;
+        // A model is free text in the contract: the same bound.
+        if request.model.len() > registry_proto::rules::MAX_TEXT_LEN {
+            return Err(RegistryError::invalid(
+                "model",
+                format!(
+                    "is longer than {} bytes",
+                    registry_proto::rules::MAX_TEXT_LEN
+                ),
+            )
+            .into());
+        }
+        filter.model = (!request.model.is_empty()).then_some(request.model);
+        let stream = self.watchers.watch(
+            &self.registry,
+            filter,
+            request.start_revision,
+            self.shutdown.clone(),
+        )?;
+        Ok(Response::new(stream))
     }
 
     type HeartbeatStream = HeartbeatStream;
@@ -298,24 +333,33 @@ fn model_to_proto(m: placement::ModelAvailability) -> pb::ModelAvailability {
 
 /// Turns ListNodes' request fields into a [`NodeFilter`].
 fn list_filter(request: &pb::ListNodesRequest) -> Result<NodeFilter, RegistryError> {
-    let status = match pb::NodeStatus::try_from(request.status) {
+    node_filter(request.status, &request.pool_id, &request.labels)
+}
+
+/// The filters ListNodes and WatchNodes share, checked.
+fn node_filter(
+    status: i32,
+    pool_id: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<NodeFilter, RegistryError> {
+    let status = match pb::NodeStatus::try_from(status) {
         Ok(pb::NodeStatus::Unspecified) => None,
         Ok(pb::NodeStatus::Online) => Some(Liveness::Online),
         Ok(pb::NodeStatus::Offline) => Some(Liveness::Offline),
         Err(_) => {
             return Err(RegistryError::invalid(
                 "status",
-                format!("{} is not a known NodeStatus", request.status),
+                format!("{status} is not a known NodeStatus"),
             ));
         }
     };
-    if request.pool_id.len() > validate::MAX_ID_LEN {
+    if pool_id.len() > validate::MAX_ID_LEN {
         return Err(RegistryError::invalid(
             "pool_id",
             format!("is longer than {} bytes", validate::MAX_ID_LEN),
         ));
     }
-    if request.labels.len() > validate::MAX_LABELS {
+    if labels.len() > validate::MAX_LABELS {
         return Err(RegistryError::invalid(
             "labels",
             format!("has more than {} entries", validate::MAX_LABELS),
@@ -323,12 +367,9 @@ fn list_filter(request: &pb::ListNodesRequest) -> Result<NodeFilter, RegistryErr
     }
     Ok(NodeFilter {
         status,
-        pool_id: (!request.pool_id.is_empty()).then(|| request.pool_id.clone()),
-        labels: request
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        pool_id: (!pool_id.is_empty()).then(|| pool_id.to_string()),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        model: None,
     })
 }
 

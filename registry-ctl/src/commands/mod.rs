@@ -11,6 +11,7 @@ pub mod health;
 pub mod list;
 pub mod models;
 pub mod status;
+pub mod watch;
 
 use std::io::Write;
 use std::time::Duration;
@@ -78,6 +79,23 @@ pub async fn run<W: Write>(cli: &Cli, printer: &mut Printer<W>) -> Result<Exit, 
         }
         Command::Find(args) => find::run(&context()?, &args.query(), printer).await,
         Command::Models { model } => models::run(&context()?, model.as_deref(), printer).await,
+        Command::Watch {
+            status,
+            pool,
+            labels,
+            model,
+            from_revision,
+        } => {
+            let filter = watch::Filter {
+                list: list::Filter {
+                    status: *status,
+                    pool: pool.clone(),
+                    labels: labels.clone(),
+                },
+                model: model.clone(),
+            };
+            watch::run(&context()?, &filter, *from_revision, printer).await
+        }
         Command::Get { node_id } => get::run(&context()?, node_id, printer).await,
         Command::Status { node_id } => status::run(&context()?, node_id, printer).await,
         Command::AgentCheck { pid } => agent_check::run(&context()?, *pid, printer).await,

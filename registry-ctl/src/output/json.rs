@@ -27,6 +27,10 @@ impl ProtoMessage for pb::ListModelsResponse {
     const FULL_NAME: &'static str = "registry.v1.ListModelsResponse";
 }
 
+impl ProtoMessage for pb::WatchNodesResponse {
+    const FULL_NAME: &'static str = "registry.v1.WatchNodesResponse";
+}
+
 impl ProtoMessage for HealthCheckResponse {
     const FULL_NAME: &'static str = "grpc.health.v1.HealthCheckResponse";
 }

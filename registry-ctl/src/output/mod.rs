@@ -78,6 +78,12 @@ impl<W: Write> Printer<W> {
         Ok(())
     }
 
+    /// Flushes what was written so far (a watch prints as events come).
+    pub fn flush(&mut self) -> Result<(), CtlError> {
+        self.out.flush()?;
+        Ok(())
+    }
+
     /// Flushes the output.
     pub fn finish(mut self) -> Result<W, CtlError> {
         self.out.flush()?;

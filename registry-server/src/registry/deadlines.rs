@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::node::{Liveness, NodeSlot, NodeState};
 use super::stats::Stats;
 use super::{Now, Registry};
+use crate::events::EventKind;
 use crate::schedule::{Due, Key};
 
 /// What a wake-up did, to be logged once no lock is held.
@@ -103,6 +104,7 @@ impl Registry {
                     .shift(Liveness::Online, Liveness::Offline);
                 Stats::bump(&self.shared.stats.offline_transitions);
                 self.wake_by(slot, &mut st, deadline + timing.offline_retention);
+                self.publish(&mut st, EventKind::Modified);
                 Outcome::WentOffline {
                     node_id: slot.id.clone(),
                     silent_for: now.at.saturating_duration_since(st.last_seen),
@@ -116,6 +118,7 @@ impl Registry {
                     return Outcome::Quiet;
                 }
                 self.mark_removed(&mut st);
+                self.publish(&mut st, EventKind::Deleted);
                 drop(st);
                 self.unlink(slot);
                 Stats::bump(&self.shared.stats.expired);

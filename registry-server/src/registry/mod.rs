@@ -21,6 +21,25 @@
 //!   `.await`, and nothing is logged while the map or a node is locked.
 //! - The registry never reads a clock: callers pass [`Now`] (or an
 //!   `Instant`) in.
+//!
+//! The change feed (why it looks like this):
+//! - Every change a reader can see goes through [`Registry::publish`],
+//!   under the node's lock: it builds the node's read view once
+//!   (`Arc<pb::Node>`), and [`Feed::publish`] bumps the registry-wide
+//!   revision, keeps the view for snapshots, appends the [`crate::events::Event`] to the
+//!   history ring and hands it to the watchers and subscribers, in
+//!   revision order. Lock order: map → node → feed; the feed and the
+//!   schedule are each taken under the node, never one inside the other.
+//! - Visible changes: register (ADDED), every re-registration (MODIFIED:
+//!   even an identical one starts a new session, and session_id is visible),
+//!   deregister and removal after retention (DELETED, with the final
+//!   state), ONLINE↔OFFLINE (MODIFIED), and a heartbeat whose pool status
+//!   differs materially from the published one (see
+//!   `NodeState::pools_changed`). A heartbeat that only renews liveness
+//!   publishes nothing: no map write lock, no view built, no feed lock.
+//! - GetNode and ListNodes clone the stored view and patch the
+//!   liveness-only fields (last_heartbeat_at, agent_time, GPU figures);
+//!   watch events carry the view itself.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -33,6 +52,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use crate::error::RegistryError;
+use crate::events::{ChangeSubscriber, EventKind, Feed};
 use crate::schedule::Schedule;
 
 mod deadlines;
@@ -44,7 +64,7 @@ mod stats;
 mod tests;
 
 pub use input::{Beat, Now, Registration};
-pub use node::{Liveness, NodeFilter, NodeSlot};
+pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
 pub use sessions::secrets_equal;
 pub use stats::{Counts, POOL_STATES, Stats};
 
@@ -110,6 +130,50 @@ struct Shared {
     max_nodes: usize,
     /// Totals for metrics.
     stats: Stats,
+    /// The revision, the history of changes, watchers and subscribers.
+    feed: Feed,
+}
+
+/// How a registry is built beyond its timing.
+pub struct Options {
+    /// Most nodes the registry holds; new ones beyond are refused.
+    pub max_nodes: usize,
+    /// Events kept for watchers resuming from a revision
+    /// (`--watch-history`).
+    pub watch_history: usize,
+    /// Events a watcher may fall behind before it is ended
+    /// (`--watch-queue`).
+    pub watch_queue: usize,
+    /// Consumers of every event, in revision order (the placement index).
+    pub subscribers: Vec<Arc<dyn ChangeSubscriber>>,
+    /// The revision before the first change. The server starts it at its
+    /// start time in microseconds, so revisions keep increasing across
+    /// restarts and a revision from before one is below the new history
+    /// (OUT_OF_RANGE: relist) instead of naming another history's change.
+    pub first_revision: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            max_nodes: usize::MAX,
+            watch_history: 100_000,
+            watch_queue: 10_000,
+            subscribers: Vec::new(),
+            first_revision: 0,
+        }
+    }
+}
+
+/// One ListNodes page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// The matching nodes, in node_id order.
+    pub nodes: Vec<pb::Node>,
+    /// Set when more nodes match: the token of the next page.
+    pub next_page_token: Option<String>,
+    /// The revision the page was read at.
+    pub revision: u64,
 }
 
 /// What renewing a known node's registration came to.
@@ -132,8 +196,26 @@ impl Registry {
 
     /// An empty registry holding at most `max_nodes` nodes.
     pub fn with_max_nodes(timing: Timing, max_nodes: usize) -> Self {
+        Self::with_options(
+            timing,
+            Options {
+                max_nodes,
+                ..Options::default()
+            },
+        )
+    }
+
+    /// An empty registry built with `options`.
+    pub fn with_options(timing: Timing, options: Options) -> Self {
+        let max_nodes = options.max_nodes;
         Self {
             shared: Arc::new(Shared {
+                feed: Feed::new(
+                    options.watch_history,
+                    options.watch_queue,
+                    options.first_revision,
+                    options.subscribers,
+                ),
                 nodes: RwLock::new(BTreeMap::new()),
                 schedule: Schedule::new(),
                 timing,
@@ -158,6 +240,26 @@ impl Registry {
     /// Running totals for metrics.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The change feed: revision, history, watchers.
+    pub fn feed(&self) -> &Feed {
+        &self.shared.feed
+    }
+
+    /// The latest revision.
+    pub fn revision(&self) -> u64 {
+        self.shared.feed.revision()
+    }
+
+    /// The one path of every visible change: builds the node's view, has
+    /// the feed publish it at the next revision, and keeps it on the node.
+    /// Call under the node's lock (lock order map → node → feed).
+    fn publish(&self, st: &mut NodeState, kind: EventKind) -> u64 {
+        let view = self.shared.feed.publish(kind, st.to_proto());
+        let revision = view.revision;
+        st.view = view;
+        revision
     }
 
     /// Adds a node or updates a known one at `now`, starting a new session.
@@ -219,6 +321,7 @@ impl Registry {
         {
             let mut st = slot.lock();
             self.wake_by(&slot, &mut st, now.at + self.shared.timing.node_timeout);
+            self.publish(&mut st, EventKind::Added);
         }
         // Replaces a removed slot of the same id still in the map, if any.
         nodes.insert(id.clone(), slot);
@@ -271,6 +374,8 @@ impl Registry {
         // An ONLINE node's queued deadline is earlier and re-checks then; an
         // OFFLINE node's retention entry is replaced by the new deadline.
         self.wake_by(slot, &mut st, now.at + self.shared.timing.node_timeout);
+        // Always a change: the new session_id is visible.
+        self.publish(&mut st, EventKind::Modified);
         Stats::bump(&self.shared.stats.registrations);
         Renewal::Done(Ok((
             Registered {
@@ -312,6 +417,7 @@ impl Registry {
                 check_secret(&slot, &st, secret)?;
             }
             self.mark_removed(&mut st);
+            self.publish(&mut st, EventKind::Deleted);
         }
         self.unlink(&slot);
         Stats::bump(&self.shared.stats.deregistrations);
@@ -342,8 +448,9 @@ impl Registry {
 
     /// Records a heartbeat received at monotonic time `now` (its wall time
     /// is `beat.received_at`): the node is alive, with this pool status.
-    /// Touches only this node's lock, and the schedule only when an OFFLINE
-    /// node comes back.
+    /// Touches only this node's lock, and the schedule and the feed only
+    /// when an OFFLINE node comes back or the pool status changed
+    /// materially.
     pub fn heartbeat(
         &self,
         slot: &Arc<NodeSlot>,
@@ -355,6 +462,7 @@ impl Registry {
         let mut st = slot.lock();
         check_session(slot, &st, session_id)?;
         let before = st.pool_tally();
+        let pools_changed = st.pools_changed(&beat.pools);
         st.last_seen = now;
         st.last_heartbeat_at = wall;
         st.agent_time = Some(beat.sent_at);
@@ -366,6 +474,9 @@ impl Registry {
         if came_online {
             self.set_online(&mut st, wall);
             self.wake_by(slot, &mut st, now + self.shared.timing.node_timeout);
+        }
+        if came_online || pools_changed {
+            self.publish(&mut st, EventKind::Modified);
         }
         self.shared.stats.shift_pools(&before, &st.pool_tally());
         Stats::bump(&self.shared.stats.heartbeats);
@@ -380,12 +491,37 @@ impl Registry {
     pub fn get(&self, node_id: &str) -> Result<pb::Node, RegistryError> {
         let nodes = self.read_nodes();
         let slot = nodes.get(node_id).ok_or_else(|| not_found(node_id))?;
-        Ok(slot.lock().to_proto())
+        let st = slot.lock();
+        if st.removed {
+            return Err(not_found(node_id));
+        }
+        Ok(st.read())
+    }
+
+    /// The shared read view of one node (its latest published change), or
+    /// None when it is not listed.
+    pub fn view(&self, node_id: &str) -> Option<Arc<pb::Node>> {
+        let nodes = self.read_nodes();
+        let st = nodes.get(node_id)?.lock();
+        (!st.removed).then(|| st.view.clone())
     }
 
     /// Nodes matching `filter` in node_id order, after `page_token` (a
-    /// node_id), at most `page_size` of them (0: all). Returns the page and,
-    /// when more nodes match, the token of the next page.
+    /// node_id), at most `page_size` of them (0: all). Returns the page,
+    /// when more nodes match the token of the next page, and the revision
+    /// the page was read at (read before any node: every change up to it
+    /// is in the page).
+    pub fn list_page(&self, filter: &NodeFilter, page_size: usize, page_token: &str) -> Page {
+        let revision = self.revision();
+        let (nodes, next_page_token) = self.list(filter, page_size, page_token);
+        Page {
+            nodes,
+            next_page_token,
+            revision,
+        }
+    }
+
+    /// [`Registry::list_page`] without the revision.
     pub fn list(
         &self,
         filter: &NodeFilter,
@@ -405,17 +541,21 @@ impl Registry {
         let nodes = self.read_nodes();
         let mut page = Vec::new();
         for (id, slot) in nodes.range::<str, _>((start, Bound::Unbounded)) {
-            let st = slot.lock();
-            if !st.matches(filter) {
-                continue;
-            }
+            let reading = {
+                let st = slot.lock();
+                if st.removed || !filter.matches(&st.view) {
+                    continue;
+                }
+                st.reading()
+            };
             if page.len() == limit {
                 // One more node matches: the caller needs another page.
                 let token = page.last().map(|n: &pb::Node| n.node_id.clone());
                 debug_assert!(token.as_deref() < Some(&**id));
                 return (page, token);
             }
-            page.push(st.to_proto());
+            // The deep copy happens with the node's lock released.
+            page.push(reading.into_node());
         }
         (page, None)
     }

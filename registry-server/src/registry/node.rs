@@ -1,7 +1,7 @@
 //! One node: its slot in the map, its lock-protected state, the proto view
 //! of that state and ListNodes filter matching.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use registry_proto::convert::to_proto_timestamp;
@@ -11,6 +11,11 @@ use tokio::time::Instant;
 use super::Registration;
 use super::stats::{POOL_STATES, PoolTally};
 use crate::schedule::Key;
+
+/// How far a pool's free VRAM may move from the published figure before a
+/// heartbeat counts as a change (512 MiB): smaller moves are noise of the
+/// engine's allocator and would flood watchers.
+pub const VRAM_STEP: u64 = 512 * 1024 * 1024;
 
 /// Liveness of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +27,7 @@ pub enum Liveness {
 }
 
 impl Liveness {
-    fn to_proto(self) -> pb::NodeStatus {
+    pub(crate) fn to_proto(self) -> pb::NodeStatus {
         match self {
             Liveness::Online => pb::NodeStatus::Online,
             Liveness::Offline => pb::NodeStatus::Offline,
@@ -39,6 +44,39 @@ pub struct NodeFilter {
     pub pool_id: Option<String>,
     /// Only nodes carrying all these labels with equal values.
     pub labels: Vec<(String, String)>,
+    /// Only nodes with a registered pool or a reported pool status serving
+    /// this model (WatchNodes' `model`).
+    pub model: Option<String>,
+}
+
+impl NodeFilter {
+    /// Whether the node's read view passes every filter that is set. Views
+    /// are what readers see, so ListNodes, GetNode and WatchNodes agree.
+    pub fn matches(&self, node: &pb::Node) -> bool {
+        if self
+            .status
+            .is_some_and(|s| s.to_proto() as i32 != node.status)
+        {
+            return false;
+        }
+        if let Some(pool_id) = &self.pool_id {
+            let registered = node.pools.iter().any(|p| &p.pool_id == pool_id);
+            let reported = node.pool_status.iter().any(|p| &p.pool_id == pool_id);
+            if !registered && !reported {
+                return false;
+            }
+        }
+        if let Some(model) = &self.model {
+            let registered = node.pools.iter().any(|p| &p.model == model);
+            let reported = node.pool_status.iter().any(|p| &p.model == model);
+            if !registered && !reported {
+                return false;
+            }
+        }
+        self.labels
+            .iter()
+            .all(|(k, v)| node.labels.get(k) == Some(v))
+    }
 }
 
 /// One node: its id and its lock-protected state.
@@ -59,6 +97,32 @@ impl NodeSlot {
         // A panic while holding a node lock cannot leave the state torn in a
         // way that matters more than losing the node, so poisoning is ignored.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A node's shared view and its liveness fields, read under its lock and
+/// turned into the reader's copy after it.
+pub(super) struct Reading {
+    /// The published view.
+    view: Arc<pb::Node>,
+    /// Wall-clock time of the latest sign of life.
+    last_heartbeat_at: DateTime<Utc>,
+    /// The agent's clock in its latest heartbeat.
+    agent_time: Option<DateTime<Utc>>,
+    /// The latest GPU figures, when any were reported.
+    gpu_stats: Option<Vec<pb::GpuStats>>,
+}
+
+impl Reading {
+    /// The reader's copy: the view with the liveness fields patched in.
+    pub(super) fn into_node(self) -> pb::Node {
+        let mut node = pb::Node::clone(&self.view);
+        node.last_heartbeat_at = Some(to_proto_timestamp(self.last_heartbeat_at));
+        node.agent_time = self.agent_time.map(to_proto_timestamp);
+        if let Some(gpu_stats) = self.gpu_stats {
+            node.gpu_stats = gpu_stats;
+        }
+        node
     }
 }
 
@@ -95,6 +159,10 @@ pub(super) struct NodeState {
     pub(super) wakeup: Option<Key>,
     /// Set once the node is removed, so streams holding the slot stop.
     pub(super) removed: bool,
+    /// The read view published at the node's latest visible change (its
+    /// `revision` says which), shared by GetNode, ListNodes and the watch
+    /// events; rebuilt only when a reader can see a change.
+    pub(super) view: Arc<pb::Node>,
 }
 
 impl NodeState {
@@ -121,6 +189,7 @@ impl NodeState {
             gpu_stats: Vec::new(),
             wakeup: None,
             removed: false,
+            view: Arc::default(),
         }
     }
 
@@ -142,29 +211,50 @@ impl NodeState {
         tally
     }
 
-    /// Whether the node passes every filter that is set.
-    pub(super) fn matches(&self, filter: &NodeFilter) -> bool {
-        if filter.status.is_some_and(|s| s != self.liveness) {
-            return false;
-        }
-        if let Some(pool_id) = &filter.pool_id {
-            let registered = self
-                .registration
-                .pools
-                .iter()
-                .any(|p| &p.pool_id == pool_id);
-            let reported = self.pool_status.iter().any(|p| &p.pool_id == pool_id);
-            if !registered && !reported {
-                return false;
-            }
-        }
-        filter
-            .labels
-            .iter()
-            .all(|(k, v)| self.registration.labels.get(k) == Some(v))
+    /// What a reader sees now: the published view with the liveness-only
+    /// fields (last_heartbeat_at, agent_time, GPU figures), which move on
+    /// every beat without a new revision, patched in.
+    pub(super) fn read(&self) -> pb::Node {
+        self.reading().into_node()
     }
 
-    /// The node as the contract describes it.
+    /// What [`NodeState::read`] needs, taken cheaply under the node's lock
+    /// (an `Arc` and the liveness fields), so the deep copy of the view can
+    /// happen after the lock is released.
+    pub(super) fn reading(&self) -> Reading {
+        Reading {
+            view: self.view.clone(),
+            last_heartbeat_at: self.last_heartbeat_at,
+            agent_time: self.agent_time,
+            gpu_stats: (!self.gpu_stats.is_empty()).then(|| self.gpu_stats.clone()),
+        }
+    }
+
+    /// Whether a heartbeat's pool status differs from the published one in
+    /// a way a reader must be told about: the set of pools, a pool's state,
+    /// slots, model or engine, or free VRAM moving by more than
+    /// [`VRAM_STEP`] from the published figure.
+    pub(super) fn pools_changed(&self, pools: &[pb::PoolStatus]) -> bool {
+        let published = &self.view.pool_status;
+        if published.len() != pools.len() {
+            return true;
+        }
+        // Agents send pools in a stable order; a reordering counts as a
+        // change (rare, and cheaper than matching ids).
+        published.iter().zip(pools).any(|(old, new)| {
+            old.pool_id != new.pool_id
+                || old.state != new.state
+                || old.slots_total != new.slots_total
+                || old.slots_free != new.slots_free
+                || old.model != new.model
+                || old.engine != new.engine
+                || old.endpoint != new.endpoint
+                || old.vram_free_bytes.abs_diff(new.vram_free_bytes) > VRAM_STEP
+        })
+    }
+
+    /// The node as the contract describes it, built afresh; only the
+    /// publish path calls it (which also stamps the revision).
     pub(super) fn to_proto(&self) -> pb::Node {
         let reg = &self.registration;
         pb::Node {
@@ -185,6 +275,7 @@ impl NodeState {
             session_id: self.session_id,
             status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
             agent_time: self.agent_time.map(to_proto_timestamp),
+            revision: 0,
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Unit tests of the registry core, on tokio's paused clock: the registry
 //! reads no clock itself, so every operation gets the paused clock's time.
 //! Liveness, sessions and listing here; bounds, gauges and lock hygiene in
-//! [`hygiene`].
+//! [`hygiene`]; revisions, views and the history in [`feed`].
 
+mod feed;
 mod hygiene;
 
 use std::sync::atomic::AtomicU64;

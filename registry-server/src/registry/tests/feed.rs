@@ -1,0 +1,284 @@
+//! The change feed of the registry core: which operations bump the
+//! revision (and which must not), shared views, and the history's
+//! compaction boundary.
+
+use std::sync::Mutex as StdMutex;
+
+use super::*;
+use crate::events::{ChangeSubscriber, Event, EventKind, Start, StartError};
+
+/// Records every event it is handed, as the placement index would.
+#[derive(Default)]
+struct Recorder {
+    /// The events, in the order they were applied.
+    events: StdMutex<Vec<Event>>,
+}
+
+impl ChangeSubscriber for Recorder {
+    fn apply(&self, event: &Event) {
+        self.events.lock().unwrap().push(event.clone());
+    }
+}
+
+impl Recorder {
+    fn kinds(&self) -> Vec<(u64, EventKind, String)> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| (e.revision, e.kind, e.node.node_id.clone()))
+            .collect()
+    }
+
+    fn last(&self) -> Event {
+        self.events.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+/// A registry with a recording subscriber and its expiry task running.
+fn recorded(history: usize) -> (Registry, Arc<Recorder>, CancellationToken) {
+    let recorder = Arc::new(Recorder::default());
+    let registry = Registry::with_options(
+        Timing {
+            node_timeout: TIMEOUT,
+            heartbeat_interval: Duration::from_secs(10),
+            offline_retention: RETENTION,
+        },
+        Options {
+            watch_history: history,
+            subscribers: vec![recorder.clone() as Arc<dyn ChangeSubscriber>],
+            ..Options::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(crate::expiry::run(registry.clone(), stop.clone()));
+    (registry, recorder, stop)
+}
+
+fn pool(state: pb::PoolState, free: u32, vram: u64) -> Vec<pb::PoolStatus> {
+    vec![pb::PoolStatus {
+        pool_id: "pool-0".into(),
+        state: state as i32,
+        slots_total: 4,
+        slots_free: free,
+        vram_free_bytes: vram,
+        model: "m".into(),
+        engine: "vllm".into(),
+        ..Default::default()
+    }]
+}
+
+fn beat_with(pools: Vec<pb::PoolStatus>) -> Beat {
+    Beat {
+        sent_at: Utc::now(),
+        received_at: Utc::now(),
+        pools,
+        gpus: vec![],
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+#[tokio::test(start_paused = true)]
+async fn the_revision_moves_exactly_on_visible_changes() {
+    let (registry, recorder, _stop) = recorded(100);
+    assert_eq!(registry.revision(), 0);
+    let reg = registry.register(registration("n1"), Now::read()).unwrap();
+    assert_eq!(registry.revision(), 1, "register is ADDED");
+    let slot = registry
+        .attach("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    let send = |pools| {
+        registry
+            .heartbeat(&slot, reg.session_id, beat_with(pools), Instant::now())
+            .unwrap();
+        registry.revision()
+    };
+    assert_eq!(
+        send(pool(pb::PoolState::Ready, 4, 10 * GIB)),
+        2,
+        "first pool status"
+    );
+    assert_eq!(
+        send(pool(pb::PoolState::Ready, 4, 10 * GIB)),
+        2,
+        "liveness only"
+    );
+    assert_eq!(
+        send(pool(pb::PoolState::Ready, 4, 10 * GIB + VRAM_STEP)),
+        2,
+        "vram moving by the step or less is not a change"
+    );
+    assert_eq!(
+        send(pool(pb::PoolState::Ready, 4, 10 * GIB - VRAM_STEP - 1)),
+        3,
+        "vram moving by more than the step is"
+    );
+    assert_eq!(
+        send(pool(pb::PoolState::Ready, 3, 9 * GIB)),
+        4,
+        "slots_free"
+    );
+    assert_eq!(send(pool(pb::PoolState::Draining, 3, 9 * GIB)), 5, "state");
+    let mut other_model = pool(pb::PoolState::Draining, 3, 9 * GIB);
+    other_model[0].model = "m2".into();
+    assert_eq!(send(other_model.clone()), 6, "model");
+    let mut two = other_model.clone();
+    two.push(pb::PoolStatus {
+        pool_id: "pool-1".into(),
+        ..other_model[0].clone()
+    });
+    assert_eq!(send(two), 7, "the set of pools");
+
+    // Re-registering, even identically, starts a visible new session.
+    let again = registry.register(registration("n1"), Now::read()).unwrap();
+    assert_eq!(registry.revision(), 8);
+    assert_eq!(registry.get("n1").unwrap().session_id, again.session_id);
+
+    // OFFLINE at the deadline, removal after retention.
+    advance(TIMEOUT + MS).await;
+    assert_eq!(registry.revision(), 9);
+    assert_eq!(recorder.last().node.status(), pb::NodeStatus::Offline);
+    advance(RETENTION).await;
+    assert_eq!(registry.revision(), 10);
+    let removed = recorder.last();
+    assert_eq!(removed.kind, EventKind::Deleted);
+    assert_eq!(
+        removed.node.status(),
+        pb::NodeStatus::Offline,
+        "DELETED carries the final state"
+    );
+
+    let reg2 = registry.register(registration("n2"), Now::read()).unwrap();
+    registry.deregister("n2", reg2.session_id, None).unwrap();
+    assert_eq!(
+        recorder.kinds(),
+        (1..=12)
+            .map(|r| {
+                let (kind, node) = match r {
+                    1 => (EventKind::Added, "n1"),
+                    10 => (EventKind::Deleted, "n1"),
+                    11 => (EventKind::Added, "n2"),
+                    12 => (EventKind::Deleted, "n2"),
+                    _ => (EventKind::Modified, "n1"),
+                };
+                (r, kind, node.to_string())
+            })
+            .collect::<Vec<_>>(),
+        "subscribers see every event once, in revision order"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_returning_node_is_modified_and_its_view_moves_only_with_changes() {
+    let (registry, recorder, _stop) = recorded(100);
+    let reg = registry.register(registration("n1"), Now::read()).unwrap();
+    let slot = registry
+        .attach("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    advance(TIMEOUT + MS).await;
+    assert_eq!(registry.revision(), 2);
+    registry
+        .heartbeat(&slot, reg.session_id, beat_with(vec![]), Instant::now())
+        .unwrap();
+    assert_eq!(registry.revision(), 3, "back ONLINE is MODIFIED");
+    assert_eq!(recorder.last().node.status(), pb::NodeStatus::Online);
+
+    // A liveness-only beat moves last_heartbeat_at, not the view.
+    let before = registry.view("n1").unwrap();
+    advance(Duration::from_secs(5)).await;
+    let later = Beat {
+        received_at: Utc::now() + chrono::Duration::seconds(5),
+        ..beat_with(vec![])
+    };
+    registry
+        .heartbeat(&slot, reg.session_id, later.clone(), Instant::now())
+        .unwrap();
+    let after = registry.view("n1").unwrap();
+    assert!(Arc::ptr_eq(&before, &after), "no view was built");
+    let read = registry.get("n1").unwrap();
+    assert_eq!(
+        read.last_heartbeat_at,
+        Some(registry_proto::convert::to_proto_timestamp(
+            later.received_at
+        )),
+        "readers see the latest beat"
+    );
+    assert_eq!(read.revision, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn readers_and_events_share_one_view() {
+    let (registry, recorder, _stop) = recorded(100);
+    registry.register(registration("n1"), Now::read()).unwrap();
+    let event = recorder.last();
+    let view = registry.view("n1").unwrap();
+    assert!(
+        Arc::ptr_eq(&view, &event.node),
+        "the event carries the stored view"
+    );
+    assert_eq!(view.revision, event.revision);
+    let page = registry.list_page(&NodeFilter::default(), 0, "");
+    assert_eq!(page.revision, 1);
+    let mut listed = page.nodes[0].clone();
+    let mut stored = pb::Node::clone(&view);
+    // Only the liveness fields are patched at read time.
+    listed.last_heartbeat_at = None;
+    listed.agent_time = None;
+    stored.last_heartbeat_at = None;
+    stored.agent_time = None;
+    assert_eq!(listed, stored);
+    assert_eq!(registry.get("n1").unwrap().revision, 1);
+    let snapshot = registry.feed().subscribe(Start::Snapshot).unwrap();
+    assert!(
+        Arc::ptr_eq(&snapshot.backlog[0].node, &view),
+        "snapshots share the view too"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_history_serves_exactly_the_revisions_it_holds() {
+    let (registry, _recorder, _stop) = recorded(3);
+    for i in 0..5 {
+        registry
+            .register(registration(&format!("n{i}")), Now::read())
+            .unwrap();
+    }
+    // Revisions 3, 4 and 5 are kept: any start from 2 on is served.
+    let feed = registry.feed();
+    let from2 = feed.subscribe(Start::After(2)).unwrap();
+    assert_eq!(
+        from2.backlog.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    assert_eq!(from2.revision, 5);
+    assert!(feed.subscribe(Start::After(5)).unwrap().backlog.is_empty());
+    assert_eq!(
+        feed.subscribe(Start::After(1)).err(),
+        Some(StartError::Compacted {
+            requested: 1,
+            oldest: 2,
+            current: 5
+        })
+    );
+    assert_eq!(
+        feed.subscribe(Start::After(6)).err(),
+        Some(StartError::Future {
+            requested: 6,
+            current: 5
+        })
+    );
+    let snapshot = feed.subscribe(Start::Snapshot).unwrap();
+    assert_eq!(snapshot.backlog.len(), 5, "a snapshot needs no history");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_subscription_joins_its_backlog_without_gap_or_duplicate() {
+    let (registry, _recorder, _stop) = recorded(100);
+    registry.register(registration("a"), Now::read()).unwrap();
+    let mut sub = registry.feed().subscribe(Start::After(0)).unwrap();
+    registry.register(registration("b"), Now::read()).unwrap();
+    assert_eq!(sub.backlog.len(), 1);
+    assert_eq!(sub.backlog[0].revision, 1);
+    assert_eq!(sub.live.recv().await.unwrap().revision, 2);
+}
