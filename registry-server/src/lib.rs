@@ -8,7 +8,9 @@
 //! - [`validate`]: input rules applied before any state changes;
 //! - [`service`]: the tonic adapter, heartbeat streams included;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
-//! - [`metrics`]: Prometheus metrics;
+//! - [`metrics`]: Prometheus metrics; [`grpc_metrics`]: per-RPC metrics;
+//!   [`process`]: process metrics; [`http`]: the metrics port (`/metrics`,
+//!   service discovery from [`sd`]);
 //! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
 //! - [`limits`]: the connection cap;
 //! - [`config`]: command line and environment settings.
@@ -18,11 +20,15 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod expiry;
+pub mod grpc_metrics;
+pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod process;
 pub mod registry;
 pub mod schedule;
+pub mod sd;
 pub mod server;
 pub mod service;
 pub mod telemetry;
@@ -30,4 +36,4 @@ pub mod validate;
 
 pub use config::Settings;
 pub use error::RegistryError;
-pub use server::{ServerError, run};
+pub use server::{ServerError, run, run_with_metrics};
