@@ -55,6 +55,8 @@ pub struct HandoffFile {
     pub device_mask: Option<DeviceMask>,
     /// State to report when there is no URL to probe.
     pub state: Option<ConfiguredState>,
+    /// URL of the engine's Prometheus metrics ("http://127.0.0.1:8081/metrics").
+    pub metrics_url: Option<String>,
 }
 
 /// The forms a device mask takes in handoff files.
@@ -125,6 +127,7 @@ pub fn parse_handoff(stem: &str, bytes: &[u8]) -> Result<PoolConfig, HandoffErro
         gpus,
         state: file.state,
         probe,
+        metrics_url: file.metrics_url,
     };
     pool.check_contract()?;
     if let Some(url) = &pool.probe {
@@ -319,6 +322,18 @@ mod tests {
         assert_eq!(pool.slots, Some(4));
         assert_eq!(pool.gpus, Some(vec![0, 1]));
         assert_eq!(pool.probe.as_deref(), Some("http://127.0.0.1:8081/health"));
+    }
+
+    #[test]
+    fn a_handoff_metrics_url_is_registered_and_checked() {
+        let pool = parse_handoff(
+            "pool-8",
+            br#"{"metrics_url":"http://127.0.0.1:8081/metrics"}"#,
+        )
+        .unwrap();
+        assert_eq!(pool.spec().metrics_url, "http://127.0.0.1:8081/metrics");
+        let err = parse_handoff("pool-8", br#"{"metrics_url":"file:///tmp/m"}"#).unwrap_err();
+        assert!(err.to_string().contains("metrics_url"), "{err}");
     }
 
     #[test]

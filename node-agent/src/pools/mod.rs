@@ -46,6 +46,10 @@ pub struct PoolConfig {
     pub state: Option<ConfiguredState>,
     /// Health URL (http://) whose answer decides the pool's state.
     pub probe: Option<String>,
+    /// URL of the engine's Prometheus metrics, registered as
+    /// PoolSpec.metrics_url so the registry can list it for service
+    /// discovery (`/sd/pools`).
+    pub metrics_url: Option<String>,
 }
 
 impl PoolConfig {
@@ -71,6 +75,10 @@ impl PoolConfig {
             gpus: over.gpus.clone().or_else(|| self.gpus.clone()),
             state: over.state.or(self.state),
             probe: over.probe.clone().or_else(|| self.probe.clone()),
+            metrics_url: over
+                .metrics_url
+                .clone()
+                .or_else(|| self.metrics_url.clone()),
         }
     }
 
@@ -83,8 +91,7 @@ impl PoolConfig {
             slots_total: self.slots.unwrap_or(DEFAULT_SLOTS),
             gpu_indices: self.gpus.clone().unwrap_or_default(),
             engine_version: self.engine_version.clone().unwrap_or_default(),
-            // Engine metrics URLs are not configurable yet.
-            metrics_url: String::new(),
+            metrics_url: self.metrics_url.clone().unwrap_or_default(),
         }
     }
 

@@ -3,7 +3,7 @@
 //! [`PoolConfig`].)
 //!
 //! `--pool ID[,KEY=VALUE...]` with keys `slots`, `model`, `engine`,
-//! `engine_version`, `state`, `probe` and `gpus` (indices separated by `:`,
+//! `engine_version`, `state`, `probe`, `metrics_url` and `gpus` (indices separated by `:`,
 //! since `,` separates the keys), for example
 //! `--pool pool-0,engine=llamacpp,slots=4,gpus=0:1,probe=http://127.0.0.1:8081/health`.
 
@@ -41,6 +41,7 @@ pub fn parse_pool_arg(arg: &str) -> Result<PoolConfig, ConfigError> {
             "engine_version" => pool.engine_version = Some(value.to_owned()),
             "state" => pool.state = Some(value.parse::<ConfiguredState>().map_err(bad)?),
             "probe" => pool.probe = Some(value.to_owned()),
+            "metrics_url" => pool.metrics_url = Some(value.to_owned()),
             "gpus" => {
                 let gpus = value
                     .split(':')
@@ -52,7 +53,7 @@ pub fn parse_pool_arg(arg: &str) -> Result<PoolConfig, ConfigError> {
             }
             other => {
                 return Err(bad(format!(
-                    "unknown key {other:?} (slots, model, engine, engine_version, state, probe, gpus)"
+                    "unknown key {other:?} (slots, model, engine, engine_version, state, probe, metrics_url, gpus)"
                 )));
             }
         }
