@@ -385,7 +385,134 @@ impl<B: Body> Body for ObservedBody<B> {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
     use super::*;
+
+    /// A streaming response body: `messages` data frames, then trailers
+    /// with `grpc-status: 0`.
+    struct Messages {
+        /// Data frames still to send.
+        left: usize,
+        /// Whether the trailers were sent.
+        ended: bool,
+    }
+
+    impl Body for Messages {
+        type Data = &'static [u8];
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+            if self.left > 0 {
+                self.left -= 1;
+                return Poll::Ready(Some(Ok(Frame::data(&b"ack"[..]))));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            self.ended = true;
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+        }
+    }
+
+    /// Routes that answer every call with a stream of `messages` acks.
+    struct Streams {
+        /// Acks per stream.
+        messages: usize,
+    }
+
+    impl Service<http::Request<()>> for Streams {
+        type Response = http::Response<Messages>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(Messages {
+                left: self.messages,
+                ended: false,
+            })))
+        }
+    }
+
+    /// The value of one sample line in `text`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    #[tokio::test]
+    async fn a_stream_counts_once_and_its_messages_record_nothing() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let layer = metrics::with_local_recorder(&recorder, || {
+            GrpcMetricsLayer::from_descriptor_sets(&[registry_proto::FILE_DESCRIPTOR_SET])
+        })
+        .unwrap();
+        let mut service = layer.layer(Streams { messages: 1000 });
+        let request = http::Request::builder()
+            .uri("/registry.v1.NodeRegistry/Heartbeat")
+            .body(())
+            .unwrap();
+        let mut body = service.call(request).await.unwrap().into_body();
+        let labels = "grpc_type=\"bidi_stream\",grpc_service=\"registry.v1.NodeRegistry\",grpc_method=\"Heartbeat\"";
+        let handled_ok = format!("grpc_server_handled_total{{{labels},grpc_code=\"OK\"}}");
+        let started = format!("grpc_server_started_total{{{labels}}}");
+        let mut data_frames = 0;
+        while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            if frame.unwrap().is_data() {
+                data_frames += 1;
+                if data_frames == 500 {
+                    // Mid-stream: started once, nothing handled yet.
+                    let text = handle.render();
+                    assert_eq!(sample(&text, &started), Some(1.0), "{text}");
+                    assert_eq!(sample(&text, &handled_ok), Some(0.0), "{text}");
+                }
+            }
+        }
+        assert_eq!(data_frames, 1000);
+        drop(body);
+        let text = handle.render();
+        assert_eq!(sample(&text, &started), Some(1.0), "{text}");
+        assert_eq!(sample(&text, &handled_ok), Some(1.0), "{text}");
+        let canceled = format!("grpc_server_handled_total{{{labels},grpc_code=\"Canceled\"}}");
+        assert_eq!(
+            sample(&text, &canceled),
+            Some(0.0),
+            "dropped after its status: {text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_dropped_before_its_status_counts_as_canceled() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let layer = metrics::with_local_recorder(&recorder, || {
+            GrpcMetricsLayer::from_descriptor_sets(&[registry_proto::FILE_DESCRIPTOR_SET])
+        })
+        .unwrap();
+        let mut service = layer.layer(Streams { messages: 10 });
+        let request = http::Request::builder()
+            .uri("/registry.v1.NodeRegistry/Heartbeat")
+            .body(())
+            .unwrap();
+        let mut body = service.call(request).await.unwrap().into_body();
+        poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        drop(body);
+        let text = handle.render();
+        let canceled = "grpc_server_handled_total{grpc_type=\"bidi_stream\",grpc_service=\"registry.v1.NodeRegistry\",grpc_method=\"Heartbeat\",grpc_code=\"Canceled\"}";
+        assert_eq!(sample(&text, canceled), Some(1.0), "{text}");
+    }
 
     #[test]
     fn codes_are_spelled_like_go_grpc_prometheus() {
