@@ -9,7 +9,7 @@
 //! - [`service`]: the tonic adapter, heartbeat streams included;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
 //! - [`metrics`]: Prometheus metrics; [`grpc_metrics`]: per-RPC metrics;
-//!   [`process`]: process metrics; [`http`]: the metrics port (`/metrics`,
+//!   [`process`]: process metrics; [`metrics_port`]: the metrics port (`/metrics`,
 //!   service discovery from [`sd`]);
 //! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
 //! - [`limits`]: the connection cap;
@@ -21,10 +21,10 @@ pub mod error;
 pub mod events;
 pub mod expiry;
 pub mod grpc_metrics;
-pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod metrics_port;
 pub mod process;
 pub mod registry;
 pub mod schedule;

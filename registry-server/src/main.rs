@@ -8,7 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use registry_server::config::Cli;
-use registry_server::http::MetricsEndpoint;
+use registry_server::metrics_port::MetricsEndpoint;
 use tokio::net::TcpListener;
 use tracing::{error, info};
 

@@ -6,7 +6,7 @@
 //! Beside the registry's own figures the recorder holds the per-RPC metrics
 //! of [`crate::grpc_metrics`], the process metrics of [`crate::process`]
 //! (published here, once a second) and `registry_build_info`. The metrics
-//! port serves them with the service discovery endpoints ([`crate::http`]).
+//! port serves them with the service discovery endpoints ([`crate::metrics_port`]).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -54,7 +54,7 @@ const HEARTBEAT_BUCKETS: &[f64] = &[
 ];
 
 /// Installs the global Prometheus recorder and returns its handle, which
-/// [`crate::http`] renders on `/metrics`. Nothing is served here.
+/// [`crate::metrics_port`] renders on `/metrics`. Nothing is served here.
 pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(HEARTBEAT_SECONDS.into()), HEARTBEAT_BUCKETS)?

@@ -15,7 +15,7 @@ use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
 use crate::expiry;
 use crate::grpc_metrics::GrpcMetricsLayer;
-use crate::http::MetricsEndpoint;
+use crate::metrics_port::MetricsEndpoint;
 use crate::registry::Registry;
 use crate::service::NodeRegistryService;
 
@@ -141,7 +141,7 @@ where
     let http_task = metrics.map(|endpoint| {
         let (registry, stop) = (registry.clone(), stop.clone());
         tokio::spawn(async move {
-            if let Err(err) = crate::http::serve(endpoint, registry, stop).await {
+            if let Err(err) = crate::metrics_port::serve(endpoint, registry, stop).await {
                 error!(error = %err, "the metrics port stopped serving");
             }
         })

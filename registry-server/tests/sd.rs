@@ -7,7 +7,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use registry_proto::pb;
 use registry_server::Settings;
-use registry_server::http::MetricsEndpoint;
+use registry_server::metrics_port::MetricsEndpoint;
 use serde_json::{Value, json};
 use test_support::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
