@@ -126,6 +126,42 @@ fn example_config_file_is_valid() {
     assert_eq!(config.pools[1].state, Some(ConfiguredState::Initializing));
     assert_eq!(config.labels.len(), 2);
     assert!(config.gpus.require);
+    assert_eq!(
+        config.pools[0].spec().metrics_url,
+        "http://127.0.0.1:8081/metrics"
+    );
+}
+
+#[test]
+fn example_metrics_settings_are_valid_when_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/node-agent.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: String = text
+        .lines()
+        .map(|line| {
+            let key = line.strip_prefix("# ").unwrap_or(line);
+            if key.starts_with("metrics_") {
+                key
+            } else {
+                line
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let file = FileConfig::parse(&text, &path).unwrap();
+    let flags = Cli {
+        settings: Settings {
+            node_id: Some("n1".into()),
+            ..Settings::default()
+        },
+        ..Cli::default()
+    };
+    let config = AgentConfig::resolve(flags, file).unwrap();
+    assert_eq!(config.metrics_listen, Some("0.0.0.0:9101".parse().unwrap()));
+    assert_eq!(
+        config.advertised_metrics_url(Some(9101)),
+        "http://10.0.0.5:9101/metrics"
+    );
 }
 
 #[test]
