@@ -33,7 +33,9 @@ async fn main() -> ExitCode {
         None => None,
         Some(addr) => match metrics_endpoint(addr) {
             Ok(endpoint) => {
-                info!(addr = %addr, "metrics at http://{addr}/metrics, service discovery at /sd/nodes and /sd/pools");
+                // The bound address: the port chosen when port 0 was asked for.
+                let bound = endpoint.listener.local_addr().unwrap_or(addr);
+                info!(addr = %bound, "metrics at http://{bound}/metrics, service discovery at /sd/nodes and /sd/pools");
                 Some(endpoint)
             }
             Err(why) => {
