@@ -29,8 +29,7 @@ and, without it, what the schema cannot say:
                 variable of the dashboard or one of Grafana's built-ins;
   metric names  every registry_*, grpc_server_* and process_* name in the
                 files given with --names-in is one the registry exports
-                (registry-server/src/metrics.rs) or one listed in
-                PENDING_METRICS below.
+                (a `pub const` in the METRICS_SOURCES files below).
 
 With --rules-out FILE it writes every panel and variable query, with the
 Grafana variables replaced by plain values, as Prometheus recording rules, so
@@ -48,24 +47,12 @@ import sys
 import types
 import typing
 
-# Metric names the dashboard and alerts use that metrics.rs does not define
-# yet: another change of issue 14 adds them (go-grpc-prometheus names for the
-# gRPC server, the standard process collector, a build-info gauge). Once
-# metrics.rs defines a name, the entry here is redundant but harmless.
-PENDING_METRICS = {
-    "registry_build_info",
-    "grpc_server_started_total",
-    "grpc_server_handled_total",
-    "grpc_server_handling_seconds",
-    "grpc_server_handling_seconds_bucket",
-    "grpc_server_handling_seconds_sum",
-    "grpc_server_handling_seconds_count",
-    "process_cpu_seconds_total",
-    "process_resident_memory_bytes",
-    "process_open_fds",
-    "process_max_fds",
-    "process_start_time_seconds",
-}
+# Where the registry's metric names are defined (`pub const NAME: &str`).
+METRICS_SOURCES = [
+    "registry-server/src/metrics.rs",
+    "registry-server/src/grpc_metrics.rs",
+    "registry-server/src/process.rs",
+]
 METRIC_NAME = re.compile(r"\b(?:registry|grpc_server|process)_[a-z0-9_]*[a-z0-9]\b")
 
 # Grafana's built-in variables that may appear in a Prometheus query.
@@ -337,19 +324,19 @@ def check_variables(dashboard):
     return exprs
 
 
-def known_metrics(metrics_rs):
-    source = open(metrics_rs, encoding="utf-8").read()
+def known_metrics(sources):
+    source = "\n".join(open(path, encoding="utf-8").read() for path in sources)
     consts = dict(re.findall(r'pub const (\w+): &str = "([a-z0-9_]+)";', source))
     names = set(consts.values())
-    for const in re.findall(r"describe_histogram!\(\s*(\w+)", source):
+    for const in re.findall(r"describe_histogram!\(\s*(?:[\w:]+::)?(\w+)", source):
         base = consts.get(const)
         if base:
             names |= {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
     return names
 
 
-def check_metric_names(paths, metrics_rs):
-    known = known_metrics(metrics_rs) | PENDING_METRICS
+def check_metric_names(paths, sources):
+    known = known_metrics(sources)
     problems = []
     used = set()
     for path in paths:
@@ -358,8 +345,8 @@ def check_metric_names(paths, metrics_rs):
             used.add(name)
             if name not in known:
                 problems.append(f"{path}: {name} is not exported by the registry")
-    report(f"metric names: {len(used)} names used in {len(paths)} files, each in {metrics_rs} "
-           "or the pending list", problems)
+    report(f"metric names: {len(used)} names used in {len(paths)} files, each defined in "
+           f"{', '.join(sources)}", problems)
 
 
 def write_rules(exprs, path):
@@ -381,7 +368,8 @@ def main():
     parser.add_argument("dashboard")
     parser.add_argument("--sdk-version", help="grafana-foundation-sdk version that is importable; "
                         "without it the schema checks are skipped and reported as such")
-    parser.add_argument("--metrics-rs", default="registry-server/src/metrics.rs")
+    parser.add_argument("--metrics-rs", nargs="+", default=METRICS_SOURCES,
+                        help="the Rust files defining the registry's metric names")
     parser.add_argument("--names-in", nargs="*", default=[], help="more files whose metric names to check")
     parser.add_argument("--rules-out", help="write the queries here as recording rules for promtool")
     args = parser.parse_args()

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod gpu;
 pub mod host;
+pub mod metrics;
 pub mod pools;
 pub mod registration;
 mod session;
@@ -28,6 +29,10 @@ pub use config::{AgentConfig, Cli, LogFormat, Settings};
 pub use error::ConfigError;
 pub use gpu::{FakeGpuSource, GpuError, GpuInventory, GpuSource, NvmlGpuSource};
 pub use tls::TlsConfig;
+
+/// How errors name the metrics listen setting.
+const METRICS_LISTEN: &str =
+    "metrics listen address (--metrics-listen, NODE_AGENT_METRICS_LISTEN, metrics_listen)";
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -112,11 +117,31 @@ impl RegistryConnection {
 }
 
 async fn run_prepared(
-    config: AgentConfig,
+    mut config: AgentConfig,
     registry: RegistryConnection,
     gpus: Arc<dyn GpuSource>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
+    // Bound before anything registers, so the URL advertised is served.
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let server = metrics::MetricsServer::bind(addr).await.map_err(|e| {
+                ConfigError::invalid(METRICS_LISTEN, &addr.to_string(), &e.to_string())
+            })?;
+            config.metrics_address = Some(config.advertised_metrics_url(server.port()));
+            tracing::info!(
+                addr = %addr,
+                advertised = config.metrics_address.as_deref().unwrap_or(""),
+                "serving metrics"
+            );
+            Some(tokio::spawn(async move {
+                if let Err(e) = server.serve().await {
+                    tracing::error!(error = %e, "the metrics endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let inventory = {
         let gpus = Arc::clone(&gpus);
         match tokio::task::spawn_blocking(move || gpus.inventory()).await? {
@@ -172,6 +197,9 @@ async fn run_prepared(
     ));
     session::run(agent, Box::pin(shutdown)).await;
     if let Some(task) = handoff_task {
+        task.abort();
+    }
+    if let Some(task) = metrics_task {
         task.abort();
     }
     Ok(())

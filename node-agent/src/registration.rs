@@ -20,8 +20,9 @@ pub fn register_request(
         pools: pools.iter().map(PoolConfig::spec).collect(),
         capabilities: Some(capabilities),
         agent_version: format!("node-agent {}", env!("CARGO_PKG_VERSION")),
-        // The agent serves no metrics endpoint yet.
-        metrics_address: String::new(),
+        // Set by `run` once the metrics port is bound (see
+        // AgentConfig::advertised_metrics_url); empty when none is served.
+        metrics_address: config.metrics_address.clone().unwrap_or_default(),
         models_available: config.models_available.clone(),
         labels: config
             .labels

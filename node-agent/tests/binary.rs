@@ -39,6 +39,42 @@ fn stderr_of(child: Child) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// A plain HTTP/1.0 GET of `path` on 127.0.0.1:`port`: the body of a 200.
+async fn http_get(port: u16, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    stream
+        .read_to_string(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    match raw.split_once("\r\n\r\n") {
+        Some((head, body))
+            if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") =>
+        {
+            Ok(body.to_owned())
+        }
+        _ => Err(raw),
+    }
+}
+
+/// The value of one sample line (`name{labels} value`) in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[tokio::test]
 async fn binary_registers_and_deregisters_on_sigterm() {
     let registry = TestRegistry::start(registry_settings()).await;
@@ -56,6 +92,10 @@ async fn binary_registers_and_deregisters_on_sigterm() {
             "300ms",
             "--log-format",
             "json",
+            "--address",
+            "http://127.0.0.1:9200",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .env("NODE_AGENT_LABEL", "zone=eu-1,rack=r7")
         .spawn()
@@ -74,14 +114,56 @@ async fn binary_registers_and_deregisters_on_sigterm() {
     assert_eq!(node.capabilities.unwrap().gpus.len(), 2);
     assert_eq!(node.labels["rack"], "r7");
 
+    // The metrics URL advertised: the host of --address, the port bound.
+    let port: u16 = node
+        .metrics_address
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("advertised {:?}", node.metrics_address));
+    // Served, with the figures of a heartbeat that was acked.
+    let text = eventually("an ack in /metrics", WAIT, || async move {
+        let text = http_get(port, "/metrics").await?;
+        if sample(&text, "node_agent_heartbeat_acks_total").unwrap_or(0.0) >= 1.0 {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    assert_eq!(sample(&text, "node_agent_registered"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "node_agent_registrations_total{outcome=\"ok\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "node_agent_pools{state=\"ready\"}"),
+        Some(1.0)
+    );
+    assert!(sample(&text, "node_agent_heartbeat_ack_seconds_count").unwrap() >= 1.0);
+    assert!(sample(&text, "node_agent_gpu_memory_used_bytes{gpu=\"1\"}").is_some());
+    assert!(sample(&text, "node_agent_gpu_utilization_percent{gpu=\"0\"}").is_some());
+
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
     let status = wait_exit(&mut child).await;
-    assert_eq!(status.code(), Some(0), "{}", stderr_of(child));
+    let stderr = stderr_of(child);
+    assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(get_node(&mut client, "bin-1").await.is_none());
+    // JSON logs carry 64-bit ids as strings, which jq and JavaScript read
+    // without rounding.
+    let registered: serde_json::Value = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "registered")
+        .unwrap_or_else(|| panic!("no JSON `registered` line in {stderr}"));
+    let session_id = registered["session_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("session_id is not a string: {registered}"));
+    assert!(session_id.parse::<u64>().is_ok(), "{session_id}");
     registry.stop().await;
 }
 

@@ -12,7 +12,9 @@
 //! - [`events`]: the change feed (revision, history, subscribers);
 //!   [`watch`]: WatchNodes streams;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
-//! - [`metrics`]: Prometheus metrics;
+//! - [`metrics`]: Prometheus metrics; [`grpc_metrics`]: per-RPC metrics;
+//!   [`process`]: process metrics; [`metrics_port`]: the metrics port (`/metrics`,
+//!   service discovery from [`sd`]);
 //! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
 //! - [`limits`]: the connection cap;
 //! - [`config`]: command line and environment settings.
@@ -22,12 +24,16 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod expiry;
+pub mod grpc_metrics;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod metrics_port;
 pub mod placement;
+pub mod process;
 pub mod registry;
 pub mod schedule;
+pub mod sd;
 pub mod server;
 pub mod service;
 pub mod telemetry;
@@ -36,4 +42,4 @@ pub mod watch;
 
 pub use config::{RevisionBase, Settings};
 pub use error::RegistryError;
-pub use server::{ServerError, run};
+pub use server::{ServerError, run, run_with_metrics};

@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use registry_server::config::Cli;
+use registry_server::metrics_port::MetricsEndpoint;
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
@@ -28,18 +29,25 @@ async fn main() -> ExitCode {
         error!("invalid settings: {why}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let metrics_addr = cli.metrics_addr();
-    if let Some(addr) = metrics_addr {
-        if let Err(err) = registry_server::metrics::install_prometheus(addr) {
-            error!(
-                addr = %addr,
-                error = %err,
-                "cannot serve metrics on {addr}: choose another address with --metrics-listen (or `off`)"
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        info!(addr = %addr, "metrics at http://{addr}/metrics");
-    }
+    let metrics = match cli.metrics_addr() {
+        None => None,
+        Some(addr) => match metrics_endpoint(addr) {
+            Ok(endpoint) => {
+                // The bound address: the port chosen when port 0 was asked for.
+                let bound = endpoint.listener.local_addr().unwrap_or(addr);
+                info!(addr = %bound, "metrics at http://{bound}/metrics, service discovery at /sd/nodes and /sd/pools");
+                Some(endpoint)
+            }
+            Err(why) => {
+                error!(
+                    addr = %addr,
+                    error = %why,
+                    "cannot serve metrics on {addr}: choose another address with --metrics-listen (or `off`)"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
     let listener = match bind(cli.listen) {
         Ok(listener) => listener,
         Err(err) => {
@@ -52,7 +60,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match registry_server::run(listener, settings, shutdown_signal()).await {
+    let served = match metrics {
+        Some(metrics) => {
+            registry_server::run_with_metrics(listener, settings, metrics, shutdown_signal()).await
+        }
+        None => registry_server::run(listener, settings, shutdown_signal()).await,
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = %err, "registry failed");
@@ -63,6 +77,17 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Binds the metrics port and installs the recorder it renders.
+fn metrics_endpoint(addr: std::net::SocketAddr) -> Result<MetricsEndpoint, String> {
+    let std_listener = std::net::TcpListener::bind(addr).map_err(|e| e.to_string())?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| e.to_string())?;
+    let listener = TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+    let handle = registry_server::metrics::install_prometheus().map_err(|e| e.to_string())?;
+    Ok(MetricsEndpoint { listener, handle })
 }
 
 /// Binds with a deep accept queue: after a registry restart every agent

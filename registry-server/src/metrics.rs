@@ -2,13 +2,17 @@
 //! [`crate::registry::Stats`]); a publisher task copies them into the
 //! `metrics` recorder once a second, so heartbeats pay no registry look-ups.
 //! Only the heartbeat handling latency is recorded per message.
+//!
+//! Beside the registry's own figures the recorder holds the per-RPC metrics
+//! of [`crate::grpc_metrics`], the process metrics of [`crate::process`]
+//! (published here, once a second) and `registry_build_info`. The metrics
+//! port serves them with the service discovery endpoints ([`crate::metrics_port`]).
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 use registry_proto::pb;
 use tokio_util::sync::CancellationToken;
 
@@ -32,8 +36,14 @@ pub const OFFLINE_TRANSITIONS: &str = "registry_offline_transitions_total";
 pub const ONLINE_TRANSITIONS: &str = "registry_online_transitions_total";
 /// Nodes removed after their offline retention.
 pub const EXPIRED: &str = "registry_expired_nodes_total";
-/// Time to validate and record one heartbeat message, in seconds.
+/// Time to validate and record one heartbeat message, in seconds. Every
+/// heartbeat message the stream decodes is timed, accepted or refused (a
+/// refusal ends the stream, so refused messages are at most one per
+/// stream); decoding the message and sending the ack are not included.
 pub const HEARTBEAT_SECONDS: &str = "registry_heartbeat_handling_seconds";
+
+/// Always 1, labelled with the registry's `version`.
+pub const BUILD_INFO: &str = "registry_build_info";
 
 /// How often the publisher copies totals into the recorder.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
@@ -43,18 +53,37 @@ const HEARTBEAT_BUCKETS: &[f64] = &[
     5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 100e-3,
 ];
 
-/// Installs the global Prometheus recorder with an HTTP listener serving
-/// `/metrics` on `addr`. Must run inside a tokio runtime.
-pub fn install_prometheus(addr: SocketAddr) -> Result<(), BuildError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the global Prometheus recorder and returns its handle, which
+/// [`crate::metrics_port`] renders on `/metrics`. Nothing is served here.
+pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(HEARTBEAT_SECONDS.into()), HEARTBEAT_BUCKETS)?
-        .install()?;
+        .set_buckets_for_metric(
+            Matcher::Full(crate::grpc_metrics::HANDLING_SECONDS.into()),
+            crate::grpc_metrics::HANDLING_BUCKETS,
+        )?
+        .install_recorder()?;
     describe();
-    Ok(())
+    Ok(handle)
 }
 
-fn describe() {
+/// Describes every metric to the installed recorder.
+pub fn describe() {
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_counter!(
+        crate::grpc_metrics::STARTED,
+        "Total number of RPCs started on the server."
+    );
+    describe_counter!(
+        crate::grpc_metrics::HANDLED,
+        "Total number of RPCs completed on the server, regardless of success or failure."
+    );
+    describe_histogram!(
+        crate::grpc_metrics::HANDLING_SECONDS,
+        Unit::Seconds,
+        "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server."
+    );
+    crate::process::describe();
     describe_gauge!(NODES, "Nodes by status (online, offline).");
     describe_gauge!(POOLS, "Pools of ONLINE nodes by reported state.");
     describe_counter!(REGISTRATIONS, "Register calls accepted.");
@@ -70,7 +99,7 @@ fn describe() {
     describe_histogram!(
         HEARTBEAT_SECONDS,
         Unit::Seconds,
-        "Time to validate and record one heartbeat message."
+        "Time to validate and record one heartbeat message (accepted or refused)."
     );
 }
 
@@ -81,13 +110,17 @@ pub async fn publish(registry: Registry, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => publish_once(&registry),
+            _ = tick.tick() => {
+                publish_once(&registry);
+                crate::process::publish();
+            }
         }
     }
 }
 
 /// One copy of every total and gauge.
 pub fn publish_once(registry: &Registry) {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let counts = registry.counts();
     gauge!(NODES, "status" => "online").set(counts.online as f64);
     gauge!(NODES, "status" => "offline").set(counts.offline as f64);

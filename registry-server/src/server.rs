@@ -16,6 +16,8 @@ use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
 use crate::events::ChangeSubscriber;
 use crate::expiry;
+use crate::grpc_metrics::GrpcMetricsLayer;
+use crate::metrics_port::MetricsEndpoint;
 use crate::placement::PlacementIndex;
 use crate::registry::{Options, Registry};
 use crate::service::NodeRegistryService;
@@ -43,6 +45,9 @@ pub enum ServerError {
     /// Building the reflection service failed.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The descriptors the gRPC metrics are built from cannot be read.
+    #[error("gRPC metrics: {0}")]
+    GrpcMetrics(#[from] crate::grpc_metrics::DescriptorError),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -77,12 +82,38 @@ pub async fn run(
     run_with(listener, settings, shutdown, expiry::run).await
 }
 
+/// [`run`] that also serves the metrics port (`/metrics`, `/sd/nodes`,
+/// `/sd/pools`) on `metrics` until the server stops.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    settings: Settings,
+    metrics: MetricsEndpoint,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    serve(listener, settings, Some(metrics), shutdown, expiry::run).await
+}
+
 /// [`run`] with the deadline loop built by `expiry` from the registry and
 /// the stop token (production passes [`expiry::run`]; tests pass a loop
 /// that fails, to show the server does not outlive it).
 pub async fn run_with<E, F>(
     listener: TcpListener,
     settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    expiry: E,
+) -> Result<(), ServerError>
+where
+    E: FnOnce(Registry, CancellationToken) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    serve(listener, settings, None, shutdown, expiry).await
+}
+
+/// The server, with the metrics port when `metrics` is given.
+async fn serve<E, F>(
+    listener: TcpListener,
+    settings: Settings,
+    metrics: Option<MetricsEndpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     expiry: E,
 ) -> Result<(), ServerError>
@@ -122,6 +153,14 @@ where
     let mut expiry_task = tokio::spawn(expiry(registry.clone(), stop.clone()));
     let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));
     let auth_task = tokio::spawn(auth.clone().watch(stop.clone()));
+    let http_task = metrics.map(|endpoint| {
+        let (registry, stop) = (registry.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(err) = crate::metrics_port::serve(endpoint, registry, stop).await {
+                error!(error = %err, "the metrics port stopped serving");
+            }
+        })
+    });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -182,9 +221,17 @@ where
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
+    // Every method the server answers, known up front (see grpc_metrics).
+    let grpc_metrics = GrpcMetricsLayer::from_descriptor_sets(&[
+        registry_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])?;
     let reflection = (!settings.disable_reflection).then_some((reflection_v1, reflection_v1alpha));
     let (reflection_v1, reflection_v1alpha) = reflection.unzip();
     let serve = builder
+        .layer(grpc_metrics)
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
@@ -237,6 +284,9 @@ where
     }
     let _ = metrics_task.await;
     let _ = auth_task.await;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     match ended {
         Ended::Served(served) => served?,
         Ended::ExpiryStopped(why) => {

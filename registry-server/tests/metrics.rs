@@ -51,6 +51,13 @@ async fn activity_shows_in_the_published_metrics() {
         .unwrap()
         .into_inner();
     client.register(register("silent")).await.unwrap();
+    let missing = client
+        .get_node(pb::GetNodeRequest {
+            node_id: "missing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
     client.register(register("leaving")).await.unwrap();
     client
         .deregister(pb::DeregisterRequest {
@@ -97,7 +104,8 @@ async fn activity_shows_in_the_published_metrics() {
             let text = handle.render();
             async move {
                 let settled = sample(&text, "registry_nodes{status=\"offline\"}") == Some(1.0)
-                    && sample(&text, "registry_pools{state=\"ready\"}") == Some(1.0);
+                    && sample(&text, "registry_pools{state=\"ready\"}") == Some(1.0)
+                    && sample(&text, "registry_heartbeats_total") >= Some(3.0);
                 if settled { Ok(text) } else { Err(text) }
             }
         },
@@ -121,7 +129,87 @@ async fn activity_shows_in_the_published_metrics() {
         "{text}"
     );
 
+    // Per-RPC metrics, go-grpc-prometheus style.
+    let rpc = |kind: &str, method: &str| {
+        format!(
+            "grpc_type=\"{kind}\",grpc_service=\"registry.v1.NodeRegistry\",grpc_method=\"{method}\""
+        )
+    };
+    let started = |kind: &str, method: &str| {
+        sample(
+            &text,
+            &format!("grpc_server_started_total{{{}}}", rpc(kind, method)),
+        )
+    };
+    let handled = |kind: &str, method: &str, code: &str| {
+        let series = format!(
+            "grpc_server_handled_total{{{},grpc_code=\"{code}\"}}",
+            rpc(kind, method)
+        );
+        sample(&text, &series)
+    };
+    assert_eq!(started("unary", "Register"), Some(3.0), "{text}");
+    assert_eq!(handled("unary", "Register", "OK"), Some(3.0), "{text}");
+    assert_eq!(handled("unary", "Register", "InvalidArgument"), Some(0.0));
+    assert_eq!(handled("unary", "Deregister", "OK"), Some(1.0));
+    assert_eq!(handled("unary", "GetNode", "NotFound"), Some(1.0));
+    assert_eq!(handled("unary", "GetNode", "OK"), Some(0.0));
+    // Pre-registered: a method never called exports zero.
+    assert_eq!(started("unary", "ListNodes"), Some(0.0));
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "grpc_server_handling_seconds_count{{{}}}",
+                rpc("unary", "Register")
+            )
+        ),
+        Some(3.0)
+    );
+    // The heartbeat stream counts once, however many messages it carried,
+    // and is not handled while it is open.
+    assert_eq!(started("bidi_stream", "Heartbeat"), Some(1.0));
+    assert_eq!(handled("bidi_stream", "Heartbeat", "OK"), Some(0.0));
+    assert_eq!(handled("bidi_stream", "Heartbeat", "Canceled"), Some(0.0));
+    assert!(
+        !text.contains("grpc_server_handling_seconds_count{grpc_type=\"bidi_stream\""),
+        "only unary calls have a latency histogram"
+    );
+
+    // Build and process metrics.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        sample(
+            &text,
+            &format!("registry_build_info{{version=\"{version}\"}}")
+        ),
+        Some(1.0)
+    );
+    assert!(sample(&text, "process_resident_memory_bytes").unwrap() > 0.0);
+    assert!(sample(&text, "process_open_fds").unwrap() > 0.0);
+    assert!(sample(&text, "process_start_time_seconds").unwrap() > 1.6e9);
+    assert!(sample(&text, "process_cpu_seconds_total").is_some());
+
+    // The agent going away ends the stream: counted once, as Canceled.
     beating.abort();
     drop(client);
+    eventually(
+        "the heartbeat stream counted as handled",
+        Duration::from_secs(10),
+        || {
+            let text = handle.render();
+            let series = format!(
+                "grpc_server_handled_total{{{},grpc_code=\"Canceled\"}}",
+                rpc("bidi_stream", "Heartbeat")
+            );
+            async move {
+                match sample(&text, &series) {
+                    Some(1.0) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
     registry.stop().await;
 }

@@ -27,7 +27,8 @@ pub struct Cli {
 
     /// A pool: ID[,slots=N][,model=M][,engine=E][,engine_version=V]
     /// [,state=ready|initializing|draining|failed|offline][,gpus=0:1]
-    /// [,probe=http://HOST:PORT/health][,endpoint=http://HOST:PORT].
+    /// [,probe=http://HOST:PORT/health][,endpoint=http://HOST:PORT]
+    /// [,metrics_url=http://HOST:PORT/metrics].
     /// Repeatable; the environment
     /// variable separates pools with ';'.
     #[arg(

@@ -17,6 +17,7 @@ mod file;
 mod settings;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ const LABELS: &str = "labels (--label, NODE_AGENT_LABEL, [labels])";
 const POOLS: &str = "pools (--pool, NODE_AGENT_POOL, [[pools]])";
 const MODELS_AVAILABLE: &str =
     "models available (--model-available, NODE_AGENT_MODEL_AVAILABLE, models_available)";
+const METRICS_ADDRESS: &str =
+    "metrics address (--metrics-address, NODE_AGENT_METRICS_ADDRESS, metrics_address)";
 const FAKE_GPUS: &str = "fake gpus (--fake-gpus, NODE_AGENT_FAKE_GPUS, fake_gpus)";
 
 /// Where GPU information comes from.
@@ -117,6 +120,11 @@ pub struct AgentConfig {
     pub auth_token: Option<TokenSource>,
     /// TLS towards an `https://` registry.
     pub tls: TlsConfig,
+    /// Where `/metrics` is served; `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The metrics URL registered as given; `None` derives it from
+    /// `address` and the metrics port ([`AgentConfig::advertised_metrics_url`]).
+    pub metrics_address: Option<String>,
 }
 
 impl AgentConfig {
@@ -149,7 +157,28 @@ impl AgentConfig {
             log_format: LogFormat::Text,
             auth_token: None,
             tls: TlsConfig::default(),
+            metrics_listen: None,
+            metrics_address: None,
         }
+    }
+
+    /// The metrics URL to register when `/metrics` is served on `port`
+    /// (`None`: not served): `metrics_address` when set, else
+    /// `http://<host of address>:<port>/metrics`; empty when neither.
+    pub fn advertised_metrics_url(&self, port: Option<u16>) -> String {
+        if let Some(url) = &self.metrics_address {
+            return url.clone();
+        }
+        let Some(port) = port else {
+            return String::new();
+        };
+        let host = self
+            .address
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| uri.host().map(str::to_owned))
+            .unwrap_or_else(|| self.node_id.clone());
+        format!("http://{host}:{port}/metrics")
     }
 
     /// Resolves flags, environment (already folded into `cli` by clap) and
@@ -236,6 +265,8 @@ impl AgentConfig {
             key: set.tls_key,
             domain: set.tls_domain,
         };
+        config.metrics_listen = set.metrics_listen;
+        config.metrics_address = set.metrics_address;
 
         config.validate()?;
         Ok(config)
@@ -276,6 +307,10 @@ impl AgentConfig {
         rules::labels("labels", &self.labels).map_err(ConfigError::rule(LABELS))?;
         rules::models_available("models_available", &self.models_available)
             .map_err(ConfigError::rule(MODELS_AVAILABLE))?;
+        if let Some(url) = &self.metrics_address {
+            rules::address(Field::Name("metrics_address"), url)
+                .map_err(ConfigError::rule(METRICS_ADDRESS))?;
+        }
         rules::at_most(Field::Name("pools"), self.pools.len(), MAX_POOLS)
             .map_err(ConfigError::rule(POOLS))?;
         for pool in &self.pools {

@@ -160,6 +160,17 @@ pub struct Settings {
     /// [default: the registry URL's host].
     #[arg(long, env = "NODE_AGENT_TLS_DOMAIN", value_name = "NAME")]
     pub tls_domain: Option<String>,
+
+    /// Address to serve Prometheus metrics on (`/metrics`), such as
+    /// 0.0.0.0:9101 [default: none, no metrics endpoint].
+    #[arg(long, env = "NODE_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Metrics URL registered for this node (RegisterRequest.metrics_address),
+    /// which the registry hands to Prometheus service discovery
+    /// [default: http://<host of --address>:<port of --metrics-listen>/metrics].
+    #[arg(long, env = "NODE_AGENT_METRICS_ADDRESS", value_name = "URL")]
+    pub metrics_address: Option<String>,
 }
 
 impl Settings {
@@ -191,6 +202,8 @@ impl Settings {
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
             tls_domain: self.tls_domain.or(lower.tls_domain),
+            metrics_listen: self.metrics_listen.or(lower.metrics_listen),
+            metrics_address: self.metrics_address.or(lower.metrics_address),
         }
     }
 }

@@ -58,6 +58,8 @@ pub struct HandoffFile {
     pub device_mask: Option<DeviceMask>,
     /// State to report when there is no URL to probe.
     pub state: Option<ConfiguredState>,
+    /// URL of the engine's Prometheus metrics ("http://127.0.0.1:8081/metrics").
+    pub metrics_url: Option<String>,
 }
 
 /// The forms a device mask takes in handoff files.
@@ -129,6 +131,7 @@ pub fn parse_handoff(stem: &str, bytes: &[u8]) -> Result<PoolConfig, HandoffErro
         state: file.state,
         probe,
         endpoint: file.url.clone(),
+        metrics_url: file.metrics_url,
     };
     pool.check_contract()?;
     if let Some(url) = &pool.probe {
@@ -325,6 +328,18 @@ mod tests {
         assert_eq!(pool.probe.as_deref(), Some("http://127.0.0.1:8081/health"));
         assert_eq!(pool.endpoint.as_deref(), Some("http://127.0.0.1:8081/"));
         assert_eq!(pool.spec().endpoint, "http://127.0.0.1:8081/");
+    }
+
+    #[test]
+    fn a_handoff_metrics_url_is_registered_and_checked() {
+        let pool = parse_handoff(
+            "pool-8",
+            br#"{"metrics_url":"http://127.0.0.1:8081/metrics"}"#,
+        )
+        .unwrap();
+        assert_eq!(pool.spec().metrics_url, "http://127.0.0.1:8081/metrics");
+        let err = parse_handoff("pool-8", br#"{"metrics_url":"file:///tmp/m"}"#).unwrap_err();
+        assert!(err.to_string().contains("metrics_url"), "{err}");
     }
 
     #[test]

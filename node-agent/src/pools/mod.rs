@@ -50,6 +50,10 @@ pub struct PoolConfig {
     /// FindPools can hand callers a pool they can talk to directly; checked
     /// by the shared endpoint rule (http:// or https:// with a host).
     pub endpoint: Option<String>,
+    /// URL of the engine's Prometheus metrics, registered as
+    /// PoolSpec.metrics_url so the registry can list it for service
+    /// discovery (`/sd/pools`).
+    pub metrics_url: Option<String>,
 }
 
 impl PoolConfig {
@@ -76,6 +80,10 @@ impl PoolConfig {
             state: over.state.or(self.state),
             probe: over.probe.clone().or_else(|| self.probe.clone()),
             endpoint: over.endpoint.clone().or_else(|| self.endpoint.clone()),
+            metrics_url: over
+                .metrics_url
+                .clone()
+                .or_else(|| self.metrics_url.clone()),
         }
     }
 
@@ -88,8 +96,7 @@ impl PoolConfig {
             slots_total: self.slots.unwrap_or(DEFAULT_SLOTS),
             gpu_indices: self.gpus.clone().unwrap_or_default(),
             engine_version: self.engine_version.clone().unwrap_or_default(),
-            // Engine metrics URLs are not configurable yet.
-            metrics_url: String::new(),
+            metrics_url: self.metrics_url.clone().unwrap_or_default(),
             endpoint: self.endpoint.clone().unwrap_or_default(),
         }
     }

@@ -4,8 +4,8 @@
 //!
 //! `--pool ID[,KEY=VALUE...]` with keys `slots`, `model`, `engine`,
 //! `engine_version`, `state`, `probe`, `endpoint` (where the engine takes
-//! requests) and `gpus` (indices separated by `:`, since `,` separates the
-//! keys), for example
+//! requests), `metrics_url` (the engine's Prometheus metrics) and `gpus`
+//! (indices separated by `:`, since `,` separates the keys), for example
 //! `--pool pool-0,engine=llamacpp,slots=4,gpus=0:1,probe=http://127.0.0.1:8081/health`.
 
 use super::{ConfiguredState, PoolConfig};
@@ -43,6 +43,7 @@ pub fn parse_pool_arg(arg: &str) -> Result<PoolConfig, ConfigError> {
             "state" => pool.state = Some(value.parse::<ConfiguredState>().map_err(bad)?),
             "probe" => pool.probe = Some(value.to_owned()),
             "endpoint" => pool.endpoint = Some(value.to_owned()),
+            "metrics_url" => pool.metrics_url = Some(value.to_owned()),
             "gpus" => {
                 let gpus = value
                     .split(':')
@@ -54,7 +55,7 @@ pub fn parse_pool_arg(arg: &str) -> Result<PoolConfig, ConfigError> {
             }
             other => {
                 return Err(bad(format!(
-                    "unknown key {other:?} (slots, model, engine, engine_version, state, probe, endpoint, gpus)"
+                    "unknown key {other:?} (slots, model, engine, engine_version, state, probe, endpoint, metrics_url, gpus)"
                 )));
             }
         }

@@ -65,6 +65,8 @@ pub(crate) struct Agent {
     sequence: AtomicU64,
     /// Pools the registry asked to drain.
     drain: Mutex<Drain>,
+    /// Times each beat's ack for the metrics.
+    ack_timer: crate::metrics::AckTimer,
 }
 
 impl Agent {
@@ -85,6 +87,7 @@ impl Agent {
             pools,
             sequence: AtomicU64::new(0),
             drain: Mutex::new(Drain::default()),
+            ack_timer: crate::metrics::AckTimer::default(),
         }
     }
 
@@ -128,7 +131,7 @@ impl Agent {
         }
         info!(
             node_id = %self.config.node_id,
-            session_id = response.session_id,
+            session_id = %response.session_id,
             created = response.created,
             interval = %humantime::format_duration(interval),
             pools = specs.len(),
@@ -157,7 +160,7 @@ impl Agent {
         let mut retried = false;
         loop {
             match tokio::time::timeout_at(deadline, client.deregister(request.clone())).await {
-                Ok(Ok(_)) => info!(%node_id, session_id = session.id, "deregistered"),
+                Ok(Ok(_)) => info!(%node_id, session_id = %session.id, "deregistered"),
                 Ok(Err(status))
                     if status.code() == Code::Unauthenticated
                         && !retried
@@ -265,6 +268,10 @@ impl Agent {
         let gpus = self.gpu_stats().await;
         let drain = self.drain().clone();
         let statuses = self.pools.status(&pools, &gpus, &drain).await;
+        crate::metrics::pool_states(&statuses);
+        crate::metrics::gpu_stats(&gpus);
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        self.ack_timer.sent(sequence);
         // node_id, session_id and the secret in every message, not only the
         // first: the contract allows it, and the stream's first message is
         // whichever beat happens to go first.
@@ -275,7 +282,7 @@ impl Agent {
             sent_at: Some(to_proto_timestamp(chrono::Utc::now())),
             pools: statuses,
             gpus,
-            sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            sequence,
         })
     }
 }
@@ -331,6 +338,7 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                     _ = &mut shutdown => return,
                     r = agent.register() => r,
                 };
+                crate::metrics::registration(registered.as_ref().map(|_| ()).map_err(Status::code));
                 match registered {
                     Ok(s) => (s, true),
                     // Refused as invalid: retrying soon cannot help, and
@@ -363,9 +371,13 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
             backoff.reset();
         }
         match end {
-            StreamEnd::Shutdown => return,
+            StreamEnd::Shutdown => {
+                crate::metrics::unregistered();
+                return;
+            }
             StreamEnd::Reregister(reason) => {
-                info!(%node_id, session_id = current.id, %reason, "registry does not know this session; registering again");
+                crate::metrics::unregistered();
+                info!(%node_id, session_id = %current.id, %reason, "registry does not know this session; registering again");
                 jitter = true;
                 // A registration refused before any ack would loop hot.
                 if fresh && !acked && wait(backoff.next_delay(), &mut shutdown).await {
@@ -383,8 +395,10 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                 if wait(delay, &mut shutdown).await {
                     // The registry may be back by now; try to leave cleanly.
                     agent.deregister(&current).await;
+                    crate::metrics::unregistered();
                     return;
                 }
+                crate::metrics::reconnect();
                 session = Some(current);
             }
         }

@@ -108,7 +108,7 @@ impl Agent {
                 );
             }
         };
-        debug!(%node_id, session_id = session.id, "heartbeat stream open");
+        debug!(%node_id, session_id = %session.id, "heartbeat stream open");
 
         let (interval_tx, interval_rx) = watch::channel(session.interval);
         let mut sender = tokio::spawn(send_beats(
@@ -196,6 +196,7 @@ impl Agent {
     ) -> Option<StreamEnd> {
         let node_id = &self.config.node_id;
         debug!(%node_id, sequence = ack.sequence, "heartbeat acked");
+        self.ack_timer.acked(ack.sequence);
         if self.config.heartbeat_interval.is_none()
             && let Some(wanted) = positive(ack.heartbeat_interval.as_ref())
             && wanted != *interval.borrow()

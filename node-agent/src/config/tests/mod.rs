@@ -133,6 +133,42 @@ fn example_config_file_is_valid() {
         config.pools[0].endpoint.as_deref(),
         Some("http://10.0.0.5:8081")
     );
+    assert_eq!(
+        config.pools[0].spec().metrics_url,
+        "http://127.0.0.1:8081/metrics"
+    );
+}
+
+#[test]
+fn example_metrics_settings_are_valid_when_uncommented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/node-agent.example.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: String = text
+        .lines()
+        .map(|line| {
+            let key = line.strip_prefix("# ").unwrap_or(line);
+            if key.starts_with("metrics_") {
+                key
+            } else {
+                line
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let file = FileConfig::parse(&text, &path).unwrap();
+    let flags = Cli {
+        settings: Settings {
+            node_id: Some("n1".into()),
+            ..Settings::default()
+        },
+        ..Cli::default()
+    };
+    let config = AgentConfig::resolve(flags, file).unwrap();
+    assert_eq!(config.metrics_listen, Some("0.0.0.0:9101".parse().unwrap()));
+    assert_eq!(
+        config.advertised_metrics_url(Some(9101)),
+        "http://10.0.0.5:9101/metrics"
+    );
 }
 
 #[test]
@@ -433,4 +469,84 @@ fn bad_endpoints_and_staged_models_stop_the_agent_naming_the_setting() {
         err.contains("models_available") && err.contains("257 entries"),
         "{err}"
     );
+}
+
+#[test]
+fn metrics_settings_come_from_flags_and_file() {
+    let config = AgentConfig::resolve(
+        cli(&[
+            "--node-id",
+            "n1",
+            "--address",
+            "http://10.0.0.5:9200",
+            "--metrics-listen",
+            "0.0.0.0:9101",
+            "--pool",
+            "pool-0,metrics_url=http://127.0.0.1:8081/metrics",
+        ]),
+        FileConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(config.metrics_listen, Some("0.0.0.0:9101".parse().unwrap()));
+    assert_eq!(config.metrics_address, None);
+    // Derived from the host of --address and the metrics port.
+    assert_eq!(
+        config.advertised_metrics_url(Some(9101)),
+        "http://10.0.0.5:9101/metrics"
+    );
+    assert_eq!(config.advertised_metrics_url(None), "");
+    assert_eq!(
+        config.pools[0].spec().metrics_url,
+        "http://127.0.0.1:8081/metrics"
+    );
+
+    let file = FileConfig::parse(
+        r#"
+        node_id = "n2"
+        metrics_listen = "127.0.0.1:9102"
+        metrics_address = "https://gpu-2.example:443/agent/metrics"
+
+        [[pools]]
+        id = "pool-0"
+        metrics_url = "http://127.0.0.1:8082/metrics"
+        "#,
+        Path::new("agent.toml"),
+    )
+    .unwrap();
+    let config = AgentConfig::resolve(cli(&[]), file).unwrap();
+    assert_eq!(
+        config.metrics_listen,
+        Some("127.0.0.1:9102".parse().unwrap())
+    );
+    // Given explicitly: advertised as is.
+    assert_eq!(
+        config.advertised_metrics_url(Some(9102)),
+        "https://gpu-2.example:443/agent/metrics"
+    );
+    assert_eq!(
+        config.pools[0].spec().metrics_url,
+        "http://127.0.0.1:8082/metrics"
+    );
+}
+
+#[test]
+fn bad_metrics_urls_are_refused_naming_the_setting() {
+    let err = AgentConfig::resolve(
+        cli(&["--node-id", "n1", "--metrics-address", "ftp://h/metrics"]),
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("--metrics-address"), "{text}");
+    assert!(text.contains("metrics_address"), "{text}");
+
+    let err = AgentConfig::resolve(
+        cli(&["--node-id", "n1", "--pool", "pool-0,metrics_url=not a url"]),
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("metrics_url"), "{text}");
+
+    assert!(Cli::try_parse_from(["node-agent", "--metrics-listen", "nowhere"]).is_err());
 }
