@@ -44,9 +44,12 @@ for _ in $(seq 1 100); do
 done
 
 # shellcheck disable=SC2086 # AGENT_ARGS is a list of flags
+# One pool serving a model (its endpoint is where an engine would listen)
+# and one model staged on disk, so FindPools and ListModels have answers.
 "$target/node-agent" --registry "http://$listen" --node-id local-gpu-node \
-  --address http://127.0.0.1:9200 --fake-gpus 2 --pool pool-0 --label zone=local \
-  ${AGENT_ARGS:-} &
+  --address http://127.0.0.1:9200 --fake-gpus 2 --label zone=local \
+  --pool pool-0,model=llama-3.1-8b,engine=llamacpp,slots=4,endpoint=http://127.0.0.1:8081 \
+  --model-available qwen2.5-7b ${AGENT_ARGS:-} &
 agent=$!
 
 echo "registry on $listen (metrics on $metrics), agent pid $agent; try:"
