@@ -13,7 +13,8 @@ use bench::{BenchError, Scenario};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// Benchmarks of one registry: scale, throughput, detection, reads, restart.
+/// Benchmarks of one registry: scale, throughput, detection, reads, restart,
+/// change feed.
 #[derive(Debug, Parser)]
 #[command(name = "bench", version, about)]
 struct Cli {
@@ -32,7 +33,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Every scenario with the published parameters (about 12 minutes).
+    /// Every scenario with the published parameters (about 14 minutes).
     All,
     /// Every scenario with 200 nodes and second-long phases (CI).
     Quick,
