@@ -194,8 +194,8 @@ pub fn feed(f: &FeedResult) -> String {
         "{} nodes, {} pools each, slots_free changing on every beat, heartbeat every {}; each phase {} on one server process. \
          Delivery = watcher receive time - the event node's agent_time (the heartbeat's sent_at, same machine's clock), over every watcher's MODIFIED events; \
          slowest watcher = the highest per-watcher p99; delivered = the fewest events one watcher received / heartbeats acked.\n\n\
-         | phase | heartbeats/s | server CPU | server CPU-s per 100k heartbeats | ack p99 | events received/s (all watchers) | delivery p50 | delivery p99 | delivery max | slowest watcher p99 | delivered (min watcher) | watch restarts | heartbeat errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | phase | heartbeats/s | server CPU | server CPU-s per 100k heartbeats | bench process CPU | ack p99 | events received/s (all watchers) | delivery p50 | delivery p99 | delivery max | slowest watcher p99 | delivered (min watcher) | watch restarts | heartbeat errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         f.nodes,
         f.pools,
         humantime::format_duration(f.interval),
@@ -214,11 +214,12 @@ pub fn feed(f: &FeedResult) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} % | {:.2} | {} | {:.0} | {p50} | {p99} | {max} | {slowest} | {delivered} | {} | {} |",
+            "| {} | {:.0} | {:.0} % | {:.2} | {:.0} % | {} | {:.0} | {p50} | {p99} | {max} | {slowest} | {delivered} | {} | {} |",
             r.phase,
             r.heartbeats_per_sec,
             r.server_cpu_percent,
             r.cpu_seconds_per_100k,
+            r.bench_cpu_percent,
             fmt_ms(r.ack.p99),
             r.events_per_sec,
             r.watch_errors,

@@ -52,6 +52,9 @@ pub struct FeedRow {
     pub heartbeats_per_sec: f64,
     /// Server CPU, percent of one core.
     pub server_cpu_percent: f64,
+    /// This process's CPU (simulator, watchers, readers), percent of one
+    /// core: it shares the machine with the server.
+    pub bench_cpu_percent: f64,
     /// Server CPU seconds per 100,000 acknowledged heartbeats.
     pub cpu_seconds_per_100k: f64,
     /// Heartbeat ack latency.
@@ -271,6 +274,7 @@ fn row(phase: &str, window: &super::Window, watchers: &[(Histogram<u64>, u64)]) 
         watchers: watchers.len(),
         heartbeats_per_sec: window.ack_rate(),
         server_cpu_percent: window.server_cpu_percent(),
+        bench_cpu_percent: window.sim_cpu_percent(),
         cpu_seconds_per_100k: if acked == 0 {
             0.0
         } else {
