@@ -8,7 +8,8 @@
 //! Module map:
 //! - [`plan`]: scenario parameters, full and quick;
 //! - [`server`]: the registry under test (child process or in-process task);
-//! - [`scenarios`]: scale, throughput, detection, reads, restart storm;
+//! - [`scenarios`]: scale, throughput, detection, reads, restart storm,
+//!   change feed;
 //! - [`inspect`]: the registry's view through ListNodes;
 //! - [`procfs`]: CPU and memory of a process;
 //! - [`table`]: Markdown output.
@@ -21,6 +22,7 @@ pub mod server;
 pub mod table;
 
 use scenarios::detection::DetectionResult;
+use scenarios::feed::FeedResult;
 use scenarios::reads::ReadsResult;
 use scenarios::restart::RestartRow;
 use scenarios::scale::ScaleRow;
@@ -62,6 +64,8 @@ pub enum Scenario {
     Reads,
     /// 5. Restart storm.
     Restart,
+    /// 6. The change feed under churn (issue 10).
+    Feed,
 }
 
 impl Scenario {
@@ -69,11 +73,12 @@ impl Scenario {
     /// step leaves the simulator's heap large and fragmented, which would
     /// slow the simulator (and inflate latencies) in any scenario after it.
     /// The tables still print in the issue's order.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Throughput,
         Scenario::Detection,
         Scenario::Reads,
         Scenario::Restart,
+        Scenario::Feed,
         Scenario::Scale,
     ];
 }
@@ -91,6 +96,8 @@ pub struct Results {
     pub reads: Option<ReadsResult>,
     /// Scenario 5.
     pub restart: Option<Vec<RestartRow>>,
+    /// Scenario 6.
+    pub feed: Option<FeedResult>,
 }
 
 /// Runs `scenarios` of `plan` in order, printing each table to stderr as it
@@ -133,6 +140,12 @@ pub async fn run(
                 let rows = scenarios::restart::run(launcher, plan).await?;
                 let table = table::restart(&rows);
                 results.restart = Some(rows);
+                table
+            }
+            Scenario::Feed => {
+                let f = scenarios::feed::run(launcher, plan).await?;
+                let table = table::feed(&f);
+                results.feed = Some(f);
                 table
             }
         };

@@ -13,7 +13,8 @@ use bench::{BenchError, Scenario};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// Benchmarks of one registry: scale, throughput, detection, reads, restart.
+/// Benchmarks of one registry: scale, throughput, detection, reads, restart,
+/// change feed.
 #[derive(Debug, Parser)]
 #[command(name = "bench", version, about)]
 struct Cli {
@@ -32,7 +33,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Every scenario with the published parameters (about 12 minutes).
+    /// Every scenario with the published parameters (about 16 minutes).
     All,
     /// Every scenario with 200 nodes and second-long phases (CI).
     Quick,
@@ -49,6 +50,14 @@ enum Command {
         /// Length of each scale step's measured window.
         #[arg(long, value_parser = humantime::parse_duration)]
         scale_window: Option<std::time::Duration>,
+
+        /// Nodes of the feed scenario (a smaller validation run).
+        #[arg(long)]
+        feed_nodes: Option<usize>,
+
+        /// Length of each of the feed scenario's three phases.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        feed_phase: Option<std::time::Duration>,
     },
 }
 
@@ -81,6 +90,8 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             scenarios,
             scale_nodes,
             scale_window,
+            feed_nodes,
+            feed_phase,
         } => {
             let mut plan = Plan::full();
             if !scale_nodes.is_empty() {
@@ -88,6 +99,13 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             }
             if let Some(window) = scale_window {
                 plan.scale_window = window;
+            }
+            if let Some(nodes) = feed_nodes {
+                plan.feed.nodes = nodes;
+                plan.feed.connections = plan.feed.connections.min(nodes);
+            }
+            if let Some(phase) = feed_phase {
+                plan.feed.phase = phase;
             }
             (plan, scenarios, "run")
         }

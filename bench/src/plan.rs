@@ -25,6 +25,8 @@ pub struct Plan {
     pub reads: ReadsPlan,
     /// Restart storm.
     pub restart: RestartPlan,
+    /// The change feed under churn (issue 10).
+    pub feed: FeedPlan,
 }
 
 /// One scale step.
@@ -105,6 +107,27 @@ pub struct RestartPlan {
     pub limit: Duration,
 }
 
+/// The change feed under churn: a fleet whose every heartbeat changes
+/// slots_free of its 4 pools, with and without watchers, then with
+/// FindPools and ListNodes walks besides.
+#[derive(Debug, Clone)]
+pub struct FeedPlan {
+    /// Virtual nodes (4 pools each).
+    pub nodes: usize,
+    /// Connections they share.
+    pub connections: usize,
+    /// Heartbeat interval (advertised by the server; timeout 3x).
+    pub interval: Duration,
+    /// WatchNodes streams, one connection each.
+    pub watchers: usize,
+    /// Length of each of the three phases.
+    pub phase: Duration,
+    /// FindPools calls per second in the last phase.
+    pub find_rate: u32,
+    /// ListNodes page size of the walks in the last phase.
+    pub page_size: u32,
+}
+
 impl Plan {
     /// The published run: roughly 12 minutes on two cores.
     pub fn full() -> Self {
@@ -168,6 +191,15 @@ impl Plan {
                 modes: vec![StopMode::Graceful, StopMode::Crash],
                 limit: Duration::from_secs(120),
             },
+            feed: FeedPlan {
+                nodes: 10_000,
+                connections: 100,
+                interval: Duration::from_secs(10),
+                watchers: 100,
+                phase: Duration::from_secs(30),
+                find_rate: 200,
+                page_size: 1_000,
+            },
         }
     }
 
@@ -215,6 +247,15 @@ impl Plan {
                 connections: 0,
                 modes,
                 limit: Duration::from_secs(30),
+            },
+            feed: FeedPlan {
+                nodes: 200,
+                connections: 4,
+                interval: Duration::from_millis(250),
+                watchers: 4,
+                phase: Duration::from_secs(1),
+                find_rate: 50,
+                page_size: 50,
             },
         }
     }

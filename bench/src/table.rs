@@ -7,6 +7,7 @@ use fleet_sim::stats::{fmt_errors, fmt_ms};
 
 use crate::Results;
 use crate::scenarios::detection::DetectionResult;
+use crate::scenarios::feed::FeedResult;
 use crate::scenarios::reads::ReadsResult;
 use crate::scenarios::restart::RestartRow;
 use crate::scenarios::scale::ScaleRow;
@@ -187,6 +188,73 @@ pub fn restart(rows: &[RestartRow]) -> String {
     out
 }
 
+/// Scenario 6.
+pub fn feed(f: &FeedResult) -> String {
+    let mut out = format!(
+        "{} nodes, {} pools each, slots_free changing on every beat, heartbeat every {}; each phase {} on one server process. \
+         Delivery = watcher receive time - the event node's agent_time (the heartbeat's sent_at, same machine's clock), over every watcher's MODIFIED events; \
+         slowest watcher = the highest per-watcher p99; delivered = the fewest events one watcher received / heartbeats acked.\n\n\
+         | phase | heartbeats/s | server CPU | server CPU-s per 100k heartbeats | bench process CPU | ack p99 | events received/s (all watchers) | delivery p50 | delivery p99 | delivery max | slowest watcher p99 | delivered (min watcher) | watch restarts | heartbeat errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        f.nodes,
+        f.pools,
+        humantime::format_duration(f.interval),
+        humantime::format_duration(f.phase),
+    );
+    for r in &f.rows {
+        let (p50, p99, max, slowest, delivered) = match &r.delivery {
+            Some(d) => (
+                fmt_ms(d.p50),
+                fmt_ms(d.p99),
+                fmt_ms(d.max),
+                fmt_ms(r.slowest_watcher_p99),
+                format!("{:.2}", r.min_delivered_fraction),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {:.0} % | {:.2} | {:.0} % | {} | {:.0} | {p50} | {p99} | {max} | {slowest} | {delivered} | {} | {} |",
+            r.phase,
+            r.heartbeats_per_sec,
+            r.server_cpu_percent,
+            r.cpu_seconds_per_100k,
+            r.bench_cpu_percent,
+            fmt_ms(r.ack.p99),
+            r.events_per_sec,
+            r.watch_errors,
+            r.heartbeat_errors,
+        );
+    }
+    let find = &f.find;
+    let walk = &f.walk;
+    let _ = write!(
+        out,
+        "\nDuring the last phase:\n\n\
+         | reader | calls | p50 | p99 | max | other |\n\
+         |---|---:|---:|---:|---:|---|\n\
+         | FindPools, random model, limit 10, {}/s | {} | {} | {} | {} | empty {}, NOT_FOUND {}, other errors {} |\n\
+         | ListNodes walk, pages of {} | {} walks | {} | {} | {} | {} nodes in {} calls per walk, {:.2} µs per node (p50) |\n",
+        find.rate,
+        find.calls,
+        fmt_ms(find.latency.p50),
+        fmt_ms(find.latency.p99),
+        fmt_ms(find.latency.max),
+        find.empty,
+        find.not_found,
+        find.errors,
+        walk.page_size,
+        walk.latency.count,
+        fmt_ms(walk.latency.p50),
+        fmt_ms(walk.latency.p99),
+        fmt_ms(walk.latency.max),
+        walk.nodes_per_walk,
+        walk.calls_per_walk,
+        walk.us_per_node(),
+    );
+    out
+}
+
 /// Every scenario that ran, with headings.
 pub fn all(results: &Results) -> String {
     let mut out = String::new();
@@ -204,6 +272,9 @@ pub fn all(results: &Results) -> String {
     }
     if let Some(rows) = &results.restart {
         let _ = writeln!(out, "### 5. Restart storm\n\n{}", restart(rows));
+    }
+    if let Some(f) = &results.feed {
+        let _ = writeln!(out, "### 6. Change feed\n\n{}", feed(f));
     }
     out
 }

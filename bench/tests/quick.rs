@@ -65,6 +65,21 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
         assert!(row.all_back >= row.down);
     }
 
+    let feed = results.feed.as_ref().expect("feed ran");
+    assert_eq!(feed.rows.len(), 3);
+    assert!(feed.rows[0].delivery.is_none());
+    for row in &feed.rows[1..] {
+        let delivery = row.delivery.expect("watchers measured");
+        assert!(delivery.count > 0, "watchers received changes: {row:?}");
+        assert_eq!(row.heartbeat_errors, 0, "{row:?}");
+    }
+    assert!(feed.find.calls > 0);
+    assert_eq!(feed.find.errors + feed.find.not_found + feed.find.empty, 0);
+    assert_eq!(
+        feed.walk.nodes_per_walk, plan.feed.nodes,
+        "a walk lists every node"
+    );
+
     let tables = bench::table::all(&results);
     for heading in [
         "1. Scale",
@@ -72,6 +87,7 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
         "3. Detection",
         "4. Reads",
         "5. Restart",
+        "6. Change feed",
     ] {
         assert!(tables.contains(heading), "{heading} missing from\n{tables}");
     }

@@ -66,6 +66,12 @@ pub struct FleetConfig {
     #[arg(long, default_value_t = 2)]
     pub pools: u32,
 
+    /// Every heartbeat changes every pool's slots_free (a material change,
+    /// so each beat is one change event per node in the registry's feed).
+    /// Without it slots_free is random per beat and repeats now and then.
+    #[arg(long)]
+    pub churn: bool,
+
     /// An ack that has not come after this long counts as an error and the
     /// node re-registers.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -89,6 +95,7 @@ impl FleetConfig {
             id_prefix: "sim".into(),
             gpus: 8,
             pools: 2,
+            churn: false,
             ack_timeout: Duration::from_secs(10),
         }
     }

@@ -18,6 +18,8 @@ pub struct NodeShape {
     pub gpus: u32,
     /// Pools the node runs.
     pub pools: u32,
+    /// Whether every heartbeat changes every pool's slots_free.
+    pub churn: bool,
 }
 
 const GIB: u64 = 1 << 30;
@@ -92,7 +94,11 @@ impl NodeShape {
                 pool_id: pool_id(p),
                 state: pb::PoolState::Ready as i32,
                 slots_total: SLOTS,
-                slots_free: rng.u32(0..=SLOTS),
+                slots_free: if self.churn {
+                    churn_slots_free(self.index, p, sequence)
+                } else {
+                    rng.u32(0..=SLOTS)
+                },
                 vram_free_bytes: rng.u64(0..GPU_MEMORY / 4),
                 model: model(self.index, p).into(),
                 engine: "vllm".into(),
@@ -137,16 +143,26 @@ impl NodeShape {
     }
 }
 
+/// slots_free of pool `p` in heartbeat `sequence` under churn: it walks
+/// 0..=SLOTS one step per beat (offset per node and pool), so consecutive
+/// beats always differ.
+fn churn_slots_free(index: usize, p: u32, sequence: u64) -> u32 {
+    ((index as u64 + u64::from(p) * 5 + sequence) % u64::from(SLOTS + 1)) as u32
+}
+
 fn pool_id(p: u32) -> String {
     format!("pool-{p}")
 }
 
+/// The models the fake pools serve: pool `p` of node `i` serves
+/// `MODELS[(i + p) % 3]`, so every model is on about a third of the pools.
+pub const MODELS: [&str; 3] = [
+    "llama-3.1-8b-instruct",
+    "llama-3.1-70b-instruct",
+    "qwen2.5-32b-instruct",
+];
+
 fn model(index: usize, p: u32) -> &'static str {
-    const MODELS: [&str; 3] = [
-        "llama-3.1-8b-instruct",
-        "llama-3.1-70b-instruct",
-        "qwen2.5-32b-instruct",
-    ];
     MODELS[(index + p as usize) % MODELS.len()]
 }
 
@@ -160,7 +176,31 @@ mod tests {
             node_id: "sim-000012".into(),
             gpus,
             pools,
+            churn: false,
         }
+    }
+
+    #[test]
+    fn under_churn_every_beat_changes_every_pool_slots_free() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let mut node = shape(8, 4);
+        node.churn = true;
+        let beats: Vec<_> = (1..=40)
+            .map(|seq| node.heartbeat(1, "s", seq, seq == 1, &mut rng))
+            .collect();
+        for pair in beats.windows(2) {
+            for (a, b) in pair[0].pools.iter().zip(&pair[1].pools) {
+                assert_ne!(a.slots_free, b.slots_free);
+                assert!(b.slots_free <= b.slots_total);
+            }
+        }
+        let models: std::collections::HashSet<_> = node
+            .registration()
+            .pools
+            .into_iter()
+            .map(|p| p.model)
+            .collect();
+        assert_eq!(models.len(), 3, "4 pools spread over the 3 models");
     }
 
     #[test]

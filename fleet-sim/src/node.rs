@@ -124,6 +124,7 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, channel: Channel) {
             node_id: config.node_id(index),
             gpus: config.gpus,
             pools: config.pools,
+            churn: config.churn,
         },
         silenced: config.is_silenced(index),
         client: NodeRegistryClient::new(channel),

@@ -14,11 +14,13 @@ pub struct Binaries {
     pub registry_server: PathBuf,
     /// The `node-agent` executable.
     pub node_agent: PathBuf,
+    /// The `registry-ctl` executable.
+    pub registry_ctl: PathBuf,
     /// The cargo target directory the binaries were built in.
     pub target_dir: PathBuf,
 }
 
-/// Builds `registry-server` and `node-agent` once per test process (every
+/// Builds `registry-server`, `node-agent` and `registry-ctl` once per test process (every
 /// test of the process shares the result) and returns their paths.
 ///
 /// The build uses the cargo that runs the tests, the same target directory
@@ -47,7 +49,15 @@ fn build() -> Result<Binaries, HarnessError> {
         .arg(workspace.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&layout.target_dir)
-        .args(["-p", "registry-server", "-p", "node-agent", "--bins"]);
+        .args([
+            "-p",
+            "registry-server",
+            "-p",
+            "node-agent",
+            "-p",
+            "registry-ctl",
+            "--bins",
+        ]);
     if layout.profile == "release" {
         cargo.arg("--release");
     } else if layout.profile != "debug" {
@@ -64,6 +74,7 @@ fn build() -> Result<Binaries, HarnessError> {
     Ok(Binaries {
         registry_server: layout.profile_dir.join("registry-server"),
         node_agent: layout.profile_dir.join("node-agent"),
+        registry_ctl: layout.profile_dir.join("registry-ctl"),
         target_dir: layout.target_dir,
     })
 }

@@ -11,6 +11,7 @@ use test_support::eventually;
 
 use crate::agent::{AgentProcess, AgentSpec};
 use crate::binaries::binaries;
+use crate::ctl::WatchProcess;
 use crate::error::HarnessError;
 use crate::registry::{RegistryProcess, Timing};
 
@@ -106,6 +107,17 @@ impl Cluster {
         list_nodes(&self.registry.url()).await
     }
 
+    /// Starts `registry-ctl -o json watch` against the registry; its stderr
+    /// goes to `registry-ctl-watch.log` beside the other logs.
+    pub fn start_watch(&self) -> Result<WatchProcess, HarnessError> {
+        let bins = binaries()?;
+        WatchProcess::start(
+            &bins.registry_ctl,
+            &self.log_dir.join("registry-ctl-watch.log"),
+            &self.registry.url(),
+        )
+    }
+
     /// Polls ListNodes until `check` accepts the nodes, and returns what it
     /// returned; panics after `timeout` with the last reason.
     pub async fn wait_nodes<T>(
@@ -145,6 +157,34 @@ impl Cluster {
         )
         .await
     }
+}
+
+/// Asks the registry at `url` for up to `limit` pools serving `model`
+/// (FindPools, other filters left at their defaults).
+pub async fn find_pools(
+    url: &str,
+    model: &str,
+    limit: u32,
+) -> Result<Vec<pb::PoolCandidate>, HarnessError> {
+    let mut client = NodeRegistryClient::connect(url.to_owned())
+        .await
+        .map_err(|source| HarnessError::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+    let found = client
+        .find_pools(pb::FindPoolsRequest {
+            model: model.to_owned(),
+            limit,
+            ..Default::default()
+        })
+        .await
+        .map_err(|status| HarnessError::Rpc {
+            call: "FindPools",
+            status: Box::new(status),
+        })?
+        .into_inner();
+    Ok(found.candidates)
 }
 
 /// Reads every node from the registry at `url`, all pages.

@@ -1,6 +1,6 @@
-//! End-to-end test harness: runs the real `registry-server` and `node-agent`
-//! binaries as child processes on loopback and looks at the registry through
-//! its gRPC API.
+//! End-to-end test harness: runs the real `registry-server`, `node-agent`
+//! and `registry-ctl` binaries as child processes on loopback and looks at
+//! the registry through its gRPC API.
 //!
 //! Rules the harness enforces for every test:
 //! - the binaries are built by the suite itself ([`binaries`]), never taken
@@ -17,7 +17,20 @@
 //! - [`process`]: the child process guard;
 //! - [`registry`]: the registry process, its port and restarts;
 //! - [`agent`]: node-agent processes with fake GPUs;
-//! - [`cluster`]: one test's registry and agents, and ListNodes views.
+//! - [`cluster`]: one test's registry and agents, ListNodes and FindPools
+//!   views;
+//! - [`ctl`]: a running `registry-ctl watch` whose output the test reads;
+//! - [`engine`]: a fake engine health endpoint a test switches between
+//!   ready and not ready.
+//!
+//! Scenarios:
+//! - `tests/e2e.rs`: registration with GPUs and pools, a frozen, a killed
+//!   and a terminated agent, and a registry restart;
+//! - `tests/feed_and_placement.rs` (issue 10): three agents serving one
+//!   model and a running `registry-ctl -o json watch`; one pool's probe
+//!   switches to 503 and back, and within one heartbeat interval plus a
+//!   stated slack FindPools drops (then offers again) that pool and the
+//!   watch prints the node as MODIFIED with the pool's new state.
 //!
 //! Polling with deadlines comes from the workspace's test-support crate,
 //! shared with the in-process tests of registry-server and node-agent.
@@ -25,11 +38,15 @@
 pub mod agent;
 pub mod binaries;
 pub mod cluster;
+pub mod ctl;
+pub mod engine;
 pub mod error;
 pub mod process;
 pub mod registry;
 
 pub use agent::{AgentProcess, AgentSpec};
-pub use cluster::{Cluster, Nodes, expect_status, list_nodes};
+pub use cluster::{Cluster, Nodes, expect_status, find_pools, list_nodes};
+pub use ctl::WatchProcess;
+pub use engine::FakeEngine;
 pub use error::HarnessError;
 pub use registry::{RegistryProcess, Timing};

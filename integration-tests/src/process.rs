@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
@@ -60,6 +60,44 @@ impl ChildProcess {
             child: Some(child),
             log: log.to_path_buf(),
         })
+    }
+
+    /// Starts `command` like [`ChildProcess::spawn`], but with its stdout
+    /// handed to the caller (for a client whose output the test reads);
+    /// stderr goes to `log`.
+    pub fn spawn_reading_stdout(
+        name: impl Into<String>,
+        mut command: Command,
+        log: &Path,
+    ) -> Result<(Self, ChildStdout), HarnessError> {
+        let name = name.into();
+        let err = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|err| HarnessError::io(format!("opening {}", log.display()), err))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err));
+        let mut child = command
+            .spawn()
+            .map_err(|err| HarnessError::io(format!("starting {name}"), err))?;
+        let stdout = child.stdout.take().ok_or_else(|| {
+            HarnessError::io(
+                format!("reading {name}"),
+                std::io::Error::other("no stdout pipe"),
+            )
+        })?;
+        Ok((
+            Self {
+                name,
+                pid: child.id(),
+                child: Some(child),
+                log: log.to_path_buf(),
+            },
+            stdout,
+        ))
     }
 
     /// The child's name in the test.

@@ -1,7 +1,8 @@
-//! The five scenarios of the issue, each against a fresh registry, and the
+//! The scenarios (five of the first issue, feed of issue 10), each against a fresh registry, and the
 //! helpers they share (start a fleet and wait for it, measure a window).
 
 pub mod detection;
+pub mod feed;
 pub mod reads;
 pub mod restart;
 pub mod scale;
