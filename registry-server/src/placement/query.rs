@@ -1,0 +1,331 @@
+//! What FindPools asks: the request checked and defaulted
+//! ([`PlacementQuery`]), the filters in their narrowing order, the
+//! refusals, and the GPU matching rules.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+
+use registry_proto::pb;
+use registry_proto::rules::{self, Field};
+
+use super::PoolEntry;
+
+/// Candidates returned when the request asks for none in particular.
+pub const DEFAULT_LIMIT: usize = 1;
+/// Most candidates one FindPools returns; more is INVALID_ARGUMENT.
+pub const MAX_LIMIT: usize = 100;
+/// Free slots a pool needs when the request does not say.
+pub const DEFAULT_MIN_SLOTS_FREE: u32 = 1;
+/// Most node ids one request may exclude, so a request stays small.
+pub const MAX_EXCLUDED: usize = 1000;
+
+/// Whether the node takes new work at all, apart from its liveness and its
+/// pools' states. True today: nothing in the contract marks a node as
+/// closed to new work yet. The drain issue adds cordoned and draining
+/// state to `pb::Node` (e.g. `Node.cordoned`, `Node.draining`); this is the
+/// one place that must then answer false for such a node, and the
+/// [`Filter::Schedulable`] reason then fires.
+pub fn schedulable(_node: &pb::Node) -> bool {
+    true
+}
+
+/// The filters in the order they narrow the set; the first that leaves no
+/// pool is named in the NOT_FOUND (or, for a pinned node,
+/// FAILED_PRECONDITION) answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Filter {
+    /// No pool serves the model at all.
+    Model,
+    /// None of the model's pools is on the pinned node.
+    PinnedNode,
+    /// All of the model's pools are on excluded nodes.
+    Excluded,
+    /// None runs the asked engine.
+    Engine,
+    /// None is on a node with the asked labels.
+    Labels,
+    /// None runs on GPUs with the asked name.
+    GpuName,
+    /// None runs on GPUs with the asked compute capability.
+    ComputeCapability,
+    /// None is on an ONLINE node.
+    Online,
+    /// None is on a node that takes new work (see [`schedulable`]).
+    Schedulable,
+    /// None has reported its status yet (no heartbeat since registration).
+    Reported,
+    /// None is READY.
+    Ready,
+    /// None READY has the asked free slots.
+    SlotsFree,
+    /// None READY with free slots has the asked free VRAM.
+    VramFree,
+}
+
+/// A FindPools request, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementQuery {
+    /// The model to serve; the index is keyed by it.
+    pub model: String,
+    /// Only pools of this engine.
+    pub engine: Option<String>,
+    /// Free slots a pool needs (default 1; 0 also offers full pools).
+    pub min_slots_free: u32,
+    /// Free VRAM a pool needs, in bytes.
+    pub min_vram_free_bytes: u64,
+    /// Labels the node must carry with equal values.
+    pub labels: BTreeMap<String, String>,
+    /// Text every GPU name of the pool must contain, ignoring case (kept
+    /// lowercased for the comparison).
+    pub gpu_name: Option<String>,
+    /// Compute capability every GPU of the pool must reach, as
+    /// (major, minor), compared numerically ("8.10" > "8.9").
+    pub min_compute_capability: Option<(u32, u32)>,
+    /// Only pools of this node.
+    pub node_id: Option<String>,
+    /// Never pools of these nodes.
+    pub exclude: HashSet<String>,
+    /// How many candidates to return, 1 to [`MAX_LIMIT`].
+    pub limit: usize,
+}
+
+impl PlacementQuery {
+    /// A query for `model` with every other filter at its default.
+    pub fn for_model(model: impl Into<String>) -> Self {
+        PlacementQuery {
+            model: model.into(),
+            engine: None,
+            min_slots_free: DEFAULT_MIN_SLOTS_FREE,
+            min_vram_free_bytes: 0,
+            labels: BTreeMap::new(),
+            gpu_name: None,
+            min_compute_capability: None,
+            node_id: None,
+            exclude: HashSet::new(),
+            limit: DEFAULT_LIMIT,
+        }
+    }
+
+    /// Checks a FindPoolsRequest with the contract's rules; every error
+    /// names the request's field.
+    pub fn from_request(req: pb::FindPoolsRequest) -> Result<Self, PlacementError> {
+        rules::required(Field::Name("model"), &req.model, rules::MAX_TEXT_LEN)?;
+        rules::text(Field::Name("model"), &req.model)?;
+        rules::text(Field::Name("engine"), &req.engine)?;
+        rules::labels("labels", &req.labels)?;
+        rules::text(Field::Name("gpu_name"), &req.gpu_name)?;
+        rules::compute_capability(
+            Field::Name("min_compute_capability"),
+            &req.min_compute_capability,
+        )?;
+        if !req.node_id.is_empty() {
+            rules::node_id(Field::Name("node_id"), &req.node_id)?;
+        }
+        rules::at_most(
+            Field::Name("exclude_node_ids"),
+            req.exclude_node_ids.len(),
+            MAX_EXCLUDED,
+        )?;
+        for (index, id) in req.exclude_node_ids.iter().enumerate() {
+            rules::node_id(
+                Field::Entry {
+                    list: "exclude_node_ids",
+                    index,
+                },
+                id,
+            )?;
+        }
+        let limit = match req.limit as usize {
+            0 => DEFAULT_LIMIT,
+            n if n > MAX_LIMIT => {
+                return Err(PlacementError::InvalidArgument {
+                    field: "limit".into(),
+                    reason: format!("{n} is above the maximum of {MAX_LIMIT}"),
+                });
+            }
+            n => n,
+        };
+        let non_empty = |s: String| (!s.is_empty()).then_some(s);
+        Ok(PlacementQuery {
+            model: req.model,
+            engine: non_empty(req.engine),
+            min_slots_free: req.min_slots_free.unwrap_or(DEFAULT_MIN_SLOTS_FREE),
+            min_vram_free_bytes: req.min_vram_free_bytes,
+            labels: req.labels.into_iter().collect(),
+            gpu_name: non_empty(req.gpu_name.to_lowercase()),
+            min_compute_capability: parse_compute_capability(&req.min_compute_capability),
+            node_id: non_empty(req.node_id),
+            exclude: req.exclude_node_ids.into_iter().collect(),
+            limit,
+        })
+    }
+
+    /// The first filter `pool` fails, or `None` when it is a candidate.
+    pub(super) fn first_failing(&self, pool: &PoolEntry) -> Option<Filter> {
+        let node = &*pool.node;
+        if self
+            .node_id
+            .as_ref()
+            .is_some_and(|pin| *pin != node.node_id)
+        {
+            return Some(Filter::PinnedNode);
+        }
+        if self.exclude.contains(&node.node_id) {
+            return Some(Filter::Excluded);
+        }
+        if self.engine.as_ref().is_some_and(|e| *e != pool.engine) {
+            return Some(Filter::Engine);
+        }
+        if !self
+            .labels
+            .iter()
+            .all(|(k, v)| node.labels.get(k).is_some_and(|have| have == v))
+        {
+            return Some(Filter::Labels);
+        }
+        if self.gpu_name.is_some() || self.min_compute_capability.is_some() {
+            let gpus = pool_gpus(node, &pool.gpu_indices);
+            if let Some(name) = &self.gpu_name {
+                let named = |g: &&pb::GpuInfo| g.name.to_lowercase().contains(name.as_str());
+                if gpus.is_empty() || !gpus.iter().all(named) {
+                    return Some(Filter::GpuName);
+                }
+            }
+            if let Some(min) = self.min_compute_capability {
+                let reaches = |g: &&pb::GpuInfo| {
+                    parse_compute_capability(&g.compute_capability).is_some_and(|cc| cc >= min)
+                };
+                if gpus.is_empty() || !gpus.iter().all(reaches) {
+                    return Some(Filter::ComputeCapability);
+                }
+            }
+        }
+        if node.status != pb::NodeStatus::Online as i32 {
+            return Some(Filter::Online);
+        }
+        if !schedulable(node) {
+            return Some(Filter::Schedulable);
+        }
+        let Some(state) = pool.state else {
+            return Some(Filter::Reported);
+        };
+        if state != pb::PoolState::Ready {
+            return Some(Filter::Ready);
+        }
+        if pool.slots_free < self.min_slots_free {
+            return Some(Filter::SlotsFree);
+        }
+        if pool.vram_free_bytes < self.min_vram_free_bytes {
+            return Some(Filter::VramFree);
+        }
+        None
+    }
+
+    /// What the pools lacked once `filter` emptied the set, in words.
+    pub(super) fn lack(&self, filter: Filter) -> String {
+        match filter {
+            Filter::Model => "no pool serves it".into(),
+            Filter::PinnedNode => format!(
+                "none is on node {}",
+                self.node_id.as_deref().unwrap_or_default()
+            ),
+            Filter::Excluded => "all are on excluded nodes".into(),
+            Filter::Engine => format!(
+                "none runs engine {}",
+                self.engine.as_deref().unwrap_or_default()
+            ),
+            Filter::Labels => {
+                let mut text = String::new();
+                for (i, (k, v)) in self.labels.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { "," };
+                    let _ = write!(text, "{sep}{k}={v}");
+                }
+                format!("none is on a node with labels {text}")
+            }
+            Filter::GpuName => format!(
+                "none runs only on GPUs whose name contains {:?}",
+                self.gpu_name.as_deref().unwrap_or_default()
+            ),
+            Filter::ComputeCapability => {
+                let (major, minor) = self.min_compute_capability.unwrap_or_default();
+                format!("none runs only on GPUs of compute capability {major}.{minor} or higher")
+            }
+            Filter::Online => "none is on an ONLINE node".into(),
+            Filter::Schedulable => "none is on a node that takes new work".into(),
+            Filter::Reported => {
+                "none has reported its status yet (no heartbeat since registration)".into()
+            }
+            Filter::Ready => "none is READY".into(),
+            Filter::SlotsFree => match self.min_slots_free {
+                1 => "none is READY with a free slot".into(),
+                n => format!("none is READY with {n} free slots"),
+            },
+            Filter::VramFree => format!(
+                "none is READY with {} bytes of VRAM free",
+                self.min_vram_free_bytes
+            ),
+        }
+    }
+}
+
+/// "8.9" as (8, 9); `None` for anything else (empty included).
+fn parse_compute_capability(cc: &str) -> Option<(u32, u32)> {
+    let (major, minor) = cc.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The GPUs a pool runs on: those its `gpu_indices` name, or every GPU of
+/// the node when it names none.
+fn pool_gpus<'n>(node: &'n pb::Node, indices: &[u32]) -> Vec<&'n pb::GpuInfo> {
+    let gpus = node.capabilities.as_ref().map(|c| c.gpus.as_slice());
+    gpus.unwrap_or_default()
+        .iter()
+        .filter(|g| indices.is_empty() || indices.contains(&g.index))
+        .collect()
+}
+
+/// Why FindPools found nothing, or refused the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    /// A request field is malformed.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// Path of the offending field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pinned node is not registered.
+    #[error("node {node_id} is not registered")]
+    UnknownNode {
+        /// The pinned node.
+        node_id: String,
+    },
+    /// The pinned node is registered but none of its pools qualifies.
+    #[error("node unavailable: {reason}")]
+    NodeUnavailable {
+        /// The pinned node.
+        node_id: String,
+        /// The filter that left none of its pools.
+        filter: Filter,
+        /// Which filter that was, in words.
+        reason: String,
+    },
+    /// No pool qualifies.
+    #[error("{reason}")]
+    NoCandidate {
+        /// The first filter that emptied the set.
+        filter: Filter,
+        /// Which filter that was, in words.
+        reason: String,
+    },
+}
+
+impl From<rules::RuleError> for PlacementError {
+    fn from(e: rules::RuleError) -> Self {
+        PlacementError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The server side of one Heartbeat stream: the first message binds the
+//! stream to its node and session, every later one renews liveness and
+//! reports pool status, each is answered with an ack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
+use registry_proto::pb;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::check_identity;
+use crate::error::RegistryError;
+use crate::registry::{NodeSlot, Now, Registry, secrets_equal};
+use crate::validate;
+
+/// The server side of one Heartbeat stream.
+pub(super) struct HeartbeatSession {
+    /// Where heartbeats are recorded.
+    pub(super) registry: Registry,
+    /// The agent's messages.
+    pub(super) inbound: Streaming<pb::HeartbeatRequest>,
+    /// Ends the stream when the server shuts down.
+    pub(super) shutdown: CancellationToken,
+    /// Clock-skew allowance for sent_at.
+    pub(super) max_clock_skew: Duration,
+    /// The node this stream speaks for, fixed by the first message; kept so
+    /// later messages cost one node lock and no map lookup.
+    pub(super) node: Option<Arc<NodeSlot>>,
+    /// The session the first message named.
+    pub(super) session_id: u64,
+    /// That session's secret, checked by the registry at the first
+    /// message; later messages may repeat it (compared in constant time)
+    /// but not change it.
+    pub(super) session_secret: String,
+    /// Set once the stream has ended (an error was sent, or input ended).
+    pub(super) done: bool,
+    /// Handling-time histogram, looked up once per stream, not per beat.
+    pub(super) latency: metrics::Histogram,
+    /// Keeps the stream counted as open while it lives.
+    pub(super) _open: OpenStream,
+    /// Whether the caller holds an admin token (which may speak for any
+    /// node under mTLS).
+    pub(super) token_admin: bool,
+    /// Names in the client certificate, under mTLS.
+    pub(super) identities: Option<Vec<String>>,
+    /// Deadline for the first message.
+    pub(super) first_message_timeout: Duration,
+}
+
+/// One open heartbeat stream in the registry's count, until dropped.
+pub(super) struct OpenStream(pub(super) Registry);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0
+            .stats()
+            .open_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl HeartbeatSession {
+    fn node_id(&self) -> &str {
+        self.node.as_deref().map_or("", NodeSlot::id)
+    }
+
+    /// The answer to the agent's next message; `None` ends the stream.
+    pub(super) async fn next_reply(&mut self) -> Option<Result<pb::HeartbeatResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        // Until the stream has named its node, it may stay silent only so
+        // long; afterwards silence is the node's deadline's business.
+        let awaiting_first = self.node.is_none();
+        let first_message_timeout = self.first_message_timeout;
+        let first_deadline = async move {
+            if awaiting_first {
+                tokio::time::sleep(first_message_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let message = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => {
+                self.done = true;
+                return Some(Err(RegistryError::ShuttingDown.into()));
+            }
+            () = first_deadline => {
+                self.done = true;
+                let err = RegistryError::TooSlow(format!(
+                    "no first heartbeat message within {}; the stream is closed",
+                    humantime::format_duration(self.first_message_timeout)
+                ));
+                info!(error = %err, "idle heartbeat stream closed");
+                return Some(Err(err.into()));
+            }
+            message = self.inbound.message() => message,
+        };
+        match message {
+            Ok(Some(mut request)) => match self.timed_handle(&mut request) {
+                Ok(ack) => Some(Ok(ack)),
+                Err(err) => {
+                    self.done = true;
+                    warn!(node_id = %self.node_id(), error = %err, "heartbeat refused; closing stream");
+                    Some(Err(err.into()))
+                }
+            },
+            Ok(None) => {
+                self.done = true;
+                debug!(node_id = %self.node_id(), "heartbeat stream closed by agent");
+                None
+            }
+            Err(status) => {
+                self.done = true;
+                info!(node_id = %self.node_id(), code = ?status.code(), message = status.message(), "heartbeat stream broken");
+                Some(Err(status))
+            }
+        }
+    }
+
+    fn timed_handle(
+        &mut self,
+        request: &mut pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, RegistryError> {
+        let started = std::time::Instant::now();
+        let result = self.handle(request);
+        self.latency.record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn handle(
+        &mut self,
+        request: &mut pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, RegistryError> {
+        let node = match &self.node {
+            None => {
+                validate::node_id("node_id", &request.node_id)?;
+                if request.session_id == 0 {
+                    return Err(RegistryError::invalid(
+                        "session_id",
+                        "is required in the first message of a stream (use RegisterResponse.session_id)",
+                    ));
+                }
+                check_identity(&self.identities, self.token_admin, &request.node_id)?;
+                let slot = self.registry.attach(
+                    &request.node_id,
+                    request.session_id,
+                    &request.session_secret,
+                )?;
+                debug!(node_id = %slot.id(), "heartbeat stream opened");
+                self.session_id = request.session_id;
+                self.session_secret = std::mem::take(&mut request.session_secret);
+                self.node.insert(slot)
+            }
+            Some(slot) => {
+                if !request.node_id.is_empty() && request.node_id != slot.id() {
+                    return Err(RegistryError::invalid(
+                        "node_id",
+                        format!(
+                            "this stream speaks for node {}; a stream cannot switch nodes",
+                            slot.id()
+                        ),
+                    ));
+                }
+                if (request.session_id != 0 && request.session_id != self.session_id)
+                    || (!request.session_secret.is_empty()
+                        && !secrets_equal(&request.session_secret, &self.session_secret))
+                {
+                    return Err(RegistryError::invalid(
+                        "session_id",
+                        format!(
+                            "this stream speaks for session {}; a stream cannot switch sessions",
+                            self.session_id
+                        ),
+                    ));
+                }
+                slot
+            }
+        };
+        let now = Now::read();
+        let beat = validate::beat(request, now.wall, self.max_clock_skew)?;
+        self.registry
+            .heartbeat(node, self.session_id, beat, now.at)?;
+        Ok(pb::HeartbeatResponse {
+            sequence: request.sequence,
+            server_time: Some(to_proto_timestamp(now.wall)),
+            heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
+            command: None,
+        })
+    }
+}
