@@ -40,7 +40,6 @@ dashboard=packaging/grafana/registry-dashboard.json
 sdk_version=${GRAFANA_SDK_VERSION:-1769699379!11.6.0}
 # The "!" of the version epoch is no character for a directory name.
 sdk_dir=target/tools/grafana-foundation-sdk-${sdk_version//!/-}
-promtool_dir=target/tools/prometheus-deb
 
 log() { printf 'check-monitoring: %s\n' "$*" >&2; }
 
@@ -50,41 +49,10 @@ ok() { printf 'ok    %s\n' "$*"; checked=$((checked + 1)); }
 fail() { printf 'FAIL  %s\n' "$1"; [ -z "${2:-}" ] || printf '%s\n' "$2" | sed 's/^/      /'; failed=$((failed + 1)); checked=$((checked + 1)); }
 
 # ---- promtool ---------------------------------------------------------------
+# shellcheck source=scripts/lib/prometheus-deb.sh
+. scripts/lib/prometheus-deb.sh
 find_promtool() {
-  if command -v promtool >/dev/null 2>&1; then
-    promtool=$(command -v promtool)
-    return 0
-  fi
-  promtool=$promtool_dir/usr/bin/promtool
-  [ -x "$promtool" ] && return 0
-  if ! command -v apt-get >/dev/null 2>&1; then
-    log "no promtool on PATH and no apt-get to fetch it: install Prometheus' promtool"
-    return 1
-  fi
-  # A machine whose package lists were never fetched has no candidate.
-  # (Output captured first: `| grep -q` would exit early and fail the
-  # pipeline with SIGPIPE under pipefail.)
-  local policy
-  policy=$(apt-cache policy prometheus 2>/dev/null || true)
-  if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
-    if [ "$(id -u)" != 0 ]; then
-      log "apt knows no 'prometheus' package and only root can run apt-get update"
-      return 1
-    fi
-    log "apt-get update (no candidate for the prometheus package yet)"
-    apt-get update -qq
-  fi
-  log "fetching promtool from Debian's prometheus package into $promtool_dir"
-  local deb_dir
-  deb_dir=$(mktemp -d)
-  # apt's sandbox user must be able to write where the .deb lands.
-  chmod 0777 "$deb_dir"
-  (cd "$deb_dir" && apt-get download -qq prometheus) >&2
-  rm -rf "$promtool_dir"
-  mkdir -p "$promtool_dir"
-  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$promtool_dir"
-  rm -rf "$deb_dir"
-  [ -x "$promtool" ]
+  promtool=$(prometheus_program promtool)
 }
 
 if find_promtool; then

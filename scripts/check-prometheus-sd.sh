@@ -29,7 +29,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 wait_s=${SD_CHECK_TIMEOUT:-30}
-tools_dir=target/tools/prometheus-deb
 
 log() { printf 'check-prometheus-sd: %s\n' "$*" >&2; }
 
@@ -61,37 +60,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- prometheus --------------------------------------------------------------
+# shellcheck source=scripts/lib/prometheus-deb.sh
+. scripts/lib/prometheus-deb.sh
 find_prometheus() {
-  if command -v prometheus >/dev/null 2>&1; then
-    prometheus=$(command -v prometheus)
-    return 0
-  fi
-  prometheus=$tools_dir/usr/bin/prometheus
-  [ -x "$prometheus" ] && return 0
-  if ! command -v apt-get >/dev/null 2>&1; then
-    log "no prometheus on PATH and no apt-get to fetch it"
-    return 1
-  fi
-  local policy
-  policy=$(apt-cache policy prometheus 2>/dev/null || true)
-  if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
-    if [ "$(id -u)" != 0 ]; then
-      log "apt knows no 'prometheus' package and only root can run apt-get update"
-      return 1
-    fi
-    log "apt-get update (no candidate for the prometheus package yet)"
-    apt-get update -qq
-  fi
-  log "fetching Debian's prometheus package into $tools_dir (unpacked only, not installed)"
-  local deb_dir
-  deb_dir=$(mktemp -d)
-  chmod 0777 "$deb_dir"
-  (cd "$deb_dir" && apt-get download -qq prometheus) >&2
-  rm -rf "$tools_dir"
-  mkdir -p "$tools_dir"
-  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$tools_dir"
-  rm -rf "$deb_dir"
-  [ -x "$prometheus" ]
+  prometheus=$(prometheus_program prometheus)
 }
 
 if ! find_prometheus; then
