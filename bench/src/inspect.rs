@@ -29,6 +29,34 @@ pub async fn client(url: &str) -> Result<NodeRegistryClient<Channel>, BenchError
     Ok(NodeRegistryClient::new(channel).max_decoding_message_size(MAX_RESPONSE))
 }
 
+/// Lists nodes in pages of `page_size`: one page, or with `walk` every
+/// page to the end. Returns the nodes listed and the calls made.
+pub async fn list_pages(
+    client: &mut NodeRegistryClient<Channel>,
+    page_size: u32,
+    walk: bool,
+) -> Result<(usize, usize), BenchError> {
+    let (mut nodes, mut calls) = (0, 0);
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_nodes(pb::ListNodesRequest {
+                page_size,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| BenchError::Server(format!("ListNodes: {}", s.message())))?
+            .into_inner();
+        nodes += page.nodes.len();
+        calls += 1;
+        if !walk || page.next_page_token.is_empty() {
+            return Ok((nodes, calls));
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// Every node with `status` (UNSPECIFIED: all), page by page.
 pub async fn list_all(
     client: &mut NodeRegistryClient<Channel>,

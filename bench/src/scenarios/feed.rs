@@ -436,25 +436,7 @@ async fn walk_loop(url: &str, page_size: u32, length: Duration) -> Result<WalkFi
     while Instant::now() < end {
         ticker.tick().await;
         let started = Instant::now();
-        let mut page_token = String::new();
-        (nodes, calls) = (0, 0);
-        loop {
-            let page = client
-                .list_nodes(pb::ListNodesRequest {
-                    page_size,
-                    page_token,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| BenchError::Server(format!("ListNodes: {}", s.message())))?
-                .into_inner();
-            nodes += page.nodes.len();
-            calls += 1;
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            page_token = page.next_page_token;
-        }
+        (nodes, calls) = inspect::list_pages(&mut client, page_size, true).await?;
         latency.saturating_record((started.elapsed().as_micros() as u64).max(1));
     }
     Ok(WalkFigures {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use fleet_sim::LatencySummary;
 use hdrhistogram::Histogram;
-use registry_proto::pb;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -115,25 +114,7 @@ async fn list_loop(
     let end = Instant::now() + length;
     while Instant::now() < end {
         let started = Instant::now();
-        let mut page_token = String::new();
-        (nodes, calls) = (0, 0);
-        loop {
-            let response = client
-                .list_nodes(pb::ListNodesRequest {
-                    page_size,
-                    page_token,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| BenchError::Server(format!("ListNodes: {}", s.message())))?
-                .into_inner();
-            nodes += response.nodes.len();
-            calls += 1;
-            if !walk || response.next_page_token.is_empty() {
-                break;
-            }
-            page_token = response.next_page_token;
-        }
+        (nodes, calls) = inspect::list_pages(&mut client, page_size, walk).await?;
         latency.saturating_record((started.elapsed().as_micros() as u64).max(1));
     }
     Ok((LatencySummary::of(&latency), nodes, calls))
