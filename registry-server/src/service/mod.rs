@@ -225,17 +225,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         self.authorize(&request, Rpc::WatchNodes)?;
         let request = request.into_inner();
         let mut filter = node_filter(request.status, &request.pool_id, &request.labels)?;
-        // A model is free text in the contract: the same bound.
-        if request.model.len() > registry_proto::rules::MAX_TEXT_LEN {
-            return Err(RegistryError::invalid(
-                "model",
-                format!(
-                    "is longer than {} bytes",
-                    registry_proto::rules::MAX_TEXT_LEN
-                ),
-            )
-            .into());
-        }
+        // A model is free text in the contract: the same rule as ListModels.
+        registry_proto::rules::text("model".into(), &request.model).map_err(RegistryError::from)?;
         filter.model = (!request.model.is_empty()).then_some(request.model);
         let stream = self.watchers.watch(
             &self.registry,
