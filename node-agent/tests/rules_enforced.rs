@@ -84,6 +84,34 @@ impl NodeRegistry for StubRegistry {
         Err(Status::unimplemented("stub"))
     }
 
+    async fn cordon_node(
+        &self,
+        _: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not used"))
+    }
+
+    async fn uncordon_node(
+        &self,
+        _: Request<pb::UncordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not used"))
+    }
+
+    async fn drain_node(
+        &self,
+        _: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not used"))
+    }
+
+    async fn cancel_drain(
+        &self,
+        _: Request<pb::CancelDrainRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not used"))
+    }
+
     type WatchNodesStream =
         Pin<Box<dyn Stream<Item = Result<pb::WatchNodesResponse, Status>> + Send>>;
 

@@ -81,6 +81,7 @@ impl NodeRegistry for Scripted {
             node_timeout: Some(to_proto_duration(timeout)),
             registered_at: None,
             session_secret: format!("secret-{session_id}"),
+            registry: None,
         }))
     }
 
@@ -119,6 +120,35 @@ impl NodeRegistry for Scripted {
         Err(Status::unimplemented("not scripted"))
     }
 
+    // The agent never calls the admin RPCs.
+    async fn cordon_node(
+        &self,
+        _: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn uncordon_node(
+        &self,
+        _: Request<pb::UncordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn drain_node(
+        &self,
+        _: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn cancel_drain(
+        &self,
+        _: Request<pb::CancelDrainRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
     type WatchNodesStream = ReceiverStream<Result<pb::WatchNodesResponse, Status>>;
 
     // The agent never watches; the contract's change feed is not scripted.
@@ -152,6 +182,7 @@ impl NodeRegistry for Scripted {
                         server_time: None,
                         heartbeat_interval: None,
                         command,
+                        registry: None,
                     };
                     if tx.send(Ok(ack)).await.is_err() {
                         return;
@@ -240,6 +271,7 @@ async fn drain_command_reports_the_pools_draining() {
     s.commands.push_back(Some(Command::Drain(pb::DrainCommand {
         pool_ids: vec!["pool-0".into()],
         reason: "maintenance".into(),
+        deadline: None,
     })));
     let (registry, url) = Scripted::serve(s).await;
     let mut config = agent_config(&url, "s3");

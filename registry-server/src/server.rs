@@ -147,6 +147,7 @@ where
             watch_queue: settings.watch_queue,
             subscribers: vec![Arc::new(placement.clone()) as Arc<dyn ChangeSubscriber>],
             first_revision: settings.revision_base.first_revision(),
+            ..Options::default()
         },
     );
     let stop = CancellationToken::new();

@@ -127,6 +127,8 @@ impl Watchers {
             shutdown,
             done: false,
             _open: guard,
+            instance: registry.instance().clone(),
+            started: false,
         };
         let stream = futures_util::stream::unfold(watcher, |mut watcher| async move {
             let reply = watcher.next_reply().await?;
@@ -179,6 +181,11 @@ struct Watcher {
     done: bool,
     /// Keeps the watcher counted while it lives.
     _open: OpenWatcher,
+    /// Which registry answers; sent on the first message and on markers,
+    /// so a watcher can tell a restarted registry.
+    instance: pb::RegistryInstance,
+    /// Whether the first message has gone out.
+    started: bool,
 }
 
 impl Watcher {
@@ -198,6 +205,7 @@ impl Watcher {
                 r#type: pb::WatchEventType::SnapshotComplete as i32,
                 revision,
                 node: None,
+                registry: None,
             })));
         }
         loop {
@@ -250,11 +258,17 @@ impl Watcher {
             r#type: pb::WatchEventType::Progress as i32,
             revision,
             node: None,
+            registry: None,
         })
     }
 
-    fn sent(&mut self, reply: pb::WatchNodesResponse) -> pb::WatchNodesResponse {
+    fn sent(&mut self, mut reply: pb::WatchNodesResponse) -> pb::WatchNodesResponse {
         self.quiet_since = Instant::now();
+        let marker = reply.node.is_none();
+        if marker || !self.started {
+            reply.registry = Some(self.instance.clone());
+        }
+        self.started = true;
         reply
     }
 
@@ -293,6 +307,7 @@ impl Watcher {
             r#type: kind.to_proto() as i32,
             revision: event.revision,
             node: Some(pb::Node::clone(&event.node)),
+            registry: None,
         })
     }
 

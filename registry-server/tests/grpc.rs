@@ -250,6 +250,62 @@ async fn heartbeats_are_acknowledged_and_update_the_node() {
     server.stop().await;
 }
 
+/// Register, every heartbeat ack, ListNodes and the watch's first message
+/// name the same registry instance; a restarted registry names another.
+#[tokio::test]
+async fn answers_name_the_registry_instance_and_a_restart_changes_it() {
+    let server = TestRegistry::start(Settings::default()).await;
+    let mut client = client(&server).await;
+    let registered = client
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let instance = registered
+        .registry
+        .clone()
+        .expect("RegisterResponse.registry");
+    assert_eq!(instance.instance_id.len(), 16);
+    assert!(instance.started_at.is_some());
+    let session = Session::from(registered);
+    let mut stream = Stream::open(&mut client).await.unwrap();
+    for sequence in 1..=2 {
+        let ack = stream
+            .send(beat_in("n1", &session, sequence, pb::PoolState::Ready))
+            .await
+            .unwrap();
+        assert_eq!(ack.registry.as_ref(), Some(&instance));
+    }
+    let list = client
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.registry.as_ref(), Some(&instance));
+    let mut watch = client
+        .watch_nodes(pb::WatchNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.registry.as_ref(), Some(&instance));
+    drop(stream);
+    drop(watch);
+
+    let addr = server.addr;
+    server.stop().await;
+    let restarted = TestRegistry::restart_on(addr, Settings::default()).await;
+    let mut client = restarted.client().await;
+    let list = client
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let after = list.registry.expect("ListNodesResponse.registry");
+    assert_ne!(after.instance_id, instance.instance_id);
+    restarted.stop().await;
+}
+
 #[tokio::test]
 async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
     let server = TestRegistry::start(fast()).await;

@@ -127,6 +127,7 @@ async fn listing_costs_a_few_microseconds_per_node() {
                 nodes: page.nodes,
                 next_page_token: page.next_page_token.clone().unwrap_or_default(),
                 revision: page.revision,
+                registry: Some(registry.instance().clone()),
             };
             bytes += response.encode_to_vec().len();
             match page.next_page_token {

@@ -181,6 +181,17 @@ impl Drain {
         }
     }
 
+    /// Takes back the pools of one ResumeCommand (none named: all of them).
+    pub fn resume(&mut self, pool_ids: &[String]) {
+        if pool_ids.is_empty() {
+            *self = Drain::default();
+        } else {
+            for id in pool_ids {
+                self.pools.remove(id);
+            }
+        }
+    }
+
     fn covers(&self, pool_id: &str) -> bool {
         self.all || self.pools.contains(pool_id)
     }

@@ -213,6 +213,11 @@ impl Agent {
                 self.drain().add(&cmd.pool_ids);
                 None
             }
+            Some(pb::heartbeat_response::Command::Resume(cmd)) => {
+                info!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, "registry cancelled a drain; reporting the pools as their engines are");
+                self.drain().resume(&cmd.pool_ids);
+                None
+            }
             None => None,
         }
     }

@@ -205,6 +205,7 @@ mod tests {
             r#type: pb::WatchEventType::Modified as i32,
             revision: 12,
             node: Some(node),
+            registry: None,
         });
         assert_eq!(line.lines().count(), 1);
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -223,6 +224,7 @@ mod tests {
             r#type: pb::WatchEventType::SnapshotComplete as i32,
             revision: 5,
             node: None,
+            registry: None,
         });
         assert_eq!(
             marker.split_whitespace().collect::<Vec<_>>(),

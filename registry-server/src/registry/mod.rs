@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use registry_proto::pb;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -132,6 +133,9 @@ struct Shared {
     stats: Stats,
     /// The revision, the history of changes, watchers and subscribers.
     feed: Feed,
+    /// Which registry process this is, sent with every answer that carries
+    /// the registry's view, so readers can tell a restarted registry.
+    instance: pb::RegistryInstance,
 }
 
 /// How a registry is built beyond its timing.
@@ -151,6 +155,8 @@ pub struct Options {
     /// restarts and a revision from before one is below the new history
     /// (OUT_OF_RANGE: relist) instead of naming another history's change.
     pub first_revision: u64,
+    /// Which registry process this is (a random id and the start time).
+    pub instance: pb::RegistryInstance,
 }
 
 impl Default for Options {
@@ -161,7 +167,19 @@ impl Default for Options {
             watch_queue: 10_000,
             subscribers: Vec::new(),
             first_revision: 0,
+            instance: new_instance(Utc::now()),
         }
+    }
+}
+
+/// A registry instance started at `started_at`, with a random 64-bit id
+/// (16 hex digits): unique enough to tell restarts apart.
+pub fn new_instance(started_at: DateTime<Utc>) -> pb::RegistryInstance {
+    let mut id = new_secret();
+    id.truncate(16);
+    pb::RegistryInstance {
+        instance_id: id,
+        started_at: Some(registry_proto::convert::to_proto_timestamp(started_at)),
     }
 }
 
@@ -216,6 +234,7 @@ impl Registry {
                 population: Population::default(),
                 max_nodes,
                 stats: Stats::default(),
+                instance: options.instance,
             }),
         }
     }
@@ -223,6 +242,11 @@ impl Registry {
     /// The timing rules in force.
     pub fn timing(&self) -> Timing {
         self.shared.timing
+    }
+
+    /// Which registry process this is (see `pb::RegistryInstance`).
+    pub fn instance(&self) -> &pb::RegistryInstance {
+        &self.shared.instance
     }
 
     /// Nodes by liveness.

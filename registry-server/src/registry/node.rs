@@ -163,6 +163,12 @@ pub(super) struct NodeState {
     /// `revision` says which), shared by GetNode, ListNodes and the watch
     /// events; rebuilt only when a reader can see a change.
     pub(super) view: Arc<pb::Node>,
+    /// What operators asked of the node (cordon, drain); kept across
+    /// re-registrations.
+    pub(super) admin: pb::AdminState,
+    /// Why the registry holds the node ONLINE past its deadline (it
+    /// suspects itself, not the node); `None` when it does not.
+    pub(super) suspect: Option<String>,
 }
 
 impl NodeState {
@@ -190,6 +196,11 @@ impl NodeState {
             wakeup: None,
             removed: false,
             view: Arc::default(),
+            admin: pb::AdminState {
+                schedulable: true,
+                ..pb::AdminState::default()
+            },
+            suspect: None,
         }
     }
 
@@ -276,6 +287,9 @@ impl NodeState {
             status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
             agent_time: self.agent_time.map(to_proto_timestamp),
             revision: 0,
+            admin: Some(self.admin.clone()),
+            suspect: self.suspect.is_some(),
+            suspect_reason: self.suspect.clone().unwrap_or_default(),
         }
     }
 }

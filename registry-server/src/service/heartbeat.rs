@@ -190,6 +190,7 @@ impl HeartbeatSession {
             server_time: Some(to_proto_timestamp(now.wall)),
             heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
             command: None,
+            registry: Some(self.registry.instance().clone()),
         })
     }
 }

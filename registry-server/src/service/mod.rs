@@ -121,6 +121,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             node_timeout: Some(to_proto_duration(timing.node_timeout)),
             registered_at: Some(to_proto_timestamp(registered.registered_at)),
             session_secret: registered.session_secret,
+            registry: Some(self.registry.instance().clone()),
         }))
     }
 
@@ -170,6 +171,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             nodes: page.nodes,
             next_page_token: page.next_page_token.unwrap_or_default(),
             revision: page.revision,
+            registry: Some(self.registry.instance().clone()),
         }))
     }
 
@@ -214,6 +216,36 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             models: list.models.into_iter().map(model_to_proto).collect(),
             revision: list.revision,
         }))
+    }
+
+    // Admin RPCs: the contract is in place; cordon/drain is being built
+    // (issue 11) and answers UNIMPLEMENTED until it lands.
+    async fn cordon_node(
+        &self,
+        _request: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("CordonNode is not built yet"))
+    }
+
+    async fn uncordon_node(
+        &self,
+        _request: Request<pb::UncordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("UncordonNode is not built yet"))
+    }
+
+    async fn drain_node(
+        &self,
+        _request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("DrainNode is not built yet"))
+    }
+
+    async fn cancel_drain(
+        &self,
+        _request: Request<pb::CancelDrainRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        Err(Status::unimplemented("CancelDrain is not built yet"))
     }
 
     type WatchNodesStream = WatchStream;
