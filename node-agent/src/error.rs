@@ -69,6 +69,17 @@ pub enum ConfigError {
         /// The broken rule, naming the pool's field (in the message).
         rule: RuleError,
     },
+    /// A pool's drain or resume action cannot work (a malformed URL, an
+    /// empty command).
+    #[error("invalid pool {pool_id} (--pool, NODE_AGENT_POOL, [[pools]]): {key}: {why}")]
+    PoolAction {
+        /// The pool's id, quoted and cut short when long.
+        pool_id: String,
+        /// The action's key (`drain` or `resume`).
+        key: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
     /// A file holds no usable content (a TLS file without the expected
     /// PEM block).
     #[error("invalid {what} {path}: {why}")]

@@ -10,6 +10,7 @@
 //! | `node_agent_registrations_total{outcome}` | counter | Register calls: `ok`, `refused` (INVALID_ARGUMENT), `failed` |
 //! | `node_agent_registered` | gauge | 1 while the agent holds a session, else 0 |
 //! | `node_agent_pools{state}` | gauge | pools by the state last reported |
+//! | `node_agent_pool_actions_total{action,outcome}` | counter | pool drain/resume actions run: `action` `drain` or `resume`, `outcome` `ok` or `failed` |
 //! | `node_agent_gpu_memory_used_bytes{gpu}` | gauge | per GPU index, as last read |
 //! | `node_agent_gpu_memory_free_bytes{gpu}` | gauge | |
 //! | `node_agent_gpu_utilization_percent{gpu}` | gauge | |
@@ -41,6 +42,8 @@ pub const REGISTRATIONS: &str = "node_agent_registrations_total";
 pub const REGISTERED: &str = "node_agent_registered";
 /// Pools by reported state.
 pub const POOLS: &str = "node_agent_pools";
+/// Pool drain/resume actions run, by action and outcome.
+pub const POOL_ACTIONS: &str = "node_agent_pool_actions_total";
 /// GPU memory in use, bytes.
 pub const GPU_MEMORY_USED: &str = "node_agent_gpu_memory_used_bytes";
 /// GPU memory free, bytes.
@@ -125,6 +128,10 @@ fn describe() {
         "1 while the agent holds a registry session, else 0."
     );
     describe_gauge!(POOLS, "Pools by the state last reported to the registry.");
+    describe_counter!(
+        POOL_ACTIONS,
+        "Pool drain and resume actions run, by action and outcome (ok, failed)."
+    );
     describe_gauge!(GPU_MEMORY_USED, Unit::Bytes, "GPU memory in use.");
     describe_gauge!(GPU_MEMORY_FREE, Unit::Bytes, "GPU memory free.");
     describe_gauge!(GPU_UTILIZATION, "GPU utilisation, 0-100.");
@@ -215,6 +222,12 @@ pub fn pool_states(statuses: &[pb::PoolStatus]) {
     }
 }
 
+/// One pool action (`drain` or `resume`) finished, successfully or not.
+pub fn pool_action(action: &'static str, ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!(POOL_ACTIONS, "action" => action, "outcome" => outcome).increment(1);
+}
+
 /// `ready` for POOL_STATE_READY.
 fn state_label(state: pb::PoolState) -> &'static str {
     match state {
@@ -263,7 +276,12 @@ impl AckTimer {
 
     /// An ack of `sequence` arrived: counted, and timed when it is the
     /// newest beat's (an ack of an older one has no start time kept).
+    /// Sequence 0 acknowledges nothing (a command the registry pushed
+    /// between acks) and is ignored.
     pub fn acked(&self, sequence: u64) {
+        if sequence == 0 {
+            return;
+        }
         counter!(ACKS).increment(1);
         let (newest, at) = *self.newest.lock().unwrap_or_else(|e| e.into_inner());
         if sequence == newest {

@@ -38,6 +38,10 @@ use crate::tls::TlsConfig;
 pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50051";
 /// Heartbeat interval when neither the flag nor the server sets one.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Bound on one pool drain or resume action: long enough for an engine's
+/// admin endpoint or a `systemctl reload`, short enough that a hung one is
+/// noticed during the drain.
+pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Wait before registering again after an INVALID_ARGUMENT refusal.
 pub const DEFAULT_REGISTER_REFUSED_RETRY: Duration = Duration::from_secs(5 * 60);
 
@@ -104,6 +108,10 @@ pub struct AgentConfig {
     pub deregister_timeout: Duration,
     /// Bounds one health probe, so a hung engine cannot delay heartbeats.
     pub probe_timeout: Duration,
+    /// Bounds one pool drain or resume action, so a hung engine or script
+    /// is given up on (and a failed drain action retried on the next
+    /// DrainCommand).
+    pub action_timeout: Duration,
     /// HTTP/2 ping period, so a dead connection is noticed while idle.
     pub keepalive_interval: Duration,
     /// Unanswered-ping limit before the connection counts as dead.
@@ -147,6 +155,7 @@ impl AgentConfig {
             registry_timeout: Duration::from_secs(5),
             deregister_timeout: Duration::from_secs(2),
             probe_timeout: Duration::from_secs(2),
+            action_timeout: DEFAULT_ACTION_TIMEOUT,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             backoff: BackoffConfig {
@@ -237,6 +246,7 @@ impl AgentConfig {
         config.registry_timeout = or(set.registry_timeout, config.registry_timeout);
         config.deregister_timeout = or(set.deregister_timeout, config.deregister_timeout);
         config.probe_timeout = or(set.probe_timeout, config.probe_timeout);
+        config.action_timeout = or(set.action_timeout, config.action_timeout);
         config.keepalive_interval = or(set.keepalive_interval, config.keepalive_interval);
         config.keepalive_timeout = or(set.keepalive_timeout, config.keepalive_timeout);
         config.backoff.initial = or(set.backoff_initial, config.backoff.initial);
@@ -326,6 +336,7 @@ impl AgentConfig {
             ("registry timeout", Some(self.registry_timeout)),
             ("deregister timeout", Some(self.deregister_timeout)),
             ("probe timeout", Some(self.probe_timeout)),
+            ("action timeout", Some(self.action_timeout)),
             ("keepalive interval", Some(self.keepalive_interval)),
             ("keepalive timeout", Some(self.keepalive_timeout)),
             ("backoff initial", Some(self.backoff.initial)),

@@ -91,6 +91,12 @@ pub struct Settings {
     #[serde(default, deserialize_with = "de_duration")]
     pub probe_timeout: Option<Duration>,
 
+    /// Timeout of one pool drain or resume action (an HTTP POST or a
+    /// command, which is killed when it runs longer) [default: 30s].
+    #[arg(long, env = "NODE_AGENT_ACTION_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub action_timeout: Option<Duration>,
+
     /// HTTP/2 keepalive ping interval on the registry connection [default: 10s].
     #[arg(long, env = "NODE_AGENT_KEEPALIVE_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
     #[serde(default, deserialize_with = "de_duration")]
@@ -190,6 +196,7 @@ impl Settings {
             registry_timeout: self.registry_timeout.or(lower.registry_timeout),
             deregister_timeout: self.deregister_timeout.or(lower.deregister_timeout),
             probe_timeout: self.probe_timeout.or(lower.probe_timeout),
+            action_timeout: self.action_timeout.or(lower.action_timeout),
             keepalive_interval: self.keepalive_interval.or(lower.keepalive_interval),
             keepalive_timeout: self.keepalive_timeout.or(lower.keepalive_timeout),
             backoff_initial: self.backoff_initial.or(lower.backoff_initial),

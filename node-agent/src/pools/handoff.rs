@@ -26,6 +26,7 @@ use registry_proto::rules::RuleError;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::action::PoolAction;
 use super::{ConfiguredState, PoolConfig};
 
 /// Larger files are not handoff files; they are skipped unread.
@@ -60,6 +61,12 @@ pub struct HandoffFile {
     pub state: Option<ConfiguredState>,
     /// URL of the engine's Prometheus metrics ("http://127.0.0.1:8081/metrics").
     pub metrics_url: Option<String>,
+    /// What to do when the registry drains the pool:
+    /// `{"http_post": "http://127.0.0.1:8081/admin/drain"}` or
+    /// `{"command": ["systemctl", "stop", "engine@7"]}`.
+    pub drain: Option<PoolAction>,
+    /// What to do when the registry cancels the drain (same forms).
+    pub resume: Option<PoolAction>,
 }
 
 /// The forms a device mask takes in handoff files.
@@ -132,11 +139,15 @@ pub fn parse_handoff(stem: &str, bytes: &[u8]) -> Result<PoolConfig, HandoffErro
         probe,
         endpoint: file.url.clone(),
         metrics_url: file.metrics_url,
+        drain: file.drain,
+        resume: file.resume,
     };
     pool.check_contract()?;
     if let Some(url) = &pool.probe {
         super::probe::parse_probe_url(url).map_err(|e| HandoffError::Invalid(e.to_string()))?;
     }
+    pool.check_actions()
+        .map_err(|(key, why)| HandoffError::Invalid(format!("{key}: {why}")))?;
     Ok(pool)
 }
 
@@ -340,6 +351,38 @@ mod tests {
         assert_eq!(pool.spec().metrics_url, "http://127.0.0.1:8081/metrics");
         let err = parse_handoff("pool-8", br#"{"metrics_url":"file:///tmp/m"}"#).unwrap_err();
         assert!(err.to_string().contains("metrics_url"), "{err}");
+    }
+
+    #[test]
+    fn handoff_files_carry_drain_and_resume_actions() {
+        let pool = parse_handoff(
+            "p",
+            br#"{"drain":{"http_post":"http://127.0.0.1:8081/admin/drain"},
+                "resume":{"command":["systemctl","start","engine@p"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            pool.drain,
+            Some(PoolAction::HttpPost(
+                "http://127.0.0.1:8081/admin/drain".into()
+            ))
+        );
+        assert_eq!(
+            pool.resume,
+            Some(PoolAction::Command(vec![
+                "systemctl".into(),
+                "start".into(),
+                "engine@p".into()
+            ]))
+        );
+        let err = parse_handoff("p", br#"{"drain":{"command":[]}}"#).unwrap_err();
+        assert!(
+            matches!(&err, HandoffError::Invalid(why) if why.starts_with("drain: ")),
+            "{err}"
+        );
+        let err = parse_handoff("p", br#"{"resume":{"http_post":"ftp://x/"}}"#).unwrap_err();
+        assert!(err.to_string().contains("resume: http_post"), "{err}");
+        assert!(parse_handoff("p", br#"{"drain":{"http_get":"http://x/"}}"#).is_err());
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The pools a node runs and their live status, from three sources:
 //! static configuration ([`static_pools`]), HTTP health probes ([`probe`])
-//! and handoff files written by engine provisioners ([`handoff`]).
+//! and handoff files written by engine provisioners ([`handoff`]). What the
+//! agent does to an engine when the registry drains a pool is in
+//! [`action`].
 
+pub mod action;
 pub mod handoff;
 pub mod probe;
 pub mod static_pools;
@@ -15,6 +18,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::error::ConfigError;
+use action::PoolAction;
 use probe::{ProbeOutcome, Prober};
 use registry_proto::rules::{self, Field, MAX_POOLS, RuleError};
 
@@ -54,6 +58,12 @@ pub struct PoolConfig {
     /// PoolSpec.metrics_url so the registry can list it for service
     /// discovery (`/sd/pools`).
     pub metrics_url: Option<String>,
+    /// What to do to the engine when the registry drains the pool (it is
+    /// reported DRAINING either way); not registered, so changing it does
+    /// not re-register the node.
+    pub drain: Option<PoolAction>,
+    /// What to do to the engine when the registry cancels the drain.
+    pub resume: Option<PoolAction>,
 }
 
 impl PoolConfig {
@@ -84,7 +94,27 @@ impl PoolConfig {
                 .metrics_url
                 .clone()
                 .or_else(|| self.metrics_url.clone()),
+            drain: over.drain.clone().or_else(|| self.drain.clone()),
+            resume: over.resume.clone().or_else(|| self.resume.clone()),
         }
+    }
+
+    /// The pool's action of `kind`, if one is configured.
+    pub fn action(&self, kind: action::ActionKind) -> Option<&PoolAction> {
+        match kind {
+            action::ActionKind::Drain => self.drain.as_ref(),
+            action::ActionKind::Resume => self.resume.as_ref(),
+        }
+    }
+
+    /// Why one of the pool's actions cannot work: `(key, why)`.
+    pub fn check_actions(&self) -> Result<(), (&'static str, String)> {
+        for kind in [action::ActionKind::Drain, action::ActionKind::Resume] {
+            if let Some(action) = self.action(kind) {
+                action.check().map_err(|why| (kind.as_str(), why))?;
+            }
+        }
+        Ok(())
     }
 
     /// The pool as registered (RegisterRequest.pools).
@@ -118,7 +148,12 @@ impl PoolConfig {
         if let Some(url) = &self.probe {
             probe::parse_probe_url(url)?;
         }
-        Ok(())
+        self.check_actions()
+            .map_err(|(key, why)| ConfigError::PoolAction {
+                pool_id: rules::quoted(&self.id),
+                key,
+                why,
+            })
     }
 }
 
@@ -162,13 +197,17 @@ impl FromStr for ConfiguredState {
 
 /// Pools to drain on the registry's request (DrainCommand): reported as
 /// DRAINING while their engine is otherwise READY, since the agent cannot
-/// stop the engine itself but can keep the registry from placing new work.
+/// stop the engine itself but can keep the registry from placing new work
+/// (and a pool's drain action, if it has one, tells the engine).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Drain {
     /// Every pool, present and future (a DrainCommand with no pool ids).
     pub all: bool,
     /// These pool ids.
     pub pools: BTreeSet<String>,
+    /// Pools resumed one by one while `all` is set: "drain everything,
+    /// then resume pool-1" must leave the others drained.
+    pub except: BTreeSet<String>,
 }
 
 impl Drain {
@@ -176,8 +215,12 @@ impl Drain {
     pub fn add(&mut self, pool_ids: &[String]) {
         if pool_ids.is_empty() {
             self.all = true;
+            self.except.clear();
         } else {
-            self.pools.extend(pool_ids.iter().cloned());
+            for id in pool_ids {
+                self.except.remove(id);
+                self.pools.insert(id.clone());
+            }
         }
     }
 
@@ -188,12 +231,16 @@ impl Drain {
         } else {
             for id in pool_ids {
                 self.pools.remove(id);
+                if self.all {
+                    self.except.insert(id.clone());
+                }
             }
         }
     }
 
-    fn covers(&self, pool_id: &str) -> bool {
-        self.all || self.pools.contains(pool_id)
+    /// Whether `pool_id` is drained.
+    pub fn covers(&self, pool_id: &str) -> bool {
+        (self.all && !self.except.contains(pool_id)) || self.pools.contains(pool_id)
     }
 }
 
@@ -334,8 +381,11 @@ pub fn pool_status(
     if state == pb::PoolState::Ready && drain.covers(&pool.id) {
         state = pb::PoolState::Draining;
     }
-    // Without the engine's own count a ready pool is assumed idle; a pool in
-    // any other state takes no new work, whatever its engine says.
+    // Without the engine's own count a ready pool is assumed idle. A
+    // DRAINING pool keeps the engine's count: the registry counts the pool
+    // drained once no slot is busy (slots_free == slots_total), and never
+    // places work on it anyway. A pool in any other state takes no new
+    // work, whatever its engine says.
     let (slots_total, mut slots_free) = match probe.and_then(|o| o.slots) {
         Some(slots) => (slots.total, slots.free.min(slots.total)),
         None => {
@@ -343,7 +393,7 @@ pub fn pool_status(
             (total, total)
         }
     };
-    if state != pb::PoolState::Ready {
+    if !matches!(state, pb::PoolState::Ready | pb::PoolState::Draining) {
         slots_free = 0;
     }
     let wanted = pool.gpus.as_deref().unwrap_or_default();
@@ -447,7 +497,77 @@ mod tests {
         drain.add(&[]);
         let status = pool_status(&pool, None, &[], &drain);
         assert_eq!(status.state(), pb::PoolState::Draining);
+        // No engine count: assumed idle, as a ready pool is, so the
+        // registry can count it drained at once.
+        assert_eq!((status.slots_total, status.slots_free), (1, 1));
+    }
+
+    #[test]
+    fn draining_pools_report_the_engines_free_slots() {
+        let mut pool = PoolConfig::new("p");
+        pool.probe = Some("http://127.0.0.1:1/health".into());
+        let mut drain = Drain::default();
+        drain.add(&["p".to_owned()]);
+        let busy = ProbeOutcome {
+            state: pb::PoolState::Ready,
+            slots: Some(SlotCounts { total: 4, free: 1 }),
+        };
+        let status = pool_status(&pool, Some(&busy), &[], &drain);
+        assert_eq!(status.state(), pb::PoolState::Draining);
+        assert_eq!((status.slots_total, status.slots_free), (4, 1));
+        // Idle: still DRAINING; the registry decides it is drained.
+        let idle = ProbeOutcome {
+            state: pb::PoolState::Ready,
+            slots: Some(SlotCounts { total: 4, free: 4 }),
+        };
+        let status = pool_status(&pool, Some(&idle), &[], &drain);
+        assert_eq!(status.state(), pb::PoolState::Draining);
+        assert_eq!((status.slots_total, status.slots_free), (4, 4));
+        // An engine that stopped is reported as it is.
+        let stopped = ProbeOutcome {
+            state: pb::PoolState::Offline,
+            slots: None,
+        };
+        let status = pool_status(&pool, Some(&stopped), &[], &drain);
+        assert_eq!(status.state(), pb::PoolState::Offline);
         assert_eq!(status.slots_free, 0);
+    }
+
+    #[test]
+    fn drain_all_then_resume_one_leaves_the_others_drained() {
+        let ids = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mut drain = Drain::default();
+        drain.add(&[]);
+        drain.resume(&ids(&["p1"]));
+        assert!(drain.covers("p0") && drain.covers("p2") && drain.covers("future"));
+        assert!(!drain.covers("p1"));
+        // Drained again by name, then everything again.
+        drain.add(&ids(&["p1"]));
+        assert!(drain.covers("p1"));
+        drain.resume(&ids(&["p1", "p2"]));
+        assert!(!drain.covers("p1") && !drain.covers("p2") && drain.covers("p0"));
+        drain.add(&[]);
+        assert!(drain.covers("p1") && drain.covers("p2"));
+        drain.resume(&[]);
+        assert_eq!(drain, Drain::default());
+        // Named pools only: resuming one leaves the other.
+        drain.add(&ids(&["a", "b"]));
+        drain.resume(&ids(&["a"]));
+        assert!(!drain.covers("a") && drain.covers("b") && !drain.covers("c"));
+    }
+
+    #[test]
+    fn handoff_actions_overlay_static_ones() {
+        let mut base = PoolConfig::new("p");
+        base.drain = Some(PoolAction::HttpPost("http://127.0.0.1:1/drain".into()));
+        base.resume = Some(PoolAction::HttpPost("http://127.0.0.1:1/resume".into()));
+        let mut file = PoolConfig::new("p");
+        file.drain = Some(PoolAction::Command(vec!["true".into()]));
+        let merged = base.overlaid_with(&file);
+        assert_eq!(merged.drain, file.drain);
+        assert_eq!(merged.resume, base.resume);
+        // Actions are not registered: changing them does not re-register.
+        assert_eq!(merged.spec(), base.spec());
     }
 
     #[test]

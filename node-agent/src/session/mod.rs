@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 use crate::auth::{BearerAuth, Credentials, TokenSource};
 use crate::config::{AgentConfig, DEFAULT_HEARTBEAT_INTERVAL};
 use crate::gpu::GpuSource;
+use crate::pools::action::Actions;
 use crate::pools::{Drain, PoolConfig, PoolTracker};
 
 mod stream;
@@ -63,8 +64,11 @@ pub(crate) struct Agent {
     /// Heartbeat sequence numbers, increasing over the agent's life so
     /// acks of an old stream can never be mistaken for new ones.
     sequence: AtomicU64,
-    /// Pools the registry asked to drain.
+    /// Pools the registry asked to drain. In memory: it survives a
+    /// reconnect; after a restart the registry sends the command again.
     drain: Mutex<Drain>,
+    /// The pools' drain and resume actions, run off the heartbeat path.
+    actions: Actions,
     /// Times each beat's ack for the metrics.
     ack_timer: crate::metrics::AckTimer,
 }
@@ -79,7 +83,6 @@ impl Agent {
         pools: PoolTracker,
     ) -> Self {
         Agent {
-            config,
             client: NodeRegistryClient::with_interceptor(channel, credentials.interceptor()),
             credentials,
             gpus,
@@ -87,12 +90,62 @@ impl Agent {
             pools,
             sequence: AtomicU64::new(0),
             drain: Mutex::new(Drain::default()),
+            actions: Actions::new(config.action_timeout),
             ack_timer: crate::metrics::AckTimer::default(),
+            config,
         }
     }
 
     fn drain(&self) -> std::sync::MutexGuard<'_, Drain> {
         self.drain.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the drain action of every drained pool that has one and has
+    /// not run it since its last resume; `retry_failed` also starts those
+    /// whose last run failed (a DrainCommand arrived).
+    fn start_drain_actions(&self, pools: &[PoolConfig], drain: &Drain, retry_failed: bool) {
+        for pool in pools.iter().filter(|p| drain.covers(&p.id)) {
+            let Some(action) = &pool.drain else { continue };
+            if retry_failed || self.actions.drain_state(&pool.id).is_none() {
+                self.actions.drain(&pool.id, action);
+            }
+        }
+    }
+
+    /// Applies a DrainCommand: the pools are reported DRAINING from the
+    /// next beat on, and their drain actions start.
+    fn drain_pools(&self, cmd: &pb::DrainCommand) {
+        let pools = self.pools.current();
+        let unknown: Vec<&String> = cmd
+            .pool_ids
+            .iter()
+            .filter(|id| !pools.iter().any(|p| &p.id == *id))
+            .collect();
+        if !unknown.is_empty() {
+            warn!(node_id = %self.config.node_id, pools = ?unknown, "drain names pools this node does not run; they are drained if they appear");
+        }
+        let drain = {
+            let mut drain = self.drain();
+            drain.add(&cmd.pool_ids);
+            drain.clone()
+        };
+        self.start_drain_actions(&pools, &drain, true);
+    }
+
+    /// Applies a ResumeCommand: each pool it takes out of the drain runs
+    /// its resume action and is reported as its engine is.
+    fn resume_pools(&self, cmd: &pb::ResumeCommand) {
+        let (before, after) = {
+            let mut drain = self.drain();
+            let before = drain.clone();
+            drain.resume(&cmd.pool_ids);
+            (before, drain.clone())
+        };
+        for pool in self.pools.current() {
+            if before.covers(&pool.id) && !after.covers(&pool.id) {
+                self.actions.resume(&pool.id, pool.resume.as_ref());
+            }
+        }
     }
 
     async fn register(&self) -> Result<Session, Status> {
@@ -267,6 +320,10 @@ impl Agent {
         }
         let gpus = self.gpu_stats().await;
         let drain = self.drain().clone();
+        // A pool that appeared since the drain began (a new handoff file
+        // under "drain every pool") gets its drain action now; a failed
+        // one waits for the next DrainCommand.
+        self.start_drain_actions(&pools, &drain, false);
         let statuses = self.pools.status(&pools, &gpus, &drain).await;
         crate::metrics::pool_states(&statuses);
         crate::metrics::gpu_stats(&gpus);

@@ -139,10 +139,15 @@ impl Agent {
                     return (StreamEnd::Shutdown, acked);
                 }
                 message = inbound.message() => match message {
+                    // Sequence 0 acknowledges no beat: a command the
+                    // registry pushed between acks. It proves nothing about
+                    // the beats, so the watchdog does not count it.
                     Ok(Some(ack)) => {
-                        acked = true;
-                        ack_since_tick = true;
-                        newest_ack = newest_ack.max(ack.sequence);
+                        if ack.sequence != 0 {
+                            acked = true;
+                            ack_since_tick = true;
+                            newest_ack = newest_ack.max(ack.sequence);
+                        }
                         if let Some(end) = self.handle_ack(ack, &interval_tx) {
                             return (end, acked);
                         }
@@ -209,13 +214,21 @@ impl Agent {
                 Some(StreamEnd::Reregister(cmd.reason))
             }
             Some(pb::heartbeat_response::Command::Drain(cmd)) => {
-                warn!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, "registry asked to drain pools; reporting them draining");
-                self.drain().add(&cmd.pool_ids);
+                // The deadline is the registry's to enforce (it counts the
+                // drain done then); the agent only shows it.
+                let deadline = cmd
+                    .deadline
+                    .as_ref()
+                    .and_then(registry_proto::convert::from_proto_timestamp)
+                    .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_else(|| "none".to_owned());
+                warn!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, %deadline, "registry asked to drain pools; reporting them draining");
+                self.drain_pools(&cmd);
                 None
             }
             Some(pb::heartbeat_response::Command::Resume(cmd)) => {
                 info!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, "registry cancelled a drain; reporting the pools as their engines are");
-                self.drain().resume(&cmd.pool_ids);
+                self.resume_pools(&cmd);
                 None
             }
             None => None,

@@ -10,6 +10,7 @@ use clap::{CommandFactory, Parser};
 use super::*;
 use crate::auth::Secret;
 use crate::pools::ConfiguredState;
+use crate::pools::action::PoolAction;
 use registry_proto::pb;
 use registry_proto::rules::MAX_MODELS_AVAILABLE;
 
@@ -137,6 +138,89 @@ fn example_config_file_is_valid() {
         config.pools[0].spec().metrics_url,
         "http://127.0.0.1:8081/metrics"
     );
+    assert_eq!(
+        config.pools[0].drain,
+        Some(PoolAction::HttpPost(
+            "http://127.0.0.1:8081/admin/drain".into()
+        ))
+    );
+    assert_eq!(
+        config.pools[0].resume,
+        Some(PoolAction::Command(vec![
+            "systemctl".into(),
+            "reload".into(),
+            "llama-server@pool-0".into()
+        ]))
+    );
+    assert_eq!(config.pools[1].drain, None);
+}
+
+#[test]
+fn pool_actions_and_their_timeout_come_from_the_file() {
+    let file = FileConfig::parse(
+        r#"
+action_timeout = "5s"
+[[pools]]
+id = "p0"
+drain = { command = ["sh", "-c", "echo x > /tmp/x"] }
+[[pools]]
+id = "p1"
+resume = { http_post = "http://127.0.0.1:8000/admin/resume" }
+"#,
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let config = AgentConfig::resolve(cli(&["--node-id", "n1"]), file).unwrap();
+    assert_eq!(config.action_timeout, Duration::from_secs(5));
+    assert_eq!(
+        config.pools[0].drain,
+        Some(PoolAction::Command(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo x > /tmp/x".into()
+        ]))
+    );
+    assert_eq!(config.pools[0].resume, None);
+    assert_eq!(
+        config.pools[1].resume,
+        Some(PoolAction::HttpPost(
+            "http://127.0.0.1:8000/admin/resume".into()
+        ))
+    );
+    let config = AgentConfig::resolve(cli(&["--node-id", "n1"]), FileConfig::default()).unwrap();
+    assert_eq!(config.action_timeout, crate::config::DEFAULT_ACTION_TIMEOUT);
+    let zero = cli(&["--node-id", "n1", "--action-timeout", "0s"]);
+    let err = AgentConfig::resolve(zero, FileConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("action timeout"), "{err}");
+}
+
+#[test]
+fn unusable_pool_actions_stop_the_agent_naming_the_pool_and_key() {
+    for (action, words) in [
+        (r#"drain = { http_post = "https://127.0.0.1/drain" }"#, "drain: http_post"),
+        (r#"resume = { command = [] }"#, "resume: command is empty"),
+    ] {
+        let text = format!("[[pools]]\nid = \"p0\"\n{action}\n");
+        let file = FileConfig::parse(&text, Path::new("t.toml")).unwrap();
+        let err = AgentConfig::resolve(cli(&["--node-id", "n1"]), file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("invalid pool \"p0\" (--pool, NODE_AGENT_POOL, [[pools]])")
+                && err.contains(words),
+            "{err}"
+        );
+    }
+    // Malformed shapes are refused by the parser, naming the key.
+    for action in [
+        r#"drain = { http_get = "http://127.0.0.1/drain" }"#,
+        r#"drain = "http://127.0.0.1/drain""#,
+        r#"drain = { http_post = "http://x", command = ["y"] }"#,
+    ] {
+        let text = format!("[[pools]]\nid = \"p0\"\n{action}\n");
+        let err = FileConfig::parse(&text, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("drain"), "{action}: {err}");
+    }
 }
 
 #[test]
