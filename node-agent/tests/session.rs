@@ -1,6 +1,7 @@
 //! The agent's session logic against a scripted registry that does what the
-//! real one rarely does: never ack, push Reregister and Drain commands, ask
-//! for another heartbeat interval.
+//! real one rarely does: never ack, push Reregister, Drain and Resume
+//! commands (in acks, or unsolicited with sequence 0), ask for another
+//! heartbeat interval.
 
 mod common;
 
@@ -29,6 +30,13 @@ struct Script {
     ack: bool,
     /// Commands for the next acks, one per ack (None: a plain ack).
     commands: VecDeque<Option<Command>>,
+    /// Commands pushed unsolicited, as the registry pushes an operator's
+    /// drain: one per beat received, in a response with sequence 0 that
+    /// acknowledges nothing (sent whether or not `ack` is set).
+    pushes: VecDeque<Command>,
+    /// Send a sequence-0 response for every beat even when `pushes` is
+    /// empty (a registry chattier than the real one).
+    push_empty: bool,
     /// Interval advertised in RegisterResponse.
     heartbeat_interval: Duration,
     /// Node timeout advertised in RegisterResponse.
@@ -172,10 +180,26 @@ impl NodeRegistry for Scripted {
         tokio::spawn(async move {
             while let Ok(Some(beat)) = inbound.message().await {
                 let sequence = beat.sequence;
-                let reply = script.with(|s| {
+                let (push, reply) = script.with(|s| {
                     s.beats.push(beat);
-                    s.ack.then(|| s.commands.pop_front().flatten())
+                    let push = match s.pushes.pop_front() {
+                        Some(command) => Some(Some(command)),
+                        None => s.push_empty.then_some(None),
+                    };
+                    (push, s.ack.then(|| s.commands.pop_front().flatten()))
                 });
+                if let Some(command) = push {
+                    let pushed = pb::HeartbeatResponse {
+                        sequence: 0,
+                        server_time: None,
+                        heartbeat_interval: None,
+                        command,
+                        registry: None,
+                    };
+                    if tx.send(Ok(pushed)).await.is_err() {
+                        return;
+                    }
+                }
                 if let Some(command) = reply {
                     let ack = pb::HeartbeatResponse {
                         sequence,
@@ -326,5 +350,161 @@ async fn agent_follows_the_registry_interval_unless_overridden() {
     assert!(beats.iter().all(|b| b.sent_at.is_some()));
     assert!(beats.windows(2).all(|w| w[0].sequence < w[1].sequence));
     assert!(beats.iter().all(|b| b.gpus.len() == 2));
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unsolicited_responses_do_not_count_as_acks() {
+    test_support::init_logs();
+    // Never an ack, but a sequence-0 message after every beat: the stream
+    // is no healthier for them, so the watchdog still gives up on it.
+    let mut s = script(false);
+    s.push_empty = true;
+    let (registry, url) = Scripted::serve(s).await;
+    let mut config = agent_config(&url, "s5");
+    config.heartbeat_interval = Some(Duration::from_millis(100));
+    let agent = Agent::start(config);
+    eventually("a second heartbeat stream", WAIT, || {
+        let opened = registry.with(|s| s.streams_opened);
+        async move {
+            if opened >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{opened} streams opened"))
+            }
+        }
+    })
+    .await;
+    agent.stop().await.unwrap();
+}
+
+/// The first beat (after `from`) whose pools are in these states.
+fn beat_with(
+    registry: &Scripted,
+    from: usize,
+    want: &[(&str, pb::PoolState)],
+) -> Result<usize, String> {
+    registry.with(|s| {
+        s.beats
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, b)| {
+                want.iter().all(|(id, state)| {
+                    b.pools
+                        .iter()
+                        .any(|p| p.pool_id == *id && p.state() == *state)
+                })
+            })
+            .map(|(i, _)| i)
+            .ok_or_else(|| format!("{} beats, none with {want:?}", s.beats.len()))
+    })
+}
+
+fn lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn pushed_drain_runs_the_drain_action_once_and_resume_its_resume_action() {
+    test_support::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("actions");
+    let append = |word: &str| {
+        node_agent::pools::action::PoolAction::Command(vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo \"{word} $NODE_AGENT_POOL_ID\" >> '{}'", log.display()),
+        ])
+    };
+    let drain_all = Command::Drain(pb::DrainCommand {
+        pool_ids: vec![],
+        reason: "maintenance".into(),
+        deadline: Some(prost_types::Timestamp {
+            seconds: 2_000_000_000,
+            nanos: 0,
+        }),
+    });
+    let mut s = script(true);
+    // The same drain twice, as a registry re-sends it.
+    s.pushes.push_back(drain_all.clone());
+    s.pushes.push_back(drain_all);
+    let (registry, url) = Scripted::serve(s).await;
+    let mut config = agent_config(&url, "s6");
+    config.heartbeat_interval = Some(Duration::from_millis(100));
+    let mut pool0 = PoolConfig::new("pool-0");
+    pool0.drain = Some(append("drain"));
+    pool0.resume = Some(append("resume"));
+    config.pools = vec![pool0, PoolConfig::new("pool-1")];
+    let agent = Agent::start(config);
+
+    let draining = [
+        ("pool-0", pb::PoolState::Draining),
+        ("pool-1", pb::PoolState::Draining),
+    ];
+    let drained_at = eventually("both pools draining after both drains", WAIT, || {
+        let found = beat_with(&registry, 0, &draining);
+        let pending = registry.with(|s| s.pushes.len());
+        async move {
+            match found {
+                Ok(i) if pending == 0 => Ok(i),
+                Ok(_) => Err(format!("{pending} pushes not sent yet")),
+                Err(e) => Err(e),
+            }
+        }
+    })
+    .await;
+    // A few beats later the action has run, and run once.
+    let seen = registry.with(|s| s.beats.len());
+    eventually("the drain action's line and three more beats", WAIT, || {
+        let beats = registry.with(|s| s.beats.len());
+        let lines = lines(&log);
+        async move {
+            if beats >= seen + 3 && !lines.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{beats} beats, lines {lines:?}"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(lines(&log), ["drain pool-0"]);
+    // The pool without an engine count is reported idle while draining.
+    let beat = registry.with(|s| s.beats[drained_at].clone());
+    assert!(beat.pools.iter().all(|p| p.slots_free == p.slots_total));
+
+    // Resume pool-0 only: its resume action runs, pool-1 stays drained.
+    let from = registry.with(|s| {
+        s.pushes.push_back(Command::Resume(pb::ResumeCommand {
+            pool_ids: vec!["pool-0".into()],
+            reason: "drain cancelled".into(),
+        }));
+        s.beats.len()
+    });
+    let resumed = [
+        ("pool-0", pb::PoolState::Ready),
+        ("pool-1", pb::PoolState::Draining),
+    ];
+    eventually("pool-0 ready and pool-1 draining", WAIT, || {
+        let found = beat_with(&registry, from, &resumed);
+        async move { found }
+    })
+    .await;
+    eventually("the resume action's line", WAIT, || {
+        let lines = lines(&log);
+        async move {
+            if lines.len() >= 2 {
+                Ok(lines)
+            } else {
+                Err(format!("{lines:?}"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(lines(&log), ["drain pool-0", "resume pool-0"]);
     agent.stop().await.unwrap();
 }
