@@ -19,7 +19,8 @@ pub struct Cli {
     pub registry: Option<String>,
 
     /// Bearer token for the registry's calls (a reader token for `list`,
-    /// `get`, `status`, `watch` and `agent-check`); `health` needs none. An empty
+    /// `get`, `status`, `watch` and `agent-check`; an admin token for
+    /// `cordon`, `uncordon`, `drain` and `undrain`); `health` needs none. An empty
     /// value sends none. Prefer --token-file or the variable: flags show in
     /// `ps`.
     #[arg(
@@ -183,6 +184,37 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         pid: u32,
     },
+    /// Takes a node out of placement (CordonNode): FindPools stops offering
+    /// its pools; it stays ONLINE and keeps serving what it has. Idempotent.
+    /// Needs an admin token; exits 1 when the registry does not know the
+    /// node [default registry: http://127.0.0.1:50051].
+    Cordon {
+        /// The node.
+        node_id: String,
+        /// Why, shown on the node (at most 256 bytes).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Puts a cordoned node back into placement (UncordonNode). A drain in
+    /// progress is left alone (`undrain` cancels it). Idempotent; needs an
+    /// admin token [default registry: http://127.0.0.1:50051].
+    Uncordon {
+        /// The node.
+        node_id: String,
+    },
+    /// Asks the node's agent to drain pools (DrainNode): they finish their
+    /// requests and take no new ones, and placement stops offering the
+    /// node. With --wait, follows the node and prints its progress until it
+    /// is drained (exit 0), the drain is cancelled (exit 1) or
+    /// --wait-timeout passes (exit 5; the drain goes on). Needs an admin
+    /// token [default registry: http://127.0.0.1:50051].
+    Drain(DrainArgs),
+    /// Cancels the node's drain (CancelDrain): the agent resumes the pools.
+    /// Needs an admin token [default registry: http://127.0.0.1:50051].
+    Undrain {
+        /// The node.
+        node_id: String,
+    },
     /// Prints a shell completion script. Bash: `registry-ctl completions
     /// bash > /etc/bash_completion.d/registry-ctl`; zsh: into a directory
     /// of $fpath as `_registry-ctl`; fish: into
@@ -191,6 +223,32 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+}
+
+/// The arguments of `drain`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainArgs {
+    /// The node.
+    pub node_id: String,
+    /// Only this pool; repeatable [default: every pool of the node].
+    #[arg(long = "pool", value_name = "POOL")]
+    pub pools: Vec<String>,
+    /// Why, shown on the node and sent to the agent (at most 256 bytes).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Count the drain done this long from now even if pools are still
+    /// busy ("10m", "1h") [default: no deadline].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub deadline: Option<Duration>,
+    /// Follow the node until it is drained, one line per change in its
+    /// progress (acknowledged, drained, each drained pool's state and busy
+    /// slots).
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up (exit 5) after this long. Not --timeout, which
+    /// bounds each call [default: wait as long as it takes].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "wait")]
+    pub wait_timeout: Option<Duration>,
 }
 
 /// The filters of `find`.
@@ -496,6 +554,78 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["registry-ctl", "models", "qwen"]).unwrap();
         assert!(matches!(cli.command, Command::Models { model: Some(m) } if m == "qwen"));
+    }
+
+    #[test]
+    fn admin_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "registry-ctl",
+            "cordon",
+            "gpu-node-1",
+            "--reason",
+            "bad fan",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command,
+            Command::Cordon { node_id, reason } if node_id == "gpu-node-1" && reason == "bad fan"));
+        let cli = Cli::try_parse_from(["registry-ctl", "cordon", "n"]).unwrap();
+        assert!(matches!(cli.command, Command::Cordon { reason, .. } if reason.is_empty()));
+        let cli = Cli::try_parse_from(["registry-ctl", "uncordon", "n"]).unwrap();
+        assert!(matches!(cli.command, Command::Uncordon { node_id } if node_id == "n"));
+        let cli = Cli::try_parse_from(["registry-ctl", "undrain", "n"]).unwrap();
+        assert!(matches!(cli.command, Command::Undrain { node_id } if node_id == "n"));
+        for args in [
+            &["registry-ctl", "cordon"][..],
+            &["registry-ctl", "uncordon"],
+            &["registry-ctl", "undrain"],
+            &["registry-ctl", "drain"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn drain_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "registry-ctl",
+            "drain",
+            "gpu-node-1",
+            "--pool",
+            "pool-0",
+            "--pool",
+            "pool-1",
+            "--reason",
+            "kernel update",
+            "--deadline",
+            "10m",
+            "--wait",
+            "--wait-timeout",
+            "15m",
+            "--timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(cli.timeout, Duration::from_secs(5));
+        let Command::Drain(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(args.node_id, "gpu-node-1");
+        assert_eq!(args.pools, ["pool-0", "pool-1"]);
+        assert_eq!(args.reason, "kernel update");
+        assert_eq!(args.deadline, Some(Duration::from_secs(600)));
+        assert!(args.wait);
+        assert_eq!(args.wait_timeout, Some(Duration::from_secs(900)));
+        let cli = Cli::try_parse_from(["registry-ctl", "drain", "n"]).unwrap();
+        let Command::Drain(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert!(args.pools.is_empty() && args.deadline.is_none() && !args.wait);
+        // --wait-timeout means nothing without --wait; a bad duration is a
+        // usage error.
+        assert!(
+            Cli::try_parse_from(["registry-ctl", "drain", "n", "--wait-timeout", "1m"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["registry-ctl", "drain", "n", "--deadline", "soon"]).is_err());
     }
 
     #[test]

@@ -185,6 +185,55 @@ impl Registry {
         Ok(stream.into_inner())
     }
 
+    /// CordonNode's answer: the node as it now is.
+    pub async fn cordon_node(&self, request: pb::CordonNodeRequest) -> Result<pb::Node, CtlError> {
+        let mut client = NodeRegistryClient::new(self.channel.clone());
+        self.admin("CordonNode", client.cordon_node(request)).await
+    }
+
+    /// UncordonNode's answer.
+    pub async fn uncordon_node(
+        &self,
+        request: pb::UncordonNodeRequest,
+    ) -> Result<pb::Node, CtlError> {
+        let mut client = NodeRegistryClient::new(self.channel.clone());
+        self.admin("UncordonNode", client.uncordon_node(request))
+            .await
+    }
+
+    /// DrainNode's answer.
+    pub async fn drain_node(&self, request: pb::DrainNodeRequest) -> Result<pb::Node, CtlError> {
+        let mut client = NodeRegistryClient::new(self.channel.clone());
+        self.admin("DrainNode", client.drain_node(request)).await
+    }
+
+    /// CancelDrain's answer.
+    pub async fn cancel_drain(
+        &self,
+        request: pb::CancelDrainRequest,
+    ) -> Result<pb::Node, CtlError> {
+        let mut client = NodeRegistryClient::new(self.channel.clone());
+        self.admin("CancelDrain", client.cancel_drain(request)).await
+    }
+
+    /// One admin call, bounded by the timeout; its refusals (NOT_FOUND for
+    /// an unknown node, INVALID_ARGUMENT naming the field,
+    /// PERMISSION_DENIED without an admin token) come back as
+    /// [`CtlError::Rpc`].
+    async fn admin(
+        &self,
+        call: &'static str,
+        answer: impl Future<Output = Result<tonic::Response<pb::Node>, tonic::Status>>,
+    ) -> Result<pb::Node, CtlError> {
+        let node = bounded(self.timeout, self.what(call), async {
+            answer
+                .await
+                .map_err(|status| CtlError::rpc(call, &self.url, &status))
+        })
+        .await?;
+        Ok(node.into_inner())
+    }
+
     fn what(&self, call: &str) -> String {
         format!("{call} on {}", self.url)
     }

@@ -128,10 +128,10 @@ impl ConnectFailure {
 pub fn explain(code: tonic::Code) -> String {
     let hint = match code {
         tonic::Code::Unauthenticated => {
-            "no valid bearer token: pass a reader token with --token-file, --token or REGISTRY_CTL_TOKEN"
+            "no valid bearer token: pass a reader token (an admin token for cordon/drain) with --token-file, --token or REGISTRY_CTL_TOKEN"
         }
         tonic::Code::PermissionDenied => {
-            "the token may not make this call: reading nodes needs a reader or admin token, or the client certificate was refused"
+            "the token may not make this call: reading nodes needs a reader or admin token, cordon/drain an admin token, or the client certificate was refused"
         }
         tonic::Code::DeadlineExceeded => "deadline exceeded: no answer in time",
         tonic::Code::Unavailable => {

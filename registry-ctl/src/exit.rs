@@ -7,7 +7,8 @@ pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0  found / ok (health: SERVING; agent-check: the node is ONLINE)
   1  not found or nothing matched (get of an absent node, list matching no
-     node, find finding no pool, models listing none), not healthy (health: not SERVING; agent-check: OFFLINE or
+     node, find finding no pool, models listing none, cordon/drain of an
+     unknown node, a drain cancelled while drain --wait follows it), not healthy (health: not SERVING; agent-check: OFFLINE or
      absent), or the output could not be written
   2  usage error: bad flags (clap), an unusable token, token file, TLS file
      or URL, or an argument the registry refused (INVALID_ARGUMENT)
@@ -16,6 +17,8 @@ Exit status:
      exceeded, or any other failed call; the reason is on stderr
   4  watch: the revision to resume from is compacted (OUT_OF_RANGE): relist
      (list) and watch again from the listing's revision
+  5  drain --wait: the node was not drained within --wait-timeout (the
+     drain goes on; `undrain` cancels it)
 `status` prints \"absent\" for an unknown node and exits 0: it answered.";
 
 /// How a run of registry-ctl ended, as its exit status.
@@ -32,6 +35,8 @@ pub enum Exit {
     Unreachable,
     /// 4: a watch's revision is older than the registry's history.
     Compacted,
+    /// 5: `drain --wait` gave up before the node was drained.
+    NotDrained,
 }
 
 impl Exit {
@@ -43,6 +48,7 @@ impl Exit {
             Exit::Usage => 2,
             Exit::Unreachable => 3,
             Exit::Compacted => 4,
+            Exit::NotDrained => 5,
         }
     }
 
@@ -69,6 +75,7 @@ mod tests {
         assert_eq!(Exit::Usage.code(), 2);
         assert_eq!(Exit::Unreachable.code(), 3);
         assert_eq!(Exit::Compacted.code(), 4);
+        assert_eq!(Exit::NotDrained.code(), 5);
         assert_eq!(Exit::from_answer(true), Exit::Ok);
         assert_eq!(Exit::from_answer(false), Exit::No);
     }

@@ -5,6 +5,8 @@
 
 pub mod agent_check;
 pub mod completions;
+pub mod cordon;
+pub mod drain;
 pub mod find;
 pub mod get;
 pub mod health;
@@ -99,5 +101,11 @@ pub async fn run<W: Write>(cli: &Cli, printer: &mut Printer<W>) -> Result<Exit, 
         Command::Get { node_id } => get::run(&context()?, node_id, printer).await,
         Command::Status { node_id } => status::run(&context()?, node_id, printer).await,
         Command::AgentCheck { pid } => agent_check::run(&context()?, *pid, printer).await,
+        Command::Cordon { node_id, reason } => {
+            cordon::cordon(&context()?, node_id, reason, printer).await
+        }
+        Command::Uncordon { node_id } => cordon::uncordon(&context()?, node_id, printer).await,
+        Command::Drain(args) => drain::drain(&context()?, args, printer).await,
+        Command::Undrain { node_id } => drain::undrain(&context()?, node_id, printer).await,
     }
 }

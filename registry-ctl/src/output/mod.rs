@@ -2,10 +2,11 @@
 //! every command writes through.
 //!
 //! A command prints text for `table` and `wide` (built with
-//! [`table::Table`] and the views in [`node`]) and protobuf messages for
+//! [`table::Table`] and the views in [`node`] and [`admin`]) and protobuf messages for
 //! `json`: [`Printer::message`] takes any prost message that implements
 //! [`json::ProtoMessage`] and writes its proto3 canonical JSON on one line.
 
+pub mod admin;
 pub mod json;
 pub mod node;
 pub mod placement;
