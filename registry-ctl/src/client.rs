@@ -213,7 +213,8 @@ impl Registry {
         request: pb::CancelDrainRequest,
     ) -> Result<pb::Node, CtlError> {
         let mut client = NodeRegistryClient::new(self.channel.clone());
-        self.admin("CancelDrain", client.cancel_drain(request)).await
+        self.admin("CancelDrain", client.cancel_drain(request))
+            .await
     }
 
     /// One admin call, bounded by the timeout; its refusals (NOT_FOUND for

@@ -192,7 +192,10 @@ impl NodeRegistry for Fake {
         self.token(&request);
         let request = request.into_inner();
         self.with(|s| s.cancels.push(request.clone()));
-        Ok(Response::new(node(&request.node_id, pb::AdminState::default())))
+        Ok(Response::new(node(
+            &request.node_id,
+            pb::AdminState::default(),
+        )))
     }
 
     async fn get_node(
@@ -333,7 +336,9 @@ async fn cordon_and_uncordon_send_the_admin_token_and_print_the_answer() {
         assert_eq!(s.cordons[0].reason, "bad fan");
         assert_eq!(s.uncordons[0].node_id, "node-1");
         assert!(
-            s.tokens.iter().all(|t| *t == format!("Bearer {ADMIN_TOKEN}")),
+            s.tokens
+                .iter()
+                .all(|t| *t == format!("Bearer {ADMIN_TOKEN}")),
             "{:?}",
             s.tokens
         );
@@ -347,7 +352,14 @@ async fn drain_sends_pools_reason_and_deadline_and_undrain_cancels() {
     let out = ctl(
         &url,
         &[
-            "drain", "node-1", "--pool", "pool-0", "--reason", "kernel", "--deadline", "10m",
+            "drain",
+            "node-1",
+            "--pool",
+            "pool-0",
+            "--reason",
+            "kernel",
+            "--deadline",
+            "10m",
         ],
     )
     .await;
@@ -418,7 +430,15 @@ async fn drain_wait_gives_up_at_the_wait_timeout_with_exit_5() {
     let url = fake.clone().serve().await;
     let out = ctl(
         &url,
-        &["-o", "json", "drain", "node-1", "--wait", "--wait-timeout", "1500ms"],
+        &[
+            "-o",
+            "json",
+            "drain",
+            "node-1",
+            "--wait",
+            "--wait-timeout",
+            "1500ms",
+        ],
     )
     .await;
     assert_exit(&out, 5);

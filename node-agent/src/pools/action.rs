@@ -283,11 +283,7 @@ impl Actions {
     /// Starts the drain action of `pool_id` unless it is running or done
     /// (a DrainCommand re-sent on a new stream); a failed one is retried.
     /// Returns the task, or `None` when nothing was started.
-    pub fn drain(
-        &self,
-        pool_id: &str,
-        action: &PoolAction,
-    ) -> Option<tokio::task::JoinHandle<()>> {
+    pub fn drain(&self, pool_id: &str, action: &PoolAction) -> Option<tokio::task::JoinHandle<()>> {
         let order = {
             let mut pools = self.lock();
             let pool = pools.entry(pool_id.to_owned()).or_default();

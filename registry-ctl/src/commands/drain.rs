@@ -134,7 +134,7 @@ fn transient(err: &CtlError) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub enum WaitEnd {
     /// The registry counts the node drained.
-    Drained(pb::Node),
+    Drained(Box<pb::Node>),
     /// The drain was cancelled (no drain is requested any more).
     Cancelled,
     /// The registry no longer knows the node.
@@ -168,7 +168,7 @@ where
                 progress(&node, start.elapsed())?;
                 match node.admin.as_ref().and_then(|a| a.drain.as_ref()) {
                     None => return Ok(WaitEnd::Cancelled),
-                    Some(drain) if drain.drained => return Ok(WaitEnd::Drained(node)),
+                    Some(drain) if drain.drained => return Ok(WaitEnd::Drained(Box::new(node))),
                     Some(_) => {}
                 }
             }
@@ -293,7 +293,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_drain_or_a_gone_node_ends_the_wait() {
-        let (end, _) = run_script(vec![Ok(draining(false, false)), Ok(Some(node(None)))], None).await;
+        let (end, _) =
+            run_script(vec![Ok(draining(false, false)), Ok(Some(node(None)))], None).await;
         assert!(matches!(end, Ok(WaitEnd::Cancelled)), "{end:?}");
         let (end, _) = run_script(vec![Ok(draining(false, false)), Ok(None)], None).await;
         assert!(matches!(end, Ok(WaitEnd::Gone)), "{end:?}");

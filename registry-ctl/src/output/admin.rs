@@ -164,7 +164,11 @@ pub fn drained(node: &pb::Node) -> String {
         .filter(|s| s.state() == pb::PoolState::Draining)
         .map(busy)
         .sum();
-    let mut line = format!("{} drained at {}", node.node_id, at(drain.drained_at.as_ref()));
+    let mut line = format!(
+        "{} drained at {}",
+        node.node_id,
+        at(drain.drained_at.as_ref())
+    );
     if still_busy > 0 {
         line.push_str(&format!(
             " (the deadline passed with {still_busy} slots still busy)"
@@ -257,7 +261,10 @@ mod tests {
         let mut cancelled = every.clone();
         cancelled.admin = Some(pb::AdminState::default());
         assert_eq!(drain_cancelled(&cancelled), "gpu-node-1 drain cancelled\n");
-        assert_eq!(drain_requested(&cancelled), "gpu-node-1: no drain requested\n");
+        assert_eq!(
+            drain_requested(&cancelled),
+            "gpu-node-1: no drain requested\n"
+        );
     }
 
     #[test]
@@ -290,6 +297,9 @@ mod tests {
             "gpu-node-1 drained at 2026-11-23T12:10:00Z (the deadline passed with 2 slots still busy)\n"
         );
         node.pool_status[0].slots_free = 4;
-        assert_eq!(drained(&node), "gpu-node-1 drained at 2026-11-23T12:10:00Z\n");
+        assert_eq!(
+            drained(&node),
+            "gpu-node-1 drained at 2026-11-23T12:10:00Z\n"
+        );
     }
 }

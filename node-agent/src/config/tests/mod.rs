@@ -197,7 +197,10 @@ resume = { http_post = "http://127.0.0.1:8000/admin/resume" }
 #[test]
 fn unusable_pool_actions_stop_the_agent_naming_the_pool_and_key() {
     for (action, words) in [
-        (r#"drain = { http_post = "https://127.0.0.1/drain" }"#, "drain: http_post"),
+        (
+            r#"drain = { http_post = "https://127.0.0.1/drain" }"#,
+            "drain: http_post",
+        ),
         (r#"resume = { command = [] }"#, "resume: command is empty"),
     ] {
         let text = format!("[[pools]]\nid = \"p0\"\n{action}\n");

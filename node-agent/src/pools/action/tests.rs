@@ -25,7 +25,10 @@ async fn engine() -> (String, Arc<AtomicUsize>) {
     };
     let router = Router::new()
         .route("/ok", post(counted(StatusCode::NO_CONTENT, &posts)))
-        .route("/busy", post(counted(StatusCode::SERVICE_UNAVAILABLE, &posts)))
+        .route(
+            "/busy",
+            post(counted(StatusCode::SERVICE_UNAVAILABLE, &posts)),
+        )
         .route(
             "/slow",
             post(|| async {
@@ -61,9 +64,14 @@ async fn an_http_post_action_succeeds_on_2xx_and_fails_naming_the_status() {
         "{err:?}"
     );
     let slow = PoolAction::HttpPost(format!("{base}/slow"));
-    let err = run_action(&slow, ActionKind::Drain, "pool-0", Duration::from_millis(200))
-        .await
-        .unwrap_err();
+    let err = run_action(
+        &slow,
+        ActionKind::Drain,
+        "pool-0",
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err, ActionError::Timeout("200ms".into()));
 }
 
@@ -91,9 +99,14 @@ async fn a_command_action_runs_with_the_pool_in_its_environment() {
         .unwrap();
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "resume pool-7\n");
 
-    let err = run_action(&sh("echo no engine here >&2; exit 3"), ActionKind::Drain, "p", TIMEOUT)
-        .await
-        .unwrap_err();
+    let err = run_action(
+        &sh("echo no engine here >&2; exit 3"),
+        ActionKind::Drain,
+        "p",
+        TIMEOUT,
+    )
+    .await
+    .unwrap_err();
     match err {
         ActionError::Exit { status, stderr } => {
             assert!(status.contains('3'), "{status}");
@@ -116,9 +129,14 @@ async fn a_command_past_its_timeout_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("late");
     let script = format!("sleep 2; touch '{}'", file.display());
-    let err = run_action(&sh(&script), ActionKind::Drain, "p", Duration::from_millis(200))
-        .await
-        .unwrap_err();
+    let err = run_action(
+        &sh(&script),
+        ActionKind::Drain,
+        "p",
+        Duration::from_millis(200),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, ActionError::Timeout(_)), "{err:?}");
     // Killed, not left running: the file never appears.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -174,10 +192,17 @@ async fn a_resume_waits_for_the_pools_drain_action() {
 
 #[test]
 fn actions_are_checked() {
-    assert!(PoolAction::HttpPost("http://127.0.0.1:8000/admin/drain".into()).check().is_ok());
+    assert!(
+        PoolAction::HttpPost("http://127.0.0.1:8000/admin/drain".into())
+            .check()
+            .is_ok()
+    );
     assert!(sh("true").check().is_ok());
     for (action, words) in [
-        (PoolAction::HttpPost("https://127.0.0.1/drain".into()), "plain http://"),
+        (
+            PoolAction::HttpPost("https://127.0.0.1/drain".into()),
+            "plain http://",
+        ),
         (PoolAction::HttpPost("not a url".into()), "not a URL"),
         (PoolAction::HttpPost("/drain".into()), "plain http://"),
         (PoolAction::Command(vec![]), "empty"),
@@ -194,7 +219,10 @@ fn actions_are_checked() {
 fn long_output_keeps_its_end_on_one_line() {
     let text = format!("{}\nthe error", "x".repeat(500));
     let short = shorten(&text);
-    assert!(short.starts_with("...") && short.ends_with("x the error"), "{short}");
+    assert!(
+        short.starts_with("...") && short.ends_with("x the error"),
+        "{short}"
+    );
     assert_eq!(short.chars().count(), LOGGED_CHARS + 3);
     assert_eq!(shorten("a\nb"), "a b");
 }
