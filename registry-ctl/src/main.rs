@@ -2,7 +2,8 @@
 //! HEALTHCHECK of both container images (`health` for registry-server,
 //! `agent-check` for node-agent) and gives people and scripts the
 //! registry's view of its nodes (`list`, `get`, `status`) as tables or
-//! proto3 JSON.
+//! proto3 JSON; operators cordon and drain nodes with it (`cordon`,
+//! `uncordon`, `drain`, `undrain`).
 //!
 //! Module map: [`cli`] flags; [`commands`] one module per command;
 //! [`endpoint`] which registry to ask; [`connect`] token and TLS;

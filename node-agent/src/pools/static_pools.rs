@@ -7,6 +7,9 @@
 //! requests), `metrics_url` (the engine's Prometheus metrics) and `gpus`
 //! (indices separated by `:`, since `,` separates the keys), for example
 //! `--pool pool-0,engine=llamacpp,slots=4,gpus=0:1,probe=http://127.0.0.1:8081/health`.
+//! A pool's drain and resume actions ([`super::action`]) are set in the
+//! TOML file or a handoff file only: a command's argument list does not
+//! fit this syntax.
 
 use super::{ConfiguredState, PoolConfig};
 use crate::error::ConfigError;

@@ -200,7 +200,11 @@ impl Agent {
         interval: &watch::Sender<Duration>,
     ) -> Option<StreamEnd> {
         let node_id = &self.config.node_id;
-        debug!(%node_id, sequence = ack.sequence, "heartbeat acked");
+        if ack.sequence == 0 {
+            debug!(%node_id, "registry pushed a response between acks");
+        } else {
+            debug!(%node_id, sequence = ack.sequence, "heartbeat acked");
+        }
         self.ack_timer.acked(ack.sequence);
         if self.config.heartbeat_interval.is_none()
             && let Some(wanted) = positive(ack.heartbeat_interval.as_ref())

@@ -52,8 +52,8 @@ impl Context {
         })
     }
 
-    /// A connection to the registry of the query commands: --registry,
-    /// else http://127.0.0.1:50051.
+    /// A connection to the registry of the query and admin commands:
+    /// --registry, else http://127.0.0.1:50051.
     pub async fn query_registry(&self) -> Result<Registry, CtlError> {
         let url = endpoint::for_queries(self.registry.as_deref());
         Registry::connect(&self.credentials.towards(url, self.timeout)).await

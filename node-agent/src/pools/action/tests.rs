@@ -128,7 +128,7 @@ async fn a_command_action_runs_with_the_pool_in_its_environment() {
 async fn a_command_past_its_timeout_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("late");
-    let script = format!("sleep 2; touch '{}'", file.display());
+    let script = format!("sleep 1; touch '{}'", file.display());
     let err = run_action(
         &sh(&script),
         ActionKind::Drain,
@@ -139,7 +139,7 @@ async fn a_command_past_its_timeout_is_killed() {
     .unwrap_err();
     assert!(matches!(err, ActionError::Timeout(_)), "{err:?}");
     // Killed, not left running: the file never appears.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!file.exists());
 }
 
