@@ -281,3 +281,25 @@ fn settings_the_registry_would_refuse_exit_2_naming_the_setting() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("NODE_AGENT_MACHINE_ID"), "{stderr}");
 }
+
+#[test]
+fn an_unusable_pool_action_in_the_config_file_exits_2_naming_the_pool_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        "[[pools]]\nid = \"pool-0\"\ndrain = { http_post = \"https://127.0.0.1:8081/admin/drain\" }\n",
+    )
+    .unwrap();
+    let output = agent_command()
+        .args(["--node-id", "n1", "--fake-gpus", "1", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("\"pool-0\"") && stderr.contains("drain: http_post"),
+        "{stderr}"
+    );
+}

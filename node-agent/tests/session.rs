@@ -508,3 +508,65 @@ async fn pushed_drain_runs_the_drain_action_once_and_resume_its_resume_action() 
     assert_eq!(lines(&log), ["drain pool-0", "resume pool-0"]);
     agent.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_failed_drain_action_is_retried_by_the_next_drain_command_only() {
+    test_support::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("tries");
+    let drain = Command::Drain(pb::DrainCommand {
+        pool_ids: vec!["pool-0".into()],
+        reason: "maintenance".into(),
+        deadline: None,
+    });
+    let mut s = script(true);
+    s.pushes.push_back(drain.clone());
+    let (registry, url) = Scripted::serve(s).await;
+    let mut config = agent_config(&url, "s7");
+    config.heartbeat_interval = Some(Duration::from_millis(100));
+    let mut pool = PoolConfig::new("pool-0");
+    pool.drain = Some(node_agent::pools::action::PoolAction::Command(vec![
+        "sh".into(),
+        "-c".into(),
+        format!("echo try >> '{}'; exit 1", log.display()),
+    ]));
+    config.pools = vec![pool];
+    let agent = Agent::start(config);
+    let tries = |want: usize| {
+        let log = log.clone();
+        async move {
+            eventually(&format!("{want} tries"), WAIT, || {
+                let n = lines(&log).len();
+                async move {
+                    if n >= want {
+                        Ok(())
+                    } else {
+                        Err(format!("{n} tries"))
+                    }
+                }
+            })
+            .await
+        }
+    };
+    tries(1).await;
+    // Failed, and the pool is still reported DRAINING; beats do not retry.
+    let seen = registry.with(|s| s.beats.len());
+    eventually("five more beats", WAIT, || {
+        let beats = registry.with(|s| s.beats.len());
+        async move {
+            if beats >= seen + 5 {
+                Ok(())
+            } else {
+                Err(format!("{beats} beats"))
+            }
+        }
+    })
+    .await;
+    assert_eq!(lines(&log).len(), 1);
+    assert!(beat_with(&registry, seen, &[("pool-0", pb::PoolState::Draining)]).is_ok());
+    // The registry sends the drain again: the action is tried again.
+    registry.with(|s| s.pushes.push_back(drain));
+    tries(2).await;
+    agent.stop().await.unwrap();
+    assert_eq!(lines(&log).len(), 2);
+}
