@@ -162,7 +162,7 @@ fn pool_actions_and_their_timeout_come_from_the_file() {
 action_timeout = "5s"
 [[pools]]
 id = "p0"
-drain = { command = ["sh", "-c", "echo x > /tmp/x"] }
+drain = { command = ["sh", "-c", "echo x > drained.txt"] }
 [[pools]]
 id = "p1"
 resume = { http_post = "http://127.0.0.1:8000/admin/resume" }
@@ -177,7 +177,7 @@ resume = { http_post = "http://127.0.0.1:8000/admin/resume" }
         Some(PoolAction::Command(vec![
             "sh".into(),
             "-c".into(),
-            "echo x > /tmp/x".into()
+            "echo x > drained.txt".into()
         ]))
     );
     assert_eq!(config.pools[0].resume, None);
