@@ -14,7 +14,7 @@ use registry_proto::pb;
 use registry_proto::rules::{self, Field};
 
 use crate::error::RegistryError;
-use crate::registry::{Beat, Registration};
+use crate::registry::{Beat, DrainRequest, Registration};
 
 pub use registry_proto::rules::{
     MAX_ADDRESS_LEN, MAX_GPUS, MAX_ID_LEN, MAX_LABELS, MAX_MACHINE_ID_LEN, MAX_POOLS, MAX_TEXT_LEN,
@@ -67,6 +67,45 @@ pub fn beat(
         received_at: now,
         pools: std::mem::take(&mut req.pools),
         gpus: std::mem::take(&mut req.gpus),
+    })
+}
+
+/// Checks a DrainNodeRequest: node_id, each pool id (well formed, at most
+/// [`MAX_POOLS`], no repeats), the reason as text and a non-negative
+/// deadline (zero: none). Whether each pool belongs to the node is the
+/// registry's check, under the node's lock.
+pub fn drain(req: pb::DrainNodeRequest) -> Result<DrainRequest, RegistryError> {
+    node_id("node_id", &req.node_id)?;
+    rules::at_most("pool_ids".into(), req.pool_ids.len(), MAX_POOLS)?;
+    {
+        let mut seen = std::collections::HashSet::new();
+        for (index, id) in req.pool_ids.iter().enumerate() {
+            let field = Field::Entry {
+                list: "pool_ids",
+                index,
+            };
+            rules::pool_id(field, id)?;
+            rules::unique(&mut seen, field, id)?;
+        }
+    }
+    rules::text("reason".into(), &req.reason)?;
+    let deadline = match req.deadline {
+        None => None,
+        Some(d) if d.seconds < 0 || d.nanos < 0 => {
+            return Err(RegistryError::invalid(
+                "deadline",
+                "must not be negative (absent or zero: no deadline)",
+            ));
+        }
+        Some(d) => {
+            let d = Duration::new(d.seconds as u64, d.nanos as u32);
+            (!d.is_zero()).then_some(d)
+        }
+    };
+    Ok(DrainRequest {
+        pool_ids: req.pool_ids,
+        reason: req.reason,
+        deadline,
     })
 }
 
