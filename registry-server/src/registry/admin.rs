@@ -213,6 +213,36 @@ impl NodeState {
     }
 }
 
+#[cfg(test)]
+impl Parked {
+    /// A cordoned entry.
+    pub(super) fn for_tests() -> Self {
+        Parked {
+            admin: pb::AdminState {
+                cordoned: true,
+                ..pb::AdminState::default()
+            },
+            drain_deadline_at: None,
+            seq: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+impl ParkedMap {
+    pub(super) fn insert_for_tests(&mut self, node_id: &str, parked: Parked) {
+        self.insert(node_id, parked);
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(super) fn contains(&self, node_id: &str) -> bool {
+        self.entries.contains_key(node_id)
+    }
+}
+
 impl ParkedMap {
     /// Keeps `parked` for `node_id`, dropping the oldest entry when full.
     fn insert(&mut self, node_id: &str, mut parked: Parked) {
@@ -495,6 +525,19 @@ impl Registry {
         changed
     }
 
+    /// A new session of a listed node (under its lock): the agent may be a
+    /// new process that never heard of the drain, so it must acknowledge
+    /// anew (and is owed the command until it does). The caller publishes.
+    pub(super) fn admin_on_register(&self, st: &mut NodeState) {
+        if st.admin.drain.as_ref().is_some_and(|d| d.acknowledged) {
+            let mut admin = st.admin.clone();
+            if let Some(drain) = admin.drain.as_mut() {
+                drain.acknowledged = false;
+            }
+            self.set_admin(st, admin);
+        }
+    }
+
     /// At a wake-up (under the node's lock): a drain whose deadline passed
     /// counts as drained. True when that changed the admin state.
     pub(super) fn drain_deadline_due(&self, st: &mut NodeState, now: Now) -> bool {
@@ -545,6 +588,10 @@ impl Registry {
         let (c, d) = admin_gauges(&parked.admin);
         self.shared.stats.shift_admin(c, d);
         st.admin = parked.admin;
+        // A new agent has not been told; it acknowledges anew.
+        if let Some(drain) = st.admin.drain.as_mut() {
+            drain.acknowledged = false;
+        }
         // Owed again to the new agent's streams.
         if st.admin.drain.is_some() {
             st.command_gen += 1;

@@ -401,6 +401,7 @@ impl Registry {
         st.pool_status.clear();
         st.gpu_stats.clear();
         st.reported = false;
+        self.admin_on_register(&mut st);
         let came_online = st.liveness == Liveness::Offline;
         if came_online {
             self.set_online(&mut st, now.wall);
