@@ -263,7 +263,12 @@ impl AckTimer {
 
     /// An ack of `sequence` arrived: counted, and timed when it is the
     /// newest beat's (an ack of an older one has no start time kept).
+    /// Sequence 0 is a command the registry pushed unsolicited, not an
+    /// ack (beats are numbered from 1): neither counted nor timed.
     pub fn acked(&self, sequence: u64) {
+        if sequence == 0 {
+            return;
+        }
         counter!(ACKS).increment(1);
         let (newest, at) = *self.newest.lock().unwrap_or_else(|e| e.into_inner());
         if sequence == newest {
