@@ -295,7 +295,10 @@ pub fn drain(d: &DrainResult) -> String {
         humantime::format_duration(d.interval),
         d.drains,
     );
-    for (name, l) in [("DrainNode -> DRAINING", &d.drain), ("CancelDrain -> resumed", &d.resume)] {
+    for (name, l) in [
+        ("DrainNode -> DRAINING", &d.drain),
+        ("CancelDrain -> resumed", &d.resume),
+    ] {
         let _ = writeln!(
             out,
             "| {name} | {} | {} | {} | {} |",

@@ -385,9 +385,9 @@ impl Node {
                 }
             }
             self.sequence += 1;
-            let mut beat = self
-                .shape
-                .heartbeat(session.id, "", self.sequence, false, &mut self.rng);
+            let mut beat =
+                self.shape
+                    .heartbeat(session.id, "", self.sequence, false, &mut self.rng);
             self.drain.apply(&mut beat);
             // A failed send means the stream is gone; reading the next
             // message then yields its status.

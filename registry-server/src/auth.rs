@@ -439,7 +439,10 @@ mod tests {
         assert!(!Role::Reader.allows(Register) && !Role::Reader.allows(Heartbeat));
         for rpc in [CordonNode, UncordonNode, DrainNode, CancelDrain] {
             assert!(Role::Admin.allows(rpc), "{rpc:?}");
-            assert!(!Role::Node.allows(rpc) && !Role::Reader.allows(rpc), "{rpc:?}");
+            assert!(
+                !Role::Node.allows(rpc) && !Role::Reader.allows(rpc),
+                "{rpc:?}"
+            );
         }
     }
 

@@ -95,7 +95,10 @@ async fn a_drain_is_pushed_at_once_and_again_on_new_streams_until_acknowledged()
         .unwrap();
     assert!(ack.command.is_none());
     let drain = get(&mut client, "n1").await.admin.unwrap().drain.unwrap();
-    assert!(drain.acknowledged && !drain.drained, "3 of 4 slots free: busy");
+    assert!(
+        drain.acknowledged && !drain.drained,
+        "3 of 4 slots free: busy"
+    );
     drop(stream);
     let mut stream = Stream::open(&mut client).await.unwrap();
     let ack = stream
@@ -179,7 +182,9 @@ async fn placement_never_offers_a_cordoned_or_draining_node() {
         let client = client.clone();
         async move {
             let nodes = offered(client).await;
-            (nodes == ["n1", "n2"]).then_some(()).ok_or(format!("{nodes:?}"))
+            (nodes == ["n1", "n2"])
+                .then_some(())
+                .ok_or(format!("{nodes:?}"))
         }
     })
     .await;
@@ -230,7 +235,11 @@ async fn placement_never_offers_a_cordoned_or_draining_node() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("takes new work"), "{}", err.message());
+    assert!(
+        err.message().contains("takes new work"),
+        "{}",
+        err.message()
+    );
     let models = client
         .list_models(pb::ListModelsRequest {
             model: MODEL.into(),

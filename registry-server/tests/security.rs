@@ -243,7 +243,10 @@ async fn cordon_and_drain_need_the_admin_role() {
     let mut admin = client_with(channel, Some(ADMIN_TOKEN));
     assert_eq!(admin_calls(&mut node).await, [Code::PermissionDenied; 4]);
     assert_eq!(admin_calls(&mut reader).await, [Code::PermissionDenied; 4]);
-    assert_eq!(admin_calls(&mut anonymous).await, [Code::Unauthenticated; 4]);
+    assert_eq!(
+        admin_calls(&mut anonymous).await,
+        [Code::Unauthenticated; 4]
+    );
     assert_eq!(admin_calls(&mut admin).await, [Code::Ok; 4]);
     server.stop().await;
 }

@@ -159,7 +159,11 @@ async fn until(
         let Some(event) = message else {
             return Err(BenchError::Server("WatchNodes ended".into()));
         };
-        if event.node.as_ref().is_some_and(|n| n.node_id == id && done(n)) {
+        if event
+            .node
+            .as_ref()
+            .is_some_and(|n| n.node_id == id && done(n))
+        {
             return Ok(true);
         }
     }

@@ -475,11 +475,7 @@ impl Registry {
     /// The command a stream that last sent command number `*sent` should
     /// send now for session `session_id`, if any; marks it sent. Call
     /// under the node's lock.
-    pub(super) fn command_for(
-        st: &NodeState,
-        session_id: u64,
-        sent: &mut u64,
-    ) -> Option<Command> {
+    pub(super) fn command_for(st: &NodeState, session_id: u64, sent: &mut u64) -> Option<Command> {
         if *sent == st.command_gen || st.session_id != session_id || st.removed {
             return None;
         }
@@ -515,7 +511,8 @@ impl Registry {
         let Some(admin) = st.drain_progress(now) else {
             return false;
         };
-        let lost_ack = before == Some(true) && admin.drain.as_ref().is_some_and(|d| !d.acknowledged);
+        let lost_ack =
+            before == Some(true) && admin.drain.as_ref().is_some_and(|d| !d.acknowledged);
         let changed = self.set_admin(st, admin);
         if lost_ack {
             // The agent forgot the drain (it restarted): owe it again, to

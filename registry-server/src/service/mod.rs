@@ -253,9 +253,11 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let request = request.into_inner();
         let node_id = request.node_id.clone();
         let drain = validate::drain(request)?;
-        Ok(Response::new(
-            self.registry.drain(&node_id, drain, Now::read())?,
-        ))
+        Ok(Response::new(self.registry.drain(
+            &node_id,
+            drain,
+            Now::read(),
+        )?))
     }
 
     async fn cancel_drain(

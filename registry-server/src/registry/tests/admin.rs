@@ -110,7 +110,12 @@ async fn a_drain_is_acknowledged_then_drained_from_pool_status_each_an_event() {
     let (registry, _stop) = start();
     let (reg, slot) = joined(&registry, "n1");
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Ready, 2), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Ready, 2),
+            Instant::now(),
+        )
         .unwrap();
     let requested = registry
         .drain("n1", drain_all("kernel upgrade", None), Now::read())
@@ -124,13 +129,25 @@ async fn a_drain_is_acknowledged_then_drained_from_pool_status_each_an_event() {
     // Still READY: nothing moves.
     let mut sent = 0;
     registry
-        .heartbeat_for(&slot, reg.session_id, pool_beat(pb::PoolState::Ready, 2), Instant::now(), &mut sent)
+        .heartbeat_for(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Ready, 2),
+            Instant::now(),
+            &mut sent,
+        )
         .unwrap();
     assert_eq!(registry.get("n1").unwrap().revision, requested.revision);
 
     // DRAINING with busy slots: acknowledged, not drained.
     registry
-        .heartbeat_for(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 2), Instant::now(), &mut sent)
+        .heartbeat_for(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 2),
+            Instant::now(),
+            &mut sent,
+        )
         .unwrap();
     let acked = registry.get("n1").unwrap();
     let drain = acked.admin.unwrap().drain.unwrap();
@@ -139,7 +156,13 @@ async fn a_drain_is_acknowledged_then_drained_from_pool_status_each_an_event() {
 
     // Idle: drained, with its time.
     registry
-        .heartbeat_for(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 0), Instant::now(), &mut sent)
+        .heartbeat_for(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 0),
+            Instant::now(),
+            &mut sent,
+        )
         .unwrap();
     let done = registry.get("n1").unwrap();
     let drain = done.admin.unwrap().drain.unwrap();
@@ -148,7 +171,12 @@ async fn a_drain_is_acknowledged_then_drained_from_pool_status_each_an_event() {
 
     // Busy again later: drained stays (it is a fact about the past).
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 1), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 1),
+            Instant::now(),
+        )
         .unwrap();
     assert!(drain_state(&registry, "n1").unwrap().drained);
 }
@@ -161,7 +189,12 @@ async fn a_stopped_pool_counts_as_drained() {
         .drain("n1", drain_all("", None), Now::read())
         .unwrap();
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Offline, 0), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Offline, 0),
+            Instant::now(),
+        )
         .unwrap();
     let drain = drain_state(&registry, "n1").unwrap();
     assert!(drain.acknowledged && drain.drained);
@@ -172,10 +205,19 @@ async fn past_its_deadline_a_drain_of_a_silent_busy_node_counts_as_drained() {
     let (registry, _stop) = start();
     let (reg, slot) = joined(&registry, "n1");
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 3), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 3),
+            Instant::now(),
+        )
         .unwrap();
     registry
-        .drain("n1", drain_all("", Some(Duration::from_secs(10))), Now::read())
+        .drain(
+            "n1",
+            drain_all("", Some(Duration::from_secs(10))),
+            Now::read(),
+        )
         .unwrap();
     let drain = drain_state(&registry, "n1").unwrap();
     assert!(drain.acknowledged && !drain.drained && drain.deadline.is_some());
@@ -202,7 +244,11 @@ async fn the_drain_command_is_owed_to_every_new_stream_until_acknowledged() {
     let mut signal = slot.commands();
     signal.borrow_and_update();
     registry
-        .drain("n1", drain_all("upgrade", Some(Duration::from_secs(60))), Now::read())
+        .drain(
+            "n1",
+            drain_all("upgrade", Some(Duration::from_secs(60))),
+            Now::read(),
+        )
         .unwrap();
     assert!(signal.has_changed().unwrap(), "open streams are woken");
 
@@ -215,33 +261,64 @@ async fn the_drain_command_is_owed_to_every_new_stream_until_acknowledged() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(registry.pending_command(&slot, reg.session_id, &mut open_stream).is_none());
+    assert!(
+        registry
+            .pending_command(&slot, reg.session_id, &mut open_stream)
+            .is_none()
+    );
     let ready = || pool_beat(pb::PoolState::Ready, 0);
     let none = registry
-        .heartbeat_for(&slot, reg.session_id, ready(), Instant::now(), &mut open_stream)
+        .heartbeat_for(
+            &slot,
+            reg.session_id,
+            ready(),
+            Instant::now(),
+            &mut open_stream,
+        )
         .unwrap();
     assert!(none.is_none(), "sent once per stream");
 
     // A new stream (the agent reconnected) gets it on its first ack.
     let mut new_stream = 0;
     let again = registry
-        .heartbeat_for(&slot, reg.session_id, ready(), Instant::now(), &mut new_stream)
+        .heartbeat_for(
+            &slot,
+            reg.session_id,
+            ready(),
+            Instant::now(),
+            &mut new_stream,
+        )
         .unwrap();
     assert!(matches!(again, Some(Command::Drain(_))));
 
     // Once acknowledged, no stream is owed it.
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 0), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 0),
+            Instant::now(),
+        )
         .unwrap();
     let mut newer_stream = 0;
     let owed = registry
-        .heartbeat_for(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 0), Instant::now(), &mut newer_stream)
+        .heartbeat_for(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 0),
+            Instant::now(),
+            &mut newer_stream,
+        )
         .unwrap();
     assert!(owed.is_none());
 
     // A stream of an older session is owed nothing.
     let mut stale = 0;
-    assert!(registry.pending_command(&slot, reg.session_id + 99, &mut stale).is_none());
+    assert!(
+        registry
+            .pending_command(&slot, reg.session_id + 99, &mut stale)
+            .is_none()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -252,7 +329,12 @@ async fn cancel_owes_a_resume_until_the_pools_are_no_longer_draining() {
         .drain("n1", drain_all("", None), Now::read())
         .unwrap();
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 1), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 1),
+            Instant::now(),
+        )
         .unwrap();
     let before = registry.revision();
     let node = registry.cancel_drain("n1").unwrap();
@@ -269,15 +351,30 @@ async fn cancel_owes_a_resume_until_the_pools_are_no_longer_draining() {
     // Still DRAINING: a new stream is owed it again.
     let mut new_stream = 0;
     let owed = registry
-        .heartbeat_for(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 1), Instant::now(), &mut new_stream)
+        .heartbeat_for(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 1),
+            Instant::now(),
+            &mut new_stream,
+        )
         .unwrap();
     assert!(matches!(owed, Some(Command::Resume(_))));
     // READY again: done, no stream is owed anything.
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Ready, 1), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Ready, 1),
+            Instant::now(),
+        )
         .unwrap();
     let mut newest = 0;
-    assert!(registry.pending_command(&slot, reg.session_id, &mut newest).is_none());
+    assert!(
+        registry
+            .pending_command(&slot, reg.session_id, &mut newest)
+            .is_none()
+    );
     // No drain: cancelling again changes nothing.
     let revision = registry.revision();
     assert_eq!(registry.cancel_drain("n1").unwrap().revision, revision);
@@ -289,7 +386,12 @@ async fn admin_state_survives_re_registration_and_deregistration() {
     let (reg, slot) = joined(&registry, "n1");
     registry.cordon("n1", "rack move", Now::read()).unwrap();
     registry
-        .heartbeat(&slot, reg.session_id, pool_beat(pb::PoolState::Draining, 0), Instant::now())
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            pool_beat(pb::PoolState::Draining, 0),
+            Instant::now(),
+        )
         .unwrap();
     registry
         .drain("n1", drain_all("rack move", None), Now::read())
@@ -306,7 +408,10 @@ async fn admin_state_survives_re_registration_and_deregistration() {
         .deregister("n1", again.session_id, Some(&again.session_secret))
         .unwrap();
     drop(slot);
-    assert!(matches!(registry.get("n1"), Err(RegistryError::NodeNotFound { .. })));
+    assert!(matches!(
+        registry.get("n1"),
+        Err(RegistryError::NodeNotFound { .. })
+    ));
     assert_eq!(registry.parked_admin_states(), 1);
     assert_eq!(registry.stats().cordoned_nodes.load(Ordering::Relaxed), 0);
     assert_eq!(registry.stats().draining_nodes.load(Ordering::Relaxed), 0);
@@ -321,7 +426,13 @@ async fn admin_state_survives_re_registration_and_deregistration() {
     // The new agent has not reported DRAINING yet: it is owed the drain.
     let mut stream = 0;
     let owed = registry
-        .heartbeat_for(&slot, fresh.session_id, pool_beat(pb::PoolState::Ready, 0), Instant::now(), &mut stream)
+        .heartbeat_for(
+            &slot,
+            fresh.session_id,
+            pool_beat(pb::PoolState::Ready, 0),
+            Instant::now(),
+            &mut stream,
+        )
         .unwrap();
     assert!(matches!(owed, Some(Command::Drain(_))));
     assert!(!drain_state(&registry, "n1").unwrap().acknowledged);
