@@ -113,26 +113,26 @@ impl HeartbeatSession {
         tokio::pin!(first_deadline);
         let message = loop {
             tokio::select! {
-            biased;
-            () = self.shutdown.cancelled() => {
-                self.done = true;
-                return Some(Err(RegistryError::ShuttingDown.into()));
-            }
-            () = &mut first_deadline => {
-                self.done = true;
-                let err = RegistryError::TooSlow(format!(
-                    "no first heartbeat message within {}; the stream is closed",
-                    humantime::format_duration(self.first_message_timeout)
-                ));
-                info!(error = %err, "idle heartbeat stream closed");
-                return Some(Err(err.into()));
-            }
-            () = command_owed(&mut self.commands) => {
-                if let Some(push) = self.push() {
-                    return Some(Ok(push));
+                biased;
+                () = self.shutdown.cancelled() => {
+                    self.done = true;
+                    return Some(Err(RegistryError::ShuttingDown.into()));
                 }
-            }
-            message = self.inbound.message() => break message,
+                () = &mut first_deadline => {
+                    self.done = true;
+                    let err = RegistryError::TooSlow(format!(
+                        "no first heartbeat message within {}; the stream is closed",
+                        humantime::format_duration(self.first_message_timeout)
+                    ));
+                    info!(error = %err, "idle heartbeat stream closed");
+                    return Some(Err(err.into()));
+                }
+                () = command_owed(&mut self.commands) => {
+                    if let Some(push) = self.push() {
+                        return Some(Ok(push));
+                    }
+                }
+                message = self.inbound.message() => break message,
             }
         };
         match message {
