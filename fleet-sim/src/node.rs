@@ -441,3 +441,63 @@ impl Node {
         interval.mul_f64(1.0 + jitter * (2.0 * self.rng.f64() - 1.0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(pools: &[&str]) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            pools: pools
+                .iter()
+                .map(|id| pb::PoolStatus {
+                    pool_id: (*id).into(),
+                    state: pb::PoolState::Ready as i32,
+                    slots_total: 4,
+                    slots_free: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn states(beat: &pb::HeartbeatRequest) -> Vec<(pb::PoolState, u32)> {
+        beat.pools
+            .iter()
+            .map(|p| (p.state(), p.slots_free))
+            .collect()
+    }
+
+    #[test]
+    fn drained_pools_report_draining_and_idle_the_rest_as_they_are() {
+        let mut b = beat(&["pool-0", "pool-1"]);
+        Drain::default().apply(&mut b);
+        assert_eq!(
+            states(&b),
+            [(pb::PoolState::Ready, 1), (pb::PoolState::Ready, 1)]
+        );
+
+        let named = Drain {
+            all: false,
+            pools: ["pool-1".to_string()].into(),
+        };
+        let mut b = beat(&["pool-0", "pool-1"]);
+        named.apply(&mut b);
+        assert_eq!(
+            states(&b),
+            [(pb::PoolState::Ready, 1), (pb::PoolState::Draining, 4)]
+        );
+
+        let all = Drain {
+            all: true,
+            pools: Default::default(),
+        };
+        let mut b = beat(&["pool-0", "pool-1"]);
+        all.apply(&mut b);
+        assert_eq!(
+            states(&b),
+            [(pb::PoolState::Draining, 4), (pb::PoolState::Draining, 4)]
+        );
+    }
+}
