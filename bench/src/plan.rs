@@ -224,7 +224,7 @@ impl Plan {
                 nodes: 1_000,
                 connections: 0,
                 interval: Duration::from_secs(10),
-                drains: 200,
+                drains: 1_000,
                 limit: Duration::from_secs(30),
             },
         }
