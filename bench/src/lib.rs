@@ -9,7 +9,7 @@
 //! - [`plan`]: scenario parameters, full and quick;
 //! - [`server`]: the registry under test (child process or in-process task);
 //! - [`scenarios`]: scale, throughput, detection, reads, restart storm,
-//!   change feed;
+//!   change feed, drain round trip;
 //! - [`inspect`]: the registry's view through ListNodes;
 //! - [`procfs`]: CPU and memory of a process;
 //! - [`table`]: Markdown output.
@@ -22,6 +22,7 @@ pub mod server;
 pub mod table;
 
 use scenarios::detection::DetectionResult;
+use scenarios::drain::DrainResult;
 use scenarios::feed::FeedResult;
 use scenarios::reads::ReadsResult;
 use scenarios::restart::RestartRow;
@@ -66,6 +67,8 @@ pub enum Scenario {
     Restart,
     /// 6. The change feed under churn (issue 10).
     Feed,
+    /// 7. The drain round trip (issue 11).
+    Drain,
 }
 
 impl Scenario {
@@ -73,12 +76,13 @@ impl Scenario {
     /// step leaves the simulator's heap large and fragmented, which would
     /// slow the simulator (and inflate latencies) in any scenario after it.
     /// The tables still print in the issue's order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Throughput,
         Scenario::Detection,
         Scenario::Reads,
         Scenario::Restart,
         Scenario::Feed,
+        Scenario::Drain,
         Scenario::Scale,
     ];
 }
@@ -98,6 +102,8 @@ pub struct Results {
     pub restart: Option<Vec<RestartRow>>,
     /// Scenario 6.
     pub feed: Option<FeedResult>,
+    /// Scenario 7.
+    pub drain: Option<DrainResult>,
 }
 
 /// Runs `scenarios` of `plan` in order, printing each table to stderr as it
@@ -146,6 +152,12 @@ pub async fn run(
                 let f = scenarios::feed::run(launcher, plan).await?;
                 let table = table::feed(&f);
                 results.feed = Some(f);
+                table
+            }
+            Scenario::Drain => {
+                let d = scenarios::drain::run(launcher, plan).await?;
+                let table = table::drain(&d);
+                results.drain = Some(d);
                 table
             }
         };

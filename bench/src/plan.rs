@@ -27,6 +27,26 @@ pub struct Plan {
     pub restart: RestartPlan,
     /// The change feed under churn (issue 10).
     pub feed: FeedPlan,
+    /// The drain round trip (issue 11).
+    pub drain: DrainPlan,
+}
+
+/// The drain round trip: nodes drained one by one under a heartbeating
+/// fleet, each timed from DrainNode to the acknowledgement in the feed.
+#[derive(Debug, Clone)]
+pub struct DrainPlan {
+    /// Virtual nodes.
+    pub nodes: usize,
+    /// Connections they share (0: one per node, as real agents).
+    pub connections: usize,
+    /// Heartbeat interval (advertised by the server; timeout 3x); long, so
+    /// a pushed command shows as a round trip far below it.
+    pub interval: Duration,
+    /// Nodes drained (and resumed), one after another, spread over the
+    /// fleet.
+    pub drains: usize,
+    /// Longest wait for one round trip.
+    pub limit: Duration,
 }
 
 /// One scale step.
@@ -200,6 +220,13 @@ impl Plan {
                 find_rate: 200,
                 page_size: 1_000,
             },
+            drain: DrainPlan {
+                nodes: 1_000,
+                connections: 0,
+                interval: Duration::from_secs(10),
+                drains: 1_000,
+                limit: Duration::from_secs(30),
+            },
         }
     }
 
@@ -256,6 +283,13 @@ impl Plan {
                 phase: Duration::from_secs(1),
                 find_rate: 50,
                 page_size: 50,
+            },
+            drain: DrainPlan {
+                nodes: 50,
+                connections: 2,
+                interval: Duration::from_secs(2),
+                drains: 5,
+                limit: Duration::from_secs(10),
             },
         }
     }

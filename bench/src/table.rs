@@ -7,6 +7,7 @@ use fleet_sim::stats::{fmt_errors, fmt_ms};
 
 use crate::Results;
 use crate::scenarios::detection::DetectionResult;
+use crate::scenarios::drain::DrainResult;
 use crate::scenarios::feed::FeedResult;
 use crate::scenarios::reads::ReadsResult;
 use crate::scenarios::restart::RestartRow;
@@ -275,6 +276,40 @@ pub fn all(results: &Results) -> String {
     }
     if let Some(f) = &results.feed {
         let _ = writeln!(out, "### 6. Change feed\n\n{}", feed(f));
+    }
+    if let Some(d) = &results.drain {
+        let _ = writeln!(out, "### 7. Drain round trip\n\n{}", drain(d));
+    }
+    out
+}
+
+/// Scenario 7.
+pub fn drain(d: &DrainResult) -> String {
+    let mut out = format!(
+        "{} nodes heartbeating every {}; {} of them drained one after another. \
+         Drain = DrainNode call -> WatchNodes event with the drain acknowledged (the agent reported its pools DRAINING); \
+         resume = CancelDrain call -> event with no pool DRAINING.\n\n\
+         | round trip | count | p50 | p99 | max |\n\
+         |---|---:|---:|---:|---:|\n",
+        d.nodes,
+        humantime::format_duration(d.interval),
+        d.drains,
+    );
+    for (name, l) in [
+        ("DrainNode -> DRAINING", &d.drain),
+        ("CancelDrain -> resumed", &d.resume),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} |",
+            l.count,
+            fmt_ms(l.p50),
+            fmt_ms(l.p99),
+            fmt_ms(l.max)
+        );
+    }
+    if d.timed_out > 0 {
+        let _ = writeln!(out, "\n{} round trips did not finish in time.", d.timed_out);
     }
     out
 }

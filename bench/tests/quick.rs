@@ -80,6 +80,12 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
         "a walk lists every node"
     );
 
+    let drain = results.drain.as_ref().expect("drain ran");
+    assert_eq!(drain.timed_out, 0, "every drain and resume round-tripped");
+    assert_eq!(drain.drain.count, plan.drain.drains as u64);
+    assert_eq!(drain.resume.count, plan.drain.drains as u64);
+    assert!(drain.drain.p50 <= drain.drain.p99);
+
     let tables = bench::table::all(&results);
     for heading in [
         "1. Scale",
@@ -88,6 +94,7 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
         "4. Reads",
         "5. Restart",
         "6. Change feed",
+        "7. Drain round trip",
     ] {
         assert!(tables.contains(heading), "{heading} missing from\n{tables}");
     }

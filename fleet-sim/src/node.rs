@@ -2,6 +2,11 @@
 //! interval with jitter and wait for each ack; on NOT_FOUND,
 //! FAILED_PRECONDITION, a broken connection, a closed stream or a missing
 //! ack, wait a backoff with jitter and register again, as node-agent does.
+//! A DrainCommand (pushed unsolicited, sequence 0, or on an ack) makes the
+//! named pools (all when none are named) report DRAINING and idle on a beat
+//! sent at once; a ResumeCommand makes them READY again, also at once, so
+//! the registry sees the command carried out as a real agent would report
+//! it.
 //!
 //! [`Shared`] is what every node task of one fleet shares (options, counters,
 //! the stop and silence signals); the fleet owns one and hands it to each
@@ -113,6 +118,39 @@ struct Node {
     backoff: Backoff,
     /// Heartbeat counter, across sessions.
     sequence: u64,
+    /// Pools the registry asked to drain, as the agent reports them.
+    drain: Drain,
+    /// Set when a command changed what the next beat reports, so it is
+    /// sent at once instead of at the next interval.
+    report_now: bool,
+}
+
+/// Pools draining on this node, kept across streams and sessions as a
+/// real agent keeps them while it runs.
+#[derive(Debug, Default)]
+struct Drain {
+    /// Every pool drains (a DrainCommand naming none).
+    all: bool,
+    /// The pools named by DrainCommands.
+    pools: std::collections::HashSet<String>,
+}
+
+impl Drain {
+    fn covers(&self, pool_id: &str) -> bool {
+        self.all || self.pools.contains(pool_id)
+    }
+
+    /// Reports drained pools DRAINING with every slot free (in-flight
+    /// work is taken to finish at once).
+    fn apply(&self, beat: &mut pb::HeartbeatRequest) {
+        if !self.all && self.pools.is_empty() {
+            return;
+        }
+        for pool in beat.pools.iter_mut().filter(|p| self.covers(&p.pool_id)) {
+            pool.state = pb::PoolState::Draining as i32;
+            pool.slots_free = pool.slots_total;
+        }
+    }
 }
 
 /// Runs node `index` until the fleet stops.
@@ -131,6 +169,8 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, channel: Channel) {
         rng: fastrand::Rng::new(),
         backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
         sequence: 0,
+        drain: Drain::default(),
+        report_now: false,
         shared: shared.clone(),
     };
     node.live().await;
@@ -238,13 +278,14 @@ impl Node {
 
         let (tx, rx) = mpsc::channel(1);
         self.sequence += 1;
-        let first = self.shape.heartbeat(
+        let mut first = self.shape.heartbeat(
             session.id,
             &session.secret,
             self.sequence,
             true,
             &mut self.rng,
         );
+        self.drain.apply(&mut first);
         if tx.try_send(first).is_err() {
             unreachable!("a new channel of capacity 1 has room");
         }
@@ -289,6 +330,13 @@ impl Node {
                     return End::Lost;
                 }
             };
+            if ack.sequence == 0 {
+                // Pushed between acks: carry it out, keep waiting for the ack.
+                if let Some(end) = self.obey(&ack, &mut advertised) {
+                    return end;
+                }
+                continue;
+            }
             stats.acked(sent_at.elapsed());
             if !*attached {
                 *attached = true;
@@ -302,7 +350,7 @@ impl Node {
             // Wait for the next send time, noticing at once if the registry
             // ends the stream meanwhile (a restart, say).
             let next = sent_at + self.jittered(shared.interval(advertised));
-            loop {
+            while !std::mem::take(&mut self.report_now) {
                 tokio::select! {
                     () = stop.cancelled() => return End::Stopped,
                     () = shared.silence.cancelled(), if self.silenced => {
@@ -319,6 +367,9 @@ impl Node {
                             if let Some(end) = self.obey(&unsolicited, &mut advertised) {
                                 return end;
                             }
+                            if std::mem::take(&mut self.report_now) {
+                                break;
+                            }
                         }
                         Ok(None) => {
                             stats.stream_closed();
@@ -334,9 +385,10 @@ impl Node {
                 }
             }
             self.sequence += 1;
-            let beat = self
-                .shape
-                .heartbeat(session.id, "", self.sequence, false, &mut self.rng);
+            let mut beat =
+                self.shape
+                    .heartbeat(session.id, "", self.sequence, false, &mut self.rng);
+            self.drain.apply(&mut beat);
             // A failed send means the stream is gone; reading the next
             // message then yields its status.
             if tx.send(beat).await.is_ok() {
@@ -346,8 +398,9 @@ impl Node {
         }
     }
 
-    /// Follows what an ack asks: a new interval, or a new registration.
-    fn obey(&self, ack: &pb::HeartbeatResponse, advertised: &mut Duration) -> Option<End> {
+    /// Follows what an ack asks: a new interval, a new registration, or a
+    /// drain or resume (reported on a beat sent at once).
+    fn obey(&mut self, ack: &pb::HeartbeatResponse, advertised: &mut Duration) -> Option<End> {
         if let Some(interval) = ack
             .heartbeat_interval
             .as_ref()
@@ -356,9 +409,29 @@ impl Node {
         {
             *advertised = interval;
         }
-        match ack.command {
+        match &ack.command {
             Some(Command::Reregister(_)) => Some(End::Reregister),
-            _ => None,
+            Some(Command::Drain(cmd)) => {
+                if cmd.pool_ids.is_empty() {
+                    self.drain.all = true;
+                } else {
+                    self.drain.pools.extend(cmd.pool_ids.iter().cloned());
+                }
+                self.report_now = true;
+                None
+            }
+            Some(Command::Resume(cmd)) => {
+                if cmd.pool_ids.is_empty() {
+                    self.drain = Drain::default();
+                } else {
+                    for id in &cmd.pool_ids {
+                        self.drain.pools.remove(id);
+                    }
+                }
+                self.report_now = true;
+                None
+            }
+            None => None,
         }
     }
 
@@ -366,5 +439,65 @@ impl Node {
     fn jittered(&mut self, interval: Duration) -> Duration {
         let jitter = self.shared.config.jitter;
         interval.mul_f64(1.0 + jitter * (2.0 * self.rng.f64() - 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(pools: &[&str]) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            pools: pools
+                .iter()
+                .map(|id| pb::PoolStatus {
+                    pool_id: (*id).into(),
+                    state: pb::PoolState::Ready as i32,
+                    slots_total: 4,
+                    slots_free: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn states(beat: &pb::HeartbeatRequest) -> Vec<(pb::PoolState, u32)> {
+        beat.pools
+            .iter()
+            .map(|p| (p.state(), p.slots_free))
+            .collect()
+    }
+
+    #[test]
+    fn drained_pools_report_draining_and_idle_the_rest_as_they_are() {
+        let mut b = beat(&["pool-0", "pool-1"]);
+        Drain::default().apply(&mut b);
+        assert_eq!(
+            states(&b),
+            [(pb::PoolState::Ready, 1), (pb::PoolState::Ready, 1)]
+        );
+
+        let named = Drain {
+            all: false,
+            pools: ["pool-1".to_string()].into(),
+        };
+        let mut b = beat(&["pool-0", "pool-1"]);
+        named.apply(&mut b);
+        assert_eq!(
+            states(&b),
+            [(pb::PoolState::Ready, 1), (pb::PoolState::Draining, 4)]
+        );
+
+        let all = Drain {
+            all: true,
+            pools: Default::default(),
+        };
+        let mut b = beat(&["pool-0", "pool-1"]);
+        all.apply(&mut b);
+        assert_eq!(
+            states(&b),
+            [(pb::PoolState::Draining, 4), (pb::PoolState::Draining, 4)]
+        );
     }
 }

@@ -276,8 +276,8 @@ impl AckTimer {
 
     /// An ack of `sequence` arrived: counted, and timed when it is the
     /// newest beat's (an ack of an older one has no start time kept).
-    /// Sequence 0 acknowledges nothing (a command the registry pushed
-    /// between acks) and is ignored.
+    /// Sequence 0 is a command the registry pushed unsolicited, not an
+    /// ack (beats are numbered from 1): neither counted nor timed.
     pub fn acked(&self, sequence: u64) {
         if sequence == 0 {
             return;

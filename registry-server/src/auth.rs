@@ -60,6 +60,11 @@ impl Role {
                 Rpc::ListNodes | Rpc::GetNode | Rpc::WatchNodes | Rpc::FindPools | Rpc::ListModels,
             ) => false,
             (Role::Reader, Rpc::Register | Rpc::Heartbeat | Rpc::Deregister) => false,
+            // Cordon and drain change what placement offers: admins only.
+            (
+                Role::Node | Role::Reader,
+                Rpc::CordonNode | Rpc::UncordonNode | Rpc::DrainNode | Rpc::CancelDrain,
+            ) => false,
         }
     }
 
@@ -91,6 +96,14 @@ pub enum Rpc {
     ListModels,
     /// `WatchNodes`.
     WatchNodes,
+    /// `CordonNode` (admin role).
+    CordonNode,
+    /// `UncordonNode` (admin role).
+    UncordonNode,
+    /// `DrainNode` (admin role).
+    DrainNode,
+    /// `CancelDrain` (admin role).
+    CancelDrain,
 }
 
 /// Why a caller or a token file was refused.
@@ -424,6 +437,13 @@ mod tests {
         assert!(Role::Reader.allows(ListNodes) && Role::Reader.allows(GetNode));
         assert!(Role::Reader.allows(WatchNodes) && !Role::Node.allows(WatchNodes));
         assert!(!Role::Reader.allows(Register) && !Role::Reader.allows(Heartbeat));
+        for rpc in [CordonNode, UncordonNode, DrainNode, CancelDrain] {
+            assert!(Role::Admin.allows(rpc), "{rpc:?}");
+            assert!(
+                !Role::Node.allows(rpc) && !Role::Reader.allows(rpc),
+                "{rpc:?}"
+            );
+        }
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub const OPEN_STREAMS: &str = "registry_heartbeat_streams_open";
 pub const OFFLINE_TRANSITIONS: &str = "registry_offline_transitions_total";
 /// OFFLINE -> ONLINE transitions.
 pub const ONLINE_TRANSITIONS: &str = "registry_online_transitions_total";
+/// Listed nodes that are cordoned (CordonNode), kept on every change.
+pub const CORDONED: &str = "registry_nodes_cordoned";
+/// Listed nodes with a drain requested (DrainNode), drained or not.
+pub const DRAINING: &str = "registry_nodes_draining";
 /// Nodes removed after their offline retention.
 pub const EXPIRED: &str = "registry_expired_nodes_total";
 /// Time to validate and record one heartbeat message, in seconds. Every
@@ -90,6 +94,8 @@ pub fn describe() {
     describe_counter!(DEREGISTRATIONS, "Deregister calls accepted.");
     describe_counter!(HEARTBEATS, "Heartbeat messages accepted.");
     describe_gauge!(OPEN_STREAMS, "Heartbeat streams open now.");
+    describe_gauge!(CORDONED, "Listed nodes that are cordoned.");
+    describe_gauge!(DRAINING, "Listed nodes with a drain requested.");
     describe_counter!(
         OFFLINE_TRANSITIONS,
         "Nodes marked OFFLINE after the node timeout."
@@ -144,4 +150,6 @@ pub fn publish_once(registry: &Registry) {
     counter!(ONLINE_TRANSITIONS).absolute(total(&stats.online_transitions));
     counter!(EXPIRED).absolute(total(&stats.expired));
     gauge!(OPEN_STREAMS).set(stats.open_streams.load(Ordering::Relaxed) as f64);
+    gauge!(CORDONED).set(stats.cordoned_nodes.load(Ordering::Relaxed) as f64);
+    gauge!(DRAINING).set(stats.draining_nodes.load(Ordering::Relaxed) as f64);
 }

@@ -14,7 +14,7 @@ use registry_proto::pb;
 use registry_proto::rules::{self, Field};
 
 use crate::error::RegistryError;
-use crate::registry::{Beat, Registration};
+use crate::registry::{Beat, DrainRequest, Registration};
 
 pub use registry_proto::rules::{
     MAX_ADDRESS_LEN, MAX_GPUS, MAX_ID_LEN, MAX_LABELS, MAX_MACHINE_ID_LEN, MAX_POOLS, MAX_TEXT_LEN,
@@ -70,6 +70,58 @@ pub fn beat(
     })
 }
 
+/// Longest drain deadline accepted: far beyond any maintenance window,
+/// and small enough that clock arithmetic on it cannot overflow.
+pub const MAX_DRAIN_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks a DrainNodeRequest: node_id, each pool id (well formed, at most
+/// [`MAX_POOLS`], no repeats), the reason as text and a deadline between
+/// zero (none) and [`MAX_DRAIN_DEADLINE`]. Whether each pool belongs to the node is the
+/// registry's check, under the node's lock.
+pub fn drain(req: pb::DrainNodeRequest) -> Result<DrainRequest, RegistryError> {
+    node_id("node_id", &req.node_id)?;
+    rules::at_most("pool_ids".into(), req.pool_ids.len(), MAX_POOLS)?;
+    {
+        let mut seen = std::collections::HashSet::new();
+        for (index, id) in req.pool_ids.iter().enumerate() {
+            let field = Field::Entry {
+                list: "pool_ids",
+                index,
+            };
+            rules::pool_id(field, id)?;
+            rules::unique(&mut seen, field, id)?;
+        }
+    }
+    rules::text("reason".into(), &req.reason)?;
+    let deadline = match req.deadline {
+        None => None,
+        Some(d) if d.seconds < 0 || d.nanos < 0 => {
+            return Err(RegistryError::invalid(
+                "deadline",
+                "must not be negative (absent or zero: no deadline)",
+            ));
+        }
+        Some(d) if d.nanos >= 1_000_000_000 || d.seconds as u64 > MAX_DRAIN_DEADLINE.as_secs() => {
+            return Err(RegistryError::invalid(
+                "deadline",
+                format!(
+                    "must be a valid duration of at most {}",
+                    humantime::format_duration(MAX_DRAIN_DEADLINE)
+                ),
+            ));
+        }
+        Some(d) => {
+            let d = Duration::new(d.seconds as u64, d.nanos as u32);
+            (!d.is_zero()).then_some(d)
+        }
+    };
+    Ok(DrainRequest {
+        pool_ids: req.pool_ids,
+        reason: req.reason,
+        deadline,
+    })
+}
+
 /// A node id: a DNS label (1-63 characters of `[a-z0-9-]`, starting and
 /// ending with a letter or digit), so it is safe in hostnames, URLs, metric
 /// labels and logs.
@@ -80,6 +132,56 @@ pub fn node_id(field: &str, id: &str) -> Result<(), RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drain_requests_are_checked_field_by_field() {
+        let good = pb::DrainNodeRequest {
+            node_id: "n1".into(),
+            pool_ids: vec!["pool-0".into(), "pool-1".into()],
+            reason: "kernel upgrade".into(),
+            deadline: Some(prost_types::Duration {
+                seconds: 90,
+                nanos: 0,
+            }),
+        };
+        let checked = drain(good.clone()).unwrap();
+        assert_eq!(checked.pool_ids, ["pool-0", "pool-1"]);
+        assert_eq!(checked.deadline, Some(Duration::from_secs(90)));
+        let zero = pb::DrainNodeRequest {
+            deadline: Some(prost_types::Duration::default()),
+            ..good.clone()
+        };
+        assert_eq!(drain(zero).unwrap().deadline, None, "zero: no deadline");
+
+        let field_of = |req: pb::DrainNodeRequest| match drain(req) {
+            Err(RegistryError::InvalidArgument { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let mut twice = good.clone();
+        twice.pool_ids[1] = "pool-0".into();
+        assert_eq!(field_of(twice), "pool_ids[1]");
+        let mut bad_id = good.clone();
+        bad_id.pool_ids[0] = "pool 0".into();
+        assert_eq!(field_of(bad_id), "pool_ids[0]");
+        let mut long = good.clone();
+        long.reason = "r".repeat(MAX_TEXT_LEN + 1);
+        assert_eq!(field_of(long), "reason");
+        let mut negative = good.clone();
+        negative.deadline = Some(prost_types::Duration {
+            seconds: 0,
+            nanos: -1,
+        });
+        assert_eq!(field_of(negative), "deadline");
+        let mut endless = good.clone();
+        endless.deadline = Some(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        });
+        assert_eq!(field_of(endless), "deadline");
+        let mut unnamed = good;
+        unnamed.node_id = "Node_1".into();
+        assert_eq!(field_of(unnamed), "node_id");
+    }
 
     fn good_register() -> pb::RegisterRequest {
         pb::RegisterRequest {

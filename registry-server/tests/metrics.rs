@@ -67,6 +67,21 @@ async fn activity_shows_in_the_published_metrics() {
         .await
         .unwrap();
 
+    client
+        .cordon_node(pb::CordonNodeRequest {
+            node_id: "beating".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    client
+        .drain_node(pb::DrainNodeRequest {
+            node_id: "silent".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut replies = client
         .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -123,6 +138,8 @@ async fn activity_shows_in_the_published_metrics() {
         Some(1.0)
     );
     assert_eq!(sample(&text, "registry_heartbeat_streams_open"), Some(1.0));
+    assert_eq!(sample(&text, "registry_nodes_cordoned"), Some(1.0));
+    assert_eq!(sample(&text, "registry_nodes_draining"), Some(1.0));
     assert!(sample(&text, "registry_heartbeats_total").unwrap() >= 1.0);
     assert!(
         sample(&text, "registry_heartbeat_handling_seconds_count").unwrap() >= 1.0,

@@ -187,6 +187,71 @@ async fn tokens_gate_every_rpc_by_role_and_health_stays_open() {
 }
 
 #[tokio::test]
+async fn cordon_and_drain_need_the_admin_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write_tokens(
+        &dir,
+        &format!("node {NODE_TOKEN}\nreader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\n"),
+    );
+    let server = TestRegistry::start(Settings {
+        auth_token_file: Some(tokens),
+        ..Settings::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut node = client_with(channel.clone(), Some(NODE_TOKEN));
+    node.register(register_request("n1")).await.unwrap();
+
+    /// Calls all four admin RPCs on n1, returning each one's code.
+    async fn admin_calls(client: &mut AuthedClient) -> Vec<Code> {
+        let id = || "n1".to_string();
+        let code = |r: Result<tonic::Response<pb::Node>, tonic::Status>| match r {
+            Ok(_) => Code::Ok,
+            Err(e) => e.code(),
+        };
+        vec![
+            code(
+                client
+                    .cordon_node(pb::CordonNodeRequest {
+                        node_id: id(),
+                        reason: String::new(),
+                    })
+                    .await,
+            ),
+            code(
+                client
+                    .uncordon_node(pb::UncordonNodeRequest { node_id: id() })
+                    .await,
+            ),
+            code(
+                client
+                    .drain_node(pb::DrainNodeRequest {
+                        node_id: id(),
+                        ..Default::default()
+                    })
+                    .await,
+            ),
+            code(
+                client
+                    .cancel_drain(pb::CancelDrainRequest { node_id: id() })
+                    .await,
+            ),
+        ]
+    }
+    let mut reader = client_with(channel.clone(), Some(READER_TOKEN));
+    let mut anonymous = client_with(channel.clone(), None);
+    let mut admin = client_with(channel, Some(ADMIN_TOKEN));
+    assert_eq!(admin_calls(&mut node).await, [Code::PermissionDenied; 4]);
+    assert_eq!(admin_calls(&mut reader).await, [Code::PermissionDenied; 4]);
+    assert_eq!(
+        admin_calls(&mut anonymous).await,
+        [Code::Unauthenticated; 4]
+    );
+    assert_eq!(admin_calls(&mut admin).await, [Code::Ok; 4]);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn the_token_file_rotates_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = write_tokens(&dir, &format!("reader {READER_TOKEN}\n"));

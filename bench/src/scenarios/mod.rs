@@ -1,7 +1,9 @@
-//! The scenarios (five of the first issue, feed of issue 10), each against a fresh registry, and the
+//! The scenarios (five of the first issue, feed of issue 10, drain of
+//! issue 11), each against a fresh registry, and the
 //! helpers they share (start a fleet and wait for it, measure a window).
 
 pub mod detection;
+pub mod drain;
 pub mod feed;
 pub mod reads;
 pub mod restart;

@@ -358,6 +358,21 @@ impl PlacementIndex {
             }
         }
         if candidates.is_empty() {
+            // A pinned node closed to new work says why first: that is
+            // what the caller must know, whatever else its pools lack.
+            if let Some(pin) = &query.node_id
+                && let Some(reason) = pools
+                    .into_iter()
+                    .flat_map(|p| p.values())
+                    .find(|p| p.node.node_id == *pin)
+                    .and_then(|p| unschedulable_reason(&p.node))
+            {
+                return Err(PlacementError::NodeUnavailable {
+                    node_id: pin.clone(),
+                    filter: Filter::Schedulable,
+                    reason,
+                });
+            }
             let reached = failed_at.get(&emptied_by).copied().unwrap_or_default();
             return Err(no_candidate(query, emptied_by, serving, reached));
         }

@@ -20,13 +20,38 @@ pub const DEFAULT_MIN_SLOTS_FREE: u32 = 1;
 pub const MAX_EXCLUDED: usize = 1000;
 
 /// Whether the node takes new work at all, apart from its liveness and its
-/// pools' states. True today: nothing in the contract marks a node as
-/// closed to new work yet. The drain issue adds cordoned and draining
-/// state to `pb::Node` (e.g. `Node.cordoned`, `Node.draining`); this is the
-/// one place that must then answer false for such a node, and the
-/// [`Filter::Schedulable`] reason then fires.
-pub fn schedulable(_node: &pb::Node) -> bool {
-    true
+/// pools' states: not while it is cordoned or a drain is requested
+/// (`AdminState.schedulable`). A view without admin state (none set yet)
+/// is schedulable. The one place placement reads admin state; the
+/// [`Filter::Schedulable`] reason fires for such a node.
+pub fn schedulable(node: &pb::Node) -> bool {
+    node.admin.as_ref().is_none_or(|a| a.schedulable)
+}
+
+/// Why an unschedulable node takes no new work, for the pinned-node
+/// answer ("node unavailable: cordoned ..." / "draining ..."); `None`
+/// when it is schedulable.
+pub fn unschedulable_reason(node: &pb::Node) -> Option<String> {
+    let admin = node.admin.as_ref().filter(|a| !a.schedulable)?;
+    let why = |reason: &str| {
+        if reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({reason})")
+        }
+    };
+    Some(match &admin.drain {
+        Some(drain) => format!(
+            "draining: node {} is being drained{} and takes no new work",
+            node.node_id,
+            why(&drain.reason)
+        ),
+        None => format!(
+            "cordoned: node {} is cordoned{} and takes no new work",
+            node.node_id,
+            why(&admin.cordon_reason)
+        ),
+    })
 }
 
 /// The filters in the order they narrow the set; the first that leaves no

@@ -1,6 +1,7 @@
 //! The deadline rules: when a node must next be looked at, and what happens
 //! then (ONLINE -> OFFLINE at `last_seen + node_timeout`, removal at
-//! `offline_since + offline_retention`).
+//! `offline_since + offline_retention`, and a requested drain counting as
+//! drained at its deadline).
 //!
 //! The rules stay in the registry module because they change node state,
 //! the gauges and the map; [`crate::schedule::Schedule`] only keeps the
@@ -86,12 +87,17 @@ impl Registry {
             return Outcome::Quiet;
         }
         st.wakeup = None;
+        // A drain past its deadline is drained, silent node or not. Its
+        // event is published here unless the liveness change below
+        // publishes one anyway.
+        let drained = self.drain_deadline_due(&mut st, now);
         let timing = self.shared.timing;
         match st.liveness {
             Liveness::Online => {
                 let deadline = st.last_seen + timing.node_timeout;
                 if deadline > now.at {
                     self.wake_by(slot, &mut st, deadline);
+                    self.wake_for_drain(slot, &mut st, drained);
                     return Outcome::Quiet;
                 }
                 let before = st.pool_tally();
@@ -105,6 +111,7 @@ impl Registry {
                 Stats::bump(&self.shared.stats.offline_transitions);
                 self.wake_by(slot, &mut st, deadline + timing.offline_retention);
                 self.publish(&mut st, EventKind::Modified);
+                self.wake_for_drain(slot, &mut st, false);
                 Outcome::WentOffline {
                     node_id: slot.id.clone(),
                     silent_for: now.at.saturating_duration_since(st.last_seen),
@@ -115,6 +122,7 @@ impl Registry {
                 let remove_at = since + timing.offline_retention;
                 if remove_at > now.at {
                     self.wake_by(slot, &mut st, remove_at);
+                    self.wake_for_drain(slot, &mut st, drained);
                     return Outcome::Quiet;
                 }
                 self.mark_removed(&mut st);
@@ -126,6 +134,18 @@ impl Registry {
                     node_id: slot.id.clone(),
                 }
             }
+        }
+    }
+
+    /// After a wake-up that did not remove the node: publishes the drain
+    /// that just counted as drained (when `publish`), and queues the
+    /// drain's deadline if it is earlier than the node's next wake-up.
+    fn wake_for_drain(&self, slot: &Arc<NodeSlot>, st: &mut NodeState, publish: bool) {
+        if publish {
+            self.publish(st, EventKind::Modified);
+        }
+        if let Some(at) = Self::drain_wakeup(st) {
+            self.wake_by(slot, st, at);
         }
     }
 

@@ -1,6 +1,8 @@
 //! The registry's state: which nodes exist, their registration, liveness and
 //! latest pool status. The public operations live here; each concern has
-//! its own file: `node` (a node's state, proto view, filters), `sessions`
+//! its own file: `node` (a node's state, proto view, filters), `admin`
+//! (cordon and drain, commands owed to agents, admin state kept for
+//! unlisted nodes), `sessions`
 //! (ids, secrets, checks), `stats` (totals and gauges), `deadlines` (the
 //! expiry rules run by [`crate::expiry`]) and `input` (what callers pass
 //! in, clocks included).
@@ -17,7 +19,8 @@
 //!   lock; only a new node (or removal) takes the write lock.
 //! - Deadlines are exact and per node, without a periodic scan; see
 //!   `deadlines` and [`crate::schedule`].
-//! - Lock order is always map → node → schedule; no lock is held across
+//! - Lock order is always map → node → schedule (or the parked admin
+//!   states); no lock is held across
 //!   `.await`, and nothing is logged while the map or a node is locked.
 //! - The registry never reads a clock: callers pass [`Now`] (or an
 //!   `Instant`) in.
@@ -54,6 +57,7 @@ use crate::error::RegistryError;
 use crate::events::{ChangeSubscriber, EventKind, Feed};
 use crate::schedule::Schedule;
 
+mod admin;
 mod deadlines;
 mod input;
 mod node;
@@ -63,6 +67,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
+pub use admin::{DrainRequest, MAX_PARKED};
 pub use input::{Beat, Now, Registration};
 pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
 pub use read::Page;
@@ -136,6 +141,10 @@ struct Shared {
     /// Which registry process this is, sent with every answer that carries
     /// the registry's view, so readers can tell a restarted registry.
     instance: pb::RegistryInstance,
+    /// Admin state (cordon, drain) of nodes that left the map, put back
+    /// when they register again (see `admin`). Taken under a node's lock,
+    /// never the other way round.
+    parked: Mutex<admin::ParkedMap>,
 }
 
 /// How a registry is built beyond its timing.
@@ -235,6 +244,7 @@ impl Registry {
                 max_nodes,
                 stats: Stats::default(),
                 instance: options.instance,
+                parked: Mutex::default(),
             }),
         }
     }
@@ -326,6 +336,7 @@ impl Registry {
         }
         let id: Arc<str> = Arc::from(registration.node_id.as_str());
         let slot = Arc::new(NodeSlot {
+            commands: tokio::sync::watch::Sender::new(0),
             id: id.clone(),
             state: Mutex::new(NodeState::new(
                 registration,
@@ -338,6 +349,12 @@ impl Registry {
         {
             let mut st = slot.lock();
             self.wake_by(&slot, &mut st, now.at + self.shared.timing.node_timeout);
+            // A node that left cordoned or draining comes back so.
+            if self.unpark(&mut st)
+                && let Some(at) = Self::drain_wakeup(&st)
+            {
+                self.wake_by(&slot, &mut st, at);
+            }
             self.publish(&mut st, EventKind::Added);
         }
         // Replaces a removed slot of the same id still in the map, if any.
@@ -383,6 +400,8 @@ impl Registry {
         // would describe another incarnation.
         st.pool_status.clear();
         st.gpu_stats.clear();
+        st.reported = false;
+        self.admin_on_register(&mut st);
         let came_online = st.liveness == Liveness::Offline;
         if came_online {
             self.set_online(&mut st, now.wall);
@@ -475,6 +494,23 @@ impl Registry {
         beat: Beat,
         now: Instant,
     ) -> Result<(), RegistryError> {
+        self.heartbeat_for(slot, session_id, beat, now, &mut 0)
+            .map(drop)
+    }
+
+    /// [`Registry::heartbeat`] for a stream that has sent command number
+    /// `*sent` (0: none yet): also advances a requested drain from the
+    /// reported pool status and answers the command owed to the agent
+    /// that this stream has not sent yet (see `admin`). Without a pending
+    /// drain or resume this costs one check and allocates nothing.
+    pub fn heartbeat_for(
+        &self,
+        slot: &Arc<NodeSlot>,
+        session_id: u64,
+        beat: Beat,
+        now: Instant,
+        sent: &mut u64,
+    ) -> Result<Option<pb::heartbeat_response::Command>, RegistryError> {
         let wall = beat.received_at;
         let mut st = slot.lock();
         check_session(slot, &st, session_id)?;
@@ -484,6 +520,7 @@ impl Registry {
         st.last_heartbeat_at = wall;
         st.agent_time = Some(beat.sent_at);
         st.pool_status = beat.pools;
+        st.reported = true;
         if !beat.gpus.is_empty() {
             st.gpu_stats = beat.gpus;
         }
@@ -492,16 +529,18 @@ impl Registry {
             self.set_online(&mut st, wall);
             self.wake_by(slot, &mut st, now + self.shared.timing.node_timeout);
         }
-        if came_online || pools_changed {
+        let admin_changed = self.admin_after_beat(&mut st, Now { at: now, wall });
+        if came_online || pools_changed || admin_changed {
             self.publish(&mut st, EventKind::Modified);
         }
         self.shared.stats.shift_pools(&before, &st.pool_tally());
         Stats::bump(&self.shared.stats.heartbeats);
+        let command = Self::command_for(&st, session_id, sent);
         drop(st);
         if came_online {
             info!(node_id = %slot.id, reason = "heartbeat resumed", "node online again");
         }
-        Ok(())
+        Ok(command)
     }
 
     /// An OFFLINE node is ONLINE again as of `wall`.
@@ -516,10 +555,11 @@ impl Registry {
     }
 
     /// Marks the node removed (streams holding its slot stop), takes it out
-    /// of the gauges and cancels its wake-up. The caller then unlinks it.
+    /// of the gauges, parks its admin state and cancels its wake-up. The caller then unlinks it.
     fn mark_removed(&self, st: &mut NodeState) {
         let before = st.pool_tally();
         st.removed = true;
+        self.park(st);
         self.shared.stats.shift_pools(&before, &st.pool_tally());
         self.shared.schedule.cancel(&mut st.wakeup);
         self.shared.population.remove(st.liveness);

@@ -85,12 +85,22 @@ pub struct NodeSlot {
     pub(super) id: std::sync::Arc<str>,
     /// Everything that changes, under the node's own lock.
     pub(super) state: Mutex<NodeState>,
+    /// The number of the latest command owed to the agent
+    /// (`NodeState::command_gen`), so the node's open heartbeat streams
+    /// wake and push it at once instead of at the next heartbeat.
+    pub(super) commands: tokio::sync::watch::Sender<u64>,
 }
 
 impl NodeSlot {
     /// The node's id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Wakes when a new command is owed to the node's agent; a heartbeat
+    /// stream holds one from its first message on.
+    pub fn commands(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commands.subscribe()
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, NodeState> {
@@ -169,6 +179,20 @@ pub(super) struct NodeState {
     /// Why the registry holds the node ONLINE past its deadline (it
     /// suspects itself, not the node); `None` when it does not.
     pub(super) suspect: Option<String>,
+    /// The drain's deadline on the monotonic clock (the schedule's), so
+    /// the node is woken to mark it drained; `None` without a deadline.
+    pub(super) drain_deadline_at: Option<Instant>,
+    /// A ResumeCommand owed to the agent after CancelDrain, until its
+    /// pools are reported no longer DRAINING.
+    pub(super) resume: Option<pb::ResumeCommand>,
+    /// Number of the latest command owed to the agent; a stream sends each
+    /// number once, and new streams (starting at 0) send the owed one
+    /// again. Starts at 1.
+    pub(super) command_gen: u64,
+    /// Whether the current session has reported pool status, so an empty
+    /// status right after registration does not read as "every pool
+    /// stopped".
+    pub(super) reported: bool,
 }
 
 impl NodeState {
@@ -201,6 +225,10 @@ impl NodeState {
                 ..pb::AdminState::default()
             },
             suspect: None,
+            drain_deadline_at: None,
+            resume: None,
+            command_gen: 1,
+            reported: false,
         }
     }
 

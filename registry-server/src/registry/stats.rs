@@ -40,6 +40,10 @@ pub struct Stats {
     pub open_streams: AtomicI64,
     /// Pools of ONLINE nodes by reported state, indexed by `PoolState as i32`.
     pub pools_by_state: [AtomicI64; POOL_STATES],
+    /// Listed nodes that are cordoned, kept on every admin change.
+    pub cordoned_nodes: AtomicI64,
+    /// Listed nodes with a drain requested (drained or not).
+    pub draining_nodes: AtomicI64,
 }
 
 impl Stats {
@@ -51,6 +55,16 @@ impl Stats {
             if old != new {
                 gauge.fetch_add(new - old, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Moves the cordoned and draining gauges by these amounts.
+    pub(super) fn shift_admin(&self, cordoned: i64, draining: i64) {
+        if cordoned != 0 {
+            self.cordoned_nodes.fetch_add(cordoned, Ordering::Relaxed);
+        }
+        if draining != 0 {
+            self.draining_nodes.fetch_add(draining, Ordering::Relaxed);
         }
     }
 

@@ -1,12 +1,19 @@
 //! The server side of one Heartbeat stream: the first message binds the
 //! stream to its node and session, every later one renews liveness and
 //! reports pool status, each is answered with an ack.
+//!
+//! Commands (DrainCommand, ResumeCommand) ride on the ack of the stream's
+//! first message when one is owed, and are pushed unsolicited (sequence 0,
+//! which acknowledges nothing) the moment DrainNode or CancelDrain owes a
+//! new one: the stream waits on the node's command signal beside the
+//! agent's next message, so an idle stream costs no task and no timer.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
@@ -48,6 +55,26 @@ pub(super) struct HeartbeatSession {
     pub(super) identities: Option<Vec<String>>,
     /// Deadline for the first message.
     pub(super) first_message_timeout: Duration,
+    /// Wakes when a command is newly owed to the node's agent; set with
+    /// `node`.
+    pub(super) commands: Option<watch::Receiver<u64>>,
+    /// Number of the latest command this stream sent (0: none), so each
+    /// is sent once per stream.
+    pub(super) sent_command: u64,
+}
+
+/// Waits until a new command is owed; forever before the stream has
+/// named its node (or once the node's slot is gone).
+async fn command_owed(commands: &mut Option<watch::Receiver<u64>>) {
+    match commands {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                *commands = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// One open heartbeat stream in the registry's count, until dropped.
@@ -83,22 +110,30 @@ impl HeartbeatSession {
                 std::future::pending::<()>().await;
             }
         };
-        let message = tokio::select! {
-            biased;
-            () = self.shutdown.cancelled() => {
-                self.done = true;
-                return Some(Err(RegistryError::ShuttingDown.into()));
+        tokio::pin!(first_deadline);
+        let message = loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {
+                    self.done = true;
+                    return Some(Err(RegistryError::ShuttingDown.into()));
+                }
+                () = &mut first_deadline => {
+                    self.done = true;
+                    let err = RegistryError::TooSlow(format!(
+                        "no first heartbeat message within {}; the stream is closed",
+                        humantime::format_duration(self.first_message_timeout)
+                    ));
+                    info!(error = %err, "idle heartbeat stream closed");
+                    return Some(Err(err.into()));
+                }
+                () = command_owed(&mut self.commands) => {
+                    if let Some(push) = self.push() {
+                        return Some(Ok(push));
+                    }
+                }
+                message = self.inbound.message() => break message,
             }
-            () = first_deadline => {
-                self.done = true;
-                let err = RegistryError::TooSlow(format!(
-                    "no first heartbeat message within {}; the stream is closed",
-                    humantime::format_duration(self.first_message_timeout)
-                ));
-                info!(error = %err, "idle heartbeat stream closed");
-                return Some(Err(err.into()));
-            }
-            message = self.inbound.message() => message,
         };
         match message {
             Ok(Some(mut request)) => match self.timed_handle(&mut request) {
@@ -119,6 +154,33 @@ impl HeartbeatSession {
                 info!(node_id = %self.node_id(), code = ?status.code(), message = status.message(), "heartbeat stream broken");
                 Some(Err(status))
             }
+        }
+    }
+
+    /// The unsolicited message carrying a newly owed command, if this
+    /// stream has not sent it yet.
+    fn push(&mut self) -> Option<pb::HeartbeatResponse> {
+        let node = self.node.as_ref()?;
+        let command =
+            self.registry
+                .pending_command(node, self.session_id, &mut self.sent_command)?;
+        debug!(node_id = %node.id(), "command pushed on the heartbeat stream");
+        Some(self.reply(0, Now::read().wall, Some(command)))
+    }
+
+    /// A response: the ack of `sequence` (0: acknowledges nothing).
+    fn reply(
+        &self,
+        sequence: u64,
+        wall: chrono::DateTime<chrono::Utc>,
+        command: Option<pb::heartbeat_response::Command>,
+    ) -> pb::HeartbeatResponse {
+        pb::HeartbeatResponse {
+            sequence,
+            server_time: Some(to_proto_timestamp(wall)),
+            heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
+            command,
+            registry: Some(self.registry.instance().clone()),
         }
     }
 
@@ -152,6 +214,11 @@ impl HeartbeatSession {
                     &request.session_secret,
                 )?;
                 debug!(node_id = %slot.id(), "heartbeat stream opened");
+                let mut commands = slot.commands();
+                // What is owed now rides on this message's ack; only later
+                // signals wake the stream.
+                commands.borrow_and_update();
+                self.commands = Some(commands);
                 self.session_id = request.session_id;
                 self.session_secret = std::mem::take(&mut request.session_secret);
                 self.node.insert(slot)
@@ -183,14 +250,13 @@ impl HeartbeatSession {
         };
         let now = Now::read();
         let beat = validate::beat(request, now.wall, self.max_clock_skew)?;
-        self.registry
-            .heartbeat(node, self.session_id, beat, now.at)?;
-        Ok(pb::HeartbeatResponse {
-            sequence: request.sequence,
-            server_time: Some(to_proto_timestamp(now.wall)),
-            heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
-            command: None,
-            registry: Some(self.registry.instance().clone()),
-        })
+        let command = self.registry.heartbeat_for(
+            node,
+            self.session_id,
+            beat,
+            now.at,
+            &mut self.sent_command,
+        )?;
+        Ok(self.reply(request.sequence, now.wall, command))
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
+use registry_proto::rules;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -218,34 +219,55 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         }))
     }
 
-    // Admin RPCs: the contract is in place; cordon/drain is being built
-    // (issue 11) and answers UNIMPLEMENTED until it lands.
+    // Admin RPCs (cordon and drain): validated here, applied by the
+    // registry core (see `registry::admin`).
     async fn cordon_node(
         &self,
-        _request: Request<pb::CordonNodeRequest>,
+        request: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        Err(Status::unimplemented("CordonNode is not built yet"))
+        self.authorize(&request, Rpc::CordonNode)?;
+        let request = request.into_inner();
+        validate::node_id("node_id", &request.node_id)?;
+        rules::text("reason".into(), &request.reason).map_err(RegistryError::from)?;
+        let node = self
+            .registry
+            .cordon(&request.node_id, &request.reason, Now::read())?;
+        Ok(Response::new(node))
     }
 
     async fn uncordon_node(
         &self,
-        _request: Request<pb::UncordonNodeRequest>,
+        request: Request<pb::UncordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        Err(Status::unimplemented("UncordonNode is not built yet"))
+        self.authorize(&request, Rpc::UncordonNode)?;
+        let request = request.into_inner();
+        validate::node_id("node_id", &request.node_id)?;
+        Ok(Response::new(self.registry.uncordon(&request.node_id)?))
     }
 
     async fn drain_node(
         &self,
-        _request: Request<pb::DrainNodeRequest>,
+        request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        Err(Status::unimplemented("DrainNode is not built yet"))
+        self.authorize(&request, Rpc::DrainNode)?;
+        let request = request.into_inner();
+        let node_id = request.node_id.clone();
+        let drain = validate::drain(request)?;
+        Ok(Response::new(self.registry.drain(
+            &node_id,
+            drain,
+            Now::read(),
+        )?))
     }
 
     async fn cancel_drain(
         &self,
-        _request: Request<pb::CancelDrainRequest>,
+        request: Request<pb::CancelDrainRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        Err(Status::unimplemented("CancelDrain is not built yet"))
+        self.authorize(&request, Rpc::CancelDrain)?;
+        let request = request.into_inner();
+        validate::node_id("node_id", &request.node_id)?;
+        Ok(Response::new(self.registry.cancel_drain(&request.node_id)?))
     }
 
     type WatchNodesStream = WatchStream;
@@ -307,6 +329,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             session_id: 0,
             session_secret: String::new(),
             done: false,
+            commands: None,
+            sent_command: 0,
         };
         // No task and no channel per stream: the response stream pulls the
         // next request and answers it, which keeps 100k idle streams cheap.

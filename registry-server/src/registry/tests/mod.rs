@@ -3,6 +3,7 @@
 //! Liveness, sessions and listing here; bounds, gauges and lock hygiene in
 //! [`hygiene`]; revisions, views and the history in [`feed`].
 
+mod admin;
 mod feed;
 mod hygiene;
 
