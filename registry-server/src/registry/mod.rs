@@ -55,6 +55,7 @@ use crate::events::{ChangeSubscriber, EventKind, Feed};
 use crate::schedule::Schedule;
 
 mod deadlines;
+mod guard;
 mod input;
 mod node;
 mod read;
@@ -63,6 +64,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
+pub use guard::{GuardConfig, GuardStats, GuardStatus, late_after, stall_threshold};
 pub use input::{Beat, Now, Registration};
 pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
 pub use read::Page;
@@ -136,6 +138,9 @@ struct Shared {
     /// Which registry process this is, sent with every answer that carries
     /// the registry's view, so readers can tell a restarted registry.
     instance: pb::RegistryInstance,
+    /// The mass-failure guard: holds nodes ONLINE as suspect when too many
+    /// go silent at once (see `guard`).
+    guard: guard::Guard,
 }
 
 /// How a registry is built beyond its timing.
@@ -157,6 +162,8 @@ pub struct Options {
     pub first_revision: u64,
     /// Which registry process this is (a random id and the start time).
     pub instance: pb::RegistryInstance,
+    /// The mass-failure guard's settings (`--mass-offline-*`).
+    pub guard: GuardConfig,
 }
 
 impl Default for Options {
@@ -168,6 +175,7 @@ impl Default for Options {
             subscribers: Vec::new(),
             first_revision: 0,
             instance: new_instance(Utc::now()),
+            guard: GuardConfig::default(),
         }
     }
 }
@@ -235,6 +243,7 @@ impl Registry {
                 max_nodes,
                 stats: Stats::default(),
                 instance: options.instance,
+                guard: guard::Guard::new(options.guard),
             }),
         }
     }
@@ -383,6 +392,9 @@ impl Registry {
         // would describe another incarnation.
         st.pool_status.clear();
         st.gpu_stats.clear();
+        // A new session is a sign of life: whatever the registry doubted
+        // about the node is settled.
+        self.clear_suspect(&mut st);
         let came_online = st.liveness == Liveness::Offline;
         if came_online {
             self.set_online(&mut st, now.wall);
@@ -466,8 +478,8 @@ impl Registry {
     /// Records a heartbeat received at monotonic time `now` (its wall time
     /// is `beat.received_at`): the node is alive, with this pool status.
     /// Touches only this node's lock, and the schedule and the feed only
-    /// when an OFFLINE node comes back or the pool status changed
-    /// materially.
+    /// when an OFFLINE node comes back, a suspect node is heard from again,
+    /// or the pool status changed materially.
     pub fn heartbeat(
         &self,
         slot: &Arc<NodeSlot>,
@@ -492,7 +504,10 @@ impl Registry {
             self.set_online(&mut st, wall);
             self.wake_by(slot, &mut st, now + self.shared.timing.node_timeout);
         }
-        if came_online || pools_changed {
+        // A suspect node heard from again is trusted again; a held one
+        // stays ONLINE (its entry at the protection's end re-checks it).
+        let trusted_again = self.clear_suspect(&mut st);
+        if came_online || pools_changed || trusted_again {
             self.publish(&mut st, EventKind::Modified);
         }
         self.shared.stats.shift_pools(&before, &st.pool_tally());
@@ -520,6 +535,7 @@ impl Registry {
     fn mark_removed(&self, st: &mut NodeState) {
         let before = st.pool_tally();
         st.removed = true;
+        self.clear_suspect(st);
         self.shared.stats.shift_pools(&before, &st.pool_tally());
         self.shared.schedule.cancel(&mut st.wakeup);
         self.shared.population.remove(st.liveness);

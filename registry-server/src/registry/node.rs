@@ -137,8 +137,9 @@ pub(super) struct NodeState {
     pub(super) session_secret: String,
     /// ONLINE or OFFLINE.
     pub(super) liveness: Liveness,
-    /// Monotonic time of the latest sign of life (register or heartbeat);
-    /// the deadline is `last_seen + node_timeout`.
+    /// Monotonic time of the latest sign of life (register or heartbeat),
+    /// or of a grace the registry gave after doubting itself (see
+    /// `Registry::grace_all`); the deadline is `last_seen + node_timeout`.
     pub(super) last_seen: Instant,
     /// Monotonic time the node went OFFLINE, for retention.
     pub(super) offline_since: Option<Instant>,
@@ -169,6 +170,10 @@ pub(super) struct NodeState {
     /// Why the registry holds the node ONLINE past its deadline (it
     /// suspects itself, not the node); `None` when it does not.
     pub(super) suspect: Option<String>,
+    /// Whether the mass-failure guard holds the node ONLINE past its
+    /// deadline (it then is `suspect` too), so the guard's count and its
+    /// end know which nodes it holds.
+    pub(super) held: bool,
 }
 
 impl NodeState {
@@ -201,6 +206,7 @@ impl NodeState {
                 ..pb::AdminState::default()
             },
             suspect: None,
+            held: false,
         }
     }
 
