@@ -147,6 +147,7 @@ where
             watch_queue: settings.watch_queue,
             subscribers: vec![Arc::new(placement.clone()) as Arc<dyn ChangeSubscriber>],
             first_revision: settings.revision_base.first_revision(),
+            guard: settings.guard(),
             ..Options::default()
         },
     );
@@ -209,6 +210,7 @@ where
         node_timeout = %humantime::format_duration(settings.node_timeout),
         heartbeat_interval = %humantime::format_duration(settings.heartbeat_interval),
         offline_retention = %humantime::format_duration(settings.offline_retention),
+        mass_offline_threshold = settings.mass_offline_threshold.0,
         "registry listening"
     );
     let mut builder = Server::builder()
