@@ -2,8 +2,9 @@
 //! latest pool status. The public operations live here; each concern has
 //! its own file: `node` (a node's state, proto view, filters), `sessions`
 //! (ids, secrets, checks), `stats` (totals and gauges), `deadlines` (the
-//! expiry rules run by [`crate::expiry`]) and `input` (what callers pass
-//! in, clocks included).
+//! expiry rules run by [`crate::expiry`]), `guard` (the mass-failure guard
+//! and the stall grace: when the registry doubts its own view) and `input`
+//! (what callers pass in, clocks included).
 //!
 //! Concurrency design (why it looks like this):
 //! - Nodes live in a `BTreeMap` behind a `RwLock`, ordered by node_id so
@@ -17,7 +18,8 @@
 //!   lock; only a new node (or removal) takes the write lock.
 //! - Deadlines are exact and per node, without a periodic scan; see
 //!   `deadlines` and [`crate::schedule`].
-//! - Lock order is always map → node → schedule; no lock is held across
+//! - Lock order is always map → node → schedule (the guard's window and
+//!   the feed sit where the schedule does); no lock is held across
 //!   `.await`, and nothing is logged while the map or a node is locked.
 //! - The registry never reads a clock: callers pass [`Now`] (or an
 //!   `Instant`) in.
@@ -33,7 +35,9 @@
 //! - Visible changes: register (ADDED), every re-registration (MODIFIED:
 //!   even an identical one starts a new session, and session_id is visible),
 //!   deregister and removal after retention (DELETED, with the final
-//!   state), ONLINE↔OFFLINE (MODIFIED), and a heartbeat whose pool status
+//!   state), ONLINE↔OFFLINE (MODIFIED), `suspect` set or cleared
+//!   (MODIFIED: a node held by the guard or given a grace, and its next
+//!   heartbeat), and a heartbeat whose pool status
 //!   differs materially from the published one (see
 //!   `NodeState::pools_changed`). A heartbeat that only renews liveness
 //!   publishes nothing: no map write lock, no view built, no feed lock.
