@@ -196,7 +196,7 @@ mod tests {
             body["reason"]
                 .as_str()
                 .unwrap()
-                .starts_with("1 nodes suspect"),
+                .starts_with("1 node suspect: "),
             "{body}"
         );
     }

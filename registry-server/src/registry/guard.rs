@@ -300,7 +300,7 @@ impl Guard {
         let why = if now >= p.until {
             "protection time over"
         } else if p.peak_held > 0 && held as f64 <= EARLY_END_SHARE * p.peak_held as f64 {
-            "heartbeats returned"
+            "the held nodes came back"
         } else {
             return None;
         };
@@ -335,6 +335,11 @@ impl Guard {
     }
 }
 
+/// "1 node", "2 nodes".
+fn nodes(n: u64) -> String {
+    format!("{n} node{}", if n == 1 { "" } else { "s" })
+}
+
 impl Registry {
     /// What the mass-failure guard is doing, and how many nodes are suspect.
     pub fn guard_status(&self) -> GuardStatus {
@@ -354,14 +359,14 @@ impl Registry {
         let status = self.guard_status();
         if let Some(reason) = status.active {
             return Some(format!(
-                "{reason}; {} nodes held ONLINE as suspect",
-                status.held
+                "{reason}; {} held ONLINE as suspect",
+                nodes(status.held)
             ));
         }
         (status.suspect > 0).then(|| {
             format!(
-                "{} nodes suspect: the registry doubts its own view of them until their next heartbeat",
-                status.suspect
+                "{} suspect: the registry doubts its own view of them until their next heartbeat",
+                nodes(status.suspect)
             )
         })
     }
