@@ -39,6 +39,17 @@ impl Cluster {
         timing: Timing,
         specs: Vec<AgentSpec>,
     ) -> Result<Self, HarnessError> {
+        Self::start_with_args(test, timing, specs, Vec::new()).await
+    }
+
+    /// [`Cluster::start`] with further registry arguments (see
+    /// [`RegistryProcess::start_with_args`]).
+    pub async fn start_with_args(
+        test: &str,
+        timing: Timing,
+        specs: Vec<AgentSpec>,
+        registry_args: Vec<String>,
+    ) -> Result<Self, HarnessError> {
         let bins = binaries()?;
         let log_dir = bins.target_dir.join("e2e-logs").join(test);
         match std::fs::remove_dir_all(&log_dir) {
@@ -53,9 +64,13 @@ impl Cluster {
         }
         std::fs::create_dir_all(&log_dir)
             .map_err(|err| HarnessError::io(format!("creating {}", log_dir.display()), err))?;
-        let registry =
-            RegistryProcess::start(&bins.registry_server, &log_dir.join("registry.log"), timing)
-                .await?;
+        let registry = RegistryProcess::start_with_args(
+            &bins.registry_server,
+            &log_dir.join("registry.log"),
+            timing,
+            registry_args,
+        )
+        .await?;
         let mut cluster = Self {
             agents: Vec::with_capacity(specs.len()),
             registry,

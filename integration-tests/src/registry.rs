@@ -38,6 +38,10 @@ pub struct RegistryProcess {
     log: PathBuf,
     /// The timing it runs with.
     timing: Timing,
+    /// Further command-line arguments, kept for restarts.
+    args: Vec<String>,
+    /// The metrics port's address, when `args` turned it on.
+    metrics_addr: Option<SocketAddr>,
     /// The address it listens on (the port the OS chose at the first start).
     addr: SocketAddr,
     /// The current incarnation; `None` after [`RegistryProcess::kill`].
@@ -48,15 +52,41 @@ impl RegistryProcess {
     /// Starts the registry on `127.0.0.1:0` and reads the port it got from
     /// its "registry listening" log line, so no port is ever guessed.
     pub async fn start(binary: &Path, log: &Path, timing: Timing) -> Result<Self, HarnessError> {
+        Self::start_with_args(binary, log, timing, Vec::new()).await
+    }
+
+    /// [`RegistryProcess::start`] with further arguments. The metrics port
+    /// is off unless `args` has `--metrics-listen` (give it `127.0.0.1:0`:
+    /// its port is read from the log too, see
+    /// [`RegistryProcess::metrics_addr`]).
+    pub async fn start_with_args(
+        binary: &Path,
+        log: &Path,
+        timing: Timing,
+        args: Vec<String>,
+    ) -> Result<Self, HarnessError> {
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("a valid socket address");
-        let (process, addr) = spawn_and_wait(binary, log, timing, listen).await?;
+        let (process, addr, metrics_addr) =
+            spawn_and_wait(binary, log, timing, &args, listen).await?;
         Ok(Self {
             binary: binary.to_path_buf(),
             log: log.to_path_buf(),
             timing,
+            args,
+            metrics_addr,
             addr,
             process: Some(process),
         })
+    }
+
+    /// The metrics port's address (`/metrics`, `/health`), when it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The log every incarnation appends to.
+    pub fn log(&self) -> &Path {
+        &self.log
     }
 
     /// The address it listens on.
@@ -89,8 +119,10 @@ impl RegistryProcess {
         self.kill()?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn_and_wait(&self.binary, &self.log, self.timing, self.addr).await {
-                Ok((process, addr)) => {
+            match spawn_and_wait(&self.binary, &self.log, self.timing, &self.args, self.addr).await
+            {
+                Ok((process, addr, metrics_addr)) => {
+                    self.metrics_addr = metrics_addr;
                     assert_eq!(addr, self.addr, "the restarted registry moved");
                     self.process = Some(process);
                     return Ok(());
@@ -109,13 +141,15 @@ impl RegistryProcess {
     }
 }
 
-/// Starts one incarnation and waits for its "registry listening" line.
+/// Starts one incarnation and waits for its "registry listening" line;
+/// returns it with its gRPC address and, when on, its metrics address.
 async fn spawn_and_wait(
     binary: &Path,
     log: &Path,
     timing: Timing,
+    args: &[String],
     listen: SocketAddr,
-) -> Result<(ChildProcess, SocketAddr), HarnessError> {
+) -> Result<(ChildProcess, SocketAddr, Option<SocketAddr>), HarnessError> {
     // Only lines written by this incarnation count.
     let offset = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
     let mut command = Command::new(binary);
@@ -126,10 +160,14 @@ async fn spawn_and_wait(
         .arg(humantime(timing.node_timeout))
         .arg("--heartbeat-interval")
         .arg(humantime(timing.heartbeat_interval))
-        // Parallel tests would fight over the fixed default metrics port.
-        .args(["--metrics-listen", "off"])
         .args(["--log-format", "json"])
+        .args(args)
         .env("RUST_LOG", "info,registry_server=debug");
+    let metrics_on = args.iter().any(|a| a == "--metrics-listen");
+    if !metrics_on {
+        // Parallel tests would fight over the fixed default metrics port.
+        command.args(["--metrics-listen", "off"]);
+    }
     clear_environment(&mut command);
     let mut process = ChildProcess::spawn("registry", command, log)?;
     let deadline = Instant::now() + START_TIMEOUT;
@@ -137,8 +175,10 @@ async fn spawn_and_wait(
         let text = std::fs::read(log)
             .map_err(|err| HarnessError::io(format!("reading {}", log.display()), err))?;
         let start = usize::try_from(offset).unwrap_or(0).min(text.len());
-        if let Some(addr) = listening_addr(&String::from_utf8_lossy(&text[start..])) {
-            return Ok((process, addr));
+        let written = String::from_utf8_lossy(&text[start..]);
+        if let Some(addr) = listening_addr(&written) {
+            let metrics = metrics_on.then(|| metrics_addr(&written)).flatten();
+            return Ok((process, addr, metrics));
         }
         if let Some(status) = process.try_exit_status()? {
             return Err(HarnessError::EarlyExit {
@@ -180,6 +220,14 @@ pub(crate) fn humantime(duration: Duration) -> String {
 fn listening_addr(log: &str) -> Option<SocketAddr> {
     log.lines()
         .filter(|line| line.contains(r#""message":"registry listening""#))
+        .find_map(|line| json_string_field(line, "addr")?.parse().ok())
+}
+
+/// The metrics port's address in the registry's JSON "metrics at ..." log
+/// line, if `log` has one (it is written before "registry listening").
+fn metrics_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|line| line.contains(r#""message":"metrics at "#))
         .find_map(|line| json_string_field(line, "addr")?.parse().ok())
 }
 

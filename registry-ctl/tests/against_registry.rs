@@ -668,3 +668,50 @@ async fn watch_reconnects_after_a_restart_and_exits_4_when_its_revision_is_gone(
     assert!(stderr.contains("compacted; relist"), "{stderr}");
     again.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_adds_a_degraded_line_while_the_registry_doubts_itself() {
+    // Three nodes that never heartbeat, and a guard that trips from two
+    // nodes on: one node timeout after registering, all three are silent at
+    // once and the guard holds them ONLINE as suspect.
+    let server = TestRegistry::start(Settings {
+        node_timeout: std::time::Duration::from_secs(1),
+        heartbeat_interval: std::time::Duration::from_millis(300),
+        mass_offline_min_nodes: 2,
+        ..Settings::default()
+    })
+    .await;
+    let url = &server.url();
+    for id in ["gpu-a", "gpu-b", "gpu-c"] {
+        register(server.channel().await, None, id).await;
+    }
+    let output = ctl(&["--registry", url, "health"]).await;
+    assert_exit(&output, 0);
+    assert_eq!(stdout(&output), "serving\n", "trusted before the deadlines");
+
+    let degraded = test_support::eventually(
+        "registry-ctl health reports degraded",
+        std::time::Duration::from_secs(15),
+        || async {
+            let output = ctl(&["--registry", url, "health"]).await;
+            let text = stdout(&output);
+            if output.status.code() == Some(0) && text.contains("degraded:") {
+                Ok(text)
+            } else {
+                Err(format!("{:?}: {text}", output.status.code()))
+            }
+        },
+    )
+    .await;
+    assert!(degraded.starts_with("serving\ndegraded: "), "{degraded}");
+    // The held nodes are ONLINE and suspect, not OFFLINE.
+    let output = ctl(&["--registry", url, "-o", "json", "status", "gpu-a"]).await;
+    assert_eq!(
+        stdout(&output),
+        "{\"nodeId\":\"gpu-a\",\"status\":\"online\"}\n"
+    );
+    // JSON stays the plain HealthCheckResponse, for scripts.
+    let output = ctl(&["--registry", url, "-o", "json", "health"]).await;
+    assert_eq!(stdout(&output), "{\"status\":\"SERVING\"}\n");
+    server.stop().await;
+}

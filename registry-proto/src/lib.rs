@@ -15,6 +15,14 @@ pub mod pb {
     tonic::include_proto!("registry.v1");
 }
 
+/// The name under which the registry's gRPC health service reports whether
+/// it trusts its own liveness judgement: SERVING normally, NOT_SERVING while
+/// it doubts itself (the mass-failure guard holds nodes, or nodes are
+/// suspect after a stall or restart). The whole server ("") stays SERVING
+/// meanwhile; `registry-ctl health` asks this name too and prints a
+/// `degraded` line. Not a service of the contract, only a health entry.
+pub const LIVENESS_HEALTH_SERVICE: &str = "registry.v1.NodeRegistry/liveness";
+
 /// Encoded `FileDescriptorSet` of `registry.v1`, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("registry_v1_descriptor");

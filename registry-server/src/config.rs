@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::registry::Timing;
+use crate::registry::{GuardConfig, Timing};
 
 /// The authoritative registry of GPU nodes and their model-serving pools.
 #[derive(Debug, Clone, Parser)]
@@ -107,6 +107,30 @@ impl RevisionBase {
             RevisionBase::Zero => 0,
         }
     }
+}
+
+/// A share between 0 and 1 (`0.5` or `50%`), for
+/// `--mass-offline-threshold`; compared by value, so settings stay `Eq`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share(pub f64);
+
+impl Eq for Share {}
+
+/// `0.5`, `50%`; refused outside 0..=1.
+pub fn parse_share(value: &str) -> Result<Share, String> {
+    let (number, scale) = match value.trim().strip_suffix('%') {
+        Some(percent) => (percent, 100.0),
+        None => (value.trim(), 1.0),
+    };
+    let share = number
+        .trim()
+        .parse::<f64>()
+        .map_err(|e| format!("{value:?} is not a share like 0.5 or 50%: {e}"))?
+        / scale;
+    if !(0.0..=1.0).contains(&share) {
+        return Err(format!("{value:?} is outside 0..1 (0%..100%)"));
+    }
+    Ok(Share(share))
 }
 
 /// Log output format.
@@ -210,6 +234,22 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_MAX_WATCHERS", default_value_t = 10_000)]
     pub max_watchers: usize,
 
+    /// Share of the ONLINE nodes that may go OFFLINE within one node
+    /// timeout before the registry suspects itself and holds the rest
+    /// ONLINE as suspect ("0.5" or "50%"); 0 or 1 switch the guard off.
+    #[arg(long, env = "REGISTRY_MASS_OFFLINE_THRESHOLD", default_value = "0.5", value_parser = parse_share)]
+    pub mass_offline_threshold: Share,
+
+    /// Fewest ONLINE nodes for the mass-failure guard to trip at all (in a
+    /// fleet of two, one death is already half).
+    #[arg(long, env = "REGISTRY_MASS_OFFLINE_MIN_NODES", default_value_t = 10)]
+    pub mass_offline_min_nodes: usize,
+
+    /// Longest time the mass-failure guard holds silent nodes ONLINE; a
+    /// real mass failure is reported this late at most.
+    #[arg(long, env = "REGISTRY_MASS_OFFLINE_PROTECTION", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub mass_offline_protection: Duration,
+
     /// Where revisions start: at the start time in microseconds (the
     /// server), or at 0 (tests that name exact revisions).
     #[arg(skip)]
@@ -295,6 +335,9 @@ impl Default for Settings {
             watch_queue: 10_000,
             watch_progress_interval: Duration::from_secs(10),
             max_watchers: 10_000,
+            mass_offline_threshold: Share(GuardConfig::default().threshold),
+            mass_offline_min_nodes: GuardConfig::default().min_nodes,
+            mass_offline_protection: GuardConfig::default().protection,
             revision_base: RevisionBase::Clock,
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
@@ -316,6 +359,15 @@ impl Settings {
             node_timeout: self.node_timeout,
             heartbeat_interval: self.heartbeat_interval,
             offline_retention: self.offline_retention,
+        }
+    }
+
+    /// The mass-failure guard's settings.
+    pub fn guard(&self) -> GuardConfig {
+        GuardConfig {
+            threshold: self.mass_offline_threshold.0,
+            min_nodes: self.mass_offline_min_nodes,
+            protection: self.mass_offline_protection,
         }
     }
 
@@ -372,6 +424,12 @@ impl Settings {
         }
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be above zero".into());
+        }
+        if self.guard().enabled() && self.mass_offline_protection.is_zero() {
+            return Err(
+                "--mass-offline-protection must be above zero (switch the guard off with --mass-offline-threshold 0)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -466,6 +524,48 @@ mod tests {
             ..Settings::default()
         };
         insecure.check_exposure(public, true).unwrap();
+    }
+
+    #[test]
+    fn the_guard_takes_a_share_a_floor_and_a_protection_time() {
+        let cli = Cli::try_parse_from(["registry-server"]).unwrap();
+        assert_eq!(cli.settings().guard(), GuardConfig::default());
+        let cli = Cli::try_parse_from([
+            "registry-server",
+            "--mass-offline-threshold",
+            "30%",
+            "--mass-offline-min-nodes",
+            "3",
+            "--mass-offline-protection",
+            "90s",
+        ])
+        .unwrap();
+        let guard = cli.settings().guard();
+        assert!((guard.threshold - 0.3).abs() < 1e-9);
+        assert_eq!(guard.min_nodes, 3);
+        assert_eq!(guard.protection, Duration::from_secs(90));
+        assert!(guard.enabled());
+        for off in ["0", "1", "100%"] {
+            let cli =
+                Cli::try_parse_from(["registry-server", "--mass-offline-threshold", off]).unwrap();
+            assert!(!cli.settings().guard().enabled(), "{off}");
+        }
+        for bad in ["1.5", "-0.1", "half", "120%"] {
+            assert!(
+                Cli::try_parse_from(["registry-server", "--mass-offline-threshold", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        let no_time = Settings {
+            mass_offline_protection: Duration::ZERO,
+            ..Settings::default()
+        };
+        assert!(
+            no_time
+                .check()
+                .unwrap_err()
+                .contains("--mass-offline-protection")
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! their GPUs and the pools they run, served over gRPC (`registry.v1`).
 //!
 //! Module map:
-//! - [`registry`]: node state, sessions, liveness and the deadline rules;
+//! - [`registry`]: node state, sessions, liveness and the deadline rules,
+//!   with the mass-failure guard and stall grace (`registry/guard.rs`);
 //! - [`schedule`]: the deadline queue (one entry per listed node);
 //! - [`expiry`]: the task that enforces deadlines and retention;
 //! - [`validate`]: input rules applied before any state changes;
@@ -14,7 +15,7 @@
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
 //! - [`metrics`]: Prometheus metrics; [`grpc_metrics`]: per-RPC metrics;
 //!   [`process`]: process metrics; [`metrics_port`]: the metrics port (`/metrics`,
-//!   service discovery from [`sd`]);
+//!   `/health`, service discovery from [`sd`]);
 //! - [`auth`]: bearer tokens and roles; [`identity`]: mTLS client names;
 //! - [`limits`]: the connection cap;
 //! - [`config`]: command line and environment settings.

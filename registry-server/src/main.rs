@@ -35,7 +35,7 @@ async fn main() -> ExitCode {
             Ok(endpoint) => {
                 // The bound address: the port chosen when port 0 was asked for.
                 let bound = endpoint.listener.local_addr().unwrap_or(addr);
-                info!(addr = %bound, "metrics at http://{bound}/metrics, service discovery at /sd/nodes and /sd/pools");
+                info!(addr = %bound, "metrics at http://{bound}/metrics, service discovery at /sd/nodes and /sd/pools, health at /health");
                 Some(endpoint)
             }
             Err(why) => {

@@ -46,6 +46,21 @@ pub const EXPIRED: &str = "registry_expired_nodes_total";
 /// stream); decoding the message and sending the ack are not included.
 pub const HEARTBEAT_SECONDS: &str = "registry_heartbeat_handling_seconds";
 
+/// 1 while the mass-failure guard holds nodes ONLINE (the registry
+/// suspects itself, not the fleet), else 0.
+pub const GUARD_ACTIVE: &str = "registry_mass_failure_guard_active";
+/// Times the mass-failure guard tripped.
+pub const GUARD_TRIPS: &str = "registry_mass_failure_guard_trips_total";
+/// Nodes the guard holds ONLINE past their deadline now.
+pub const GUARD_HELD: &str = "registry_mass_failure_guard_held_nodes";
+/// Nodes the guard held ONLINE past their deadline, in all.
+pub const GUARD_HELD_TOTAL: &str = "registry_mass_failure_guard_held_nodes_total";
+/// Nodes flagged suspect now (held by the guard, or in the grace after a
+/// stall or restart), which placement never offers.
+pub const SUSPECT: &str = "registry_suspect_nodes";
+/// Stalls the expiry loop noticed (it woke far later than asked).
+pub const STALLS: &str = "registry_stalls_total";
+
 /// Always 1, labelled with the registry's `version`.
 pub const BUILD_INFO: &str = "registry_build_info";
 
@@ -107,6 +122,24 @@ pub fn describe() {
         Unit::Seconds,
         "Time to validate and record one heartbeat message (accepted or refused)."
     );
+    describe_gauge!(
+        GUARD_ACTIVE,
+        "1 while the mass-failure guard holds silent nodes ONLINE as suspect."
+    );
+    describe_counter!(GUARD_TRIPS, "Times the mass-failure guard tripped.");
+    describe_gauge!(GUARD_HELD, "Nodes the mass-failure guard holds ONLINE now.");
+    describe_counter!(
+        GUARD_HELD_TOTAL,
+        "Nodes the mass-failure guard held ONLINE past their deadline."
+    );
+    describe_gauge!(
+        SUSPECT,
+        "Nodes flagged suspect now (guard, stall or restart grace); never offered by FindPools."
+    );
+    describe_counter!(
+        STALLS,
+        "Stalls of the registry noticed by its deadline loop; each gave every node a fresh grace."
+    );
 }
 
 /// Copies the registry's totals into the recorder until `shutdown`.
@@ -152,4 +185,12 @@ pub fn publish_once(registry: &Registry) {
     gauge!(OPEN_STREAMS).set(stats.open_streams.load(Ordering::Relaxed) as f64);
     gauge!(CORDONED).set(stats.cordoned_nodes.load(Ordering::Relaxed) as f64);
     gauge!(DRAINING).set(stats.draining_nodes.load(Ordering::Relaxed) as f64);
+    let guard = registry.guard_status();
+    let guard_stats = registry.guard_stats();
+    gauge!(GUARD_ACTIVE).set(if guard.active.is_some() { 1.0 } else { 0.0 });
+    gauge!(GUARD_HELD).set(guard.held as f64);
+    gauge!(SUSPECT).set(guard.suspect as f64);
+    counter!(GUARD_TRIPS).absolute(total(&guard_stats.trips));
+    counter!(GUARD_HELD_TOTAL).absolute(total(&guard_stats.held_total));
+    counter!(STALLS).absolute(total(&guard_stats.stalls));
 }

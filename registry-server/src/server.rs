@@ -147,6 +147,7 @@ where
             watch_queue: settings.watch_queue,
             subscribers: vec![Arc::new(placement.clone()) as Arc<dyn ChangeSubscriber>],
             first_revision: settings.revision_base.first_revision(),
+            guard: settings.guard(),
             ..Options::default()
         },
     );
@@ -167,6 +168,17 @@ where
     health
         .set_serving::<NodeRegistryServer<NodeRegistryService>>()
         .await;
+    health
+        .set_service_status(
+            registry_proto::LIVENESS_HEALTH_SERVICE,
+            ServingStatus::Serving,
+        )
+        .await;
+    let liveness_task = tokio::spawn(follow_liveness(
+        registry.clone(),
+        health.clone(),
+        stop.clone(),
+    ));
 
     // Both reflection versions: grpcurl 1.8 speaks only v1alpha, newer
     // tools prefer v1.
@@ -209,6 +221,7 @@ where
         node_timeout = %humantime::format_duration(settings.node_timeout),
         heartbeat_interval = %humantime::format_duration(settings.heartbeat_interval),
         offline_retention = %humantime::format_duration(settings.offline_retention),
+        mass_offline_threshold = settings.mass_offline_threshold.0,
         "registry listening"
     );
     let mut builder = Server::builder()
@@ -284,6 +297,7 @@ where
         let _ = expiry_task.await;
     }
     let _ = metrics_task.await;
+    let _ = liveness_task.await;
     let _ = auth_task.await;
     if let Some(task) = http_task {
         let _ = task.await;
@@ -298,6 +312,41 @@ where
     }
     info!("registry stopped");
     Ok(())
+}
+
+/// How often the liveness health entry follows the registry's doubt.
+const LIVENESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the [`registry_proto::LIVENESS_HEALTH_SERVICE`] health entry
+/// NOT_SERVING while the registry doubts its own view of the fleet
+/// ([`Registry::degraded`]) and SERVING otherwise, until `stop`. The
+/// server's own entry stays SERVING: the registry works meanwhile.
+async fn follow_liveness(
+    registry: Registry,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(LIVENESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut degraded = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = registry.degraded().is_some();
+        if now != degraded {
+            degraded = now;
+            let status = if now {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            };
+            health
+                .set_service_status(registry_proto::LIVENESS_HEALTH_SERVICE, status)
+                .await;
+        }
+    }
 }
 
 /// How serving ended.

@@ -1260,13 +1260,25 @@ impl ModelNode {
     }
 }
 
-/// Moves the paused clock and lets the expiry task run.
+/// Moves the paused clock and lets the expiry task run, in steps of at
+/// most [`STEP_MS`]: one jump past a deadline by more than the stall
+/// threshold (1 s here) is what a stopped registry looks like, and the
+/// expiry loop would rightly give every node a fresh grace. Time passing
+/// normally reaches the loop in small steps.
 async fn advance(ms: u64) {
-    tokio::time::advance(Duration::from_millis(ms)).await;
-    for _ in 0..4 {
-        tokio::task::yield_now().await;
+    let mut left = ms;
+    while left > 0 {
+        let step = left.min(STEP_MS);
+        tokio::time::advance(Duration::from_millis(step)).await;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        left -= step;
     }
 }
+
+/// Largest single move of the paused clock, well below the stall threshold.
+const STEP_MS: u64 = 250;
 
 fn beat_for(n: usize, session: &(u64, String)) -> Beat {
     let mut request = pb::HeartbeatRequest {

@@ -14,7 +14,8 @@
 //! it serves the model; it is on the pinned node, if any; its node is not
 //! excluded; it runs the asked engine; its node carries the asked labels;
 //! its GPUs match the asked name and minimum compute capability; its node
-//! is ONLINE and [`schedulable`]; its status has been reported (a node
+//! is ONLINE, not `suspect` (the registry holds it ONLINE only because it
+//! doubts its own view, see `registry/guard.rs`) and [`schedulable`]; its status has been reported (a node
 //! registered but not yet heartbeating is never offered); it is READY; it
 //! has `min_slots_free` free slots (default 1) and `min_vram_free_bytes`.
 //! Static filters come first so that the reason names what the caller
@@ -230,6 +231,7 @@ impl Inner {
         for pool in pools.into_iter().flat_map(|p| p.values()) {
             let node = &*pool.node;
             let is_ready = node.status == pb::NodeStatus::Online as i32
+                && !node.suspect
                 && schedulable(node)
                 && pool.state == Some(pb::PoolState::Ready);
             serving.insert(node.node_id.as_str());
@@ -341,6 +343,8 @@ impl PlacementIndex {
         // Pools that failed each filter first, to say how many got as far
         // as the one that emptied the set.
         let mut failed_at: HashMap<Filter, usize> = HashMap::new();
+        // Why the (pinned) node is suspect, should that empty the set.
+        let mut suspect_reason = None;
         for pool in pools.into_iter().flat_map(|p| p.values()) {
             if query
                 .node_id
@@ -352,6 +356,9 @@ impl PlacementIndex {
             match query.first_failing(pool) {
                 None => candidates.push(pool),
                 Some(filter) => {
+                    if filter == Filter::Suspect {
+                        suspect_reason.get_or_insert(pool.node.suspect_reason.as_str());
+                    }
                     emptied_by = emptied_by.max(filter);
                     *failed_at.entry(filter).or_default() += 1;
                 }
@@ -374,7 +381,13 @@ impl PlacementIndex {
                 });
             }
             let reached = failed_at.get(&emptied_by).copied().unwrap_or_default();
-            return Err(no_candidate(query, emptied_by, serving, reached));
+            return Err(no_candidate(
+                query,
+                emptied_by,
+                serving,
+                reached,
+                suspect_reason,
+            ));
         }
         let rank = |a: &&Arc<PoolEntry>, b: &&Arc<PoolEntry>| -> Ordering { rank(a, b) };
         if candidates.len() > query.limit {
@@ -444,12 +457,14 @@ fn rank(a: &PoolEntry, b: &PoolEntry) -> Ordering {
 
 /// The error for an empty set: `filter` emptied it; `serving` pools of the
 /// model were in it (on the pinned node only, when one is pinned), and
-/// `reached` of them passed every filter before `filter`.
+/// `reached` of them passed every filter before `filter`; a pinned suspect
+/// node is named with `suspect_reason`.
 fn no_candidate(
     query: &PlacementQuery,
     filter: Filter,
     serving: usize,
     reached: usize,
+    suspect_reason: Option<&str>,
 ) -> PlacementError {
     let model = &query.model;
     let lack = if reached < serving {
@@ -466,6 +481,9 @@ fn no_candidate(
             Filter::Model | Filter::PinnedNode => {
                 format!("node {pin} runs no pool of model {model}")
             }
+            // The caller asked for this node: say plainly why the registry
+            // will not vouch for it.
+            Filter::Suspect => format!("suspect ({})", suspect_reason.unwrap_or_default()),
             _ => format!(
                 "node {pin} has {serving} pool{} of model {model}{}{lack}",
                 plural(serving),

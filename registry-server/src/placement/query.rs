@@ -75,6 +75,10 @@ pub enum Filter {
     ComputeCapability,
     /// None is on an ONLINE node.
     Online,
+    /// None is on a node the registry trusts: every one left is ONLINE but
+    /// `suspect` (held by the mass-failure guard, or in the grace after a
+    /// stall or restart), so its liveness is the registry's guess.
+    Suspect,
     /// None is on a node that takes new work (see [`schedulable`]).
     Schedulable,
     /// None has reported its status yet (no heartbeat since registration).
@@ -228,6 +232,9 @@ impl PlacementQuery {
         if node.status != pb::NodeStatus::Online as i32 {
             return Some(Filter::Online);
         }
+        if node.suspect {
+            return Some(Filter::Suspect);
+        }
         if !schedulable(node) {
             return Some(Filter::Schedulable);
         }
@@ -276,6 +283,9 @@ impl PlacementQuery {
                 format!("none runs only on GPUs of compute capability {major}.{minor} or higher")
             }
             Filter::Online => "none is on an ONLINE node".into(),
+            Filter::Suspect => {
+                "none is on a node the registry trusts (the rest are suspect)".into()
+            }
             Filter::Schedulable => "none is on a node that takes new work".into(),
             Filter::Reported => {
                 "none has reported its status yet (no heartbeat since registration)".into()

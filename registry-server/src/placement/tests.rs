@@ -872,3 +872,64 @@ fn ten_thousand_nodes_of_four_pools_stay_consistent_under_events() {
          100 finds over 400 pools each {queried:?} (slowest {worst:?})"
     );
 }
+
+#[test]
+fn a_suspect_node_is_never_offered_and_its_pools_are_not_ready() {
+    let mut fleet = Fleet::new();
+    let beat = [status("p0", "m", Ready, 2, GIB)];
+    let trusted = register("n1", "a", vec![spec("p0", "m", "vllm", &[0])]);
+    let doubted = register("n2", "a", vec![spec("p0", "m", "vllm", &[0])]);
+    fleet.online(&trusted, &beat);
+    let mut suspect = pb::Node::clone(&view(&doubted, Some(&beat), pb::NodeStatus::Online));
+    suspect.suspect = true;
+    suspect.suspect_reason = "registry stalled for 1m 5s".into();
+    fleet.send(EventKind::Added, Arc::new(suspect.clone()));
+
+    let all = with_limit(query("m"), 10);
+    assert_eq!(
+        fleet.ids(&all),
+        ids(&[("n1", "p0")]),
+        "only the trusted node"
+    );
+    let pinned = PlacementQuery {
+        node_id: Some("n2".into()),
+        ..query("m")
+    };
+    match fleet.index.find(&pinned) {
+        Err(e @ PlacementError::NodeUnavailable { .. }) => assert_eq!(
+            e.to_string(),
+            "node unavailable: suspect (registry stalled for 1m 5s)"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let models = fleet.index.models();
+    let ready: Vec<(&str, bool)> = models[0]
+        .pools
+        .iter()
+        .map(|p| (p.node_id.as_str(), p.ready))
+        .collect();
+    assert_eq!(ready, [("n1", true), ("n2", false)]);
+    assert_eq!(models[0].pools_ready, 1);
+
+    // With only suspect nodes left, the reason names the filter.
+    fleet.send(
+        EventKind::Deleted,
+        view(&trusted, None, pb::NodeStatus::Online),
+    );
+    match fleet.index.find(&query("m")) {
+        Err(PlacementError::NoCandidate { filter, reason }) => {
+            assert_eq!(filter, Filter::Suspect);
+            assert_eq!(
+                reason,
+                "1 pool serves m but none is on a node the registry trusts (the rest are suspect)"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Its next heartbeat clears the flag: offered again.
+    suspect.suspect = false;
+    suspect.suspect_reason.clear();
+    fleet.send(EventKind::Modified, Arc::new(suspect));
+    assert_eq!(fleet.ids(&all), ids(&[("n2", "p0")]));
+}

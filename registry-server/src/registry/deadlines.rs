@@ -12,12 +12,16 @@
 //! `last_seen`. When the node's entry fires, its deadline is re-computed
 //! from `last_seen` and the node is either marked OFFLINE or re-queued at
 //! its real deadline. So each node has exactly one entry while it is listed.
+//!
+//! A passed deadline is first put to the mass-failure guard (see `guard`),
+//! which may hold the node ONLINE as suspect instead.
 
 use std::sync::Arc;
 
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::guard::Verdict;
 use super::node::{Liveness, NodeSlot, NodeState};
 use super::stats::Stats;
 use super::{Now, Registry};
@@ -35,6 +39,14 @@ enum Outcome {
         /// Time since the node's latest sign of life.
         silent_for: std::time::Duration,
     },
+    /// The mass-failure guard held the node ONLINE as suspect; when this
+    /// node tripped it, the reason to warn about once.
+    Held {
+        /// The guard's reason, only for the node that tripped it.
+        tripped: Option<String>,
+    },
+    /// The guard's count of late nodes is stale; scan, then look again.
+    Rescan,
     /// The node was removed after its retention.
     Removed {
         /// The node's id.
@@ -44,10 +56,12 @@ enum Outcome {
 
 impl Registry {
     /// Handles every wake-up due at `now`: marks nodes whose deadline passed
-    /// OFFLINE and removes nodes whose retention ended. Returns when the next
-    /// wake-up is due.
+    /// OFFLINE (or holds them, while the mass-failure guard protects the
+    /// fleet), ends a protection that is due, and removes nodes whose
+    /// retention ended. Returns when the next wake-up is due.
     pub(crate) fn process_due(&self, now: Now) -> Option<Instant> {
-        loop {
+        let protection = self.end_protection_if_due(now);
+        let next = loop {
             match self.shared.schedule.pop_due(now.at) {
                 Due::Now(key, slot) => match self.process_wakeup(key, &slot, now) {
                     Outcome::Quiet => {}
@@ -59,13 +73,29 @@ impl Registry {
                         silent_for = %humantime::format_duration(silent_for),
                         "node offline: no heartbeat within the node timeout"
                     ),
+                    Outcome::Held { tripped: None } => {}
+                    Outcome::Held {
+                        tripped: Some(reason),
+                    } => warn!(
+                        protection = %humantime::format_duration(self.shared.guard.config.protection),
+                        "{reason}: holding nodes ONLINE as suspect instead of marking them OFFLINE"
+                    ),
+                    Outcome::Rescan => self.scan_late(now.at),
                     Outcome::Removed { node_id } => {
                         info!(node_id = %node_id, "offline node removed after retention");
                     }
                 },
-                Due::At(at) => return Some(at),
-                Due::Idle => return None,
+                Due::At(at) => break Some(at),
+                Due::Idle => break None,
             }
+        };
+        // While a protection is in force the loop also looks every
+        // RESCAN_EVERY whether the held nodes came back (their own entries
+        // wait for the protection's end).
+        let check = protection.map(|until| until.min(now.at + super::guard::RESCAN_EVERY));
+        match (next, check) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -100,21 +130,41 @@ impl Registry {
                     self.wake_for_drain(slot, &mut st, drained);
                     return Outcome::Quiet;
                 }
-                let before = st.pool_tally();
-                st.liveness = Liveness::Offline;
-                st.offline_since = Some(deadline);
-                st.status_changed_at = now.wall;
-                self.shared.stats.shift_pools(&before, &st.pool_tally());
-                self.shared
-                    .population
-                    .shift(Liveness::Online, Liveness::Offline);
-                Stats::bump(&self.shared.stats.offline_transitions);
-                self.wake_by(slot, &mut st, deadline + timing.offline_retention);
-                self.publish(&mut st, EventKind::Modified);
-                self.wake_for_drain(slot, &mut st, false);
-                Outcome::WentOffline {
-                    node_id: slot.id.clone(),
-                    silent_for: now.at.saturating_duration_since(st.last_seen),
+                let online = self.shared.population.counts().online;
+                match self.shared.guard.verdict(now.at, online, &timing) {
+                    Verdict::Offline => {
+                        self.go_offline(slot, &mut st, now, deadline);
+                        // The OFFLINE event carries a drain that just
+                        // counted as drained too.
+                        self.wake_for_drain(slot, &mut st, false);
+                        self.shared.guard.went_offline(now.at);
+                        Outcome::WentOffline {
+                            node_id: slot.id.clone(),
+                            silent_for: now.at.saturating_duration_since(st.last_seen),
+                        }
+                    }
+                    Verdict::Hold {
+                        reason,
+                        until,
+                        tripped,
+                    } => {
+                        self.wake_by(slot, &mut st, until);
+                        let newly_held = !st.held;
+                        if newly_held {
+                            st.held = true;
+                            self.shared.guard.held();
+                            self.set_suspect(&mut st, &reason);
+                            self.publish(&mut st, EventKind::Modified);
+                        }
+                        self.wake_for_drain(slot, &mut st, drained && !newly_held);
+                        Outcome::Held { tripped }
+                    }
+                    Verdict::Rescan => {
+                        // Looked at again right after the scan.
+                        self.wake_by(slot, &mut st, now.at);
+                        self.wake_for_drain(slot, &mut st, drained);
+                        Outcome::Rescan
+                    }
                 }
             }
             Liveness::Offline => {
@@ -147,6 +197,28 @@ impl Registry {
         if let Some(at) = Self::drain_wakeup(st) {
             self.wake_by(slot, st, at);
         }
+    /// Marks an ONLINE node OFFLINE as of `since` (its deadline, or the
+    /// moment the guard released it), clearing any suspect flag, and queues
+    /// its removal after the retention. Call under the node's lock.
+    pub(super) fn go_offline(
+        &self,
+        slot: &Arc<NodeSlot>,
+        st: &mut NodeState,
+        now: Now,
+        since: Instant,
+    ) {
+        let before = st.pool_tally();
+        self.clear_suspect(st);
+        st.liveness = Liveness::Offline;
+        st.offline_since = Some(since);
+        st.status_changed_at = now.wall;
+        self.shared.stats.shift_pools(&before, &st.pool_tally());
+        self.shared
+            .population
+            .shift(Liveness::Online, Liveness::Offline);
+        Stats::bump(&self.shared.stats.offline_transitions);
+        self.wake_by(slot, st, since + self.shared.timing.offline_retention);
+        self.publish(st, EventKind::Modified);
     }
 
     /// Makes sure the node is woken at `at` at the latest, replacing its

@@ -4,8 +4,9 @@
 //! (cordon and drain, commands owed to agents, admin state kept for
 //! unlisted nodes), `sessions`
 //! (ids, secrets, checks), `stats` (totals and gauges), `deadlines` (the
-//! expiry rules run by [`crate::expiry`]) and `input` (what callers pass
-//! in, clocks included).
+//! expiry rules run by [`crate::expiry`]), `guard` (the mass-failure guard
+//! and the stall grace: when the registry doubts its own view) and `input`
+//! (what callers pass in, clocks included).
 //!
 //! Concurrency design (why it looks like this):
 //! - Nodes live in a `BTreeMap` behind a `RwLock`, ordered by node_id so
@@ -19,8 +20,9 @@
 //!   lock; only a new node (or removal) takes the write lock.
 //! - Deadlines are exact and per node, without a periodic scan; see
 //!   `deadlines` and [`crate::schedule`].
-//! - Lock order is always map → node → schedule (or the parked admin
-//!   states); no lock is held across
+//! - Lock order is always map → node → schedule (the guard's window, the
+//!   feed and the parked admin states sit where the schedule does); no
+//!   lock is held across
 //!   `.await`, and nothing is logged while the map or a node is locked.
 //! - The registry never reads a clock: callers pass [`Now`] (or an
 //!   `Instant`) in.
@@ -36,7 +38,9 @@
 //! - Visible changes: register (ADDED), every re-registration (MODIFIED:
 //!   even an identical one starts a new session, and session_id is visible),
 //!   deregister and removal after retention (DELETED, with the final
-//!   state), ONLINE↔OFFLINE (MODIFIED), and a heartbeat whose pool status
+//!   state), ONLINE↔OFFLINE (MODIFIED), `suspect` set or cleared
+//!   (MODIFIED: a node held by the guard or given a grace, and its next
+//!   heartbeat), and a heartbeat whose pool status
 //!   differs materially from the published one (see
 //!   `NodeState::pools_changed`). A heartbeat that only renews liveness
 //!   publishes nothing: no map write lock, no view built, no feed lock.
@@ -59,6 +63,7 @@ use crate::schedule::Schedule;
 
 mod admin;
 mod deadlines;
+mod guard;
 mod input;
 mod node;
 mod read;
@@ -68,6 +73,7 @@ mod stats;
 mod tests;
 
 pub use admin::{DrainRequest, MAX_PARKED};
+pub use guard::{GuardConfig, GuardStats, GuardStatus, late_after, stall_threshold};
 pub use input::{Beat, Now, Registration};
 pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
 pub use read::Page;
@@ -145,6 +151,9 @@ struct Shared {
     /// when they register again (see `admin`). Taken under a node's lock,
     /// never the other way round.
     parked: Mutex<admin::ParkedMap>,
+    /// The mass-failure guard: holds nodes ONLINE as suspect when too many
+    /// go silent at once (see `guard`).
+    guard: guard::Guard,
 }
 
 /// How a registry is built beyond its timing.
@@ -166,6 +175,8 @@ pub struct Options {
     pub first_revision: u64,
     /// Which registry process this is (a random id and the start time).
     pub instance: pb::RegistryInstance,
+    /// The mass-failure guard's settings (`--mass-offline-*`).
+    pub guard: GuardConfig,
 }
 
 impl Default for Options {
@@ -177,6 +188,7 @@ impl Default for Options {
             subscribers: Vec::new(),
             first_revision: 0,
             instance: new_instance(Utc::now()),
+            guard: GuardConfig::default(),
         }
     }
 }
@@ -245,6 +257,7 @@ impl Registry {
                 stats: Stats::default(),
                 instance: options.instance,
                 parked: Mutex::default(),
+                guard: guard::Guard::new(options.guard),
             }),
         }
     }
@@ -402,6 +415,9 @@ impl Registry {
         st.gpu_stats.clear();
         st.reported = false;
         self.admin_on_register(&mut st);
+        // A new session is a sign of life: whatever the registry doubted
+        // about the node is settled.
+        self.clear_suspect(&mut st);
         let came_online = st.liveness == Liveness::Offline;
         if came_online {
             self.set_online(&mut st, now.wall);
@@ -485,8 +501,8 @@ impl Registry {
     /// Records a heartbeat received at monotonic time `now` (its wall time
     /// is `beat.received_at`): the node is alive, with this pool status.
     /// Touches only this node's lock, and the schedule and the feed only
-    /// when an OFFLINE node comes back or the pool status changed
-    /// materially.
+    /// when an OFFLINE node comes back, a suspect node is heard from again,
+    /// or the pool status changed materially.
     pub fn heartbeat(
         &self,
         slot: &Arc<NodeSlot>,
@@ -530,7 +546,10 @@ impl Registry {
             self.wake_by(slot, &mut st, now + self.shared.timing.node_timeout);
         }
         let admin_changed = self.admin_after_beat(&mut st, Now { at: now, wall });
-        if came_online || pools_changed || admin_changed {
+        // A suspect node heard from again is trusted again; a held one
+        // stays ONLINE (its entry at the protection's end re-checks it).
+        let trusted_again = self.clear_suspect(&mut st);
+        if came_online || pools_changed || admin_changed || trusted_again {
             self.publish(&mut st, EventKind::Modified);
         }
         self.shared.stats.shift_pools(&before, &st.pool_tally());
@@ -560,6 +579,7 @@ impl Registry {
         let before = st.pool_tally();
         st.removed = true;
         self.park(st);
+        self.clear_suspect(st);
         self.shared.stats.shift_pools(&before, &st.pool_tally());
         self.shared.schedule.cancel(&mut st.wakeup);
         self.shared.population.remove(st.liveness);

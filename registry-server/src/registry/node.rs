@@ -147,8 +147,9 @@ pub(super) struct NodeState {
     pub(super) session_secret: String,
     /// ONLINE or OFFLINE.
     pub(super) liveness: Liveness,
-    /// Monotonic time of the latest sign of life (register or heartbeat);
-    /// the deadline is `last_seen + node_timeout`.
+    /// Monotonic time of the latest sign of life (register or heartbeat),
+    /// or of a grace the registry gave after doubting itself (see
+    /// `Registry::grace_all`); the deadline is `last_seen + node_timeout`.
     pub(super) last_seen: Instant,
     /// Monotonic time the node went OFFLINE, for retention.
     pub(super) offline_since: Option<Instant>,
@@ -193,6 +194,10 @@ pub(super) struct NodeState {
     /// status right after registration does not read as "every pool
     /// stopped".
     pub(super) reported: bool,
+    /// Whether the mass-failure guard holds the node ONLINE past its
+    /// deadline (it then is `suspect` too), so the guard's count and its
+    /// end know which nodes it holds.
+    pub(super) held: bool,
 }
 
 impl NodeState {
@@ -229,6 +234,7 @@ impl NodeState {
             resume: None,
             command_gen: 1,
             reported: false,
+            held: false,
         }
     }
 

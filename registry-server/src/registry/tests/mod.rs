@@ -5,6 +5,7 @@
 
 mod admin;
 mod feed;
+mod guard;
 mod hygiene;
 
 use std::sync::atomic::AtomicU64;
@@ -24,11 +25,22 @@ const MS: Duration = Duration::from_millis(1);
 
 /// A registry with its expiry task running on the paused clock.
 fn start() -> (Registry, CancellationToken) {
-    let registry = Registry::new(Timing {
-        node_timeout: TIMEOUT,
-        heartbeat_interval: Duration::from_secs(10),
-        offline_retention: RETENTION,
-    });
+    start_with(GuardConfig::default())
+}
+
+/// [`start`] with the mass-failure guard set by `guard`.
+fn start_with(guard: GuardConfig) -> (Registry, CancellationToken) {
+    let registry = Registry::with_options(
+        Timing {
+            node_timeout: TIMEOUT,
+            heartbeat_interval: Duration::from_secs(10),
+            offline_retention: RETENTION,
+        },
+        Options {
+            guard,
+            ..Options::default()
+        },
+    );
     let stop = CancellationToken::new();
     tokio::spawn(crate::expiry::run(registry.clone(), stop.clone()));
     (registry, stop)
@@ -338,7 +350,9 @@ async fn deregister_removes_at_once_and_ends_the_session() {
 
 #[tokio::test(start_paused = true)]
 async fn many_nodes_each_keep_their_own_deadline() {
-    let (registry, _stop) = start();
+    // All 50 falling silent is exactly what the mass-failure guard stops;
+    // this test is about the deadlines alone.
+    let (registry, _stop) = start_with(GuardConfig::off());
     for i in 0..50 {
         registry
             .register(registration(&format!("n{i:02}")), Now::read())
