@@ -134,9 +134,6 @@ impl Registry {
                 match self.shared.guard.verdict(now.at, online, &timing) {
                     Verdict::Offline => {
                         self.go_offline(slot, &mut st, now, deadline);
-                        // The OFFLINE event carries a drain that just
-                        // counted as drained too.
-                        self.wake_for_drain(slot, &mut st, false);
                         self.shared.guard.went_offline(now.at);
                         Outcome::WentOffline {
                             node_id: slot.id.clone(),
@@ -197,6 +194,8 @@ impl Registry {
         if let Some(at) = Self::drain_wakeup(st) {
             self.wake_by(slot, st, at);
         }
+    }
+
     /// Marks an ONLINE node OFFLINE as of `since` (its deadline, or the
     /// moment the guard released it), clearing any suspect flag, and queues
     /// its removal after the retention. Call under the node's lock.
@@ -218,7 +217,10 @@ impl Registry {
             .shift(Liveness::Online, Liveness::Offline);
         Stats::bump(&self.shared.stats.offline_transitions);
         self.wake_by(slot, st, since + self.shared.timing.offline_retention);
+        // The OFFLINE event also carries a drain that just counted as
+        // drained; a later drain deadline stays queued.
         self.publish(st, EventKind::Modified);
+        self.wake_for_drain(slot, st, false);
     }
 
     /// Makes sure the node is woken at `at` at the latest, replacing its
