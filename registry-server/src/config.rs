@@ -109,6 +109,18 @@ impl RevisionBase {
     }
 }
 
+/// Where the registry keeps what survives a restart (`--store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Nothing survives a restart (tests, throwaway registries).
+    Memory,
+    /// A redb file in `--data-dir`.
+    Embedded,
+}
+
+/// Default `--data-dir`: the conventional place for a service's state.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/registry";
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -265,6 +277,24 @@ pub struct Settings {
     )]
     pub tls_key: Option<PathBuf>,
 
+    /// Where nodes, sessions and admin states are kept: `embedded` (a file
+    /// in --data-dir; survives restarts) or `memory` (lost on restart).
+    /// The binary defaults to `embedded`; `Settings::default()` (tests) to
+    /// `memory`.
+    #[arg(long, env = "REGISTRY_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+
+    /// Directory of the embedded store's file (`registry.redb`); created if
+    /// missing; must be writable.
+    #[arg(long, env = "REGISTRY_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Delete the embedded store's file before starting (every stored
+    /// node, session and admin state is lost): the explicit way out of a
+    /// corrupt store.
+    #[arg(long, env = "REGISTRY_RESET_STORE")]
+    pub reset_store: bool,
+
     /// PEM CA bundle; when set, every client must present a certificate it
     /// signed (mTLS), and a node's certificate must name its node_id.
     #[arg(
@@ -305,6 +335,9 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            store: StoreKind::Memory,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            reset_store: false,
         }
     }
 }
