@@ -420,7 +420,18 @@ mod tests {
         assert_eq!(cli.listen, "0.0.0.0:50051".parse().unwrap());
         assert_eq!(cli.metrics_addr(), Some("0.0.0.0:9464".parse().unwrap()));
         let settings = cli.settings();
-        assert_eq!(settings, Settings::default());
+        // The binary keeps its state in a file; tests (Settings::default)
+        // keep it in memory.
+        assert_eq!(settings.store, StoreKind::Embedded);
+        assert_eq!(settings.data_dir, PathBuf::from("/var/lib/registry"));
+        assert!(!settings.reset_store);
+        assert_eq!(
+            Settings {
+                store: StoreKind::Memory,
+                ..settings.clone()
+            },
+            Settings::default()
+        );
         assert_eq!(settings.node_timeout, Duration::from_secs(30));
         assert_eq!(settings.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(settings.offline_retention, Duration::from_secs(3600));

@@ -96,6 +96,11 @@ impl Registry {
                 }
                 let before = st.pool_tally();
                 st.liveness = Liveness::Offline;
+                // A loaded node silent through the restart grace: no
+                // longer reserved for its machine, nor suspect.
+                if st.restart_grace_until.take().is_some() {
+                    st.suspect = None;
+                }
                 st.offline_since = Some(deadline);
                 st.status_changed_at = now.wall;
                 self.shared.stats.shift_pools(&before, &st.pool_tally());
@@ -119,6 +124,9 @@ impl Registry {
                 }
                 self.mark_removed(&mut st);
                 self.publish(&mut st, EventKind::Deleted);
+                // Queued under the node's lock like every write; nobody
+                // waits for it (a failure is logged by the store).
+                drop(self.shared.store.delete_node(&slot.id));
                 drop(st);
                 self.unlink(slot);
                 Stats::bump(&self.shared.stats.expired);

@@ -112,7 +112,10 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
         check_identity(&identities, token_admin, &registration.node_id)?;
-        let registered = self.registry.register(registration, Now::read())?;
+        let registered = self
+            .registry
+            .register_durably(registration, Now::read())
+            .await?;
         let timing = self.registry.timing();
         Ok(Response::new(pb::RegisterResponse {
             session_id: registered.session_id,
@@ -146,7 +149,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             .into());
         }
         self.registry
-            .deregister(&request.node_id, request.session_id, secret)?;
+            .deregister_durably(&request.node_id, request.session_id, secret)
+            .await?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 

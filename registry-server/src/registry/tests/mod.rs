@@ -5,6 +5,7 @@
 
 mod feed;
 mod hygiene;
+mod restart;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
