@@ -1,0 +1,164 @@
+//! A registry with the embedded store, stopped and restarted on the same
+//! address and data directory: nodes, sessions and the squatting rule
+//! survive; placement offers a loaded node only once it heartbeats.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Stream, register};
+use registry_proto::pb;
+use registry_server::Settings;
+use test_support::registry::durable;
+use test_support::{Session, TestRegistry, fixtures::beat, fixtures::register_request};
+use tonic::Code;
+
+fn settings(dir: &std::path::Path) -> Settings {
+    durable(
+        Settings {
+            node_timeout: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            ..Settings::default()
+        },
+        dir,
+    )
+}
+
+async fn get(
+    client: &mut pb::node_registry_client::NodeRegistryClient<tonic::transport::Channel>,
+    node_id: &str,
+) -> pb::Node {
+    client
+        .get_node(pb::GetNodeRequest {
+            node_id: node_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_session_survives_a_restart_and_its_heartbeats_are_accepted_without_register() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestRegistry::start(settings(dir.path())).await;
+    let mut client = server.client().await;
+    let session: Session = register(&mut client, register_request("n1")).await;
+    let mut labelled = register_request("n2");
+    labelled.labels.insert("rack".into(), "r7".into());
+    register(&mut client, labelled).await;
+    let mut stream = Stream::open(&mut client).await.unwrap();
+    let before = stream.send(beat("n1", &session, 1)).await.unwrap();
+    drop(stream);
+    drop(client);
+    let addr = server.addr;
+    server.stop().await;
+
+    let restarted = TestRegistry::restart_on(addr, settings(dir.path())).await;
+    let mut client = restarted.client().await;
+    let loaded = get(&mut client, "n1").await;
+    assert_eq!(loaded.status(), pb::NodeStatus::Online);
+    assert!(loaded.suspect, "not heard from since the restart");
+    assert!(loaded.pool_status.is_empty());
+    assert_eq!(loaded.session_id, session.id);
+    assert_eq!(get(&mut client, "n2").await.labels["rack"], "r7");
+    // Placement offers none of its pools before it speaks.
+    let refused = client
+        .find_pools(pb::FindPoolsRequest {
+            model: "llama-3.1-8b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+
+    // The agent's stream reconnects with the same session and secret.
+    let mut stream = Stream::open(&mut client).await.unwrap();
+    let ack = stream.send(beat("n1", &session, 2)).await.unwrap();
+    assert_ne!(
+        ack.registry.unwrap().instance_id,
+        before.registry.unwrap().instance_id,
+        "readers can tell the registry restarted"
+    );
+    let back = get(&mut client, "n1").await;
+    assert!(!back.suspect);
+    assert_eq!(back.pool_status.len(), 1);
+    let found = client
+        .find_pools(pb::FindPoolsRequest {
+            model: "llama-3.1-8b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.candidates.len(), 1);
+
+    // A wrong secret is still refused.
+    let mut forged = Session::forged(session.id);
+    forged.secret = "0".repeat(32);
+    let mut other = Stream::open(&mut client).await.unwrap();
+    let err = other.send(beat("n1", &forged, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    drop((stream, other, client));
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn another_machine_cannot_take_a_node_id_during_the_restart_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestRegistry::start(settings(dir.path())).await;
+    let mut client = server.client().await;
+    register(&mut client, register_request("n1")).await;
+    drop(client);
+    let addr = server.addr;
+    server.stop().await;
+
+    let restarted = TestRegistry::restart_on(addr, settings(dir.path())).await;
+    let mut client = restarted.client().await;
+    let mut squatter = register_request("n1");
+    squatter.machine_id = "another-machine".into();
+    squatter.address = "http://squatter.example:9200".into();
+    let err = client.register(squatter).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert!(err.message().contains("has until"), "{}", err.message());
+    assert_eq!(
+        get(&mut client, "n1").await.address,
+        "http://n1.example:9200",
+        "readers still see the owner's address"
+    );
+    // The owner itself may register again at once.
+    register(&mut client, register_request("n1")).await;
+    drop(client);
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn a_deregistered_node_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestRegistry::start(settings(dir.path())).await;
+    let mut client = server.client().await;
+    let session = register(&mut client, register_request("n1")).await;
+    register(&mut client, register_request("n2")).await;
+    client
+        .deregister(pb::DeregisterRequest {
+            node_id: "n1".into(),
+            session_id: session.id,
+            session_secret: session.secret,
+        })
+        .await
+        .unwrap();
+    drop(client);
+    let addr = server.addr;
+    server.stop().await;
+
+    let restarted = TestRegistry::restart_on(addr, settings(dir.path())).await;
+    let mut client = restarted.client().await;
+    let listed = client
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<_> = listed.nodes.iter().map(|n| n.node_id.as_str()).collect();
+    assert_eq!(ids, ["n2"]);
+    drop(client);
+    restarted.stop().await;
+}
