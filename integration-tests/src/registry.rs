@@ -40,6 +40,9 @@ pub struct RegistryProcess {
     timing: Timing,
     /// The address it listens on (the port the OS chose at the first start).
     addr: SocketAddr,
+    /// The embedded store's directory, kept across restarts; `None`: the
+    /// memory store (every incarnation starts empty).
+    data_dir: Option<PathBuf>,
     /// The current incarnation; `None` after [`RegistryProcess::kill`].
     process: Option<ChildProcess>,
 }
@@ -48,13 +51,25 @@ impl RegistryProcess {
     /// Starts the registry on `127.0.0.1:0` and reads the port it got from
     /// its "registry listening" log line, so no port is ever guessed.
     pub async fn start(binary: &Path, log: &Path, timing: Timing) -> Result<Self, HarnessError> {
+        Self::start_with_store(binary, log, timing, None).await
+    }
+
+    /// [`RegistryProcess::start`] with the embedded store in `data_dir`
+    /// (`Some`), which every restart loads, or the memory store (`None`).
+    pub async fn start_with_store(
+        binary: &Path,
+        log: &Path,
+        timing: Timing,
+        data_dir: Option<&Path>,
+    ) -> Result<Self, HarnessError> {
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("a valid socket address");
-        let (process, addr) = spawn_and_wait(binary, log, timing, listen).await?;
+        let (process, addr) = spawn_and_wait(binary, log, timing, listen, data_dir).await?;
         Ok(Self {
             binary: binary.to_path_buf(),
             log: log.to_path_buf(),
             timing,
             addr,
+            data_dir: data_dir.map(Path::to_path_buf),
             process: Some(process),
         })
     }
@@ -83,13 +98,16 @@ impl RegistryProcess {
         Ok(())
     }
 
-    /// Starts a fresh incarnation (empty state) on the same address, retrying
+    /// Starts a fresh incarnation on the same address (empty with the memory
+    /// store; with the embedded store it loads what the last one stored),
+    /// retrying
     /// while the port is still held by the old one's sockets.
     pub async fn restart(&mut self) -> Result<(), HarnessError> {
         self.kill()?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn_and_wait(&self.binary, &self.log, self.timing, self.addr).await {
+            let data_dir = self.data_dir.as_deref();
+            match spawn_and_wait(&self.binary, &self.log, self.timing, self.addr, data_dir).await {
                 Ok((process, addr)) => {
                     assert_eq!(addr, self.addr, "the restarted registry moved");
                     self.process = Some(process);
@@ -115,6 +133,7 @@ async fn spawn_and_wait(
     log: &Path,
     timing: Timing,
     listen: SocketAddr,
+    data_dir: Option<&Path>,
 ) -> Result<(ChildProcess, SocketAddr), HarnessError> {
     // Only lines written by this incarnation count.
     let offset = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
@@ -129,6 +148,17 @@ async fn spawn_and_wait(
         // Parallel tests would fight over the fixed default metrics port.
         .args(["--metrics-listen", "off"])
         .args(["--log-format", "json"])
+        // Each test's registry keeps its own state (or none): never the
+        // binary's default directory, shared by every run.
+        .args(match data_dir {
+            Some(dir) => vec![
+                "--store".into(),
+                "embedded".into(),
+                "--data-dir".into(),
+                dir.display().to_string(),
+            ],
+            None => vec!["--store".to_string(), "memory".to_string()],
+        })
         .env("RUST_LOG", "info,registry_server=debug");
     clear_environment(&mut command);
     let mut process = ChildProcess::spawn("registry", command, log)?;
