@@ -647,6 +647,9 @@ impl Registry {
                 now.wall,
             );
             state.registered_at = record.registered_at;
+            // No liveness change is known since the stored registration
+            // (liveness is never stored); OFFLINE later sets it anew.
+            state.status_changed_at = record.registered_at;
             state.suspect = Some(RESTART_SUSPECT.to_string());
             state.restart_grace_until = Some(grace_until);
             if let Some(stored) = admin.remove(&*id) {
