@@ -66,6 +66,8 @@ pub enum Scenario {
     Restart,
     /// 6. The change feed under churn (issue 10).
     Feed,
+    /// 7. The store's write path: a Register storm (issue 11).
+    Store,
 }
 
 impl Scenario {
@@ -73,7 +75,8 @@ impl Scenario {
     /// step leaves the simulator's heap large and fragmented, which would
     /// slow the simulator (and inflate latencies) in any scenario after it.
     /// The tables still print in the issue's order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Store,
         Scenario::Throughput,
         Scenario::Detection,
         Scenario::Reads,
@@ -98,6 +101,8 @@ pub struct Results {
     pub restart: Option<Vec<RestartRow>>,
     /// Scenario 6.
     pub feed: Option<FeedResult>,
+    /// Scenario 7.
+    pub store: Option<scenarios::store::StoreResult>,
 }
 
 /// Runs `scenarios` of `plan` in order, printing each table to stderr as it
@@ -140,6 +145,12 @@ pub async fn run(
                 let rows = scenarios::restart::run(launcher, plan).await?;
                 let table = table::restart(&rows);
                 results.restart = Some(rows);
+                table
+            }
+            Scenario::Store => {
+                let s = scenarios::store::run(launcher, plan).await?;
+                let table = table::store(&s);
+                results.store = Some(s);
                 table
             }
             Scenario::Feed => {
