@@ -189,7 +189,8 @@ impl Launcher {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(BenchError::Io(format!("{}: {e}", dir.display()))),
         }
-        std::fs::create_dir_all(&dir).map_err(|e| BenchError::Io(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BenchError::Io(format!("{}: {e}", dir.display())))?;
         Ok(dir)
     }
 
@@ -455,6 +456,9 @@ mod tests {
         assert!(args.contains("--store memory"), "{args}");
         let durable = spec.embedded("/tmp/x".into());
         let args = durable.args("127.0.0.1:7".parse().unwrap()).join(" ");
-        assert!(args.contains("--store embedded --data-dir /tmp/x"), "{args}");
+        assert!(
+            args.contains("--store embedded --data-dir /tmp/x"),
+            "{args}"
+        );
     }
 }

@@ -6,14 +6,14 @@ use std::time::Duration;
 use fleet_sim::stats::{fmt_errors, fmt_ms};
 
 use crate::Results;
+use crate::plan::RestartStore;
 use crate::scenarios::detection::DetectionResult;
 use crate::scenarios::feed::FeedResult;
 use crate::scenarios::reads::ReadsResult;
 use crate::scenarios::restart::RestartRow;
 use crate::scenarios::scale::ScaleRow;
-use crate::scenarios::throughput::ThroughputResult;
-use crate::plan::RestartStore;
 use crate::scenarios::store::StoreResult;
+use crate::scenarios::throughput::ThroughputResult;
 use crate::server::StopMode;
 
 fn mib(bytes: u64) -> String {

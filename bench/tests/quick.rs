@@ -77,7 +77,10 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
     let store = results.store.as_ref().expect("store ran");
     assert_eq!(store.failed, 0, "{store:?}");
     assert_eq!(store.acknowledged, plan.store.registrations);
-    assert_eq!(store.listed, plan.store.registrations, "every acknowledged node listed");
+    assert_eq!(
+        store.listed, plan.store.registrations,
+        "every acknowledged node listed"
+    );
     assert!(store.latency.p50 <= store.latency.p99);
 
     let feed = results.feed.as_ref().expect("feed ran");

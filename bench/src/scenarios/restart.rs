@@ -59,7 +59,10 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, Be
 async fn sessions(url: &str) -> Result<std::collections::HashMap<String, u64>, BenchError> {
     let mut client = inspect::client(url).await?;
     let nodes = inspect::list_all(&mut client, registry_proto::pb::NodeStatus::Unspecified).await?;
-    Ok(nodes.into_iter().map(|n| (n.node_id, n.session_id)).collect())
+    Ok(nodes
+        .into_iter()
+        .map(|n| (n.node_id, n.session_id))
+        .collect())
 }
 
 /// One fleet, one restart per mode, with `store`.

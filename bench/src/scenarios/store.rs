@@ -110,7 +110,12 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<StoreResult, BenchE
         latency: LatencySummary::of(&latency),
         listed,
     };
-    info!(acknowledged, failed, per_sec = result.per_sec as u64, "store storm done");
+    info!(
+        acknowledged,
+        failed,
+        per_sec = result.per_sec as u64,
+        "store storm done"
+    );
     Ok(result)
 }
 

@@ -352,7 +352,11 @@ impl Registry {
     }
 
     /// The registration applied in memory, with its store write queued.
-    fn register_queued(&self, registration: Registration, now: Now) -> Result<Queued, RegistryError> {
+    fn register_queued(
+        &self,
+        registration: Registration,
+        now: Now,
+    ) -> Result<Queued, RegistryError> {
         let session_id = self.shared.sessions.next();
         let session_secret = new_secret();
 

@@ -93,5 +93,6 @@ pub(super) fn encode_admin(admin: &pb::AdminState) -> Vec<u8> {
 
 /// Decodes an admin state.
 pub(super) fn decode_admin(bytes: &[u8]) -> Result<pb::AdminState, String> {
-    <pb::AdminState as prost::Message>::decode(bytes).map_err(|e| format!("not an admin state: {e}"))
+    <pb::AdminState as prost::Message>::decode(bytes)
+        .map_err(|e| format!("not an admin state: {e}"))
 }

@@ -127,7 +127,12 @@ async fn register_deregister_and_removal_write_through_and_heartbeats_never_do()
         .unwrap();
     for _ in 0..5 {
         registry
-            .heartbeat(&slot, reg.session_id, beat(pb::PoolState::Ready), Instant::now())
+            .heartbeat(
+                &slot,
+                reg.session_id,
+                beat(pb::PoolState::Ready),
+                Instant::now(),
+            )
             .unwrap();
     }
     let again = registry
@@ -170,10 +175,7 @@ async fn a_register_the_store_cannot_keep_is_refused_and_undone() {
         matches!(&err, RegistryError::StoreUnavailable(m) if m.contains("disk full")),
         "{err}"
     );
-    assert_eq!(
-        tonic::Status::from(err).code(),
-        tonic::Code::Unavailable
-    );
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
     assert!(registry.get("n1").is_err(), "no half-registered node");
     assert_eq!(registry.counts(), Counts::default());
 }
@@ -185,7 +187,10 @@ async fn loaded_nodes_are_online_suspect_and_offer_no_pool_status() {
     assert_eq!(node.status(), pb::NodeStatus::Online);
     assert!(node.suspect);
     assert_eq!(node.suspect_reason, RESTART_SUSPECT);
-    assert!(node.pool_status.is_empty(), "placement offers no pool of it");
+    assert!(
+        node.pool_status.is_empty(),
+        "placement offers no pool of it"
+    );
     assert_eq!(node.session_id, 11);
     assert_eq!(node.pools, registration("n1").pools);
     assert_eq!(
@@ -193,7 +198,13 @@ async fn loaded_nodes_are_online_suspect_and_offer_no_pool_status() {
         1_700_000_000,
         "first registration time kept"
     );
-    assert_eq!(registry.counts(), Counts { online: 2, offline: 0 });
+    assert_eq!(
+        registry.counts(),
+        Counts {
+            online: 2,
+            offline: 0
+        }
+    );
     // Loaded nodes are listed, each with its own revision (ADDED at start).
     let page = registry.list_page(&NodeFilter::default(), 10, "");
     assert_eq!(page.nodes.len(), 2);
@@ -208,7 +219,10 @@ async fn a_silent_loaded_node_goes_offline_only_after_the_restart_grace() {
     advance(2 * MS).await;
     let node = registry.get("n1").unwrap();
     assert_eq!(node.status(), pb::NodeStatus::Offline);
-    assert!(!node.suspect, "OFFLINE is the verdict, no longer a suspicion");
+    assert!(
+        !node.suspect,
+        "OFFLINE is the verdict, no longer a suspicion"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -244,7 +258,9 @@ async fn another_machine_cannot_take_a_loaded_id_during_the_grace() {
     let (registry, _stop) = restarted();
     let mut squatter = registration("n1");
     squatter.machine_id = "squatter".into();
-    let err = registry.register(squatter.clone(), Now::read()).unwrap_err();
+    let err = registry
+        .register(squatter.clone(), Now::read())
+        .unwrap_err();
     assert!(
         matches!(&err, RegistryError::NodeReserved { node_id, .. } if node_id == "n1"),
         "{err}"

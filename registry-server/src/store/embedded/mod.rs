@@ -138,8 +138,10 @@ impl EmbeddedStore {
         // Both tables exist from the first open, so reads never meet a
         // missing table.
         let txn = db.begin_write().map_err(|e| open_error(e.to_string()))?;
-        txn.open_table(NODES).map_err(|e| open_error(e.to_string()))?;
-        txn.open_table(ADMIN).map_err(|e| open_error(e.to_string()))?;
+        txn.open_table(NODES)
+            .map_err(|e| open_error(e.to_string()))?;
+        txn.open_table(ADMIN)
+            .map_err(|e| open_error(e.to_string()))?;
         txn.commit().map_err(|e| open_error(e.to_string()))?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
@@ -201,14 +203,18 @@ impl EmbeddedStore {
         };
         let txn = db.begin_read().map_err(|e| read_error(e.to_string()))?;
         let mut loaded = Loaded::default();
-        let nodes = txn.open_table(NODES).map_err(|e| read_error(e.to_string()))?;
+        let nodes = txn
+            .open_table(NODES)
+            .map_err(|e| read_error(e.to_string()))?;
         for entry in nodes.iter().map_err(|e| read_error(e.to_string()))? {
             let (key, value) = entry.map_err(|e| read_error(e.to_string()))?;
             let record = decode_node(key.value(), value.value())
                 .map_err(|why| corrupt(&format!("node {}", key.value()), why))?;
             loaded.nodes.push(record);
         }
-        let admin = txn.open_table(ADMIN).map_err(|e| read_error(e.to_string()))?;
+        let admin = txn
+            .open_table(ADMIN)
+            .map_err(|e| read_error(e.to_string()))?;
         for entry in admin.iter().map_err(|e| read_error(e.to_string()))? {
             let (key, value) = entry.map_err(|e| read_error(e.to_string()))?;
             let state = decode_admin(value.value())
@@ -319,7 +325,9 @@ impl Writer {
                 // Writes queued behind the close are refused.
                 while let Ok(message) = self.rx.try_recv() {
                     if let Message::Write(p) = message {
-                        let _ = p.done.send(Err(StoreError::Write("the store is closed".into())));
+                        let _ = p
+                            .done
+                            .send(Err(StoreError::Write("the store is closed".into())));
                     }
                 }
                 drop(self.db);

@@ -185,7 +185,10 @@ async fn a_second_open_of_a_file_in_use_is_refused() {
     let path = dir.path().join(FILE_NAME);
     let store = EmbeddedStore::open(&path).unwrap();
     let err = EmbeddedStore::open(&path).unwrap_err();
-    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
     store.close().await;
     // Once closed, the file opens again.
     tokio::time::sleep(Duration::from_millis(10)).await;
