@@ -406,6 +406,9 @@ impl Settings {
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be above zero".into());
         }
+        if self.store == StoreKind::Embedded && self.data_dir.as_os_str().is_empty() {
+            return Err("--data-dir must name a directory for --store embedded".into());
+        }
         Ok(())
     }
 }
@@ -436,6 +439,25 @@ mod tests {
         assert_eq!(settings.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(settings.offline_retention, Duration::from_secs(3600));
         settings.check().unwrap();
+    }
+
+    #[test]
+    fn the_embedded_store_needs_a_data_dir() {
+        // On the command line clap refuses an empty path itself.
+        let err = Cli::try_parse_from(["registry-server", "--data-dir", ""]).unwrap_err();
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+        let embedded = Settings {
+            store: StoreKind::Embedded,
+            data_dir: PathBuf::new(),
+            ..Settings::default()
+        };
+        let err = embedded.check().unwrap_err();
+        assert!(err.contains("--data-dir"), "{err}");
+        let memory = Settings {
+            data_dir: PathBuf::new(),
+            ..Settings::default()
+        };
+        memory.check().unwrap();
     }
 
     #[test]

@@ -48,6 +48,12 @@ async fn a_session_survives_a_restart_and_its_heartbeats_are_accepted_without_re
     register(&mut client, labelled).await;
     let mut stream = Stream::open(&mut client).await.unwrap();
     let before = stream.send(beat("n1", &session, 1)).await.unwrap();
+    let old_revision = client
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
     drop(stream);
     drop(client);
     let addr = server.addr;
@@ -61,6 +67,26 @@ async fn a_session_survives_a_restart_and_its_heartbeats_are_accepted_without_re
     assert!(loaded.pool_status.is_empty());
     assert_eq!(loaded.session_id, session.id);
     assert_eq!(get(&mut client, "n2").await.labels["rack"], "r7");
+    // A watcher resuming from the old run's revision relists.
+    let resumed = client
+        .watch_nodes(pb::WatchNodesRequest {
+            start_revision: old_revision,
+            ..Default::default()
+        })
+        .await;
+    let code = match resumed {
+        Err(status) => status.code(),
+        Ok(stream) => stream.into_inner().message().await.unwrap_err().code(),
+    };
+    assert_eq!(code, Code::OutOfRange);
+    // The loaded nodes are in the new run's listing, above the old revision.
+    let listed = client
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.nodes.len(), 2);
+    assert!(listed.revision > old_revision);
     // Placement offers none of its pools before it speaks.
     let refused = client
         .find_pools(pb::FindPoolsRequest {
