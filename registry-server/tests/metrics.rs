@@ -31,11 +31,16 @@ async fn activity_shows_in_the_published_metrics() {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).unwrap();
 
-    let registry = TestRegistry::start(Settings {
-        node_timeout: Duration::from_millis(300),
-        heartbeat_interval: Duration::from_millis(100),
-        ..Settings::default()
-    })
+    // The embedded store, so its commits show too.
+    let data_dir = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start(test_support::registry::durable(
+        Settings {
+            node_timeout: Duration::from_millis(300),
+            heartbeat_interval: Duration::from_millis(100),
+            ..Settings::default()
+        },
+        data_dir.path(),
+    ))
     .await;
     let mut client = registry.client().await;
 
@@ -128,6 +133,16 @@ async fn activity_shows_in_the_published_metrics() {
         sample(&text, "registry_heartbeat_handling_seconds_count").unwrap() >= 1.0,
         "{text}"
     );
+    // Three registrations and one deregistration were written, one at a
+    // time; the heartbeats and the OFFLINE transition never are.
+    assert_eq!(sample(&text, "registry_store_writes_total"), Some(4.0));
+    assert_eq!(sample(&text, "registry_store_commits_total"), Some(4.0));
+    assert_eq!(
+        sample(&text, "registry_store_commit_seconds_count"),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "registry_store_commit_failures_total"), None);
 
     // Per-RPC metrics, go-grpc-prometheus style.
     let rpc = |kind: &str, method: &str| {

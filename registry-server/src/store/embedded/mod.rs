@@ -309,13 +309,19 @@ impl Writer {
                 }
             }
             if !batch.is_empty() {
+                let started = std::time::Instant::now();
                 let result = self.commit(&batch).map_err(StoreError::Write);
                 if let Err(err) = &result {
                     error!(error = %err, writes = batch.len(), "store commit failed");
+                    metrics::counter!(crate::metrics::STORE_FAILURES).increment(1);
                 } else {
                     use std::sync::atomic::Ordering::Relaxed;
                     self.stats.commits.fetch_add(1, Relaxed);
                     self.stats.writes.fetch_add(batch.len() as u64, Relaxed);
+                    metrics::counter!(crate::metrics::STORE_COMMITS).increment(1);
+                    metrics::counter!(crate::metrics::STORE_WRITES).increment(batch.len() as u64);
+                    metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
+                        .record(started.elapsed().as_secs_f64());
                 }
                 for pending in batch.drain(..) {
                     let _ = pending.done.send(result.clone());
