@@ -39,7 +39,10 @@ RUN set -eu; \
         for bin in registry-server node-agent registry-ctl; do \
             strip --strip-debug -o "target/docker-dist/$bin" "target/release/$bin"; \
         done; \
-    fi
+    fi; \
+    # An empty directory for the runtime image's /var/lib/registry (that
+    # image may have no shell to make one).
+    mkdir -p target/docker-dist/data-dir
 
 # ---------------------------------------------------------------------------
 # registry-server: gRPC on 50051, Prometheus metrics on 9464.
@@ -47,9 +50,15 @@ FROM ${RUNTIME_IMAGE} AS registry-server
 COPY --from=build /src/target/docker-dist/registry-server /src/target/docker-dist/registry-ctl /usr/local/bin/
 # A fixed unprivileged uid/gid: no passwd entry or shell is needed, so the
 # same lines work on any base image.
+# The embedded store's directory (--data-dir), owned by the runtime user so
+# the registry can write it; a volume, so it outlives the container.
+COPY --from=build --chown=10001:10001 /src/target/docker-dist/data-dir/ /var/lib/registry/
 USER 10001:10001
 ENV REGISTRY_LISTEN=0.0.0.0:50051 \
-    REGISTRY_METRICS_LISTEN=0.0.0.0:9464
+    REGISTRY_METRICS_LISTEN=0.0.0.0:9464 \
+    REGISTRY_STORE=embedded \
+    REGISTRY_DATA_DIR=/var/lib/registry
+VOLUME ["/var/lib/registry"]
 EXPOSE 50051 9464
 # grpc.health.v1 Check against this container's REGISTRY_LISTEN port.
 HEALTHCHECK --interval=10s --timeout=4s --start-period=5s --retries=3 \

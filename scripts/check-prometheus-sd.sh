@@ -147,7 +147,7 @@ EOF
 # ---- 1. registry and agents ----------------------------------------------------
 grpc_port=$(free_port)
 metrics_port=$(free_port)
-"$registry_bin" --listen "127.0.0.1:$grpc_port" --metrics-listen "127.0.0.1:$metrics_port" \
+"$registry_bin" --listen "127.0.0.1:$grpc_port" --metrics-listen "127.0.0.1:$metrics_port" --store memory \
   --node-timeout 3s >"$scratch/registry.log" 2>&1 &
 pids+=("$!")
 if wait_for "the registry's metrics port" http_get "http://127.0.0.1:$metrics_port/sd/nodes"; then

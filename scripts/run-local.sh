@@ -2,12 +2,15 @@
 # Runs the main job on one machine: registry-server with its embedded
 # defaults, listening on 127.0.0.1:50051 (metrics on 127.0.0.1:9464), plus
 # one node-agent with two fake GPUs. Ctrl-C stops both; the agent
-# deregisters on the way out.
+# deregisters on the way out. The registry keeps its state (nodes,
+# sessions, cordons) in data/<listen address>/registry.redb under the
+# repository (git-ignored), so a restart of this script finds it again.
 #
 #   scripts/run-local.sh                 # registry + agent "local-gpu-node"
 #   AGENT_ARGS="--fake-gpus 8" scripts/run-local.sh
 #   RUN_LOCAL_LISTEN=127.0.0.1:50061 RUN_LOCAL_METRICS=127.0.0.1:9465 scripts/run-local.sh
 #   RUN_LOCAL_PROFILE=debug scripts/run-local.sh   # the debug build `cargo test` made
+#   RUN_LOCAL_DATA_DIR=/tmp/registry scripts/run-local.sh  # state elsewhere
 #
 # It builds the same release binaries as scripts/build-images.sh and
 # `cargo run --release`, so one build serves all three. The compose stack
@@ -18,6 +21,9 @@ cd "$(dirname "$0")/.."
 listen=${RUN_LOCAL_LISTEN:-127.0.0.1:50051}
 metrics=${RUN_LOCAL_METRICS:-127.0.0.1:9464}
 profile=${RUN_LOCAL_PROFILE:-release}
+# One directory per listen address: two runs side by side never share a
+# store file (the second would be refused: the file is locked).
+data_dir=${RUN_LOCAL_DATA_DIR:-data/${listen//:/-}}
 if [ "$profile" = release ]; then
   cargo build --release --locked --bins -p registry-server -p node-agent -p registry-ctl
 else
@@ -25,7 +31,8 @@ else
 fi
 target=${CARGO_TARGET_DIR:-target}/$([ "$profile" = release ] && echo release || echo debug)
 
-"$target/registry-server" --listen "$listen" --metrics-listen "$metrics" &
+"$target/registry-server" --listen "$listen" --metrics-listen "$metrics" \
+  --store embedded --data-dir "$data_dir" &
 registry=$!
 agent=""
 stop() {

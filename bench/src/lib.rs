@@ -69,6 +69,8 @@ pub enum Scenario {
     Feed,
     /// 7. The drain round trip (issue 11).
     Drain,
+    /// 8. The store's write path: a Register storm (issue 11).
+    Store,
 }
 
 impl Scenario {
@@ -76,7 +78,8 @@ impl Scenario {
     /// step leaves the simulator's heap large and fragmented, which would
     /// slow the simulator (and inflate latencies) in any scenario after it.
     /// The tables still print in the issue's order.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
+        Scenario::Store,
         Scenario::Throughput,
         Scenario::Detection,
         Scenario::Reads,
@@ -104,6 +107,7 @@ pub struct Results {
     pub feed: Option<FeedResult>,
     /// Scenario 7.
     pub drain: Option<DrainResult>,
+    pub store: Option<scenarios::store::StoreResult>,
 }
 
 /// Runs `scenarios` of `plan` in order, printing each table to stderr as it
@@ -146,6 +150,12 @@ pub async fn run(
                 let rows = scenarios::restart::run(launcher, plan).await?;
                 let table = table::restart(&rows);
                 results.restart = Some(rows);
+                table
+            }
+            Scenario::Store => {
+                let s = scenarios::store::run(launcher, plan).await?;
+                let table = table::store(&s);
+                results.store = Some(s);
                 table
             }
             Scenario::Feed => {

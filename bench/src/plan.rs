@@ -25,6 +25,8 @@ pub struct Plan {
     pub reads: ReadsPlan,
     /// Restart storm.
     pub restart: RestartPlan,
+    /// The store's write rate and commit latency.
+    pub store: StorePlan,
     /// The change feed under churn (issue 10).
     pub feed: FeedPlan,
     /// The drain round trip (issue 11).
@@ -125,6 +127,30 @@ pub struct RestartPlan {
     pub modes: Vec<StopMode>,
     /// Longest wait for the fleet to come back.
     pub limit: Duration,
+    /// The stores to restart with, one fleet each: memory (every node
+    /// must register again) and embedded (sessions survive).
+    pub stores: Vec<RestartStore>,
+}
+
+/// The registry's store in a restart storm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartStore {
+    /// `--store memory`: the new registry starts empty.
+    Memory,
+    /// `--store embedded`: the new registry loads every node and session.
+    Embedded,
+}
+
+/// The store's write path: Registers of new nodes at a paced rate by many
+/// concurrent clients against a registry with the embedded store.
+#[derive(Debug, Clone)]
+pub struct StorePlan {
+    /// Registrations in the storm (distinct nodes).
+    pub registrations: usize,
+    /// Target rate, registrations per second.
+    pub rate: u32,
+    /// Concurrent Register calls at most.
+    pub concurrency: usize,
 }
 
 /// The change feed under churn: a fleet whose every heartbeat changes
@@ -210,6 +236,12 @@ impl Plan {
                 connections: 0,
                 modes: vec![StopMode::Graceful, StopMode::Crash],
                 limit: Duration::from_secs(120),
+                stores: vec![RestartStore::Memory, RestartStore::Embedded],
+            },
+            store: StorePlan {
+                registrations: 10_000,
+                rate: 2_000,
+                concurrency: 512,
             },
             feed: FeedPlan {
                 nodes: 10_000,
@@ -274,6 +306,12 @@ impl Plan {
                 connections: 0,
                 modes,
                 limit: Duration::from_secs(30),
+                stores: vec![RestartStore::Memory, RestartStore::Embedded],
+            },
+            store: StorePlan {
+                registrations: 200,
+                rate: 1_000,
+                concurrency: 16,
             },
             feed: FeedPlan {
                 nodes: 200,

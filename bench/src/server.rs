@@ -35,6 +35,9 @@ pub struct ServerSpec {
     pub max_streams_per_connection: u32,
     /// --max-connections: above the simulator's connection count.
     pub max_connections: usize,
+    /// `--store embedded --data-dir DIR` when set; `--store memory` (the
+    /// state is lost on restart) when not.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl ServerSpec {
@@ -46,7 +49,14 @@ impl ServerSpec {
             heartbeat_interval: Duration::from_secs(10),
             max_streams_per_connection: 1024,
             max_connections: 16_384,
+            data_dir: None,
         }
+    }
+
+    /// With the embedded store in `dir` (kept across restarts).
+    pub fn embedded(mut self, dir: PathBuf) -> Self {
+        self.data_dir = Some(dir);
+        self
     }
 
     /// With this timeout and interval.
@@ -75,6 +85,17 @@ impl ServerSpec {
             "--max-connections-per-address".into(),
             self.max_connections.to_string(),
         ]
+        .into_iter()
+        .chain(match &self.data_dir {
+            Some(dir) => vec![
+                "--store".into(),
+                "embedded".into(),
+                "--data-dir".into(),
+                dir.display().to_string(),
+            ],
+            None => vec!["--store".into(), "memory".into()],
+        })
+        .collect()
     }
 
     fn settings(&self) -> registry_server::Settings {
@@ -84,6 +105,12 @@ impl ServerSpec {
             max_streams_per_connection: self.max_streams_per_connection,
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections,
+            store: if self.data_dir.is_some() {
+                registry_server::config::StoreKind::Embedded
+            } else {
+                registry_server::config::StoreKind::Memory
+            },
+            data_dir: self.data_dir.clone().unwrap_or_default(),
             ..registry_server::Settings::default()
         }
     }
@@ -148,6 +175,25 @@ pub struct TaskServer {
 }
 
 impl Launcher {
+    /// An empty directory for a scenario's store: beside the logs of a
+    /// process server, under the temporary directory for an in-process one.
+    pub fn data_dir(&self, name: &str) -> Result<PathBuf, BenchError> {
+        let dir = match self {
+            Launcher::Process { log_dir, .. } => log_dir.join(format!("{name}-data")),
+            Launcher::InProcess => {
+                std::env::temp_dir().join(format!("bench-{}-{name}-data", std::process::id()))
+            }
+        };
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BenchError::Io(format!("{}: {e}", dir.display()))),
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BenchError::Io(format!("{}: {e}", dir.display())))?;
+        Ok(dir)
+    }
+
     /// Starts a registry with `spec` on a free loopback port.
     pub async fn start(&self, spec: &ServerSpec) -> Result<Server, BenchError> {
         let any: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
@@ -407,5 +453,12 @@ mod tests {
         assert!(args.contains("--listen 127.0.0.1:7"), "{args}");
         assert!(args.contains("--node-timeout 5s"), "{args}");
         assert!(args.contains("--heartbeat-interval 1s"), "{args}");
+        assert!(args.contains("--store memory"), "{args}");
+        let durable = spec.embedded("/tmp/x".into());
+        let args = durable.args("127.0.0.1:7".parse().unwrap()).join(" ");
+        assert!(
+            args.contains("--store embedded --data-dir /tmp/x"),
+            "{args}"
+        );
     }
 }

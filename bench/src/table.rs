@@ -6,12 +6,14 @@ use std::time::Duration;
 use fleet_sim::stats::{fmt_errors, fmt_ms};
 
 use crate::Results;
+use crate::plan::RestartStore;
 use crate::scenarios::detection::DetectionResult;
 use crate::scenarios::drain::DrainResult;
 use crate::scenarios::feed::FeedResult;
 use crate::scenarios::reads::ReadsResult;
 use crate::scenarios::restart::RestartRow;
 use crate::scenarios::scale::ScaleRow;
+use crate::scenarios::store::StoreResult;
 use crate::scenarios::throughput::ThroughputResult;
 use crate::server::StopMode;
 
@@ -164,21 +166,26 @@ pub fn reads(r: &ReadsResult) -> String {
 /// Scenario 5.
 pub fn restart(rows: &[RestartRow]) -> String {
     let mut out = String::from(
-        "| stop | nodes | connections | registry down | all nodes back after | ONLINE after | false OFFLINE | accept-queue overflows | errors seen by the fleet |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| store | stop | nodes | connections | registry down | all nodes back after | re-registered | ONLINE after | false OFFLINE | accept-queue overflows | errors seen by the fleet |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         let mode = match r.mode {
             StopMode::Graceful => "SIGTERM",
             StopMode::Crash => "SIGKILL",
         };
+        let store = match r.store {
+            RestartStore::Memory => "memory",
+            RestartStore::Embedded => "embedded",
+        };
         let _ = writeln!(
             out,
-            "| {mode} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {store} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.nodes,
             r.connections,
             secs(r.down),
             secs(r.all_back),
+            r.reregistered,
             r.online,
             r.false_offline,
             r.listen_overflows
@@ -187,6 +194,26 @@ pub fn restart(rows: &[RestartRow]) -> String {
         );
     }
     out
+}
+
+/// Scenario 8: the store's write path.
+pub fn store(s: &StoreResult) -> String {
+    format!(
+        "{} Registers of new nodes paced at {}/s by up to {} concurrent calls, against a registry with the embedded store (each answered once its record is committed; group commit).\n\n\
+         | acknowledged | failed | wall | registrations/s | Register p50 | p99 | max |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n\
+         | {} | {} | {} | {:.0} | {} | {} | {} |\n",
+        s.registrations,
+        s.rate,
+        s.concurrency,
+        s.acknowledged,
+        s.failed,
+        secs(s.wall),
+        s.per_sec,
+        fmt_ms(s.latency.p50),
+        fmt_ms(s.latency.p99),
+        fmt_ms(s.latency.max),
+    )
 }
 
 /// Scenario 6.
@@ -276,6 +303,9 @@ pub fn all(results: &Results) -> String {
     }
     if let Some(f) = &results.feed {
         let _ = writeln!(out, "### 6. Change feed\n\n{}", feed(f));
+    }
+    if let Some(s) = &results.store {
+        let _ = writeln!(out, "### 8. Store write path\n\n{}", store(s));
     }
     if let Some(d) = &results.drain {
         let _ = writeln!(out, "### 7. Drain round trip\n\n{}", drain(d));

@@ -4,7 +4,7 @@
 //! a shared CI machine mean nothing; the bench prints, a person reads.
 
 use bench::Scenario;
-use bench::plan::Plan;
+use bench::plan::{Plan, RestartStore};
 use bench::server::Launcher;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,12 +58,30 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
     }
 
     let restart = results.restart.as_ref().expect("restart ran");
-    assert_eq!(restart.len(), plan.restart.modes.len());
+    assert_eq!(
+        restart.len(),
+        plan.restart.modes.len() * plan.restart.stores.len()
+    );
     for row in restart {
         assert_eq!(row.online, row.nodes, "every node is back ONLINE");
         assert_eq!(row.false_offline, 0);
         assert!(row.all_back >= row.down);
+        match row.store {
+            // An empty registry: every node registers again.
+            RestartStore::Memory => assert_eq!(row.reregistered, row.nodes, "{row:?}"),
+            // The embedded store kept every session: nobody re-registers.
+            RestartStore::Embedded => assert_eq!(row.reregistered, 0, "{row:?}"),
+        }
     }
+
+    let store = results.store.as_ref().expect("store ran");
+    assert_eq!(store.failed, 0, "{store:?}");
+    assert_eq!(store.acknowledged, plan.store.registrations);
+    assert_eq!(
+        store.listed, plan.store.registrations,
+        "every acknowledged node listed"
+    );
+    assert!(store.latency.p50 <= store.latency.p99);
 
     let feed = results.feed.as_ref().expect("feed ran");
     assert_eq!(feed.rows.len(), 3);

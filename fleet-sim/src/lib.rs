@@ -4,8 +4,9 @@
 //! Every virtual node registers with its own node_id, fake GPUs and pools,
 //! holds its own Heartbeat stream and sends on it every interval with jitter,
 //! like node-agent does. Nodes re-register (with backoff and jitter) when the
-//! registry answers NOT_FOUND or FAILED_PRECONDITION or the connection drops,
-//! so a registry restart can be simulated too.
+//! registry answers NOT_FOUND or FAILED_PRECONDITION, and reconnect with
+//! their session when the connection drops, so a registry restart (with or
+//! without its store) can be simulated too.
 //!
 //! Module map:
 //! - [`config`]: the options (shared by the `fleet-sim` binary and `bench`);

@@ -1,7 +1,9 @@
 //! One virtual node-agent: register, open a Heartbeat stream, send every
-//! interval with jitter and wait for each ack; on NOT_FOUND,
-//! FAILED_PRECONDITION, a broken connection, a closed stream or a missing
-//! ack, wait a backoff with jitter and register again, as node-agent does.
+//! interval with jitter and wait for each ack; on NOT_FOUND or
+//! FAILED_PRECONDITION wait a backoff with jitter and register again; on a
+//! broken connection, a closed stream or a missing ack wait a backoff and
+//! reconnect with the same session (a registry that kept its state after a
+//! restart accepts it), as node-agent does.
 //! A DrainCommand (pushed unsolicited, sequence 0, or on an ack) makes the
 //! named pools (all when none are named) report DRAINING and idle on a beat
 //! sent at once; a ResumeCommand makes them READY again, also at once, so
@@ -87,8 +89,13 @@ impl Shared {
 enum End {
     /// The fleet is stopping.
     Stopped,
-    /// The stream failed or the registry lost the node: back off, register.
+    /// The registry lost the node or its session (NOT_FOUND,
+    /// FAILED_PRECONDITION): back off, register.
     Lost,
+    /// The stream failed otherwise (the registry away, a timeout): back
+    /// off and reconnect with the same session, as node-agent does; a
+    /// registry that kept its state accepts it without a Register.
+    Failed,
     /// The registry asked for a new registration: register at once.
     Reregister,
 }
@@ -179,25 +186,41 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, channel: Channel) {
 impl Node {
     async fn live(&mut self) {
         let stop = self.shared.stop.clone();
+        let mut kept = None;
         loop {
             if self.silenced && self.shared.silence.is_cancelled() {
                 // A silenced node that lost its stream stays silent.
                 stop.cancelled().await;
                 return;
             }
-            let Some((session, advertised)) = self.register().await else {
-                if self.pause().await {
-                    continue;
+            let resumed = kept.is_some();
+            let (session, advertised) = match kept.take() {
+                Some(kept) => kept,
+                None => {
+                    let Some(registered) = self.register().await else {
+                        if self.pause().await {
+                            continue;
+                        }
+                        return;
+                    };
+                    registered
                 }
-                return;
             };
             match self.heartbeats(&session, advertised).await {
                 End::Stopped => return,
                 End::Reregister => {}
+                // The reconnect already waited its backoff: register now.
+                End::Lost if resumed => {}
                 End::Lost => {
                     if !self.pause().await {
                         return;
                     }
+                }
+                End::Failed => {
+                    if !self.pause().await {
+                        return;
+                    }
+                    kept = Some((session, advertised));
                 }
             }
         }
@@ -299,11 +322,11 @@ impl Node {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
                 stats.error(Phase::Heartbeat, status.code());
-                return End::Lost;
+                return ended_by(&status);
             }
             Err(_elapsed) => {
                 stats.ack_timeout();
-                return End::Lost;
+                return End::Failed;
             }
         };
 
@@ -317,17 +340,17 @@ impl Node {
                 Ok(Ok(Some(ack))) => ack,
                 Ok(Ok(None)) => {
                     stats.stream_closed();
-                    return End::Lost;
+                    return End::Failed;
                 }
                 Ok(Err(status)) => {
                     if !stop.is_cancelled() {
                         stats.error(Phase::Heartbeat, status.code());
                     }
-                    return End::Lost;
+                    return ended_by(&status);
                 }
                 Err(_elapsed) => {
                     stats.ack_timeout();
-                    return End::Lost;
+                    return End::Failed;
                 }
             };
             if ack.sequence == 0 {
@@ -373,13 +396,13 @@ impl Node {
                         }
                         Ok(None) => {
                             stats.stream_closed();
-                            return End::Lost;
+                            return End::Failed;
                         }
                         Err(status) => {
                             if !stop.is_cancelled() {
                                 stats.error(Phase::Heartbeat, status.code());
                             }
-                            return End::Lost;
+                            return ended_by(&status);
                         }
                     },
                 }
@@ -439,6 +462,16 @@ impl Node {
     fn jittered(&mut self, interval: Duration) -> Duration {
         let jitter = self.shared.config.jitter;
         interval.mul_f64(1.0 + jitter * (2.0 * self.rng.f64() - 1.0))
+    }
+}
+
+/// How a stream ended by `status` goes on: register again where the
+/// contract says the session is gone, else reconnect with the same one.
+fn ended_by(status: &tonic::Status) -> End {
+    if registry_proto::rules::must_register_again(status.code()) {
+        End::Lost
+    } else {
+        End::Failed
     }
 }
 

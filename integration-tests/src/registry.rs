@@ -44,6 +44,9 @@ pub struct RegistryProcess {
     metrics_addr: Option<SocketAddr>,
     /// The address it listens on (the port the OS chose at the first start).
     addr: SocketAddr,
+    /// The embedded store's directory, kept across restarts; `None`: the
+    /// memory store (every incarnation starts empty).
+    data_dir: Option<PathBuf>,
     /// The current incarnation; `None` after [`RegistryProcess::kill`].
     process: Option<ChildProcess>,
 }
@@ -52,7 +55,7 @@ impl RegistryProcess {
     /// Starts the registry on `127.0.0.1:0` and reads the port it got from
     /// its "registry listening" log line, so no port is ever guessed.
     pub async fn start(binary: &Path, log: &Path, timing: Timing) -> Result<Self, HarnessError> {
-        Self::start_with_args(binary, log, timing, Vec::new()).await
+        Self::start_with(binary, log, timing, Vec::new(), None).await
     }
 
     /// [`RegistryProcess::start`] with further arguments. The metrics port
@@ -65,9 +68,31 @@ impl RegistryProcess {
         timing: Timing,
         args: Vec<String>,
     ) -> Result<Self, HarnessError> {
+        Self::start_with(binary, log, timing, args, None).await
+    }
+
+    /// [`RegistryProcess::start`] with the embedded store in `data_dir`
+    /// (`Some`), which every restart loads, or the memory store (`None`).
+    pub async fn start_with_store(
+        binary: &Path,
+        log: &Path,
+        timing: Timing,
+        data_dir: Option<&Path>,
+    ) -> Result<Self, HarnessError> {
+        Self::start_with(binary, log, timing, Vec::new(), data_dir).await
+    }
+
+    /// Starts with further arguments and a store (see the other starts).
+    pub async fn start_with(
+        binary: &Path,
+        log: &Path,
+        timing: Timing,
+        args: Vec<String>,
+        data_dir: Option<&Path>,
+    ) -> Result<Self, HarnessError> {
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("a valid socket address");
         let (process, addr, metrics_addr) =
-            spawn_and_wait(binary, log, timing, &args, listen).await?;
+            spawn_and_wait(binary, log, timing, &args, listen, data_dir).await?;
         Ok(Self {
             binary: binary.to_path_buf(),
             log: log.to_path_buf(),
@@ -75,6 +100,7 @@ impl RegistryProcess {
             args,
             metrics_addr,
             addr,
+            data_dir: data_dir.map(Path::to_path_buf),
             process: Some(process),
         })
     }
@@ -113,13 +139,24 @@ impl RegistryProcess {
         Ok(())
     }
 
-    /// Starts a fresh incarnation (empty state) on the same address, retrying
+    /// Starts a fresh incarnation on the same address (empty with the memory
+    /// store; with the embedded store it loads what the last one stored),
+    /// retrying
     /// while the port is still held by the old one's sockets.
     pub async fn restart(&mut self) -> Result<(), HarnessError> {
         self.kill()?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match spawn_and_wait(&self.binary, &self.log, self.timing, &self.args, self.addr).await
+            let data_dir = self.data_dir.as_deref();
+            match spawn_and_wait(
+                &self.binary,
+                &self.log,
+                self.timing,
+                &self.args,
+                self.addr,
+                data_dir,
+            )
+            .await
             {
                 Ok((process, addr, metrics_addr)) => {
                     self.metrics_addr = metrics_addr;
@@ -149,6 +186,7 @@ async fn spawn_and_wait(
     timing: Timing,
     args: &[String],
     listen: SocketAddr,
+    data_dir: Option<&Path>,
 ) -> Result<(ChildProcess, SocketAddr, Option<SocketAddr>), HarnessError> {
     // Only lines written by this incarnation count.
     let offset = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
@@ -162,6 +200,17 @@ async fn spawn_and_wait(
         .arg(humantime(timing.heartbeat_interval))
         .args(["--log-format", "json"])
         .args(args)
+        // Each test's registry keeps its own state (or none): never the
+        // binary's default directory, shared by every run.
+        .args(match data_dir {
+            Some(dir) => vec![
+                "--store".into(),
+                "embedded".into(),
+                "--data-dir".into(),
+                dir.display().to_string(),
+            ],
+            None => vec!["--store".to_string(), "memory".to_string()],
+        })
         .env("RUST_LOG", "info,registry_server=debug");
     let metrics_on = args.iter().any(|a| a == "--metrics-listen");
     if !metrics_on {

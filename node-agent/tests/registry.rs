@@ -308,6 +308,52 @@ async fn agent_reregisters_after_registry_restart_on_same_address() {
 }
 
 #[tokio::test]
+async fn agent_resumes_its_session_when_the_restarted_registry_kept_it() {
+    test_support::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = || test_support::registry::durable(registry_settings(), dir.path());
+    let registry = TestRegistry::start(settings()).await;
+    let addr = registry.addr;
+    let mut config = agent_config(&registry.url(), "n6");
+    let mut pool = PoolConfig::new("pool-0");
+    pool.state = Some(ConfiguredState::Ready);
+    config.pools = vec![pool];
+    let agent = Agent::start(config);
+    let client = registry.client().await;
+    let first = eventually("n6 online", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            get_node(&mut client, "n6")
+                .await
+                .matching(|n| !n.pool_status.is_empty())
+        }
+    })
+    .await;
+    drop(client);
+    registry.stop().await;
+
+    // The registry loads n6 and its session from the store: the agent's
+    // reconnecting stream is accepted, no Register needed.
+    let registry = TestRegistry::restart_on(addr, settings()).await;
+    let mut client = registry.client().await;
+    let again = eventually("n6 heard from after the restart", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            get_node(&mut client, "n6")
+                .await
+                .matching(|n| !n.suspect && pool_state(n, "pool-0") == Some(pb::PoolState::Ready))
+        }
+    })
+    .await;
+    assert_eq!(again.session_id, first.session_id, "the same session");
+    assert_eq!(again.registered_at, first.registered_at);
+
+    agent.stop().await.unwrap();
+    assert!(get_node(&mut client, "n6").await.is_none());
+    registry.stop().await;
+}
+
+#[tokio::test]
 async fn agent_stopped_gracefully_removes_the_node() {
     test_support::init_logs();
     let registry = TestRegistry::start(registry_settings()).await;

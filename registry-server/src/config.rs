@@ -133,6 +133,18 @@ pub fn parse_share(value: &str) -> Result<Share, String> {
     Ok(Share(share))
 }
 
+/// Where the registry keeps what survives a restart (`--store`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Nothing survives a restart (tests, throwaway registries).
+    Memory,
+    /// A redb file in `--data-dir`.
+    Embedded,
+}
+
+/// Default `--data-dir`: the conventional place for a service's state.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/registry";
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -305,6 +317,24 @@ pub struct Settings {
     )]
     pub tls_key: Option<PathBuf>,
 
+    /// Where nodes, sessions and admin states are kept: `embedded` (a file
+    /// in --data-dir; survives restarts) or `memory` (lost on restart).
+    /// The binary defaults to `embedded`; `Settings::default()` (tests) to
+    /// `memory`.
+    #[arg(long, env = "REGISTRY_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+
+    /// Directory of the embedded store's file (`registry.redb`); created if
+    /// missing; must be writable.
+    #[arg(long, env = "REGISTRY_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Delete the embedded store's file before starting (every stored
+    /// node, session and admin state is lost): the explicit way out of a
+    /// corrupt store.
+    #[arg(long, env = "REGISTRY_RESET_STORE")]
+    pub reset_store: bool,
+
     /// PEM CA bundle; when set, every client must present a certificate it
     /// signed (mTLS), and a node's certificate must name its node_id.
     #[arg(
@@ -348,6 +378,9 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            store: StoreKind::Memory,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            reset_store: false,
         }
     }
 }
@@ -431,6 +464,9 @@ impl Settings {
                     .into(),
             );
         }
+        if self.store == StoreKind::Embedded && self.data_dir.as_os_str().is_empty() {
+            return Err("--data-dir must name a directory for --store embedded".into());
+        }
         Ok(())
     }
 }
@@ -445,11 +481,41 @@ mod tests {
         assert_eq!(cli.listen, "0.0.0.0:50051".parse().unwrap());
         assert_eq!(cli.metrics_addr(), Some("0.0.0.0:9464".parse().unwrap()));
         let settings = cli.settings();
-        assert_eq!(settings, Settings::default());
+        // The binary keeps its state in a file; tests (Settings::default)
+        // keep it in memory.
+        assert_eq!(settings.store, StoreKind::Embedded);
+        assert_eq!(settings.data_dir, PathBuf::from("/var/lib/registry"));
+        assert!(!settings.reset_store);
+        assert_eq!(
+            Settings {
+                store: StoreKind::Memory,
+                ..settings.clone()
+            },
+            Settings::default()
+        );
         assert_eq!(settings.node_timeout, Duration::from_secs(30));
         assert_eq!(settings.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(settings.offline_retention, Duration::from_secs(3600));
         settings.check().unwrap();
+    }
+
+    #[test]
+    fn the_embedded_store_needs_a_data_dir() {
+        // On the command line clap refuses an empty path itself.
+        let err = Cli::try_parse_from(["registry-server", "--data-dir", ""]).unwrap_err();
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+        let embedded = Settings {
+            store: StoreKind::Embedded,
+            data_dir: PathBuf::new(),
+            ..Settings::default()
+        };
+        let err = embedded.check().unwrap_err();
+        assert!(err.contains("--data-dir"), "{err}");
+        let memory = Settings {
+            data_dir: PathBuf::new(),
+            ..Settings::default()
+        };
+        memory.check().unwrap();
     }
 
     #[test]

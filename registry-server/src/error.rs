@@ -49,6 +49,21 @@ pub enum RegistryError {
         /// The contested node id.
         node_id: String,
     },
+    /// The node was loaded from the store at a restart and its owner has
+    /// until `until` (the restart grace) to come back; another machine may
+    /// not take the id before then.
+    #[error(
+        "node {node_id} was registered from another machine before the registry restarted; its owner has until {until} to come back"
+    )]
+    NodeReserved {
+        /// The contested node id.
+        node_id: String,
+        /// When the restart grace ends (RFC 3339).
+        until: String,
+    },
+    /// The store could not make a change durable; the change was not made.
+    #[error("the registry's store is unavailable, nothing was changed: {0}")]
+    StoreUnavailable(String),
     /// A server limit was reached.
     #[error("limit reached: {0}")]
     LimitReached(String),
@@ -147,6 +162,8 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::Unauthenticated(_) => tonic::Code::Unauthenticated,
             RegistryError::PermissionDenied(_) => tonic::Code::PermissionDenied,
             RegistryError::NodeTaken { .. } => tonic::Code::AlreadyExists,
+            RegistryError::NodeReserved { .. } => tonic::Code::AlreadyExists,
+            RegistryError::StoreUnavailable(_) => tonic::Code::Unavailable,
             RegistryError::LimitReached(_) => tonic::Code::ResourceExhausted,
             RegistryError::TooSlow(_) => tonic::Code::DeadlineExceeded,
             RegistryError::NoPlacement(_) => tonic::Code::NotFound,
@@ -206,6 +223,19 @@ mod tests {
                 },
                 tonic::Code::AlreadyExists,
                 "gpu-1 is ONLINE and registered from another machine",
+            ),
+            (
+                RegistryError::NodeReserved {
+                    node_id: "gpu-1".into(),
+                    until: "2026-01-01T00:00:30Z".into(),
+                },
+                tonic::Code::AlreadyExists,
+                "its owner has until 2026-01-01T00:00:30Z to come back",
+            ),
+            (
+                RegistryError::StoreUnavailable("disk full".into()),
+                tonic::Code::Unavailable,
+                "store is unavailable, nothing was changed: disk full",
             ),
             (
                 RegistryError::LimitReached("at most 10 nodes".into()),

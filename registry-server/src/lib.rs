@@ -37,6 +37,7 @@ pub mod schedule;
 pub mod sd;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod telemetry;
 pub mod validate;
 pub mod watch;

@@ -60,6 +60,19 @@ pub const GUARD_HELD_TOTAL: &str = "registry_mass_failure_guard_held_nodes_total
 pub const SUSPECT: &str = "registry_suspect_nodes";
 /// Stalls the expiry loop noticed (it woke far later than asked).
 pub const STALLS: &str = "registry_stalls_total";
+/// Embedded store transactions committed (each holds one or more writes).
+pub const STORE_COMMITS: &str = "registry_store_commits_total";
+/// Writes (node records, admin states) committed to the embedded store.
+pub const STORE_WRITES: &str = "registry_store_writes_total";
+/// Embedded store commits that failed (their callers got UNAVAILABLE).
+pub const STORE_FAILURES: &str = "registry_store_commit_failures_total";
+/// Time to apply and commit one batch durably (fsync included), seconds.
+pub const STORE_COMMIT_SECONDS: &str = "registry_store_commit_seconds";
+
+/// Histogram buckets for store commits: 100 µs to 1 s.
+const STORE_BUCKETS: &[f64] = &[
+    100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+];
 
 /// Always 1, labelled with the registry's `version`.
 pub const BUILD_INFO: &str = "registry_build_info";
@@ -77,6 +90,7 @@ const HEARTBEAT_BUCKETS: &[f64] = &[
 pub fn install_prometheus() -> Result<PrometheusHandle, BuildError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(HEARTBEAT_SECONDS.into()), HEARTBEAT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(STORE_COMMIT_SECONDS.into()), STORE_BUCKETS)?
         .set_buckets_for_metric(
             Matcher::Full(crate::grpc_metrics::HANDLING_SECONDS.into()),
             crate::grpc_metrics::HANDLING_BUCKETS,
@@ -117,6 +131,17 @@ pub fn describe() {
     );
     describe_counter!(ONLINE_TRANSITIONS, "OFFLINE nodes that came back ONLINE.");
     describe_counter!(EXPIRED, "OFFLINE nodes removed after the retention.");
+    describe_counter!(STORE_COMMITS, "Embedded store transactions committed.");
+    describe_counter!(STORE_WRITES, "Writes committed to the embedded store.");
+    describe_counter!(
+        STORE_FAILURES,
+        "Embedded store commits that failed; their callers got UNAVAILABLE."
+    );
+    describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Time to apply and durably commit one batch of store writes."
+    );
     describe_histogram!(
         HEARTBEAT_SECONDS,
         Unit::Seconds,

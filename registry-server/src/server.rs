@@ -19,7 +19,7 @@ use crate::expiry;
 use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::metrics_port::MetricsEndpoint;
 use crate::placement::PlacementIndex;
-use crate::registry::{Options, Registry};
+use crate::registry::{Now, Options, Registry};
 use crate::service::NodeRegistryService;
 
 /// Why the server could not start or stopped with an error.
@@ -48,6 +48,10 @@ pub enum ServerError {
     /// The descriptors the gRPC metrics are built from cannot be read.
     #[error("gRPC metrics: {0}")]
     GrpcMetrics(#[from] crate::grpc_metrics::DescriptorError),
+    /// The store cannot be opened or read (a corrupt or unreadable file):
+    /// the server refuses to start rather than start empty.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -65,7 +69,10 @@ impl ServerError {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            ServerError::Settings(_) | ServerError::Auth(_) | ServerError::TlsFile { .. }
+            ServerError::Settings(_)
+                | ServerError::Auth(_)
+                | ServerError::TlsFile { .. }
+                | ServerError::Store(_)
         )
     }
 }
@@ -136,6 +143,11 @@ where
         );
     }
     let tls = tls_config(&settings)?;
+    // Everything stored is read before anything is served; a store that
+    // cannot be read stops the start (exit 2), never an empty registry.
+    let store = crate::store::open(&settings)?;
+    let loaded = store.load().await?;
+    info!(store = %store.describe(), nodes = loaded.nodes.len(), admin_states = loaded.admin.len(), "store loaded");
     // FindPools and ListModels answer from this index, fed by the registry
     // core's change feed: one `apply` per event, in revision order.
     let placement = PlacementIndex::new();
@@ -148,9 +160,19 @@ where
             subscribers: vec![Arc::new(placement.clone()) as Arc<dyn ChangeSubscriber>],
             first_revision: settings.revision_base.first_revision(),
             guard: settings.guard(),
+            store: store.clone(),
             ..Options::default()
         },
     );
+    let now = Now::read();
+    let parked = registry.restore(loaded, now);
+    if !parked.is_empty() {
+        info!(
+            nodes = parked.len(),
+            "admin states of nodes that are not registered are kept for their next registration"
+        );
+        registry.park_loaded(parked, now);
+    }
     let stop = CancellationToken::new();
     let mut expiry_task = tokio::spawn(expiry(registry.clone(), stop.clone()));
     let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));
@@ -302,6 +324,9 @@ where
     if let Some(task) = http_task {
         let _ = task.await;
     }
+    // Queued writes finish and the file is released (a registry restarted
+    // in this process, as the tests do, opens it again).
+    store.close().await;
     match ended {
         Ended::Served(served) => served?,
         Ended::ExpiryStopped(why) => {

@@ -74,3 +74,30 @@ fn an_unparsable_value_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--node-timeout"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_corrupt_store_file_exits_2_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("registry.redb");
+    std::fs::write(&file, vec![0x5a; 16 * 1024]).unwrap();
+    let data_dir = dir.path().display().to_string();
+    let out = registry_server(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+        "--store",
+        "embedded",
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&file.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("--reset-store"), "{}", stderr(&out));
+    // Never silently replaced by an empty store.
+    assert_eq!(std::fs::read(&file).unwrap(), vec![0x5a; 16 * 1024]);
+}

@@ -31,11 +31,16 @@ async fn activity_shows_in_the_published_metrics() {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).unwrap();
 
-    let registry = TestRegistry::start(Settings {
-        node_timeout: Duration::from_millis(300),
-        heartbeat_interval: Duration::from_millis(100),
-        ..Settings::default()
-    })
+    // The embedded store, so its commits show too.
+    let data_dir = tempfile::tempdir().unwrap();
+    let registry = TestRegistry::start(test_support::registry::durable(
+        Settings {
+            node_timeout: Duration::from_millis(300),
+            heartbeat_interval: Duration::from_millis(100),
+            ..Settings::default()
+        },
+        data_dir.path(),
+    ))
     .await;
     let mut client = registry.client().await;
 
@@ -145,6 +150,19 @@ async fn activity_shows_in_the_published_metrics() {
         sample(&text, "registry_heartbeat_handling_seconds_count").unwrap() >= 1.0,
         "{text}"
     );
+    // Three registrations, one deregistration, the cordon and the drain
+    // (its state, then its progress computed from the status at hand) were
+    // written; the heartbeats and the OFFLINE transition never are. The
+    // drain's two writes may share a commit.
+    assert_eq!(sample(&text, "registry_store_writes_total"), Some(7.0));
+    let commits = sample(&text, "registry_store_commits_total").unwrap();
+    assert!((6.0..=7.0).contains(&commits), "{text}");
+    assert_eq!(
+        sample(&text, "registry_store_commit_seconds_count"),
+        Some(commits),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "registry_store_commit_failures_total"), None);
 
     // Per-RPC metrics, go-grpc-prometheus style.
     let rpc = |kind: &str, method: &str| {

@@ -14,6 +14,17 @@ use tonic::transport::Channel;
 /// How long [`TestRegistry::stop`] waits for the server to finish.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `settings` keeping their state in an embedded store in `data_dir`, so
+/// a registry restarted on the same directory loads it (tests default to
+/// the memory store).
+pub fn durable(settings: Settings, data_dir: &std::path::Path) -> Settings {
+    Settings {
+        store: registry_server::config::StoreKind::Embedded,
+        data_dir: data_dir.to_path_buf(),
+        ..settings
+    }
+}
+
 /// A registry serving from a listener the test bound, until
 /// [`TestRegistry::stop`]. The port is never guessed: it is bound as
 /// `127.0.0.1:0` and read back with `local_addr()`.

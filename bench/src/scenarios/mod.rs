@@ -8,6 +8,7 @@ pub mod feed;
 pub mod reads;
 pub mod restart;
 pub mod scale;
+pub mod store;
 pub mod throughput;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,7 @@
 //! Scenario 5, restart storm: stop the registry under a fleet and start it
 //! again on the same address; time until every node is registered and
-//! heartbeating again, and whether anyone was marked OFFLINE.
+//! heartbeating again, how many had to register again (with the embedded
+//! store: none should), and whether anyone was marked OFFLINE.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -10,13 +11,15 @@ use tracing::info;
 
 use super::{fleet_config, start_fleet, wait_attached};
 use crate::BenchError;
-use crate::plan::Plan;
+use crate::plan::{Plan, RestartStore};
 use crate::server::{Launcher, ServerSpec, StopMode};
 use crate::{inspect, procfs};
 
 /// One restart's figures.
 #[derive(Debug, Clone)]
 pub struct RestartRow {
+    /// The registry's store.
+    pub store: RestartStore,
     /// How the registry was stopped.
     pub mode: StopMode,
     /// Virtual nodes.
@@ -29,6 +32,9 @@ pub struct RestartRow {
     pub all_back: Duration,
     /// Nodes the new registry listed ONLINE at the end.
     pub online: usize,
+    /// Nodes whose session changed across the restart: they had to
+    /// register again.
+    pub reregistered: usize,
     /// Nodes marked OFFLINE by the new registry, or missing from it.
     pub false_offline: usize,
     /// Connections the kernel dropped because the registry's accept queue
@@ -40,10 +46,38 @@ pub struct RestartRow {
     pub errors: BTreeMap<String, u64>,
 }
 
-/// Runs one restart per mode in `plan`, on one fleet.
+/// Runs one restart per mode in `plan` for each store, one fleet each.
 pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, BenchError> {
+    let mut rows = Vec::new();
+    for &store in &plan.restart.stores {
+        rows.extend(run_with(launcher, plan, store).await?);
+    }
+    Ok(rows)
+}
+
+/// Node id -> session id, as the registry lists them.
+async fn sessions(url: &str) -> Result<std::collections::HashMap<String, u64>, BenchError> {
+    let mut client = inspect::client(url).await?;
+    let nodes = inspect::list_all(&mut client, registry_proto::pb::NodeStatus::Unspecified).await?;
+    Ok(nodes
+        .into_iter()
+        .map(|n| (n.node_id, n.session_id))
+        .collect())
+}
+
+/// One fleet, one restart per mode, with `store`.
+async fn run_with(
+    launcher: &Launcher,
+    plan: &Plan,
+    store: RestartStore,
+) -> Result<Vec<RestartRow>, BenchError> {
     let p = &plan.restart;
-    let spec = ServerSpec::new("restart");
+    let spec = match store {
+        RestartStore::Memory => ServerSpec::new("restart-memory"),
+        RestartStore::Embedded => {
+            ServerSpec::new("restart-embedded").embedded(launcher.data_dir("restart")?)
+        }
+    };
     let connections = if p.connections == 0 {
         p.nodes
     } else {
@@ -57,6 +91,7 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, Be
     for &mode in &p.modes {
         sleep(Duration::from_secs(1)).await;
         let before = stats.snapshot();
+        let sessions_before = sessions(&server.url()).await?;
         let overflows_before = procfs::listen_overflows();
         let start = Instant::now();
         server.restart(mode).await?;
@@ -75,7 +110,14 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, Be
         let errors = stats.snapshot().errors_since(&before);
         let mut client = inspect::client(&server.url()).await?;
         let census = inspect::census(&mut client, &HashSet::new()).await?;
+        let sessions_after = sessions(&server.url()).await?;
+        let reregistered = sessions_before
+            .iter()
+            .filter(|(id, session)| sessions_after.get(*id) != Some(*session))
+            .count();
         let row = RestartRow {
+            store,
+            reregistered,
             mode,
             nodes: p.nodes,
             connections,

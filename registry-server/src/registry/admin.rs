@@ -41,6 +41,7 @@ use super::sessions::not_found;
 use super::{Now, Registry};
 use crate::error::RegistryError;
 use crate::events::EventKind;
+use crate::store::Commit;
 
 /// Most admin states kept for nodes that are not listed; beyond it the
 /// longest-parked is dropped (a fleet that cordons and then retires more
@@ -270,19 +271,27 @@ fn admin_gauges(admin: &pb::AdminState) -> (i64, i64) {
 
 impl Registry {
     /// The one path of every change of a listed node's admin state: keeps
-    /// the cordoned/draining gauges and stores the new state (a durable
-    /// store persists it here). The caller publishes the change (under the
-    /// same node lock). Returns whether anything changed.
-    pub(super) fn set_admin(&self, st: &mut NodeState, mut admin: pb::AdminState) -> bool {
+    /// the cordoned/draining gauges, sets the new state and queues it in
+    /// the store (under the node's lock, so the store sees a node's writes
+    /// in order). The caller publishes the change (under the same node
+    /// lock). Returns the store's answer when anything changed, `None`
+    /// when nothing did: the admin RPCs await it (answered once durable);
+    /// changes the registry derives itself (drain progress, a deadline
+    /// passing) leave the write queued without waiting.
+    pub(super) fn set_admin(
+        &self,
+        st: &mut NodeState,
+        mut admin: pb::AdminState,
+    ) -> Option<Commit> {
         admin.schedulable = !admin.cordoned && admin.drain.is_none();
         if admin == st.admin {
-            return false;
+            return None;
         }
         let (c0, d0) = admin_gauges(&st.admin);
         let (c1, d1) = admin_gauges(&admin);
         self.shared.stats.shift_admin(c1 - c0, d1 - d0);
         st.admin = admin;
-        true
+        Some(self.store_admin(&st.registration.node_id, &st.admin))
     }
 
     /// A listed node's slot, or NOT_FOUND.
@@ -301,24 +310,45 @@ impl Registry {
         &self,
         node_id: &str,
         change: impl FnOnce(&mut NodeState) -> Result<Option<pb::AdminState>, RegistryError>,
-    ) -> Result<pb::Node, RegistryError> {
+    ) -> Result<Changed, RegistryError> {
         let slot = self.listed(node_id)?;
         let mut st = slot.lock();
         if st.removed {
             return Err(not_found(node_id));
         }
-        if let Some(admin) = change(&mut st)?
-            && self.set_admin(&mut st, admin)
-        {
-            self.publish(&mut st, EventKind::Modified);
+        let mut commit = None;
+        if let Some(admin) = change(&mut st)? {
+            commit = self.set_admin(&mut st, admin);
+            if commit.is_some() {
+                self.publish(&mut st, EventKind::Modified);
+            }
         }
-        Ok(st.read())
+        Ok((st.read(), commit))
     }
 
     /// CordonNode: placement stops offering the node; it stays ONLINE.
     /// Cordoning a cordoned node changes only a different reason (and
     /// keeps cordoned_at); the same reason is no change and no event.
     pub fn cordon(&self, node_id: &str, reason: &str, now: Now) -> Result<pb::Node, RegistryError> {
+        Ok(self.cordon_queued(node_id, reason, now)?.0)
+    }
+
+    /// [`Registry::cordon`], answering once the change is durable.
+    pub async fn cordon_durably(
+        &self,
+        node_id: &str,
+        reason: &str,
+        now: Now,
+    ) -> Result<pb::Node, RegistryError> {
+        durable(self.cordon_queued(node_id, reason, now)?).await
+    }
+
+    fn cordon_queued(
+        &self,
+        node_id: &str,
+        reason: &str,
+        now: Now,
+    ) -> Result<Changed, RegistryError> {
         let node = self.change_admin(node_id, |st| {
             if st.admin.cordoned && st.admin.cordon_reason == reason {
                 return Ok(None);
@@ -340,6 +370,15 @@ impl Registry {
     /// cordon kept for it and answers a node carrying only its id and
     /// admin state; NOT_FOUND when nothing is kept either.
     pub fn uncordon(&self, node_id: &str) -> Result<pb::Node, RegistryError> {
+        Ok(self.uncordon_queued(node_id)?.0)
+    }
+
+    /// [`Registry::uncordon`], answering once the change is durable.
+    pub async fn uncordon_durably(&self, node_id: &str) -> Result<pb::Node, RegistryError> {
+        durable(self.uncordon_queued(node_id)?).await
+    }
+
+    fn uncordon_queued(&self, node_id: &str) -> Result<Changed, RegistryError> {
         let clear = |admin: &mut pb::AdminState| {
             admin.cordoned = false;
             admin.cordon_reason.clear();
@@ -376,6 +415,25 @@ impl Registry {
         request: DrainRequest,
         now: Now,
     ) -> Result<pb::Node, RegistryError> {
+        Ok(self.drain_queued(node_id, request, now)?.0)
+    }
+
+    /// [`Registry::drain`], answering once the drain is durable.
+    pub async fn drain_durably(
+        &self,
+        node_id: &str,
+        request: DrainRequest,
+        now: Now,
+    ) -> Result<pb::Node, RegistryError> {
+        durable(self.drain_queued(node_id, request, now)?).await
+    }
+
+    fn drain_queued(
+        &self,
+        node_id: &str,
+        request: DrainRequest,
+        now: Now,
+    ) -> Result<Changed, RegistryError> {
         let slot = self.listed(node_id)?;
         let mut st = slot.lock();
         if st.removed {
@@ -398,7 +456,7 @@ impl Registry {
                 && request.deadline.is_none()
         });
         if same {
-            return Ok(st.read());
+            return Ok((st.read(), None));
         }
         let mut admin = st.admin.clone();
         admin.drain = Some(pb::DrainState {
@@ -415,11 +473,12 @@ impl Registry {
         });
         st.drain_deadline_at = request.deadline.map(|d| now.at + d);
         st.resume = None;
-        self.set_admin(&mut st, admin);
+        let mut commit = self.set_admin(&mut st, admin);
         // The current status may already show the drain (a repeated
         // DrainNode); zero deadline-free pools may already be idle.
         if let Some(progressed) = st.drain_progress(now) {
-            self.set_admin(&mut st, progressed);
+            // Queued after the first write: its commit covers both.
+            commit = self.set_admin(&mut st, progressed).or(commit);
         }
         if let Some(at) = st.drain_deadline_at {
             self.wake_by(&slot, &mut st, at);
@@ -429,7 +488,7 @@ impl Registry {
         let node = st.read();
         drop(st);
         info!(%node_id, pools = ?request.pool_ids, reason = %request.reason, "drain requested");
-        Ok(node)
+        Ok((node, commit))
     }
 
     /// CancelDrain: forgets the drain and owes the agent a ResumeCommand
@@ -437,6 +496,15 @@ impl Registry {
     /// are no longer DRAINING). No drain: no change. For a node that is
     /// not listed, clears the drain kept for it (see [`Registry::uncordon`]).
     pub fn cancel_drain(&self, node_id: &str) -> Result<pb::Node, RegistryError> {
+        Ok(self.cancel_drain_queued(node_id)?.0)
+    }
+
+    /// [`Registry::cancel_drain`], answering once the change is durable.
+    pub async fn cancel_drain_durably(&self, node_id: &str) -> Result<pb::Node, RegistryError> {
+        durable(self.cancel_drain_queued(node_id)?).await
+    }
+
+    fn cancel_drain_queued(&self, node_id: &str) -> Result<Changed, RegistryError> {
         let slot = match self.listed(node_id) {
             Ok(slot) => slot,
             Err(_) => return self.clear_parked(node_id, |p| p.admin.drain = None),
@@ -447,7 +515,7 @@ impl Registry {
             return self.clear_parked(node_id, |p| p.admin.drain = None);
         }
         let Some(drain) = st.admin.drain.clone() else {
-            return Ok(st.read());
+            return Ok((st.read(), None));
         };
         let mut admin = st.admin.clone();
         admin.drain = None;
@@ -456,13 +524,13 @@ impl Registry {
             pool_ids: drain.pool_ids,
             reason: RESUME_REASON.to_owned(),
         });
-        self.set_admin(&mut st, admin);
+        let commit = self.set_admin(&mut st, admin);
         self.publish(&mut st, EventKind::Modified);
         self.owe_command(&slot, &mut st);
         let node = st.read();
         drop(st);
         info!(%node_id, "drain cancelled");
-        Ok(node)
+        Ok((node, commit))
     }
 
     /// Numbers a newly owed command and wakes the node's open streams so
@@ -513,7 +581,7 @@ impl Registry {
         };
         let lost_ack =
             before == Some(true) && admin.drain.as_ref().is_some_and(|d| !d.acknowledged);
-        let changed = self.set_admin(st, admin);
+        let changed = self.set_admin(st, admin).is_some();
         if lost_ack {
             // The agent forgot the drain (it restarted): owe it again, to
             // every stream.
@@ -531,7 +599,8 @@ impl Registry {
             if let Some(drain) = admin.drain.as_mut() {
                 drain.acknowledged = false;
             }
-            self.set_admin(st, admin);
+            // Derived: queued, not awaited (see `set_admin`).
+            let _queued = self.set_admin(st, admin);
         }
     }
 
@@ -544,7 +613,7 @@ impl Registry {
             return false;
         }
         match st.drain_progress(now) {
-            Some(admin) => self.set_admin(st, admin),
+            Some(admin) => self.set_admin(st, admin).is_some(),
             None => false,
         }
     }
@@ -604,7 +673,7 @@ impl Registry {
         &self,
         node_id: &str,
         clear: impl FnOnce(&mut Parked),
-    ) -> Result<pb::Node, RegistryError> {
+    ) -> Result<Changed, RegistryError> {
         let mut parked = self.parked();
         let entry = parked
             .entries
@@ -616,13 +685,36 @@ impl Registry {
         if admin.schedulable {
             parked.entries.remove(node_id);
         }
+        // Under the parked map's lock, so two clears reach the store in
+        // the order they were applied.
+        let commit = self.store_admin(node_id, &admin);
         drop(parked);
         info!(%node_id, "admin state of an unlisted node cleared");
-        Ok(pb::Node {
+        let node = pb::Node {
             node_id: node_id.to_owned(),
             admin: Some(admin),
             ..pb::Node::default()
-        })
+        };
+        Ok((node, Some(commit)))
+    }
+
+    /// Keeps admin states loaded from the store for nodes that are not
+    /// listed (deregistered while cordoned or draining), to be put back
+    /// when they register again. A drain's deadline is carried over from
+    /// its wall-clock time onto the monotonic clock at `now`.
+    pub fn park_loaded(&self, states: Vec<(String, pb::AdminState)>, now: Now) {
+        let mut parked = self.parked();
+        for (node_id, admin) in states {
+            let drain_deadline_at = drain_deadline_from_wall(&admin, now);
+            parked.insert(
+                &node_id,
+                Parked {
+                    admin,
+                    drain_deadline_at,
+                    seq: 0,
+                },
+            );
+        }
     }
 
     /// Admin states kept for nodes that are not listed.
@@ -633,4 +725,30 @@ impl Registry {
     fn parked(&self) -> std::sync::MutexGuard<'_, ParkedMap> {
         self.shared.parked.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What an admin change came to: the node as readers now see it, and the
+/// store's answer for the write it queued (`None`: nothing changed).
+type Changed = (pb::Node, Option<Commit>);
+
+/// The node once the admin change it carries is durable (or at once when
+/// nothing was written); a failed write is UNAVAILABLE: the change stands
+/// in memory, and the caller may repeat the idempotent call.
+async fn durable((node, commit): Changed) -> Result<pb::Node, RegistryError> {
+    if let Some(commit) = commit {
+        commit
+            .await
+            .map_err(|err| RegistryError::StoreUnavailable(err.to_string()))?;
+    }
+    Ok(node)
+}
+
+/// A pending drain's deadline on the monotonic clock, from its wall-clock
+/// time as stored (after a restart the monotonic one is gone): a deadline
+/// already past is due at `now`.
+pub(super) fn drain_deadline_from_wall(admin: &pb::AdminState, now: Now) -> Option<Instant> {
+    let drain = admin.drain.as_ref().filter(|d| !d.drained)?;
+    let deadline = registry_proto::convert::from_proto_timestamp(drain.deadline.as_ref()?)?;
+    let left = (deadline - now.wall).to_std().unwrap_or_default();
+    Some(now.at + left)
 }

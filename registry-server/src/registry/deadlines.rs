@@ -174,6 +174,9 @@ impl Registry {
                 }
                 self.mark_removed(&mut st);
                 self.publish(&mut st, EventKind::Deleted);
+                // Queued under the node's lock like every write; nobody
+                // waits for it (a failure is logged by the store).
+                drop(self.shared.store.delete_node(&slot.id));
                 drop(st);
                 self.unlink(slot);
                 Stats::bump(&self.shared.stats.expired);
@@ -207,6 +210,9 @@ impl Registry {
         since: Instant,
     ) {
         let before = st.pool_tally();
+        // A loaded node silent through the restart grace is no longer
+        // reserved for its machine, nor suspect.
+        st.restart_grace_until = None;
         self.clear_suspect(st);
         st.liveness = Liveness::Offline;
         st.offline_since = Some(since);

@@ -55,11 +55,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use registry_proto::pb;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::RegistryError;
 use crate::events::{ChangeSubscriber, EventKind, Feed};
 use crate::schedule::Schedule;
+use crate::store::{Commit, Loaded, MemoryStore, Store, secret_sha256};
 
 mod admin;
 mod deadlines;
@@ -154,6 +155,9 @@ struct Shared {
     /// The mass-failure guard: holds nodes ONLINE as suspect when too many
     /// go silent at once (see `guard`).
     guard: guard::Guard,
+    /// Where durable records are written (register, deregister, removal,
+    /// admin changes; never heartbeats).
+    store: Arc<dyn Store>,
 }
 
 /// How a registry is built beyond its timing.
@@ -177,6 +181,9 @@ pub struct Options {
     pub instance: pb::RegistryInstance,
     /// The mass-failure guard's settings (`--mass-offline-*`).
     pub guard: GuardConfig,
+    /// Where durable records go ([`MemoryStore`] by default: nothing
+    /// survives a restart).
+    pub store: Arc<dyn Store>,
 }
 
 impl Default for Options {
@@ -189,6 +196,7 @@ impl Default for Options {
             first_revision: 0,
             instance: new_instance(Utc::now()),
             guard: GuardConfig::default(),
+            store: Arc::new(MemoryStore),
         }
     }
 }
@@ -204,6 +212,13 @@ pub fn new_instance(started_at: DateTime<Utc>) -> pb::RegistryInstance {
     }
 }
 
+/// Why a node loaded from the store at start is listed as suspect until
+/// its agent is heard from.
+pub const RESTART_SUSPECT: &str = "registry restarted; not heard from since";
+
+/// A registration applied in memory and its write queued in the store.
+type Queued = (Registered, Commit);
+
 /// What renewing a known node's registration came to.
 // Short-lived and moved once; boxing the registration would cost an
 // allocation per re-registration for nothing (the lint fired when
@@ -212,7 +227,7 @@ pub fn new_instance(started_at: DateTime<Utc>) -> pb::RegistryInstance {
 enum Renewal {
     /// The node was listed; renewed (reporting whether it came back
     /// ONLINE) or refused.
-    Done(Result<(Registered, bool), RegistryError>),
+    Done(Result<(Registered, bool, Commit), RegistryError>),
     /// The node was removed meanwhile; the registration is handed back to
     /// be added as a new node (boxed: a registration is much larger than
     /// the other variant, and this path is rare).
@@ -258,6 +273,7 @@ impl Registry {
                 instance: options.instance,
                 parked: Mutex::default(),
                 guard: guard::Guard::new(options.guard),
+                store: options.store,
             }),
         }
     }
@@ -305,12 +321,65 @@ impl Registry {
     /// Adds a node or updates a known one at `now`, starting a new session.
     /// The node is ONLINE and its deadline starts now. An ONLINE node
     /// registered from another machine is not taken over (NodeTaken), and no
-    /// node beyond the cap is added (LimitReached).
+    /// node beyond the cap is added (LimitReached). The store write is
+    /// queued but not awaited; Register's handler uses
+    /// [`Registry::register_durably`].
     pub fn register(
         &self,
         registration: Registration,
         now: Now,
     ) -> Result<Registered, RegistryError> {
+        self.register_queued(registration, now)
+            .map(|(registered, _)| registered)
+    }
+
+    /// [`Registry::register`], answering once the node's record is durable.
+    ///
+    /// Order: the registration is applied in memory and its record queued
+    /// under the node's lock (so the store sees each node's writes in the
+    /// registry's order), then the commit is awaited with no lock held. If
+    /// the commit fails, the registration is undone: the node is removed
+    /// (DELETED) if the failed session is still its current one, so no
+    /// reader keeps seeing a node that a restart would not bring back, and
+    /// the caller gets UNAVAILABLE and registers again.
+    pub async fn register_durably(
+        &self,
+        registration: Registration,
+        now: Now,
+    ) -> Result<Registered, RegistryError> {
+        let node_id = registration.node_id.clone();
+        let (registered, commit) = self.register_queued(registration, now)?;
+        if let Err(err) = commit.await {
+            self.undo_registration(&node_id, registered.session_id);
+            return Err(RegistryError::StoreUnavailable(err.to_string()));
+        }
+        Ok(registered)
+    }
+
+    /// Removes a node whose registration could not be made durable, if
+    /// `session_id` is still its session (a later registration stands).
+    fn undo_registration(&self, node_id: &str, session_id: u64) {
+        let Some(slot) = self.read_nodes().get(node_id).cloned() else {
+            return;
+        };
+        {
+            let mut st = slot.lock();
+            if st.removed || st.session_id != session_id {
+                return;
+            }
+            self.mark_removed(&mut st);
+            self.publish(&mut st, EventKind::Deleted);
+        }
+        self.unlink(&slot);
+        warn!(node_id = %node_id, "registration undone: the store could not make it durable");
+    }
+
+    /// The registration applied in memory, with its store write queued.
+    fn register_queued(
+        &self,
+        registration: Registration,
+        now: Now,
+    ) -> Result<Queued, RegistryError> {
         let session_id = self.shared.sessions.next();
         let session_secret = new_secret();
 
@@ -354,12 +423,12 @@ impl Registry {
             state: Mutex::new(NodeState::new(
                 registration,
                 session_id,
-                session_secret.clone(),
+                secret_sha256(&session_secret),
                 now.at,
                 now.wall,
             )),
         });
-        {
+        let commit = {
             let mut st = slot.lock();
             self.wake_by(&slot, &mut st, now.at + self.shared.timing.node_timeout);
             // A node that left cordoned or draining comes back so.
@@ -369,19 +438,23 @@ impl Registry {
                 self.wake_by(&slot, &mut st, at);
             }
             self.publish(&mut st, EventKind::Added);
-        }
+            self.shared.store.put_node(st.record())
+        };
         // Replaces a removed slot of the same id still in the map, if any.
         nodes.insert(id.clone(), slot);
         drop(nodes);
         self.shared.population.add(Liveness::Online);
         Stats::bump(&self.shared.stats.registrations);
         info!(node_id = %id, session_id = %session_id, "node registered");
-        Ok(Registered {
-            session_id,
-            session_secret,
-            created: true,
-            registered_at: now.wall,
-        })
+        Ok((
+            Registered {
+                session_id,
+                session_secret,
+                created: true,
+                registered_at: now.wall,
+            },
+            commit,
+        ))
     }
 
     /// Starts a new session of a listed node at `now`, under its lock only.
@@ -397,8 +470,14 @@ impl Registry {
         if st.removed {
             return Renewal::Gone(Box::new(registration));
         }
-        if st.liveness == Liveness::Online && st.registration.machine_id != registration.machine_id
-        {
+        let other_machine = st.registration.machine_id != registration.machine_id;
+        if let Some(until) = st.restart_grace_until.filter(|_| other_machine) {
+            return Renewal::Done(Err(RegistryError::NodeReserved {
+                node_id: registration.node_id,
+                until: until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            }));
+        }
+        if st.liveness == Liveness::Online && other_machine {
             return Renewal::Done(Err(RegistryError::NodeTaken {
                 node_id: registration.node_id,
             }));
@@ -406,7 +485,10 @@ impl Registry {
         let before = st.pool_tally();
         st.registration = registration;
         st.session_id = session_id;
-        st.session_secret = session_secret.to_string();
+        st.secret_sha256 = secret_sha256(session_secret);
+        // The owner is back: the node is no longer held for it (its
+        // suspect flag is cleared below with any other doubt).
+        st.restart_grace_until = None;
         st.last_seen = now.at;
         st.last_heartbeat_at = now.wall;
         // The new session reports its own pools; the old session's figures
@@ -428,6 +510,7 @@ impl Registry {
         self.wake_by(slot, &mut st, now.at + self.shared.timing.node_timeout);
         // Always a change: the new session_id is visible.
         self.publish(&mut st, EventKind::Modified);
+        let commit = self.shared.store.put_node(st.record());
         Stats::bump(&self.shared.stats.registrations);
         Renewal::Done(Ok((
             Registered {
@@ -437,6 +520,7 @@ impl Registry {
                 registered_at: st.registered_at,
             },
             came_online,
+            commit,
         )))
     }
 
@@ -449,12 +533,39 @@ impl Registry {
         session_id: u64,
         secret: Option<&str>,
     ) -> Result<(), RegistryError> {
+        self.deregister_queued(node_id, session_id, secret)
+            .map(drop)
+    }
+
+    /// [`Registry::deregister`], answering once the record's deletion is
+    /// durable. The node is removed from memory either way; if the store
+    /// fails, the caller hears UNAVAILABLE (a restart may list the node
+    /// again, and it then goes OFFLINE and is removed after retention).
+    pub async fn deregister_durably(
+        &self,
+        node_id: &str,
+        session_id: u64,
+        secret: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let commit = self.deregister_queued(node_id, session_id, secret)?;
+        commit
+            .await
+            .map_err(|err| RegistryError::StoreUnavailable(err.to_string()))
+    }
+
+    /// The removal applied in memory, with the record's deletion queued.
+    fn deregister_queued(
+        &self,
+        node_id: &str,
+        session_id: u64,
+        secret: Option<&str>,
+    ) -> Result<Commit, RegistryError> {
         let slot = self
             .read_nodes()
             .get(node_id)
             .cloned()
             .ok_or_else(|| not_found(node_id))?;
-        {
+        let commit = {
             let mut st = slot.lock();
             if st.removed {
                 return Err(not_found(node_id));
@@ -470,11 +581,12 @@ impl Registry {
             }
             self.mark_removed(&mut st);
             self.publish(&mut st, EventKind::Deleted);
-        }
+            self.shared.store.delete_node(node_id)
+        };
         self.unlink(&slot);
         Stats::bump(&self.shared.stats.deregistrations);
         info!(node_id = %node_id, "node deregistered");
-        Ok(())
+        Ok(commit)
     }
 
     /// Finds the slot a heartbeat stream will speak for, checking the
@@ -530,6 +642,9 @@ impl Registry {
         let wall = beat.received_at;
         let mut st = slot.lock();
         check_session(slot, &st, session_id)?;
+        // Heard from after a restart: no longer reserved (nor suspect: the
+        // flag is cleared below with any other doubt).
+        let back_after_restart = st.restart_grace_until.take().is_some();
         let before = st.pool_tally();
         let pools_changed = st.pools_changed(&beat.pools);
         st.last_seen = now;
@@ -549,7 +664,7 @@ impl Registry {
         // A suspect node heard from again is trusted again; a held one
         // stays ONLINE (its entry at the protection's end re-checks it).
         let trusted_again = self.clear_suspect(&mut st);
-        if came_online || pools_changed || admin_changed || trusted_again {
+        if came_online || pools_changed || admin_changed || trusted_again || back_after_restart {
             self.publish(&mut st, EventKind::Modified);
         }
         self.shared.stats.shift_pools(&before, &st.pool_tally());
@@ -560,6 +675,88 @@ impl Registry {
             info!(node_id = %slot.id, reason = "heartbeat resumed", "node online again");
         }
         Ok(command)
+    }
+
+    /// Lists every node of `loaded` (read from the store at start, before
+    /// serving) at `now`, and returns the admin states of nodes it does not
+    /// hold (deregistered while cordoned), for the admin-state map.
+    ///
+    /// A loaded node is ONLINE and suspect ([`RESTART_SUSPECT`]), with no
+    /// pool status (so placement offers none of its pools) and its stored
+    /// session, so its agent's heartbeat stream resumes without Register.
+    /// Its deadline is `now + node_timeout` (the restart grace): it is not
+    /// OFFLINE before, and until it is heard from (or goes OFFLINE) its id
+    /// is reserved for its machine.
+    pub fn restore(&self, loaded: Loaded, now: Now) -> Vec<(String, pb::AdminState)> {
+        let timeout = self.shared.timing.node_timeout;
+        let grace_until = now.wall + chrono::Duration::from_std(timeout).unwrap_or_default();
+        let mut admin: BTreeMap<String, pb::AdminState> = loaded.admin.into_iter().collect();
+        let mut restored = 0usize;
+        let mut nodes = self.write_nodes();
+        for record in loaded.nodes {
+            let id: Arc<str> = Arc::from(record.registration.node_id.as_str());
+            if nodes.contains_key(&id) {
+                continue;
+            }
+            let mut state = NodeState::new(
+                record.registration,
+                record.session_id,
+                record.secret_sha256,
+                now.at,
+                now.wall,
+            );
+            state.registered_at = record.registered_at;
+            // No liveness change is known since the stored registration
+            // (liveness is never stored); OFFLINE later sets it anew.
+            state.status_changed_at = record.registered_at;
+            self.set_suspect(&mut state, RESTART_SUSPECT);
+            state.restart_grace_until = Some(grace_until);
+            if let Some(stored) = admin.remove(&*id) {
+                // Into the gauges like any admin change; the deadline of a
+                // pending drain comes back onto the monotonic clock (the
+                // write `set_admin` queues puts back what was loaded).
+                state.drain_deadline_at = admin::drain_deadline_from_wall(&stored, now);
+                let _same = self.set_admin(&mut state, stored);
+            }
+            let slot = Arc::new(NodeSlot {
+                commands: tokio::sync::watch::Sender::new(0),
+                id: id.clone(),
+                state: Mutex::new(state),
+            });
+            {
+                let mut st = slot.lock();
+                self.wake_by(&slot, &mut st, now.at + timeout);
+                if let Some(at) = Self::drain_wakeup(&st) {
+                    self.wake_by(&slot, &mut st, at);
+                }
+                self.publish(&mut st, EventKind::Added);
+            }
+            nodes.insert(id, slot);
+            self.shared.population.add(Liveness::Online);
+            restored += 1;
+        }
+        drop(nodes);
+        info!(
+            nodes = restored,
+            grace_until = %grace_until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "nodes loaded from the store; each is ONLINE (suspect) until heard from or the restart grace ends"
+        );
+        admin.into_iter().collect()
+    }
+
+    /// The store the registry writes through (for admin-state writes).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// Queues a node's admin state in the store: deleted when it asks
+    /// nothing (not cordoned, no drain), so only real admin states are
+    /// kept. Call under the node's lock, like every other store write.
+    pub fn store_admin(&self, node_id: &str, admin: &pb::AdminState) -> Commit {
+        let nothing = !admin.cordoned && admin.drain.is_none();
+        self.shared
+            .store
+            .put_admin(node_id, (!nothing).then(|| admin.clone()))
     }
 
     /// An OFFLINE node is ONLINE again as of `wall`.
@@ -606,12 +803,12 @@ impl Registry {
 /// Logs a renewal once every lock is released, and hands back its result.
 fn log_renewal(
     slot: &NodeSlot,
-    result: Result<(Registered, bool), RegistryError>,
-) -> Result<Registered, RegistryError> {
-    let (registered, came_online) = result?;
+    result: Result<(Registered, bool, Commit), RegistryError>,
+) -> Result<Queued, RegistryError> {
+    let (registered, came_online, commit) = result?;
     if came_online {
         info!(node_id = %slot.id, reason = "re-registered", "node online again");
     }
     info!(node_id = %slot.id, session_id = %registered.session_id, "node re-registered");
-    Ok(registered)
+    Ok((registered, commit))
 }

@@ -142,9 +142,11 @@ pub(super) struct NodeState {
     pub(super) registration: Registration,
     /// The current session; streams naming another one are refused.
     pub(super) session_id: u64,
-    /// The current session's secret (hex), known only to the registering
-    /// agent, so no one else can speak for the node.
-    pub(super) session_secret: String,
+    /// SHA-256 of the current session's secret, known only to the
+    /// registering agent, so no one else can speak for the node. Only the
+    /// hash is kept (and stored), so a restarted registry can check a
+    /// secret it never saw and the store file reveals none.
+    pub(super) secret_sha256: [u8; 32],
     /// ONLINE or OFFLINE.
     pub(super) liveness: Liveness,
     /// Monotonic time of the latest sign of life (register or heartbeat),
@@ -198,6 +200,10 @@ pub(super) struct NodeState {
     /// deadline (it then is `suspect` too), so the guard's count and its
     /// end know which nodes it holds.
     pub(super) held: bool,
+    /// Set on nodes loaded from the store at start, until their agent is
+    /// heard from: the end of the restart grace, during which the node id
+    /// is reserved for its machine (wall time, for the refusal message).
+    pub(super) restart_grace_until: Option<DateTime<Utc>>,
 }
 
 impl NodeState {
@@ -205,14 +211,14 @@ impl NodeState {
     pub(super) fn new(
         registration: Registration,
         session_id: u64,
-        session_secret: String,
+        secret_sha256: [u8; 32],
         now: Instant,
         wall: DateTime<Utc>,
     ) -> Self {
         Self {
             registration,
             session_id,
-            session_secret,
+            secret_sha256,
             liveness: Liveness::Online,
             last_seen: now,
             offline_since: None,
@@ -235,6 +241,17 @@ impl NodeState {
             command_gen: 1,
             reported: false,
             held: false,
+            restart_grace_until: None,
+        }
+    }
+
+    /// The node's durable record, as the store keeps it.
+    pub(super) fn record(&self) -> crate::store::NodeRecord {
+        crate::store::NodeRecord {
+            registration: self.registration.clone(),
+            session_id: self.session_id,
+            secret_sha256: self.secret_sha256,
+            registered_at: self.registered_at,
         }
     }
 

@@ -92,7 +92,8 @@ pub(super) fn check_secret(
             slot.id
         )));
     }
-    if !secrets_equal(presented, &st.session_secret) {
+    let presented = crate::store::secret_sha256(presented);
+    if !bool::from(presented.ct_eq(&st.secret_sha256)) {
         return Err(RegistryError::PermissionDenied(format!(
             "the session_secret does not match node {}'s session",
             slot.id

@@ -113,7 +113,10 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
         check_identity(&identities, token_admin, &registration.node_id)?;
-        let registered = self.registry.register(registration, Now::read())?;
+        let registered = self
+            .registry
+            .register_durably(registration, Now::read())
+            .await?;
         let timing = self.registry.timing();
         Ok(Response::new(pb::RegisterResponse {
             session_id: registered.session_id,
@@ -147,7 +150,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             .into());
         }
         self.registry
-            .deregister(&request.node_id, request.session_id, secret)?;
+            .deregister_durably(&request.node_id, request.session_id, secret)
+            .await?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 
@@ -231,7 +235,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         rules::text("reason".into(), &request.reason).map_err(RegistryError::from)?;
         let node = self
             .registry
-            .cordon(&request.node_id, &request.reason, Now::read())?;
+            .cordon_durably(&request.node_id, &request.reason, Now::read())
+            .await?;
         Ok(Response::new(node))
     }
 
@@ -242,7 +247,9 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         self.authorize(&request, Rpc::UncordonNode)?;
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
-        Ok(Response::new(self.registry.uncordon(&request.node_id)?))
+        Ok(Response::new(
+            self.registry.uncordon_durably(&request.node_id).await?,
+        ))
     }
 
     async fn drain_node(
@@ -253,11 +260,11 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let request = request.into_inner();
         let node_id = request.node_id.clone();
         let drain = validate::drain(request)?;
-        Ok(Response::new(self.registry.drain(
-            &node_id,
-            drain,
-            Now::read(),
-        )?))
+        Ok(Response::new(
+            self.registry
+                .drain_durably(&node_id, drain, Now::read())
+                .await?,
+        ))
     }
 
     async fn cancel_drain(
@@ -267,7 +274,9 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         self.authorize(&request, Rpc::CancelDrain)?;
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
-        Ok(Response::new(self.registry.cancel_drain(&request.node_id)?))
+        Ok(Response::new(
+            self.registry.cancel_drain_durably(&request.node_id).await?,
+        ))
     }
 
     type WatchNodesStream = WatchStream;
