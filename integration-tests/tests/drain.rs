@@ -170,6 +170,11 @@ async fn ctl(cluster: &Cluster, args: &[&str], want: i32) -> String {
     output.stdout
 }
 
+/// A protobuf timestamp in nanoseconds since the epoch.
+fn nanos(at: &prost_types::Timestamp) -> i128 {
+    i128::from(at.seconds) * 1_000_000_000 + i128::from(at.nanos)
+}
+
 fn admin(node: &pb::Node) -> pb::AdminState {
     node.admin.clone().expect("the node has its admin state")
 }
@@ -217,8 +222,26 @@ async fn drain_wait_runs_the_action_once_and_undrain_resumes() {
         Err(status) => assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}"),
     }
 
-    // A few more beats: the action is not run again by the re-sent state.
-    tokio::time::sleep(cluster.timing().heartbeat_interval * 3).await;
+    // Three more beats on: the drain action is not run again.
+    let beat_then = nanos(node.last_heartbeat_at.as_ref().expect("last_heartbeat_at"));
+    let three_beats = cluster.timing().heartbeat_interval * 3;
+    cluster
+        .wait_nodes("three more heartbeats", ROUND_TRIP, |nodes| {
+            let beat = nodes
+                .get(NODE)
+                .and_then(|node| node.last_heartbeat_at.as_ref())
+                .map(nanos)
+                .ok_or("no heartbeat listed")?;
+            if beat - beat_then >= i128::try_from(three_beats.as_nanos()).unwrap_or(i128::MAX) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} ms of beats since",
+                    (beat - beat_then) / 1_000_000
+                ))
+            }
+        })
+        .await;
     assert_eq!(action_lines(&actions), ["drain"]);
 
     ctl(&cluster, &["undrain", NODE], 0).await;
