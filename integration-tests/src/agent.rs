@@ -1,6 +1,6 @@
 //! The node-agent binary as a child process with fake GPUs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -19,6 +19,9 @@ pub struct AgentSpec {
     pub fake_gpus: u32,
     /// `--label k=v`, one per label.
     pub labels: Vec<(String, String)>,
+    /// `--config`: a TOML file for what flags cannot say (a pool's drain
+    /// and resume actions); its pools come in addition to `pools`.
+    pub config: Option<PathBuf>,
 }
 
 impl AgentSpec {
@@ -30,6 +33,7 @@ impl AgentSpec {
             pools: vec![pool.to_owned()],
             fake_gpus,
             labels: vec![("suite".to_owned(), "e2e".to_owned())],
+            config: None,
         }
     }
 
@@ -81,6 +85,9 @@ impl AgentProcess {
             .args(["--log-format", "json"]);
         for pool in &spec.pools {
             command.arg("--pool").arg(pool);
+        }
+        if let Some(config) = &spec.config {
+            command.arg("--config").arg(config);
         }
         for (key, value) in &spec.labels {
             command.arg("--label").arg(format!("{key}={value}"));

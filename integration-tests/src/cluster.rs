@@ -11,7 +11,7 @@ use test_support::eventually;
 
 use crate::agent::{AgentProcess, AgentSpec};
 use crate::binaries::binaries;
-use crate::ctl::WatchProcess;
+use crate::ctl::{CtlOutput, WatchProcess, run_ctl};
 use crate::error::HarnessError;
 use crate::registry::{RegistryProcess, Timing};
 
@@ -95,6 +95,11 @@ impl Cluster {
         &mut self.registry
     }
 
+    /// The registry's URL, as agents and clients use it.
+    pub fn url(&self) -> String {
+        self.registry.url()
+    }
+
     /// The registry's timing.
     pub fn timing(&self) -> Timing {
         self.registry.timing()
@@ -115,6 +120,38 @@ impl Cluster {
             .iter_mut()
             .find(|agent| agent.spec.node_id == node_id)
             .unwrap_or_else(|| panic!("the cluster has no agent {node_id}"))
+    }
+
+    /// Starts `node_id`'s agent again with the same spec, its log appended
+    /// to the same file. Meant for after a SIGTERM or SIGKILL; an old
+    /// process still running is killed when its guard is replaced.
+    ///
+    /// # Panics
+    ///
+    /// When the cluster has no such agent (a mistake in the test).
+    pub fn restart_agent(&mut self, node_id: &str) -> Result<(), HarnessError> {
+        let bins = binaries()?;
+        let url = self.registry.url();
+        let interval = self.timing().heartbeat_interval;
+        let agent = self.agent(node_id);
+        let log = agent.process.log().to_path_buf();
+        *agent = AgentProcess::start(&bins.node_agent, &log, &url, interval, agent.spec.clone())?;
+        Ok(())
+    }
+
+    /// Runs `registry-ctl --registry URL ARGS...` to its end (bounded by
+    /// `timeout`) and returns its output; its stderr is also appended to
+    /// `registry-ctl.log` beside the other logs.
+    pub async fn ctl(&self, args: &[&str], timeout: Duration) -> Result<CtlOutput, HarnessError> {
+        let bins = binaries()?;
+        run_ctl(
+            &bins.registry_ctl,
+            &self.log_dir.join("registry-ctl.log"),
+            &self.registry.url(),
+            args,
+            timeout,
+        )
+        .await
     }
 
     /// Every node the registry lists, read through ListNodes.

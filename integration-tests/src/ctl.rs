@@ -112,3 +112,79 @@ fn tail(lines: &[String]) -> String {
     let start = lines.len().saturating_sub(TAIL_LINES);
     lines[start..].join("\n")
 }
+
+/// How a one-shot `registry-ctl` run ended.
+#[derive(Debug, Clone)]
+pub struct CtlOutput {
+    /// The exit status's code; `None` when a signal ended it.
+    pub code: Option<i32>,
+    /// What it printed on stdout.
+    pub stdout: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+impl std::fmt::Display for CtlOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\nstdout: {}\nstderr: {}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `registry-ctl --registry URL ARGS...` to its end and returns its
+/// output; its stderr is appended to `log` too. Killed after `timeout`
+/// (an error), so a hanging command cannot hang the test.
+pub async fn run_ctl(
+    binary: &Path,
+    log: &Path,
+    registry_url: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<CtlOutput, HarnessError> {
+    let mut command = Command::new(binary);
+    command
+        .arg("--registry")
+        .arg(registry_url)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    clear_environment(&mut command);
+    let what = format!("registry-ctl {}", args.join(" "));
+    let child = command
+        .spawn()
+        .map_err(|err| HarnessError::io(format!("starting {what}"), err))?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    // Both pipes are drained while it runs (std's wait_with_output), on a
+    // blocking thread so the test's runtime keeps going.
+    let waiting = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let output = match tokio::time::timeout(timeout, waiting).await {
+        Ok(joined) => joined
+            .map_err(|err| HarnessError::io(&what, std::io::Error::other(err)))?
+            .map_err(|err| HarnessError::io(&what, err))?,
+        Err(_) => {
+            // The blocking thread reaps it once it is dead.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(HarnessError::io(
+                &what,
+                std::io::Error::other(format!("still running after {timeout:?}, killed")),
+            ));
+        }
+    };
+    let output = CtlOutput {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    let entry = format!("$ {what}\n{output}\n");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, entry.as_bytes()))
+        .map_err(|err| HarnessError::io(format!("appending to {}", log.display()), err))?;
+    Ok(output)
+}

@@ -19,7 +19,8 @@
 //! - [`agent`]: node-agent processes with fake GPUs;
 //! - [`cluster`]: one test's registry and agents, ListNodes and FindPools
 //!   views;
-//! - [`ctl`]: a running `registry-ctl watch` whose output the test reads;
+//! - [`ctl`]: a running `registry-ctl watch` whose output the test reads,
+//!   and one-shot `registry-ctl` runs ([`ctl::run_ctl`]);
 //! - [`engine`]: a fake engine health endpoint a test switches between
 //!   ready and not ready.
 //!
@@ -30,7 +31,11 @@
 //!   model and a running `registry-ctl -o json watch`; one pool's probe
 //!   switches to 503 and back, and within one heartbeat interval plus a
 //!   stated slack FindPools drops (then offers again) that pool and the
-//!   watch prints the node as MODIFIED with the pool's new state.
+//!   watch prints the node as MODIFIED with the pool's new state;
+//! - `tests/drain.rs` (issue 11): `registry-ctl drain --wait` and `undrain`
+//!   against one agent whose pool's drain and resume commands append to a
+//!   file; a cordon that outlives an agent restart; a drain re-sent to an
+//!   agent killed and started again.
 //!
 //! Polling with deadlines comes from the workspace's test-support crate,
 //! shared with the in-process tests of registry-server and node-agent.
@@ -46,7 +51,7 @@ pub mod registry;
 
 pub use agent::{AgentProcess, AgentSpec};
 pub use cluster::{Cluster, Nodes, expect_status, find_pools, list_nodes};
-pub use ctl::WatchProcess;
+pub use ctl::{CtlOutput, WatchProcess};
 pub use engine::FakeEngine;
 pub use error::HarnessError;
 pub use registry::{RegistryProcess, Timing};

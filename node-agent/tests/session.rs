@@ -39,6 +39,9 @@ struct Script {
     push_empty: bool,
     /// Interval advertised in RegisterResponse.
     heartbeat_interval: Duration,
+    /// Interval advertised in every ack (None: none, keep the current
+    /// one); a long one leaves only the beats sent out of turn.
+    ack_interval: Option<Duration>,
     /// Node timeout advertised in RegisterResponse.
     node_timeout: Duration,
     registers: Vec<pb::RegisterRequest>,
@@ -204,7 +207,7 @@ impl NodeRegistry for Scripted {
                     let ack = pb::HeartbeatResponse {
                         sequence,
                         server_time: None,
-                        heartbeat_interval: None,
+                        heartbeat_interval: script.with(|s| s.ack_interval.map(to_proto_duration)),
                         command,
                         registry: None,
                     };
@@ -506,6 +509,50 @@ async fn pushed_drain_runs_the_drain_action_once_and_resume_its_resume_action() 
     })
     .await;
     assert_eq!(lines(&log), ["drain pool-0", "resume pool-0"]);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn drain_and_resume_are_reported_at_once_not_one_interval_later() {
+    let mut s = script(true);
+    // After the first beat the registry asks for an hour between beats:
+    // any further beat in this test is one sent because of a command.
+    s.ack_interval = Some(Duration::from_secs(3600));
+    s.pushes.push_back(Command::Drain(pb::DrainCommand {
+        pool_ids: vec![],
+        reason: "maintenance".into(),
+        deadline: None,
+    }));
+    s.pushes.push_back(Command::Resume(pb::ResumeCommand {
+        pool_ids: vec![],
+        reason: "drain cancelled".into(),
+    }));
+    let (registry, url) = Scripted::serve(s).await;
+    let mut config = agent_config(&url, "s9");
+    config.heartbeat_interval = None;
+    config.pools = vec![PoolConfig::new("pool-0")];
+    let agent = Agent::start(config);
+
+    let draining = eventually("a beat reports the pool DRAINING", WAIT, || {
+        let found = beat_with(&registry, 1, &[("pool-0", pb::PoolState::Draining)]);
+        async move { found }
+    })
+    .await;
+    assert_eq!(draining, 1, "the drain was not reported by the next beat");
+    let ready = eventually("a later beat reports the pool READY", WAIT, || {
+        let found = beat_with(&registry, 2, &[("pool-0", pb::PoolState::Ready)]);
+        async move { found }
+    })
+    .await;
+    assert_eq!(ready, 2, "the resume was not reported by the next beat");
+    let first = registry.with(|s| s.beats[0].clone());
+    assert!(
+        first
+            .pools
+            .iter()
+            .all(|p| p.state() == pb::PoolState::Ready),
+        "{first:?}"
+    );
     agent.stop().await.unwrap();
 }
 

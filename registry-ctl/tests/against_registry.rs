@@ -715,3 +715,61 @@ async fn health_adds_a_degraded_line_while_the_registry_doubts_itself() {
     assert_eq!(stdout(&output), "{\"status\":\"SERVING\"}\n");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordon_needs_an_admin_token_and_an_unknown_node_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        &format!("reader {READER_TOKEN}\nadmin {ADMIN_TOKEN}\nnode {NODE_TOKEN}\n"),
+    );
+    let registry = TestRegistry::start(Settings {
+        auth_token_file: Some(tokens),
+        ..Settings::default()
+    })
+    .await;
+    register(registry.channel().await, Some(ADMIN_TOKEN), "gpu-a").await;
+    let url = &registry.url();
+    let as_reader = ["--registry", url, "--token", READER_TOKEN];
+    let as_admin = ["--registry", url, "--token", ADMIN_TOKEN];
+
+    // A reader may look but not cordon: refused, and nothing changed.
+    let output = ctl(&[&as_reader[..], &["cordon", "gpu-a", "--reason", "bad fan"]].concat()).await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("PERMISSION_DENIED"),
+        "{}",
+        stderr(&output)
+    );
+    let output = ctl(&[&as_reader[..], &["-o", "json", "get", "gpu-a"]].concat()).await;
+    assert_exit(&output, 0);
+    let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_ne!(node["admin"]["cordoned"], true, "{node}");
+
+    // The admin token cordons it, and the node shows it with the reason.
+    let output = ctl(&[&as_admin[..], &["cordon", "gpu-a", "--reason", "bad fan"]].concat()).await;
+    assert_exit(&output, 0);
+    let output = ctl(&[&as_reader[..], &["-o", "json", "get", "gpu-a"]].concat()).await;
+    assert_exit(&output, 0);
+    let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(node["admin"]["cordoned"], true, "{node}");
+    assert_eq!(node["admin"]["cordonReason"], "bad fan", "{node}");
+
+    // NOT_FOUND exits 1, as `registry-ctl cordon --help` says, naming it.
+    let output = ctl(&[&as_admin[..], &["cordon", "gpu-nowhere"]].concat()).await;
+    assert_exit(&output, 1);
+    assert!(
+        stderr(&output).contains("gpu-nowhere"),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = ctl(&[&as_admin[..], &["uncordon", "gpu-a"]].concat()).await;
+    assert_exit(&output, 0);
+    let output = ctl(&[&as_reader[..], &["-o", "json", "get", "gpu-a"]].concat()).await;
+    let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_ne!(node["admin"]["cordoned"], true, "{node}");
+
+    registry.stop().await;
+}

@@ -337,7 +337,7 @@ impl Actions {
     /// Runs one action, logs and counts its outcome; true on success.
     async fn execute(&self, action: &PoolAction, kind: ActionKind, pool_id: &str) -> bool {
         let what = kind.as_str();
-        tracing::info!(pool_id, action = what, ?action, "running pool action");
+        tracing::info!(pool_id, action = what, run = ?action, "running pool action");
         let outcome = run_action(action, kind, pool_id, self.timeout).await;
         crate::metrics::pool_action(what, outcome.is_ok());
         match outcome {

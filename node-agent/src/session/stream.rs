@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use registry_proto::pb;
 use registry_proto::rules;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -111,6 +111,10 @@ impl Agent {
         debug!(%node_id, session_id = %session.id, "heartbeat stream open");
 
         let (interval_tx, interval_rx) = watch::channel(session.interval);
+        // A drain or resume command is reported at once, not up to one
+        // interval later: `registry-ctl drain --wait` and placement wait
+        // for that report.
+        let report_now = Arc::new(Notify::new());
         let mut sender = tokio::spawn(send_beats(
             Arc::clone(self),
             session.clone(),
@@ -118,6 +122,7 @@ impl Agent {
             interval_rx,
             self.pools.handoff_changes(),
             Arc::clone(&last_sent),
+            Arc::clone(&report_now),
         ));
         let _abort_sender = AbortOnDrop(sender.abort_handle());
         let mut acked = false;
@@ -148,7 +153,7 @@ impl Agent {
                             ack_since_tick = true;
                             newest_ack = newest_ack.max(ack.sequence);
                         }
-                        if let Some(end) = self.handle_ack(ack, &interval_tx) {
+                        if let Some(end) = self.handle_ack(ack, &interval_tx, &report_now) {
                             return (end, acked);
                         }
                     }
@@ -193,11 +198,14 @@ impl Agent {
         }
     }
 
-    /// Applies an ack's interval and command; `Some` ends the stream.
+    /// Applies an ack's interval and command; `Some` ends the stream. A
+    /// drain or resume wakes the sender through `report_now` (the registry
+    /// sends each command once per stream, so this cannot loop).
     fn handle_ack(
         &self,
         ack: pb::HeartbeatResponse,
         interval: &watch::Sender<Duration>,
+        report_now: &Notify,
     ) -> Option<StreamEnd> {
         let node_id = &self.config.node_id;
         if ack.sequence == 0 {
@@ -228,11 +236,13 @@ impl Agent {
                     .unwrap_or_else(|| "none".to_owned());
                 warn!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, %deadline, "registry asked to drain pools; reporting them draining");
                 self.drain_pools(&cmd);
+                report_now.notify_one();
                 None
             }
             Some(pb::heartbeat_response::Command::Resume(cmd)) => {
                 info!(%node_id, pools = ?cmd.pool_ids, reason = %cmd.reason, "registry cancelled a drain; reporting the pools as their engines are");
                 self.resume_pools(&cmd);
+                report_now.notify_one();
                 None
             }
             None => None,
@@ -242,7 +252,7 @@ impl Agent {
 
 /// The sender task: one beat per interval (timed from the previous beat's
 /// start, so slow probes do not stretch the period), and one at once when
-/// the handoff files change.
+/// the handoff files change or a drain or resume command arrived.
 async fn send_beats(
     agent: Arc<Agent>,
     session: Session,
@@ -250,6 +260,7 @@ async fn send_beats(
     mut interval: watch::Receiver<Duration>,
     mut handoff: Option<watch::Receiver<Vec<PoolConfig>>>,
     last_sent: Arc<AtomicU64>,
+    report_now: Arc<Notify>,
 ) -> SenderEnd {
     let mut last = Instant::now();
     loop {
@@ -259,6 +270,9 @@ async fn send_beats(
             Ok(()) = interval.changed() => continue,
             Ok(()) = changed(&mut handoff) => {
                 debug!(node_id = %agent.config.node_id, "handoff files changed; reporting now");
+            }
+            () = report_now.notified() => {
+                debug!(node_id = %agent.config.node_id, "drain or resume command; reporting now");
             }
         }
         last = Instant::now();
