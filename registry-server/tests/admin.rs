@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stream, register};
+use common::{Stream, get, register};
 use registry_proto::pb;
 use registry_proto::pb::heartbeat_response::Command;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
@@ -18,14 +18,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 const MODEL: &str = "llama-3.1-8b";
-
-async fn get(client: &mut NodeRegistryClient<Channel>, id: &str) -> pb::Node {
-    client
-        .get_node(pb::GetNodeRequest { node_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 fn drain_request(id: &str) -> pb::DrainNodeRequest {
     pb::DrainNodeRequest {

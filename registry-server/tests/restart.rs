@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Stream, register};
+use common::{Stream, get, register};
 use registry_proto::pb;
 use registry_server::Settings;
 use test_support::registry::durable;
@@ -22,19 +22,6 @@ fn settings(dir: &std::path::Path) -> Settings {
         },
         dir,
     )
-}
-
-async fn get(
-    client: &mut pb::node_registry_client::NodeRegistryClient<tonic::transport::Channel>,
-    node_id: &str,
-) -> pb::Node {
-    client
-        .get_node(pb::GetNodeRequest {
-            node_id: node_id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 #[tokio::test]

@@ -21,11 +21,11 @@ pub async fn register(
     client.register(request).await.unwrap().into_inner().into()
 }
 
-/// The node's status, as GetNode reports it.
-pub async fn status_of(
+/// The node as GetNode reports it (panics on an error).
+pub async fn get(
     client: &mut pb::node_registry_client::NodeRegistryClient<Channel>,
     node_id: &str,
-) -> pb::NodeStatus {
+) -> pb::Node {
     client
         .get_node(pb::GetNodeRequest {
             node_id: node_id.into(),
@@ -33,7 +33,14 @@ pub async fn status_of(
         .await
         .unwrap()
         .into_inner()
-        .status()
+}
+
+/// The node's status, as GetNode reports it.
+pub async fn status_of(
+    client: &mut pb::node_registry_client::NodeRegistryClient<Channel>,
+    node_id: &str,
+) -> pb::NodeStatus {
+    get(client, node_id).await.status()
 }
 
 /// `Ok` when the node's status is `want`, else the status it has, for
