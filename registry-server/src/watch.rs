@@ -128,7 +128,6 @@ impl Watchers {
             done: false,
             _open: guard,
             instance: registry.instance().clone(),
-            started: false,
         };
         let stream = futures_util::stream::unfold(watcher, |mut watcher| async move {
             let reply = watcher.next_reply().await?;
@@ -181,11 +180,9 @@ struct Watcher {
     done: bool,
     /// Keeps the watcher counted while it lives.
     _open: OpenWatcher,
-    /// Which registry answers; sent on the first message and on markers,
-    /// so a watcher can tell a restarted registry.
+    /// Which registry answers; sent with every message, so a watcher can
+    /// tell a restarted registry.
     instance: pb::RegistryInstance,
-    /// Whether the first message has gone out.
-    started: bool,
 }
 
 impl Watcher {
@@ -264,11 +261,7 @@ impl Watcher {
 
     fn sent(&mut self, mut reply: pb::WatchNodesResponse) -> pb::WatchNodesResponse {
         self.quiet_since = Instant::now();
-        let marker = reply.node.is_none();
-        if marker || !self.started {
-            reply.registry = Some(self.instance.clone());
-        }
-        self.started = true;
+        reply.registry = Some(self.instance.clone());
         reply
     }
 

@@ -287,8 +287,12 @@ async fn answers_name_the_registry_instance_and_a_restart_changes_it() {
         .await
         .unwrap()
         .into_inner();
-    let first = watch.message().await.unwrap().unwrap();
-    assert_eq!(first.registry.as_ref(), Some(&instance));
+    // Every message: the snapshot's node, its marker, a live event.
+    client.register(register_request("n2")).await.unwrap();
+    for _ in 0..3 {
+        let event = watch.message().await.unwrap().unwrap();
+        assert_eq!(event.registry.as_ref(), Some(&instance), "{event:?}");
+    }
     drop(stream);
     drop(watch);
 
