@@ -771,6 +771,19 @@ mod tests {
     fn only_not_found_and_failed_precondition_mean_register_again() {
         assert!(must_register_again(tonic::Code::NotFound));
         assert!(must_register_again(tonic::Code::FailedPrecondition));
+        let mut replaced = tonic::Status::failed_precondition("a newer stream took over");
+        assert!(!stream_replaced(&replaced), "the code alone says nothing");
+        replaced.metadata_mut().insert(
+            REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(STREAM_REPLACED),
+        );
+        assert!(stream_replaced(&replaced));
+        let mut other = tonic::Status::not_found("gone");
+        other.metadata_mut().insert(
+            REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(STREAM_REPLACED),
+        );
+        assert!(!stream_replaced(&other), "only with FAILED_PRECONDITION");
         for code in [
             tonic::Code::InvalidArgument,
             tonic::Code::Unavailable,

@@ -617,6 +617,116 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[tokio::test]
+    async fn a_reload_that_removes_a_token_revokes_its_streams_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(
+            &path,
+            format!("node {NODE}\nreader {READER}\nadmin {ADMIN}\n"),
+        )
+        .unwrap();
+        let auth = Authenticator::from_sources(TokenSources {
+            file: Some(path.clone()),
+            admin_token: None,
+        })
+        .unwrap();
+        let grant = |token: &str| {
+            auth.authorize_stream(&metadata(&format!("Bearer {token}")), Rpc::Heartbeat)
+                .unwrap()
+                .1
+        };
+        let (mut node, mut admin) = (grant(NODE), grant(ADMIN));
+        assert!(node.is_some() && admin.is_some());
+
+        // A reload that keeps both tokens revokes nothing.
+        std::fs::write(&path, format!("node {NODE}\nadmin {ADMIN}\n")).unwrap();
+        auth.reload().unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(20), revoked(&mut node)).await;
+        assert!(quiet.is_err(), "the node token is still in force");
+
+        // The node token removed: its stream is revoked, the admin's is not.
+        std::fs::write(&path, format!("admin {ADMIN}\n")).unwrap();
+        auth.reload().unwrap();
+        let err = revoked(&mut node).await;
+        assert!(
+            matches!(&err, AuthError::Unauthenticated(m) if m.contains("revoked")),
+            "{err}"
+        );
+        let quiet = tokio::time::timeout(Duration::from_millis(20), revoked(&mut admin)).await;
+        assert!(quiet.is_err());
+
+        // A token given a role that may not heartbeat: permission denied.
+        std::fs::write(&path, format!("reader {ADMIN}\n")).unwrap();
+        auth.reload().unwrap();
+        assert!(
+            matches!(revoked(&mut admin).await, AuthError::PermissionDenied(m) if m.contains("reader"))
+        );
+
+        // A server without tokens grants nothing to revoke.
+        let (_, none) = Authenticator::open()
+            .authorize_stream(&MetadataMap::new(), Rpc::Heartbeat)
+            .unwrap();
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn failed_reloads_are_counted_and_flagged_until_one_succeeds() {
+        use metrics_exporter_prometheus::PrometheusBuilder;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("node {NODE}\n")).unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            let auth = Authenticator::from_sources(TokenSources {
+                file: Some(path.clone()),
+                admin_token: None,
+            })
+            .unwrap();
+            std::fs::write(&path, "").unwrap();
+            assert!(auth.reload().is_err(), "an empty file is refused");
+            std::fs::write(&path, "node\n").unwrap();
+            assert!(auth.reload().is_err(), "an unparsable file is refused");
+            std::fs::remove_file(&path).unwrap();
+            assert!(auth.reload().is_err(), "a deleted file is refused");
+            // The tokens loaded last stay in force meanwhile.
+            assert!(
+                auth.authorize(&metadata(&format!("Bearer {NODE}")), Rpc::Register)
+                    .is_ok()
+            );
+        });
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        };
+        assert_eq!(
+            value("registry_auth_reload_failures_total"),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(value("registry_auth_reload_failing"), Some(1.0), "{text}");
+        assert_eq!(value("registry_auth_tokens"), Some(1.0), "{text}");
+
+        std::fs::write(&path, format!("node {NODE}\nreader {READER}\n")).unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            let auth = Authenticator::from_sources(TokenSources {
+                file: Some(path.clone()),
+                admin_token: None,
+            })
+            .unwrap();
+            assert_eq!(auth.reload(), Ok(2));
+        });
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        };
+        assert_eq!(value("registry_auth_reload_failing"), Some(0.0), "{text}");
+        assert_eq!(value("registry_auth_tokens"), Some(2.0), "{text}");
+    }
+
     #[test]
     fn fingerprints_do_not_reveal_the_token() {
         let fp = fingerprint(ADMIN);

@@ -226,6 +226,14 @@ mod tests {
                 "session 7 of node gpu-1 has been superseded",
             ),
             (
+                RegistryError::StreamReplaced {
+                    node_id: "gpu-1".into(),
+                    session_id: 7,
+                },
+                tonic::Code::FailedPrecondition,
+                "a newer heartbeat stream of session 7 of node gpu-1 took over",
+            ),
+            (
                 RegistryError::ShuttingDown,
                 tonic::Code::Unavailable,
                 "shutting down",
