@@ -593,7 +593,9 @@ impl Registry {
     }
 
     /// Finds the slot a heartbeat stream will speak for, checking the
-    /// session and its secret.
+    /// session and its secret. Takes no stream number: the server's
+    /// streams use [`Registry::attach_stream`], which also replaces an
+    /// older stream of the session.
     pub fn attach(
         &self,
         node_id: &str,
