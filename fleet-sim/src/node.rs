@@ -466,9 +466,13 @@ impl Node {
 }
 
 /// How a stream ended by `status` goes on: register again where the
-/// contract says the session is gone, else reconnect with the same one.
+/// contract says the session is gone, else reconnect with the same one
+/// (also when a newer stream of the session replaced this one: the
+/// session is still valid).
 fn ended_by(status: &tonic::Status) -> End {
-    if registry_proto::rules::must_register_again(status.code()) {
+    if registry_proto::rules::must_register_again(status.code())
+        && !registry_proto::rules::stream_replaced(status)
+    {
         End::Lost
     } else {
         End::Failed

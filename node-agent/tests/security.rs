@@ -128,9 +128,12 @@ async fn agent_with_a_wrong_token_keeps_retrying_and_is_never_registered() {
     let mut config = agent_config(&registry.url(), "t2");
     // Mode 0644, as a careless operator leaves it: the agent warns.
     config.auth_token = Some(TokenSource::File(files.write("t2.token", WRONG)));
+    // A refused token is retried after the refused-retry (shortened here),
+    // not on the reconnect backoff.
+    config.register_refused_retry = Duration::from_millis(200);
     let agent = Agent::start(config);
 
-    // Three refusals: it retries, with backoff, and says why each time.
+    // Three refusals: it retries and says why each time.
     logs.wait_for(
         "register rejected by the registry: unauthenticated",
         3,
@@ -219,7 +222,64 @@ async fn graceful_stop_deregisters_under_tokens() {
 }
 
 #[tokio::test]
-async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
+async fn a_revoked_token_ends_the_stream_and_the_agent_waits_for_a_new_one() {
+    let (logs, _guard) = LogCapture::start("info,node_agent=debug");
+    let files = Files::new();
+    let registry = TestRegistry::start(registry_server::Settings {
+        auth_token_file: Some(files.registry_tokens()),
+        ..registry_settings()
+    })
+    .await;
+    let admin = Admin::connect(&registry, &ClientTls::default()).await;
+    let mut config = agent_with_token_file(&files, &registry, "t6");
+    // Long enough that a retry inside this test can only be the file's.
+    config.register_refused_retry = Duration::from_secs(3600);
+    let agent = Agent::start(config);
+    admin.wait_heartbeating("t6").await;
+
+    // The registry revokes the agent's token; the agent's file keeps it.
+    const NEW: &str = "new-node-token-gggggggggggggggg";
+    files.write_secret(
+        "registry-tokens",
+        &format!("node {NEW}\nadmin {ADMIN_TOKEN}\n"),
+    );
+    let refused = "heartbeat stream rejected by the registry: unauthenticated";
+    logs.wait_for(refused, 1, WAIT).await;
+    // No hammering: with a 50 ms backoff a reconnect loop would have
+    // refused dozens of times by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(logs.count(refused), 1, "{}", logs.text());
+    assert_eq!(
+        logs.count("rejected by the registry: unauthenticated"),
+        1,
+        "{}",
+        logs.text()
+    );
+    assert!(logs.text().contains("retry_in=1h"), "{}", logs.text());
+
+    // The new token lands in the agent's file: it resumes, same session.
+    let session = admin.node("t6").await.unwrap().session_id;
+    let before = admin.node("t6").await.unwrap().last_heartbeat_at.unwrap();
+    files.write_secret("t6.token", NEW);
+    eventually("a heartbeat with the new token", WAIT, || {
+        let admin = admin.clone();
+        async move {
+            admin.node("t6").await.matching(|n| {
+                let at = n.last_heartbeat_at.unwrap();
+                (at.seconds, at.nanos) > (before.seconds, before.nanos)
+            })
+        }
+    })
+    .await;
+    assert_eq!(admin.node("t6").await.unwrap().session_id, session);
+    agent.stop().await.unwrap();
+    assert!(!logs.text().contains(NEW), "{}", logs.text());
+    assert_no_token_in(&logs);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_rotated_while_running_reconnects_with_it_and_deregisters() {
     let (logs, _guard) = LogCapture::start("info,node_agent=debug");
     let files = Files::new();
     let registry_tokens = files.registry_tokens();
@@ -232,14 +292,14 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
     let agent = Agent::start(agent_with_token_file(&files, &registry, "t5"));
     admin.wait_heartbeating("t5").await;
 
-    // The operator rotates: the registry knows only the new node token,
-    // and the agent's file holds it too.
+    // The operator rotates: the agent's file gets the new node token,
+    // then the registry knows only that one.
     const ROTATED: &str = "rotated-node-token-ffffffffffff";
+    files.write_secret("t5.token", ROTATED);
     files.write_secret(
         "registry-tokens",
         &format!("node {ROTATED}\nadmin {ADMIN_TOKEN}\n"),
     );
-    files.write_secret("t5.token", ROTATED);
     // The registry re-reads its file on its own schedule; the old token is
     // refused as unknown (no longer "a node token may not list") once it has.
     let old = Admin::with_token(&registry, NODE_TOKEN).await;
@@ -254,7 +314,8 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
     })
     .await;
 
-    // The open stream was authorised when it opened and carries on.
+    // The registry ended the stream opened with the old token at its
+    // reload; the agent re-read its file and carries on with the new one.
     let before = admin.node("t5").await.unwrap().last_heartbeat_at.unwrap();
     eventually("a heartbeat after the rotation", WAIT, || {
         let admin = admin.clone();
@@ -267,8 +328,7 @@ async fn a_token_rotated_while_running_keeps_the_stream_and_deregisters() {
     })
     .await;
 
-    // Deregister goes out with the old token, is refused, re-reads the
-    // file and succeeds with the new one.
+    // Deregister goes out with the new token.
     agent.stop().await.unwrap();
     assert!(admin.node("t5").await.is_none(), "deregistered");
     assert_eq!(

@@ -48,6 +48,8 @@ struct Script {
     streams_opened: usize,
     beats: Vec<pb::HeartbeatRequest>,
     deregisters: Vec<pb::DeregisterRequest>,
+    /// Statuses that end the stream, one per beat, before any ack.
+    end_with: VecDeque<Status>,
 }
 
 #[derive(Clone)]
@@ -182,6 +184,10 @@ impl NodeRegistry for Scripted {
         let script = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(beat)) = inbound.message().await {
+                if let Some(end) = script.with(|s| s.end_with.pop_front()) {
+                    let _ = tx.send(Err(end)).await;
+                    return;
+                }
                 let sequence = beat.sequence;
                 let (push, reply) = script.with(|s| {
                     s.beats.push(beat);
@@ -616,4 +622,56 @@ async fn a_failed_drain_action_is_retried_by_the_next_drain_command_only() {
     tries(2).await;
     agent.stop().await.unwrap();
     assert_eq!(lines(&log).len(), 2);
+}
+
+#[tokio::test]
+async fn a_stream_replaced_by_its_own_session_is_not_fought() {
+    let mut replaced = Status::failed_precondition(
+        "a newer heartbeat stream of session 1 of node n1 took over; this stream is closed",
+    );
+    replaced.metadata_mut().insert(
+        registry_proto::rules::REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(registry_proto::rules::STREAM_REPLACED),
+    );
+    let (registry, url) = Scripted::serve(Script {
+        end_with: VecDeque::from([replaced]),
+        ..script(true)
+    })
+    .await;
+    let mut config = agent_config(&url, "n1");
+    config.pools = vec![PoolConfig::new("pool-0")];
+    config.register_refused_retry = Duration::from_millis(700);
+    let agent = Agent::start(config);
+
+    // After the refusal, the agent comes back on the same session, once the
+    // refused-retry has passed, instead of registering again (which would
+    // end the other holder's stream in turn).
+    eventually("a second stream", WAIT, || {
+        let opened = registry.with(|s| s.streams_opened);
+        async move {
+            if opened >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{opened} streams opened"))
+            }
+        }
+    })
+    .await;
+    eventually("beats on the same session", WAIT, || {
+        let acked = registry.with(|s| s.beats.len());
+        async move {
+            if acked >= 3 {
+                Ok(())
+            } else {
+                Err(format!("{acked} beats"))
+            }
+        }
+    })
+    .await;
+    registry.with(|s| {
+        assert_eq!(s.registers.len(), 1, "never registered again");
+        assert_eq!(s.streams_opened, 2, "one retry, not a reconnect loop");
+        assert!(s.beats.iter().all(|b| b.session_id == 1));
+    });
+    agent.stop().await.unwrap();
 }

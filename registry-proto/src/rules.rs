@@ -514,13 +514,36 @@ pub fn token_fingerprint(token: &str) -> String {
 
 /// Whether a failed Heartbeat (or Deregister) means "register again":
 /// NOT_FOUND (the registry no longer knows the node) and
-/// FAILED_PRECONDITION (its session was superseded). Anything else is a
-/// failure to retry on the same registration.
+/// FAILED_PRECONDITION (its session was superseded), except a stream that
+/// a newer stream of its own session replaced ([`stream_replaced`]: check
+/// it first). Anything else is a failure to retry on the same
+/// registration.
 pub fn must_register_again(code: tonic::Code) -> bool {
     matches!(
         code,
         tonic::Code::NotFound | tonic::Code::FailedPrecondition
     )
+}
+
+/// Metadata key (in the trailers of a failed call) carrying a
+/// machine-readable reason where the status code alone would mislead.
+pub const REASON_KEY: &str = "registry-reason";
+
+/// [`REASON_KEY`] value: a Heartbeat stream ended with FAILED_PRECONDITION
+/// because a newer stream of the same session took over. Unlike a
+/// superseded session this does not mean "register again": registering
+/// would end the newer stream in turn, and two holders of one session
+/// would take turns forever.
+pub const STREAM_REPLACED: &str = "stream-replaced";
+
+/// Whether a failed Heartbeat stream was ended because a newer stream of
+/// its own session took over (see [`STREAM_REPLACED`]).
+pub fn stream_replaced(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status
+            .metadata()
+            .get(REASON_KEY)
+            .is_some_and(|v| v.as_bytes() == STREAM_REPLACED.as_bytes())
 }
 
 /// A value for an error message: quoted, and cut short when long.
@@ -748,6 +771,19 @@ mod tests {
     fn only_not_found_and_failed_precondition_mean_register_again() {
         assert!(must_register_again(tonic::Code::NotFound));
         assert!(must_register_again(tonic::Code::FailedPrecondition));
+        let mut replaced = tonic::Status::failed_precondition("a newer stream took over");
+        assert!(!stream_replaced(&replaced), "the code alone says nothing");
+        replaced.metadata_mut().insert(
+            REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(STREAM_REPLACED),
+        );
+        assert!(stream_replaced(&replaced));
+        let mut other = tonic::Status::not_found("gone");
+        other.metadata_mut().insert(
+            REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(STREAM_REPLACED),
+        );
+        assert!(!stream_replaced(&other), "only with FAILED_PRECONDITION");
         for code in [
             tonic::Code::InvalidArgument,
             tonic::Code::Unavailable,

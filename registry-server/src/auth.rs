@@ -8,11 +8,12 @@
 //! (the first 8 hex digits of the digest) is the most that appears.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tracing::{error, info, warn};
@@ -177,10 +178,14 @@ impl TokenTable {
 
     /// The role of `token`, comparing against every entry in constant time.
     pub fn role_of(&self, token: &str) -> Option<Role> {
-        let presented = digest(token);
+        self.role_of_digest(&digest(token))
+    }
+
+    /// The role of the token with this digest, compared in constant time.
+    fn role_of_digest(&self, presented: &TokenDigest) -> Option<Role> {
         let mut found = None;
         for (known, role) in &self.entries {
-            if bool::from(known.ct_eq(&presented)) {
+            if bool::from(known.ct_eq(presented)) {
                 found = Some(*role);
             }
         }
@@ -202,10 +207,65 @@ impl TokenTable {
 /// clones.
 #[derive(Clone)]
 pub struct Authenticator {
-    /// The tokens in force; `None` when the server runs open.
-    table: Option<Arc<RwLock<Arc<TokenTable>>>>,
+    /// The tokens in force; `None` when the server runs open. A watch
+    /// channel rather than a plain lock, so open streams wake on every
+    /// successful reload and check that their token is still in force.
+    table: Option<Arc<watch::Sender<Arc<TokenTable>>>>,
     /// Where tokens come from, for reloads.
     sources: Arc<TokenSources>,
+}
+
+/// The token a long-lived call (a Heartbeat stream) was admitted with,
+/// so a reload that takes the token away ends the call at once instead of
+/// leaving it acknowledged until the client hangs up.
+pub struct TokenGrant {
+    /// The token's digest (never the token itself).
+    digest: TokenDigest,
+    /// What the call was admitted for, re-checked on every reload.
+    rpc: Rpc,
+    /// Wakes on every successful reload.
+    tables: watch::Receiver<Arc<TokenTable>>,
+}
+
+impl TokenGrant {
+    /// Resolves when a reload takes the token away (UNAUTHENTICATED) or
+    /// gives it a role that may no longer make the call (PERMISSION_DENIED);
+    /// pending forever while the token stays in force.
+    pub async fn revoked(&mut self) -> AuthError {
+        loop {
+            if self.tables.changed().await.is_err() {
+                // The authenticator is gone (the server is stopping):
+                // shutdown ends the call, not this.
+                std::future::pending::<()>().await;
+            }
+            let role = self.tables.borrow_and_update().role_of_digest(&self.digest);
+            match role {
+                None => {
+                    return AuthError::Unauthenticated(
+                        "the token this stream was opened with has been revoked (removed from the token file)"
+                            .into(),
+                    );
+                }
+                Some(role) if !role.allows(self.rpc) => {
+                    return AuthError::PermissionDenied(format!(
+                        "the token this stream was opened with is now a {} token, which may not call {:?}",
+                        role.name(),
+                        self.rpc
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// Waits for [`TokenGrant::revoked`]; forever without a grant (a server
+/// without tokens).
+pub async fn revoked(grant: &mut Option<TokenGrant>) -> AuthError {
+    match grant {
+        Some(grant) => grant.revoked().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Where tokens come from.
@@ -233,8 +293,10 @@ impl Authenticator {
         }
         let table = load(&sources)?;
         info!(tokens = table.len(), "authentication on");
+        metrics::gauge!(crate::metrics::AUTH_TOKENS).set(table.len() as f64);
+        metrics::gauge!(crate::metrics::AUTH_RELOAD_FAILING).set(0.0);
         Ok(Self {
-            table: Some(Arc::new(RwLock::new(Arc::new(table)))),
+            table: Some(Arc::new(watch::Sender::new(Arc::new(table)))),
             sources: Arc::new(sources),
         })
     }
@@ -246,8 +308,38 @@ impl Authenticator {
 
     /// The caller's role if it may make `rpc`.
     pub fn authorize(&self, metadata: &MetadataMap, rpc: Rpc) -> Result<Role, AuthError> {
+        self.check(metadata, rpc).map(|(role, _)| role)
+    }
+
+    /// [`Authenticator::authorize`] for a long-lived call: also the grant
+    /// that tells the call when a reload revokes its token (`None` when
+    /// the server runs open).
+    pub fn authorize_stream(
+        &self,
+        metadata: &MetadataMap,
+        rpc: Rpc,
+    ) -> Result<(Role, Option<TokenGrant>), AuthError> {
+        let (role, digest) = self.check(metadata, rpc)?;
+        let grant = self
+            .table
+            .as_ref()
+            .zip(digest)
+            .map(|(table, digest)| TokenGrant {
+                digest,
+                rpc,
+                tables: table.subscribe(),
+            });
+        Ok((role, grant))
+    }
+
+    /// The caller's role and its token's digest (`None` when open).
+    fn check(
+        &self,
+        metadata: &MetadataMap,
+        rpc: Rpc,
+    ) -> Result<(Role, Option<TokenDigest>), AuthError> {
         let Some(table) = &self.table else {
-            return Ok(Role::Admin);
+            return Ok((Role::Admin, None));
         };
         let header = metadata.get("authorization").ok_or_else(|| {
             AuthError::Unauthenticated(
@@ -264,9 +356,10 @@ impl Authenticator {
                     "the authorization metadata must be `Bearer <token>`".to_string(),
                 )
             })?;
-        let table = table.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let presented = digest(token);
         let role = table
-            .role_of(token)
+            .borrow()
+            .role_of_digest(&presented)
             .ok_or_else(|| AuthError::Unauthenticated("unknown token".to_string()))?;
         if !role.allows(rpc) {
             return Err(AuthError::PermissionDenied(format!(
@@ -274,17 +367,32 @@ impl Authenticator {
                 role.name()
             )));
         }
-        Ok(role)
+        Ok((role, Some(presented)))
     }
 
-    /// Re-reads the token sources; on error the old tokens stay in force.
+    /// Re-reads the token sources. On success the new tokens replace the
+    /// old ones at once, and every open stream whose token is gone ends
+    /// (see [`TokenGrant`]). On error (an unreadable, deleted, empty or
+    /// unparsable file) the previous tokens stay in force, so a bad edit
+    /// cannot lock the whole fleet out; the failure is counted
+    /// ([`crate::metrics::AUTH_RELOAD_FAILURES`]) and flagged
+    /// ([`crate::metrics::AUTH_RELOAD_FAILING`]) until a reload succeeds.
     pub fn reload(&self) -> Result<usize, AuthError> {
         let Some(table) = &self.table else {
             return Ok(0);
         };
-        let fresh = load(&self.sources)?;
+        let fresh = match load(&self.sources) {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                metrics::counter!(crate::metrics::AUTH_RELOAD_FAILURES).increment(1);
+                metrics::gauge!(crate::metrics::AUTH_RELOAD_FAILING).set(1.0);
+                return Err(err);
+            }
+        };
         let count = fresh.len();
-        *table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        table.send_replace(Arc::new(fresh));
+        metrics::gauge!(crate::metrics::AUTH_RELOAD_FAILING).set(0.0);
+        metrics::gauge!(crate::metrics::AUTH_TOKENS).set(count as f64);
         Ok(count)
     }
 
@@ -323,9 +431,13 @@ impl Authenticator {
                 } => "SIGHUP",
             };
             match self.reload() {
-                Ok(count) => info!(trigger = why, tokens = count, "auth tokens reloaded"),
+                Ok(count) => info!(
+                    trigger = why,
+                    tokens = count,
+                    "auth tokens reloaded; streams opened with a removed token are ended"
+                ),
                 Err(err) => {
-                    error!(trigger = why, error = %err, "auth tokens not reloaded; the previous tokens stay in force")
+                    error!(trigger = why, error = %err, "auth tokens not reloaded; the previous tokens stay in force until the file is fixed")
                 }
             }
         }
@@ -397,7 +509,7 @@ mod tests {
 
     fn with_table(table: TokenTable) -> Authenticator {
         Authenticator {
-            table: Some(Arc::new(RwLock::new(Arc::new(table)))),
+            table: Some(Arc::new(watch::Sender::new(Arc::new(table)))),
             sources: Arc::new(TokenSources::default()),
         }
     }
@@ -503,6 +615,116 @@ mod tests {
             "old tokens stay"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_removes_a_token_revokes_its_streams_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(
+            &path,
+            format!("node {NODE}\nreader {READER}\nadmin {ADMIN}\n"),
+        )
+        .unwrap();
+        let auth = Authenticator::from_sources(TokenSources {
+            file: Some(path.clone()),
+            admin_token: None,
+        })
+        .unwrap();
+        let grant = |token: &str| {
+            auth.authorize_stream(&metadata(&format!("Bearer {token}")), Rpc::Heartbeat)
+                .unwrap()
+                .1
+        };
+        let (mut node, mut admin) = (grant(NODE), grant(ADMIN));
+        assert!(node.is_some() && admin.is_some());
+
+        // A reload that keeps both tokens revokes nothing.
+        std::fs::write(&path, format!("node {NODE}\nadmin {ADMIN}\n")).unwrap();
+        auth.reload().unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(20), revoked(&mut node)).await;
+        assert!(quiet.is_err(), "the node token is still in force");
+
+        // The node token removed: its stream is revoked, the admin's is not.
+        std::fs::write(&path, format!("admin {ADMIN}\n")).unwrap();
+        auth.reload().unwrap();
+        let err = revoked(&mut node).await;
+        assert!(
+            matches!(&err, AuthError::Unauthenticated(m) if m.contains("revoked")),
+            "{err}"
+        );
+        let quiet = tokio::time::timeout(Duration::from_millis(20), revoked(&mut admin)).await;
+        assert!(quiet.is_err());
+
+        // A token given a role that may not heartbeat: permission denied.
+        std::fs::write(&path, format!("reader {ADMIN}\n")).unwrap();
+        auth.reload().unwrap();
+        assert!(
+            matches!(revoked(&mut admin).await, AuthError::PermissionDenied(m) if m.contains("reader"))
+        );
+
+        // A server without tokens grants nothing to revoke.
+        let (_, none) = Authenticator::open()
+            .authorize_stream(&MetadataMap::new(), Rpc::Heartbeat)
+            .unwrap();
+        assert!(none.is_none());
+    }
+
+    #[test]
+    fn failed_reloads_are_counted_and_flagged_until_one_succeeds() {
+        use metrics_exporter_prometheus::PrometheusBuilder;
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, format!("node {NODE}\n")).unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            let auth = Authenticator::from_sources(TokenSources {
+                file: Some(path.clone()),
+                admin_token: None,
+            })
+            .unwrap();
+            std::fs::write(&path, "").unwrap();
+            assert!(auth.reload().is_err(), "an empty file is refused");
+            std::fs::write(&path, "node\n").unwrap();
+            assert!(auth.reload().is_err(), "an unparsable file is refused");
+            std::fs::remove_file(&path).unwrap();
+            assert!(auth.reload().is_err(), "a deleted file is refused");
+            // The tokens loaded last stay in force meanwhile.
+            assert!(
+                auth.authorize(&metadata(&format!("Bearer {NODE}")), Rpc::Register)
+                    .is_ok()
+            );
+        });
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        };
+        assert_eq!(
+            value("registry_auth_reload_failures_total"),
+            Some(3.0),
+            "{text}"
+        );
+        assert_eq!(value("registry_auth_reload_failing"), Some(1.0), "{text}");
+        assert_eq!(value("registry_auth_tokens"), Some(1.0), "{text}");
+
+        std::fs::write(&path, format!("node {NODE}\nreader {READER}\n")).unwrap();
+        metrics::with_local_recorder(&recorder, || {
+            let auth = Authenticator::from_sources(TokenSources {
+                file: Some(path.clone()),
+                admin_token: None,
+            })
+            .unwrap();
+            assert_eq!(auth.reload(), Ok(2));
+        });
+        let text = handle.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        };
+        assert_eq!(value("registry_auth_reload_failing"), Some(0.0), "{text}");
+        assert_eq!(value("registry_auth_tokens"), Some(2.0), "{text}");
     }
 
     #[test]

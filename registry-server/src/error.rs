@@ -32,6 +32,19 @@ pub enum RegistryError {
         /// The session the caller presented.
         presented: u64,
     },
+    /// A newer heartbeat stream of the same session took over, so this one
+    /// was ended: one live stream per session. The agent must not
+    /// register again for this (the session is fine); normally the ended
+    /// stream is a dead connection's and no one reads this.
+    #[error(
+        "a newer heartbeat stream of session {session_id} of node {node_id} took over; this stream is closed (the session stays valid: do not register again)"
+    )]
+    StreamReplaced {
+        /// The node the stream spoke for.
+        node_id: String,
+        /// The session both streams named.
+        session_id: u64,
+    },
     /// The server is shutting down and ends open streams.
     #[error("registry is shutting down; reconnect later")]
     ShuttingDown,
@@ -158,6 +171,7 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::InvalidArgument { .. } => tonic::Code::InvalidArgument,
             RegistryError::NodeNotFound { .. } => tonic::Code::NotFound,
             RegistryError::SessionSuperseded { .. } => tonic::Code::FailedPrecondition,
+            RegistryError::StreamReplaced { .. } => tonic::Code::FailedPrecondition,
             RegistryError::ShuttingDown => tonic::Code::Unavailable,
             RegistryError::Unauthenticated(_) => tonic::Code::Unauthenticated,
             RegistryError::PermissionDenied(_) => tonic::Code::PermissionDenied,
@@ -171,7 +185,16 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::Compacted { .. } => tonic::Code::OutOfRange,
             RegistryError::WatcherBehind { .. } => tonic::Code::ResourceExhausted,
         };
-        tonic::Status::new(code, err.to_string())
+        let mut status = tonic::Status::new(code, err.to_string());
+        if let RegistryError::StreamReplaced { .. } = err {
+            // FAILED_PRECONDITION alone means "register again"; this says
+            // "do not": the agent reads it with `rules::stream_replaced`.
+            status.metadata_mut().insert(
+                registry_proto::rules::REASON_KEY,
+                tonic::metadata::MetadataValue::from_static(registry_proto::rules::STREAM_REPLACED),
+            );
+        }
+        status
     }
 }
 
@@ -201,6 +224,14 @@ mod tests {
                 },
                 tonic::Code::FailedPrecondition,
                 "session 7 of node gpu-1 has been superseded",
+            ),
+            (
+                RegistryError::StreamReplaced {
+                    node_id: "gpu-1".into(),
+                    session_id: 7,
+                },
+                tonic::Code::FailedPrecondition,
+                "a newer heartbeat stream of session 7 of node gpu-1 took over",
             ),
             (
                 RegistryError::ShuttingDown,

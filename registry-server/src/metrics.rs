@@ -69,6 +69,19 @@ pub const STORE_FAILURES: &str = "registry_store_commit_failures_total";
 /// Time to apply and commit one batch durably (fsync included), seconds.
 pub const STORE_COMMIT_SECONDS: &str = "registry_store_commit_seconds";
 
+/// Token file reloads (SIGHUP or change) that failed: unreadable,
+/// deleted, empty or unparsable; the previous tokens stayed in force.
+pub const AUTH_RELOAD_FAILURES: &str = "registry_auth_reload_failures_total";
+/// 1 while the latest token file reload failed (the tokens in force are
+/// older than the file), else 0.
+pub const AUTH_RELOAD_FAILING: &str = "registry_auth_reload_failing";
+/// Tokens in force (file and environment).
+pub const AUTH_TOKENS: &str = "registry_auth_tokens";
+/// Heartbeat streams the registry ended because something newer or
+/// stricter took over (`reason` = replaced: a newer stream of the session;
+/// superseded: a newer session; revoked: the stream's token was removed).
+pub const STREAMS_ENDED: &str = "registry_heartbeat_streams_ended_total";
+
 /// Histogram buckets for store commits: 100 µs to 1 s.
 const STORE_BUCKETS: &[f64] = &[
     100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
@@ -160,6 +173,19 @@ pub fn describe() {
     describe_gauge!(
         SUSPECT,
         "Nodes flagged suspect now (guard, stall or restart grace); never offered by FindPools."
+    );
+    describe_counter!(
+        AUTH_RELOAD_FAILURES,
+        "Token file reloads that failed (unreadable, deleted, empty or unparsable); the previous tokens stayed in force."
+    );
+    describe_gauge!(
+        AUTH_RELOAD_FAILING,
+        "1 while the latest token file reload failed, else 0."
+    );
+    describe_gauge!(AUTH_TOKENS, "Tokens in force.");
+    describe_counter!(
+        STREAMS_ENDED,
+        "Heartbeat streams ended by the registry because a newer stream or session took over, or their token was revoked."
     );
     describe_counter!(
         STALLS,

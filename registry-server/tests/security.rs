@@ -292,6 +292,112 @@ async fn the_token_file_rotates_without_a_restart() {
 }
 
 #[tokio::test]
+async fn a_revoked_token_ends_the_streams_opened_with_it() {
+    const OTHER_NODE: &str = "other-node-token-ffffffffffffffff";
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write_tokens(&dir, &format!("node {NODE_TOKEN}\nnode {OTHER_NODE}\n"));
+    let server = TestRegistry::start(Settings {
+        auth_token_file: Some(tokens),
+        ..Settings::default()
+    })
+    .await;
+    let channel = server.channel().await;
+    let mut revoked = client_with(channel.clone(), Some(NODE_TOKEN));
+    let mut kept = client_with(channel.clone(), Some(OTHER_NODE));
+    let n1: Session = revoked
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .into();
+    let n2: Session = kept
+        .register(register_request("n2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .into();
+    let mut doomed = Stream::open(&mut revoked).await.unwrap();
+    doomed.send(beat("n1", &n1, 1)).await.unwrap();
+    let mut living = Stream::open(&mut kept).await.unwrap();
+    living.send(beat("n2", &n2, 1)).await.unwrap();
+
+    write_tokens(&dir, &format!("node {OTHER_NODE}\n"));
+    // The stream ends at the reload, though it sends nothing (the watcher
+    // notices the change within seconds; `next` waits up to 10 s).
+    let err = doomed.next().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    assert!(!err.message().contains(NODE_TOKEN), "never echo a token");
+
+    // Streams of tokens still in force carry on.
+    let ack = living.send(beat("n2", &n2, 2)).await.unwrap();
+    assert_eq!(ack.sequence, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_broken_or_deleted_token_file_keeps_the_tokens_in_force_and_says_so() {
+    let (logs, _guard) = test_support::LogCapture::start("registry_server=info");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write_tokens(&dir, &format!("node {NODE_TOKEN}\n"));
+    let server = TestRegistry::start(Settings {
+        auth_token_file: Some(tokens.clone()),
+        ..Settings::default()
+    })
+    .await;
+    let mut node = client_with(server.channel().await, Some(NODE_TOKEN));
+    let session: Session = node
+        .register(register_request("n1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .into();
+    let mut stream = Stream::open(&mut node).await.unwrap();
+    stream.send(beat("n1", &session, 1)).await.unwrap();
+
+    let refused = "auth tokens not reloaded";
+    for (sequence, (what, change)) in [
+        ("unparsable", Some("this is not a token line\n")),
+        ("empty", Some("# nothing\n")),
+        ("deleted", None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seen = logs.count(refused);
+        match change {
+            Some(text) => {
+                write_tokens(&dir, text);
+            }
+            None => std::fs::remove_file(&tokens).unwrap(),
+        }
+        logs.wait_for(refused, seen + 1, Duration::from_secs(10))
+            .await;
+        let sequence = sequence as u64 + 2;
+        let ack = stream
+            .send(beat("n1", &session, sequence))
+            .await
+            .unwrap_or_else(|e| panic!("{what} file: the stream ended: {e}"));
+        assert_eq!(ack.sequence, sequence, "{what} file");
+        // New calls still authenticate with the old token (GetNode is not
+        // a node's call: refused for the role, not for the token).
+        let err = node
+            .get_node(pb::GetNodeRequest {
+                node_id: "n1".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{what} file: {err}");
+    }
+    assert!(
+        logs.text().contains("previous tokens stay in force"),
+        "{}",
+        logs.text()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn an_env_admin_token_works_alone() {
     let server = TestRegistry::start(Settings {
         auth_token: Some(ADMIN_TOKEN.into()),

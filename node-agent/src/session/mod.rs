@@ -366,6 +366,34 @@ async fn wait_for_fix(agent: &Agent, delay: Duration, shutdown: &mut Shutdown) -
     }
 }
 
+/// Sleeps for `delay` (the refused-retry after the registry refused a
+/// token that re-reading the file did not change), cut short when the
+/// token file holds a new token: it is re-read every `--backoff-max`, a
+/// file read and no call to the registry. True when shutdown came first.
+async fn wait_for_token(agent: &Agent, delay: Duration, shutdown: &mut Shutdown) -> bool {
+    let every = agent.config.backoff.max.max(Duration::from_millis(10));
+    let deadline = Instant::now() + delay;
+    let mut check = tokio::time::interval_at(Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = &mut *shutdown => return true,
+            _ = tokio::time::sleep_until(deadline) => return false,
+            _ = check.tick() => {
+                if agent.credentials.reload() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Whether `status` refuses the token itself and the token file holds no
+/// other token to try: retrying on the reconnect backoff would only
+/// hammer the registry with a token it has revoked.
+fn token_refused(agent: &Agent, status: &Status) -> bool {
+    status.code() == Code::Unauthenticated && !agent.credentials.reload()
+}
+
 /// Sleeps for `delay`; true when shutdown came first.
 async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
     tokio::select! {
@@ -410,6 +438,16 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                         }
                         continue;
                     }
+                    // A token the registry does not know, and no new one in
+                    // the file: wait long (or for the file to change).
+                    Err(status) if token_refused(&agent, &status) => {
+                        let delay = agent.config.register_refused_retry;
+                        agent.failed("register", &status, delay);
+                        if wait_for_token(&agent, delay, &mut shutdown).await {
+                            return;
+                        }
+                        continue;
+                    }
                     Err(status) => {
                         let delay = backoff.next_delay();
                         agent.failed("register", &status, delay);
@@ -445,11 +483,45 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                 info!(%node_id, "pools changed; updating the registration");
                 jitter = false;
             }
-            StreamEnd::Failed(status) => {
-                let delay = backoff.next_delay();
-                agent.failed("heartbeat stream", &status, delay);
+            StreamEnd::Replaced(reason) => {
+                let delay = agent.config.register_refused_retry;
+                error!(
+                    %node_id,
+                    session_id = %current.id,
+                    %reason,
+                    retry_in = %humantime::format_duration(delay),
+                    hint = "is a second agent running with this node id and session? \
+                            registering again would end its stream in turn, so this agent \
+                            does not; it tries its session again after --register-refused-retry",
+                    "heartbeat stream replaced by a newer stream of the same session"
+                );
                 jitter = false;
                 if wait(delay, &mut shutdown).await {
+                    // No Deregister: the session is in use by the other
+                    // stream, which would lose its node.
+                    crate::metrics::unregistered();
+                    return;
+                }
+                crate::metrics::reconnect();
+                session = Some(current);
+            }
+            StreamEnd::Failed(status) => {
+                // A revoked token (the registry ended the stream at its
+                // token reload) waits long unless the file has a new one.
+                let revoked = token_refused(&agent, &status);
+                let delay = if revoked {
+                    agent.config.register_refused_retry
+                } else {
+                    backoff.next_delay()
+                };
+                agent.failed("heartbeat stream", &status, delay);
+                jitter = false;
+                let stopped = if revoked {
+                    wait_for_token(&agent, delay, &mut shutdown).await
+                } else {
+                    wait(delay, &mut shutdown).await
+                };
+                if stopped {
                     // The registry may be back by now; try to leave cleanly.
                     agent.deregister(&current).await;
                     crate::metrics::unregistered();

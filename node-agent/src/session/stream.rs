@@ -29,6 +29,11 @@ pub(super) enum StreamEnd {
     Shutdown,
     /// The registry no longer knows the node or the session.
     Reregister(String),
+    /// A newer heartbeat stream of this very session took over at the
+    /// registry (another holder of the session). Registering again would
+    /// end that stream in turn, so the agent does not: it tries this
+    /// session again after the long refused-retry.
+    Replaced(String),
     /// The pools' specs changed; the registration must be updated.
     PoolsChanged,
     /// Anything else: connection lost, stream closed, no acks.
@@ -296,11 +301,42 @@ pub(super) async fn changed(
 }
 
 /// Register again where the contract says so ([`rules::must_register_again`]:
-/// node unknown, session superseded); anything else is a failure to retry.
+/// node unknown, session superseded), but not when a newer stream of the
+/// same session replaced this one ([`rules::stream_replaced`]); anything
+/// else is a failure to retry.
 fn classify(status: Status) -> StreamEnd {
-    if rules::must_register_again(status.code()) {
+    if rules::stream_replaced(&status) {
+        StreamEnd::Replaced(status.message().to_owned())
+    } else if rules::must_register_again(status.code()) {
         StreamEnd::Reregister(status.message().to_owned())
     } else {
         StreamEnd::Failed(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_stream_is_not_a_reason_to_register_again() {
+        let mut replaced = Status::failed_precondition("a newer heartbeat stream took over");
+        replaced.metadata_mut().insert(
+            rules::REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(rules::STREAM_REPLACED),
+        );
+        assert!(matches!(classify(replaced), StreamEnd::Replaced(m) if m.contains("newer")));
+        assert!(matches!(
+            classify(Status::failed_precondition("session superseded")),
+            StreamEnd::Reregister(_)
+        ));
+        assert!(matches!(
+            classify(Status::not_found("node unknown")),
+            StreamEnd::Reregister(_)
+        ));
+        assert!(matches!(
+            classify(Status::unauthenticated("revoked")),
+            StreamEnd::Failed(s) if s.code() == tonic::Code::Unauthenticated
+        ));
     }
 }

@@ -565,6 +565,22 @@ impl Registry {
         Self::command_for(&st, session_id, sent)
     }
 
+    /// What a woken stream numbered `stream` (by
+    /// [`Registry::attach_stream`]) should do: push the command it owes
+    /// (`Ok(Some)`), nothing (`Ok(None)`), or end, because the node is
+    /// gone, its session superseded or a newer stream took over (`Err`).
+    pub fn pending_on_stream(
+        &self,
+        slot: &NodeSlot,
+        session_id: u64,
+        stream: u64,
+        sent: &mut u64,
+    ) -> Result<Option<Command>, RegistryError> {
+        let st = slot.lock();
+        super::sessions::check_stream(slot, &st, session_id, stream)?;
+        Ok(Self::command_for(&st, session_id, sent))
+    }
+
     /// Recomputes the drain's progress and the owed resume after a
     /// heartbeat (under the node's lock); true when the admin state
     /// changed and must be published. Free when nothing is pending.

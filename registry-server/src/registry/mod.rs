@@ -82,7 +82,7 @@ pub use sessions::secrets_equal;
 pub use stats::{Counts, POOL_STATES, Stats};
 
 use node::NodeState;
-use sessions::{SessionIds, check_secret, check_session, new_secret, not_found};
+use sessions::{SessionIds, check_secret, check_session, check_stream, new_secret, not_found};
 use stats::Population;
 
 /// The timing rules the registry enforces and tells agents about.
@@ -496,6 +496,9 @@ impl Registry {
         st.pool_status.clear();
         st.gpu_stats.clear();
         st.reported = false;
+        // The old session's streams end now, not at their next message
+        // (they find the session superseded when they wake).
+        slot.commands.send_replace(st.command_gen);
         self.admin_on_register(&mut st);
         // A new session is a sign of life: whatever the registry doubted
         // about the node is settled.
@@ -590,7 +593,9 @@ impl Registry {
     }
 
     /// Finds the slot a heartbeat stream will speak for, checking the
-    /// session and its secret.
+    /// session and its secret. Takes no stream number: the server's
+    /// streams use [`Registry::attach_stream`], which also replaces an
+    /// older stream of the session.
     pub fn attach(
         &self,
         node_id: &str,
@@ -608,6 +613,34 @@ impl Registry {
             check_secret(&slot, &st, secret)?;
         }
         Ok(slot)
+    }
+
+    /// [`Registry::attach`] for a new heartbeat stream: the stream takes
+    /// the session's next stream number (returned), which replaces any
+    /// older stream of the session; those wake at once (the node's
+    /// command signal) and end with FAILED_PRECONDITION.
+    pub fn attach_stream(
+        &self,
+        node_id: &str,
+        session_id: u64,
+        secret: &str,
+    ) -> Result<(Arc<NodeSlot>, u64), RegistryError> {
+        let slot = self
+            .read_nodes()
+            .get(node_id)
+            .cloned()
+            .ok_or_else(|| not_found(node_id))?;
+        let stream = {
+            let mut st = slot.lock();
+            check_session(&slot, &st, session_id)?;
+            check_secret(&slot, &st, secret)?;
+            st.stream_gen += 1;
+            // Wakes a replaced stream; the value stays the owed command's
+            // number, so no command is sent twice.
+            slot.commands.send_replace(st.command_gen);
+            st.stream_gen
+        };
+        Ok((slot, stream))
     }
 
     /// Records a heartbeat received at monotonic time `now` (its wall time
@@ -639,9 +672,25 @@ impl Registry {
         now: Instant,
         sent: &mut u64,
     ) -> Result<Option<pb::heartbeat_response::Command>, RegistryError> {
+        self.heartbeat_on_stream(slot, session_id, 0, beat, now, sent)
+    }
+
+    /// [`Registry::heartbeat_for`] on the stream numbered `stream` by
+    /// [`Registry::attach_stream`] (0: no stream check): refused with
+    /// FAILED_PRECONDITION once a newer stream of the session took over.
+    /// The check is one comparison under the node lock already held.
+    pub fn heartbeat_on_stream(
+        &self,
+        slot: &Arc<NodeSlot>,
+        session_id: u64,
+        stream: u64,
+        beat: Beat,
+        now: Instant,
+        sent: &mut u64,
+    ) -> Result<Option<pb::heartbeat_response::Command>, RegistryError> {
         let wall = beat.received_at;
         let mut st = slot.lock();
-        check_session(slot, &st, session_id)?;
+        check_stream(slot, &st, session_id, stream)?;
         // Heard from after a restart: no longer reserved (nor suspect: the
         // flag is cleared below with any other doubt).
         let back_after_restart = st.restart_grace_until.take().is_some();

@@ -87,7 +87,10 @@ pub struct NodeSlot {
     pub(super) state: Mutex<NodeState>,
     /// The number of the latest command owed to the agent
     /// (`NodeState::command_gen`), so the node's open heartbeat streams
-    /// wake and push it at once instead of at the next heartbeat.
+    /// wake and push it at once instead of at the next heartbeat. Also
+    /// poked (same value) when a newer stream or a newer session takes
+    /// over, so a superseded stream ends at once instead of at its next
+    /// message: one signal per node, not two, keeps the slot small.
     pub(super) commands: tokio::sync::watch::Sender<u64>,
 }
 
@@ -97,8 +100,10 @@ impl NodeSlot {
         &self.id
     }
 
-    /// Wakes when a new command is owed to the node's agent; a heartbeat
-    /// stream holds one from its first message on.
+    /// Wakes when a new command is owed to the node's agent, or when the
+    /// stream holding it may have been superseded (a newer stream of the
+    /// session, a newer session); a heartbeat stream holds one from its
+    /// first message on.
     pub fn commands(&self) -> tokio::sync::watch::Receiver<u64> {
         self.commands.subscribe()
     }
@@ -192,6 +197,11 @@ pub(super) struct NodeState {
     /// number once, and new streams (starting at 0) send the owed one
     /// again. Starts at 1.
     pub(super) command_gen: u64,
+    /// Number of the session's live heartbeat stream (0: none yet). Each
+    /// stream that binds to the node takes the next number, and a stream
+    /// whose number is no longer this one has been replaced by a newer
+    /// stream and is ended, so two streams never speak for one session.
+    pub(super) stream_gen: u64,
     /// Whether the current session has reported pool status, so an empty
     /// status right after registration does not read as "every pool
     /// stopped".
@@ -239,6 +249,7 @@ impl NodeState {
             drain_deadline_at: None,
             resume: None,
             command_gen: 1,
+            stream_gen: 0,
             reported: false,
             held: false,
             restart_grace_until: None,

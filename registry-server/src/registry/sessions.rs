@@ -80,6 +80,24 @@ pub(super) fn check_session(
     Ok(())
 }
 
+/// [`check_session`], and the stream numbered `stream` is still the
+/// session's live one (0: a caller bound to no stream, never replaced).
+pub(super) fn check_stream(
+    slot: &NodeSlot,
+    st: &NodeState,
+    session_id: u64,
+    stream: u64,
+) -> Result<(), RegistryError> {
+    check_session(slot, st, session_id)?;
+    if stream != 0 && st.stream_gen != stream {
+        return Err(RegistryError::StreamReplaced {
+            node_id: slot.id.to_string(),
+            session_id,
+        });
+    }
+    Ok(())
+}
+
 /// The presented secret is the current session's.
 pub(super) fn check_secret(
     slot: &NodeSlot,

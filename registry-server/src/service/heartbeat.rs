@@ -7,6 +7,13 @@
 //! which acknowledges nothing) the moment DrainNode or CancelDrain owes a
 //! new one: the stream waits on the node's command signal beside the
 //! agent's next message, so an idle stream costs no task and no timer.
+//!
+//! One live stream per session: each stream takes the session's next
+//! stream number when it binds, and the same signal wakes an older stream
+//! of the session (or of an older session) so it ends at once with
+//! FAILED_PRECONDITION saying what took over. A stream also holds its
+//! token's grant and ends with UNAUTHENTICATED the moment a token reload
+//! removes that token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +26,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::check_identity;
+use crate::auth::TokenGrant;
 use crate::error::RegistryError;
 use crate::registry::{NodeSlot, Now, Registry, secrets_equal};
 use crate::validate;
@@ -61,6 +69,13 @@ pub(super) struct HeartbeatSession {
     /// Number of the latest command this stream sent (0: none), so each
     /// is sent once per stream.
     pub(super) sent_command: u64,
+    /// This stream's number within its session (from
+    /// `Registry::attach_stream`), so a newer stream of the session
+    /// replaces it; set with `node`.
+    pub(super) stream: u64,
+    /// The token the stream was opened with, so a reload that removes it
+    /// ends the stream; `None` when the server checks no tokens.
+    pub(super) grant: Option<TokenGrant>,
 }
 
 /// Waits until a new command is owed; forever before the stream has
@@ -127,11 +142,26 @@ impl HeartbeatSession {
                     info!(error = %err, "idle heartbeat stream closed");
                     return Some(Err(err.into()));
                 }
-                () = command_owed(&mut self.commands) => {
-                    if let Some(push) = self.push() {
-                        return Some(Ok(push));
-                    }
+                err = crate::auth::revoked(&mut self.grant) => {
+                    self.done = true;
+                    metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "revoked").increment(1);
+                    warn!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: its token was revoked");
+                    return Some(Err(RegistryError::from(err).into()));
                 }
+                () = command_owed(&mut self.commands) => match self.push() {
+                    Ok(Some(push)) => return Some(Ok(push)),
+                    Ok(None) => {}
+                    Err(err) => {
+                        self.done = true;
+                        let reason = match err {
+                            RegistryError::StreamReplaced { .. } => "replaced",
+                            _ => "superseded",
+                        };
+                        metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => reason).increment(1);
+                        info!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: something newer took over");
+                        return Some(Err(err.into()));
+                    }
+                },
                 message = self.inbound.message() => break message,
             }
         };
@@ -157,15 +187,24 @@ impl HeartbeatSession {
         }
     }
 
-    /// The unsolicited message carrying a newly owed command, if this
-    /// stream has not sent it yet.
-    fn push(&mut self) -> Option<pb::HeartbeatResponse> {
-        let node = self.node.as_ref()?;
-        let command =
-            self.registry
-                .pending_command(node, self.session_id, &mut self.sent_command)?;
+    /// After a wake-up: the unsolicited message carrying a newly owed
+    /// command, if this stream has not sent it yet; or why the stream
+    /// must end (a newer stream or session took over, the node is gone).
+    fn push(&mut self) -> Result<Option<pb::HeartbeatResponse>, RegistryError> {
+        let Some(node) = self.node.as_ref() else {
+            return Ok(None);
+        };
+        let Some(command) = self.registry.pending_on_stream(
+            node,
+            self.session_id,
+            self.stream,
+            &mut self.sent_command,
+        )?
+        else {
+            return Ok(None);
+        };
         debug!(node_id = %node.id(), "command pushed on the heartbeat stream");
-        Some(self.reply(0, Now::read().wall, Some(command)))
+        Ok(Some(self.reply(0, Now::read().wall, Some(command))))
     }
 
     /// A response: the ack of `sequence` (0: acknowledges nothing).
@@ -208,11 +247,12 @@ impl HeartbeatSession {
                     ));
                 }
                 check_identity(&self.identities, self.token_admin, &request.node_id)?;
-                let slot = self.registry.attach(
+                let (slot, stream) = self.registry.attach_stream(
                     &request.node_id,
                     request.session_id,
                     &request.session_secret,
                 )?;
+                self.stream = stream;
                 debug!(node_id = %slot.id(), "heartbeat stream opened");
                 let mut commands = slot.commands();
                 // What is owed now rides on this message's ack; only later
@@ -250,9 +290,10 @@ impl HeartbeatSession {
         };
         let now = Now::read();
         let beat = validate::beat(request, now.wall, self.max_clock_skew)?;
-        let command = self.registry.heartbeat_for(
+        let command = self.registry.heartbeat_on_stream(
             node,
             self.session_id,
+            self.stream,
             beat,
             now.at,
             &mut self.sent_command,

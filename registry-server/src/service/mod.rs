@@ -306,7 +306,11 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        let token_admin = self.authorize(&request, Rpc::Heartbeat)?;
+        let (role, grant) = self
+            .auth
+            .authorize_stream(request.metadata(), Rpc::Heartbeat)
+            .map_err(RegistryError::from)?;
+        let token_admin = role == Role::Admin && !self.auth.is_open();
         let identities = identity::peer_identities(&request);
         let open = self
             .registry
@@ -340,6 +344,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             done: false,
             commands: None,
             sent_command: 0,
+            stream: 0,
+            grant,
         };
         // No task and no channel per stream: the response stream pulls the
         // next request and answers it, which keeps 100k idle streams cheap.

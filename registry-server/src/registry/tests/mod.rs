@@ -113,6 +113,78 @@ async fn the_read_view_carries_staged_models_and_reported_endpoints() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_newer_stream_replaces_the_older_and_wakes_it() {
+    let (registry, _stop) = start();
+    let reg = registry.register(registration("n1"), Now::read()).unwrap();
+    let (slot, older) = registry
+        .attach_stream("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    let mut wake = slot.commands();
+    wake.borrow_and_update();
+    registry
+        .heartbeat_on_stream(
+            &slot,
+            reg.session_id,
+            older,
+            beat(pb::PoolState::Ready),
+            Instant::now(),
+            &mut 0,
+        )
+        .unwrap();
+
+    let (_, newer) = registry
+        .attach_stream("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    assert_ne!(newer, older);
+    assert!(wake.has_changed().unwrap(), "the older stream is woken");
+    let replaced = RegistryError::StreamReplaced {
+        node_id: "n1".into(),
+        session_id: reg.session_id,
+    };
+    assert_eq!(
+        registry.pending_on_stream(&slot, reg.session_id, older, &mut 0),
+        Err(replaced.clone())
+    );
+    assert_eq!(
+        registry.heartbeat_on_stream(
+            &slot,
+            reg.session_id,
+            older,
+            beat(pb::PoolState::Ready),
+            Instant::now(),
+            &mut 0,
+        ),
+        Err(replaced)
+    );
+    assert_eq!(
+        registry.pending_on_stream(&slot, reg.session_id, newer, &mut 0),
+        Ok(None)
+    );
+    registry
+        .heartbeat_on_stream(
+            &slot,
+            reg.session_id,
+            newer,
+            beat(pb::PoolState::Ready),
+            Instant::now(),
+            &mut 0,
+        )
+        .unwrap();
+
+    // A new session wakes the stream too, which then finds its session gone.
+    wake.borrow_and_update();
+    registry.register(registration("n1"), Now::read()).unwrap();
+    assert!(
+        wake.has_changed().unwrap(),
+        "the old session's stream is woken"
+    );
+    assert!(matches!(
+        registry.pending_on_stream(&slot, reg.session_id, newer, &mut 0),
+        Err(RegistryError::SessionSuperseded { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_silent_node_goes_offline_exactly_at_its_deadline() {
     let (registry, _stop) = start();
     let reg = registry.register(registration("n1"), Now::read()).unwrap();
