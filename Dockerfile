@@ -33,16 +33,16 @@ RUN set -eu; \
         for bin in registry-server node-agent registry-ctl; do \
             [ -x "target/docker-dist/$bin" ] || { echo "PREBUILT=1 but target/docker-dist/$bin is missing" >&2; exit 1; }; \
         done; \
+        [ -d target/docker-dist/data-dir ] || { echo "PREBUILT=1 but target/docker-dist/data-dir is missing" >&2; exit 1; }; \
     else \
         cargo build --release --locked --bins -p registry-server -p node-agent -p registry-ctl; \
-        mkdir -p target/docker-dist; \
+        # data-dir: an empty directory for the runtime image's
+        # /var/lib/registry (that image may have no shell to make one).
+        mkdir -p target/docker-dist/data-dir; \
         for bin in registry-server node-agent registry-ctl; do \
             strip --strip-debug -o "target/docker-dist/$bin" "target/release/$bin"; \
         done; \
-    fi; \
-    # An empty directory for the runtime image's /var/lib/registry (that
-    # image may have no shell to make one).
-    mkdir -p target/docker-dist/data-dir
+    fi
 
 # ---------------------------------------------------------------------------
 # registry-server: gRPC on 50051, Prometheus metrics on 9464.

@@ -35,7 +35,9 @@ log "building release binaries on the host"
 cargo build --release --locked --bins -p registry-server -p node-agent -p registry-ctl
 release_dir="${CARGO_TARGET_DIR:-target}/release"
 rm -rf "$dist"
-mkdir -p "$dist"
+# data-dir: the empty directory the Dockerfile copies to /var/lib/registry
+# (the local images have a shell but no mkdir).
+mkdir -p "$dist/data-dir"
 # Debug line tables off, symbols kept (backtraces still name functions):
 # the same as the Dockerfile's own build stage does.
 for bin in "${bins[@]}"; do
