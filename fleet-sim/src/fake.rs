@@ -39,6 +39,7 @@ impl NodeShape {
                 compute_capability: "9.0".into(),
                 pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + g),
                 mig_enabled: false,
+                ..Default::default()
             })
             .collect();
         let pools = (0..self.pools)
@@ -114,6 +115,7 @@ impl NodeShape {
                     memory_free_bytes: GPU_MEMORY - used,
                     utilization_percent: rng.u32(0..=100),
                     temperature_celsius: Some(rng.u32(35..85)),
+                    ..Default::default()
                 }
             })
             .collect();

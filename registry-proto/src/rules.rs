@@ -22,6 +22,12 @@ use crate::pb;
 pub const MAX_POOLS: usize = 64;
 /// Most GPUs a node may report, and most GPU indices one pool may name.
 pub const MAX_GPUS: usize = 64;
+/// Most MIG instances one GPU may list (an A100/H100 has at most 7).
+pub const MAX_MIG_INSTANCES: usize = 16;
+/// Most health reasons one GpuStats may carry.
+pub const MAX_HEALTH_REASONS: usize = 16;
+/// Most XID errors one GpuStats may carry.
+pub const MAX_XID_ERRORS: usize = 16;
 /// Most labels a node may carry.
 pub const MAX_LABELS: usize = 64;
 /// Longest free-text value in bytes (model, engine, GPU name, label value ...).
@@ -418,6 +424,15 @@ pub fn capabilities(caps: &pb::Capabilities) -> RuleResult {
         text(field("name"), &gpu.name)?;
         text(field("pci_bus_id"), &gpu.pci_bus_id)?;
         compute_capability(field("compute_capability"), &gpu.compute_capability)?;
+        at_most(
+            field("mig_instances"),
+            gpu.mig_instances.len(),
+            MAX_MIG_INSTANCES,
+        )?;
+        for mig in &gpu.mig_instances {
+            text(field("mig_instances.uuid"), &mig.uuid)?;
+            text(field("mig_instances.profile"), &mig.profile)?;
+        }
     }
     Ok(())
 }
@@ -495,6 +510,26 @@ pub fn gpu_stats(gpus: &[pb::GpuStats]) -> RuleResult {
                 format!("{} is above 100", gpu.utilization_percent),
             ));
         }
+        let field = |name| Field::Item {
+            list: "gpus",
+            index,
+            name,
+        };
+        if pb::GpuHealth::try_from(gpu.health).is_err() {
+            return Err(RuleError::new(
+                field("health"),
+                format!("{} is not a GpuHealth value", gpu.health),
+            ));
+        }
+        at_most(
+            field("health_reasons"),
+            gpu.health_reasons.len(),
+            MAX_HEALTH_REASONS,
+        )?;
+        for reason in &gpu.health_reasons {
+            text(field("health_reasons"), reason)?;
+        }
+        at_most(field("xid_errors"), gpu.xid_errors.len(), MAX_XID_ERRORS)?;
     }
     Ok(())
 }

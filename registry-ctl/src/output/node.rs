@@ -335,6 +335,7 @@ pub(crate) mod tests {
                         compute_capability: "9.0".into(),
                         pci_bus_id: "00000000:17:00.0".into(),
                         mig_enabled: false,
+                        ..Default::default()
                     },
                     pb::GpuInfo {
                         index: 1,
@@ -344,6 +345,7 @@ pub(crate) mod tests {
                         compute_capability: "9.0".into(),
                         pci_bus_id: "00000000:18:00.0".into(),
                         mig_enabled: true,
+                        ..Default::default()
                     },
                 ],
                 cpu_cores: 64,
@@ -374,6 +376,7 @@ pub(crate) mod tests {
                 memory_free_bytes: 10 << 30,
                 utilization_percent: 87,
                 temperature_celsius: Some(41),
+                ..Default::default()
             }],
             session_id: u64::MAX,
             status_changed_at: timestamp("2026-11-23T11:55:00Z"),
