@@ -792,4 +792,60 @@ mod tests {
             assert!(!must_register_again(code), "{code:?}");
         }
     }
+
+    #[test]
+    fn gpu_health_and_mig_slices_are_bounded_and_named() {
+        let healthy = pb::GpuStats {
+            health: pb::GpuHealth::Unhealthy as i32,
+            health_reasons: vec!["xid 79".into()],
+            xid_errors: vec![79],
+            ..Default::default()
+        };
+        gpu_stats(std::slice::from_ref(&healthy)).unwrap();
+        let field_of = |gpus: &[pb::GpuStats]| gpu_stats(gpus).unwrap_err().field;
+        let unknown = pb::GpuStats {
+            health: 9,
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[healthy.clone(), unknown]), "gpus[1].health");
+        let chatty = pb::GpuStats {
+            health_reasons: vec!["r".into(); MAX_HEALTH_REASONS + 1],
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[chatty]), "gpus[0].health_reasons");
+        let long = pb::GpuStats {
+            health_reasons: vec!["r".repeat(MAX_TEXT_LEN + 1)],
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[long]), "gpus[0].health_reasons");
+        let xids = pb::GpuStats {
+            xid_errors: vec![13; MAX_XID_ERRORS + 1],
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[xids]), "gpus[0].xid_errors");
+
+        let caps = |mig: Vec<pb::MigInstance>| pb::Capabilities {
+            gpus: vec![pb::GpuInfo {
+                mig_enabled: true,
+                mig_instances: mig,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let slice = pb::MigInstance {
+            uuid: "MIG-1".into(),
+            profile: "1g.10gb".into(),
+            memory_total_bytes: 10 << 30,
+            index: 0,
+        };
+        capabilities(&caps(vec![slice.clone()])).unwrap();
+        let err = capabilities(&caps(vec![slice.clone(); MAX_MIG_INSTANCES + 1])).unwrap_err();
+        assert_eq!(err.field, "capabilities.gpus[0].mig_instances");
+        let bad_profile = pb::MigInstance {
+            profile: "p".repeat(MAX_TEXT_LEN + 1),
+            ..slice
+        };
+        let err = capabilities(&caps(vec![bad_profile])).unwrap_err();
+        assert_eq!(err.field, "capabilities.gpus[0].mig_instances.profile");
+    }
 }
