@@ -207,7 +207,11 @@ mod tests {
             let beat = node.heartbeat(1, "s", seq, seq == 1, &mut rng);
             assert_eq!(beat.gpus[0].health(), pb::GpuHealth::Unhealthy);
             assert_eq!(beat.gpus[0].xid_errors, [79]);
-            assert!(beat.gpus[1..].iter().all(|g| g.health() == pb::GpuHealth::Healthy));
+            assert!(
+                beat.gpus[1..]
+                    .iter()
+                    .all(|g| g.health() == pb::GpuHealth::Healthy)
+            );
             registry_proto::rules::gpu_stats(&beat.gpus).unwrap();
         }
         let mut config = crate::FleetConfig::new("http://127.0.0.1:1", 10);

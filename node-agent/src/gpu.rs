@@ -27,7 +27,9 @@ use nvml_wrapper::sys_exports::field_id::{
 };
 use nvml_wrapper::{Device, Nvml};
 use registry_proto::pb;
-use registry_proto::rules::{self, Field, MAX_HEALTH_REASONS, MAX_MIG_INSTANCES, MAX_XID_ERRORS, fit_text};
+use registry_proto::rules::{
+    self, Field, MAX_HEALTH_REASONS, MAX_MIG_INSTANCES, MAX_XID_ERRORS, fit_text,
+};
 
 use self::faults::FaultHandle;
 use self::health::HealthTracker;
@@ -212,10 +214,7 @@ impl NvmlGpuSource {
         };
         let nvml = Arc::new(nvml);
         let xids = Arc::new(XidLog::default());
-        let count = nvml
-            .device_count()
-            .unwrap_or(0)
-            .min(MAX_GPUS as u32);
+        let count = nvml.device_count().unwrap_or(0).min(MAX_GPUS as u32);
         let watcher = XidWatcher::start(nvml.clone(), count, xids.clone())
             .inspect_err(|e| tracing::warn!(error = %e, "cannot start the xid watcher thread"))
             .ok();
@@ -367,9 +366,10 @@ fn read_health_figures(device: &Device<'_>, gpu: &mut pb::GpuStats) {
         gpu.throttle_thermal = Some(reasons.intersects(
             ThrottleReasons::SW_THERMAL_SLOWDOWN | ThrottleReasons::HW_THERMAL_SLOWDOWN,
         ));
-        gpu.throttle_power = Some(reasons.intersects(
-            ThrottleReasons::SW_POWER_CAP | ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN,
-        ));
+        gpu.throttle_power =
+            Some(reasons.intersects(
+                ThrottleReasons::SW_POWER_CAP | ThrottleReasons::HW_POWER_BRAKE_SLOWDOWN,
+            ));
         gpu.throttle_hw_slowdown = Some(reasons.intersects(
             ThrottleReasons::HW_SLOWDOWN
                 | ThrottleReasons::HW_THERMAL_SLOWDOWN
@@ -663,13 +663,14 @@ mod tests {
     #[test]
     fn fake_gpus_are_healthy_until_a_fault_is_injected_and_heal_after() {
         let source = FakeGpuSource::new(2, "s");
-        let health = |stats: &[pb::GpuStats]| {
-            stats.iter().map(|g| g.health).collect::<Vec<_>>()
-        };
+        let health = |stats: &[pb::GpuStats]| stats.iter().map(|g| g.health).collect::<Vec<_>>();
         let healthy = pb::GpuHealth::Healthy as i32;
         let stats = source.stats().unwrap();
         assert_eq!(health(&stats), vec![healthy, healthy]);
-        assert_eq!(stats[0].power_limit_milliwatts, Some(FakeGpuSource::POWER_LIMIT_MW));
+        assert_eq!(
+            stats[0].power_limit_milliwatts,
+            Some(FakeGpuSource::POWER_LIMIT_MW)
+        );
         let faults = source.faults();
         faults.inject(1, faults::Fault::Xid(79));
         let stats = source.stats().unwrap();

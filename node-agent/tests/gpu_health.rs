@@ -74,7 +74,11 @@ async fn a_pool_on_a_gpu_turning_unhealthy_leaves_placement_and_comes_back_when_
         let mut client = client.clone();
         async move {
             let ids = offered(&mut client).await;
-            if ids.len() == 2 { Ok(()) } else { Err(format!("offered {ids:?}")) }
+            if ids.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("offered {ids:?}"))
+            }
         }
     })
     .await;
@@ -99,7 +103,10 @@ async fn a_pool_on_a_gpu_turning_unhealthy_leaves_placement_and_comes_back_when_
     let gpu1 = node.gpu_stats.iter().find(|g| g.index == 1).unwrap();
     assert_eq!(gpu1.health_reasons, ["xid 79 (GPU has fallen off the bus)"]);
     assert_eq!(gpu1.xid_errors, [79]);
-    assert!(node.revision > revision, "a change of health is a new revision");
+    assert!(
+        node.revision > revision,
+        "a change of health is a new revision"
+    );
     assert_eq!(health(&node, 0), Some(pb::GpuHealth::Healthy));
 
     // Pinned to the pool's GPU model, the answer names the sick GPU.
@@ -110,7 +117,11 @@ async fn a_pool_on_a_gpu_turning_unhealthy_leaves_placement_and_comes_back_when_
         ..Default::default()
     };
     // on-gpu0 still serves a pinned request...
-    let answer = client.find_pools(pinned.clone()).await.unwrap().into_inner();
+    let answer = client
+        .find_pools(pinned.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(answer.candidates[0].pool_id, "on-gpu0");
     // ...until GPU 0 is sick too: then FAILED_PRECONDITION names a GPU.
     faults.inject(0, Fault::EccUncorrectable);
@@ -120,7 +131,10 @@ async fn a_pool_on_a_gpu_turning_unhealthy_leaves_placement_and_comes_back_when_
         async move {
             match client.find_pools(pinned).await {
                 Err(status) => Ok(status),
-                Ok(answer) => Err(format!("still offered: {:?}", answer.into_inner().candidates)),
+                Ok(answer) => Err(format!(
+                    "still offered: {:?}",
+                    answer.into_inner().candidates
+                )),
             }
         }
     })
@@ -149,12 +163,10 @@ async fn a_pool_on_a_gpu_turning_unhealthy_leaves_placement_and_comes_back_when_
     eventually("gpu 1 reported healthy again", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "gpu-node")
-                .await
-                .matching(|n| {
-                    health(n, 1) == Some(pb::GpuHealth::Healthy)
-                        && health(n, 0) == Some(pb::GpuHealth::Healthy)
-                })
+            get_node(&mut client, "gpu-node").await.matching(|n| {
+                health(n, 1) == Some(pb::GpuHealth::Healthy)
+                    && health(n, 0) == Some(pb::GpuHealth::Healthy)
+            })
         }
     })
     .await;

@@ -90,9 +90,8 @@ impl ScheduledFault {
 
 /// Parses a schedule (see the module doc); the error names the bad entry.
 pub fn parse_schedule(text: &str) -> Result<Vec<ScheduledFault>, String> {
-    let duration = |s: &str| {
-        humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"))
-    };
+    let duration =
+        |s: &str| humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?}: {e}"));
     text.split(',')
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
@@ -107,7 +106,10 @@ pub fn parse_schedule(text: &str) -> Result<Vec<ScheduledFault>, String> {
             let (fault, span) = rest.split_once('@').unwrap_or((rest, ""));
             let fault = fault.parse().map_err(bad)?;
             let (from, until) = match span.split_once('-') {
-                Some((from, until)) => (duration(from).map_err(bad)?, Some(duration(until).map_err(bad)?)),
+                Some((from, until)) => (
+                    duration(from).map_err(bad)?,
+                    Some(duration(until).map_err(bad)?),
+                ),
                 None if span.is_empty() => (Duration::ZERO, None),
                 None => (duration(span).map_err(bad)?, None),
             };
@@ -204,7 +206,8 @@ mod tests {
 
     #[test]
     fn schedules_parse_with_spans_and_errors_name_the_entry() {
-        let schedule = parse_schedule("1:xid79@30s-90s, 0:thermal@10s,2:ecc-uncorrectable").unwrap();
+        let schedule =
+            parse_schedule("1:xid79@30s-90s, 0:thermal@10s,2:ecc-uncorrectable").unwrap();
         assert_eq!(
             schedule,
             vec![
@@ -232,10 +235,25 @@ mod tests {
         assert!(!schedule[0].active_at(Duration::from_secs(29)));
         assert!(!schedule[0].active_at(Duration::from_secs(90)));
         let err = parse_schedule("0:melted").unwrap_err();
-        assert!(err.contains("\"0:melted\"") && err.contains("unknown fault"), "{err}");
-        assert!(parse_schedule("x:thermal").unwrap_err().contains("not a number"));
-        assert!(parse_schedule("0:thermal@9s-3s").unwrap_err().contains("heals before"));
-        assert!(parse_schedule("0thermal").unwrap_err().contains("GPU:FAULT"));
+        assert!(
+            err.contains("\"0:melted\"") && err.contains("unknown fault"),
+            "{err}"
+        );
+        assert!(
+            parse_schedule("x:thermal")
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert!(
+            parse_schedule("0:thermal@9s-3s")
+                .unwrap_err()
+                .contains("heals before")
+        );
+        assert!(
+            parse_schedule("0thermal")
+                .unwrap_err()
+                .contains("GPU:FAULT")
+        );
     }
 
     #[test]

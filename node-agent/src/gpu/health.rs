@@ -187,7 +187,10 @@ mod tests {
             };
             let (health, reasons) = judge(&lost, None);
             assert_eq!(health, pb::GpuHealth::Unhealthy, "xid {xid}");
-            assert!(reasons[0].starts_with(&format!("xid {xid} (")), "{reasons:?}");
+            assert!(
+                reasons[0].starts_with(&format!("xid {xid} (")),
+                "{reasons:?}"
+            );
         }
         let remap = pb::GpuStats {
             row_remap_failed: Some(true),
@@ -195,7 +198,10 @@ mod tests {
         };
         assert_eq!(
             judge(&remap, None),
-            (pb::GpuHealth::Unhealthy, vec!["row remap failed".to_owned()])
+            (
+                pb::GpuHealth::Unhealthy,
+                vec!["row remap failed".to_owned()]
+            )
         );
     }
 

@@ -65,16 +65,14 @@ impl XidWatcher {
     /// thread idle-free: it logs once and ends.
     pub fn start(nvml: Arc<Nvml>, count: u32, log: Arc<XidLog>) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new()
-            .name("nvml-xid".into())
-            .spawn({
-                let stop = stop.clone();
-                move || {
-                    if let Err(e) = watch(&nvml, count, &log, &stop) {
-                        tracing::warn!(error = %e, "not watching xid errors");
-                    }
+        let thread = std::thread::Builder::new().name("nvml-xid".into()).spawn({
+            let stop = stop.clone();
+            move || {
+                if let Err(e) = watch(&nvml, count, &log, &stop) {
+                    tracing::warn!(error = %e, "not watching xid errors");
                 }
-            })?;
+            }
+        })?;
         Ok(XidWatcher {
             stop,
             thread: Some(thread),
@@ -151,9 +149,18 @@ mod tests {
         log.record(0, 79, t0 + Duration::from_secs(6));
         log.record(1, 48, t0);
         let window = Duration::from_secs(60);
-        assert_eq!(log.recent(0, window, t0 + Duration::from_secs(10)), vec![13, 79]);
-        assert_eq!(log.recent(1, window, t0 + Duration::from_secs(10)), vec![48]);
+        assert_eq!(
+            log.recent(0, window, t0 + Duration::from_secs(10)),
+            vec![13, 79]
+        );
+        assert_eq!(
+            log.recent(1, window, t0 + Duration::from_secs(10)),
+            vec![48]
+        );
         // 13 aged out of the window; 79 has not.
-        assert_eq!(log.recent(0, window, t0 + Duration::from_secs(62)), vec![79]);
+        assert_eq!(
+            log.recent(0, window, t0 + Duration::from_secs(62)),
+            vec![79]
+        );
     }
 }

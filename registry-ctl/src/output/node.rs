@@ -225,7 +225,11 @@ fn gpus_section(node: &pb::Node, wide: bool) -> String {
     }
     // Why a GPU is not healthy, one line each under the table.
     let mut reasons = String::new();
-    for stats in node.gpu_stats.iter().filter(|s| !s.health_reasons.is_empty()) {
+    for stats in node
+        .gpu_stats
+        .iter()
+        .filter(|s| !s.health_reasons.is_empty())
+    {
         reasons.push_str(&format!(
             "  GPU {} {}: {}\n",
             stats.index,

@@ -1035,7 +1035,10 @@ fn a_pool_on_an_unhealthy_gpu_is_not_offered_and_not_ready_until_it_heals() {
     match fleet.index.find(&a100) {
         Err(PlacementError::NoCandidate { filter, reason }) => {
             assert_eq!(filter, Filter::GpuHealth);
-            assert!(reason.contains("none runs only on healthy GPUs (GPU 1 (GPU-sick)"), "{reason}");
+            assert!(
+                reason.contains("none runs only on healthy GPUs (GPU 1 (GPU-sick)"),
+                "{reason}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -1043,7 +1046,12 @@ fn a_pool_on_an_unhealthy_gpu_is_not_offered_and_not_ready_until_it_heals() {
     // DEGRADED is still offered.
     fleet.send(
         EventKind::Modified,
-        with_gpu1(&req, &beat, pb::GpuHealth::Degraded, &["thermal throttling"]),
+        with_gpu1(
+            &req,
+            &beat,
+            pb::GpuHealth::Degraded,
+            &["thermal throttling"],
+        ),
     );
     assert_eq!(
         fleet.ids(&all),

@@ -66,8 +66,16 @@ impl Stats {
     /// `before` tally to its `after` tally; only counts that changed are
     /// written, so a heartbeat repeating the same states touches no gauge.
     pub(super) fn shift_pools(&self, before: &PoolTally, after: &PoolTally) {
-        let pools = self.pools_by_state.iter().zip(&before.pools).zip(&after.pools);
-        let gpus = self.gpus_by_health.iter().zip(&before.gpus).zip(&after.gpus);
+        let pools = self
+            .pools_by_state
+            .iter()
+            .zip(&before.pools)
+            .zip(&after.pools);
+        let gpus = self
+            .gpus_by_health
+            .iter()
+            .zip(&before.gpus)
+            .zip(&after.gpus);
         for ((gauge, old), new) in pools.chain(gpus) {
             if old != new {
                 gauge.fetch_add(new - old, Ordering::Relaxed);

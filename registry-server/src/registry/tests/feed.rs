@@ -330,23 +330,36 @@ async fn a_change_of_gpu_health_is_an_event_and_raw_figures_are_not() {
     assert_eq!(recorder.kinds().len(), after_first + 1);
     let event = recorder.last();
     assert_eq!(event.kind, EventKind::Modified);
-    assert_eq!(event.node.gpu_stats[0].health, pb::GpuHealth::Unhealthy as i32);
+    assert_eq!(
+        event.node.gpu_stats[0].health,
+        pb::GpuHealth::Unhealthy as i32
+    );
     assert_eq!(event.node.gpu_stats[0].health_reasons, [xid]);
     assert_eq!(
-        (gauge(pb::GpuHealth::Healthy), gauge(pb::GpuHealth::Unhealthy)),
+        (
+            gauge(pb::GpuHealth::Healthy),
+            gauge(pb::GpuHealth::Unhealthy)
+        ),
         (0, 1)
     );
     // A beat without figures keeps the last ones and changes nothing.
     send(Vec::new());
     assert_eq!(recorder.kinds().len(), after_first + 1);
     // New reasons at the same health are a change too.
-    send(gpu(pb::GpuHealth::Unhealthy, &[xid, "thermal throttling"], 90));
+    send(gpu(
+        pb::GpuHealth::Unhealthy,
+        &[xid, "thermal throttling"],
+        90,
+    ));
     assert_eq!(recorder.kinds().len(), after_first + 2);
     // Healing is an event.
     send(gpu(pb::GpuHealth::Healthy, &[], 50));
     assert_eq!(recorder.kinds().len(), after_first + 3);
     assert_eq!(
-        (gauge(pb::GpuHealth::Healthy), gauge(pb::GpuHealth::Unhealthy)),
+        (
+            gauge(pb::GpuHealth::Healthy),
+            gauge(pb::GpuHealth::Unhealthy)
+        ),
         (1, 0)
     );
     // A removed node takes its GPUs out of the gauges.
