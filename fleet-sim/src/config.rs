@@ -66,6 +66,11 @@ pub struct FleetConfig {
     #[arg(long, default_value_t = 2)]
     pub pools: u32,
 
+    /// Fraction of nodes (0-1, spread evenly) whose GPU 0 reports UNHEALTHY
+    /// (XID 79) in every heartbeat, so placement skips the pools on it.
+    #[arg(long, default_value_t = 0.0)]
+    pub unhealthy_gpu_fraction: f64,
+
     /// Every heartbeat changes every pool's slots_free (a material change,
     /// so each beat is one change event per node in the registry's feed).
     /// Without it slots_free is random per beat and repeats now and then.
@@ -95,6 +100,7 @@ impl FleetConfig {
             id_prefix: "sim".into(),
             gpus: 8,
             pools: 2,
+            unhealthy_gpu_fraction: 0.0,
             churn: false,
             ack_timeout: Duration::from_secs(10),
         }
@@ -122,6 +128,12 @@ impl FleetConfig {
             return bad(format!(
                 "--silence-fraction {} is outside 0-1",
                 self.silence_fraction
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.unhealthy_gpu_fraction) {
+            return bad(format!(
+                "--unhealthy-gpu-fraction {} is outside 0-1",
+                self.unhealthy_gpu_fraction
             ));
         }
         if !self.ramp.is_finite() || self.ramp < 0.0 {
@@ -162,6 +174,13 @@ impl FleetConfig {
     /// connections): exactly floor(nodes * fraction) of them.
     pub fn is_silenced(&self, index: usize) -> bool {
         let f = self.silence_fraction;
+        ((index + 1) as f64 * f).floor() > (index as f64 * f).floor()
+    }
+
+    /// Whether node `index` has a sick GPU 0 (`--unhealthy-gpu-fraction`,
+    /// spread like the silenced nodes).
+    pub fn has_unhealthy_gpu(&self, index: usize) -> bool {
+        let f = self.unhealthy_gpu_fraction;
         ((index + 1) as f64 * f).floor() > (index as f64 * f).floor()
     }
 

@@ -20,6 +20,9 @@ pub struct NodeShape {
     pub pools: u32,
     /// Whether every heartbeat changes every pool's slots_free.
     pub churn: bool,
+    /// Whether GPU 0 reports UNHEALTHY (XID 79) in every heartbeat; the
+    /// others report HEALTHY.
+    pub unhealthy_gpu: bool,
 }
 
 const GIB: u64 = 1 << 30;
@@ -39,6 +42,7 @@ impl NodeShape {
                 compute_capability: "9.0".into(),
                 pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + g),
                 mig_enabled: false,
+                ..Default::default()
             })
             .collect();
         let pools = (0..self.pools)
@@ -108,12 +112,25 @@ impl NodeShape {
         let gpus = (0..self.gpus)
             .map(|g| {
                 let used = rng.u64(GPU_MEMORY / 2..GPU_MEMORY);
+                let sick = self.unhealthy_gpu && g == 0;
                 pb::GpuStats {
                     index: g,
                     memory_used_bytes: used,
                     memory_free_bytes: GPU_MEMORY - used,
                     utilization_percent: rng.u32(0..=100),
                     temperature_celsius: Some(rng.u32(35..85)),
+                    health: if sick {
+                        pb::GpuHealth::Unhealthy
+                    } else {
+                        pb::GpuHealth::Healthy
+                    } as i32,
+                    health_reasons: if sick {
+                        vec!["xid 79 (GPU has fallen off the bus)".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    xid_errors: if sick { vec![79] } else { Vec::new() },
+                    ..Default::default()
                 }
             })
             .collect();
@@ -177,7 +194,32 @@ mod tests {
             gpus,
             pools,
             churn: false,
+            unhealthy_gpu: false,
         }
+    }
+
+    #[test]
+    fn a_node_with_a_sick_gpu_reports_gpu_0_unhealthy_in_every_beat() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut node = shape(4, 2);
+        node.unhealthy_gpu = true;
+        for seq in 1..=3 {
+            let beat = node.heartbeat(1, "s", seq, seq == 1, &mut rng);
+            assert_eq!(beat.gpus[0].health(), pb::GpuHealth::Unhealthy);
+            assert_eq!(beat.gpus[0].xid_errors, [79]);
+            assert!(
+                beat.gpus[1..]
+                    .iter()
+                    .all(|g| g.health() == pb::GpuHealth::Healthy)
+            );
+            registry_proto::rules::gpu_stats(&beat.gpus).unwrap();
+        }
+        let mut config = crate::FleetConfig::new("http://127.0.0.1:1", 10);
+        config.unhealthy_gpu_fraction = 0.2;
+        config.check().unwrap();
+        assert_eq!((0..10).filter(|&i| config.has_unhealthy_gpu(i)).count(), 2);
+        config.unhealthy_gpu_fraction = 2.0;
+        assert!(config.check().is_err());
     }
 
     #[test]

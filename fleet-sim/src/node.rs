@@ -170,6 +170,7 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, channel: Channel) {
             gpus: config.gpus,
             pools: config.pools,
             churn: config.churn,
+            unhealthy_gpu: config.has_unhealthy_gpu(index),
         },
         silenced: config.is_silenced(index),
         client: NodeRegistryClient::new(channel),

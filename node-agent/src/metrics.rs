@@ -15,6 +15,9 @@
 //! | `node_agent_gpu_memory_free_bytes{gpu}` | gauge | |
 //! | `node_agent_gpu_utilization_percent{gpu}` | gauge | |
 //! | `node_agent_gpu_temperature_celsius{gpu}` | gauge | where the GPU reports it |
+//! | `node_agent_gpu_health{gpu}` | gauge | 0 unreported, 1 healthy, 2 degraded, 3 unhealthy (`GpuHealth`) |
+//! | `node_agent_gpu_power_draw_watts{gpu}` | gauge | where the GPU reports it |
+//! | `node_agent_gpu_xid_errors{gpu}` | gauge | distinct critical XIDs in the window |
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
@@ -52,6 +55,12 @@ pub const GPU_MEMORY_FREE: &str = "node_agent_gpu_memory_free_bytes";
 pub const GPU_UTILIZATION: &str = "node_agent_gpu_utilization_percent";
 /// GPU temperature, degrees Celsius.
 pub const GPU_TEMPERATURE: &str = "node_agent_gpu_temperature_celsius";
+/// GPU health as its `GpuHealth` number.
+pub const GPU_HEALTH: &str = "node_agent_gpu_health";
+/// GPU power draw, watts.
+pub const GPU_POWER: &str = "node_agent_gpu_power_draw_watts";
+/// Distinct critical XIDs of the GPU within the XID window.
+pub const GPU_XIDS: &str = "node_agent_gpu_xid_errors";
 
 /// Ack latency buckets: a millisecond to ten seconds.
 const ACK_BUCKETS: &[f64] = &[
@@ -136,6 +145,15 @@ fn describe() {
     describe_gauge!(GPU_MEMORY_FREE, Unit::Bytes, "GPU memory free.");
     describe_gauge!(GPU_UTILIZATION, "GPU utilisation, 0-100.");
     describe_gauge!(GPU_TEMPERATURE, "GPU core temperature in degrees Celsius.");
+    describe_gauge!(
+        GPU_HEALTH,
+        "GPU health: 0 unreported, 1 healthy, 2 degraded, 3 unhealthy."
+    );
+    describe_gauge!(GPU_POWER, "GPU power draw in watts.");
+    describe_gauge!(
+        GPU_XIDS,
+        "Distinct critical XID errors of the GPU within the XID window."
+    );
 }
 
 /// The bound metrics port.
@@ -248,8 +266,13 @@ pub fn gpu_stats(stats: &[pb::GpuStats]) {
         gauge!(GPU_MEMORY_FREE, "gpu" => index.clone()).set(gpu.memory_free_bytes as f64);
         gauge!(GPU_UTILIZATION, "gpu" => index.clone()).set(f64::from(gpu.utilization_percent));
         if let Some(celsius) = gpu.temperature_celsius {
-            gauge!(GPU_TEMPERATURE, "gpu" => index).set(f64::from(celsius));
+            gauge!(GPU_TEMPERATURE, "gpu" => index.clone()).set(f64::from(celsius));
         }
+        if let Some(milliwatts) = gpu.power_draw_milliwatts {
+            gauge!(GPU_POWER, "gpu" => index.clone()).set(f64::from(milliwatts) / 1000.0);
+        }
+        gauge!(GPU_XIDS, "gpu" => index.clone()).set(gpu.xid_errors.len() as f64);
+        gauge!(GPU_HEALTH, "gpu" => index).set(f64::from(gpu.health));
     }
 }
 

@@ -86,6 +86,12 @@ async fn binary_registers_and_deregisters_on_sigterm() {
             "bin-1",
             "--fake-gpus",
             "2",
+            // GPU 1 falls off the bus from the start: the flag reaches the
+            // registry through the binary's real configuration path.
+            "--fake-gpu-faults",
+            "1:xid79",
+            "--fake-mig",
+            "3g.40gb,3g.40gb",
             "--pool",
             "pool-0",
             "--heartbeat-interval",
@@ -111,8 +117,26 @@ async fn binary_registers_and_deregisters_on_sigterm() {
         }
     })
     .await;
-    assert_eq!(node.capabilities.unwrap().gpus.len(), 2);
+    let gpus = &node.capabilities.as_ref().unwrap().gpus;
+    assert_eq!(gpus.len(), 2);
+    assert_eq!(gpus[0].mig_instances.len(), 2);
+    assert_eq!(gpus[0].mig_instances[0].profile, "3g.40gb");
     assert_eq!(node.labels["rack"], "r7");
+    let node = eventually("bin-1 gpu 1 unhealthy", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            get_node(&mut client, "bin-1").await.matching(|n| {
+                n.gpu_stats.len() == 2
+                    && n.gpu_stats[1].health() == pb::GpuHealth::Unhealthy
+                    && n.gpu_stats[0].health() == pb::GpuHealth::Healthy
+            })
+        }
+    })
+    .await;
+    assert_eq!(
+        node.gpu_stats[1].health_reasons,
+        ["xid 79 (GPU has fallen off the bus)"]
+    );
 
     // The metrics URL advertised: the host of --address, the port bound.
     let port: u16 = node
@@ -143,6 +167,12 @@ async fn binary_registers_and_deregisters_on_sigterm() {
     assert!(sample(&text, "node_agent_heartbeat_ack_seconds_count").unwrap() >= 1.0);
     assert!(sample(&text, "node_agent_gpu_memory_used_bytes{gpu=\"1\"}").is_some());
     assert!(sample(&text, "node_agent_gpu_utilization_percent{gpu=\"0\"}").is_some());
+    assert_eq!(sample(&text, "node_agent_gpu_health{gpu=\"1\"}"), Some(3.0));
+    assert_eq!(sample(&text, "node_agent_gpu_health{gpu=\"0\"}"), Some(1.0));
+    assert_eq!(
+        sample(&text, "node_agent_gpu_xid_errors{gpu=\"1\"}"),
+        Some(1.0)
+    );
 
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -22,6 +22,12 @@ use crate::pb;
 pub const MAX_POOLS: usize = 64;
 /// Most GPUs a node may report, and most GPU indices one pool may name.
 pub const MAX_GPUS: usize = 64;
+/// Most MIG instances one GPU may list (an A100/H100 has at most 7).
+pub const MAX_MIG_INSTANCES: usize = 16;
+/// Most health reasons one GpuStats may carry.
+pub const MAX_HEALTH_REASONS: usize = 16;
+/// Most XID errors one GpuStats may carry.
+pub const MAX_XID_ERRORS: usize = 16;
 /// Most labels a node may carry.
 pub const MAX_LABELS: usize = 64;
 /// Longest free-text value in bytes (model, engine, GPU name, label value ...).
@@ -418,6 +424,15 @@ pub fn capabilities(caps: &pb::Capabilities) -> RuleResult {
         text(field("name"), &gpu.name)?;
         text(field("pci_bus_id"), &gpu.pci_bus_id)?;
         compute_capability(field("compute_capability"), &gpu.compute_capability)?;
+        at_most(
+            field("mig_instances"),
+            gpu.mig_instances.len(),
+            MAX_MIG_INSTANCES,
+        )?;
+        for mig in &gpu.mig_instances {
+            text(field("mig_instances.uuid"), &mig.uuid)?;
+            text(field("mig_instances.profile"), &mig.profile)?;
+        }
     }
     Ok(())
 }
@@ -495,6 +510,26 @@ pub fn gpu_stats(gpus: &[pb::GpuStats]) -> RuleResult {
                 format!("{} is above 100", gpu.utilization_percent),
             ));
         }
+        let field = |name| Field::Item {
+            list: "gpus",
+            index,
+            name,
+        };
+        if pb::GpuHealth::try_from(gpu.health).is_err() {
+            return Err(RuleError::new(
+                field("health"),
+                format!("{} is not a GpuHealth value", gpu.health),
+            ));
+        }
+        at_most(
+            field("health_reasons"),
+            gpu.health_reasons.len(),
+            MAX_HEALTH_REASONS,
+        )?;
+        for reason in &gpu.health_reasons {
+            text(field("health_reasons"), reason)?;
+        }
+        at_most(field("xid_errors"), gpu.xid_errors.len(), MAX_XID_ERRORS)?;
     }
     Ok(())
 }
@@ -792,5 +827,61 @@ mod tests {
         ] {
             assert!(!must_register_again(code), "{code:?}");
         }
+    }
+
+    #[test]
+    fn gpu_health_and_mig_slices_are_bounded_and_named() {
+        let healthy = pb::GpuStats {
+            health: pb::GpuHealth::Unhealthy as i32,
+            health_reasons: vec!["xid 79".into()],
+            xid_errors: vec![79],
+            ..Default::default()
+        };
+        gpu_stats(std::slice::from_ref(&healthy)).unwrap();
+        let field_of = |gpus: &[pb::GpuStats]| gpu_stats(gpus).unwrap_err().field;
+        let unknown = pb::GpuStats {
+            health: 9,
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[healthy.clone(), unknown]), "gpus[1].health");
+        let chatty = pb::GpuStats {
+            health_reasons: vec!["r".into(); MAX_HEALTH_REASONS + 1],
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[chatty]), "gpus[0].health_reasons");
+        let long = pb::GpuStats {
+            health_reasons: vec!["r".repeat(MAX_TEXT_LEN + 1)],
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[long]), "gpus[0].health_reasons");
+        let xids = pb::GpuStats {
+            xid_errors: vec![13; MAX_XID_ERRORS + 1],
+            ..Default::default()
+        };
+        assert_eq!(field_of(&[xids]), "gpus[0].xid_errors");
+
+        let caps = |mig: Vec<pb::MigInstance>| pb::Capabilities {
+            gpus: vec![pb::GpuInfo {
+                mig_enabled: true,
+                mig_instances: mig,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let slice = pb::MigInstance {
+            uuid: "MIG-1".into(),
+            profile: "1g.10gb".into(),
+            memory_total_bytes: 10 << 30,
+            index: 0,
+        };
+        capabilities(&caps(vec![slice.clone()])).unwrap();
+        let err = capabilities(&caps(vec![slice.clone(); MAX_MIG_INSTANCES + 1])).unwrap_err();
+        assert_eq!(err.field, "capabilities.gpus[0].mig_instances");
+        let bad_profile = pb::MigInstance {
+            profile: "p".repeat(MAX_TEXT_LEN + 1),
+            ..slice
+        };
+        let err = capabilities(&caps(vec![bad_profile])).unwrap_err();
+        assert_eq!(err.field, "capabilities.gpus[0].mig_instances.profile");
     }
 }

@@ -16,12 +16,15 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 use registry_proto::pb;
 use tokio_util::sync::CancellationToken;
 
-use crate::registry::{POOL_STATES, Registry};
+use crate::registry::{GPU_HEALTHS, POOL_STATES, Registry};
 
 /// Nodes by status (`status` = online | offline).
 pub const NODES: &str = "registry_nodes";
 /// Pools of ONLINE nodes by reported state (`state` = ready | ...).
 pub const POOLS: &str = "registry_pools";
+/// Gauge: GPUs of ONLINE nodes by reported health (`health` label:
+/// healthy, degraded, unhealthy, unspecified).
+pub const GPUS: &str = "registry_gpus";
 /// Register calls accepted.
 pub const REGISTRATIONS: &str = "registry_registrations_total";
 /// Deregister calls accepted.
@@ -132,6 +135,10 @@ pub fn describe() {
     crate::process::describe();
     describe_gauge!(NODES, "Nodes by status (online, offline).");
     describe_gauge!(POOLS, "Pools of ONLINE nodes by reported state.");
+    describe_gauge!(
+        GPUS,
+        "GPUs of ONLINE nodes by reported health (unspecified: the agent reports none)."
+    );
     describe_counter!(REGISTRATIONS, "Register calls accepted.");
     describe_counter!(DEREGISTRATIONS, "Deregister calls accepted.");
     describe_counter!(HEARTBEATS, "Heartbeat messages accepted.");
@@ -225,6 +232,17 @@ pub fn publish_once(registry: &Registry) {
             .to_ascii_lowercase();
         gauge!(POOLS, "state" => label)
             .set(stats.pools_by_state[index].load(Ordering::Relaxed) as f64);
+    }
+    for index in 0..GPU_HEALTHS {
+        let Ok(health) = pb::GpuHealth::try_from(index as i32) else {
+            continue;
+        };
+        let label = health
+            .as_str_name()
+            .trim_start_matches("GPU_HEALTH_")
+            .to_ascii_lowercase();
+        gauge!(GPUS, "health" => label)
+            .set(stats.gpus_by_health[index].load(Ordering::Relaxed) as f64);
     }
     let total = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     counter!(REGISTRATIONS).absolute(total(&stats.registrations));

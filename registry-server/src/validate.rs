@@ -207,6 +207,7 @@ mod tests {
                     compute_capability: "9.0".into(),
                     pci_bus_id: String::new(),
                     mig_enabled: false,
+                    ..Default::default()
                 }],
                 cpu_cores: 64,
                 ram_total_bytes: 512 << 30,

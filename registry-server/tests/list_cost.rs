@@ -43,6 +43,7 @@ fn registration(i: usize) -> Registration {
                     compute_capability: "9.0".into(),
                     pci_bus_id: format!("00000000:{g:02x}:00.0"),
                     mig_enabled: false,
+                    ..Default::default()
                 })
                 .collect(),
             cpu_cores: 96,
@@ -100,6 +101,7 @@ async fn listing_costs_a_few_microseconds_per_node() {
                     memory_free_bytes: 20 << 30,
                     utilization_percent: 80,
                     temperature_celsius: Some(60),
+                    ..Default::default()
                 })
                 .collect(),
         };

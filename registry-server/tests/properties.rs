@@ -310,6 +310,7 @@ fn valid_gpu_info(index: u32) -> BoxedStrategy<pb::GpuInfo> {
                     compute_capability,
                     pci_bus_id,
                     mig_enabled,
+                    ..Default::default()
                 }
             },
         )
@@ -431,6 +432,7 @@ fn valid_gpu_stats() -> BoxedStrategy<pb::GpuStats> {
                     memory_free_bytes,
                     utilization_percent,
                     temperature_celsius: temperature,
+                    ..Default::default()
                 }
             },
         )
@@ -1103,6 +1105,7 @@ fn arbitrary_gpu_info() -> impl Strategy<Value = pb::GpuInfo> {
             compute_capability,
             pci_bus_id: String::new(),
             mig_enabled: false,
+            ..Default::default()
         })
 }
 

@@ -29,6 +29,7 @@ pub fn register_request(node_id: &str) -> pb::RegisterRequest {
                 compute_capability: "9.0".into(),
                 pci_bus_id: String::new(),
                 mig_enabled: false,
+                ..Default::default()
             }],
             cpu_cores: 32,
             ram_total_bytes: 256 << 30,
@@ -112,6 +113,7 @@ pub fn beat_in(
             memory_free_bytes: 10 << 30,
             utilization_percent: 87,
             temperature_celsius: Some(61),
+            ..Default::default()
         }],
         sequence,
     }

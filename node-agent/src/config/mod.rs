@@ -56,14 +56,34 @@ const MODELS_AVAILABLE: &str =
 const METRICS_ADDRESS: &str =
     "metrics address (--metrics-address, NODE_AGENT_METRICS_ADDRESS, metrics_address)";
 const FAKE_GPUS: &str = "fake gpus (--fake-gpus, NODE_AGENT_FAKE_GPUS, fake_gpus)";
+const FAKE_GPU_FAULTS: &str =
+    "fake gpu faults (--fake-gpu-faults, NODE_AGENT_FAKE_GPU_FAULTS, fake_gpu_faults)";
 
 /// Where GPU information comes from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuConfig {
     /// Report this many fake GPUs instead of asking NVML.
     pub fake: Option<u32>,
     /// Refuse to run without GPUs (NVML missing or no device).
     pub require: bool,
+    /// Faults the fake GPUs show, on a schedule (tests, fleet-sim).
+    pub fake_faults: Vec<crate::gpu::faults::ScheduledFault>,
+    /// MIG slices every fake GPU has ("1g.10gb"); empty: MIG off.
+    pub fake_mig: Vec<String>,
+    /// How long a critical XID counts in a GPU's health.
+    pub xid_window: Duration,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            fake: None,
+            require: false,
+            fake_faults: Vec::new(),
+            fake_mig: Vec::new(),
+            xid_window: crate::gpu::DEFAULT_XID_WINDOW,
+        }
+    }
 }
 
 /// Reconnect backoff bounds.
@@ -238,6 +258,20 @@ impl AgentConfig {
         config.gpus = GpuConfig {
             fake: set.fake_gpus,
             require: set.require_gpus.unwrap_or(false),
+            fake_faults: match &set.fake_gpu_faults {
+                Some(text) => crate::gpu::faults::parse_schedule(text)
+                    .map_err(|e| ConfigError::invalid(FAKE_GPU_FAULTS, text, &e))?,
+                None => Vec::new(),
+            },
+            fake_mig: set
+                .fake_mig
+                .iter()
+                .flat_map(|s| s.split(','))
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            xid_window: set.xid_window.unwrap_or(crate::gpu::DEFAULT_XID_WINDOW),
         };
         config.handoff_dir = set.handoff_dir;
         let or = |value: Option<Duration>, default: Duration| value.unwrap_or(default);

@@ -48,6 +48,22 @@ pub struct Settings {
     #[arg(long, env = "NODE_AGENT_FAKE_GPUS", value_name = "N")]
     pub fake_gpus: Option<u32>,
 
+    /// Faults the fake GPUs show, as GPU:FAULT[@FROM[-UNTIL]],... (e.g.
+    /// "1:xid79@30s-90s,0:thermal"); see docs/node-agent.md.
+    #[arg(long, env = "NODE_AGENT_FAKE_GPU_FAULTS", value_name = "SCHEDULE")]
+    pub fake_gpu_faults: Option<String>,
+
+    /// MIG slices every fake GPU has, comma-separated profile names (e.g.
+    /// "3g.40gb,3g.40gb"); unset: MIG off.
+    #[arg(long, env = "NODE_AGENT_FAKE_MIG", value_name = "PROFILES")]
+    pub fake_mig: Option<String>,
+
+    /// How long a critical XID error keeps counting in a GPU's health
+    /// [default: 10m].
+    #[arg(long, env = "NODE_AGENT_XID_WINDOW", value_name = "DURATION", value_parser = parse_duration)]
+    #[serde(default, deserialize_with = "de_duration")]
+    pub xid_window: Option<Duration>,
+
     /// Exit with an error when NVML is unavailable or finds no GPU.
     // A flag that also takes an explicit value, so the file's
     // `require_gpus = false` and an unset flag can be told apart.
@@ -189,6 +205,9 @@ impl Settings {
             machine_id: self.machine_id.or(lower.machine_id),
             address: self.address.or(lower.address),
             fake_gpus: self.fake_gpus.or(lower.fake_gpus),
+            fake_gpu_faults: self.fake_gpu_faults.or(lower.fake_gpu_faults),
+            fake_mig: self.fake_mig.or(lower.fake_mig),
+            xid_window: self.xid_window.or(lower.xid_window),
             require_gpus: self.require_gpus.or(lower.require_gpus),
             handoff_dir: self.handoff_dir.or(lower.handoff_dir),
             handoff_poll_interval: self.handoff_poll_interval.or(lower.handoff_poll_interval),

@@ -269,6 +269,19 @@ impl Agent {
         }
     }
 
+    /// [`Agent::start`] with `gpus` instead of the source `config.gpus`
+    /// names, e.g. a fake source whose faults the test injects.
+    pub fn start_with_gpus(config: AgentConfig, gpus: Arc<dyn node_agent::GpuSource>) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(node_agent::run_with_gpu_source(config, gpus, async {
+            let _ = stopped.await;
+        }));
+        Agent {
+            stop: Some(stop),
+            task,
+        }
+    }
+
     /// Signals shutdown and returns the agent's result once it has exited.
     pub async fn stop(mut self) -> Result<(), node_agent::AgentError> {
         let _ = self.stop.take().unwrap().send(());

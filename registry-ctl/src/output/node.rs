@@ -192,7 +192,9 @@ fn gpus_section(node: &pb::Node, wide: bool) -> String {
     if gpus.is_empty() {
         return "GPUs: none\n".to_owned();
     }
-    let mut header = vec!["GPU", "NAME", "MEMORY", "USED", "UTIL", "TEMP", "CC", "MIG"];
+    let mut header = vec![
+        "GPU", "NAME", "MEMORY", "USED", "UTIL", "TEMP", "CC", "MIG", "HEALTH",
+    ];
     if wide {
         header.extend(["UUID", "PCI BUS"]);
     }
@@ -209,14 +211,44 @@ fn gpus_section(node: &pb::Node, wide: bool) -> String {
                 .and_then(|s| s.temperature_celsius)
                 .map_or("-".to_owned(), |t| format!("{t}C")),
             or_dash(gpu.compute_capability.clone()),
-            if gpu.mig_enabled { "on" } else { "off" }.to_owned(),
+            match (gpu.mig_enabled, gpu.mig_instances.len()) {
+                (false, _) => "off".to_owned(),
+                (true, 0) => "on".to_owned(),
+                (true, n) => format!("on ({n})"),
+            },
+            stats.map_or("-".to_owned(), |s| gpu_health_word(s.health())),
         ];
         if wide {
             row.extend([or_dash(gpu.uuid.clone()), or_dash(gpu.pci_bus_id.clone())]);
         }
         table.row(row);
     }
-    format!("GPUs:\n{}", table.render())
+    // Why a GPU is not healthy, one line each under the table.
+    let mut reasons = String::new();
+    for stats in node
+        .gpu_stats
+        .iter()
+        .filter(|s| !s.health_reasons.is_empty())
+    {
+        reasons.push_str(&format!(
+            "  GPU {} {}: {}\n",
+            stats.index,
+            gpu_health_word(stats.health()),
+            stats.health_reasons.join("; ")
+        ));
+    }
+    format!("GPUs:\n{}{reasons}", table.render())
+}
+
+/// A GPU health as a lower-case word ("unhealthy"); "-" when unreported.
+pub(crate) fn gpu_health_word(health: pb::GpuHealth) -> String {
+    match health {
+        pb::GpuHealth::Unspecified => "-".to_owned(),
+        other => other
+            .as_str_name()
+            .trim_start_matches("GPU_HEALTH_")
+            .to_ascii_lowercase(),
+    }
 }
 
 /// The node's GPU count.
@@ -335,6 +367,7 @@ pub(crate) mod tests {
                         compute_capability: "9.0".into(),
                         pci_bus_id: "00000000:17:00.0".into(),
                         mig_enabled: false,
+                        ..Default::default()
                     },
                     pb::GpuInfo {
                         index: 1,
@@ -344,6 +377,7 @@ pub(crate) mod tests {
                         compute_capability: "9.0".into(),
                         pci_bus_id: "00000000:18:00.0".into(),
                         mig_enabled: true,
+                        ..Default::default()
                     },
                 ],
                 cpu_cores: 64,
@@ -374,6 +408,9 @@ pub(crate) mod tests {
                 memory_free_bytes: 10 << 30,
                 utilization_percent: 87,
                 temperature_celsius: Some(41),
+                health: pb::GpuHealth::Degraded as i32,
+                health_reasons: vec!["thermal throttling".into()],
+                ..Default::default()
             }],
             session_id: u64::MAX,
             status_changed_at: timestamp("2026-11-23T11:55:00Z"),
@@ -439,9 +476,10 @@ pub(crate) mod tests {
                 "  POOL    STATE  SLOTS FREE  VRAM FREE  ENGINE  MODEL         GPUS\n",
                 "  pool-0  ready  3/4         10.0 GiB   vllm    llama-3.1-8b  0,1\n",
                 "GPUs:\n",
-                "  GPU  NAME                   MEMORY    USED      UTIL  TEMP  CC   MIG\n",
-                "  0    NVIDIA H100 80GB HBM3  80.0 GiB  70.0 GiB  87%   41C   9.0  off\n",
-                "  1    NVIDIA H100 80GB HBM3  80.0 GiB  -         -     -     9.0  on\n",
+                "  GPU  NAME                   MEMORY    USED      UTIL  TEMP  CC   MIG  HEALTH\n",
+                "  0    NVIDIA H100 80GB HBM3  80.0 GiB  70.0 GiB  87%   41C   9.0  off  degraded\n",
+                "  1    NVIDIA H100 80GB HBM3  80.0 GiB  -         -     -     9.0  on   -\n",
+                "  GPU 0 degraded: thermal throttling\n",
             )
         );
     }

@@ -15,7 +15,8 @@
 //! excluded; it runs the asked engine; its node carries the asked labels;
 //! its GPUs match the asked name and minimum compute capability; its node
 //! is ONLINE, not `suspect` (the registry holds it ONLINE only because it
-//! doubts its own view, see `registry/guard.rs`) and [`schedulable`]; its status has been reported (a node
+//! doubts its own view, see `registry/guard.rs`) and [`schedulable`]; none
+//! of its GPUs is UNHEALTHY ([`unhealthy_gpu`]); its status has been reported (a node
 //! registered but not yet heartbeating is never offered); it is READY; it
 //! has `min_slots_free` free slots (default 1) and `min_vram_free_bytes`.
 //! Static filters come first so that the reason names what the caller
@@ -233,6 +234,7 @@ impl Inner {
             let is_ready = node.status == pb::NodeStatus::Online as i32
                 && !node.suspect
                 && schedulable(node)
+                && unhealthy_gpu(node, &pool.gpu_indices).is_none()
                 && pool.state == Some(pb::PoolState::Ready);
             serving.insert(node.node_id.as_str());
             total = total.saturating_add(pool.slots_total);
@@ -345,6 +347,8 @@ impl PlacementIndex {
         let mut failed_at: HashMap<Filter, usize> = HashMap::new();
         // Why the (pinned) node is suspect, should that empty the set.
         let mut suspect_reason = None;
+        // The first UNHEALTHY GPU met, named should that empty the set.
+        let mut sick_gpu = None;
         for pool in pools.into_iter().flat_map(|p| p.values()) {
             if query
                 .node_id
@@ -358,6 +362,10 @@ impl PlacementIndex {
                 Some(filter) => {
                     if filter == Filter::Suspect {
                         suspect_reason.get_or_insert(pool.node.suspect_reason.as_str());
+                    }
+                    if filter == Filter::GpuHealth && sick_gpu.is_none() {
+                        sick_gpu = unhealthy_gpu(&pool.node, &pool.gpu_indices)
+                            .map(|gpu| unhealthy_gpu_reason(&pool.node, gpu));
                     }
                     emptied_by = emptied_by.max(filter);
                     *failed_at.entry(filter).or_default() += 1;
@@ -387,6 +395,7 @@ impl PlacementIndex {
                 serving,
                 reached,
                 suspect_reason,
+                sick_gpu,
             ));
         }
         let rank = |a: &&Arc<PoolEntry>, b: &&Arc<PoolEntry>| -> Ordering { rank(a, b) };
@@ -458,16 +467,18 @@ fn rank(a: &PoolEntry, b: &PoolEntry) -> Ordering {
 /// The error for an empty set: `filter` emptied it; `serving` pools of the
 /// model were in it (on the pinned node only, when one is pinned), and
 /// `reached` of them passed every filter before `filter`; a pinned suspect
-/// node is named with `suspect_reason`.
+/// node is named with `suspect_reason`, and an UNHEALTHY GPU that emptied
+/// the set with `sick_gpu` (its words, see [`unhealthy_gpu_reason`]).
 fn no_candidate(
     query: &PlacementQuery,
     filter: Filter,
     serving: usize,
     reached: usize,
     suspect_reason: Option<&str>,
+    sick_gpu: Option<String>,
 ) -> PlacementError {
     let model = &query.model;
-    let lack = if reached < serving {
+    let mut lack = if reached < serving {
         format!(
             "{reached} match{} the earlier filters but {}",
             if reached == 1 { "es" } else { "" },
@@ -476,6 +487,9 @@ fn no_candidate(
     } else {
         query.lack(filter)
     };
+    if let Some(sick) = sick_gpu.filter(|_| filter == Filter::GpuHealth) {
+        lack = format!("{lack} ({sick})");
+    }
     if let Some(pin) = &query.node_id {
         let reason = match filter {
             Filter::Model | Filter::PinnedNode => {

@@ -54,6 +54,36 @@ pub fn unschedulable_reason(node: &pb::Node) -> Option<String> {
     })
 }
 
+/// The first UNHEALTHY GPU among those a pool uses (its `gpu_indices`, or
+/// every GPU of the node when it names none), by the node's latest health
+/// (`gpu_stats` of the view, published on every change of health); `None`
+/// when all are usable. DEGRADED and unreported (UNSPECIFIED) GPUs are
+/// usable. The one place placement reads GPU health; the
+/// [`Filter::GpuHealth`] reason fires for such a pool.
+pub fn unhealthy_gpu<'n>(node: &'n pb::Node, indices: &[u32]) -> Option<&'n pb::GpuStats> {
+    node.gpu_stats.iter().find(|g| {
+        g.health == pb::GpuHealth::Unhealthy as i32
+            && (indices.is_empty() || indices.contains(&g.index))
+    })
+}
+
+/// An UNHEALTHY GPU in words, naming it by index, UUID and node, with its
+/// reasons: "GPU 1 (GPU-8f6c...) of node gpu-7 is UNHEALTHY: xid 79 (...)".
+pub fn unhealthy_gpu_reason(node: &pb::Node, gpu: &pb::GpuStats) -> String {
+    let uuid = node
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.gpus.iter().find(|g| g.index == gpu.index))
+        .map(|g| format!(" ({})", g.uuid))
+        .unwrap_or_default();
+    format!(
+        "GPU {}{uuid} of node {} is UNHEALTHY: {}",
+        gpu.index,
+        node.node_id,
+        gpu.health_reasons.join("; ")
+    )
+}
+
 /// The filters in the order they narrow the set; the first that leaves no
 /// pool is named in the NOT_FOUND (or, for a pinned node,
 /// FAILED_PRECONDITION) answer.
@@ -81,6 +111,9 @@ pub enum Filter {
     Suspect,
     /// None is on a node that takes new work (see [`schedulable`]).
     Schedulable,
+    /// None runs only on GPUs that are not UNHEALTHY (see
+    /// [`unhealthy_gpu`]).
+    GpuHealth,
     /// None has reported its status yet (no heartbeat since registration).
     Reported,
     /// None is READY.
@@ -238,6 +271,9 @@ impl PlacementQuery {
         if !schedulable(node) {
             return Some(Filter::Schedulable);
         }
+        if unhealthy_gpu(node, &pool.gpu_indices).is_some() {
+            return Some(Filter::GpuHealth);
+        }
         let Some(state) = pool.state else {
             return Some(Filter::Reported);
         };
@@ -287,6 +323,7 @@ impl PlacementQuery {
                 "none is on a node the registry trusts (the rest are suspect)".into()
             }
             Filter::Schedulable => "none is on a node that takes new work".into(),
+            Filter::GpuHealth => "none runs only on healthy GPUs".into(),
             Filter::Reported => {
                 "none has reported its status yet (no heartbeat since registration)".into()
             }

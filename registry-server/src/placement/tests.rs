@@ -933,3 +933,134 @@ fn a_suspect_node_is_never_offered_and_its_pools_are_not_ready() {
     fleet.send(EventKind::Modified, Arc::new(suspect));
     assert_eq!(fleet.ids(&all), ids(&[("n2", "p0")]));
 }
+
+/// The view of `req` ONLINE with `beat`, its GPU 1 at `health` for
+/// `reasons` and GPU 0 HEALTHY.
+fn with_gpu1(
+    req: &pb::RegisterRequest,
+    beat: &[pb::PoolStatus],
+    health: pb::GpuHealth,
+    reasons: &[&str],
+) -> Arc<pb::Node> {
+    let mut node = pb::Node::clone(&view(req, Some(beat), pb::NodeStatus::Online));
+    node.capabilities.as_mut().unwrap().gpus[1].uuid = "GPU-sick".into();
+    node.gpu_stats = vec![
+        pb::GpuStats {
+            index: 0,
+            health: pb::GpuHealth::Healthy as i32,
+            ..Default::default()
+        },
+        pb::GpuStats {
+            index: 1,
+            health: health as i32,
+            health_reasons: reasons.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
+        },
+    ];
+    Arc::new(node)
+}
+
+#[test]
+fn a_pool_on_an_unhealthy_gpu_is_not_offered_and_not_ready_until_it_heals() {
+    let mut fleet = Fleet::new();
+    let beat = [
+        status("on-h100", "m", Ready, 2, 10 * GIB),
+        status("on-a100", "m", Ready, 2, 20 * GIB),
+        status("on-all", "m", Ready, 2, 30 * GIB),
+    ];
+    let req = register(
+        "n1",
+        "a",
+        vec![
+            spec("on-h100", "m", "vllm", &[0]),
+            spec("on-a100", "m", "vllm", &[1]),
+            // No gpu_indices: every GPU of the node, the sick one too.
+            spec("on-all", "m", "vllm", &[]),
+        ],
+    );
+    let xid = "xid 79 (GPU has fallen off the bus)";
+    fleet.send(
+        EventKind::Added,
+        with_gpu1(&req, &beat, pb::GpuHealth::Unhealthy, &[xid]),
+    );
+    let all = with_limit(query("m"), 10);
+    assert_eq!(fleet.ids(&all), ids(&[("n1", "on-h100")]));
+    let models = fleet.index.models();
+    let ready: Vec<(&str, bool)> = models[0]
+        .pools
+        .iter()
+        .map(|p| (p.pool_id.as_str(), p.ready))
+        .collect();
+    assert_eq!(
+        ready,
+        [("on-a100", false), ("on-all", false), ("on-h100", true)]
+    );
+
+    // Pinned to the node, asking for more than the healthy pool has: the
+    // answer names the GPU (FAILED_PRECONDITION).
+    let pinned = PlacementQuery {
+        node_id: Some("n1".into()),
+        min_vram_free_bytes: 15 * GIB,
+        ..query("m")
+    };
+    match fleet.index.find(&pinned) {
+        Err(PlacementError::NodeUnavailable { filter, .. }) => {
+            assert_eq!(filter, Filter::VramFree, "the healthy pool got further");
+        }
+        other => panic!("{other:?}"),
+    }
+    let pinned_a100 = PlacementQuery {
+        node_id: Some("n1".into()),
+        gpu_name: Some("a100".into()),
+        ..query("m")
+    };
+    match fleet.index.find(&pinned_a100) {
+        Err(PlacementError::NodeUnavailable { filter, reason, .. }) => {
+            assert_eq!(filter, Filter::GpuHealth);
+            assert_eq!(
+                reason,
+                format!(
+                    "node n1 has 3 pools of model m; 1 matches the earlier filters but none runs \
+                     only on healthy GPUs (GPU 1 (GPU-sick) of node n1 is UNHEALTHY: {xid})"
+                )
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Unpinned, when it empties the set, the reason says so too.
+    let a100 = PlacementQuery {
+        gpu_name: Some("a100".into()),
+        ..query("m")
+    };
+    match fleet.index.find(&a100) {
+        Err(PlacementError::NoCandidate { filter, reason }) => {
+            assert_eq!(filter, Filter::GpuHealth);
+            assert!(
+                reason.contains("none runs only on healthy GPUs (GPU 1 (GPU-sick)"),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // DEGRADED is still offered.
+    fleet.send(
+        EventKind::Modified,
+        with_gpu1(
+            &req,
+            &beat,
+            pb::GpuHealth::Degraded,
+            &["thermal throttling"],
+        ),
+    );
+    assert_eq!(
+        fleet.ids(&all),
+        ids(&[("n1", "on-all"), ("n1", "on-a100"), ("n1", "on-h100")])
+    );
+    // Healed: all back.
+    fleet.send(
+        EventKind::Modified,
+        with_gpu1(&req, &beat, pb::GpuHealth::Healthy, &[]),
+    );
+    assert_eq!(fleet.index.models()[0].pools_ready, 3);
+}

@@ -42,7 +42,9 @@
 //!   (MODIFIED: a node held by the guard or given a grace, and its next
 //!   heartbeat), and a heartbeat whose pool status
 //!   differs materially from the published one (see
-//!   `NodeState::pools_changed`). A heartbeat that only renews liveness
+//!   `NodeState::pools_changed`) or whose GPU figures change a GPU's
+//!   health or health reasons (`NodeState::gpu_health_changed`; the raw
+//!   figures are liveness-only). A heartbeat that only renews liveness
 //!   publishes nothing: no map write lock, no view built, no feed lock.
 //! - GetNode and ListNodes clone the stored view and patch the
 //!   liveness-only fields (last_heartbeat_at, agent_time, GPU figures);
@@ -79,7 +81,7 @@ pub use input::{Beat, Now, Registration};
 pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
 pub use read::Page;
 pub use sessions::secrets_equal;
-pub use stats::{Counts, POOL_STATES, Stats};
+pub use stats::{Counts, GPU_HEALTHS, POOL_STATES, Stats};
 
 use node::NodeState;
 use sessions::{SessionIds, check_secret, check_session, check_stream, new_secret, not_found};
@@ -696,6 +698,7 @@ impl Registry {
         let back_after_restart = st.restart_grace_until.take().is_some();
         let before = st.pool_tally();
         let pools_changed = st.pools_changed(&beat.pools);
+        let health_changed = st.gpu_health_changed(&beat.gpus);
         st.last_seen = now;
         st.last_heartbeat_at = wall;
         st.agent_time = Some(beat.sent_at);
@@ -713,7 +716,13 @@ impl Registry {
         // A suspect node heard from again is trusted again; a held one
         // stays ONLINE (its entry at the protection's end re-checks it).
         let trusted_again = self.clear_suspect(&mut st);
-        if came_online || pools_changed || admin_changed || trusted_again || back_after_restart {
+        if came_online
+            || pools_changed
+            || health_changed
+            || admin_changed
+            || trusted_again
+            || back_after_restart
+        {
             self.publish(&mut st, EventKind::Modified);
         }
         self.shared.stats.shift_pools(&before, &st.pool_tally());

@@ -9,7 +9,7 @@ use registry_proto::pb;
 use tokio::time::Instant;
 
 use super::Registration;
-use super::stats::{POOL_STATES, PoolTally};
+use super::stats::PoolTally;
 use crate::schedule::Key;
 
 /// How far a pool's free VRAM may move from the published figure before a
@@ -266,17 +266,26 @@ impl NodeState {
         }
     }
 
-    /// How this node's pools count in the pools-by-state gauge: by state,
-    /// and only while the node is ONLINE and listed.
+    /// How this node counts in the pools-by-state and GPUs-by-health
+    /// gauges: by state and health, and only while the node is ONLINE and
+    /// listed. O(pools + GPUs), no allocation.
     pub(super) fn pool_tally(&self) -> PoolTally {
-        let mut tally = [0; POOL_STATES];
+        let mut tally = PoolTally::default();
         if self.liveness != Liveness::Online || self.removed {
             return tally;
         }
         for pool in &self.pool_status {
             if let Some(n) = usize::try_from(pool.state)
                 .ok()
-                .and_then(|i| tally.get_mut(i))
+                .and_then(|i| tally.pools.get_mut(i))
+            {
+                *n += 1;
+            }
+        }
+        for gpu in &self.gpu_stats {
+            if let Some(n) = usize::try_from(gpu.health)
+                .ok()
+                .and_then(|i| tally.gpus.get_mut(i))
             {
                 *n += 1;
             }
@@ -324,6 +333,25 @@ impl NodeState {
                 || old.endpoint != new.endpoint
                 || old.vram_free_bytes.abs_diff(new.vram_free_bytes) > VRAM_STEP
         })
+    }
+
+    /// Whether a heartbeat's GPU figures change a GPU's health or health
+    /// reasons from the published ones, the part of the figures a reader
+    /// must be told about (placement skips UNHEALTHY GPUs). The raw
+    /// figures (memory, temperature, power, ECC counts...) move on every
+    /// beat and are patched in as liveness-only fields instead. Empty
+    /// `gpus` (a beat without figures) changes nothing.
+    pub(super) fn gpu_health_changed(&self, gpus: &[pb::GpuStats]) -> bool {
+        if gpus.is_empty() {
+            return false;
+        }
+        let published = &self.view.gpu_stats;
+        published.len() != gpus.len()
+            || published.iter().zip(gpus).any(|(old, new)| {
+                old.index != new.index
+                    || old.health != new.health
+                    || old.health_reasons != new.health_reasons
+            })
     }
 
     /// The node as the contract describes it, built afresh; only the

@@ -8,9 +8,21 @@ use super::Liveness;
 
 /// Number of `PoolState` values (UNSPECIFIED included, never counted).
 pub const POOL_STATES: usize = 6;
+/// Number of `GpuHealth` values (UNSPECIFIED included: GPUs whose agent
+/// reports no health).
+pub const GPU_HEALTHS: usize = 4;
 
-/// A node's pools by state, indexed by `PoolState as i32`.
-pub(super) type PoolTally = [i64; POOL_STATES];
+/// What one node adds to the fleet gauges: its pools by state and its GPUs
+/// by health. Taken before and after a change and shifted by the
+/// difference, so the gauges never need a scan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct PoolTally {
+    /// Pools by state, indexed by `PoolState as i32`.
+    pub(super) pools: [i64; POOL_STATES],
+    /// GPUs (those in the latest GPU figures) by health, indexed by
+    /// `GpuHealth as i32`.
+    pub(super) gpus: [i64; GPU_HEALTHS],
+}
 
 /// How many nodes are in each state, for metrics and logs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,6 +52,9 @@ pub struct Stats {
     pub open_streams: AtomicI64,
     /// Pools of ONLINE nodes by reported state, indexed by `PoolState as i32`.
     pub pools_by_state: [AtomicI64; POOL_STATES],
+    /// GPUs of ONLINE nodes by reported health, indexed by
+    /// `GpuHealth as i32`; kept with the pools on the same transitions.
+    pub gpus_by_health: [AtomicI64; GPU_HEALTHS],
     /// Listed nodes that are cordoned, kept on every admin change.
     pub cordoned_nodes: AtomicI64,
     /// Listed nodes with a drain requested (drained or not).
@@ -47,11 +62,21 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Moves the pools-by-state gauges from a node's `before` tally to its
-    /// `after` tally; only states whose count changed are written, so a
-    /// heartbeat repeating the same states touches no gauge.
+    /// Moves the pools-by-state and GPUs-by-health gauges from a node's
+    /// `before` tally to its `after` tally; only counts that changed are
+    /// written, so a heartbeat repeating the same states touches no gauge.
     pub(super) fn shift_pools(&self, before: &PoolTally, after: &PoolTally) {
-        for ((gauge, old), new) in self.pools_by_state.iter().zip(before).zip(after) {
+        let pools = self
+            .pools_by_state
+            .iter()
+            .zip(&before.pools)
+            .zip(&after.pools);
+        let gpus = self
+            .gpus_by_health
+            .iter()
+            .zip(&before.gpus)
+            .zip(&after.gpus);
+        for ((gauge, old), new) in pools.chain(gpus) {
             if old != new {
                 gauge.fetch_add(new - old, Ordering::Relaxed);
             }

@@ -485,6 +485,39 @@ fn require_gpus_is_a_flag_that_also_takes_a_value() {
 }
 
 #[test]
+fn fake_gpu_faults_mig_and_the_xid_window_come_from_flags_and_file() {
+    use crate::gpu::faults::Fault;
+    let file = FileConfig::parse(
+        "fake_gpus = 2\nfake_gpu_faults = \"0:thermal@10s\"\nxid_window = \"2m\"\n",
+        Path::new("t"),
+    )
+    .unwrap();
+    let config = AgentConfig::resolve(
+        cli(&["--node-id", "n1", "--fake-mig", "3g.40gb, 3g.40gb"]),
+        file.clone(),
+    )
+    .unwrap();
+    assert_eq!(config.gpus.fake_faults.len(), 1);
+    assert_eq!(config.gpus.fake_faults[0].fault, Fault::Thermal);
+    assert_eq!(config.gpus.fake_faults[0].from, Duration::from_secs(10));
+    assert_eq!(config.gpus.fake_mig, ["3g.40gb", "3g.40gb"]);
+    assert_eq!(config.gpus.xid_window, Duration::from_secs(120));
+    // The flag beats the file; a bad schedule is refused naming the setting.
+    let flag = cli(&["--node-id", "n1", "--fake-gpu-faults", "1:xid79@1s-2s"]);
+    let config = AgentConfig::resolve(flag, file.clone()).unwrap();
+    assert_eq!(config.gpus.fake_faults[0].fault, Fault::Xid(79));
+    let bad = cli(&["--node-id", "n1", "--fake-gpu-faults", "1:melted"]);
+    let err = AgentConfig::resolve(bad, file).unwrap_err().to_string();
+    assert!(
+        err.contains("--fake-gpu-faults") && err.contains("melted"),
+        "{err}"
+    );
+    let defaults = AgentConfig::resolve(cli(&["--node-id", "n1"]), FileConfig::default()).unwrap();
+    assert_eq!(defaults.gpus.xid_window, crate::gpu::DEFAULT_XID_WINDOW);
+    assert!(defaults.gpus.fake_mig.is_empty());
+}
+
+#[test]
 fn pool_endpoints_and_staged_models_come_from_flags_and_file() {
     let file = FileConfig::parse(
         r#"

@@ -282,3 +282,93 @@ async fn a_live_subscription_joins_its_backlog_without_gap_or_duplicate() {
     assert_eq!(sub.backlog[0].revision, 1);
     assert_eq!(sub.live.recv().await.unwrap().revision, 2);
 }
+
+/// GPU figures for GPU 0 at `health` for `reasons`, `temp` degrees.
+fn gpu(health: pb::GpuHealth, reasons: &[&str], temp: u32) -> Vec<pb::GpuStats> {
+    vec![pb::GpuStats {
+        index: 0,
+        temperature_celsius: Some(temp),
+        health: health as i32,
+        health_reasons: reasons.iter().map(|r| r.to_string()).collect(),
+        ..Default::default()
+    }]
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_of_gpu_health_is_an_event_and_raw_figures_are_not() {
+    use std::sync::atomic::Ordering;
+    let (registry, recorder, _stop) = recorded(100);
+    let reg = registry.register(registration("n1"), Now::read()).unwrap();
+    let slot = registry
+        .attach("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    let send = |gpus: Vec<pb::GpuStats>| {
+        let mut heartbeat = beat(pb::PoolState::Ready);
+        heartbeat.gpus = gpus;
+        registry
+            .heartbeat(&slot, reg.session_id, heartbeat, Instant::now())
+            .unwrap();
+    };
+    let gauge = |health: pb::GpuHealth| {
+        registry.stats().gpus_by_health[health as usize].load(Ordering::Relaxed)
+    };
+    send(gpu(pb::GpuHealth::Healthy, &[], 40));
+    let after_first = recorder.kinds().len();
+    assert_eq!(gauge(pb::GpuHealth::Healthy), 1);
+
+    // Only raw figures move: no event, but readers see the new figures.
+    send(gpu(pb::GpuHealth::Healthy, &[], 77));
+    assert_eq!(recorder.kinds().len(), after_first);
+    assert_eq!(
+        registry.get("n1").unwrap().gpu_stats[0].temperature_celsius,
+        Some(77)
+    );
+
+    // Turning UNHEALTHY is an event whose view carries health and reasons.
+    let xid = "xid 79 (GPU has fallen off the bus)";
+    send(gpu(pb::GpuHealth::Unhealthy, &[xid], 77));
+    assert_eq!(recorder.kinds().len(), after_first + 1);
+    let event = recorder.last();
+    assert_eq!(event.kind, EventKind::Modified);
+    assert_eq!(
+        event.node.gpu_stats[0].health,
+        pb::GpuHealth::Unhealthy as i32
+    );
+    assert_eq!(event.node.gpu_stats[0].health_reasons, [xid]);
+    assert_eq!(
+        (
+            gauge(pb::GpuHealth::Healthy),
+            gauge(pb::GpuHealth::Unhealthy)
+        ),
+        (0, 1)
+    );
+    // A beat without figures keeps the last ones and changes nothing.
+    send(Vec::new());
+    assert_eq!(recorder.kinds().len(), after_first + 1);
+    // New reasons at the same health are a change too.
+    send(gpu(
+        pb::GpuHealth::Unhealthy,
+        &[xid, "thermal throttling"],
+        90,
+    ));
+    assert_eq!(recorder.kinds().len(), after_first + 2);
+    // Healing is an event.
+    send(gpu(pb::GpuHealth::Healthy, &[], 50));
+    assert_eq!(recorder.kinds().len(), after_first + 3);
+    assert_eq!(
+        (
+            gauge(pb::GpuHealth::Healthy),
+            gauge(pb::GpuHealth::Unhealthy)
+        ),
+        (1, 0)
+    );
+    // A removed node takes its GPUs out of the gauges.
+    registry.deregister("n1", reg.session_id, None).unwrap();
+    assert!(
+        registry
+            .stats()
+            .gpus_by_health
+            .iter()
+            .all(|g| g.load(Ordering::Relaxed) == 0)
+    );
+}
