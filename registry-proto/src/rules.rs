@@ -24,6 +24,9 @@ pub const MAX_POOLS: usize = 64;
 pub const MAX_GPUS: usize = 64;
 /// Most MIG instances one GPU may list (an A100/H100 has at most 7).
 pub const MAX_MIG_INSTANCES: usize = 16;
+/// Most MIG slices one pool may name (`PoolSpec.mig_uuids`): no more than
+/// one GPU can hold.
+pub const MAX_POOL_MIG_UUIDS: usize = MAX_MIG_INSTANCES;
 /// Most health reasons one GpuStats may carry.
 pub const MAX_HEALTH_REASONS: usize = 16;
 /// Most XID errors one GpuStats may carry.
@@ -67,6 +70,13 @@ pub enum Field<'a> {
         /// The entry's position.
         index: usize,
     },
+    /// One MIG slice a pool names: `pools[3].mig_uuids[1]`.
+    MigUuid {
+        /// The pool's position in `pools`.
+        index: usize,
+        /// The slice's position in its `mig_uuids`.
+        entry: usize,
+    },
     /// One entry of a map, by key: `labels["zone"]`.
     Key {
         /// The map: `labels`.
@@ -88,6 +98,7 @@ impl fmt::Display for Field<'_> {
             Field::Name(name) => f.write_str(name),
             Field::Item { list, index, name } => write!(f, "{list}[{index}].{name}"),
             Field::Entry { list, index } => write!(f, "{list}[{index}]"),
+            Field::MigUuid { index, entry } => write!(f, "pools[{index}].mig_uuids[{entry}]"),
             Field::Key { map, key } => write!(f, "{map}[{}]", quoted(key)),
         }
     }
@@ -380,7 +391,45 @@ pub fn pool_spec_fields<'f>(
     text(field("engine_version"), &pool.engine_version)?;
     optional_address(field("metrics_url"), &pool.metrics_url)?;
     endpoint(field("endpoint"), &pool.endpoint)?;
-    at_most(field("gpu_indices"), pool.gpu_indices.len(), MAX_GPUS)
+    at_most(field("gpu_indices"), pool.gpu_indices.len(), MAX_GPUS)?;
+    at_most(field("mig_uuids"), pool.mig_uuids.len(), MAX_POOL_MIG_UUIDS)?;
+    for uuid in &pool.mig_uuids {
+        required(field("mig_uuids"), uuid, MAX_TEXT_LEN)?;
+        text(field("mig_uuids"), uuid)?;
+    }
+    Ok(())
+}
+
+/// The MIG slices one pool names (`mig_uuids`) against the node's
+/// capabilities: each must be a slice some GPU lists, at most once. Entry
+/// `j` is named `field(j)`: the registry names `pools[i].mig_uuids[j]`,
+/// the agent the pool's own setting.
+pub fn pool_mig_uuids<'f>(
+    uuids: &[String],
+    caps: Option<&pb::Capabilities>,
+    field: &dyn Fn(usize) -> Field<'f>,
+) -> RuleResult {
+    let slices: HashSet<&str> = caps
+        .map(|c| c.gpus.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|g| &g.mig_instances)
+        .map(|m| m.uuid.as_str())
+        .collect();
+    let mut seen = HashSet::new();
+    for (j, uuid) in uuids.iter().enumerate() {
+        if !slices.contains(uuid.as_str()) {
+            return Err(RuleError::new(
+                field(j),
+                format!(
+                    "{} is not a MIG slice listed in the node's capabilities",
+                    quoted(uuid)
+                ),
+            ));
+        }
+        unique(&mut seen, field(j), uuid)?;
+    }
+    Ok(())
 }
 
 /// The pools of a RegisterRequest: at most 64, each valid, ids unique.
@@ -448,6 +497,11 @@ pub fn register_request(req: &pb::RegisterRequest) -> RuleResult {
     models_available("models_available", &req.models_available)?;
     if let Some(caps) = &req.capabilities {
         capabilities(caps)?;
+    }
+    for (index, pool) in req.pools.iter().enumerate() {
+        pool_mig_uuids(&pool.mig_uuids, req.capabilities.as_ref(), &|j| {
+            Field::MigUuid { index, entry: j }
+        })?;
     }
     labels("labels", &req.labels)
 }
@@ -883,5 +937,59 @@ mod tests {
         };
         let err = capabilities(&caps(vec![bad_profile])).unwrap_err();
         assert_eq!(err.field, "capabilities.gpus[0].mig_instances.profile");
+    }
+
+    #[test]
+    fn pool_mig_uuids_must_name_listed_slices_once() {
+        let slice = |uuid: &str| pb::MigInstance {
+            uuid: uuid.into(),
+            profile: "1g.10gb".into(),
+            ..Default::default()
+        };
+        let mut req = pb::RegisterRequest {
+            node_id: "gpu-1".into(),
+            machine_id: "m-1".into(),
+            address: "http://10.0.0.5:9200".into(),
+            capabilities: Some(pb::Capabilities {
+                gpus: vec![pb::GpuInfo {
+                    mig_enabled: true,
+                    mig_instances: vec![slice("MIG-a"), slice("MIG-b")],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            pools: vec![
+                pb::PoolSpec {
+                    pool_id: "whole".into(),
+                    ..Default::default()
+                },
+                pb::PoolSpec {
+                    pool_id: "sliced".into(),
+                    mig_uuids: vec!["MIG-a".into(), "MIG-b".into()],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        register_request(&req).unwrap();
+        let field_of = |req: &pb::RegisterRequest| register_request(req).unwrap_err().field;
+
+        req.pools[1].mig_uuids[1] = "MIG-elsewhere".into();
+        assert_eq!(field_of(&req), "pools[1].mig_uuids[1]");
+        req.pools[1].mig_uuids[1] = "MIG-a".into();
+        assert_eq!(field_of(&req), "pools[1].mig_uuids[1]");
+        req.pools[1].mig_uuids = vec!["MIG-a".into(); MAX_POOL_MIG_UUIDS + 1];
+        assert_eq!(field_of(&req), "pools[1].mig_uuids");
+
+        // A node reporting no capabilities has no slices to name.
+        req.pools[1].mig_uuids = vec!["MIG-a".into()];
+        req.capabilities = None;
+        assert_eq!(field_of(&req), "pools[1].mig_uuids[0]");
+
+        // The agent names its own setting through the same rule.
+        let err = pool_mig_uuids(&["MIG-x".into()], None, &|_| Field::Name("pool.mig_uuids"))
+            .unwrap_err();
+        assert_eq!(err.field, "pool.mig_uuids");
+        assert!(err.reason.contains("\"MIG-x\""), "{}", err.reason);
     }
 }
