@@ -197,6 +197,7 @@ mod tests {
                 engine_version: "b3000".into(),
                 metrics_url: "http://10.0.0.5:8080/metrics".into(),
                 endpoint: "http://10.0.0.5:8080".into(),
+                mig_uuids: Vec::new(),
             }],
             capabilities: Some(pb::Capabilities {
                 gpus: vec![pb::GpuInfo {

@@ -27,6 +27,11 @@ pub struct Candidate {
     pub node_address: String,
     /// The node's labels, so the caller can see why it matched.
     pub labels: HashMap<String, String>,
+    /// The MIG slices the pool runs on, so the caller knows which slice
+    /// it got; empty for a pool on whole GPUs.
+    pub mig_uuids: Vec<String>,
+    /// The profile those slices share ("1g.10gb"); empty otherwise.
+    pub mig_profile: String,
 }
 
 /// FindPools' answer.

@@ -64,8 +64,47 @@ struct PoolEntry {
     vram_free_bytes: u64,
     /// Reported endpoint when set, else the registered one (CLOUD-3021).
     endpoint: String,
-    /// The GPUs the pool uses; empty means all of the node's.
+    /// The GPUs the pool uses; empty means all of the node's. A pool on
+    /// MIG slices uses their parent GPUs too, so a slice's health is its
+    /// GPU's (see [`slice_gpus`]).
     gpu_indices: Vec<u32>,
+    /// The MIG slices the pool runs on (`PoolSpec.mig_uuids`); empty for a
+    /// pool on whole GPUs.
+    mig_uuids: Vec<String>,
+    /// The profile its slices share ("1g.10gb"), what the `mig_profile`
+    /// filter compares; `None` for a pool without slices, or whose slices
+    /// differ or are not all listed.
+    mig_profile: Option<String>,
+}
+
+/// The GPU indices a pool uses: those it names plus the parents of its MIG
+/// slices (kept sorted, no repeats), and the profile its slices share.
+fn slice_gpus(node: &pb::Node, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>) {
+    let mut indices = spec.gpu_indices.clone();
+    if spec.mig_uuids.is_empty() {
+        return (indices, None);
+    }
+    let gpus = node.capabilities.as_ref().map(|c| c.gpus.as_slice());
+    let mut profiles = Vec::new();
+    for uuid in &spec.mig_uuids {
+        let found = gpus.unwrap_or_default().iter().find_map(|g| {
+            let slice = g.mig_instances.iter().find(|m| m.uuid == *uuid)?;
+            Some((g.index, slice.profile.as_str()))
+        });
+        // Registration refuses unlisted slices; this only guards a view
+        // built otherwise (tests, older state).
+        let Some((gpu, profile)) = found else {
+            return (indices, None);
+        };
+        indices.push(gpu);
+        profiles.push(profile);
+    }
+    indices.sort_unstable();
+    indices.dedup();
+    let first = profiles[0];
+    let shared = (!first.is_empty() && profiles.iter().all(|p| *p == first))
+        .then(|| first.to_owned());
+    (indices, shared)
 }
 
 /// The pools of a node's view, with a model, merged by pool id.
@@ -86,7 +125,8 @@ fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
     let mut pools: Vec<PoolEntry> = node
         .pools
         .iter()
-        .map(|spec| match status.get(spec.pool_id.as_str()) {
+        .map(|spec| (spec, slice_gpus(node, spec)))
+        .map(|(spec, (gpu_indices, mig_profile))| match status.get(spec.pool_id.as_str()) {
             Some(s) => PoolEntry {
                 node: Arc::clone(node),
                 pool_id: spec.pool_id.clone(),
@@ -97,7 +137,9 @@ fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
                 slots_free: s.slots_free,
                 vram_free_bytes: s.vram_free_bytes,
                 endpoint: or(&s.endpoint, &spec.endpoint),
-                gpu_indices: spec.gpu_indices.clone(),
+                gpu_indices,
+                mig_uuids: spec.mig_uuids.clone(),
+                mig_profile,
             },
             None => PoolEntry {
                 node: Arc::clone(node),
@@ -109,7 +151,9 @@ fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
                 slots_free: 0,
                 vram_free_bytes: 0,
                 endpoint: spec.endpoint.clone(),
-                gpu_indices: spec.gpu_indices.clone(),
+                gpu_indices,
+                mig_uuids: spec.mig_uuids.clone(),
+                mig_profile,
             },
         })
         .collect();
@@ -131,6 +175,8 @@ fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
                 vram_free_bytes: s.vram_free_bytes,
                 endpoint: s.endpoint.clone(),
                 gpu_indices: Vec::new(),
+                mig_uuids: Vec::new(),
+                mig_profile: None,
             }),
     );
     pools.retain(|p| !p.model.is_empty());
@@ -418,6 +464,8 @@ impl PlacementIndex {
                     vram_free_bytes: p.vram_free_bytes,
                     node_address: p.node.address.clone(),
                     labels: p.node.labels.clone(),
+                    mig_uuids: p.mig_uuids.clone(),
+                    mig_profile: p.mig_profile.clone().unwrap_or_default(),
                 })
                 .collect(),
             revision: inner.revision,

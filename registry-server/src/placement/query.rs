@@ -103,6 +103,8 @@ pub enum Filter {
     GpuName,
     /// None runs on GPUs with the asked compute capability.
     ComputeCapability,
+    /// None runs on MIG slices, all of the asked profile.
+    MigProfile,
     /// None is on an ONLINE node.
     Online,
     /// None is on a node the registry trusts: every one left is ONLINE but
@@ -143,6 +145,9 @@ pub struct PlacementQuery {
     /// Compute capability every GPU of the pool must reach, as
     /// (major, minor), compared numerically ("8.10" > "8.9").
     pub min_compute_capability: Option<(u32, u32)>,
+    /// Only pools on MIG slices all of this profile ("1g.10gb"), compared
+    /// exactly; pools on whole GPUs never match.
+    pub mig_profile: Option<String>,
     /// Only pools of this node.
     pub node_id: Option<String>,
     /// Never pools of these nodes.
@@ -162,6 +167,7 @@ impl PlacementQuery {
             labels: BTreeMap::new(),
             gpu_name: None,
             min_compute_capability: None,
+            mig_profile: None,
             node_id: None,
             exclude: HashSet::new(),
             limit: DEFAULT_LIMIT,
@@ -180,6 +186,7 @@ impl PlacementQuery {
             Field::Name("min_compute_capability"),
             &req.min_compute_capability,
         )?;
+        rules::text(Field::Name("mig_profile"), &req.mig_profile)?;
         if !req.node_id.is_empty() {
             rules::node_id(Field::Name("node_id"), &req.node_id)?;
         }
@@ -216,6 +223,7 @@ impl PlacementQuery {
             labels: req.labels.into_iter().collect(),
             gpu_name: non_empty(req.gpu_name.to_lowercase()),
             min_compute_capability: parse_compute_capability(&req.min_compute_capability),
+            mig_profile: non_empty(req.mig_profile),
             node_id: non_empty(req.node_id),
             exclude: req.exclude_node_ids.into_iter().collect(),
             limit,
@@ -260,6 +268,11 @@ impl PlacementQuery {
                 if gpus.is_empty() || !gpus.iter().all(reaches) {
                     return Some(Filter::ComputeCapability);
                 }
+            }
+        }
+        if let Some(profile) = &self.mig_profile {
+            if pool.mig_profile.as_ref() != Some(profile) {
+                return Some(Filter::MigProfile);
             }
         }
         if node.status != pb::NodeStatus::Online as i32 {
@@ -318,6 +331,10 @@ impl PlacementQuery {
                 let (major, minor) = self.min_compute_capability.unwrap_or_default();
                 format!("none runs only on GPUs of compute capability {major}.{minor} or higher")
             }
+            Filter::MigProfile => format!(
+                "none runs on MIG slices of profile {:?}",
+                self.mig_profile.as_deref().unwrap_or_default()
+            ),
             Filter::Online => "none is on an ONLINE node".into(),
             Filter::Suspect => {
                 "none is on a node the registry trusts (the rest are suspect)".into()

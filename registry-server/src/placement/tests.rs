@@ -197,6 +197,8 @@ fn a_candidate_carries_what_a_caller_needs_to_send_requests() {
             vram_free_bytes: 2 * GIB,
             node_address: "http://n1:9200".into(),
             labels: [("zone".to_owned(), "a".to_owned())].into(),
+            mig_uuids: Vec::new(),
+            mig_profile: String::new(),
         }
     );
     assert_eq!(
@@ -1063,4 +1065,123 @@ fn a_pool_on_an_unhealthy_gpu_is_not_offered_and_not_ready_until_it_heals() {
         with_gpu1(&req, &beat, pb::GpuHealth::Healthy, &[]),
     );
     assert_eq!(fleet.index.models()[0].pools_ready, 3);
+}
+
+#[test]
+fn mig_profile_matches_pools_whose_every_slice_has_it_and_a_slice_is_as_healthy_as_its_gpu() {
+    let slice = |uuid: &str, profile: &str| pb::MigInstance {
+        uuid: uuid.into(),
+        profile: profile.into(),
+        ..Default::default()
+    };
+    let on = |pool_id: &str, slices: &[&str]| pb::PoolSpec {
+        mig_uuids: slices.iter().map(|s| s.to_string()).collect(),
+        ..spec(pool_id, "m", "vllm", &[])
+    };
+    let mut req = register(
+        "n1",
+        "a",
+        vec![
+            on("small", &["MIG-a"]),
+            on("mixed", &["MIG-b", "MIG-c"]),
+            on("big", &["MIG-c"]),
+            on("small-gpu1", &["MIG-d"]),
+            spec("whole", "m", "vllm", &[0]),
+        ],
+    );
+    let gpus = &mut req.capabilities.as_mut().unwrap().gpus;
+    gpus[0].mig_enabled = true;
+    gpus[0].mig_instances = vec![
+        slice("MIG-a", "1g.10gb"),
+        slice("MIG-b", "1g.10gb"),
+        slice("MIG-c", "3g.40gb"),
+    ];
+    gpus[1].mig_enabled = true;
+    gpus[1].mig_instances = vec![slice("MIG-d", "1g.10gb")];
+    let beat: Vec<pb::PoolStatus> = ["small", "mixed", "big", "small-gpu1", "whole"]
+        .iter()
+        .zip(1..)
+        .map(|(p, vram)| status(p, "m", Ready, 1, vram * GIB))
+        .collect();
+    let mut fleet = Fleet::new();
+    fleet.online(&req, &beat);
+
+    let profile = |p: &str| PlacementQuery {
+        mig_profile: Some(p.into()),
+        ..with_limit(query("m"), 10)
+    };
+    assert_eq!(
+        fleet.ids(&profile("1g.10gb")),
+        ids(&[("n1", "small-gpu1"), ("n1", "small")])
+    );
+    assert_eq!(fleet.ids(&profile("3g.40gb")), ids(&[("n1", "big")]));
+    // The candidate says which slice it got.
+    let found = fleet.index.find(&profile("3g.40gb")).unwrap();
+    assert_eq!(found.candidates[0].mig_uuids, ["MIG-c"]);
+    assert_eq!(found.candidates[0].mig_profile, "3g.40gb");
+    // Without the filter, pools on slices and whole GPUs alike are offered.
+    assert_eq!(fleet.ids(&with_limit(query("m"), 10)).len(), 5);
+    let whole = fleet.index.find(&query("m")).unwrap();
+    assert_eq!(whole.candidates[0].pool_id, "whole");
+    assert!(whole.candidates[0].mig_uuids.is_empty());
+    assert_eq!(whole.candidates[0].mig_profile, "");
+
+    match fleet.index.find(&PlacementQuery {
+        engine: Some("vllm".into()),
+        ..profile("7g.80gb")
+    }) {
+        Err(PlacementError::NoCandidate { filter, reason }) => {
+            assert_eq!(filter, Filter::MigProfile);
+            assert!(
+                reason.contains("none runs on MIG slices of profile \"7g.80gb\""),
+                "{reason}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // GPU 1 goes UNHEALTHY: its slice's pool goes with it, GPU 0's stay.
+    fleet.send(
+        EventKind::Modified,
+        with_gpu1(&req, &beat, pb::GpuHealth::Unhealthy, &["xid 79"]),
+    );
+    assert_eq!(fleet.ids(&profile("1g.10gb")), ids(&[("n1", "small")]));
+    let pinned = PlacementQuery {
+        node_id: Some("n1".into()),
+        min_slots_free: 2,
+        ..profile("1g.10gb")
+    };
+    match fleet.index.find(&pinned) {
+        Err(PlacementError::NodeUnavailable { filter, .. }) => {
+            assert_eq!(filter, Filter::SlotsFree, "the GPU 0 slice got further");
+        }
+        other => panic!("{other:?}"),
+    }
+    let models = fleet.index.models();
+    let sick = models[0]
+        .pools
+        .iter()
+        .find(|p| p.pool_id == "small-gpu1")
+        .unwrap();
+    assert!(!sick.ready);
+}
+
+#[test]
+fn mig_profile_is_checked_as_text() {
+    let req = pb::FindPoolsRequest {
+        model: "m".into(),
+        mig_profile: "p".repeat(registry_proto::rules::MAX_TEXT_LEN + 1),
+        ..Default::default()
+    };
+    match PlacementQuery::from_request(req) {
+        Err(PlacementError::InvalidArgument { field, .. }) => assert_eq!(field, "mig_profile"),
+        other => panic!("{other:?}"),
+    }
+    let ok = PlacementQuery::from_request(pb::FindPoolsRequest {
+        model: "m".into(),
+        mig_profile: "1g.10gb".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(ok.mig_profile.as_deref(), Some("1g.10gb"));
 }

@@ -369,6 +369,8 @@ fn candidate_to_proto(c: placement::Candidate) -> pb::PoolCandidate {
         node_address: c.node_address,
         labels: c.labels,
         slots_total: c.slots_total,
+        mig_uuids: c.mig_uuids,
+        mig_profile: c.mig_profile,
     }
 }
 
