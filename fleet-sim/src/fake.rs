@@ -55,6 +55,8 @@ impl NodeShape {
                 engine_version: "0.6.3".into(),
                 metrics_url: format!("http://{}.sim.invalid:8000/metrics", self.node_id),
                 endpoint: format!("http://{}.sim.invalid:{}", self.node_id, 8000 + p),
+                // Simulated pools run on whole GPUs.
+                mig_uuids: Vec::new(),
             })
             .collect();
         pb::RegisterRequest {

@@ -170,6 +170,7 @@ async fn run_prepared(
         driver_version: inventory.driver_version,
         cuda_version: inventory.cuda_version,
     };
+    pools::check_mig_uuids(&config.pools, &capabilities)?;
 
     // Scanned once before registering, so Register already names the
     // pools the provisioners announced.

@@ -61,6 +61,9 @@ pub struct HandoffFile {
     pub state: Option<ConfiguredState>,
     /// URL of the engine's Prometheus metrics ("http://127.0.0.1:8081/metrics").
     pub metrics_url: Option<String>,
+    /// MIG slice UUIDs the pool runs on (`["MIG-5c1d..."]`), registered as
+    /// PoolSpec.mig_uuids.
+    pub mig_uuids: Option<Vec<String>>,
     /// What to do when the registry drains the pool:
     /// `{"http_post": "http://127.0.0.1:8081/admin/drain"}` or
     /// `{"command": ["systemctl", "stop", "engine@7"]}`.
@@ -135,6 +138,7 @@ pub fn parse_handoff(stem: &str, bytes: &[u8]) -> Result<PoolConfig, HandoffErro
         model: file.model,
         slots: file.slots,
         gpus,
+        mig_uuids: file.mig_uuids,
         state: file.state,
         probe,
         endpoint: file.url.clone(),

@@ -46,6 +46,10 @@ pub struct PoolConfig {
     pub slots: Option<u32>,
     /// GPU indices the pool uses (its device mask); empty means all GPUs.
     pub gpus: Option<Vec<u32>>,
+    /// UUIDs of the MIG slices the pool runs on ("MIG-5c1d..."), so
+    /// placement can match it to a slice profile (PoolSpec.mig_uuids); each
+    /// must be a slice this host lists, checked at start ([`check_mig_uuids`]).
+    pub mig_uuids: Option<Vec<String>>,
     /// State reported while no probe says otherwise (default READY).
     pub state: Option<ConfiguredState>,
     /// Health URL (http://) whose answer decides the pool's state.
@@ -87,6 +91,7 @@ impl PoolConfig {
             model: over.model.clone().or_else(|| self.model.clone()),
             slots: over.slots.or(self.slots),
             gpus: over.gpus.clone().or_else(|| self.gpus.clone()),
+            mig_uuids: over.mig_uuids.clone().or_else(|| self.mig_uuids.clone()),
             state: over.state.or(self.state),
             probe: over.probe.clone().or_else(|| self.probe.clone()),
             endpoint: over.endpoint.clone().or_else(|| self.endpoint.clone()),
@@ -128,6 +133,7 @@ impl PoolConfig {
             engine_version: self.engine_version.clone().unwrap_or_default(),
             metrics_url: self.metrics_url.clone().unwrap_or_default(),
             endpoint: self.endpoint.clone().unwrap_or_default(),
+            mig_uuids: self.mig_uuids.clone().unwrap_or_default(),
         }
     }
 
@@ -155,6 +161,24 @@ impl PoolConfig {
                 why,
             })
     }
+}
+
+/// Checks that every MIG slice a configured pool names is one this host
+/// lists in `caps` (the registry refuses the registration otherwise), so a
+/// wrong UUID stops the agent at start naming the pool and `mig_uuids`.
+pub fn check_mig_uuids(pools: &[PoolConfig], caps: &pb::Capabilities) -> Result<(), ConfigError> {
+    for pool in pools {
+        let uuids = pool.mig_uuids.as_deref().unwrap_or_default();
+        rules::pool_mig_uuids(uuids, Some(caps), &|index| Field::Entry {
+            list: "mig_uuids",
+            index,
+        })
+        .map_err(|rule| ConfigError::Pool {
+            pool_id: rules::quoted(&pool.id),
+            rule,
+        })?;
+    }
+    Ok(())
 }
 
 /// A pool state as written in configuration and handoff files.

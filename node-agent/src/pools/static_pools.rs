@@ -4,8 +4,9 @@
 //!
 //! `--pool ID[,KEY=VALUE...]` with keys `slots`, `model`, `engine`,
 //! `engine_version`, `state`, `probe`, `endpoint` (where the engine takes
-//! requests), `metrics_url` (the engine's Prometheus metrics) and `gpus`
-//! (indices separated by `:`, since `,` separates the keys), for example
+//! requests), `metrics_url` (the engine's Prometheus metrics), `gpus`
+//! (indices separated by `:`, since `,` separates the keys) and
+//! `mig_uuids` (MIG slice UUIDs, also separated by `:`), for example
 //! `--pool pool-0,engine=llamacpp,slots=4,gpus=0:1,probe=http://127.0.0.1:8081/health`.
 //! A pool's drain and resume actions ([`super::action`]) are set in the
 //! TOML file or a handoff file only: a command's argument list does not
@@ -56,9 +57,13 @@ pub fn parse_pool_arg(arg: &str) -> Result<PoolConfig, ConfigError> {
                     .map_err(|_| bad(format!("gpus={value:?} is not like 0:1:2")))?;
                 pool.gpus = Some(gpus);
             }
+            "mig_uuids" => {
+                let uuids = value.split(':').map(str::trim).filter(|s| !s.is_empty());
+                pool.mig_uuids = Some(uuids.map(str::to_owned).collect());
+            }
             other => {
                 return Err(bad(format!(
-                    "unknown key {other:?} (slots, model, engine, engine_version, state, probe, endpoint, metrics_url, gpus)"
+                    "unknown key {other:?} (slots, model, engine, engine_version, state, probe, endpoint, metrics_url, gpus, mig_uuids)"
                 )));
             }
         }
@@ -92,6 +97,23 @@ mod tests {
         assert_eq!(pool.gpus, Some(vec![0, 1]));
         assert_eq!(pool.probe.as_deref(), Some("http://127.0.0.1:8081/health"));
         assert_eq!(parse_pool_arg("id=p1").unwrap().id, "p1");
+    }
+
+    #[test]
+    fn mig_uuids_are_separated_by_colons_and_registered() {
+        let pool = parse_pool_arg("pool-0,mig_uuids=MIG-a:MIG-b").unwrap();
+        assert_eq!(pool.mig_uuids, Some(vec!["MIG-a".into(), "MIG-b".into()]));
+        assert_eq!(pool.spec().mig_uuids, ["MIG-a", "MIG-b"]);
+        // A handoff file's slices replace the configured ones.
+        let over = PoolConfig {
+            mig_uuids: Some(vec!["MIG-c".into()]),
+            ..PoolConfig::new("pool-0")
+        };
+        assert_eq!(pool.overlaid_with(&over).spec().mig_uuids, ["MIG-c"]);
+        assert_eq!(
+            pool.overlaid_with(&PoolConfig::new("pool-0")).mig_uuids,
+            pool.mig_uuids
+        );
     }
 
     #[test]
