@@ -9,7 +9,9 @@ use node_agent::pools::PoolConfig;
 use node_agent::pools::handoff::parse_handoff;
 use node_agent::{AgentConfig, FakeGpuSource, GpuSource};
 use registry_proto::pb;
-use registry_proto::rules::{MAX_GPUS, MAX_LABELS, MAX_MODELS_AVAILABLE, MAX_POOLS};
+use registry_proto::rules::{
+    MAX_GPUS, MAX_LABELS, MAX_MODELS_AVAILABLE, MAX_POOL_MIG_UUIDS, MAX_POOLS,
+};
 
 /// One value under test, in the field it goes to.
 #[derive(Debug, Clone)]
@@ -235,4 +237,38 @@ fn the_agent_leaves_out_handoff_pools_beyond_the_limit_so_the_registry_accepts()
     let mut config = config_with(&Case::Pools(0));
     config.pools = merged.pools;
     registry_server::validate::registration(register_request(&config)).unwrap();
+}
+
+#[test]
+fn the_agent_and_the_registry_agree_on_a_pools_mig_slices() {
+    let inventory = FakeGpuSource::new(2, "seed")
+        .with_mig(&["1g.10gb".into(), "3g.40gb".into()])
+        .inventory()
+        .unwrap();
+    let caps = pb::Capabilities {
+        gpus: inventory.gpus,
+        ..Default::default()
+    };
+    let listed = caps.gpus[1].mig_instances[0].uuid.clone();
+    let cases: Vec<(Vec<String>, bool)> = vec![
+        (vec![], true),
+        (vec![listed.clone()], true),
+        (vec!["MIG-not-here".into()], false),
+        (vec![listed.clone(), listed.clone()], false),
+        (vec![listed.clone(); MAX_POOL_MIG_UUIDS + 1], false),
+    ];
+    for (uuids, valid) in cases {
+        let mut config = config_with(&Case::Pools(0));
+        let mut pool = PoolConfig::new("pool-0");
+        pool.mig_uuids = Some(uuids.clone());
+        config.pools = vec![pool];
+        let agent = config
+            .validate()
+            .and_then(|()| node_agent::pools::check_mig_uuids(&config.pools, &caps));
+        let request =
+            node_agent::registration::register_request(&config, &config.pools, caps.clone());
+        let server = registry_server::validate::registration(request);
+        assert_eq!(agent.is_ok(), valid, "agent on {uuids:?}: {agent:?}");
+        assert_eq!(server.is_ok(), valid, "registry on {uuids:?}: {server:?}");
+    }
 }
