@@ -280,6 +280,10 @@ pub struct FindArgs {
     /// ("8.0"; major then minor, compared as numbers).
     #[arg(long, value_name = "MAJOR.MINOR")]
     pub min_compute_capability: Option<String>,
+    /// Only pools running on MIG slices, all of this profile ("1g.10gb");
+    /// pools on whole GPUs never match.
+    #[arg(long, value_name = "PROFILE")]
+    pub mig_profile: Option<String>,
     /// Only pools of this node.
     #[arg(long, value_name = "NODE")]
     pub node: Option<String>,
@@ -302,6 +306,7 @@ impl FindArgs {
             labels: self.labels.clone(),
             gpu: self.gpu.clone(),
             min_compute_capability: self.min_compute_capability.clone(),
+            mig_profile: self.mig_profile.clone(),
             node: self.node.clone(),
             exclude: self.exclude.clone(),
             limit: self.limit,
@@ -528,6 +533,8 @@ mod tests {
             "H100",
             "--min-compute-capability",
             "8.0",
+            "--mig-profile",
+            "1g.10gb",
             "--node",
             "n1",
             "--exclude",
@@ -548,6 +555,7 @@ mod tests {
         assert_eq!(query.labels, [("zone".to_owned(), "a".to_owned())]);
         assert_eq!(query.exclude, ["n2", "n3"]);
         assert_eq!(query.limit, Some(3));
+        assert_eq!(query.mig_profile.as_deref(), Some("1g.10gb"));
         assert!(
             Cli::try_parse_from(["registry-ctl", "find"]).is_err(),
             "--model is required"

@@ -26,6 +26,8 @@ pub struct Query {
     pub gpu: Option<String>,
     /// Compute capability every GPU of the pool must reach ("8.0").
     pub min_compute_capability: Option<String>,
+    /// Only pools on MIG slices all of this profile ("1g.10gb").
+    pub mig_profile: Option<String>,
     /// Only pools of this node.
     pub node: Option<String>,
     /// Never pools of these nodes.
@@ -45,6 +47,7 @@ impl Query {
             labels: self.labels.iter().cloned().collect(),
             gpu_name: self.gpu.clone().unwrap_or_default(),
             min_compute_capability: self.min_compute_capability.clone().unwrap_or_default(),
+            mig_profile: self.mig_profile.clone().unwrap_or_default(),
             node_id: self.node.clone().unwrap_or_default(),
             exclude_node_ids: self.exclude.clone(),
             limit: self.limit.unwrap_or_default(),
@@ -123,6 +126,7 @@ mod tests {
             labels: vec![("zone".into(), "a".into())],
             gpu: Some("H100".into()),
             min_compute_capability: Some("8.0".into()),
+            mig_profile: Some("1g.10gb".into()),
             node: Some("n1".into()),
             exclude: vec!["n2".into()],
             limit: Some(5),
@@ -138,6 +142,7 @@ mod tests {
             ),
             ("H100", "8.0")
         );
+        assert_eq!(request.mig_profile, "1g.10gb");
         assert_eq!((request.node_id.as_str(), request.limit), ("n1", 5));
         assert_eq!(request.exclude_node_ids, ["n2"]);
     }
