@@ -120,6 +120,7 @@ pub(crate) mod tests {
                     vram_free_bytes: 20 << 30,
                     node_address: "http://10.0.0.5:9200".into(),
                     labels: [("zone".to_owned(), "eu-1".to_owned())].into(),
+                    ..Default::default()
                 },
                 pb::PoolCandidate {
                     node_id: "gpu-node-2".into(),
