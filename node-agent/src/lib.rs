@@ -186,7 +186,8 @@ async fn run_prepared(
         config.pools.clone(),
         handoff,
         pools::probe::Prober::new(config.probe_timeout),
-    );
+    )
+    .with_capabilities(capabilities.clone());
 
     let agent = Arc::new(session::Agent::new(
         config,

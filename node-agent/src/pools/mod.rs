@@ -280,6 +280,13 @@ pub struct PoolTracker {
     /// Pool ids left out at the last merge, so the warning is logged when
     /// the set changes, not on every heartbeat.
     left_out: Mutex<Vec<String>>,
+    /// The host's hardware, so a handoff pool naming a MIG slice the host
+    /// does not list is left out (the registry would refuse the whole
+    /// registration); `None`: no such check (no capabilities given).
+    capabilities: Option<pb::Capabilities>,
+    /// Handoff pool ids left out for unknown MIG slices at the last merge,
+    /// so the warning is logged when the set changes.
+    unknown_slices: Mutex<Vec<String>>,
 }
 
 impl PoolTracker {
@@ -294,7 +301,15 @@ impl PoolTracker {
             handoff,
             prober,
             left_out: Mutex::new(Vec::new()),
+            capabilities: None,
+            unknown_slices: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same tracker checking handoff pools' MIG slices against `caps`.
+    pub fn with_capabilities(mut self, caps: pb::Capabilities) -> Self {
+        self.capabilities = Some(caps);
+        self
     }
 
     /// A receiver that changes whenever the handoff files do (so a change is
@@ -311,6 +326,7 @@ impl PoolTracker {
             .as_ref()
             .map(|rx| rx.borrow().clone())
             .unwrap_or_default();
+        let handoff = self.drop_unknown_slices(handoff);
         let Merged { pools, left_out } = merge_pools(&self.static_pools, &handoff);
         let mut logged = self.left_out.lock().unwrap_or_else(|e| e.into_inner());
         if *logged != left_out {
@@ -324,6 +340,40 @@ impl PoolTracker {
             *logged = left_out;
         }
         pools
+    }
+
+    /// `handoff` without the pools naming a MIG slice the host does not
+    /// list, with a warning naming them when that set changes.
+    fn drop_unknown_slices(&self, mut handoff: Vec<PoolConfig>) -> Vec<PoolConfig> {
+        let Some(caps) = &self.capabilities else {
+            return handoff;
+        };
+        let mut dropped = Vec::new();
+        handoff.retain(|pool| {
+            let uuids = pool.mig_uuids.as_deref().unwrap_or_default();
+            let known = rules::pool_mig_uuids(uuids, Some(caps), &|index| Field::Entry {
+                list: "mig_uuids",
+                index,
+            });
+            if let Err(rule) = &known {
+                dropped.push(format!("{}: {rule}", pool.id));
+            }
+            known.is_ok()
+        });
+        let mut logged = self
+            .unknown_slices
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *logged != dropped {
+            if !dropped.is_empty() {
+                tracing::warn!(
+                    left_out = ?dropped,
+                    "handoff pools naming MIG slices this host does not list are not reported"
+                );
+            }
+            *logged = dropped;
+        }
+        handoff
     }
 
     /// Live status of `pools`: probed where a probe is set, configured
@@ -452,6 +502,40 @@ mod tests {
             memory_free_bytes: free,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn handoff_pools_naming_slices_the_host_lacks_are_left_out_and_static_ones_checked() {
+        let caps = pb::Capabilities {
+            gpus: vec![pb::GpuInfo {
+                mig_enabled: true,
+                mig_instances: vec![pb::MigInstance {
+                    uuid: "MIG-a".into(),
+                    profile: "1g.10gb".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let on = |id: &str, uuid: &str| PoolConfig {
+            mig_uuids: Some(vec![uuid.into()]),
+            ..PoolConfig::new(id)
+        };
+        let (_tx, rx) = watch::channel(vec![on("good", "MIG-a"), on("bad", "MIG-zz")]);
+        let tracker = PoolTracker::new(
+            vec![PoolConfig::new("static")],
+            Some(rx),
+            Prober::new(std::time::Duration::from_secs(1)),
+        )
+        .with_capabilities(caps.clone());
+        let ids: Vec<String> = tracker.current().into_iter().map(|p| p.id).collect();
+        assert_eq!(ids, ["good", "static"]);
+
+        check_mig_uuids(&[on("good", "MIG-a")], &caps).unwrap();
+        let err = check_mig_uuids(&[on("bad", "MIG-zz")], &caps).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("\"bad\"") && text.contains("mig_uuids[0]"), "{text}");
     }
 
     #[test]
