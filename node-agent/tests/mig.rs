@@ -63,7 +63,7 @@ async fn a_pool_on_a_mig_slice_is_found_by_its_profile_only() {
     .await;
     let candidate = &found.candidates[0];
     assert_eq!(candidate.pool_id, "on-slice");
-    assert_eq!(candidate.mig_uuids, [slice.uuid.clone()]);
+    assert_eq!(candidate.mig_uuids, std::slice::from_ref(&slice.uuid));
     assert_eq!(candidate.mig_profile, "1g.10gb");
 
     let status = client.find_pools(by_profile("3g.40gb")).await.unwrap_err();

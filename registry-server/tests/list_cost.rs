@@ -31,6 +31,7 @@ fn registration(i: usize) -> Registration {
                 engine_version: "0.6.1".into(),
                 metrics_url: format!("http://10.0.0.1:{}/metrics", 8000 + p),
                 endpoint: format!("http://10.0.0.1:{}", 8000 + p),
+                mig_uuids: Vec::new(),
             })
             .collect(),
         capabilities: pb::Capabilities {

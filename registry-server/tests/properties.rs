@@ -285,6 +285,7 @@ fn valid_pool_spec(pool_id: String) -> BoxedStrategy<pb::PoolSpec> {
                     engine_version,
                     metrics_url,
                     endpoint: String::new(),
+                    mig_uuids: Vec::new(),
                 }
             },
         )
@@ -1086,6 +1087,7 @@ fn arbitrary_pool_spec() -> impl Strategy<Value = pb::PoolSpec> {
                 engine_version: String::new(),
                 metrics_url,
                 endpoint: String::new(),
+                mig_uuids: Vec::new(),
             },
         )
 }

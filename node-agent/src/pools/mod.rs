@@ -535,7 +535,10 @@ mod tests {
         check_mig_uuids(&[on("good", "MIG-a")], &caps).unwrap();
         let err = check_mig_uuids(&[on("bad", "MIG-zz")], &caps).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("\"bad\"") && text.contains("mig_uuids[0]"), "{text}");
+        assert!(
+            text.contains("\"bad\"") && text.contains("mig_uuids[0]"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -102,8 +102,8 @@ fn slice_gpus(node: &pb::Node, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>
     indices.sort_unstable();
     indices.dedup();
     let first = profiles[0];
-    let shared = (!first.is_empty() && profiles.iter().all(|p| *p == first))
-        .then(|| first.to_owned());
+    let shared =
+        (!first.is_empty() && profiles.iter().all(|p| *p == first)).then(|| first.to_owned());
     (indices, shared)
 }
 
@@ -126,36 +126,38 @@ fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
         .pools
         .iter()
         .map(|spec| (spec, slice_gpus(node, spec)))
-        .map(|(spec, (gpu_indices, mig_profile))| match status.get(spec.pool_id.as_str()) {
-            Some(s) => PoolEntry {
-                node: Arc::clone(node),
-                pool_id: spec.pool_id.clone(),
-                model: or(&s.model, &spec.model),
-                engine: or(&s.engine, &spec.engine),
-                state: state(s),
-                slots_total: s.slots_total,
-                slots_free: s.slots_free,
-                vram_free_bytes: s.vram_free_bytes,
-                endpoint: or(&s.endpoint, &spec.endpoint),
-                gpu_indices,
-                mig_uuids: spec.mig_uuids.clone(),
-                mig_profile,
+        .map(
+            |(spec, (gpu_indices, mig_profile))| match status.get(spec.pool_id.as_str()) {
+                Some(s) => PoolEntry {
+                    node: Arc::clone(node),
+                    pool_id: spec.pool_id.clone(),
+                    model: or(&s.model, &spec.model),
+                    engine: or(&s.engine, &spec.engine),
+                    state: state(s),
+                    slots_total: s.slots_total,
+                    slots_free: s.slots_free,
+                    vram_free_bytes: s.vram_free_bytes,
+                    endpoint: or(&s.endpoint, &spec.endpoint),
+                    gpu_indices,
+                    mig_uuids: spec.mig_uuids.clone(),
+                    mig_profile,
+                },
+                None => PoolEntry {
+                    node: Arc::clone(node),
+                    pool_id: spec.pool_id.clone(),
+                    model: spec.model.clone(),
+                    engine: spec.engine.clone(),
+                    state: None,
+                    slots_total: spec.slots_total,
+                    slots_free: 0,
+                    vram_free_bytes: 0,
+                    endpoint: spec.endpoint.clone(),
+                    gpu_indices,
+                    mig_uuids: spec.mig_uuids.clone(),
+                    mig_profile,
+                },
             },
-            None => PoolEntry {
-                node: Arc::clone(node),
-                pool_id: spec.pool_id.clone(),
-                model: spec.model.clone(),
-                engine: spec.engine.clone(),
-                state: None,
-                slots_total: spec.slots_total,
-                slots_free: 0,
-                vram_free_bytes: 0,
-                endpoint: spec.endpoint.clone(),
-                gpu_indices,
-                mig_uuids: spec.mig_uuids.clone(),
-                mig_profile,
-            },
-        })
+        )
         .collect();
     // A pool reported but not registered (a handoff pool that appeared
     // between registrations) serves requests all the same.

@@ -270,10 +270,12 @@ impl PlacementQuery {
                 }
             }
         }
-        if let Some(profile) = &self.mig_profile {
-            if pool.mig_profile.as_ref() != Some(profile) {
-                return Some(Filter::MigProfile);
-            }
+        if self
+            .mig_profile
+            .as_ref()
+            .is_some_and(|p| pool.mig_profile.as_ref() != Some(p))
+        {
+            return Some(Filter::MigProfile);
         }
         if node.status != pb::NodeStatus::Online as i32 {
             return Some(Filter::Online);
