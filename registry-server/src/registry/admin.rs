@@ -561,8 +561,11 @@ impl Registry {
         session_id: u64,
         sent: &mut u64,
     ) -> Option<Command> {
-        let st = slot.lock();
-        Self::command_for(&st, session_id, sent)
+        // Stream 0 takes part in no replacement; a stale session owes
+        // nothing.
+        self.pending_on_stream(slot, session_id, 0, sent)
+            .ok()
+            .flatten()
     }
 
     /// What a woken stream numbered `stream` (by

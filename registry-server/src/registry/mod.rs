@@ -627,18 +627,14 @@ impl Registry {
         session_id: u64,
         secret: &str,
     ) -> Result<(Arc<NodeSlot>, u64), RegistryError> {
-        let slot = self
-            .read_nodes()
-            .get(node_id)
-            .cloned()
-            .ok_or_else(|| not_found(node_id))?;
+        let slot = self.attach(node_id, session_id, secret)?;
         let stream = {
             let mut st = slot.lock();
-            check_session(&slot, &st, session_id)?;
-            check_secret(&slot, &st, secret)?;
             st.stream_gen += 1;
             // Wakes a replaced stream; the value stays the owed command's
-            // number, so no command is sent twice.
+            // number, so no command is sent twice. (Were the session
+            // replaced since `attach` checked it, the stream's first beat
+            // is refused by its session check.)
             slot.commands.send_replace(st.command_gen);
             st.stream_gen
         };
@@ -694,8 +690,8 @@ impl Registry {
         let mut st = slot.lock();
         check_stream(slot, &st, session_id, stream)?;
         // Heard from after a restart: no longer reserved (nor suspect: the
-        // flag is cleared below with any other doubt).
-        let back_after_restart = st.restart_grace_until.take().is_some();
+        // flag, set by `restore`, is cleared below with any other doubt).
+        st.restart_grace_until = None;
         let before = st.pool_tally();
         let pools_changed = st.pools_changed(&beat.pools);
         let health_changed = st.gpu_health_changed(&beat.gpus);
@@ -716,13 +712,7 @@ impl Registry {
         // A suspect node heard from again is trusted again; a held one
         // stays ONLINE (its entry at the protection's end re-checks it).
         let trusted_again = self.clear_suspect(&mut st);
-        if came_online
-            || pools_changed
-            || health_changed
-            || admin_changed
-            || trusted_again
-            || back_after_restart
-        {
+        if came_online || pools_changed || health_changed || admin_changed || trusted_again {
             self.publish(&mut st, EventKind::Modified);
         }
         self.shared.stats.shift_pools(&before, &st.pool_tally());
