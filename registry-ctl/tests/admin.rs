@@ -4,6 +4,10 @@
 //! its output and its exit statuses. (The real registry's side of these
 //! RPCs is tested with the registry.)
 
+mod common;
+
+use common::{assert_exit, stderr, stdout};
+
 use std::collections::VecDeque;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -288,25 +292,6 @@ async fn ctl(url: &str, args: &[&str]) -> Output {
     })
     .await
     .unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8(output.stderr.clone()).unwrap()
-}
-
-#[track_caller]
-fn assert_exit(output: &Output, want: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(want),
-        "stdout: {}\nstderr: {}",
-        stdout(output),
-        stderr(output)
-    );
 }
 
 #[tokio::test]

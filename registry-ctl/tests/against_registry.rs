@@ -1,6 +1,10 @@
 //! registry-ctl, the built binary, against a real registry-server running
 //! in-process on 127.0.0.1:0: output and exit statuses as scripts see them.
 
+mod common;
+
+use common::{assert_exit, stderr, stdout};
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -54,26 +58,6 @@ async fn ctl_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     })
     .await
     .unwrap()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8(output.stderr.clone()).unwrap()
-}
-
-/// The exit status, with stdout and stderr in the message when it differs.
-#[track_caller]
-fn assert_exit(output: &Output, want: i32) {
-    assert_eq!(
-        output.status.code(),
-        Some(want),
-        "stdout: {}\nstderr: {}",
-        stdout(output),
-        stderr(output)
-    );
 }
 
 /// A free loopback port nothing listens on.
