@@ -278,20 +278,24 @@ impl Registry {
     /// when nothing did: the admin RPCs await it (answered once durable);
     /// changes the registry derives itself (drain progress, a deadline
     /// passing) leave the write queued without waiting.
-    pub(super) fn set_admin(
-        &self,
-        st: &mut NodeState,
-        mut admin: pb::AdminState,
-    ) -> Option<Commit> {
+    pub(super) fn set_admin(&self, st: &mut NodeState, admin: pb::AdminState) -> Option<Commit> {
+        self.apply_admin(st, admin)
+            .then(|| self.store_admin(&st.registration.node_id, &st.admin))
+    }
+
+    /// [`Registry::set_admin`] without the store write, for a state the
+    /// store already holds (a follower applying the leader's record):
+    /// keeps the gauges and sets the state. True when anything changed.
+    pub(super) fn apply_admin(&self, st: &mut NodeState, mut admin: pb::AdminState) -> bool {
         admin.schedulable = !admin.cordoned && admin.drain.is_none();
         if admin == st.admin {
-            return None;
+            return false;
         }
         let (c0, d0) = admin_gauges(&st.admin);
         let (c1, d1) = admin_gauges(&admin);
         self.shared.stats.shift_admin(c1 - c0, d1 - d0);
         st.admin = admin;
-        Some(self.store_admin(&st.registration.node_id, &st.admin))
+        true
     }
 
     /// A listed node's slot, or NOT_FOUND.
@@ -734,6 +738,17 @@ impl Registry {
                 },
             );
         }
+    }
+
+    /// Drops the admin state kept for the unlisted node `node_id`, if any.
+    pub(super) fn forget_parked(&self, node_id: &str) {
+        self.parked().entries.remove(node_id);
+    }
+
+    /// Drops every admin state kept for unlisted nodes (a follower about to
+    /// apply the leader's full set).
+    pub(super) fn clear_all_parked(&self) {
+        self.parked().entries.clear();
     }
 
     /// Admin states kept for nodes that are not listed.

@@ -318,7 +318,7 @@ impl Guard {
 
     /// Forgets the window (after a stall: what passed meanwhile means
     /// nothing).
-    fn reset_window(&self) {
+    pub(super) fn reset_window(&self) {
         let mut w = self.lock();
         w.offline.clear();
         w.scanned_at = None;

@@ -57,6 +57,18 @@ pub struct Loaded {
     /// Admin state by node id, including nodes that are not registered
     /// (a node deregistered while cordoned stays cordoned).
     pub admin: Vec<(String, pb::AdminState)>,
+    /// The latest ONLINE↔OFFLINE transition by node id, for the nodes
+    /// that had one since their registration.
+    pub liveness: Vec<(String, LivenessRecord)>,
+}
+
+/// A node's latest ONLINE↔OFFLINE transition, as the leader recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LivenessRecord {
+    /// ONLINE (true) or OFFLINE.
+    pub online: bool,
+    /// When the transition happened.
+    pub since: DateTime<Utc>,
 }
 
 /// Why the store cannot be opened, read or written.

@@ -7,6 +7,7 @@ mod admin;
 mod feed;
 mod guard;
 mod hygiene;
+mod mirror;
 mod restart;
 
 use std::sync::atomic::AtomicU64;

@@ -105,6 +105,7 @@ fn restarted() -> (Registry, CancellationToken) {
     let (registry, stop) = start();
     let leftover = registry.restore(
         Loaded {
+            liveness: Vec::new(),
             nodes: vec![stored("n1", 11), stored("n2", 12)],
             admin: Vec::new(),
         },
@@ -298,6 +299,7 @@ async fn stored_admin_states_come_back_and_the_rest_are_handed_on() {
     };
     let leftover = registry.restore(
         Loaded {
+            liveness: Vec::new(),
             nodes: vec![stored("n1", 11)],
             admin: vec![
                 ("n1".into(), cordoned.clone()),
