@@ -48,6 +48,16 @@ pub enum RegistryError {
     /// The server is shutting down and ends open streams.
     #[error("registry is shutting down; reconnect later")]
     ShuttingDown,
+    /// This replica does not lead (a follower, or a leader that stepped
+    /// down), so it takes no writes; the answer names the leader when one
+    /// is known (also in the `registry-leader` metadata).
+    #[error("{}", not_leader_message(leader.as_deref(), why))]
+    NotLeader {
+        /// The leader's URL, when known.
+        leader: Option<String>,
+        /// Why this replica does not lead.
+        why: String,
+    },
     /// No valid credentials.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
@@ -155,6 +165,18 @@ impl From<crate::auth::AuthError> for RegistryError {
     }
 }
 
+/// The message of [`RegistryError::NotLeader`].
+fn not_leader_message(leader: Option<&str>, why: &str) -> String {
+    match leader {
+        Some(leader) => {
+            format!("this registry replica does not lead ({why}); the leader is {leader}")
+        }
+        None => format!(
+            "this registry replica does not lead ({why}) and no leader is elected; retry later"
+        ),
+    }
+}
+
 impl RegistryError {
     /// Shorthand for [`RegistryError::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
@@ -173,6 +195,7 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::SessionSuperseded { .. } => tonic::Code::FailedPrecondition,
             RegistryError::StreamReplaced { .. } => tonic::Code::FailedPrecondition,
             RegistryError::ShuttingDown => tonic::Code::Unavailable,
+            RegistryError::NotLeader { .. } => tonic::Code::Unavailable,
             RegistryError::Unauthenticated(_) => tonic::Code::Unauthenticated,
             RegistryError::PermissionDenied(_) => tonic::Code::PermissionDenied,
             RegistryError::NodeTaken { .. } => tonic::Code::AlreadyExists,
@@ -186,6 +209,17 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::WatcherBehind { .. } => tonic::Code::ResourceExhausted,
         };
         let mut status = tonic::Status::new(code, err.to_string());
+        if let RegistryError::NotLeader {
+            leader: Some(leader),
+            ..
+        } = &err
+            && let Ok(value) = leader.parse()
+        {
+            // Clients go straight to the leader instead of probing.
+            status
+                .metadata_mut()
+                .insert(crate::replica::LEADER_METADATA, value);
+        }
         if let RegistryError::StreamReplaced { .. } = err {
             // FAILED_PRECONDITION alone means "register again"; this says
             // "do not": the agent reads it with `rules::stream_replaced`.

@@ -33,6 +33,7 @@ pub mod metrics_port;
 pub mod placement;
 pub mod process;
 pub mod registry;
+pub mod replica;
 pub mod schedule;
 pub mod sd;
 pub mod server;

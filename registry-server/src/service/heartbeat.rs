@@ -29,6 +29,7 @@ use super::check_identity;
 use crate::auth::TokenGrant;
 use crate::error::RegistryError;
 use crate::registry::{NodeSlot, Now, Registry, secrets_equal};
+use crate::replica::Term;
 use crate::validate;
 
 /// The server side of one Heartbeat stream.
@@ -76,6 +77,10 @@ pub(super) struct HeartbeatSession {
     /// The token the stream was opened with, so a reload that removes it
     /// ends the stream; `None` when the server checks no tokens.
     pub(super) grant: Option<TokenGrant>,
+    /// The leadership term the stream was opened under: the stream ends
+    /// when it does, and no message is acknowledged once its lease may
+    /// have run out (a single registry's term never ends).
+    pub(super) term: Term,
 }
 
 /// Waits until a new command is owed; forever before the stream has
@@ -89,6 +94,14 @@ async fn command_owed(commands: &mut Option<watch::Receiver<u64>>) {
             }
         }
         None => std::future::pending::<()>().await,
+    }
+}
+
+/// Why a stream ends when its term does; agents then find the leader.
+fn not_leading() -> RegistryError {
+    RegistryError::NotLeader {
+        leader: None,
+        why: "it stepped down: its etcd lease ended".into(),
     }
 }
 
@@ -142,6 +155,12 @@ impl HeartbeatSession {
                     info!(error = %err, "idle heartbeat stream closed");
                     return Some(Err(err.into()));
                 }
+                () = self.term.lost().cancelled() => {
+                    self.done = true;
+                    metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "stepped_down").increment(1);
+                    info!(node_id = %self.node_id(), "heartbeat stream ended: this replica no longer leads");
+                    return Some(Err(not_leading().into()));
+                }
                 err = crate::auth::revoked(&mut self.grant) => {
                     self.done = true;
                     metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "revoked").increment(1);
@@ -165,6 +184,12 @@ impl HeartbeatSession {
                 message = self.inbound.message() => break message,
             }
         };
+        if !self.term.holds() {
+            // The lease may have expired while this replica was frozen:
+            // another may lead now, so this message is not acknowledged.
+            self.done = true;
+            return Some(Err(not_leading().into()));
+        }
         match message {
             Ok(Some(mut request)) => match self.timed_handle(&mut request) {
                 Ok(ack) => Some(Ok(ack)),

@@ -17,6 +17,7 @@ use crate::error::RegistryError;
 use crate::identity;
 use crate::placement::{self, PlacementIndex, PlacementQuery};
 use crate::registry::{Liveness, NodeFilter, Now, Registry};
+use crate::replica::ReplicaRole;
 use crate::validate;
 use crate::watch::{WatchStream, Watchers};
 
@@ -50,6 +51,9 @@ pub struct NodeRegistryService {
     placement: PlacementIndex,
     /// The cap and timing of WatchNodes streams.
     watchers: Watchers,
+    /// Whether this process leads (always, without replicas): writes and
+    /// heartbeats are refused on a follower, reads marked stale.
+    role: ReplicaRole,
 }
 
 impl NodeRegistryService {
@@ -72,7 +76,15 @@ impl NodeRegistryService {
             first_message_timeout: settings.node_timeout,
             placement,
             watchers: Watchers::new(settings.max_watchers, settings.watch_progress_interval),
+            role: ReplicaRole::single(),
         }
+    }
+
+    /// The service of a replica whose role is `role` (see
+    /// [`crate::replica`]); without it the service always leads.
+    pub fn with_role(mut self, role: ReplicaRole) -> Self {
+        self.role = role;
+        self
     }
 
     /// Whether the caller may make `rpc`; true when it holds an admin
@@ -110,6 +122,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let token_admin = self.authorize(&request, Rpc::Register)?;
+        self.role.writable()?;
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
         check_identity(&identities, token_admin, &registration.node_id)?;
@@ -134,6 +147,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let token_admin = self.authorize(&request, Rpc::Deregister)?;
+        self.role.writable()?;
         let identities = identity::peer_identities(&request);
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
@@ -172,12 +186,12 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let page = self
             .registry
             .list_page(&filter, page_size as usize, &request.page_token);
-        Ok(Response::new(pb::ListNodesResponse {
+        Ok(self.role.mark_read(Response::new(pb::ListNodesResponse {
             nodes: page.nodes,
             next_page_token: page.next_page_token.unwrap_or_default(),
             revision: page.revision,
             registry: Some(self.registry.instance().clone()),
-        }))
+        })))
     }
 
     async fn get_node(
@@ -187,7 +201,9 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         self.authorize(&request, Rpc::GetNode)?;
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
-        Ok(Response::new(self.registry.get(&request.node_id)?))
+        Ok(self
+            .role
+            .mark_read(Response::new(self.registry.get(&request.node_id)?)))
     }
 
     async fn find_pools(
@@ -198,14 +214,14 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let query =
             PlacementQuery::from_request(request.into_inner()).map_err(RegistryError::from)?;
         let placement = self.placement.find(&query).map_err(RegistryError::from)?;
-        Ok(Response::new(pb::FindPoolsResponse {
+        Ok(self.role.mark_read(Response::new(pb::FindPoolsResponse {
             candidates: placement
                 .candidates
                 .into_iter()
                 .map(candidate_to_proto)
                 .collect(),
             revision: placement.revision,
-        }))
+        })))
     }
 
     async fn list_models(
@@ -217,10 +233,10 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         registry_proto::rules::text("model".into(), &request.model).map_err(RegistryError::from)?;
         let only = (!request.model.is_empty()).then_some(request.model.as_str());
         let list = self.placement.list_models(only);
-        Ok(Response::new(pb::ListModelsResponse {
+        Ok(self.role.mark_read(Response::new(pb::ListModelsResponse {
             models: list.models.into_iter().map(model_to_proto).collect(),
             revision: list.revision,
-        }))
+        })))
     }
 
     // Admin RPCs (cordon and drain): validated here, applied by the
@@ -230,6 +246,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         request: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         self.authorize(&request, Rpc::CordonNode)?;
+        self.role.writable()?;
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
         rules::text("reason".into(), &request.reason).map_err(RegistryError::from)?;
@@ -245,6 +262,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         request: Request<pb::UncordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         self.authorize(&request, Rpc::UncordonNode)?;
+        self.role.writable()?;
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
         Ok(Response::new(
@@ -257,6 +275,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         self.authorize(&request, Rpc::DrainNode)?;
+        self.role.writable()?;
         let request = request.into_inner();
         let node_id = request.node_id.clone();
         let drain = validate::drain(request)?;
@@ -272,6 +291,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         request: Request<pb::CancelDrainRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         self.authorize(&request, Rpc::CancelDrain)?;
+        self.role.writable()?;
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
         Ok(Response::new(
@@ -297,7 +317,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             request.start_revision,
             self.shutdown.clone(),
         )?;
-        Ok(Response::new(stream))
+        Ok(self.role.mark_read(Response::new(stream)))
     }
 
     type HeartbeatStream = HeartbeatStream;
@@ -311,6 +331,9 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             .authorize_stream(request.metadata(), Rpc::Heartbeat)
             .map_err(RegistryError::from)?;
         let token_admin = role == Role::Admin && !self.auth.is_open();
+        // A stream lives within one leadership term: it ends when the
+        // term does (see `replica`).
+        let term = self.role.writable()?;
         let identities = identity::peer_identities(&request);
         let open = self
             .registry
@@ -346,6 +369,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             sent_command: 0,
             stream: 0,
             grant,
+            term,
         };
         // No task and no channel per stream: the response stream pulls the
         // next request and answers it, which keeps 100k idle streams cheap.

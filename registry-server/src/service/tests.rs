@@ -160,3 +160,82 @@ async fn list_models_reports_served_and_staged_models() {
         .into_inner();
     assert_eq!(one.models.len(), 1);
 }
+
+#[tokio::test]
+async fn a_follower_refuses_every_write_naming_the_leader_and_marks_its_reads() {
+    let role = crate::replica::ReplicaRole::starting_follower();
+    role.leader_is(Some("http://leader.example:50051".into()));
+    let service = service().with_role(role.clone());
+    let refused = |status: Status| {
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get(crate::replica::LEADER_METADATA)
+                .unwrap(),
+            "http://leader.example:50051"
+        );
+    };
+    let register = pb::RegisterRequest {
+        node_id: "gpu-2".into(),
+        machine_id: "machine-gpu-2".into(),
+        address: "http://gpu-2.example:9200".into(),
+        ..Default::default()
+    };
+    refused(
+        service
+            .register(Request::new(register.clone()))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        service
+            .cordon_node(Request::new(pb::CordonNodeRequest {
+                node_id: "gpu-1".into(),
+                reason: "maintenance".into(),
+            }))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        service
+            .deregister(Request::new(pb::DeregisterRequest {
+                node_id: "gpu-1".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err(),
+    );
+
+    let read = service
+        .find_pools(Request::new(pb::FindPoolsRequest {
+            model: "llama-3.1-8b".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.metadata().get(crate::replica::ROLE_METADATA).unwrap(),
+        "follower"
+    );
+    assert!(
+        read.metadata()
+            .get(crate::replica::STALE_METADATA)
+            .is_some()
+    );
+
+    // Elected: the same service takes writes, and its reads carry no marker.
+    role.lead(crate::replica::Term::new(
+        Arc::new(|| true),
+        CancellationToken::new(),
+    ));
+    service.register(Request::new(register)).await.unwrap();
+    let read = service
+        .find_pools(Request::new(pb::FindPoolsRequest {
+            model: "llama-3.1-8b".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert!(read.metadata().get(crate::replica::ROLE_METADATA).is_none());
+}
