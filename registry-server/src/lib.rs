@@ -21,6 +21,7 @@
 //! - [`config`]: command line and environment settings.
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -266,8 +266,17 @@ where
     ])?;
     let reflection = (!settings.disable_reflection).then_some((reflection_v1, reflection_v1alpha));
     let (reflection_v1, reflection_v1alpha) = reflection.unzip();
+    // What unfinished messages may hold (see `budget`), outermost but for
+    // the metrics, so a refused message is counted like any answer.
+    let budgets = crate::budget::Budgets::new(crate::budget::BudgetLimits {
+        max_message: settings.max_message_size,
+        max_heartbeat_message: settings.max_heartbeat_message_size,
+        per_connection: settings.max_buffered_bytes_per_connection,
+        global: settings.max_buffered_bytes,
+    });
     let serve = builder
         .layer(grpc_metrics)
+        .layer(crate::budget::BudgetLayer::new(budgets))
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
