@@ -46,4 +46,4 @@ pub mod watch;
 
 pub use config::{RevisionBase, Settings};
 pub use error::RegistryError;
-pub use server::{ServerError, run, run_with_metrics};
+pub use server::{Replicas, ServerError, run, run_replica, run_with_metrics};
