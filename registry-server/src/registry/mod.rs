@@ -814,6 +814,15 @@ impl Registry {
         st.liveness = Liveness::Online;
         st.offline_since = None;
         st.status_changed_at = wall;
+        // Queued under the node's lock like every write; nobody waits for
+        // it (a failure is logged by the store).
+        drop(self.shared.store.put_liveness(
+            &st.registration.node_id,
+            crate::store::LivenessRecord {
+                online: true,
+                since: wall,
+            },
+        ));
         self.shared
             .population
             .shift(Liveness::Offline, Liveness::Online);

@@ -399,6 +399,19 @@ impl crate::store::Store for FakeEtcd {
         });
         std::future::ready(Ok(())).boxed()
     }
+    fn put_liveness(
+        &self,
+        node_id: &str,
+        liveness: crate::store::LivenessRecord,
+    ) -> crate::store::Commit {
+        let mut s = self.shared.lock().unwrap();
+        let id = node_id.to_owned();
+        s.watchers.retain(|w| {
+            w.try_send(MirrorEvent::Liveness(id.clone(), liveness))
+                .is_ok()
+        });
+        std::future::ready(Ok(())).boxed()
+    }
     fn close(&self) -> BoxFuture<'static, ()> {
         std::future::ready(()).boxed()
     }
