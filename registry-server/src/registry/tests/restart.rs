@@ -353,3 +353,39 @@ async fn stored_admin_states_come_back_and_the_rest_are_handed_on() {
     assert_eq!(registry.get("n1").unwrap().admin, Some(cordoned.clone()));
     assert_eq!(leftover, vec![("gone".to_string(), cordoned)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_node_stored_offline_is_loaded_offline_and_removed_at_its_retention() {
+    let (registry, _stop) = start();
+    let went_offline = Utc::now() - chrono::Duration::seconds(60);
+    registry.restore(
+        Loaded {
+            nodes: vec![stored("n1", 11), stored("n2", 12)],
+            admin: Vec::new(),
+            liveness: vec![(
+                "n2".into(),
+                crate::store::LivenessRecord {
+                    online: false,
+                    since: went_offline,
+                },
+            )],
+        },
+        Now::read(),
+    );
+    let n2 = registry.get("n2").unwrap();
+    assert_eq!(n2.status(), pb::NodeStatus::Offline);
+    assert!(!n2.suspect, "nothing to doubt about a node known OFFLINE");
+    assert_eq!(registry.get("n1").unwrap().status(), pb::NodeStatus::Online);
+    assert_eq!(
+        (registry.counts().online, registry.counts().offline),
+        (1, 1)
+    );
+    // Its retention counts from when it went OFFLINE, not from the restart.
+    for _ in 0..(RETENTION.as_secs() - 60 + 1) {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert!(
+        registry.get("n2").is_err(),
+        "removed at the end of its retention"
+    );
+}
