@@ -14,6 +14,7 @@
 //! dev-dependency (registry-server's unit tests in `src/` cannot, as this
 //! crate depends on registry-server), integration-tests as a dependency.
 
+pub mod etcd;
 pub mod fixtures;
 pub mod logs;
 pub mod pki;
