@@ -14,7 +14,10 @@
 //!    timeout, for the health of
 //!    [`LEADER_HEALTH_SERVICE`](crate::replica::LEADER_HEALTH_SERVICE); the
 //!    first SERVING one in the order given wins, else the first one without
-//!    that health entry (a registry that is not a replica set).
+//!    that health entry (a registry that is not a replica set), else the
+//!    first follower: its refusal names a leader the list may not hold (a
+//!    replica moved), or says that none is elected. Only when no endpoint
+//!    answers at all is there [`NoLeader`].
 //!
 //! Every client keeps the channels it opened, one per endpoint, so moving
 //! between replicas does not reconnect to the ones it already knows.
@@ -155,23 +158,32 @@ async fn resolve_one(url: &str) -> Vec<Target> {
     if direct.host.parse::<IpAddr>().is_ok() {
         return vec![direct];
     }
-    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
-        return vec![direct];
-    };
     let port = uri
         .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
     let host = direct.host.clone();
-    let mut addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-        Ok(found) => found.collect(),
-        Err(_) => return vec![direct],
-    };
+    match tokio::net::lookup_host((host.as_str(), port)).await {
+        Ok(found) => expand(&uri, direct, found.collect()),
+        Err(_) => vec![direct],
+    }
+}
+
+/// `direct` (the URL `uri` as given) as one endpoint per address in
+/// `addrs` when there are several, else as it is.
+fn expand(uri: &http::Uri, direct: Target, mut addrs: Vec<SocketAddr>) -> Vec<Target> {
     let mut seen = Vec::new();
     addrs.retain(|addr| {
         let new = !seen.contains(addr);
         seen.push(*addr);
         new
     });
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return vec![direct];
+    };
     if addrs.len() < 2 {
         return vec![direct];
     }
@@ -273,10 +285,10 @@ pub enum DialError {
     },
 }
 
-/// No endpoint is the leader now: each one's answer, to log and to retry
-/// on the client's backoff.
+/// No endpoint answered: each one's failure, to log and to retry on the
+/// client's backoff.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no registry leader among {count} endpoints: {report}")]
+#[error("no registry replica answers among {count} endpoints: {report}")]
 pub struct NoLeader {
     /// Endpoints asked.
     pub count: usize,
@@ -469,8 +481,11 @@ impl Replicas {
             let probes =
                 futures_util::future::join_all(targets.iter().map(|target| self.probe(target)))
                     .await;
-            let serving = probes.iter().position(|p| *p == Probe::Serving);
-            if let Some(index) = serving.or_else(|| probes.iter().position(Probe::usable)) {
+            let rank = |wanted: fn(&Probe) -> bool| probes.iter().position(wanted);
+            let pick = rank(|p| *p == Probe::Serving)
+                .or_else(|| rank(|p| matches!(p, Probe::NoHealth(_))))
+                .or_else(|| rank(|p| *p == Probe::NotServing));
+            if let Some(index) = pick {
                 let target = targets[index].clone();
                 if let Ok(channel) = self.channel(&target) {
                     return Ok(self.choose(target, channel));

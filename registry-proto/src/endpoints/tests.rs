@@ -89,6 +89,53 @@ async fn a_name_with_several_addresses_is_several_endpoints() {
     }
 }
 
+#[test]
+fn localhost_with_two_addresses_is_two_endpoints_named_localhost() {
+    let url = "https://localhost:50051";
+    let direct = Target::direct(url).unwrap();
+    let addrs = vec![
+        "127.0.0.1:50051".parse().unwrap(),
+        "[::1]:50051".parse().unwrap(),
+        "127.0.0.1:50051".parse().unwrap(),
+    ];
+    let targets = expand(&url.parse().unwrap(), direct.clone(), addrs);
+    let urls: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
+    assert_eq!(urls, ["https://127.0.0.1:50051", "https://[::1]:50051"]);
+    for target in &targets {
+        assert_eq!(target.origin.as_deref(), Some(url));
+        assert_eq!(target.host, "localhost", "TLS verifies the name");
+    }
+    let one = expand(
+        &url.parse().unwrap(),
+        direct.clone(),
+        vec!["127.0.0.1:50051".parse().unwrap()],
+    );
+    assert_eq!(one, [direct]);
+}
+
+#[tokio::test]
+async fn an_expanded_endpoint_is_dialled_by_address_and_named_by_host() {
+    // Served on 127.0.0.1 only: the ::1 endpoint of "localhost" is
+    // skipped as unreachable, the 127.0.0.1 one answers, and the request
+    // carries the name (origin) the list gave.
+    let leader = HealthServer::start(Some(Serving::Serving)).await;
+    let port = leader.url.rsplit(':').next().unwrap();
+    let url = format!("http://localhost:{port}");
+    let uri: http::Uri = url.parse().unwrap();
+    let targets = expand(
+        &uri,
+        Target::direct(&url).unwrap(),
+        vec![
+            format!("[::1]:{port}").parse().unwrap(),
+            format!("127.0.0.1:{port}").parse().unwrap(),
+        ],
+    );
+    let replicas = replicas(&[&url]);
+    let probes = futures_util::future::join_all(targets.iter().map(|t| replicas.probe(t))).await;
+    assert!(matches!(probes[0], Probe::Unreachable(_)), "{probes:?}");
+    assert_eq!(probes[1], Probe::Serving);
+}
+
 /// A health service on 127.0.0.1:0 saying `status` for the leader entry
 /// (`None`: no such entry), stopped when dropped.
 struct HealthServer {
@@ -163,25 +210,45 @@ async fn a_registry_without_the_entry_is_used_when_none_leads() {
 }
 
 #[tokio::test]
-async fn no_leader_names_every_endpoint_and_its_answer() {
+async fn a_follower_is_asked_when_none_leads_and_no_answer_is_an_error() {
     let follower = HealthServer::start(Some(Serving::NotServing)).await;
     let down = closed_port_url().await;
-    let replicas = replicas(&[&follower.url, &down]);
+    let replicas = replicas(&[&down, &follower.url]);
+    // Its refusal names the leader, or says that none is elected.
+    let chosen = replicas.leader().await.unwrap();
+    assert_eq!(chosen.label, follower.url);
+
+    let other_down = closed_port_url().await;
+    let replicas = self::replicas(&[&down, &other_down]);
     let err = replicas.leader().await.unwrap_err();
     assert_eq!(err.count, 2);
     let text = err.to_string();
+    assert!(text.contains(&format!("{down}: unreachable")), "{text}");
     assert!(
-        text.contains(&format!("{}: NOT_SERVING", follower.url)),
+        text.contains(&format!("{other_down}: unreachable")),
         "{text}"
     );
-    assert!(text.contains(&format!("{down}: unreachable")), "{text}");
     assert_eq!(err.status().code(), Code::Unavailable);
-    // A new leader is found at the next try.
-    follower
+}
+
+#[tokio::test]
+async fn a_new_leader_is_found_at_the_next_look() {
+    let first = HealthServer::start(Some(Serving::Serving)).await;
+    let second = HealthServer::start(Some(Serving::NotServing)).await;
+    let replicas = replicas(&[&first.url, &second.url]);
+    let chosen = replicas.leader().await.unwrap();
+    assert_eq!(chosen.label, first.url);
+    first
+        .reporter
+        .set_service_status(LEADER_HEALTH_SERVICE, Serving::NotServing)
+        .await;
+    second
         .reporter
         .set_service_status(LEADER_HEALTH_SERVICE, Serving::Serving)
         .await;
-    assert_eq!(replicas.leader().await.unwrap().label, follower.url);
+    // The leader stepped down: its streams end UNAVAILABLE.
+    replicas.failed(&chosen, &Status::unavailable("stepped down"));
+    assert_eq!(replicas.leader().await.unwrap().label, second.url);
 }
 
 #[tokio::test]
