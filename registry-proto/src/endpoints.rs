@@ -344,6 +344,10 @@ pub struct Leader {
     pub channel: Channel,
     /// Its [`Target::label`], for logs.
     pub label: String,
+    /// The endpoint itself, for a client that dials its own connection
+    /// (registry-ctl connects eagerly, to report a refused connection
+    /// as such).
+    pub target: Target,
     /// Which choice this is; [`Replicas::failed`] takes it back so that a
     /// failure seen on an endpoint already left behind is not acted on
     /// twice (many nodes share one `Replicas` in fleet-sim).
@@ -446,6 +450,7 @@ impl Replicas {
         Leader {
             channel: state.channel.clone(),
             label: state.current.label(),
+            target: state.current.clone(),
             epoch: state.epoch,
         }
     }
