@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use registry_proto::endpoints::{Dialer, Replicas, parse_list};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
-use registry_proto::endpoints::{Dialer, Replicas, parse_list};
 use tracing::info;
 
 use crate::config::FleetConfig;

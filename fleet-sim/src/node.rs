@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use registry_proto::backoff::Backoff;
 use registry_proto::convert::from_proto_duration;
+use registry_proto::endpoints::{Leader, Replicas};
 use registry_proto::pb;
 use registry_proto::pb::heartbeat_response::Command;
-use registry_proto::endpoints::{Leader, Replicas};
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
