@@ -117,13 +117,13 @@ impl Registry {
     /// Prints a one-line warning to stderr (once) when a follower replica
     /// answered and said how stale its answer may be.
     fn warn_if_stale(&self, metadata: &tonic::metadata::MetadataMap) {
-        if let Some(stale) = replica::staleness(metadata) {
-            if !self.warned.swap(true, Ordering::Relaxed) {
-                eprintln!(
-                    "registry-ctl: warning: answered by a follower replica ({}); it may be stale: {stale}",
-                    self.url
-                );
-            }
+        if let Some(stale) = replica::staleness(metadata)
+            && !self.warned.swap(true, Ordering::Relaxed)
+        {
+            eprintln!(
+                "registry-ctl: warning: answered by a follower replica ({}); it may be stale: {stale}",
+                self.url
+            );
         }
     }
 

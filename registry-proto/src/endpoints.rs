@@ -469,10 +469,10 @@ impl Replicas {
         let mut report = Vec::new();
         if let Some(target) = hint.as_deref().and_then(Target::direct) {
             let probe = self.probe(&target).await;
-            if probe.usable() {
-                if let Ok(channel) = self.channel(&target) {
-                    return Ok(self.choose(target, channel));
-                }
+            if probe.usable()
+                && let Ok(channel) = self.channel(&target)
+            {
+                return Ok(self.choose(target, channel));
             }
             report.push(format!("{} (the leader hint): {probe}", target.label()));
         }
