@@ -126,3 +126,16 @@ fn a_bad_entry_in_the_list_is_a_configuration_error_naming_it() {
     assert!(err.contains("registry[1]"), "{err}");
     assert!(err.contains("127.0.0.1:2"), "{err}");
 }
+
+#[tokio::test]
+async fn a_host_name_is_dialled_by_its_addresses_skipping_those_not_served() {
+    test_support::init_logs();
+    // Served on 127.0.0.1 only. Where "localhost" also resolves to ::1 it
+    // is two endpoints, and ::1 (nothing listening) is passed over.
+    let leader = TestRegistry::start(registry_settings()).await;
+    let url = format!("http://localhost:{}", leader.addr.port());
+    let agent = Agent::start(config(&url, "r5"));
+    heartbeating(&leader, "r5").await;
+    agent.stop().await.unwrap();
+    leader.stop().await;
+}
