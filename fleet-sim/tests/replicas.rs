@@ -57,6 +57,19 @@ async fn all_online(registry: &TestRegistry) {
     .await;
 }
 
+/// Waits until every node of the fleet has an acked heartbeat stream.
+async fn all_attached(stats: &fleet_sim::Stats) {
+    eventually("every node attached", WAIT, || async {
+        let attached = stats.snapshot().attached;
+        if attached == NODES as i64 {
+            Ok(())
+        } else {
+            Err(format!("{attached} attached"))
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_follows_the_leader_and_keeps_its_sessions() {
     let dir = tempfile::tempdir().unwrap();
@@ -67,25 +80,18 @@ async fn the_fleet_follows_the_leader_and_keeps_its_sessions() {
     config.interval = Some(Duration::from_millis(200));
     config.ack_timeout = Duration::from_secs(2);
     let fleet = Fleet::start(config).expect("the fleet starts");
+    let stats = fleet.stats();
     all_online(&leader).await;
+    all_attached(&stats).await;
     assert_eq!(follower.refused(), 0, "the leader was found by its health");
-    assert_eq!(fleet.stats().snapshot().registrations, NODES as u64);
+    assert_eq!(stats.snapshot().registrations, NODES as u64);
 
     // The leader goes; a new one appears where only the follower points.
     leader.stop().await;
     let leader = TestRegistry::start(settings(dir.path())).await;
     follower.point_at(Some(leader.url()));
     all_online(&leader).await;
-    let stats = fleet.stats();
-    eventually("every node attached again", WAIT, || async {
-        let attached = stats.snapshot().attached;
-        if attached == NODES as i64 {
-            Ok(())
-        } else {
-            Err(format!("{attached} attached"))
-        }
-    })
-    .await;
+    all_attached(&stats).await;
     assert!(follower.refused() > 0, "the hint led to the new leader");
     assert_eq!(
         stats.snapshot().registrations,
