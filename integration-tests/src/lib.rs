@@ -48,6 +48,7 @@ pub mod engine;
 pub mod error;
 pub mod process;
 pub mod registry;
+pub mod replicas;
 
 pub use agent::{AgentProcess, AgentSpec};
 pub use cluster::{Cluster, Nodes, expect_status, find_pools, list_nodes};

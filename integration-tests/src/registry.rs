@@ -202,7 +202,9 @@ async fn spawn_and_wait(
         .args(args)
         // Each test's registry keeps its own state (or none): never the
         // binary's default directory, shared by every run.
+        // (unless `args` names a store itself: the replicas' etcd).
         .args(match data_dir {
+            _ if args.iter().any(|a| a == "--store") => Vec::new(),
             Some(dir) => vec![
                 "--store".into(),
                 "embedded".into(),

@@ -55,18 +55,38 @@ pub fn leader_hint(status: &Status) -> Option<String> {
 /// saying that no leader is elected when there is none. For servers and
 /// the test stubs that stand in for followers.
 pub fn not_leader(leader: Option<&str>) -> Status {
-    match leader.and_then(|url| MetadataValue::try_from(url).ok().map(|v| (url, v))) {
-        Some((url, value)) => {
-            let mut status = Status::unavailable(format!(
-                "this registry replica is a follower; writes go to the leader at {url}"
-            ));
-            status.metadata_mut().insert(LEADER_METADATA, value);
-            status
-        }
-        None => Status::unavailable(
-            "this registry replica is a follower and no leader elected; retry later",
-        ),
-    }
+    let mut status =
+        match leader.and_then(|url| MetadataValue::try_from(url).ok().map(|v| (url, v))) {
+            Some((url, value)) => {
+                let mut status = Status::unavailable(format!(
+                    "this registry replica is a follower; writes go to the leader at {url}"
+                ));
+                status.metadata_mut().insert(LEADER_METADATA, value);
+                status
+            }
+            None => Status::unavailable(
+                "this registry replica is a follower and no leader elected; retry later",
+            ),
+        };
+    status
+        .metadata_mut()
+        .insert(ROLE_METADATA, MetadataValue::from_static(ROLE_FOLLOWER));
+    status
+}
+
+/// The longest a client waits before asking again after
+/// [`refused_by_replica`]: the registry answered, and an election takes
+/// at most a lease's TTL, so a long backoff would only leave the node
+/// silent past its timeout once a leader is back.
+pub const REPLICA_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `status` is a replica's refusal because it does not lead (a
+/// follower, or a leader that stepped down): UNAVAILABLE with the
+/// follower role or a leader hint.
+pub fn refused_by_replica(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+        && (role(status.metadata()) == Some(ROLE_FOLLOWER)
+            || status.metadata().get(LEADER_METADATA).is_some())
 }
 
 /// The [`STALE_METADATA`] text of an answer, when a follower sent one.
@@ -83,6 +103,16 @@ pub fn role(metadata: &MetadataMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_by_a_replica_are_told_from_other_unavailable_answers() {
+        assert!(refused_by_replica(&not_leader(None)));
+        assert!(refused_by_replica(&not_leader(Some(
+            "http://10.0.0.2:50051"
+        ))));
+        assert!(!refused_by_replica(&Status::unavailable("shutting down")));
+        assert!(!refused_by_replica(&Status::not_found("gpu-1")));
+    }
 
     #[test]
     fn a_follower_refusal_carries_the_leader() {

@@ -209,16 +209,18 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::WatcherBehind { .. } => tonic::Code::ResourceExhausted,
         };
         let mut status = tonic::Status::new(code, err.to_string());
-        if let RegistryError::NotLeader {
-            leader: Some(leader),
-            ..
-        } = &err
-            && let Ok(value) = leader.parse()
-        {
-            // Clients go straight to the leader instead of probing.
-            status
-                .metadata_mut()
-                .insert(crate::replica::LEADER_METADATA, value);
+        if let RegistryError::NotLeader { leader, .. } = &err {
+            // Clients retry soon (see `replica::refused_by_replica`) and
+            // go straight to the leader when it is named.
+            status.metadata_mut().insert(
+                crate::replica::ROLE_METADATA,
+                tonic::metadata::MetadataValue::from_static(registry_proto::replica::ROLE_FOLLOWER),
+            );
+            if let Some(value) = leader.as_ref().and_then(|l| l.parse().ok()) {
+                status
+                    .metadata_mut()
+                    .insert(crate::replica::LEADER_METADATA, value);
+            }
         }
         if let RegistryError::StreamReplaced { .. } = err {
             // FAILED_PRECONDITION alone means "register again"; this says

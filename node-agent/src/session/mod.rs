@@ -456,6 +456,19 @@ async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
     }
 }
 
+/// The wait before trying again after `status`: the backoff's, but at
+/// most [`registry_proto::replica::REPLICA_RETRY_MAX`] when a replica
+/// answered that it does not lead (an election is under way; a long wait
+/// would leave the node silent past its timeout once a leader is back).
+fn retry_delay(backoff: &mut Backoff, status: &Status) -> Duration {
+    let delay = backoff.next_delay();
+    if registry_proto::replica::refused_by_replica(status) {
+        delay.min(registry_proto::replica::REPLICA_RETRY_MAX)
+    } else {
+        delay
+    }
+}
+
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -503,7 +516,7 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                         continue;
                     }
                     Err(status) => {
-                        let delay = backoff.next_delay();
+                        let delay = retry_delay(&mut backoff, &status);
                         agent.failed("register", &status, delay);
                         if wait(delay, &mut shutdown).await {
                             return;
@@ -566,7 +579,7 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                 let delay = if revoked {
                     agent.config.register_refused_retry
                 } else {
-                    backoff.next_delay()
+                    retry_delay(&mut backoff, &status)
                 };
                 agent.failed("heartbeat stream", &status, delay);
                 jitter = false;

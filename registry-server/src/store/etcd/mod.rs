@@ -384,7 +384,14 @@ impl Etcd {
                     return Follow::Closed;
                 }
             }
-            if let Some(header) = response.header() {
+            // A progress notification (no events, not the creation
+            // answer) says every change up to its revision was delivered;
+            // other headers name the store's revision, which may be ahead
+            // of events still on their way.
+            if response.events().is_empty()
+                && !response.created()
+                && let Some(header) = response.header()
+            {
                 *next = (*next).max(header.revision() + 1);
             }
         }

@@ -1,0 +1,229 @@
+//! One test's replicated world: a real etcd cluster on loopback, several
+//! registry-server replicas on it, agents given every replica, and views
+//! of the fleet through any replica.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use test_support::etcd::EtcdCluster;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::agent::{AgentProcess, AgentSpec};
+use crate::binaries::binaries;
+use crate::cluster::{Nodes, list_nodes};
+use crate::ctl::{CtlOutput, run_ctl};
+use crate::error::HarnessError;
+use crate::registry::{RegistryProcess, Timing};
+
+/// The health entry that is SERVING on the leader only.
+pub const LEADER_SERVICE: &str = "registry.v1.NodeRegistry";
+
+/// etcd, the replicas and the agents, all killed when this is dropped.
+#[derive(Debug)]
+pub struct ReplicaSet {
+    /// The agents (dropped first).
+    agents: Vec<AgentProcess>,
+    /// The replicas, by index.
+    replicas: Vec<RegistryProcess>,
+    /// The etcd members.
+    etcd: EtcdCluster,
+    /// Where every process of this test logs.
+    log_dir: PathBuf,
+    /// The replicas' timing.
+    timing: Timing,
+}
+
+impl ReplicaSet {
+    /// Starts a 3-member etcd cluster, `replicas` registries on it with
+    /// `timing` and the etcd lease `lease_ttl`, and one agent per spec given
+    /// every replica. `None` when etcd is not installed (outside CI; see
+    /// [`EtcdCluster::start`]).
+    pub async fn start(
+        test: &str,
+        replicas: usize,
+        timing: Timing,
+        lease_ttl: Duration,
+        specs: Vec<AgentSpec>,
+    ) -> Result<Option<Self>, HarnessError> {
+        let Some(etcd) = EtcdCluster::start(3) else {
+            return Ok(None);
+        };
+        let bins = binaries()?;
+        let log_dir = bins.target_dir.join("e2e-logs").join(test);
+        let _ = std::fs::remove_dir_all(&log_dir);
+        std::fs::create_dir_all(&log_dir)
+            .map_err(|err| HarnessError::io(format!("creating {}", log_dir.display()), err))?;
+        let mut set = Self {
+            agents: Vec::new(),
+            replicas: Vec::new(),
+            etcd,
+            log_dir,
+            timing,
+        };
+        for i in 0..replicas {
+            let args = vec![
+                "--store".to_owned(),
+                "etcd".to_owned(),
+                "--etcd-endpoints".to_owned(),
+                set.etcd.endpoints_arg(),
+                "--etcd-prefix".to_owned(),
+                format!("/{test}"),
+                "--etcd-lease-ttl".to_owned(),
+                format!("{}ms", lease_ttl.as_millis()),
+            ];
+            let replica = RegistryProcess::start_with_args(
+                &bins.registry_server,
+                &set.log_dir.join(format!("registry-{i}.log")),
+                timing,
+                args,
+            )
+            .await?;
+            set.replicas.push(replica);
+        }
+        for spec in specs {
+            let log = set.log_dir.join(format!("agent-{}.log", spec.node_id));
+            let agent = AgentProcess::start(
+                &bins.node_agent,
+                &log,
+                &set.registry_arg(),
+                timing.heartbeat_interval,
+                spec,
+            )?;
+            set.agents.push(agent);
+        }
+        Ok(Some(set))
+    }
+
+    /// Every replica's URL, comma-separated, as agents and registry-ctl
+    /// take it.
+    pub fn registry_arg(&self) -> String {
+        self.replicas
+            .iter()
+            .map(RegistryProcess::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The replicas' timing.
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Replica `i`.
+    pub fn replica(&mut self, i: usize) -> &mut RegistryProcess {
+        &mut self.replicas[i]
+    }
+
+    /// The etcd members.
+    pub fn etcd(&mut self) -> &mut EtcdCluster {
+        &mut self.etcd
+    }
+
+    /// The agents.
+    pub fn agents(&self) -> &[AgentProcess] {
+        &self.agents
+    }
+
+    /// Replica `i`'s health for `service` ("" is the process as a whole;
+    /// [`LEADER_SERVICE`] is SERVING on the leader only); `None` when it
+    /// does not answer.
+    pub async fn health(&self, i: usize, service: &str) -> Option<ServingStatus> {
+        health(&self.replicas[i].url(), service).await
+    }
+
+    /// The replicas whose `registry.v1.NodeRegistry` health is SERVING now.
+    pub async fn leaders(&self) -> Vec<usize> {
+        let mut leaders = Vec::new();
+        for i in 0..self.replicas.len() {
+            if self.health(i, LEADER_SERVICE).await == Some(ServingStatus::Serving) {
+                leaders.push(i);
+            }
+        }
+        leaders
+    }
+
+    /// Waits until exactly one replica leads, and returns it.
+    pub async fn wait_leader(&self, timeout: Duration) -> usize {
+        test_support::eventually("exactly one replica leads", timeout, || async {
+            match self.leaders().await.as_slice() {
+                [one] => Ok(*one),
+                many => Err(format!("leading: {many:?}")),
+            }
+        })
+        .await
+    }
+
+    /// Every node replica `i` lists (its own copy on a follower).
+    pub async fn nodes_via(&self, i: usize) -> Result<Nodes, HarnessError> {
+        list_nodes(&self.replicas[i].url()).await
+    }
+
+    /// Waits until replica `i` lists every agent's node ONLINE.
+    pub async fn wait_all_online_via(&self, i: usize, timeout: Duration) -> Nodes {
+        let url = self.replicas[i].url();
+        let ids: Vec<String> = self.agents.iter().map(|a| a.spec.node_id.clone()).collect();
+        test_support::eventually("every agent's node ONLINE", timeout, || {
+            let (url, ids) = (url.clone(), ids.clone());
+            async move {
+                let nodes = list_nodes(&url).await.map_err(|e| e.to_string())?;
+                for id in &ids {
+                    match nodes.get(id) {
+                        Some(node) if node.status() == registry_proto::pb::NodeStatus::Online => {}
+                        other => return Err(format!("{id}: {:?}", other.map(|n| n.status()))),
+                    }
+                }
+                Ok(nodes)
+            }
+        })
+        .await
+    }
+
+    /// Runs `registry-ctl --registry <every replica> ARGS...`.
+    pub async fn ctl(&self, args: &[&str], timeout: Duration) -> Result<CtlOutput, HarnessError> {
+        let bins = binaries()?;
+        run_ctl(
+            &bins.registry_ctl,
+            &self.log_dir.join("registry-ctl.log"),
+            &self.registry_arg(),
+            args,
+            timeout,
+        )
+        .await
+    }
+
+    /// Where this test's logs are.
+    pub fn log_dir(&self) -> &std::path::Path {
+        &self.log_dir
+    }
+}
+
+/// The health for `service` of the registry at `url` ("" is the process as
+/// a whole; [`LEADER_SERVICE`] is SERVING on the leader only); `None` when
+/// it does not answer within a second.
+pub async fn health(url: &str, service: &str) -> Option<ServingStatus> {
+    let check = async {
+        let channel = tonic::transport::Channel::from_shared(url.to_owned())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let answer = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .ok()?;
+        ServingStatus::try_from(answer.into_inner().status).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(1), check)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Whether the registry at `url` leads now.
+pub async fn leads(url: &str) -> bool {
+    health(url, LEADER_SERVICE).await == Some(ServingStatus::Serving)
+}

@@ -1,0 +1,307 @@
+//! Registry replicas on a real 3-member etcd cluster, as real processes:
+//! leader SIGKILL, a leader frozen past its lease, etcd losing quorum. In
+//! every one, no node is ever listed OFFLINE, by any replica.
+//!
+//! Each test skips (with a line saying so) where etcd is not installed,
+//! except under CI=true, where `.ci/run` installs it.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use integration_tests::replicas::{ReplicaSet, leads};
+use integration_tests::{AgentSpec, Timing, list_nodes};
+use nix::sys::signal::Signal;
+use registry_proto::pb;
+use registry_proto::pb::node_registry_client::NodeRegistryClient;
+use tokio_util::sync::CancellationToken;
+
+/// Short timings so each test takes seconds.
+const TIMING: Timing = Timing {
+    node_timeout: Duration::from_secs(3),
+    heartbeat_interval: Duration::from_millis(500),
+};
+/// The etcd lease of the leadership.
+const TTL: Duration = Duration::from_secs(2);
+
+fn agents() -> Vec<AgentSpec> {
+    (1..=3)
+        .map(|i| AgentSpec::new(&format!("node-{i}"), 1, &format!("pool-{i},slots=2")))
+        .collect()
+}
+
+/// Polls every replica's ListNodes every 100 ms until stopped, and keeps
+/// whatever it ever saw OFFLINE (replica, node) — the tests' "0 OFFLINE at
+/// any point".
+struct OfflineWatch {
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    stop: CancellationToken,
+}
+
+impl OfflineWatch {
+    fn start(urls: Vec<String>) -> Self {
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let stop = CancellationToken::new();
+        let (s, st) = (seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !st.is_cancelled() {
+                for url in &urls {
+                    // A replica that is down, frozen or without etcd may
+                    // not answer; only what is listed counts.
+                    let listed =
+                        tokio::time::timeout(Duration::from_millis(500), list_nodes(url)).await;
+                    if let Ok(Ok(nodes)) = listed {
+                        for node in nodes.values() {
+                            if node.status() == pb::NodeStatus::Offline {
+                                s.lock()
+                                    .unwrap()
+                                    .insert(format!("{} on {url}", node.node_id));
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { seen, stop }
+    }
+
+    fn finish(self) -> BTreeSet<String> {
+        self.stop.cancel();
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Every replica's URL.
+fn urls(set: &mut ReplicaSet, replicas: usize) -> Vec<String> {
+    (0..replicas).map(|i| set.replica(i).url()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline() {
+    let Some(mut set) = ReplicaSet::start("replicas-sigkill", 3, TIMING, TTL, agents())
+        .await
+        .expect("the replica set starts")
+    else {
+        return;
+    };
+    let leader = set.wait_leader(Duration::from_secs(30)).await;
+    set.wait_all_online_via(leader, Duration::from_secs(30))
+        .await;
+    let cordon = set
+        .ctl(
+            &["cordon", "node-1", "--reason", "maintenance"],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cordon.code, Some(0), "{cordon}");
+    let watch = OfflineWatch::start(urls(&mut set, 3));
+
+    let killed_at = Instant::now();
+    set.replica(leader).kill().unwrap();
+    let new_leader = set.wait_leader(TTL + Duration::from_secs(10)).await;
+    let elected_after = killed_at.elapsed();
+    assert_ne!(new_leader, leader);
+    // The lease's TTL bounds the failover; 1 s more for the election and
+    // the test's own polling, 1 s for a loaded machine.
+    assert!(
+        elected_after < TTL + Duration::from_secs(2),
+        "a new leader after {elected_after:?}"
+    );
+
+    // Every agent heartbeats to the new leader with its session: no node
+    // is suspect there any more.
+    let before: std::collections::BTreeMap<_, _> = set
+        .nodes_via(new_leader)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, n)| (id, n.session_id))
+        .collect();
+    let new_url = set.replica(new_leader).url();
+    test_support::eventually(
+        "every agent heard by the new leader",
+        Duration::from_secs(10),
+        || {
+            let url = new_url.clone();
+            async move {
+                let nodes = list_nodes(&url).await.map_err(|e| e.to_string())?;
+                let doubted: Vec<_> = nodes
+                    .values()
+                    .filter(|n| n.suspect)
+                    .map(|n| &n.node_id)
+                    .collect();
+                if nodes.len() == 3 && doubted.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("{} listed, suspect: {doubted:?}", nodes.len()))
+                }
+            }
+        },
+    )
+    .await;
+    let after = set.nodes_via(new_leader).await.unwrap();
+    for (id, node) in &after {
+        assert_eq!(node.session_id, before[id], "{id} registered again");
+        assert_eq!(node.status(), pb::NodeStatus::Online, "{id}");
+    }
+    assert!(
+        after["node-1"].admin.as_ref().is_some_and(|a| a.cordoned),
+        "the cordon survives the failover"
+    );
+    let offline = watch.finish();
+    assert!(offline.is_empty(), "listed OFFLINE: {offline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_steps_down_and_never_leads_beside_the_new_one() {
+    let Some(mut set) = ReplicaSet::start("replicas-sigstop", 2, TIMING, TTL, agents())
+        .await
+        .expect("the replica set starts")
+    else {
+        return;
+    };
+    let old = set.wait_leader(Duration::from_secs(30)).await;
+    set.wait_all_online_via(old, Duration::from_secs(30)).await;
+    let watch = OfflineWatch::start(urls(&mut set, 2));
+
+    // Two leaders at once would both be SERVING: look all along.
+    let both = Arc::new(Mutex::new(false));
+    let looking = CancellationToken::new();
+    let (b, l) = (both.clone(), looking.clone());
+    let replica_urls = urls(&mut set, 2);
+    // Health is set by the replica's tasks, which a resumed process runs
+    // a moment after it wakes (writes and heartbeats check the lease
+    // synchronously, so none is accepted meanwhile): two leaders count
+    // when two polls in a row, 100 ms apart, see them.
+    tokio::spawn(async move {
+        let mut before = false;
+        while !l.is_cancelled() {
+            let mut serving = 0;
+            for url in &replica_urls {
+                if leads(url).await {
+                    serving += 1;
+                }
+            }
+            if serving > 1 && before {
+                *b.lock().unwrap() = true;
+            }
+            before = serving > 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    let process = set.replica(old).process().unwrap().pid();
+    let pid = nix::unistd::Pid::from_raw(process as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    let new = set.wait_leader(TTL + Duration::from_secs(10)).await;
+    assert_ne!(new, old);
+    set.wait_all_online_via(new, Duration::from_secs(15)).await;
+    // Frozen well past its lease, then resumed.
+    tokio::time::sleep(TTL).await;
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The resumed replica follows: NodeRegistry NOT_SERVING, writes refused
+    // naming the new leader, its streams gone to the new leader.
+    assert_eq!(set.leaders().await, vec![new]);
+    let mut client = NodeRegistryClient::connect(set.replica(old).url())
+        .await
+        .unwrap();
+    let refused = client
+        .cordon_node(pb::CordonNodeRequest {
+            node_id: "node-2".into(),
+            reason: "late write".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let nodes = set.nodes_via(new).await.unwrap();
+    assert!(!nodes["node-2"].admin.as_ref().is_some_and(|a| a.cordoned));
+    looking.cancel();
+    assert!(
+        !*both.lock().unwrap(),
+        "two replicas were SERVING as leader at once"
+    );
+    let offline = watch.finish();
+    assert!(offline.is_empty(), "listed OFFLINE: {offline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_quorum_reads_go_on_writes_are_refused_and_no_node_goes_offline() {
+    let Some(mut set) = ReplicaSet::start("replicas-quorum", 2, TIMING, TTL, agents())
+        .await
+        .expect("the replica set starts")
+    else {
+        return;
+    };
+    set.wait_leader(Duration::from_secs(30)).await;
+    // Both copies complete before etcd goes.
+    for i in 0..2 {
+        set.wait_all_online_via(i, Duration::from_secs(30)).await;
+    }
+    let watch = OfflineWatch::start(urls(&mut set, 2));
+
+    // Two of three members stop: no quorum.
+    set.etcd().stop_member(1);
+    set.etcd().stop_member(2);
+    let replica_urls = urls(&mut set, 2);
+    test_support::eventually(
+        "the leader steps down",
+        TTL + Duration::from_secs(5),
+        || {
+            let replicas = replica_urls.clone();
+            async move {
+                for url in &replicas {
+                    if leads(url).await {
+                        return Err(format!("{url} still leads"));
+                    }
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+
+    // Reads are served by every replica, marked stale.
+    for i in 0..2 {
+        let mut client = NodeRegistryClient::connect(set.replica(i).url())
+            .await
+            .unwrap();
+        let answer = client
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .unwrap();
+        assert!(
+            answer.metadata().get("registry-stale").is_some(),
+            "replica {i} does not say its answer may be stale"
+        );
+        assert_eq!(answer.into_inner().nodes.len(), 3);
+    }
+    // Writes are refused with a clear message.
+    let refused = set
+        .ctl(
+            &["cordon", "node-1", "--reason", "no quorum"],
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap();
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert!(
+        refused.stderr.contains("UNAVAILABLE") || refused.stderr.contains("unavailable"),
+        "{refused}"
+    );
+
+    // Longer than a node timeout without etcd, then quorum returns.
+    tokio::time::sleep(TIMING.node_timeout).await;
+    set.etcd().start_member(1);
+    set.etcd().start_member(2);
+    let leader = set.wait_leader(Duration::from_secs(30)).await;
+    set.wait_all_online_via(leader, Duration::from_secs(15))
+        .await;
+    // One more node timeout on the new term: still nobody OFFLINE.
+    tokio::time::sleep(TIMING.node_timeout + Duration::from_secs(1)).await;
+    let offline = watch.finish();
+    assert!(offline.is_empty(), "listed OFFLINE: {offline:?}");
+}
