@@ -178,10 +178,31 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_MAX_CLOCK_SKEW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_clock_skew: Duration,
 
-    /// Largest gRPC message accepted, in bytes; larger ones are refused
-    /// before decoding (tonic answers OUT_OF_RANGE).
+    /// Largest gRPC message accepted, in bytes (Register, admin and read
+    /// calls); larger ones are refused as soon as their length prefix
+    /// arrives, with OUT_OF_RANGE.
     #[arg(long, env = "REGISTRY_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
     pub max_message_size: usize,
+
+    /// Largest Heartbeat message accepted, in bytes (a heartbeat with 64
+    /// pools is a few KiB); a larger one ends the stream with OUT_OF_RANGE
+    /// as soon as its length prefix arrives.
+    #[arg(long, env = "REGISTRY_MAX_HEARTBEAT_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_heartbeat_message_size: usize,
+
+    /// Most bytes of unfinished messages one connection may hold; a request
+    /// that would hold more ends with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "REGISTRY_MAX_BUFFERED_BYTES_PER_CONNECTION",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub max_buffered_bytes_per_connection: usize,
+
+    /// Most bytes of unfinished messages all connections together may
+    /// hold; a request that would hold more ends with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "REGISTRY_MAX_BUFFERED_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
 
     /// Most concurrent HTTP/2 streams on one connection (a simulator or a
     /// proxy may carry many nodes' heartbeat streams on one connection).
@@ -355,6 +376,9 @@ impl Default for Settings {
             offline_retention: timing.offline_retention,
             max_clock_skew: Duration::from_secs(3600),
             max_message_size: 1024 * 1024,
+            max_heartbeat_message_size: 64 * 1024,
+            max_buffered_bytes_per_connection: 4 * 1024 * 1024,
+            max_buffered_bytes: 128 * 1024 * 1024,
             max_streams_per_connection: 1024,
             max_connections: 16_384,
             max_connections_per_address: 4096,
@@ -436,6 +460,19 @@ impl Settings {
         }
         if self.max_message_size < 4096 {
             return Err("--max-message-size must be at least 4096 bytes".into());
+        }
+        if self.max_heartbeat_message_size < 1024
+            || self.max_heartbeat_message_size > self.max_message_size
+        {
+            return Err(
+                "--max-heartbeat-message-size must be at least 1024 bytes and at most --max-message-size"
+                    .into(),
+            );
+        }
+        if self.max_buffered_bytes_per_connection < self.max_message_size
+            || self.max_buffered_bytes < self.max_buffered_bytes_per_connection
+        {
+            return Err("--max-buffered-bytes-per-connection must be at least --max-message-size (or no message of the largest size could arrive), and --max-buffered-bytes at least --max-buffered-bytes-per-connection".into());
         }
         if self.max_streams_per_connection == 0
             || self.max_connections == 0

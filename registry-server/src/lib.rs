@@ -21,6 +21,7 @@
 //! - [`config`]: command line and environment settings.
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -45,4 +46,4 @@ pub mod watch;
 
 pub use config::{RevisionBase, Settings};
 pub use error::RegistryError;
-pub use server::{ServerError, run, run_with_metrics};
+pub use server::{Replicas, ServerError, run, run_replica, run_with_metrics};

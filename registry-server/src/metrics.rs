@@ -84,6 +84,9 @@ pub const AUTH_TOKENS: &str = "registry_auth_tokens";
 /// stricter took over (`reason` = replaced: a newer stream of the session;
 /// superseded: a newer session; revoked: the stream's token was removed).
 pub const STREAMS_ENDED: &str = "registry_heartbeat_streams_ended_total";
+/// Requests ended because of a message's size or the bytes unfinished
+/// messages held (`reason` = too_large, connection_budget, global_budget).
+pub const MESSAGES_REFUSED: &str = "registry_messages_refused_total";
 
 /// Histogram buckets for store commits: 100 µs to 1 s.
 const STORE_BUCKETS: &[f64] = &[
@@ -193,6 +196,10 @@ pub fn describe() {
     describe_counter!(
         STREAMS_ENDED,
         "Heartbeat streams ended by the registry because a newer stream or session took over, or their token was revoked."
+    );
+    describe_counter!(
+        MESSAGES_REFUSED,
+        "Requests ended because a message was larger than its method allows, or unfinished messages would have held more bytes than the connection's or the server's budget."
     );
     describe_counter!(
         STALLS,

@@ -20,6 +20,7 @@ use crate::grpc_metrics::GrpcMetricsLayer;
 use crate::metrics_port::MetricsEndpoint;
 use crate::placement::PlacementIndex;
 use crate::registry::{Now, Options, Registry};
+use crate::replica::{Replica, ReplicaRole};
 use crate::service::NodeRegistryService;
 
 /// Why the server could not start or stopped with an error.
@@ -97,7 +98,46 @@ pub async fn run_with_metrics(
     metrics: MetricsEndpoint,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    serve(listener, settings, Some(metrics), shutdown, expiry::run).await
+    serve(
+        listener,
+        settings,
+        Some(metrics),
+        shutdown,
+        expiry::run,
+        None,
+    )
+    .await
+}
+
+/// One replica of several (see [`crate::replica`]): `store` takes the
+/// leader's writes (fenced by its term), `coordinator` elects and feeds
+/// the follower's copy. The server runs the replica loop instead of a
+/// single expiry task; `metrics`, when given, is served as by
+/// [`run_with_metrics`].
+pub async fn run_replica(
+    listener: TcpListener,
+    settings: Settings,
+    replicas: Replicas,
+    metrics: Option<MetricsEndpoint>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    serve(
+        listener,
+        settings,
+        metrics,
+        shutdown,
+        expiry::run,
+        Some(replicas),
+    )
+    .await
+}
+
+/// What a replica coordinates through: the fenced store and the election.
+pub struct Replicas {
+    /// Where the leader's writes go (each fenced by its term).
+    pub store: Arc<dyn crate::store::Store>,
+    /// Election, leader discovery and the follower's watch.
+    pub coordinator: Arc<dyn crate::replica::Coordinator>,
 }
 
 /// [`run`] with the deadline loop built by `expiry` from the registry and
@@ -110,10 +150,10 @@ pub async fn run_with<E, F>(
     expiry: E,
 ) -> Result<(), ServerError>
 where
-    E: FnOnce(Registry, CancellationToken) -> F,
+    E: Fn(Registry, CancellationToken) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    serve(listener, settings, None, shutdown, expiry).await
+    serve(listener, settings, None, shutdown, expiry, None).await
 }
 
 /// The server, with the metrics port when `metrics` is given.
@@ -123,9 +163,10 @@ async fn serve<E, F>(
     metrics: Option<MetricsEndpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     expiry: E,
+    replicas: Option<Replicas>,
 ) -> Result<(), ServerError>
 where
-    E: FnOnce(Registry, CancellationToken) -> F,
+    E: Fn(Registry, CancellationToken) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     settings.check().map_err(ServerError::Settings)?;
@@ -145,8 +186,16 @@ where
     let tls = tls_config(&settings)?;
     // Everything stored is read before anything is served; a store that
     // cannot be read stops the start (exit 2), never an empty registry.
-    let store = crate::store::open(&settings)?;
-    let loaded = store.load().await?;
+    // A replica reads its records in its replica loop (a follower's copy,
+    // kept current by the watch); a single registry reads them here.
+    let (store, coordinator) = match replicas {
+        Some(Replicas { store, coordinator }) => (store, Some(coordinator)),
+        None => (crate::store::open(&settings)?, None),
+    };
+    let loaded = match coordinator {
+        Some(_) => crate::store::Loaded::default(),
+        None => store.load().await?,
+    };
     info!(store = %store.describe(), nodes = loaded.nodes.len(), admin_states = loaded.admin.len(), "store loaded");
     // FindPools and ListModels answer from this index, fed by the registry
     // core's change feed: one `apply` per event, in revision order.
@@ -174,7 +223,33 @@ where
         registry.park_loaded(parked, now);
     }
     let stop = CancellationToken::new();
-    let mut expiry_task = tokio::spawn(expiry(registry.clone(), stop.clone()));
+    let role = match coordinator {
+        Some(_) => ReplicaRole::starting_follower(),
+        None => ReplicaRole::single(),
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // The deadline loop: a single registry's expiry task, or the replica
+    // loop that runs one per leadership term. Either ending before
+    // shutdown stops the server.
+    let mut expiry_task = match coordinator {
+        None => tokio::spawn({
+            let run = expiry(registry.clone(), stop.clone());
+            async move {
+                run.await;
+                Ok(())
+            }
+        }),
+        Some(coordinator) => {
+            let replica = Replica {
+                registry: registry.clone(),
+                role: role.clone(),
+                coordinator,
+                health: health.clone(),
+            };
+            let stop = stop.clone();
+            tokio::spawn(async move { replica.run(stop, expiry).await.map_err(|e| e.0) })
+        }
+    };
     let metrics_task = tokio::spawn(crate::metrics::publish(registry.clone(), stop.clone()));
     let auth_task = tokio::spawn(auth.clone().watch(stop.clone()));
     let http_task = metrics.map(|endpoint| {
@@ -186,10 +261,16 @@ where
         })
     });
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<NodeRegistryServer<NodeRegistryService>>()
-        .await;
+    if !role.leads() {
+        // A replica: SERVING once it leads (the replica loop says so).
+        health
+            .set_not_serving::<NodeRegistryServer<NodeRegistryService>>()
+            .await;
+    } else {
+        health
+            .set_serving::<NodeRegistryServer<NodeRegistryService>>()
+            .await;
+    }
     health
         .set_service_status(
             registry_proto::LIVENESS_HEALTH_SERVICE,
@@ -213,13 +294,10 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let registry_service = NodeRegistryServer::new(NodeRegistryService::new(
-        registry.clone(),
-        &settings,
-        auth,
-        stop.clone(),
-        placement,
-    ))
+    let registry_service = NodeRegistryServer::new(
+        NodeRegistryService::new(registry.clone(), &settings, auth, stop.clone(), placement)
+            .with_role(role),
+    )
     .max_decoding_message_size(settings.max_message_size);
 
     let on_shutdown = {
@@ -266,8 +344,17 @@ where
     ])?;
     let reflection = (!settings.disable_reflection).then_some((reflection_v1, reflection_v1alpha));
     let (reflection_v1, reflection_v1alpha) = reflection.unzip();
+    // What unfinished messages may hold (see `budget`), outermost but for
+    // the metrics, so a refused message is counted like any answer.
+    let budgets = crate::budget::Budgets::new(crate::budget::BudgetLimits {
+        max_message: settings.max_message_size,
+        max_heartbeat_message: settings.max_heartbeat_message_size,
+        per_connection: settings.max_buffered_bytes_per_connection,
+        global: settings.max_buffered_bytes,
+    });
     let serve = builder
         .layer(grpc_metrics)
+        .layer(crate::budget::BudgetLayer::new(budgets))
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
@@ -299,7 +386,8 @@ where
             return std::future::pending().await;
         }
         match joined {
-            Ok(()) => "it returned".to_string(),
+            Ok(Ok(())) => "it returned".to_string(),
+            Ok(Err(why)) => why,
             Err(err) => join_failure(err),
         }
     };

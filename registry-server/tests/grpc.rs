@@ -513,14 +513,14 @@ async fn invalid_registrations_are_refused_naming_the_field() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    // A message over the size limit is refused by the transport (tonic
-    // reports OUT_OF_RANGE) before any handler runs.
+    // A message over the size limit is refused (OUT_OF_RANGE) as soon as
+    // its length prefix arrives, before any handler runs.
     let mut huge = register_request("keeper");
     huge.labels.insert("blob".into(), "x".repeat(2 << 20));
     let err = client.register(huge).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{}", err.message());
     assert!(
-        err.message().contains("message length too large"),
+        err.message().contains("--max-message-size"),
         "{}",
         err.message()
     );

@@ -176,7 +176,7 @@ fn cases() -> Vec<Case> {
         reg("long model name", InvalidArgument, "pools[0].model", |r| {
             r.pools[0].model = "m".repeat(300)
         }),
-        reg("1 MiB label", OutOfRange, "message length too large", |r| {
+        reg("1 MiB label", OutOfRange, "--max-message-size", |r| {
             r.labels.insert("big".into(), "x".repeat(1 << 20));
         }),
         reg(
@@ -232,7 +232,7 @@ fn cases() -> Vec<Case> {
         reg(
             "message over the size limit",
             OutOfRange,
-            "message length too large",
+            "--max-message-size",
             |r| r.agent_version = "v".repeat(2 << 20),
         ),
         reg(
@@ -340,9 +340,20 @@ fn cases() -> Vec<Case> {
         bad_beat("duplicate pool status", "pools[1].pool_id", |b| {
             b.pools.push(b.pools[0].clone())
         }),
-        bad_beat("10,000 pool statuses", "pools", |b| {
-            b.pools = vec![b.pools[0].clone(); 10_000]
+        bad_beat("65 pool statuses", "pools", |b| {
+            b.pools = vec![b.pools[0].clone(); 65]
         }),
+        // Refused from its length prefix, before it is buffered.
+        beats(
+            "10,000 pool statuses (a heartbeat over its size limit)",
+            "--max-heartbeat-message-size",
+            Code::OutOfRange,
+            |session| {
+                let mut request = beat("beater", session, 1);
+                request.pools = vec![request.pools[0].clone(); 10_000];
+                vec![request]
+            },
+        ),
         bad_beat("timestamp far in the future", "sent_at", move |b| {
             b.sent_at = ts(now + 2 * 86_400, 0)
         }),

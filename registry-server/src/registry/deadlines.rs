@@ -217,6 +217,13 @@ impl Registry {
         st.liveness = Liveness::Offline;
         st.offline_since = Some(since);
         st.status_changed_at = now.wall;
+        drop(self.shared.store.put_liveness(
+            &st.registration.node_id,
+            crate::store::LivenessRecord {
+                online: false,
+                since: now.wall,
+            },
+        ));
         self.shared.stats.shift_pools(&before, &st.pool_tally());
         self.shared
             .population

@@ -266,7 +266,7 @@ impl Registry {
 
 /// The monotonic instant of the wall-clock time `wall`, as seen at `now`
 /// (never after `now`).
-fn instant_of(wall: DateTime<Utc>, now: Now) -> Instant {
+pub(super) fn instant_of(wall: DateTime<Utc>, now: Now) -> Instant {
     let ago = (now.wall - wall).to_std().unwrap_or_default();
     now.at.checked_sub(ago).unwrap_or(now.at)
 }

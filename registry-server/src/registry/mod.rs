@@ -736,11 +736,20 @@ impl Registry {
     /// session, so its agent's heartbeat stream resumes without Register.
     /// Its deadline is `now + node_timeout` (the restart grace): it is not
     /// OFFLINE before, and until it is heard from (or goes OFFLINE) its id
-    /// is reserved for its machine.
+    /// is reserved for its machine. A node whose latest stored transition
+    /// was to OFFLINE is loaded OFFLINE (since then), and removed at the
+    /// end of its retention unless it comes back.
     pub fn restore(&self, loaded: Loaded, now: Now) -> Vec<(String, pb::AdminState)> {
         let timeout = self.shared.timing.node_timeout;
         let grace_until = now.wall + chrono::Duration::from_std(timeout).unwrap_or_default();
         let mut admin: BTreeMap<String, pb::AdminState> = loaded.admin.into_iter().collect();
+        // Nodes whose latest recorded transition was to OFFLINE stay so.
+        let offline: BTreeMap<String, DateTime<Utc>> = loaded
+            .liveness
+            .into_iter()
+            .filter(|(_, l)| !l.online)
+            .map(|(id, l)| (id, l.since))
+            .collect();
         let mut restored = 0usize;
         let mut nodes = self.write_nodes();
         for record in loaded.nodes {
@@ -756,11 +765,17 @@ impl Registry {
                 now.wall,
             );
             state.registered_at = record.registered_at;
-            // No liveness change is known since the stored registration
-            // (liveness is never stored); OFFLINE later sets it anew.
-            state.status_changed_at = record.registered_at;
-            self.set_suspect(&mut state, RESTART_SUSPECT);
-            state.restart_grace_until = Some(grace_until);
+            let offline_since = offline.get(&*id).copied();
+            if let Some(since) = offline_since {
+                state.liveness = Liveness::Offline;
+                state.status_changed_at = since;
+                state.offline_since = Some(mirror::instant_of(since, now));
+            } else {
+                // ONLINE as last recorded: trusted again once heard from.
+                state.status_changed_at = record.registered_at;
+                self.set_suspect(&mut state, RESTART_SUSPECT);
+                state.restart_grace_until = Some(grace_until);
+            }
             if let Some(stored) = admin.remove(&*id) {
                 // Into the gauges like any admin change; the deadline of a
                 // pending drain comes back onto the monotonic clock (the
@@ -773,16 +788,21 @@ impl Registry {
                 id: id.clone(),
                 state: Mutex::new(state),
             });
-            {
+            let liveness = {
                 let mut st = slot.lock();
-                self.wake_by(&slot, &mut st, now.at + timeout);
+                let first_look = match st.offline_since {
+                    Some(since) => since + self.shared.timing.offline_retention,
+                    None => now.at + timeout,
+                };
+                self.wake_by(&slot, &mut st, first_look);
                 if let Some(at) = Self::drain_wakeup(&st) {
                     self.wake_by(&slot, &mut st, at);
                 }
                 self.publish(&mut st, EventKind::Added);
-            }
+                st.liveness
+            };
             nodes.insert(id, slot);
-            self.shared.population.add(Liveness::Online);
+            self.shared.population.add(liveness);
             restored += 1;
         }
         drop(nodes);
@@ -814,6 +834,15 @@ impl Registry {
         st.liveness = Liveness::Online;
         st.offline_since = None;
         st.status_changed_at = wall;
+        // Queued under the node's lock like every write; nobody waits for
+        // it (a failure is logged by the store).
+        drop(self.shared.store.put_liveness(
+            &st.registration.node_id,
+            crate::store::LivenessRecord {
+                online: true,
+                since: wall,
+            },
+        ));
         self.shared
             .population
             .shift(Liveness::Offline, Liveness::Online);

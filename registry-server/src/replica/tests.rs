@@ -3,8 +3,8 @@
 //! the term ends, takeover grace.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -356,4 +356,241 @@ async fn a_follower_cut_off_from_etcd_marks_its_reads_and_catches_up() {
     assert!(a.role.leads());
     assert_eq!(a.registry.get("n1").unwrap().session_id, 11);
     a.stop.cancel();
+}
+
+// The whole server as a replica, over gRPC on loopback: the stand-in etcd
+// also takes the leader's store writes, so the follower's copy follows
+// them as it would follow etcd's watch.
+
+impl crate::store::Store for FakeEtcd {
+    fn load(&self) -> BoxFuture<'static, Result<Loaded, StoreError>> {
+        let nodes = self
+            .shared
+            .lock()
+            .unwrap()
+            .nodes
+            .values()
+            .cloned()
+            .collect();
+        std::future::ready(Ok(Loaded {
+            nodes,
+            ..Loaded::default()
+        }))
+        .boxed()
+    }
+    fn put_node(&self, record: NodeRecord) -> crate::store::Commit {
+        self.put(record);
+        std::future::ready(Ok(())).boxed()
+    }
+    fn delete_node(&self, node_id: &str) -> crate::store::Commit {
+        let mut s = self.shared.lock().unwrap();
+        s.nodes.remove(node_id);
+        let id = node_id.to_owned();
+        s.watchers
+            .retain(|w| w.try_send(MirrorEvent::DeleteNode(id.clone())).is_ok());
+        std::future::ready(Ok(())).boxed()
+    }
+    fn put_admin(&self, node_id: &str, admin: Option<pb::AdminState>) -> crate::store::Commit {
+        let mut s = self.shared.lock().unwrap();
+        let id = node_id.to_owned();
+        s.watchers.retain(|w| {
+            w.try_send(MirrorEvent::Admin(id.clone(), admin.clone()))
+                .is_ok()
+        });
+        std::future::ready(Ok(())).boxed()
+    }
+    fn put_liveness(
+        &self,
+        node_id: &str,
+        liveness: crate::store::LivenessRecord,
+    ) -> crate::store::Commit {
+        let mut s = self.shared.lock().unwrap();
+        let id = node_id.to_owned();
+        s.watchers.retain(|w| {
+            w.try_send(MirrorEvent::Liveness(id.clone(), liveness))
+                .is_ok()
+        });
+        std::future::ready(Ok(())).boxed()
+    }
+    fn close(&self) -> BoxFuture<'static, ()> {
+        std::future::ready(()).boxed()
+    }
+    fn describe(&self) -> String {
+        "an in-memory stand-in for etcd".into()
+    }
+}
+
+mod over_grpc {
+    use std::net::SocketAddr;
+
+    use registry_proto::pb::node_registry_client::NodeRegistryClient;
+    use tokio::net::TcpListener;
+    use tonic::transport::Channel;
+
+    use super::*;
+    use crate::config::Settings;
+
+    /// A replica server on 127.0.0.1:0, stopped when `stop` is cancelled.
+    async fn serve(etcd: &FakeEtcd, stop: CancellationToken) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = Settings {
+            node_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            ..Settings::default()
+        };
+        let replicas = crate::server::Replicas {
+            store: Arc::new(etcd.clone()),
+            coordinator: etcd.replica(&format!("http://{addr}")),
+        };
+        tokio::spawn(crate::server::run_replica(
+            listener,
+            settings,
+            replicas,
+            None,
+            async move { stop.cancelled().await },
+        ));
+        addr
+    }
+
+    async fn client(addr: SocketAddr) -> NodeRegistryClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        NodeRegistryClient::new(channel)
+    }
+
+    fn register_request() -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            node_id: "gpu-1".into(),
+            machine_id: "machine-gpu-1".into(),
+            address: "http://gpu-1.example:9200".into(),
+            agent_version: "test".into(),
+            ..Default::default()
+        }
+    }
+
+    fn beat(session_id: u64, secret: &str, sequence: u64) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            node_id: "gpu-1".into(),
+            session_id,
+            session_secret: secret.into(),
+            sequence,
+            sent_at: Some(registry_proto::convert::to_proto_timestamp(
+                chrono::Utc::now(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    /// Waits (real time) until `check` holds, at most 10 s.
+    async fn until(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_follower_points_writers_at_the_leader_whose_streams_move_on_failover() {
+        let etcd = FakeEtcd::default();
+        let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+        let a = serve(&etcd, stop_a.clone()).await;
+        until("A leads", || etcd.leader().is_some()).await;
+        let b = serve(&etcd, stop_b.clone()).await;
+        assert_eq!(etcd.leader(), Some(format!("http://{a}")));
+
+        // B refuses Register and names A; A takes it.
+        let refused = client(b)
+            .await
+            .register(register_request())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert_eq!(
+            refused.metadata().get(LEADER_METADATA).unwrap(),
+            format!("http://{a}").as_str()
+        );
+        let registered = client(a)
+            .await
+            .register(register_request())
+            .await
+            .unwrap()
+            .into_inner();
+        let (session, secret) = (registered.session_id, registered.session_secret);
+
+        // B's copy lists the node, marked as a follower's answer.
+        let mut on_b = client(b).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let read = loop {
+            match on_b
+                .get_node(pb::GetNodeRequest {
+                    node_id: "gpu-1".into(),
+                })
+                .await
+            {
+                Ok(read) => break read,
+                Err(status) if status.code() == tonic::Code::NotFound => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "B's copy never listed gpu-1"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        };
+        assert_eq!(read.metadata().get(ROLE_METADATA).unwrap(), "follower");
+        assert_eq!(read.into_inner().session_id, session);
+
+        // A heartbeat stream on A is acknowledged...
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(beat(session, &secret, 1)).await.unwrap();
+        let mut acks = client(a)
+            .await
+            .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acks.message().await.unwrap().unwrap().sequence, 1);
+
+        // ...and ends with UNAVAILABLE when A's term ends.
+        etcd.expire_leader();
+        let ended = tokio::time::timeout(Duration::from_secs(10), acks.message())
+            .await
+            .expect("the stream outlived the term")
+            .unwrap_err();
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+        until("B leads", || etcd.leader() == Some(format!("http://{b}"))).await;
+
+        // The agent resumes on B with its session: no re-registration.
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(beat(session, &secret, 2)).await.unwrap();
+        let mut acks = on_b
+            .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acks.message().await.unwrap().unwrap().sequence, 2);
+        let node = on_b
+            .get_node(pb::GetNodeRequest {
+                node_id: "gpu-1".into(),
+            })
+            .await
+            .unwrap();
+        assert!(node.metadata().get(ROLE_METADATA).is_none(), "B leads now");
+        assert_eq!(node.into_inner().status(), pb::NodeStatus::Online);
+        // A, a follower now, refuses writes.
+        let refused = client(a)
+            .await
+            .register(register_request())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        stop_a.cancel();
+        stop_b.cancel();
+    }
 }

@@ -112,9 +112,17 @@ pub trait Store: Send + Sync + 'static {
     fn load(&self) -> BoxFuture<'static, Result<Loaded, StoreError>>;
     /// Writes a node's record (register, re-register), replacing the old.
     fn put_node(&self, record: NodeRecord) -> Commit;
-    /// Deletes a node's record (deregister, removal after retention); its
-    /// admin state stays.
+    /// Deletes a node's record and its liveness record (deregister, removal
+    /// after retention); its admin state stays.
     fn delete_node(&self, node_id: &str) -> Commit;
+    /// Writes a node's latest ONLINE↔OFFLINE transition (never a
+    /// heartbeat), so a follower's copy and the next leader know which
+    /// nodes were OFFLINE. Backends that do not keep it (memory) answer
+    /// at once.
+    fn put_liveness(&self, node_id: &str, liveness: LivenessRecord) -> Commit {
+        let _ = (node_id, liveness);
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// Writes a node's admin state, or deletes it with `None` (uncordoned
     /// and not draining: nothing to remember).
     fn put_admin(&self, node_id: &str, admin: Option<pb::AdminState>) -> Commit;

@@ -16,6 +16,8 @@ use crate::store::{Commit, Loaded, NodeRecord, Store, StoreError, secret_sha256}
 enum Write {
     PutNode(String, u64),
     DeleteNode(String),
+    /// A liveness transition: ONLINE (true) or OFFLINE.
+    Liveness(String, bool),
 }
 
 /// A store that records every write, and fails them when told to.
@@ -54,6 +56,9 @@ impl Store for Recorder {
     }
     fn delete_node(&self, node_id: &str) -> Commit {
         self.answer(Write::DeleteNode(node_id.to_string()))
+    }
+    fn put_liveness(&self, node_id: &str, liveness: crate::store::LivenessRecord) -> Commit {
+        self.answer(Write::Liveness(node_id.to_string(), liveness.online))
     }
     fn put_admin(&self, _node_id: &str, _admin: Option<pb::AdminState>) -> Commit {
         std::future::ready(Ok(())).boxed()
@@ -156,7 +161,44 @@ async fn register_deregister_and_removal_write_through_and_heartbeats_never_do()
             Write::PutNode("n1".into(), again.session_id),
             Write::DeleteNode("n1".into()),
             Write::PutNode("n2".into(), n2),
+            Write::Liveness("n2".into(), false),
             Write::DeleteNode("n2".into()),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn liveness_transitions_are_written_and_heartbeats_between_them_are_not() {
+    let recorder = Arc::new(Recorder::default());
+    let (registry, _stop) = start_with(recorder.clone());
+    let reg = registry.register(registration("n1"), Now::read()).unwrap();
+    let slot = registry
+        .attach("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    // Silent past the timeout, in steps (one jump would read as a stall).
+    for _ in 0..31 {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert_eq!(
+        registry.get("n1").unwrap().status(),
+        pb::NodeStatus::Offline
+    );
+    for _ in 0..3 {
+        registry
+            .heartbeat(
+                &slot,
+                reg.session_id,
+                beat(pb::PoolState::Ready),
+                Instant::now(),
+            )
+            .unwrap();
+    }
+    assert_eq!(
+        recorder.writes(),
+        vec![
+            Write::PutNode("n1".into(), reg.session_id),
+            Write::Liveness("n1".into(), false),
+            Write::Liveness("n1".into(), true),
         ]
     );
 }
@@ -310,4 +352,40 @@ async fn stored_admin_states_come_back_and_the_rest_are_handed_on() {
     );
     assert_eq!(registry.get("n1").unwrap().admin, Some(cordoned.clone()));
     assert_eq!(leftover, vec![("gone".to_string(), cordoned)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_stored_offline_is_loaded_offline_and_removed_at_its_retention() {
+    let (registry, _stop) = start();
+    let went_offline = Utc::now() - chrono::Duration::seconds(60);
+    registry.restore(
+        Loaded {
+            nodes: vec![stored("n1", 11), stored("n2", 12)],
+            admin: Vec::new(),
+            liveness: vec![(
+                "n2".into(),
+                crate::store::LivenessRecord {
+                    online: false,
+                    since: went_offline,
+                },
+            )],
+        },
+        Now::read(),
+    );
+    let n2 = registry.get("n2").unwrap();
+    assert_eq!(n2.status(), pb::NodeStatus::Offline);
+    assert!(!n2.suspect, "nothing to doubt about a node known OFFLINE");
+    assert_eq!(registry.get("n1").unwrap().status(), pb::NodeStatus::Online);
+    assert_eq!(
+        (registry.counts().online, registry.counts().offline),
+        (1, 1)
+    );
+    // Its retention counts from when it went OFFLINE, not from the restart.
+    for _ in 0..(RETENTION.as_secs() - 60 + 1) {
+        advance(Duration::from_secs(1)).await;
+    }
+    assert!(
+        registry.get("n2").is_err(),
+        "removed at the end of its retention"
+    );
 }
