@@ -153,7 +153,8 @@ command -v jq >/dev/null 2>&1 || fail "jq is missing (it reads registry-ctl's JS
 log "starting project $project (profile ha)"
 # `up` returns once every etcd member and replica is healthy and the agents
 # are started (depends_on: service_healthy).
-"${compose[@]}" up -d --no-build "${services[@]}"
+"${compose[@]}" up -d --no-build "${services[@]}" ||
+  fail "the stack did not come up (a container exited or stayed unhealthy; logs below)"
 for replica in "${replicas[@]}"; do
   url[$replica]=$("${compose[@]}" port "$replica" 50051)
   log "$replica published on ${url[$replica]}"
