@@ -148,7 +148,15 @@ if [ "${COMPOSE_TEST_SKIP_BUILD:-0}" != 1 ]; then
   scripts/build-images.sh >/dev/null
 fi
 [ -x "$ctl" ] || fail "$ctl is missing; run scripts/build-images.sh"
-command -v jq >/dev/null 2>&1 || fail "jq is missing (it reads registry-ctl's JSON); install the package jq"
+# jq reads registry-ctl's JSON (suspect and cordon are not in its table).
+if ! command -v jq >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing jq"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends jq >/dev/null
+  else
+    fail "jq is missing (it reads registry-ctl's JSON); install the package jq"
+  fi
+fi
 
 log "starting project $project (profile ha)"
 # `up` returns once every etcd member and replica is healthy and the agents
