@@ -96,10 +96,11 @@ follows() {
 # when REPLICA cannot answer. Reads are served by followers too.
 nodes() {
   local json rc=0
+  # stderr apart: a follower's answer comes with a staleness warning there.
   # list exits 1 when no node matches: an empty table, not an error.
-  json=$("$ctl" --registry "${url[$1]}" --timeout 2s -o json list 2>&1) || rc=$?
+  json=$("$ctl" --registry "${url[$1]}" --timeout 2s -o json list 2>/dev/null) || rc=$?
   [ "$rc" -le 1 ] || {
-    echo "$1 cannot list nodes: $json"
+    echo "$1 cannot list nodes (exit $rc): $("$ctl" --registry "${url[$1]}" --timeout 2s list 2>&1 >/dev/null)"
     return 1
   }
   [ -n "$json" ] || return 0
