@@ -140,6 +140,9 @@ pub enum StoreKind {
     Memory,
     /// A redb file in `--data-dir`.
     Embedded,
+    /// etcd (`--etcd-endpoints`), shared by several replicas of which one
+    /// leads (see docs/ha.md).
+    Etcd,
 }
 
 /// Default `--data-dir`: the conventional place for a service's state.
@@ -356,6 +359,70 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_RESET_STORE")]
     pub reset_store: bool,
 
+    /// etcd client URLs for `--store etcd`, comma-separated
+    /// (`http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    #[arg(
+        long,
+        env = "REGISTRY_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "URL,..."
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of this registry's records in etcd (several registries
+    /// may share one etcd under different prefixes).
+    #[arg(long, env = "REGISTRY_ETCD_PREFIX", default_value = "/gpu-registry")]
+    pub etcd_prefix: String,
+
+    /// Lease of the leadership: a leader cut off from etcd this long steps
+    /// down, and a new one is elected about this long after a leader dies
+    /// (rounded up to whole seconds, at least 2 s).
+    #[arg(long, env = "REGISTRY_ETCD_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub etcd_lease_ttl: Duration,
+
+    /// PEM CA bundle that signed etcd's server certificates (TLS to etcd).
+    #[arg(long, env = "REGISTRY_ETCD_CA", value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// PEM client certificate for etcd (mTLS to etcd); needs --etcd-key.
+    #[arg(
+        long,
+        env = "REGISTRY_ETCD_CERT",
+        value_name = "FILE",
+        requires = "etcd_key"
+    )]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// PEM private key of --etcd-cert.
+    #[arg(
+        long,
+        env = "REGISTRY_ETCD_KEY",
+        value_name = "FILE",
+        requires = "etcd_cert"
+    )]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user (etcd's own authentication); the password comes from
+    /// --etcd-password-file or REGISTRY_ETCD_PASSWORD.
+    #[arg(long, env = "REGISTRY_ETCD_USER")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password (first line).
+    #[arg(long, env = "REGISTRY_ETCD_PASSWORD_FILE", value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+
+    /// The etcd user's password (prefer --etcd-password-file: the
+    /// environment of a process is readable by its user).
+    #[arg(long = "etcd-password", env = "REGISTRY_ETCD_PASSWORD", hide = true)]
+    pub etcd_password: Option<String>,
+
+    /// The URL clients reach this replica at, handed to them by the other
+    /// replicas as the leader's address (`registry-leader`). Default:
+    /// `http://` and the listen address, which must then not be a
+    /// wildcard (0.0.0.0 or ::).
+    #[arg(long, env = "REGISTRY_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
+
     /// PEM CA bundle; when set, every client must present a certificate it
     /// signed (mTLS), and a node's certificate must name its node_id.
     #[arg(
@@ -405,6 +472,16 @@ impl Default for Settings {
             store: StoreKind::Memory,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             reset_store: false,
+            etcd_endpoints: Vec::new(),
+            etcd_prefix: "/gpu-registry".into(),
+            etcd_lease_ttl: Duration::from_secs(10),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            etcd_user: None,
+            etcd_password_file: None,
+            etcd_password: None,
+            advertise_url: None,
         }
     }
 }
@@ -500,6 +577,40 @@ impl Settings {
                 "--mass-offline-protection must be above zero (switch the guard off with --mass-offline-threshold 0)"
                     .into(),
             );
+        }
+        if self.store == StoreKind::Etcd {
+            if self.etcd_endpoints.is_empty() {
+                return Err(
+                    "--store etcd needs --etcd-endpoints (etcd client URLs, comma-separated)"
+                        .into(),
+                );
+            }
+            if let Some(bad) = self
+                .etcd_endpoints
+                .iter()
+                .find(|url| !(url.starts_with("http://") || url.starts_with("https://")))
+            {
+                return Err(format!(
+                    "--etcd-endpoints: {bad:?} is not an http:// or https:// URL"
+                ));
+            }
+            if self.etcd_lease_ttl < Duration::from_secs(2) {
+                return Err("--etcd-lease-ttl must be at least 2s".into());
+            }
+            if !self.etcd_prefix.starts_with('/') || self.etcd_prefix.ends_with('/') {
+                return Err(
+                    "--etcd-prefix must start with '/' and not end with one (e.g. /gpu-registry)"
+                        .into(),
+                );
+            }
+            if self.etcd_user.is_some()
+                && self.etcd_password.is_none()
+                && self.etcd_password_file.is_none()
+            {
+                return Err(
+                    "--etcd-user needs --etcd-password-file (or REGISTRY_ETCD_PASSWORD)".into(),
+                );
+            }
         }
         if self.store == StoreKind::Embedded && self.data_dir.as_os_str().is_empty() {
             return Err("--data-dir must name a directory for --store embedded".into());

@@ -60,11 +60,37 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let served = match metrics {
-        Some(metrics) => {
-            registry_server::run_with_metrics(listener, settings, metrics, shutdown_signal()).await
+    let served = if settings.store == registry_server::config::StoreKind::Etcd {
+        // One replica of several: its URL for clients sent to the leader.
+        let advertise = match advertise_url(&settings, &listener) {
+            Ok(url) => url,
+            Err(why) => {
+                error!("invalid settings: {why}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        info!(advertise = %advertise, "a replica on etcd: clients are sent to the leader's advertised URL");
+        match registry_server::store::etcd::replicas(&settings, advertise).await {
+            Ok(replicas) => {
+                registry_server::run_replica(
+                    listener,
+                    settings,
+                    replicas,
+                    metrics,
+                    shutdown_signal(),
+                )
+                .await
+            }
+            Err(err) => Err(registry_server::ServerError::Store(err)),
         }
-        None => registry_server::run(listener, settings, shutdown_signal()).await,
+    } else {
+        match metrics {
+            Some(metrics) => {
+                registry_server::run_with_metrics(listener, settings, metrics, shutdown_signal())
+                    .await
+            }
+            None => registry_server::run(listener, settings, shutdown_signal()).await,
+        }
     };
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,6 +103,29 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The URL other replicas hand to clients for this one: --advertise-url,
+/// else `http://` and the bound address unless that is a wildcard.
+fn advertise_url(
+    settings: &registry_server::config::Settings,
+    listener: &TcpListener,
+) -> Result<String, String> {
+    if let Some(url) = &settings.advertise_url {
+        return Ok(url.clone());
+    }
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    if bound.ip().is_unspecified() {
+        return Err(format!(
+            "--advertise-url is needed with --store etcd when listening on {bound}: name the URL clients reach this replica at (e.g. http://registry-1:50051)"
+        ));
+    }
+    let scheme = if settings.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(format!("{scheme}://{bound}"))
 }
 
 /// Binds the metrics port and installs the recorder it renders.

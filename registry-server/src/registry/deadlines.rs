@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::guard::Verdict;
 use super::node::{Liveness, NodeSlot, NodeState};
@@ -68,10 +68,12 @@ impl Registry {
                     Outcome::WentOffline {
                         node_id,
                         silent_for,
-                    } => warn!(
+                    } => super::lines::budgeted!(
+                        self.shared.lines.offline,
+                        warn,
+                        "node offline: no heartbeat within the node timeout",
                         node_id = %node_id,
-                        silent_for = %humantime::format_duration(silent_for),
-                        "node offline: no heartbeat within the node timeout"
+                        silent_for = %humantime::format_duration(silent_for)
                     ),
                     Outcome::Held { tripped: None } => {}
                     Outcome::Held {
@@ -82,7 +84,12 @@ impl Registry {
                     ),
                     Outcome::Rescan => self.scan_late(now.at),
                     Outcome::Removed { node_id } => {
-                        info!(node_id = %node_id, "offline node removed after retention");
+                        super::lines::budgeted!(
+                            self.shared.lines.removed,
+                            info,
+                            "offline node removed after retention",
+                            node_id = %node_id
+                        );
                     }
                 },
                 Due::At(at) => break Some(at),

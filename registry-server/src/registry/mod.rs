@@ -68,6 +68,7 @@ mod admin;
 mod deadlines;
 mod guard;
 mod input;
+pub(crate) mod lines;
 mod mirror;
 mod node;
 mod read;
@@ -162,6 +163,8 @@ struct Shared {
     /// Where durable records are written (register, deregister, removal,
     /// admin changes; never heartbeats).
     store: Arc<dyn Store>,
+    /// Log lines per second for per-node events (see `lines`).
+    lines: lines::Lines,
 }
 
 /// How a registry is built beyond its timing.
@@ -278,6 +281,7 @@ impl Registry {
                 parked: Mutex::default(),
                 guard: guard::Guard::new(options.guard),
                 store: options.store,
+                lines: lines::Lines::default(),
             }),
         }
     }
@@ -394,7 +398,7 @@ impl Registry {
             .cloned();
         let registration = match known {
             Some(slot) => match self.renew(&slot, registration, session_id, &session_secret, now) {
-                Renewal::Done(result) => return log_renewal(&slot, result),
+                Renewal::Done(result) => return log_renewal(&self.shared.lines, &slot, result),
                 Renewal::Gone(registration) => *registration,
             },
             None => registration,
@@ -408,7 +412,7 @@ impl Registry {
             Some(slot) => match self.renew(&slot, registration, session_id, &session_secret, now) {
                 Renewal::Done(result) => {
                     drop(nodes);
-                    return log_renewal(&slot, result);
+                    return log_renewal(&self.shared.lines, &slot, result);
                 }
                 Renewal::Gone(registration) => *registration,
             },
@@ -449,7 +453,7 @@ impl Registry {
         drop(nodes);
         self.shared.population.add(Liveness::Online);
         Stats::bump(&self.shared.stats.registrations);
-        info!(node_id = %id, session_id = %session_id, "node registered");
+        lines::budgeted!(self.shared.lines.registered, info, "node registered", node_id = %id, session_id = %session_id);
         Ok((
             Registered {
                 session_id,
@@ -592,7 +596,7 @@ impl Registry {
         };
         self.unlink(&slot);
         Stats::bump(&self.shared.stats.deregistrations);
-        info!(node_id = %node_id, "node deregistered");
+        lines::budgeted!(self.shared.lines.deregistered, info, "node deregistered", node_id = %node_id);
         Ok(commit)
     }
 
@@ -722,7 +726,7 @@ impl Registry {
         let command = Self::command_for(&st, session_id, sent);
         drop(st);
         if came_online {
-            info!(node_id = %slot.id, reason = "heartbeat resumed", "node online again");
+            lines::budgeted!(self.shared.lines.online, info, "node online again", node_id = %slot.id, reason = "heartbeat resumed");
         }
         Ok(command)
     }
@@ -881,13 +885,14 @@ impl Registry {
 
 /// Logs a renewal once every lock is released, and hands back its result.
 fn log_renewal(
+    lines: &lines::Lines,
     slot: &NodeSlot,
     result: Result<(Registered, bool, Commit), RegistryError>,
 ) -> Result<Queued, RegistryError> {
     let (registered, came_online, commit) = result?;
     if came_online {
-        info!(node_id = %slot.id, reason = "re-registered", "node online again");
+        lines::budgeted!(lines.online, info, "node online again", node_id = %slot.id, reason = "re-registered");
     }
-    info!(node_id = %slot.id, session_id = %registered.session_id, "node re-registered");
+    lines::budgeted!(lines.registered, info, "node re-registered", node_id = %slot.id, session_id = %registered.session_id);
     Ok((registered, commit))
 }

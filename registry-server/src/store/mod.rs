@@ -25,6 +25,7 @@ use registry_proto::pb;
 use crate::registry::Registration;
 
 pub mod embedded;
+pub mod etcd;
 pub mod memory;
 mod record;
 
@@ -144,6 +145,11 @@ pub fn secret_sha256(secret: &str) -> [u8; 32] {
 pub fn open(settings: &crate::Settings) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     match settings.store {
         crate::config::StoreKind::Memory => Ok(std::sync::Arc::new(MemoryStore)),
+        // Replicas connect to etcd asynchronously (`etcd::replicas`).
+        crate::config::StoreKind::Etcd => Err(StoreError::Open {
+            path: PathBuf::from("etcd"),
+            reason: "the etcd store is opened by the replica set-up (store::etcd::replicas)".into(),
+        }),
         crate::config::StoreKind::Embedded => {
             let path = settings.data_dir.join(embedded::FILE_NAME);
             if settings.reset_store {

@@ -96,3 +96,39 @@ pub(super) fn decode_admin(bytes: &[u8]) -> Result<pb::AdminState, String> {
     <pb::AdminState as prost::Message>::decode(bytes)
         .map_err(|e| format!("not an admin state: {e}"))
 }
+
+/// A node's latest liveness transition as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct StoredLiveness {
+    /// ONLINE (true) or OFFLINE.
+    #[prost(bool, tag = "1")]
+    pub online: bool,
+    /// When the transition happened.
+    #[prost(message, optional, tag = "2")]
+    pub since: Option<prost_types::Timestamp>,
+}
+
+/// Encodes a liveness record.
+pub(super) fn encode_liveness(liveness: &super::LivenessRecord) -> Vec<u8> {
+    use prost::Message;
+    StoredLiveness {
+        online: liveness.online,
+        since: Some(to_proto_timestamp(liveness.since)),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a liveness record.
+pub(super) fn decode_liveness(bytes: &[u8]) -> Result<super::LivenessRecord, String> {
+    use prost::Message;
+    let stored = StoredLiveness::decode(bytes).map_err(|e| e.to_string())?;
+    let since = stored
+        .since
+        .as_ref()
+        .and_then(from_proto_timestamp)
+        .ok_or("the transition has no valid time")?;
+    Ok(super::LivenessRecord {
+        online: stored.online,
+        since,
+    })
+}
