@@ -8,7 +8,8 @@ use crate::error::SimError;
 /// What fleet to simulate and against which registry.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FleetConfig {
-    /// Registry endpoint URL.
+    /// Registry endpoint URL, or the replicas' URLs separated by commas
+    /// (each node finds the leader and follows it after a failover).
     #[arg(
         long,
         env = "FLEET_SIM_REGISTRY",

@@ -6,14 +6,9 @@ pub enum SimError {
     /// The options cannot work.
     #[error("invalid options: {0}")]
     Config(String),
-    /// The registry URL is not a usable endpoint.
-    #[error("registry address {url:?}: {source}")]
-    Endpoint {
-        /// The URL given.
-        url: String,
-        /// What tonic made of it.
-        source: tonic::transport::Error,
-    },
+    /// A registry URL is not a usable endpoint.
+    #[error(transparent)]
+    Endpoint(#[from] registry_proto::endpoints::DialError),
     /// The open-file limit could not be read or raised.
     #[error("open-file limit: {0}")]
     FileLimit(std::io::Error),

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use registry_proto::endpoints::{Dialer, Replicas, parse_list};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
-use tonic::transport::{Channel, Endpoint};
 use tracing::info;
 
 use crate::config::FleetConfig;
@@ -35,14 +35,20 @@ impl Fleet {
         let connections = config.connection_count();
         let soft_limit = limits::raise_nofile_limit()?;
         limits::check_connections(connections, soft_limit)?;
-        let endpoint = Endpoint::from_shared(config.registry.clone())
-            .map_err(|source| SimError::Endpoint {
-                url: config.registry.clone(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let channels: Vec<Channel> = (0..connections).map(|_| endpoint.connect_lazy()).collect();
+        let urls = parse_list("--registry", &config.registry)
+            .map_err(|rule| SimError::Config(rule.to_string()))?;
+        // One set of endpoints per connection: its nodes share one leader
+        // discovery, and each set dials its own channels.
+        let replicas = (0..connections)
+            .map(|_| {
+                let dialer = Dialer::new(|endpoint| {
+                    endpoint
+                        .connect_timeout(Duration::from_secs(5))
+                        .tcp_nodelay(true)
+                });
+                Replicas::new(urls.clone(), dialer).map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared::new(config, Arc::new(Stats::new())));
         info!(
             nodes = shared.config.nodes,
@@ -51,7 +57,7 @@ impl Fleet {
             ramp = shared.config.ramp,
             "fleet starting"
         );
-        let spawner = tokio::spawn(spawn_nodes(shared.clone(), channels));
+        let spawner = tokio::spawn(spawn_nodes(shared.clone(), replicas));
         Ok(Self { shared, spawner })
     }
 
@@ -95,7 +101,7 @@ impl Fleet {
 }
 
 /// Starts node `i` at `start + i / ramp`, until all run or the fleet stops.
-async fn spawn_nodes(shared: Arc<Shared>, channels: Vec<Channel>) -> JoinSet<()> {
+async fn spawn_nodes(shared: Arc<Shared>, connections: Vec<Arc<Replicas>>) -> JoinSet<()> {
     let mut nodes = JoinSet::new();
     let start = Instant::now();
     let ramp = shared.config.ramp;
@@ -112,8 +118,8 @@ async fn spawn_nodes(shared: Arc<Shared>, channels: Vec<Channel>) -> JoinSet<()>
         if shared.stop.is_cancelled() {
             break;
         }
-        let channel = channels[index % channels.len()].clone();
-        nodes.spawn(node::run(index, shared.clone(), channel));
+        let replicas = connections[index % connections.len()].clone();
+        nodes.spawn(node::run(index, shared.clone(), replicas));
     }
     nodes
 }

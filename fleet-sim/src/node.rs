@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use registry_proto::backoff::Backoff;
 use registry_proto::convert::from_proto_duration;
+use registry_proto::endpoints::{Leader, Replicas};
 use registry_proto::pb;
 use registry_proto::pb::heartbeat_response::Command;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
@@ -117,8 +118,13 @@ struct Node {
     silenced: bool,
     /// The fleet's shared state.
     shared: Arc<Shared>,
-    /// The node's client, on its (possibly shared) connection.
-    client: NodeRegistryClient<Channel>,
+    /// The registry's endpoints and the leader among them, shared by the
+    /// nodes of one connection (one discovery after a failover, not one
+    /// per node).
+    replicas: Arc<Replicas>,
+    /// The status that ended the last call or stream, for `replicas` to
+    /// follow a leader hint or look for the leader again.
+    failure: Option<tonic::Status>,
     /// Jitter and payload values.
     rng: fastrand::Rng,
     /// Retry delays after failures.
@@ -161,7 +167,7 @@ impl Drain {
 }
 
 /// Runs node `index` until the fleet stops.
-pub(crate) async fn run(index: usize, shared: Arc<Shared>, channel: Channel) {
+pub(crate) async fn run(index: usize, shared: Arc<Shared>, replicas: Arc<Replicas>) {
     let config = &shared.config;
     let mut node = Node {
         shape: NodeShape {
@@ -173,7 +179,8 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, channel: Channel) {
             unhealthy_gpu: config.has_unhealthy_gpu(index),
         },
         silenced: config.is_silenced(index),
-        client: NodeRegistryClient::new(channel),
+        replicas,
+        failure: None,
         rng: fastrand::Rng::new(),
         backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
         sequence: 0,
@@ -242,10 +249,16 @@ impl Node {
         let stats = &self.shared.stats;
         let request = self.shape.registration();
         let started = Instant::now();
-        let call = timeout(
-            self.shared.config.ack_timeout,
-            self.client.register(request),
-        );
+        let leader = tokio::select! {
+            () = self.shared.stop.cancelled() => return None,
+            leader = self.replicas.leader() => leader,
+        };
+        let Ok(leader) = leader else {
+            stats.error(Phase::Register, tonic::Code::Unavailable);
+            return None;
+        };
+        let mut client = client(&leader);
+        let call = timeout(self.shared.config.ack_timeout, client.register(request));
         let result = tokio::select! {
             () = self.shared.stop.cancelled() => return None,
             result = call => result,
@@ -270,27 +283,55 @@ impl Node {
                 if !self.shared.stop.is_cancelled() {
                     stats.error(Phase::Register, status.code());
                 }
+                self.replicas.failed(&leader, &status);
                 None
             }
             Err(_elapsed) => {
                 stats.error(Phase::Register, tonic::Code::DeadlineExceeded);
+                self.replicas.failed(
+                    &leader,
+                    &tonic::Status::deadline_exceeded("register timed out"),
+                );
                 None
             }
         }
     }
 
     /// One heartbeat stream of `session`, until it ends.
+    /// On the leader (found again first when the last failure suggested
+    /// it moved: after a failover the session resumes on the new leader).
     async fn heartbeats(&mut self, session: &Session, advertised: Duration) -> End {
+        let leader = tokio::select! {
+            () = self.shared.stop.cancelled() => return End::Stopped,
+            leader = self.replicas.leader() => leader,
+        };
+        let Ok(leader) = leader else {
+            self.shared
+                .stats
+                .error(Phase::Heartbeat, tonic::Code::Unavailable);
+            return End::Failed;
+        };
         let mut attached = false;
-        let end = self.stream(session, advertised, &mut attached).await;
+        self.failure = None;
+        let end = self
+            .stream(&leader, session, advertised, &mut attached)
+            .await;
         if attached {
             self.shared.stats.attach(-1);
+        }
+        if matches!(end, End::Failed) {
+            let failure = self
+                .failure
+                .take()
+                .unwrap_or_else(|| tonic::Status::unavailable("heartbeat stream lost"));
+            self.replicas.failed(&leader, &failure);
         }
         end
     }
 
     async fn stream(
         &mut self,
+        leader: &Leader,
         session: &Session,
         mut advertised: Duration,
         attached: &mut bool,
@@ -315,15 +356,16 @@ impl Node {
         }
         let mut sent_at = Instant::now();
         stats.sent();
+        let mut client = client(leader);
         let opened = tokio::select! {
             () = stop.cancelled() => return End::Stopped,
-            opened = timeout(ack_timeout, self.client.heartbeat(ReceiverStream::new(rx))) => opened,
+            opened = timeout(ack_timeout, client.heartbeat(ReceiverStream::new(rx))) => opened,
         };
         let mut inbound = match opened {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
                 stats.error(Phase::Heartbeat, status.code());
-                return ended_by(&status);
+                return self.ended_by(status);
             }
             Err(_elapsed) => {
                 stats.ack_timeout();
@@ -347,7 +389,7 @@ impl Node {
                     if !stop.is_cancelled() {
                         stats.error(Phase::Heartbeat, status.code());
                     }
-                    return ended_by(&status);
+                    return self.ended_by(status);
                 }
                 Err(_elapsed) => {
                     stats.ack_timeout();
@@ -403,7 +445,7 @@ impl Node {
                             if !stop.is_cancelled() {
                                 stats.error(Phase::Heartbeat, status.code());
                             }
-                            return ended_by(&status);
+                            return self.ended_by(status);
                         }
                     },
                 }
@@ -466,17 +508,26 @@ impl Node {
     }
 }
 
-/// How a stream ended by `status` goes on: register again where the
-/// contract says the session is gone, else reconnect with the same one
-/// (also when a newer stream of the session replaced this one: the
-/// session is still valid).
-fn ended_by(status: &tonic::Status) -> End {
-    if registry_proto::rules::must_register_again(status.code())
-        && !registry_proto::rules::stream_replaced(status)
-    {
-        End::Lost
-    } else {
-        End::Failed
+/// A client on `leader`'s channel.
+fn client(leader: &Leader) -> NodeRegistryClient<Channel> {
+    NodeRegistryClient::new(leader.channel.clone())
+}
+
+impl Node {
+    /// How a stream ended by `status` goes on: register again where the
+    /// contract says the session is gone, else reconnect with the same one
+    /// (also when a newer stream of the session replaced this one: the
+    /// session is still valid). The status is kept for the endpoints.
+    fn ended_by(&mut self, status: tonic::Status) -> End {
+        let end = if registry_proto::rules::must_register_again(status.code())
+            && !registry_proto::rules::stream_replaced(&status)
+        {
+            End::Lost
+        } else {
+            End::Failed
+        };
+        self.failure = Some(status);
+        end
     }
 }
 

@@ -19,10 +19,8 @@ pub mod tls;
 use std::future::Future;
 use std::sync::Arc;
 
+use registry_proto::endpoints::{Dialer, Replicas};
 use registry_proto::pb;
-use tonic::transport::{Channel, Endpoint};
-
-use crate::error::error_chain;
 
 pub use auth::{Secret, TokenSource};
 pub use config::{AgentConfig, Cli, LogFormat, Settings};
@@ -43,9 +41,10 @@ pub enum AgentError {
     /// GPUs are required and could not be found.
     #[error(transparent)]
     Gpu(#[from] GpuError),
-    /// The registry URL is not a usable gRPC endpoint.
+    /// A registry URL is not a usable gRPC endpoint (tonic refused it or
+    /// its TLS settings).
     #[error("invalid registry endpoint: {0}")]
-    Endpoint(#[from] tonic::transport::Error),
+    Endpoint(#[from] registry_proto::endpoints::DialError),
     /// A background task panicked.
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -76,10 +75,10 @@ pub async fn run_with_gpu_source(
     run_prepared(config, registry, gpus, shutdown).await
 }
 
-/// The way to the registry: the token and the (lazy) channel.
+/// The way to the registry: the token and the (lazy) endpoints.
 struct RegistryConnection {
     credentials: Arc<auth::Credentials>,
-    channel: Channel,
+    replicas: Replicas,
 }
 
 impl RegistryConnection {
@@ -88,7 +87,7 @@ impl RegistryConnection {
     fn prepare(config: &AgentConfig) -> Result<Self, AgentError> {
         config.validate()?;
         let credentials = Arc::new(auth::Credentials::load(config.auth_token.clone())?);
-        let channel = connect_lazy(config)?;
+        let replicas = connect_lazy(config)?;
         match &config.auth_token {
             Some(source) => tracing::info!(
                 from = %source.describe(),
@@ -111,7 +110,7 @@ impl RegistryConnection {
         }
         Ok(RegistryConnection {
             credentials,
-            channel,
+            replicas,
         })
     }
 }
@@ -191,7 +190,7 @@ async fn run_prepared(
 
     let agent = Arc::new(session::Agent::new(
         config,
-        registry.channel,
+        Arc::new(registry.replicas),
         registry.credentials,
         gpus,
         capabilities,
@@ -207,27 +206,34 @@ async fn run_prepared(
     Ok(())
 }
 
-/// The registry channel, with TLS for an `https://` registry. Lazy: the
-/// first RPC connects, and a lost connection is re-dialled on the next
-/// one, so a registry that is down at start is simply retried.
-fn connect_lazy(config: &AgentConfig) -> Result<Channel, AgentError> {
-    let mut endpoint = Endpoint::from_shared(config.registry.clone())?
-        .connect_timeout(config.registry_timeout)
-        .http2_keep_alive_interval(config.keepalive_interval)
-        .keep_alive_timeout(config.keepalive_timeout)
-        // Pings also while no RPC is in flight: a heartbeat stream waiting
-        // for its next beat must notice a dead peer too.
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true);
+/// The registry endpoints, dialled with TLS for an `https://` registry.
+/// Lazy: the first RPC connects, and a lost connection is re-dialled on
+/// the next one, so a registry that is down at start is simply retried.
+/// With several endpoints the session finds the leader before it calls.
+fn connect_lazy(config: &AgentConfig) -> Result<Replicas, AgentError> {
+    let (timeout, interval, keepalive) = (
+        config.registry_timeout,
+        config.keepalive_interval,
+        config.keepalive_timeout,
+    );
+    let mut dialer = Dialer::new(move |endpoint| {
+        endpoint
+            .connect_timeout(timeout)
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(keepalive)
+            // Pings also while no RPC is in flight: a heartbeat stream
+            // waiting for its next beat must notice a dead peer too.
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+    });
     if config.tls.is_set() {
-        let tls = config
-            .tls
-            .client_config()?
-            // The TLS handshake is part of connecting.
-            .timeout(config.registry_timeout);
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| ConfigError::Tls(error_chain(&e)))?;
+        // The TLS handshake is part of connecting.
+        let tls = config.tls.client_config()?.timeout(timeout);
+        dialer = dialer.with_tls(tls, config.tls.domain.clone());
     }
-    Ok(endpoint.connect_lazy())
+    let replicas = Replicas::new(config.registries()?, dialer)?
+        // A replica slower than this to say whether it leads is no
+        // leader to move to.
+        .with_probe_timeout(timeout.min(registry_proto::endpoints::PROBE_TIMEOUT));
+    Ok(replicas)
 }

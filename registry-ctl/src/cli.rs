@@ -14,7 +14,9 @@ use crate::output::Format;
 #[command(name = "registry-ctl", version, about, after_help = EXIT_STATUS_HELP)]
 pub struct Cli {
     /// The registry's gRPC endpoint ("http://HOST:PORT", "https://HOST:PORT",
-    /// or "HOST:PORT" for http) [default: per command, see its help].
+    /// or "HOST:PORT" for http), or its replicas' endpoints separated by
+    /// commas: reads go to the first that answers, writes to the leader
+    /// [default: per command, see its help].
     #[arg(long, global = true, env = "REGISTRY_CTL_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
 

@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use node_agent::TlsConfig;
 use node_agent::auth::{self, Credentials, Secret, TokenSource};
+use registry_proto::endpoints::Dialer;
 
 use crate::cli::Cli;
 use crate::error::CtlError;
 
-/// Everything needed to open a connection to one registry.
+/// Everything needed to open a connection to a registry (one of its
+/// replicas).
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
-    /// The registry's URL, with its scheme.
-    pub url: String,
+    /// The registry's URLs, with their scheme: one, or its replicas'.
+    pub urls: Vec<String>,
     /// Bound on connecting and on each call.
     pub timeout: Duration,
     /// Where the bearer token comes from; `None` sends none.
@@ -64,10 +66,10 @@ impl Credentialing {
         })
     }
 
-    /// These settings towards `url`.
-    pub fn towards(&self, url: String, timeout: Duration) -> ConnectOptions {
+    /// These settings towards `urls`.
+    pub fn towards(&self, urls: Vec<String>, timeout: Duration) -> ConnectOptions {
         ConnectOptions {
-            url,
+            urls,
             timeout,
             token: self.token.clone(),
             tls: self.tls.clone(),
@@ -79,7 +81,8 @@ impl ConnectOptions {
     /// Checks the TLS settings against the URL's scheme and reads the
     /// token and TLS files. Everything wrong here is a usage error.
     pub fn prepare(&self) -> Result<PreparedConnection, CtlError> {
-        let https = self.url.starts_with("https://");
+        // One scheme for the whole list (`endpoints::parse_list`).
+        let https = self.urls.iter().any(|url| url.starts_with("https://"));
         self.tls.validate(https)?;
         let tls = if https {
             Some(self.tls.client_config()?)
@@ -87,17 +90,34 @@ impl ConnectOptions {
             None
         };
         let credentials = Arc::new(Credentials::load(self.token.clone())?);
-        Ok(PreparedConnection { tls, credentials })
+        Ok(PreparedConnection {
+            tls,
+            credentials,
+            tls_domain: self.tls.domain.clone(),
+        })
     }
 }
 
 /// The files read: what a connection sends.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PreparedConnection {
     /// tonic's TLS configuration, for an `https://` registry.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// The token every call carries, through node-agent's interceptor.
     pub credentials: Arc<Credentials>,
+    /// The name TLS verifies (--tls-domain), else each endpoint's host.
+    pub tls_domain: Option<String>,
+}
+
+impl PreparedConnection {
+    /// How endpoints are dialled: TLS with these settings, nothing else
+    /// (each step is bounded by --timeout instead).
+    pub fn dialer(&self) -> Dialer {
+        match &self.tls {
+            Some(tls) => Dialer::default().with_tls(tls.clone(), self.tls_domain.clone()),
+            None => Dialer::default(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -139,7 +159,7 @@ mod tests {
     fn https_needs_the_ca_and_http_refuses_tls_flags() {
         let plain = Credentialing::default();
         let err = plain
-            .towards("https://r:1".into(), Duration::from_secs(1))
+            .towards(vec!["https://r:1".into()], Duration::from_secs(1))
             .prepare()
             .unwrap_err();
         assert!(err.to_string().contains("--tls-ca"), "{err}");
@@ -147,7 +167,7 @@ mod tests {
 
         let with_ca = Credentialing::from_cli(&cli(&["--tls-ca", "/ca.pem"])).unwrap();
         let err = with_ca
-            .towards("http://r:1".into(), Duration::from_secs(1))
+            .towards(vec!["http://r:1".into()], Duration::from_secs(1))
             .prepare()
             .unwrap_err();
         assert!(err.to_string().contains("https://"), "{err}");
@@ -157,7 +177,7 @@ mod tests {
     fn a_missing_token_file_is_a_usage_error() {
         let options = Credentialing::from_cli(&cli(&["--token-file", "/nonexistent/token"]))
             .unwrap()
-            .towards("http://r:1".into(), Duration::from_secs(1));
+            .towards(vec!["http://r:1".into()], Duration::from_secs(1));
         let err = options.prepare().unwrap_err();
         assert!(err.to_string().contains("/nonexistent/token"), "{err}");
         assert_eq!(err.exit(), crate::exit::Exit::Usage);

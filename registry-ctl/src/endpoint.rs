@@ -1,6 +1,9 @@
-//! Which registry a command talks to.
+//! Which registry a command talks to: one URL, or the replicas' URLs
+//! separated by commas.
 
 use std::net::SocketAddr;
+
+use crate::error::CtlError;
 
 /// The registry's port when nothing says otherwise.
 pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50051";
@@ -14,6 +17,27 @@ pub fn normalize(addr: &str) -> String {
     } else {
         format!("http://{addr}")
     }
+}
+
+/// Every entry of a comma-separated list [`normalize`]d; empty entries are
+/// kept, so [`parse`] names them.
+pub fn normalize_list(list: &str) -> String {
+    list.split(',')
+        .map(|entry| {
+            if entry.trim().is_empty() {
+                String::new()
+            } else {
+                normalize(entry)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The URLs of a (normalized) `--registry` list, each checked with the
+/// contract's address rule; a bad one is a usage error naming it.
+pub fn parse(list: &str) -> Result<Vec<String>, CtlError> {
+    Ok(registry_proto::endpoints::parse_list("--registry", list)?)
 }
 
 /// The URL of the registry that listens on `listen` (a `REGISTRY_LISTEN`
@@ -35,7 +59,7 @@ pub fn from_listen(listen: &str) -> Option<String> {
 /// `REGISTRY_LISTEN`, else the default.
 pub fn for_health(flag: Option<&str>, registry_listen: Option<&str>) -> String {
     if let Some(flag) = flag {
-        return normalize(flag);
+        return normalize_list(flag);
     }
     registry_listen
         .and_then(from_listen)
@@ -44,7 +68,7 @@ pub fn for_health(flag: Option<&str>, registry_listen: Option<&str>) -> String {
 
 /// The endpoint of the listing commands: the flag, else the default.
 pub fn for_queries(flag: Option<&str>) -> String {
-    flag.map(normalize)
+    flag.map(normalize_list)
         .unwrap_or_else(|| DEFAULT_REGISTRY.to_owned())
 }
 
@@ -57,6 +81,22 @@ mod tests {
         assert_eq!(normalize("127.0.0.1:50051"), "http://127.0.0.1:50051");
         assert_eq!(normalize("http://registry:50051"), "http://registry:50051");
         assert_eq!(normalize(" https://r:1 "), "https://r:1");
+    }
+
+    #[test]
+    fn lists_are_normalized_entry_by_entry_and_checked() {
+        assert_eq!(
+            normalize_list("127.0.0.1:1, https://b:2"),
+            "http://127.0.0.1:1,https://b:2"
+        );
+        assert_eq!(
+            parse(&normalize_list("a:1, b:2")).unwrap(),
+            ["http://a:1", "http://b:2"]
+        );
+        let err = parse(&normalize_list("a:1,,b:2")).unwrap_err();
+        assert!(err.to_string().contains("--registry[1]"), "{err}");
+        assert_eq!(err.exit(), crate::exit::Exit::Usage);
+        assert_eq!(for_queries(Some("a:1,b:2")), "http://a:1,http://b:2");
     }
 
     #[test]

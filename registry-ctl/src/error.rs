@@ -18,6 +18,15 @@ pub enum CtlError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A `--registry` entry is not a registry URL.
+    #[error("{0}")]
+    RegistryList(#[from] registry_proto::rules::RuleError),
+    /// tonic refused a registry endpoint or the TLS settings for it.
+    #[error("{0}")]
+    Dial(#[from] registry_proto::endpoints::DialError),
+    /// No registry replica answered while looking for the leader.
+    #[error("{0}")]
+    NoLeader(#[from] registry_proto::endpoints::NoLeader),
     /// The token given as a value cannot be one. Never quotes the token.
     #[error("invalid token from --token/REGISTRY_CTL_TOKEN: {why}")]
     Token {
@@ -177,6 +186,8 @@ impl CtlError {
     pub fn exit(&self) -> Exit {
         match self {
             CtlError::Endpoint { .. }
+            | CtlError::RegistryList(_)
+            | CtlError::Dial(_)
             | CtlError::Token { .. }
             | CtlError::TwoTokens
             | CtlError::Settings(_)
@@ -194,9 +205,10 @@ impl CtlError {
                 call: "WatchNodes",
                 ..
             } => Exit::Compacted,
-            CtlError::Connect { .. } | CtlError::Rpc { .. } | CtlError::Timeout { .. } => {
-                Exit::Unreachable
-            }
+            CtlError::Connect { .. }
+            | CtlError::NoLeader(_)
+            | CtlError::Rpc { .. }
+            | CtlError::Timeout { .. } => Exit::Unreachable,
             CtlError::Json { .. } | CtlError::Output(_) => Exit::No,
         }
     }

@@ -10,7 +10,7 @@ use std::process::Output;
 
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_server::Settings;
-use test_support::{Pki, TestRegistry, fixtures};
+use test_support::{Follower, Pki, TestRegistry, fixtures, follower};
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -755,5 +755,78 @@ async fn cordon_needs_an_admin_token_and_an_unknown_node_exits_1() {
     let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
     assert_ne!(node["admin"]["cordoned"], true, "{node}");
 
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_the_leader_and_a_followers_reads_warn_that_they_may_be_stale() {
+    let registry = TestRegistry::start(Settings::default()).await;
+    register(registry.channel().await, None, "gpu-a").await;
+    let follower = Follower::start(Some(registry.url())).await;
+    let through_follower = ["--registry", &follower.url()];
+
+    // One address that reaches a follower: refused there, done at the
+    // leader it names.
+    let output = ctl(&[
+        &through_follower[..],
+        &["cordon", "gpu-a", "--reason", "fan"],
+    ]
+    .concat())
+    .await;
+    assert_exit(&output, 0);
+    assert_eq!(follower.refused(), 1);
+
+    // A follower's read answers, with one warning line on stderr.
+    let output = ctl(&[&through_follower[..], &["-o", "json", "get", "gpu-a"]].concat()).await;
+    assert_exit(&output, 0);
+    let node: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(node["admin"]["cordoned"], true, "{node}");
+    let warning = stderr(&output);
+    assert_eq!(warning.lines().count(), 1, "{warning}");
+    assert!(warning.contains("follower"), "{warning}");
+    assert!(warning.contains(follower::STALE_TEXT), "{warning}");
+
+    // Both replicas listed, the follower first: the leader is found by
+    // its health, the follower is never asked to write.
+    let both = format!("{},{}", follower.url(), registry.url());
+    let output = ctl(&["--registry", &both, "uncordon", "gpu-a"]).await;
+    assert_exit(&output, 0);
+    assert_eq!(follower.refused(), 1);
+    // The leader's answers carry no staleness: no warning.
+    let output = ctl(&["--registry", &registry.url(), "list"]).await;
+    assert_exit(&output, 0);
+    assert_eq!(stderr(&output), "");
+
+    // No leader elected: the write fails with the follower's words.
+    follower.point_at(None);
+    let output = ctl(&[&through_follower[..], &["cordon", "gpu-a"]].concat()).await;
+    assert_exit(&output, 3);
+    assert!(
+        stderr(&output).contains("no leader elected"),
+        "{}",
+        stderr(&output)
+    );
+    registry.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_first_replica_that_answers_and_a_bad_list_is_a_usage_error() {
+    let registry = TestRegistry::start(Settings::default()).await;
+    register(registry.channel().await, None, "gpu-a").await;
+    let down = closed_port().await;
+    let list = format!("{down},{}", registry.url());
+    let output = ctl(&["--registry", &list, "status", "gpu-a"]).await;
+    assert_exit(&output, 0);
+
+    let output = ctl(&["--registry", "127.0.0.1:1,,127.0.0.1:2", "list"]).await;
+    assert_exit(&output, 2);
+    assert!(
+        stderr(&output).contains("--registry[1]"),
+        "{}",
+        stderr(&output)
+    );
+    let output = ctl(&["--registry", "http://127.0.0.1:1,ftp://b:2", "list"]).await;
+    assert_exit(&output, 2);
+    assert!(stderr(&output).contains("ftp://b:2"), "{}", stderr(&output));
     registry.stop().await;
 }

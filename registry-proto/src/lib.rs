@@ -6,6 +6,8 @@
 
 pub mod backoff;
 pub mod codec;
+pub mod endpoints;
+pub mod replica;
 pub mod rules;
 pub mod status;
 

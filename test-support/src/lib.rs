@@ -4,6 +4,8 @@
 //!   the last reason it did not hold in the panic;
 //! - [`registry`]: a registry-server served in-process on `127.0.0.1:0`,
 //!   stopped and restarted on the same address ([`TestRegistry`]);
+//! - [`follower`]: a follower replica stand-in that refuses writes with
+//!   the leader's URL and answers reads marked stale ([`Follower`]);
 //! - [`pki`]: a CA and leaf certificates made at run time ([`Pki`]);
 //! - [`fixtures`]: valid Register and Heartbeat requests and the session a
 //!   Register returns;
@@ -14,13 +16,16 @@
 //! dev-dependency (registry-server's unit tests in `src/` cannot, as this
 //! crate depends on registry-server), integration-tests as a dependency.
 
+pub mod etcd;
 pub mod fixtures;
+pub mod follower;
 pub mod logs;
 pub mod pki;
 pub mod registry;
 pub mod wait;
 
 pub use fixtures::Session;
+pub use follower::Follower;
 pub use logs::{LogCapture, init_logs};
 pub use pki::Pki;
 pub use registry::TestRegistry;

@@ -46,6 +46,7 @@ pub const DEFAULT_ACTION_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_REGISTER_REFUSED_RETRY: Duration = Duration::from_secs(5 * 60);
 
 // How errors name each setting a person can fix: flag, variable, file key.
+const REGISTRY: &str = "registry (--registry, NODE_AGENT_REGISTRY, registry)";
 const NODE_ID: &str = "node id (--node-id, NODE_AGENT_NODE_ID, node_id)";
 const MACHINE_ID: &str = "machine id (--machine-id, NODE_AGENT_MACHINE_ID, machine_id)";
 const ADDRESS: &str = "address (--address, NODE_AGENT_ADDRESS, address)";
@@ -98,7 +99,8 @@ pub struct BackoffConfig {
 /// The resolved configuration the agent runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// gRPC endpoint of the registry.
+    /// gRPC endpoint of the registry, or the comma-separated endpoints of
+    /// its replicas ([`AgentConfig::registries`]).
     pub registry: String,
     /// This node's id (a DNS label), the registry's key for it.
     pub node_id: String,
@@ -316,25 +318,21 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// The registry endpoints: `registry` is one URL or a comma-separated
+    /// list of the replicas' URLs, each an `http://` or `https://` URL
+    /// (all the same scheme).
+    pub fn registries(&self) -> Result<Vec<String>, ConfigError> {
+        registry_proto::endpoints::parse_list("registry", &self.registry)
+            .map_err(ConfigError::rule(REGISTRY))
+    }
+
     /// Checks every value the registry would refuse, with the registry's
     /// own rules, and every setting that cannot work, so mistakes stop the
     /// agent at start-up with a clear message instead of looping on
     /// INVALID_ARGUMENT.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let registry: http::Uri = self
-            .registry
-            .parse()
-            .map_err(|_| ConfigError::invalid("registry", &self.registry, "not a URL"))?;
-        let https = registry.scheme() == Some(&http::uri::Scheme::HTTPS);
-        if !(https || registry.scheme() == Some(&http::uri::Scheme::HTTP))
-            || registry.host().is_none()
-        {
-            return Err(ConfigError::invalid(
-                "registry",
-                &self.registry,
-                "expected http://HOST:PORT or https://HOST:PORT",
-            ));
-        }
+        let registries = self.registries()?;
+        let https = registries[0].starts_with("https://");
         self.tls.validate(https)?;
         if let Some(TokenSource::Value(token)) = &self.auth_token {
             auth::check_token(token.expose()).map_err(|why| ConfigError::BadToken {

@@ -27,7 +27,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 pub struct Settings {
     /// gRPC endpoint of the registry, http:// or https:// (https needs
-    /// --tls-ca) [default: http://127.0.0.1:50051].
+    /// --tls-ca); for registry replicas a comma-separated list of their
+    /// URLs (a name resolving to several addresses counts as several), the
+    /// agent finds the leader [default: http://127.0.0.1:50051].
     #[arg(long, env = "NODE_AGENT_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use registry_proto::backoff::Backoff;
 use registry_proto::convert::{from_proto_duration, to_proto_timestamp};
+use registry_proto::endpoints::{Leader, Replicas};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_proto::rules;
@@ -55,7 +56,11 @@ type Client = NodeRegistryClient<InterceptedService<Channel, BearerAuth>>;
 /// Everything a session needs, shared with the sender task.
 pub(crate) struct Agent {
     config: AgentConfig,
-    client: Client,
+    /// The registry's endpoints and the one calls go to (the leader of
+    /// replicas).
+    replicas: Arc<Replicas>,
+    /// The endpoint calls went to last, to log when that changes.
+    calling: Mutex<String>,
     /// The token the client sends; re-read after UNAUTHENTICATED.
     credentials: Arc<Credentials>,
     gpus: Arc<dyn GpuSource>,
@@ -76,14 +81,15 @@ pub(crate) struct Agent {
 impl Agent {
     pub(crate) fn new(
         config: AgentConfig,
-        channel: Channel,
+        replicas: Arc<Replicas>,
         credentials: Arc<Credentials>,
         gpus: Arc<dyn GpuSource>,
         capabilities: pb::Capabilities,
         pools: PoolTracker,
     ) -> Self {
         Agent {
-            client: NodeRegistryClient::with_interceptor(channel, credentials.interceptor()),
+            replicas,
+            calling: Mutex::new(String::new()),
             credentials,
             gpus,
             capabilities,
@@ -93,6 +99,37 @@ impl Agent {
             actions: Actions::new(config.action_timeout),
             ack_timer: crate::metrics::AckTimer::default(),
             config,
+        }
+    }
+
+    /// A client on `leader`'s channel; every call carries the token.
+    fn client(&self, leader: &Leader) -> Client {
+        NodeRegistryClient::with_interceptor(leader.channel.clone(), self.credentials.interceptor())
+    }
+
+    /// The endpoint to call: the one in use, or the leader found again
+    /// when a failure suggested it moved. No leader now is UNAVAILABLE,
+    /// retried on the usual backoff.
+    async fn leader(&self) -> Result<Leader, Status> {
+        let leader = self.replicas.leader().await.map_err(|none| none.status())?;
+        let mut calling = self.calling.lock().unwrap_or_else(|e| e.into_inner());
+        if *calling != leader.label {
+            info!(node_id = %self.config.node_id, registry = %leader.label, "calling the registry at this endpoint");
+            calling.clone_from(&leader.label);
+        }
+        Ok(leader)
+    }
+
+    /// Tells the endpoints that a call on `leader` failed, so the next one
+    /// follows a follower's leader hint or looks for the leader again.
+    fn call_failed(&self, leader: &Leader, status: &Status) {
+        if let Some(hint) = self.replicas.failed(leader, status) {
+            info!(
+                node_id = %self.config.node_id,
+                replica = %leader.label,
+                leader = %hint,
+                "the registry replica is not the leader; moving to the leader it names"
+            );
         }
     }
 
@@ -162,10 +199,12 @@ impl Agent {
                 "the agent's own check refused the registration: {rule}"
             )));
         }
-        let mut client = self.client.clone();
+        let leader = self.leader().await?;
+        let mut client = self.client(&leader);
         let response = tokio::time::timeout(self.config.registry_timeout, client.register(request))
             .await
-            .map_err(|_| Status::deadline_exceeded("register timed out"))??
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("register timed out")))
+            .inspect_err(|status| self.call_failed(&leader, status))?
             .into_inner();
         let server_interval = positive(response.heartbeat_interval.as_ref());
         let interval = self
@@ -206,12 +245,15 @@ impl Agent {
             session_id: session.id,
             session_secret: session.secret.clone(),
         };
-        let mut client = self.client.clone();
+        let mut leader = self.replicas.current();
         let node_id = &self.config.node_id;
         let deadline = Instant::now() + self.config.deregister_timeout;
         // A token rotated since the last call: re-read it and try once more.
         let mut retried = false;
+        // A follower naming the leader: try there once.
+        let mut redirected = false;
         loop {
+            let mut client = self.client(&leader);
             match tokio::time::timeout_at(deadline, client.deregister(request.clone())).await {
                 Ok(Ok(_)) => info!(%node_id, session_id = %session.id, "deregistered"),
                 Ok(Err(status))
@@ -221,6 +263,18 @@ impl Agent {
                 {
                     retried = true;
                     continue;
+                }
+                Ok(Err(status))
+                    if !redirected && self.replicas.failed(&leader, &status).is_some() =>
+                {
+                    redirected = true;
+                    if let Ok(Ok(found)) =
+                        tokio::time::timeout_at(deadline, self.replicas.leader()).await
+                    {
+                        leader = found;
+                        continue;
+                    }
+                    warn!(%node_id, "deregister refused by a follower and the leader it names does not answer; the registry will mark the node offline");
                 }
                 Ok(Err(status)) => warn!(
                     %node_id,

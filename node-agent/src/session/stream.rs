@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::{Agent, Session, Shutdown, positive, wait};
 use crate::pools::PoolConfig;
 use registry_proto::backoff::random_up_to;
+use registry_proto::endpoints::Leader;
 
 /// Heartbeat requests queued ahead of the stream; beats are seconds apart,
 /// so a small buffer only absorbs a slow connection.
@@ -57,10 +58,37 @@ impl Drop for AbortOnDrop {
 }
 
 impl Agent {
-    /// Runs one heartbeat stream until it ends. The bool tells whether the
+    /// Runs one heartbeat stream until it ends, on the leader (found again
+    /// first when the last failure suggested it moved: after a failover
+    /// the session resumes on the new leader). The bool tells whether the
     /// registry acknowledged anything on it (the connection worked).
     pub(super) async fn heartbeat_stream(
         self: &Arc<Self>,
+        session: &Session,
+        jitter: bool,
+        shutdown: &mut Shutdown,
+    ) -> (StreamEnd, bool) {
+        let found = tokio::select! {
+            _ = &mut *shutdown => {
+                self.deregister(session).await;
+                return (StreamEnd::Shutdown, false);
+            }
+            found = self.leader() => found,
+        };
+        let leader = match found {
+            Ok(leader) => leader,
+            Err(status) => return (StreamEnd::Failed(status), false),
+        };
+        let (end, acked) = self.stream_on(&leader, session, jitter, shutdown).await;
+        if let StreamEnd::Failed(status) = &end {
+            self.call_failed(&leader, status);
+        }
+        (end, acked)
+    }
+
+    async fn stream_on(
+        self: &Arc<Self>,
+        leader: &Leader,
         session: &Session,
         jitter: bool,
         shutdown: &mut Shutdown,
@@ -89,7 +117,7 @@ impl Agent {
                 false,
             );
         }
-        let mut client = self.client.clone();
+        let mut client = self.client(leader);
         let open = tokio::time::timeout(
             self.config.registry_timeout,
             client.heartbeat(ReceiverStream::new(rx)),

@@ -22,12 +22,14 @@ pub async fn run<W: Write>(
     printer: &mut Printer<W>,
 ) -> Result<Exit, CtlError> {
     let target = agent::resolve(&agent::agent_args(pid))?;
-    let url = context
+    let list = context
         .registry
         .as_deref()
-        .map_or(target.registry, endpoint::normalize);
-    let mut options = context.credentials.towards(url, context.timeout);
-    if !options.tls.is_set() && options.url.starts_with("https://") {
+        .map_or(target.registry, endpoint::normalize_list);
+    let mut options = context
+        .credentials
+        .towards(endpoint::parse(&list)?, context.timeout);
+    if !options.tls.is_set() && options.urls.iter().any(|url| url.starts_with("https://")) {
         options.tls = target.tls;
     }
     let registry = Registry::connect(&options).await?;

@@ -22,7 +22,7 @@ pub async fn cordon<W: Write>(
         node_id: node_id.to_owned(),
         reason: reason.to_owned(),
     };
-    let node = context.query_registry().await?.cordon_node(request).await?;
+    let node = context.admin_registry().await?.cordon_node(request).await?;
     print(printer, &node, admin::cordoned)
 }
 
@@ -36,7 +36,7 @@ pub async fn uncordon<W: Write>(
         node_id: node_id.to_owned(),
     };
     let node = context
-        .query_registry()
+        .admin_registry()
         .await?
         .uncordon_node(request)
         .await?;

@@ -35,7 +35,7 @@ pub async fn drain<W: Write>(
     args: &DrainArgs,
     printer: &mut Printer<W>,
 ) -> Result<Exit, CtlError> {
-    let registry = context.query_registry().await?;
+    let registry = context.admin_registry().await?;
     let node = registry.drain_node(request(args)).await?;
     print(printer, &node, admin::drain_requested)?;
     if !args.wait {
@@ -100,7 +100,7 @@ pub async fn undrain<W: Write>(
         node_id: node_id.to_owned(),
     };
     let node = context
-        .query_registry()
+        .admin_registry()
         .await?
         .cancel_drain(request)
         .await?;

@@ -28,7 +28,8 @@ pub async fn run<W: Write>(
 ) -> Result<Exit, CtlError> {
     let listen = std::env::var("REGISTRY_LISTEN").ok();
     let url = endpoint::for_health(context.registry.as_deref(), listen.as_deref());
-    let registry = Registry::connect(&context.credentials.towards(url, context.timeout)).await?;
+    let urls = endpoint::parse(&url)?;
+    let registry = Registry::connect(&context.credentials.towards(urls, context.timeout)).await?;
     let status = registry.health(service).await?;
     match printer.format() {
         Format::Table | Format::Wide => {

@@ -52,11 +52,25 @@ impl Context {
         })
     }
 
-    /// A connection to the registry of the query and admin commands:
-    /// --registry, else http://127.0.0.1:50051.
+    /// The endpoints of the query and admin commands: --registry (one
+    /// URL or the replicas' URLs), else http://127.0.0.1:50051.
+    fn query_endpoints(&self) -> Result<Vec<String>, CtlError> {
+        endpoint::parse(&endpoint::for_queries(self.registry.as_deref()))
+    }
+
+    /// A connection for the query commands: the first replica that
+    /// answers (a follower warns on stderr when its answer may be stale).
     pub async fn query_registry(&self) -> Result<Registry, CtlError> {
-        let url = endpoint::for_queries(self.registry.as_deref());
-        Registry::connect(&self.credentials.towards(url, self.timeout)).await
+        let urls = self.query_endpoints()?;
+        Registry::connect(&self.credentials.towards(urls, self.timeout)).await
+    }
+
+    /// A connection for the admin commands: the leader among the
+    /// replicas (and a follower's refusal is followed to the leader it
+    /// names).
+    pub async fn admin_registry(&self) -> Result<Registry, CtlError> {
+        let urls = self.query_endpoints()?;
+        Registry::connect_leader(&self.credentials.towards(urls, self.timeout)).await
     }
 }
 

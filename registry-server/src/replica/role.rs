@@ -7,12 +7,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::RegistryError;
 
-/// Response metadata naming the leader's URL on a follower's refusal.
-pub const LEADER_METADATA: &str = "registry-leader";
-/// Response metadata on a follower's read: `follower`.
-pub const ROLE_METADATA: &str = "registry-role";
-/// Response metadata on a follower's read: how stale its answer may be.
-pub const STALE_METADATA: &str = "registry-stale";
+/// The metadata keys of the replica contract, shared with the clients.
+pub use registry_proto::replica::{LEADER_METADATA, ROLE_METADATA, STALE_METADATA};
 
 /// What a follower's reads lack, said on each of them.
 pub const FOLLOWER_STALENESS: &str = "answered by a follower from the durable records: registrations, admin state and ONLINE/OFFLINE as the leader last wrote them; pool status and heartbeat times are as of registration";
@@ -186,7 +182,7 @@ impl ReplicaRole {
             let metadata = response.metadata_mut();
             metadata.insert(
                 ROLE_METADATA,
-                tonic::metadata::MetadataValue::from_static("follower"),
+                tonic::metadata::MetadataValue::from_static(registry_proto::replica::ROLE_FOLLOWER),
             );
             if let Ok(value) = stale.parse() {
                 metadata.insert(STALE_METADATA, value);

@@ -30,7 +30,7 @@ use crate::registry::{Now, Registry};
 use crate::store::{LivenessRecord, Loaded, NodeRecord, StoreError};
 
 /// The health entry that is SERVING on the leader only.
-pub const LEADER_HEALTH_SERVICE: &str = "registry.v1.NodeRegistry";
+pub use registry_proto::replica::LEADER_HEALTH_SERVICE;
 
 /// One change of the durable records, as a follower's watch sees it.
 #[derive(Debug, Clone)]

@@ -155,10 +155,12 @@ impl Etcd {
         let read = |path: &Path| {
             std::fs::read(path).map_err(|e| open_error(format!("{}: {e}", path.display())))
         };
-        let keepalive = settings.lease_ttl / 4;
+        // HTTP/2 pings find a dead connection under an idle watch; etcd
+        // closes connections that ping more often than every 5 s
+        // (--grpc-keepalive-min-time), so no more often than 10 s.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(keepalive, keepalive)
+            .with_keep_alive(Duration::from_secs(10), REQUEST_TIMEOUT)
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &settings.user {
             options = options.with_user(user.clone(), password.clone());
