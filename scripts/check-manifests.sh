@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Validates the Kubernetes manifests in packaging/kubernetes/ without a
-# cluster: every resource is checked against the Kubernetes API schemas that
-# the PyPI package kubernetes-validate ships, in strict mode, so an unknown
-# or misspelt field fails, and so does a kind the schemas do not know.
+# Validates the Kubernetes manifests in packaging/kubernetes/ (one registry)
+# and packaging/kubernetes-ha/ (replicas on etcd, an overlay of the first)
+# without a cluster: every resource is checked against the Kubernetes API
+# schemas that the PyPI package kubernetes-validate ships, in strict mode,
+# so an unknown or misspelt field fails, and so does a kind the schemas do
+# not know. For each directory:
 #
 #   1. kustomization.yaml lists every manifest in the directory, and each
-#      manifest it lists exists;
+#      manifest it lists exists (a directory it lists is a base);
 #   2. each manifest on its own;
 #   3. when kubectl or kustomize is on PATH, the rendered kustomization
-#      (namespace, labels and image transforms applied), as one more entry.
+#      (namespace, labels, patches and image transforms applied), as one
+#      more entry.
 #
 # One `ok` or `FAIL` line per entry; exit status 1 when any fails.
 #
@@ -25,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-dir=packaging/kubernetes
+dirs=(packaging/kubernetes packaging/kubernetes-ha)
 read -r -a versions <<<"${K8S_VERSIONS:-1.34.0 1.37.0}"
 tool_version=${KUBERNETES_VALIDATE_VERSION:-1.37.0}
 tools=target/tools/kubernetes-validate-$tool_version
@@ -87,51 +90,61 @@ validate() {
   fi
 }
 
-# 1. The resource list and the directory agree.
-listed=$(awk '
-  /^resources:/ { inside = 1; next }
-  /^[^[:space:]#]/ { inside = 0 }
-  inside && $1 == "-" { print $2 }
-' "$dir/kustomization.yaml")
-problems=""
-for file in $listed; do
-  [ -f "$dir/$file" ] || problems+="listed but missing: $file"$'\n'
-done
-for path in "$dir"/*.yaml; do
-  file=${path##*/}
-  [ "$file" = kustomization.yaml ] && continue
-  grep -qxF "$file" <<<"$listed" || problems+="not listed in resources: $file"$'\n'
-done
-if [ -n "$problems" ]; then
-  fail "$dir/kustomization.yaml (resources)" "${problems%$'\n'}"
-else
-  ok "$dir/kustomization.yaml (resources: $(wc -w <<<"$listed") files, every manifest listed)"
-fi
-
-# 2. Each manifest.
-for path in "$dir"/*.yaml; do
-  [ "${path##*/}" = kustomization.yaml ] && continue
-  validate "$path" "$path"
-done
-
-# 3. The kustomization as kubectl apply -k would send it.
 render=()
 if command -v kubectl >/dev/null 2>&1; then
-  render=(kubectl kustomize "$dir")
+  render=(kubectl kustomize)
 elif command -v kustomize >/dev/null 2>&1; then
-  render=(kustomize build "$dir")
+  render=(kustomize build)
 fi
-if [ ${#render[@]} -gt 0 ]; then
-  rendered=$(mktemp --suffix=.yaml)
-  trap 'rm -f "$rendered"' EXIT
-  if out=$("${render[@]}" 2>&1 >"$rendered"); then
-    validate "$dir rendered by '${render[*]}'" "$rendered"
+rendered=$(mktemp --suffix=.yaml)
+trap 'rm -f "$rendered"' EXIT
+
+# check_dir DIR: the three checks above for one kustomization directory.
+check_dir() {
+  local dir=$1 listed problems file path out
+
+  # 1. The resource list and the directory agree.
+  listed=$(awk '
+    /^resources:/ { inside = 1; next }
+    /^[^[:space:]#]/ { inside = 0 }
+    inside && $1 == "-" { print $2 }
+  ' "$dir/kustomization.yaml")
+  problems=""
+  for file in $listed; do
+    [ -f "$dir/$file" ] || [ -d "$dir/$file" ] || problems+="listed but missing: $file"$'\n'
+  done
+  for path in "$dir"/*.yaml; do
+    file=${path##*/}
+    [ "$file" = kustomization.yaml ] && continue
+    grep -qxF "$file" <<<"$listed" || problems+="not listed in resources: $file"$'\n'
+  done
+  if [ -n "$problems" ]; then
+    fail "$dir/kustomization.yaml (resources)" "${problems%$'\n'}"
   else
-    fail "$dir rendered by '${render[*]}'" "$out"
+    ok "$dir/kustomization.yaml (resources: $(wc -w <<<"$listed") entries, every manifest listed)"
   fi
-else
-  log "neither kubectl nor kustomize is here: the kustomization itself was not rendered"
-fi
+
+  # 2. Each manifest.
+  for path in "$dir"/*.yaml; do
+    [ "${path##*/}" = kustomization.yaml ] && continue
+    validate "$path" "$path"
+  done
+
+  # 3. The kustomization as kubectl apply -k would send it.
+  if [ ${#render[@]} -gt 0 ]; then
+    if out=$("${render[@]}" "$dir" 2>&1 >"$rendered"); then
+      validate "$dir rendered by '${render[*]}'" "$rendered"
+    else
+      fail "$dir rendered by '${render[*]}'" "$out"
+    fi
+  else
+    log "neither kubectl nor kustomize is here: $dir/kustomization.yaml itself was not rendered"
+  fi
+}
+
+for dir in "${dirs[@]}"; do
+  check_dir "$dir"
+done
 
 if [ "$failed" -ne 0 ]; then
   log "$failed of $checked checks failed"

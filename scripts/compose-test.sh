@@ -37,56 +37,11 @@ project="registry-compose-test-$$"
 compose=(scripts/compose.sh -p "$project" -f docker-compose.yml)
 scripts/compose.sh version >/dev/null || exit 1
 ctl=target/docker-dist/registry-ctl
-passed=0
+test_name=compose-test
 started=$(date +%s)
-
-log() { printf 'compose-test: %s\n' "$*"; }
-pass() {
-  passed=$((passed + 1))
-  log "ok $passed - $*"
-}
-fail() {
-  log "FAILED - $*"
-  exit 1
-}
-
-teardown() {
-  local status=$?
-  trap - EXIT INT TERM
-  if [ "$status" -ne 0 ]; then
-    log "containers' logs:"
-    "${compose[@]}" logs --no-color --tail 60 2>&1 || true
-    echo "compose-test: $passed passed, 1 failed"
-  fi
-  log "tearing the stack down"
-  "${compose[@]}" down -v --remove-orphans --timeout 5 >/dev/null 2>&1 ||
-    log "warning: 'down' failed; remove project $project by hand"
-  exit "$status"
-}
-trap teardown EXIT
-trap 'exit 130' INT TERM
-
-now_ms() { date +%s%3N; }
-
-# wait_for WHAT SECONDS COMMAND...: polls COMMAND every 200 ms until it
-# succeeds; fails the test with COMMAND's last output after SECONDS.
-wait_for() {
-  local what=$1 seconds=$2
-  shift 2
-  local start deadline last
-  start=$(now_ms)
-  deadline=$((start + seconds * 1000))
-  while true; do
-    if last=$("$@" 2>&1); then
-      pass "$what ($(($(now_ms) - start)) ms)"
-      return 0
-    fi
-    if [ "$(now_ms)" -ge "$deadline" ]; then
-      fail "$what: not true after ${seconds}s; last seen: $last"
-    fi
-    sleep 0.2
-  done
-}
+# shellcheck source=scripts/lib/compose-test.sh
+. scripts/lib/compose-test.sh
+compose_test_start
 
 # node_is NODE WANT: the registry reports NODE as WANT (online, offline,
 # absent).
@@ -108,17 +63,6 @@ listed() {
     $1 == node && $2 == "online" && $3 == gpus && $4 == pool { found = 1 }
     END { exit !found }' <<<"$table" || {
     printf '%s\n' "$table"
-    return 1
-  }
-}
-
-# healthy SERVICE: docker reports the container's HEALTHCHECK healthy.
-healthy() {
-  local id health
-  id=$("${compose[@]}" ps -q "$1")
-  health=$(docker inspect -f '{{.State.Health.Status}}' "$id")
-  [ "$health" = healthy ] || {
-    echo "$1 is $health"
     return 1
   }
 }
@@ -164,5 +108,4 @@ pass "node-b exited 0"
 node_is node-a online >/dev/null || fail "node-a is not ONLINE after node-b left: $(node_is node-a online)"
 pass "node-a is untouched"
 
-log "all checks passed in $(($(date +%s) - started)) s"
-echo "compose-test: $passed passed, 0 failed"
+compose_test_passed
