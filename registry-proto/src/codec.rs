@@ -6,6 +6,13 @@
 //! an 8 KiB encode buffer: about 1.5 GiB at 100,000 open streams. Buffers
 //! still grow on demand for a large message (a ListNodes page).
 //!
+//! The encode buffer starts smaller than the decode buffer: what a
+//! heartbeat stream sends is its acks (~80 bytes each), and tonic cycles
+//! through the whole buffer before it reuses it from the start, so every
+//! byte of it ends up resident for as long as the stream lives. The decode
+//! buffer grows to the largest request anyway (a heartbeat with GPU
+//! figures is several hundred bytes).
+//!
 //! A request that is not valid protobuf (bad UTF-8 in a string field, a
 //! truncated field) is the caller's mistake: the server answers
 //! INVALID_ARGUMENT naming the message ("malformed RegisterRequest: ..."),
@@ -19,8 +26,10 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-/// Starting size of each call's encode and decode buffer.
+/// Starting size of each call's decode buffer.
 pub const BUFFER_SIZE: usize = 1024;
+/// Starting size of each call's encode buffer: a few acks.
+pub const ENCODE_BUFFER_SIZE: usize = 256;
 /// Encoded bytes after which a long-running encode yields (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
@@ -34,8 +43,8 @@ impl<T, U> Default for SmallBufferCodec<T, U> {
     }
 }
 
-fn settings() -> BufferSettings {
-    BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+fn settings(buffer_size: usize) -> BufferSettings {
+    BufferSettings::new(buffer_size, YIELD_THRESHOLD)
 }
 
 impl<T, U> Codec for SmallBufferCodec<T, U>
@@ -49,11 +58,11 @@ where
     type Decoder = ContractDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(settings())
+        ProstEncoder::new(settings(ENCODE_BUFFER_SIZE))
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ContractDecoder(ProstDecoder::new(settings()))
+        ContractDecoder(ProstDecoder::new(settings(BUFFER_SIZE)))
     }
 }
 

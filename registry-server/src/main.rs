@@ -1,7 +1,10 @@
 use clap::Parser;
 
 // mimalloc instead of glibc malloc: profiles showed 15-35 % of server CPU in
-// glibc's malloc/free (docs/PERF-NOTES.md).
+// glibc's malloc/free (docs/PERF-NOTES.md). The `system-allocator` feature
+// leaves it out so a heap profiler that hooks malloc (heaptrack) sees every
+// allocation.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

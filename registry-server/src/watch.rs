@@ -28,7 +28,7 @@ use tonic::Status;
 use tracing::{debug, info};
 
 use crate::error::RegistryError;
-use crate::events::{Event, EventKind, Start, StartError};
+use crate::events::{Backlog, Event, EventKind, Start, StartError};
 use crate::registry::{NodeFilter, Registry};
 
 /// The stream of one watcher.
@@ -118,7 +118,7 @@ impl Watchers {
             filter: filtered.then_some(filter),
             held: HashMap::new(),
             complete: matches!(start, Start::Snapshot),
-            backlog: subscription.backlog.into_iter(),
+            backlog: subscription.backlog,
             marker,
             live: subscription.live,
             seen,
@@ -161,7 +161,7 @@ struct Watcher {
     complete: bool,
     /// What to send before the live events: the snapshot or the history
     /// since the asked revision.
-    backlog: std::vec::IntoIter<Event>,
+    backlog: Backlog,
     /// For a snapshot start: the revision of the SNAPSHOT_COMPLETE marker,
     /// sent after the backlog.
     marker: Option<u64>,
@@ -192,6 +192,13 @@ impl Watcher {
             return None;
         }
         while let Some(event) = self.backlog.next() {
+            let event = match event {
+                Ok(event) => event,
+                Err(err) => {
+                    self.done = true;
+                    return Some(Err(Status::internal(err.to_string())));
+                }
+            };
             if let Some(reply) = self.translate(&event) {
                 return Some(Ok(self.sent(reply)));
             }

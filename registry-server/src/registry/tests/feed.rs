@@ -230,8 +230,9 @@ async fn readers_and_events_share_one_view() {
     assert_eq!(listed, stored);
     assert_eq!(registry.get("n1").unwrap().revision, 1);
     let snapshot = registry.feed().subscribe(Start::Snapshot).unwrap();
+    let first = snapshot.backlog.map(Result::unwrap).next().unwrap();
     assert!(
-        Arc::ptr_eq(&snapshot.backlog[0].node, &view),
+        Arc::ptr_eq(&first.node, &view),
         "snapshots share the view too"
     );
 }
@@ -248,7 +249,10 @@ async fn the_history_serves_exactly_the_revisions_it_holds() {
     let feed = registry.feed();
     let from2 = feed.subscribe(Start::After(2)).unwrap();
     assert_eq!(
-        from2.backlog.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        from2
+            .backlog
+            .map(|e| e.unwrap().revision)
+            .collect::<Vec<_>>(),
         vec![3, 4, 5]
     );
     assert_eq!(from2.revision, 5);
@@ -279,7 +283,7 @@ async fn a_live_subscription_joins_its_backlog_without_gap_or_duplicate() {
     let mut sub = registry.feed().subscribe(Start::After(0)).unwrap();
     registry.register(registration("b"), Now::read()).unwrap();
     assert_eq!(sub.backlog.len(), 1);
-    assert_eq!(sub.backlog[0].revision, 1);
+    assert_eq!(sub.backlog.next().unwrap().unwrap().revision, 1);
     assert_eq!(sub.live.recv().await.unwrap().revision, 2);
 }
 
