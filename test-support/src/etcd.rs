@@ -146,6 +146,8 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", "registry-tests"])
             // Fast elections: a member notices a dead leader in ~0.5 s.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // A restarted member does not depose a healthy leader first.
+            .arg("--pre-vote=true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
