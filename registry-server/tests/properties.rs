@@ -1444,6 +1444,8 @@ async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
             );
             prop_assert_eq!(got.session_id, node.session.0);
         }
+        // The bookkeeping invariants the fuzz target checks too.
+        registry.check_consistency().map_err(TestCaseError::fail)?;
         let counts = registry.counts();
         let online = model.values().filter(|node| node.online(now)).count() as u64;
         let near_edge = model.values().any(|node| node.at_edge(now));
