@@ -25,7 +25,6 @@ use registry_proto::rules::{self, Field, MAX_GPUS, MAX_MIG_INSTANCES};
 /// Stem of the handoff file the bytes are read as (`<stem>.json`).
 const STEM: &str = "engine-7";
 
-
 /// One input: the same bytes as each kind of text.
 pub fn run(data: &[u8]) {
     handoff(data);

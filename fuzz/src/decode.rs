@@ -45,8 +45,8 @@ pub fn run(data: &[u8]) {
 
 /// The message, re-encoded and decoded again: must be the same message.
 fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(message: &M) -> M {
-    let again = M::decode(message.encode_to_vec().as_slice())
-        .expect("a re-encoded message decodes");
+    let again =
+        M::decode(message.encode_to_vec().as_slice()).expect("a re-encoded message decodes");
     assert_eq!(&again, message, "re-encoding changed the message");
     again
 }
@@ -120,9 +120,11 @@ fn drain(data: &[u8]) {
             let again = validate::drain(round_trip(&request))
                 .expect("a re-encoded accepted drain is accepted");
             assert_eq!(again, drain);
-            assert!(drain.deadline.is_none_or(|d| {
-                !d.is_zero() && d <= validate::MAX_DRAIN_DEADLINE
-            }));
+            assert!(
+                drain
+                    .deadline
+                    .is_none_or(|d| { !d.is_zero() && d <= validate::MAX_DRAIN_DEADLINE })
+            );
         }
         Err(err) => refused(&err),
     }
@@ -132,9 +134,8 @@ fn cordon(data: &[u8]) {
     let Ok(request) = pb::CordonNodeRequest::decode(data) else {
         return;
     };
-    let checked = validate::node_id("node_id", &request.node_id).and_then(|()| {
-        rules::text("reason".into(), &request.reason).map_err(RegistryError::from)
-    });
+    let checked = validate::node_id("node_id", &request.node_id)
+        .and_then(|()| rules::text("reason".into(), &request.reason).map_err(RegistryError::from));
     if let Err(err) = checked {
         refused(&err);
     }

@@ -526,7 +526,11 @@ impl Harness {
 
     fn cordon(&mut self, n: u8, other_reason: bool) {
         let id = node_id(n);
-        let reason = if other_reason { "kernel upgrade" } else { "maintenance" };
+        let reason = if other_reason {
+            "kernel upgrade"
+        } else {
+            "maintenance"
+        };
         let result = self.registry.cordon(&id, reason, clocks(self.now));
         match self.nodes.get_mut(&n) {
             Some(node) => {
@@ -689,7 +693,8 @@ impl Harness {
             };
             assert_eq!(got.status(), status, "{id} at {now} ms: {node:?}");
             assert_eq!(got.session_id, node.session.0, "{id}");
-            let time = |t: &Option<prost_types::Timestamp>| t.as_ref().and_then(from_proto_timestamp);
+            let time =
+                |t: &Option<prost_types::Timestamp>| t.as_ref().and_then(from_proto_timestamp);
             assert_eq!(
                 time(&got.last_heartbeat_at),
                 Some(wall(node.last_seen)),

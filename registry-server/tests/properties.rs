@@ -1,5 +1,6 @@
-//! Property tests (the project's fuzzing: cargo fuzz needs a nightly
-//! toolchain, which this project's machines do not have).
+//! Property tests (coverage-guided fuzzing of the same code is in `fuzz/`,
+//! see docs/FUZZING.md; the state machine's invariants are shared through
+//! `Registry::check_consistency`).
 //!
 //! - Validation decides exactly: a valid RegisterRequest or
 //!   HeartbeatRequest with exactly one field changed, to a value that is

@@ -130,9 +130,7 @@ impl Registry {
         }
         let counts = self.counts();
         if counts != counted {
-            return Err(format!(
-                "counts {counts:?} but the nodes say {counted:?}"
-            ));
+            return Err(format!("counts {counts:?} but the nodes say {counted:?}"));
         }
         let stats = &self.shared.stats;
         let gauges = (

@@ -403,4 +403,3 @@ fn model_to_proto(m: placement::ModelAvailability) -> pb::ModelAvailability {
 fn list_filter(request: &pb::ListNodesRequest) -> Result<NodeFilter, RegistryError> {
     validate::node_filter(request.status, &request.pool_id, &request.labels)
 }
-

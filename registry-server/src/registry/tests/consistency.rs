@@ -35,7 +35,12 @@ fn holds_through_register_beat_admin_offline_and_removal() {
         .attach("n1", reg.session_id, &reg.session_secret)
         .unwrap();
     registry
-        .heartbeat(&slot, reg.session_id, beat(pb::PoolState::Ready), t + TIMEOUT / 2)
+        .heartbeat(
+            &slot,
+            reg.session_id,
+            beat(pb::PoolState::Ready),
+            t + TIMEOUT / 2,
+        )
         .unwrap();
     registry.cordon("n1", "maintenance", now(t)).unwrap();
     let drain = DrainRequest {
