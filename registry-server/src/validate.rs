@@ -14,7 +14,7 @@ use registry_proto::pb;
 use registry_proto::rules::{self, Field};
 
 use crate::error::RegistryError;
-use crate::registry::{Beat, DrainRequest, Registration};
+use crate::registry::{Beat, DrainRequest, Liveness, NodeFilter, Registration};
 
 pub use registry_proto::rules::{
     MAX_ADDRESS_LEN, MAX_GPUS, MAX_ID_LEN, MAX_LABELS, MAX_MACHINE_ID_LEN, MAX_POOLS, MAX_TEXT_LEN,
@@ -127,6 +127,45 @@ pub fn drain(req: pb::DrainNodeRequest) -> Result<DrainRequest, RegistryError> {
 /// labels and logs.
 pub fn node_id(field: &str, id: &str) -> Result<(), RegistryError> {
     Ok(rules::node_id(Field::Name(field), id)?)
+}
+
+/// The filters ListNodes and WatchNodes share (status, pool_id, labels),
+/// checked and turned into a [`NodeFilter`] (its `model` unset: WatchNodes
+/// adds it).
+pub fn node_filter(
+    status: i32,
+    pool_id: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<NodeFilter, RegistryError> {
+    let status = match pb::NodeStatus::try_from(status) {
+        Ok(pb::NodeStatus::Unspecified) => None,
+        Ok(pb::NodeStatus::Online) => Some(Liveness::Online),
+        Ok(pb::NodeStatus::Offline) => Some(Liveness::Offline),
+        Err(_) => {
+            return Err(RegistryError::invalid(
+                "status",
+                format!("{status} is not a known NodeStatus"),
+            ));
+        }
+    };
+    if pool_id.len() > MAX_ID_LEN {
+        return Err(RegistryError::invalid(
+            "pool_id",
+            format!("is longer than {} bytes", MAX_ID_LEN),
+        ));
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(RegistryError::invalid(
+            "labels",
+            format!("has more than {} entries", MAX_LABELS),
+        ));
+    }
+    Ok(NodeFilter {
+        status,
+        pool_id: (!pool_id.is_empty()).then(|| pool_id.to_string()),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        model: None,
+    })
 }
 
 #[cfg(test)]

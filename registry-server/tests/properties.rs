@@ -1,5 +1,6 @@
-//! Property tests (the project's fuzzing: cargo fuzz needs a nightly
-//! toolchain, which this project's machines do not have).
+//! Property tests (coverage-guided fuzzing of the same code is in `fuzz/`,
+//! see docs/FUZZING.md; the state machine's invariants are shared through
+//! `Registry::check_consistency`).
 //!
 //! - Validation decides exactly: a valid RegisterRequest or
 //!   HeartbeatRequest with exactly one field changed, to a value that is
@@ -1444,6 +1445,8 @@ async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
             );
             prop_assert_eq!(got.session_id, node.session.0);
         }
+        // The bookkeeping invariants the fuzz target checks too.
+        registry.check_consistency().map_err(TestCaseError::fail)?;
         let counts = registry.counts();
         let online = model.values().filter(|node| node.online(now)).count() as u64;
         let near_edge = model.values().any(|node| node.at_edge(now));

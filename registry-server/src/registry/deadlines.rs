@@ -59,7 +59,11 @@ impl Registry {
     /// OFFLINE (or holds them, while the mass-failure guard protects the
     /// fleet), ends a protection that is due, and removes nodes whose
     /// retention ended. Returns when the next wake-up is due.
-    pub(crate) fn process_due(&self, now: Now) -> Option<Instant> {
+    ///
+    /// [`crate::expiry::run`] is its caller in a server; it is public so
+    /// tests and the fuzz targets can drive the deadlines synchronously,
+    /// at times they choose, without a runtime.
+    pub fn process_due(&self, now: Now) -> Option<Instant> {
         let protection = self.end_protection_if_due(now);
         let next = loop {
             match self.shared.schedule.pop_due(now.at) {

@@ -6,7 +6,8 @@
 //! (ids, secrets, checks), `stats` (totals and gauges), `deadlines` (the
 //! expiry rules run by [`crate::expiry`]), `guard` (the mass-failure guard
 //! and the stall grace: when the registry doubts its own view) and `input`
-//! (what callers pass in, clocks included).
+//! (what callers pass in, clocks included), and `consistency` (a
+//! self-check of the bookkeeping, for property tests and fuzzing).
 //!
 //! Concurrency design (why it looks like this):
 //! - Nodes live in a `BTreeMap` behind a `RwLock`, ordered by node_id so
@@ -65,6 +66,7 @@ use crate::schedule::Schedule;
 use crate::store::{Commit, Loaded, MemoryStore, Store, secret_sha256};
 
 mod admin;
+mod consistency;
 mod deadlines;
 mod guard;
 mod input;

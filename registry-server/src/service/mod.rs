@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::error::RegistryError;
 use crate::identity;
 use crate::placement::{self, PlacementIndex, PlacementQuery};
-use crate::registry::{Liveness, NodeFilter, Now, Registry};
+use crate::registry::{NodeFilter, Now, Registry};
 use crate::replica::ReplicaRole;
 use crate::validate;
 use crate::watch::{WatchStream, Watchers};
@@ -307,7 +307,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
     ) -> Result<Response<Self::WatchNodesStream>, Status> {
         self.authorize(&request, Rpc::WatchNodes)?;
         let request = request.into_inner();
-        let mut filter = node_filter(request.status, &request.pool_id, &request.labels)?;
+        let mut filter = validate::node_filter(request.status, &request.pool_id, &request.labels)?;
         // A model is free text in the contract: the same rule as ListModels.
         registry_proto::rules::text("model".into(), &request.model).map_err(RegistryError::from)?;
         filter.model = (!request.model.is_empty()).then_some(request.model);
@@ -425,42 +425,5 @@ fn model_to_proto(m: placement::ModelAvailability) -> pb::ModelAvailability {
 
 /// Turns ListNodes' request fields into a [`NodeFilter`].
 fn list_filter(request: &pb::ListNodesRequest) -> Result<NodeFilter, RegistryError> {
-    node_filter(request.status, &request.pool_id, &request.labels)
-}
-
-/// The filters ListNodes and WatchNodes share, checked.
-fn node_filter(
-    status: i32,
-    pool_id: &str,
-    labels: &std::collections::HashMap<String, String>,
-) -> Result<NodeFilter, RegistryError> {
-    let status = match pb::NodeStatus::try_from(status) {
-        Ok(pb::NodeStatus::Unspecified) => None,
-        Ok(pb::NodeStatus::Online) => Some(Liveness::Online),
-        Ok(pb::NodeStatus::Offline) => Some(Liveness::Offline),
-        Err(_) => {
-            return Err(RegistryError::invalid(
-                "status",
-                format!("{status} is not a known NodeStatus"),
-            ));
-        }
-    };
-    if pool_id.len() > validate::MAX_ID_LEN {
-        return Err(RegistryError::invalid(
-            "pool_id",
-            format!("is longer than {} bytes", validate::MAX_ID_LEN),
-        ));
-    }
-    if labels.len() > validate::MAX_LABELS {
-        return Err(RegistryError::invalid(
-            "labels",
-            format!("has more than {} entries", validate::MAX_LABELS),
-        ));
-    }
-    Ok(NodeFilter {
-        status,
-        pool_id: (!pool_id.is_empty()).then(|| pool_id.to_string()),
-        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        model: None,
-    })
+    validate::node_filter(request.status, &request.pool_id, &request.labels)
 }

@@ -4,6 +4,7 @@
 //! [`hygiene`]; revisions, views and the history in [`feed`].
 
 mod admin;
+mod consistency;
 mod feed;
 mod guard;
 mod hygiene;
