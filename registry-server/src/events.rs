@@ -312,8 +312,8 @@ pub struct Kept {
 /// history keeps up to `--watch-history` of them: ~45 KiB per node at
 /// 10,000 nodes. Only the latest view of each node is read often (GetNode,
 /// ListNodes, snapshots, placement); older ones are read only by a watcher
-/// resuming, so they are kept as their protobuf encoding (~1.3 KiB, one
-/// allocation) and decoded when sent.
+/// resuming, so they are kept as their protobuf encoding (under 2 KiB,
+/// one allocation) and decoded when sent.
 #[derive(Debug, Clone)]
 enum KeptNode {
     /// The node's current view, shared with the node and the snapshot map.
