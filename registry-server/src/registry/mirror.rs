@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use registry_proto::pb;
@@ -62,21 +62,8 @@ impl Registry {
             }
         }
         let mut nodes = self.write_nodes();
-        let id: Arc<str> = Arc::from(record.registration.node_id.as_str());
-        let mut state = NodeState::new(
-            record.registration,
-            record.session_id,
-            record.secret_sha256,
-            now.at,
-            now.wall,
-        );
-        state.registered_at = record.registered_at;
-        state.status_changed_at = record.registered_at;
-        let slot = Arc::new(NodeSlot {
-            commands: tokio::sync::watch::Sender::new(0),
-            id: id.clone(),
-            state: Mutex::new(state),
-        });
+        let slot = NodeSlot::new(NodeState::from_record(record, now.at, now.wall));
+        let id = slot.id.clone();
         {
             let mut st = slot.lock();
             self.unpark(&mut st);

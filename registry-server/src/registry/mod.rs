@@ -426,18 +426,14 @@ impl Registry {
                 self.shared.max_nodes
             )));
         }
-        let id: Arc<str> = Arc::from(registration.node_id.as_str());
-        let slot = Arc::new(NodeSlot {
-            commands: tokio::sync::watch::Sender::new(0),
-            id: id.clone(),
-            state: Mutex::new(NodeState::new(
-                registration,
-                session_id,
-                secret_sha256(&session_secret),
-                now.at,
-                now.wall,
-            )),
-        });
+        let slot = NodeSlot::new(NodeState::new(
+            registration,
+            session_id,
+            secret_sha256(&session_secret),
+            now.at,
+            now.wall,
+        ));
+        let id = slot.id.clone();
         let commit = {
             let mut st = slot.lock();
             self.wake_by(&slot, &mut st, now.at + self.shared.timing.node_timeout);
@@ -763,14 +759,7 @@ impl Registry {
             if nodes.contains_key(&id) {
                 continue;
             }
-            let mut state = NodeState::new(
-                record.registration,
-                record.session_id,
-                record.secret_sha256,
-                now.at,
-                now.wall,
-            );
-            state.registered_at = record.registered_at;
+            let mut state = NodeState::from_record(record, now.at, now.wall);
             let offline_since = offline.get(&*id).copied();
             if let Some(since) = offline_since {
                 state.liveness = Liveness::Offline;
@@ -778,7 +767,6 @@ impl Registry {
                 state.offline_since = Some(mirror::instant_of(since, now));
             } else {
                 // ONLINE as last recorded: trusted again once heard from.
-                state.status_changed_at = record.registered_at;
                 self.set_suspect(&mut state, RESTART_SUSPECT);
                 state.restart_grace_until = Some(grace_until);
             }
@@ -789,11 +777,7 @@ impl Registry {
                 state.drain_deadline_at = admin::drain_deadline_from_wall(&stored, now);
                 let _same = self.set_admin(&mut state, stored);
             }
-            let slot = Arc::new(NodeSlot {
-                commands: tokio::sync::watch::Sender::new(0),
-                id: id.clone(),
-                state: Mutex::new(state),
-            });
+            let slot = NodeSlot::new(state);
             let liveness = {
                 let mut st = slot.lock();
                 let first_look = match st.offline_since {

@@ -95,6 +95,15 @@ pub struct NodeSlot {
 }
 
 impl NodeSlot {
+    /// A slot for the node `state` describes, with no command owed yet.
+    pub(super) fn new(state: NodeState) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            id: std::sync::Arc::from(state.registration.node_id.as_str()),
+            state: Mutex::new(state),
+            commands: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
     /// The node's id.
     pub fn id(&self) -> &str {
         &self.id
@@ -254,6 +263,25 @@ impl NodeState {
             held: false,
             restart_grace_until: None,
         }
+    }
+
+    /// A node as its stored `record` describes it, listed ONLINE at `now`
+    /// / `wall`, its liveness unchanged since its first registration.
+    pub(super) fn from_record(
+        record: crate::store::NodeRecord,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Self {
+        let mut state = Self::new(
+            record.registration,
+            record.session_id,
+            record.secret_sha256,
+            now,
+            wall,
+        );
+        state.registered_at = record.registered_at;
+        state.status_changed_at = record.registered_at;
+        state
     }
 
     /// The node's durable record, as the store keeps it.
