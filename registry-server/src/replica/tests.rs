@@ -216,6 +216,15 @@ impl Process {
     }
 }
 
+/// Replica A (which leads, being first), then replica B.
+async fn a_then_b(etcd: &FakeEtcd) -> (Process, Process) {
+    let a = Process::start(etcd, "http://a:50051");
+    settle(Duration::from_millis(10)).await;
+    let b = Process::start(etcd, "http://b:50051");
+    settle(Duration::from_millis(10)).await;
+    (a, b)
+}
+
 /// Lets every task run, moving the paused clock by `by` in steps of at
 /// most 100 ms (one jump far past a queued deadline would read to the
 /// expiry task as a stall of the registry itself).
@@ -239,10 +248,7 @@ async fn settle(by: Duration) {
 async fn one_replica_leads_the_other_follows_with_a_current_copy() {
     let etcd = FakeEtcd::default();
     etcd.put(record("n1", 11));
-    let a = Process::start(&etcd, "http://a:50051");
-    settle(Duration::from_millis(10)).await;
-    let b = Process::start(&etcd, "http://b:50051");
-    settle(Duration::from_millis(10)).await;
+    let (a, b) = a_then_b(&etcd).await;
 
     assert_eq!(etcd.leader().as_deref(), Some("http://a:50051"));
     assert!(a.role.leads() && !b.role.leads());
@@ -269,10 +275,7 @@ async fn one_replica_leads_the_other_follows_with_a_current_copy() {
 async fn a_lost_term_steps_down_and_the_follower_takes_over_without_false_offline() {
     let etcd = FakeEtcd::default();
     etcd.put(record("n1", 11));
-    let a = Process::start(&etcd, "http://a:50051");
-    settle(Duration::from_millis(10)).await;
-    let b = Process::start(&etcd, "http://b:50051");
-    settle(Duration::from_millis(10)).await;
+    let (a, b) = a_then_b(&etcd).await;
     let old_term = a.role.writable().unwrap();
 
     // Long silence while A leads is A's business; then A's lease ends.
@@ -328,10 +331,7 @@ async fn a_lost_term_steps_down_and_the_follower_takes_over_without_false_offlin
 #[tokio::test(start_paused = true)]
 async fn shutdown_resigns_so_the_next_replica_leads_at_once() {
     let etcd = FakeEtcd::default();
-    let a = Process::start(&etcd, "http://a:50051");
-    settle(Duration::from_millis(10)).await;
-    let b = Process::start(&etcd, "http://b:50051");
-    settle(Duration::from_millis(10)).await;
+    let (a, b) = a_then_b(&etcd).await;
     a.stop.cancel();
     settle(Duration::from_millis(10)).await;
     assert_eq!(etcd.leader().as_deref(), Some("http://b:50051"));
