@@ -13,7 +13,8 @@
 //! 3. several endpoints are asked concurrently, each within a short
 //!    timeout, for the health of
 //!    [`LEADER_HEALTH_SERVICE`](crate::replica::LEADER_HEALTH_SERVICE); the
-//!    first SERVING one in the order given wins, else the first one without
+//!    first to answer SERVING wins at once (a frozen replica's probe is not
+//!    waited for), else, once all answered, the first one without
 //!    that health entry (a registry that is not a replica set), else the
 //!    first follower: its refusal names a leader the list may not hold (a
 //!    replica moved), or says that none is elected. Only when no endpoint
@@ -28,6 +29,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
@@ -483,9 +485,23 @@ impl Replicas {
                 Err(why) => report.push(format!("{}: {why}", only.label())),
             }
         } else {
-            let probes =
-                futures_util::future::join_all(targets.iter().map(|target| self.probe(target)))
-                    .await;
+            // The leader answers first or not at all: a frozen replica
+            // must not delay the choice by a whole probe timeout.
+            let mut pending: futures_util::stream::FuturesUnordered<_> = targets
+                .iter()
+                .enumerate()
+                .map(|(index, target)| async move { (index, self.probe(target).await) })
+                .collect();
+            let mut probes = vec![None; targets.len()];
+            while let Some((index, probe)) = pending.next().await {
+                if probe == Probe::Serving
+                    && let Ok(channel) = self.channel(&targets[index])
+                {
+                    return Ok(self.choose(targets[index].clone(), channel));
+                }
+                probes[index] = Some(probe);
+            }
+            let probes: Vec<Probe> = probes.into_iter().flatten().collect();
             let rank = |wanted: fn(&Probe) -> bool| probes.iter().position(wanted);
             let pick = rank(|p| *p == Probe::Serving)
                 .or_else(|| rank(|p| matches!(p, Probe::NoHealth(_))))

@@ -118,10 +118,15 @@ impl Agent {
             );
         }
         let mut client = self.client(leader);
-        let open = tokio::time::timeout(
-            self.config.registry_timeout,
-            client.heartbeat(ReceiverStream::new(rx)),
-        );
+        // The registry answers the headers with the first ack, so opening
+        // is bounded like an ack too: a frozen leader must not hold a
+        // stream past the node timeout (a new leader's grace would run out
+        // while this agent still waits on the old one).
+        let open_timeout = self
+            .config
+            .registry_timeout
+            .min(ack_timeout(session, session.interval));
+        let open = tokio::time::timeout(open_timeout, client.heartbeat(ReceiverStream::new(rx)));
         let opened = tokio::select! {
             _ = &mut *shutdown => {
                 self.deregister(session).await;
@@ -160,7 +165,7 @@ impl Agent {
         let _abort_sender = AbortOnDrop(sender.abort_handle());
         let mut acked = false;
         let mut newest_ack = 0u64;
-        // The registry acks every beat: beats unacked for a whole node
+        // The registry acks every beat: beats unacked for half a node
         // timeout mean the stream is stuck even if TCP looks fine. Silence
         // is counted in watchdog ticks, not wall-clock time, so an agent
         // that was frozen (SIGSTOP, a suspended VM) does not drop a healthy
@@ -216,8 +221,7 @@ impl Agent {
                         silent + check_every
                     };
                     ack_since_tick = false;
-                    let ack_timeout = session.node_timeout.max(*interval_tx.borrow() * 2);
-                    if silent >= ack_timeout {
+                    if silent >= ack_timeout(session, *interval_tx.borrow()) {
                         return (
                             StreamEnd::Failed(Status::deadline_exceeded(format!(
                                 "no heartbeat ack for {}",
@@ -340,6 +344,15 @@ fn classify(status: Status) -> StreamEnd {
     } else {
         StreamEnd::Failed(status)
     }
+}
+
+/// How long beats may go unacknowledged before the stream counts as stuck:
+/// half the node timeout, so that an agent whose registry froze still has
+/// the other half to reach a new leader (or the registry, back) before its
+/// node would be due; never under two intervals, so one late ack is not a
+/// failure.
+fn ack_timeout(session: &Session, interval: Duration) -> Duration {
+    (session.node_timeout / 2).max(interval * 2)
 }
 
 #[cfg(test)]
