@@ -106,14 +106,19 @@ impl Replica {
         F: Future<Output = ()> + Send + 'static,
     {
         let mut leader = self.coordinator.observe_leader(stop.child_token());
+        let mut after_term = false;
         loop {
-            let Some(lead) = self.follow_until_elected(&stop, &mut leader).await else {
+            let Some(lead) = self
+                .follow_until_elected(&stop, &mut leader, after_term)
+                .await
+            else {
                 return Ok(());
             };
             let ended = self.lead(lead, &stop, &expiry).await?;
             if ended == TermEnd::Shutdown {
                 return Ok(());
             }
+            after_term = true;
         }
     }
 
@@ -123,9 +128,18 @@ impl Replica {
         &self,
         stop: &CancellationToken,
         leader: &mut watch::Receiver<Option<String>>,
+        after_term: bool,
     ) -> Option<Lead> {
-        self.role
-            .follow(leader.borrow().clone(), "it is a follower");
+        // Right after this replica's own term the leader key still names
+        // it (until the watch reports the change): naming itself as the
+        // leader would send clients back here.
+        let known = if after_term {
+            leader.borrow_and_update();
+            None
+        } else {
+            leader.borrow().clone()
+        };
+        self.role.follow(known, "it is a follower");
         self.health
             .set_service_status(LEADER_HEALTH_SERVICE, ServingStatus::NotServing)
             .await;

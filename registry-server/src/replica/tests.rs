@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
+use crate::error::RegistryError;
 use crate::registry::{Options, Registration, Registry, Timing};
 use crate::store::{Loaded, NodeRecord, StoreError, secret_sha256};
 
@@ -65,6 +66,16 @@ impl FakeEtcd {
         s.leaders.retain(|l| l.send(None).is_ok());
         drop(s);
         self.changed.notify_waiters();
+    }
+
+    /// The leader's term ends while its key still stands (a leader that
+    /// stopped trusting its lease before etcd expired it).
+    fn end_term_keeping_key(&self) {
+        let mut s = self.shared.lock().unwrap();
+        if let Some((holds, lost)) = s.term.take() {
+            holds.store(false, Ordering::SeqCst);
+            lost.cancel();
+        }
     }
 
     fn leader(&self) -> Option<String> {
@@ -324,6 +335,34 @@ async fn a_lost_term_steps_down_and_the_follower_takes_over_without_false_offlin
         a.registry.get("n1").unwrap().status(),
         pb::NodeStatus::Online
     );
+    a.stop.cancel();
+    b.stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_just_stepped_down_never_names_itself_as_the_leader() {
+    let etcd = FakeEtcd::default();
+    let (a, b) = a_then_b(&etcd).await;
+    etcd.end_term_keeping_key();
+    settle(Duration::from_millis(10)).await;
+
+    // The key still names A; A's refusal must not send clients back to A.
+    let Err(RegistryError::NotLeader { leader, .. }) = a.role.writable() else {
+        panic!("A stepped down and takes no writes");
+    };
+    assert_eq!(leader, None);
+
+    // Once the key moves, the follower names the new leader (either may
+    // win the election that follows).
+    etcd.expire_leader();
+    settle(Duration::from_millis(10)).await;
+    let (leading, following) = if b.role.leads() { (&b, &a) } else { (&a, &b) };
+    assert!(leading.role.leads());
+    let Err(RegistryError::NotLeader { leader, .. }) = following.role.writable() else {
+        panic!("one replica follows");
+    };
+    assert_eq!(leader, etcd.leader());
+    assert!(leader.is_some());
     a.stop.cancel();
     b.stop.cancel();
 }
