@@ -3,7 +3,9 @@
 //! FAILED_PRECONDITION wait a backoff with jitter and register again; on a
 //! broken connection, a closed stream or a missing ack wait a backoff and
 //! reconnect with the same session (a registry that kept its state after a
-//! restart accepts it), as node-agent does.
+//! restart accepts it, and so does a new leader after a failover), as
+//! node-agent does; after a replica's refusal the wait is at most
+//! [`registry_proto::replica::REPLICA_RETRY_MAX`].
 //! A DrainCommand (pushed unsolicited, sequence 0, or on an ack) makes the
 //! named pools (all when none are named) report DRAINING and idle on a beat
 //! sent at once; a ResumeCommand makes them READY again, also at once, so
@@ -125,6 +127,12 @@ struct Node {
     /// The status that ended the last call or stream, for `replicas` to
     /// follow a leader hint or look for the leader again.
     failure: Option<tonic::Status>,
+    /// The last failure was a replica's refusal (a follower, or a leader
+    /// stepping down): the next try comes within
+    /// [`registry_proto::replica::REPLICA_RETRY_MAX`], as node-agent's, not
+    /// after a long backoff that would leave the node silent past its
+    /// timeout once a leader is elected.
+    replica_refused: bool,
     /// Jitter and payload values.
     rng: fastrand::Rng,
     /// Retry delays after failures.
@@ -181,6 +189,7 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, replicas: Arc<Replica
         silenced: config.is_silenced(index),
         replicas,
         failure: None,
+        replica_refused: false,
         rng: fastrand::Rng::new(),
         backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
         sequence: 0,
@@ -236,7 +245,10 @@ impl Node {
 
     /// Waits the next backoff delay; false when the fleet stopped meanwhile.
     async fn pause(&mut self) -> bool {
-        let delay = self.backoff.next_delay();
+        let mut delay = self.backoff.next_delay();
+        if std::mem::take(&mut self.replica_refused) {
+            delay = delay.min(registry_proto::replica::REPLICA_RETRY_MAX);
+        }
         tokio::select! {
             () = self.shared.stop.cancelled() => false,
             () = sleep(delay) => true,
@@ -283,6 +295,7 @@ impl Node {
                 if !self.shared.stop.is_cancelled() {
                     stats.error(Phase::Register, status.code());
                 }
+                self.replica_refused = registry_proto::replica::refused_by_replica(&status);
                 self.replicas.failed(&leader, &status);
                 None
             }
@@ -324,6 +337,7 @@ impl Node {
                 .failure
                 .take()
                 .unwrap_or_else(|| tonic::Status::unavailable("heartbeat stream lost"));
+            self.replica_refused = registry_proto::replica::refused_by_replica(&failure);
             self.replicas.failed(&leader, &failure);
         }
         end
