@@ -41,6 +41,16 @@ pub enum HarnessError {
         /// Its log file.
         log: PathBuf,
     },
+    /// A child asked to stop did not exit in time.
+    #[error("{name} did not exit: {detail}; its log is {}", log.display())]
+    NotStopped {
+        /// The child's name in the test.
+        name: String,
+        /// What the wait saw.
+        detail: String,
+        /// Its log file.
+        log: PathBuf,
+    },
     /// A child did not become ready in time.
     #[error("{name} was not ready after {timeout:?}; its log is {}", log.display())]
     NotReady {

@@ -172,6 +172,25 @@ impl RegistryProcess {
         }
     }
 
+    /// Stops the registry as an operator does (SIGTERM: a replica resigns
+    /// its leadership, so the next one takes over at once), waits up to
+    /// `timeout` for it to exit, then starts a fresh incarnation on the same
+    /// address.
+    pub async fn restart_gracefully(&mut self, timeout: Duration) -> Result<(), HarnessError> {
+        if let Some(process) = self.process.as_mut() {
+            process.signal(nix::sys::signal::Signal::SIGTERM)?;
+            process
+                .wait_exit(timeout)
+                .await
+                .map_err(|detail| HarnessError::NotStopped {
+                    name: process.name().to_owned(),
+                    detail,
+                    log: process.log().to_path_buf(),
+                })?;
+        }
+        self.restart().await
+    }
+
     /// The current incarnation, if any.
     pub fn process(&mut self) -> Option<&mut ChildProcess> {
         self.process.as_mut()

@@ -2,10 +2,13 @@
 //! registry-server replicas on it, agents given every replica, and views
 //! of the fleet through any replica.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use test_support::etcd::EtcdCluster;
+use tokio_util::sync::CancellationToken;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -104,6 +107,11 @@ impl ReplicaSet {
             .map(RegistryProcess::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Every replica's URL, by index.
+    pub fn urls(&self) -> Vec<String> {
+        self.replicas.iter().map(RegistryProcess::url).collect()
     }
 
     /// The replicas' timing.
@@ -226,4 +234,70 @@ pub async fn health(url: &str, service: &str) -> Option<ServingStatus> {
 /// Whether the registry at `url` leads now.
 pub async fn leads(url: &str) -> bool {
     health(url, LEADER_SERVICE).await == Some(ServingStatus::Serving)
+}
+
+/// Polls every replica's ListNodes every 100 ms (after each round) until
+/// stopped, and keeps
+/// whatever it ever saw OFFLINE (replica, node) — the tests' "0 OFFLINE at
+/// any point".
+pub struct OfflineWatch {
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    stop: CancellationToken,
+}
+
+impl OfflineWatch {
+    /// Starts polling `urls`.
+    pub fn start(urls: Vec<String>) -> Self {
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let stop = CancellationToken::new();
+        let (s, st) = (seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !st.is_cancelled() {
+                for url in &urls {
+                    // A replica that is down, frozen or without etcd may
+                    // not answer; only what is listed counts.
+                    let listed =
+                        tokio::time::timeout(Duration::from_millis(500), list_nodes(url)).await;
+                    if let Ok(Ok(nodes)) = listed {
+                        for node in nodes.values() {
+                            if node.status() == registry_proto::pb::NodeStatus::Offline {
+                                s.lock()
+                                    .unwrap()
+                                    .insert(format!("{} on {url}", node.node_id));
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { seen, stop }
+    }
+
+    /// Stops polling; what was ever seen OFFLINE, as "NODE on URL".
+    pub fn finish(self) -> BTreeSet<String> {
+        self.stop.cancel();
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Waits until the registry at `url` lists `count` nodes, every one ONLINE
+/// and, with `heard`, none suspect (a leader heard every one since it took
+/// over; a follower's copy does not say).
+pub async fn wait_listed_online(url: &str, count: usize, heard: bool, timeout: Duration) {
+    test_support::eventually("every node listed ONLINE", timeout, || async {
+        let nodes = list_nodes(url).await.map_err(|e| e.to_string())?;
+        let online = nodes
+            .values()
+            .filter(|n| {
+                n.status() == registry_proto::pb::NodeStatus::Online && !(heard && n.suspect)
+            })
+            .count();
+        if nodes.len() == count && online == count {
+            Ok(())
+        } else {
+            Err(format!("{} listed, {online} ONLINE and heard", nodes.len()))
+        }
+    })
+    .await;
 }

@@ -1,15 +1,16 @@
 //! Registry replicas on a real 3-member etcd cluster, as real processes:
 //! leader SIGKILL, a leader frozen past its lease, etcd losing quorum. In
-//! every one, no node is ever listed OFFLINE, by any replica.
+//! every one, no node is ever listed OFFLINE, by any replica. (The rolling
+//! restart under 1,000 simulated nodes is `tests/rolling_restart.rs`, a
+//! binary of its own so that its load does not run beside these timings.)
 //!
 //! Each test skips (with a line saying so) where etcd is not installed,
 //! except under CI=true, where `.ci/run` installs it.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use integration_tests::replicas::{ReplicaSet, leads};
+use integration_tests::replicas::{OfflineWatch, ReplicaSet, leads};
 use integration_tests::{AgentSpec, Timing, list_nodes};
 use nix::sys::signal::Signal;
 use registry_proto::pb;
@@ -28,53 +29,6 @@ fn agents() -> Vec<AgentSpec> {
     (1..=3)
         .map(|i| AgentSpec::new(&format!("node-{i}"), 1, &format!("pool-{i},slots=2")))
         .collect()
-}
-
-/// Polls every replica's ListNodes every 100 ms until stopped, and keeps
-/// whatever it ever saw OFFLINE (replica, node) — the tests' "0 OFFLINE at
-/// any point".
-struct OfflineWatch {
-    seen: Arc<Mutex<BTreeSet<String>>>,
-    stop: CancellationToken,
-}
-
-impl OfflineWatch {
-    fn start(urls: Vec<String>) -> Self {
-        let seen = Arc::new(Mutex::new(BTreeSet::new()));
-        let stop = CancellationToken::new();
-        let (s, st) = (seen.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !st.is_cancelled() {
-                for url in &urls {
-                    // A replica that is down, frozen or without etcd may
-                    // not answer; only what is listed counts.
-                    let listed =
-                        tokio::time::timeout(Duration::from_millis(500), list_nodes(url)).await;
-                    if let Ok(Ok(nodes)) = listed {
-                        for node in nodes.values() {
-                            if node.status() == pb::NodeStatus::Offline {
-                                s.lock()
-                                    .unwrap()
-                                    .insert(format!("{} on {url}", node.node_id));
-                            }
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        Self { seen, stop }
-    }
-
-    fn finish(self) -> BTreeSet<String> {
-        self.stop.cancel();
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-/// Every replica's URL.
-fn urls(set: &mut ReplicaSet, replicas: usize) -> Vec<String> {
-    (0..replicas).map(|i| set.replica(i).url()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,7 +50,7 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline()
         .await
         .unwrap();
     assert_eq!(cordon.code, Some(0), "{cordon}");
-    let watch = OfflineWatch::start(urls(&mut set, 3));
+    let watch = OfflineWatch::start(set.urls());
 
     let killed_at = Instant::now();
     set.replica(leader).kill().unwrap();
@@ -164,13 +118,13 @@ async fn a_leader_frozen_past_its_lease_steps_down_and_never_leads_beside_the_ne
     };
     let old = set.wait_leader(Duration::from_secs(30)).await;
     set.wait_all_online_via(old, Duration::from_secs(30)).await;
-    let watch = OfflineWatch::start(urls(&mut set, 2));
+    let watch = OfflineWatch::start(set.urls());
 
     // Two leaders at once would both be SERVING: look all along.
     let both = Arc::new(Mutex::new(false));
     let looking = CancellationToken::new();
     let (b, l) = (both.clone(), looking.clone());
-    let replica_urls = urls(&mut set, 2);
+    let replica_urls = set.urls();
     // Health is set by the replica's tasks, which a resumed process runs
     // a moment after it wakes (writes and heartbeats check the lease
     // synchronously, so none is accepted meanwhile): two leaders count
@@ -241,12 +195,12 @@ async fn without_etcd_quorum_reads_go_on_writes_are_refused_and_no_node_goes_off
     for i in 0..2 {
         set.wait_all_online_via(i, Duration::from_secs(30)).await;
     }
-    let watch = OfflineWatch::start(urls(&mut set, 2));
+    let watch = OfflineWatch::start(set.urls());
 
     // Two of three members stop: no quorum.
     set.etcd().stop_member(1);
     set.etcd().stop_member(2);
-    let replica_urls = urls(&mut set, 2);
+    let replica_urls = set.urls();
     test_support::eventually(
         "the leader steps down",
         TTL + Duration::from_secs(5),
