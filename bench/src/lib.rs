@@ -9,7 +9,7 @@
 //! - [`plan`]: scenario parameters, full and quick;
 //! - [`server`]: the registry under test (child process or in-process task);
 //! - [`scenarios`]: scale, throughput, detection, reads, restart storm,
-//!   change feed, drain round trip;
+//!   change feed, drain round trip, store write path, replicas on etcd;
 //! - [`inspect`]: the registry's view through ListNodes;
 //! - [`procfs`]: CPU and memory of a process;
 //! - [`table`]: Markdown output.
@@ -71,6 +71,9 @@ pub enum Scenario {
     Drain,
     /// 8. The store's write path: a Register storm (issue 11).
     Store,
+    /// Scenario 9, three replicas on etcd against one registry: storm,
+    /// steady state, leader SIGKILL (issue 12; skipped without etcd).
+    Replicas,
 }
 
 impl Scenario {
@@ -78,8 +81,9 @@ impl Scenario {
     /// step leaves the simulator's heap large and fragmented, which would
     /// slow the simulator (and inflate latencies) in any scenario after it.
     /// The tables still print in the issue's order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Store,
+        Scenario::Replicas,
         Scenario::Throughput,
         Scenario::Detection,
         Scenario::Reads,
@@ -107,7 +111,10 @@ pub struct Results {
     pub feed: Option<FeedResult>,
     /// Scenario 7.
     pub drain: Option<DrainResult>,
+    /// Scenario 8.
     pub store: Option<scenarios::store::StoreResult>,
+    /// Scenario 9 (`None` also when skipped for want of etcd).
+    pub replicas: Option<scenarios::replicas::ReplicasResult>,
 }
 
 /// Runs `scenarios` of `plan` in order, printing each table to stderr as it
@@ -164,6 +171,14 @@ pub async fn run(
                 results.feed = Some(f);
                 table
             }
+            Scenario::Replicas => match scenarios::replicas::run(launcher, plan).await? {
+                Some(r) => {
+                    let table = table::replicas(&r);
+                    results.replicas = Some(r);
+                    table
+                }
+                None => "Scenario 9 (replicas) skipped: etcd is not installed.\n".to_owned(),
+            },
             Scenario::Drain => {
                 let d = scenarios::drain::run(launcher, plan).await?;
                 let table = table::drain(&d);

@@ -31,6 +31,31 @@ pub struct Plan {
     pub feed: FeedPlan,
     /// The drain round trip (issue 11).
     pub drain: DrainPlan,
+    /// Three replicas on etcd against one registry (issue 12).
+    pub replicas: ReplicasPlan,
+}
+
+/// Three replicas on a 3-member etcd cluster, then one registry with the
+/// embedded store, under the same fleet: a registration storm, a steady
+/// window, and (replicas) a leader SIGKILL.
+#[derive(Debug, Clone)]
+pub struct ReplicasPlan {
+    /// Virtual nodes.
+    pub nodes: usize,
+    /// Connections they share (0: one per node).
+    pub connections: usize,
+    /// Registrations started per second (the storm).
+    pub ramp: f64,
+    /// Heartbeat interval (advertised by the server).
+    pub interval: Duration,
+    /// Node timeout.
+    pub node_timeout: Duration,
+    /// --etcd-lease-ttl: bounds the failover.
+    pub lease_ttl: Duration,
+    /// Measured steady-state window.
+    pub window: Duration,
+    /// Longest wait for the fleet to come up or back.
+    pub limit: Duration,
 }
 
 /// The drain round trip: nodes drained one by one under a heartbeating
@@ -243,6 +268,16 @@ impl Plan {
                 rate: 2_000,
                 concurrency: 512,
             },
+            replicas: ReplicasPlan {
+                nodes: 10_000,
+                connections: 100,
+                ramp: 1_000.0,
+                interval: Duration::from_secs(10),
+                node_timeout: Duration::from_secs(30),
+                lease_ttl: Duration::from_secs(10),
+                window: Duration::from_secs(30),
+                limit: Duration::from_secs(120),
+            },
             feed: FeedPlan {
                 nodes: 10_000,
                 connections: 100,
@@ -312,6 +347,16 @@ impl Plan {
                 registrations: 200,
                 rate: 1_000,
                 concurrency: 16,
+            },
+            replicas: ReplicasPlan {
+                nodes: 200,
+                connections: 20,
+                ramp: 1_000.0,
+                interval: Duration::from_secs(1),
+                node_timeout: Duration::from_secs(3),
+                lease_ttl: Duration::from_secs(2),
+                window: Duration::from_secs(2),
+                limit: Duration::from_secs(60),
             },
             feed: FeedPlan {
                 nodes: 200,

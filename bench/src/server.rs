@@ -38,6 +38,20 @@ pub struct ServerSpec {
     /// `--store embedded --data-dir DIR` when set; `--store memory` (the
     /// state is lost on restart) when not.
     pub data_dir: Option<PathBuf>,
+    /// `--store etcd` on these members when set (a replica; wins over
+    /// `data_dir`).
+    pub etcd: Option<EtcdTarget>,
+}
+
+/// Where a replica keeps its records and elects its leader.
+#[derive(Debug, Clone)]
+pub struct EtcdTarget {
+    /// --etcd-endpoints (comma-separated client URLs).
+    pub endpoints: String,
+    /// --etcd-prefix, one per replica set.
+    pub prefix: String,
+    /// --etcd-lease-ttl.
+    pub lease_ttl: Duration,
 }
 
 impl ServerSpec {
@@ -50,7 +64,14 @@ impl ServerSpec {
             max_streams_per_connection: 1024,
             max_connections: 16_384,
             data_dir: None,
+            etcd: None,
         }
+    }
+
+    /// A replica on etcd.
+    pub fn etcd(mut self, target: EtcdTarget) -> Self {
+        self.etcd = Some(target);
+        self
     }
 
     /// With the embedded store in `dir` (kept across restarts).
@@ -86,14 +107,24 @@ impl ServerSpec {
             self.max_connections.to_string(),
         ]
         .into_iter()
-        .chain(match &self.data_dir {
-            Some(dir) => vec![
+        .chain(match (&self.etcd, &self.data_dir) {
+            (Some(etcd), _) => vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                etcd.endpoints.clone(),
+                "--etcd-prefix".into(),
+                etcd.prefix.clone(),
+                "--etcd-lease-ttl".into(),
+                humantime::format_duration(etcd.lease_ttl).to_string(),
+            ],
+            (None, Some(dir)) => vec![
                 "--store".into(),
                 "embedded".into(),
                 "--data-dir".into(),
                 dir.display().to_string(),
             ],
-            None => vec!["--store".into(), "memory".into()],
+            (None, None) => vec!["--store".into(), "memory".into()],
         })
         .collect()
     }
@@ -105,12 +136,27 @@ impl ServerSpec {
             max_streams_per_connection: self.max_streams_per_connection,
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections,
-            store: if self.data_dir.is_some() {
-                registry_server::config::StoreKind::Embedded
-            } else {
-                registry_server::config::StoreKind::Memory
+            store: match (&self.etcd, &self.data_dir) {
+                (Some(_), _) => registry_server::config::StoreKind::Etcd,
+                (None, Some(_)) => registry_server::config::StoreKind::Embedded,
+                (None, None) => registry_server::config::StoreKind::Memory,
             },
             data_dir: self.data_dir.clone().unwrap_or_default(),
+            etcd_endpoints: self
+                .etcd
+                .as_ref()
+                .map(|e| e.endpoints.split(',').map(str::to_owned).collect())
+                .unwrap_or_default(),
+            etcd_prefix: self.etcd.as_ref().map_or_else(
+                || registry_server::Settings::default().etcd_prefix,
+                |e| e.prefix.clone(),
+            ),
+            etcd_lease_ttl: self
+                .etcd
+                .as_ref()
+                .map_or(registry_server::Settings::default().etcd_lease_ttl, |e| {
+                    e.lease_ttl
+                }),
             ..registry_server::Settings::default()
         }
     }
@@ -246,6 +292,15 @@ impl Server {
         match self {
             Server::Process(s) => s.restart(mode).await,
             Server::InProcess(s) => s.restart().await,
+        }
+    }
+
+    /// Stops the registry as `mode` says and waits for it (a task in this
+    /// process can only stop gracefully).
+    pub async fn stop_with(mut self, mode: StopMode) -> Result<(), BenchError> {
+        match &mut self {
+            Server::Process(s) => s.stop(mode).await,
+            Server::InProcess(s) => s.stop().await,
         }
     }
 
@@ -391,9 +446,21 @@ impl TaskServer {
             .local_addr()
             .map_err(|e| BenchError::Io(format!("listener address: {e}")))?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(registry_server::run(listener, spec.settings(), async {
+        let shutdown = async {
             let _ = stopped.await;
-        }));
+        };
+        let settings = spec.settings();
+        let task = if spec.etcd.is_some() {
+            let advertise = format!("http://{addr}");
+            tokio::spawn(async move {
+                let replicas = registry_server::store::etcd::replicas(&settings, advertise)
+                    .await
+                    .map_err(registry_server::ServerError::Store)?;
+                registry_server::run_replica(listener, settings, replicas, None, shutdown).await
+            })
+        } else {
+            tokio::spawn(registry_server::run(listener, settings, shutdown))
+        };
         Ok(Self {
             spec,
             addr,

@@ -11,6 +11,7 @@ use crate::scenarios::detection::DetectionResult;
 use crate::scenarios::drain::DrainResult;
 use crate::scenarios::feed::FeedResult;
 use crate::scenarios::reads::ReadsResult;
+use crate::scenarios::replicas::ReplicasResult;
 use crate::scenarios::restart::RestartRow;
 use crate::scenarios::scale::ScaleRow;
 use crate::scenarios::store::StoreResult;
@@ -310,6 +311,80 @@ pub fn all(results: &Results) -> String {
     if let Some(d) = &results.drain {
         let _ = writeln!(out, "### 7. Drain round trip\n\n{}", drain(d));
     }
+    if let Some(r) = &results.replicas {
+        let _ = writeln!(out, "### 9. Replicas on etcd\n\n{}", replicas(r));
+    }
+    out
+}
+
+/// Scenario 9.
+pub fn replicas(r: &ReplicasResult) -> String {
+    let p = &r.plan;
+    let mut out = format!(
+        "{} nodes on {} connections (1 GPU, 1 pool each), registering at {}/s, heartbeat every {}, node timeout {}; \
+         3 replicas on a 3-member etcd cluster (lease TTL {}), then 1 registry with the embedded store, each under the same fleet. \
+         Storm = fleet start -> every node heartbeating. Steady window {} on the leader; etcd figures over the same window \
+         (txn = write transactions, keys = keys put or deleted, proposals = raft proposals committed; CPU and RSS of the 3 members together).\n\n\
+         | set-up | storm | registrations/s | Register p50 | p99 | max | Register failures | heartbeats/s | leader CPU | leader CPU-s per 100k heartbeats | leader RSS/node | ack p99 | errors (window) | etcd txn/s | etcd keys/s | etcd proposals/s | etcd CPU | etcd RSS |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|\n",
+        p.nodes,
+        r.connections,
+        p.ramp,
+        humantime::format_duration(p.interval),
+        humantime::format_duration(p.node_timeout),
+        humantime::format_duration(p.lease_ttl),
+        humantime::format_duration(p.window),
+    );
+    for row in &r.rows {
+        let w = &row.window;
+        let acked = w.acked();
+        let per_100k = if acked == 0 {
+            0.0
+        } else {
+            w.server_cpu().as_secs_f64() / acked as f64 * 100_000.0
+        };
+        let etcd = match &row.etcd {
+            Some(e) => format!(
+                "{:.2} | {:.2} | {:.2} | {:.1} % | {}",
+                e.txn_per_sec,
+                e.keys_per_sec,
+                e.proposals_per_sec,
+                e.cpu_percent,
+                mib(e.rss)
+            ),
+            None => "- | - | - | - | -".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {:.0} | {:.1} % | {:.2} | {} | {} | {} | {} |",
+            row.setup,
+            secs(row.storm),
+            row.registrations_per_sec,
+            fmt_ms(row.register.p50),
+            fmt_ms(row.register.p99),
+            fmt_ms(row.register.max),
+            row.register_failures,
+            w.ack_rate(),
+            w.server_cpu_percent(),
+            per_100k,
+            kib(w.server_after.rss / p.nodes.max(1) as u64),
+            fmt_ms(w.ack.p99),
+            fmt_errors(&w.errors()),
+            etcd,
+        );
+    }
+    let f = &r.failover;
+    let _ = write!(
+        out,
+        "\nLeader SIGKILL under the fleet: a new leader SERVING after **{}**; every node heartbeating to it after **{}**; \
+         nodes registered again: {}; listed by the new leader: {}, of which not ONLINE: {}; fleet errors meanwhile: {}.\n",
+        secs(f.to_serving),
+        secs(f.to_all_heartbeating),
+        f.reregistered,
+        f.listed,
+        f.offline,
+        fmt_errors(&f.errors),
+    );
     out
 }
 

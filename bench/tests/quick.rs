@@ -104,6 +104,28 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
     assert_eq!(drain.resume.count, plan.drain.drains as u64);
     assert!(drain.drain.p50 <= drain.drain.p99);
 
+    // Without etcd (outside CI) the replicas scenario is skipped.
+    if let Some(replicas) = results.replicas.as_ref() {
+        assert_eq!(replicas.rows.len(), 2);
+        for row in &replicas.rows {
+            assert_eq!(row.register_failures, 0, "{row:?}");
+            assert!(row.window.acked() > 0, "heartbeats flowed: {row:?}");
+        }
+        assert!(replicas.rows[0].etcd.is_some() && replicas.rows[1].etcd.is_none());
+        let failover = &replicas.failover;
+        assert_eq!(failover.reregistered, 0, "sessions survive: {failover:?}");
+        assert_eq!(failover.listed, plan.replicas.nodes);
+        assert_eq!(failover.offline, 0, "{failover:?}");
+        assert!(failover.to_all_heartbeating >= failover.to_serving);
+        assert!(bench::table::all(&results).contains("9. Replicas on etcd"));
+    } else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI installs etcd"
+        );
+    }
+
     let tables = bench::table::all(&results);
     for heading in [
         "1. Scale",

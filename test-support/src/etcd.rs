@@ -209,6 +209,20 @@ impl EtcdCluster {
         self.spawn(i, "existing").expect("the etcd member restarts");
     }
 
+    /// The running members' process ids (CPU and memory from /proc).
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.process.as_ref().map(Child::id))
+            .collect()
+    }
+
+    /// Member `i`'s Prometheus text (`GET /metrics`), `None` when it does
+    /// not answer.
+    pub fn metrics(&self, i: usize) -> Option<String> {
+        http_get(self.members[i].client_port, "/metrics")
+    }
+
     /// Where the members log.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -217,20 +231,23 @@ impl EtcdCluster {
 
 /// Whether the member on `port` answers `GET /health` with health true.
 fn healthy(port: u16) -> bool {
+    http_get(port, "/health").is_some_and(|answer| {
+        answer.contains("\"health\":\"true\"") || answer.contains("\"health\": \"true\"")
+    })
+}
+
+/// The answer (headers and body) of `GET path` on the member on `port`,
+/// within a second; `None` when it does not answer.
+fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    if stream
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .ok()?;
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
-    answer.contains("\"health\":\"true\"") || answer.contains("\"health\": \"true\"")
+    (!answer.is_empty()).then_some(answer)
 }
 
 impl Drop for EtcdCluster {

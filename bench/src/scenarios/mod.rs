@@ -1,11 +1,13 @@
-//! The scenarios (five of the first issue, feed of issue 10, drain of
-//! issue 11), each against a fresh registry, and the
+//! The scenarios (five of the first issue, feed of issue 10, drain and
+//! store of issue 11, replicas of issue 12), each against a fresh registry,
+//! and the
 //! helpers they share (start a fleet and wait for it, measure a window).
 
 pub mod detection;
 pub mod drain;
 pub mod feed;
 pub mod reads;
+pub mod replicas;
 pub mod restart;
 pub mod scale;
 pub mod store;
