@@ -75,6 +75,9 @@ impl ReplicaSet {
                 format!("/{test}"),
                 "--etcd-lease-ttl".to_owned(),
                 format!("{}ms", lease_ttl.as_millis()),
+                // What each replica accepted, read by the tests.
+                "--metrics-listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
             ];
             let replica = RegistryProcess::start_with_args(
                 &bins.registry_server,
@@ -107,6 +110,14 @@ impl ReplicaSet {
             .map(RegistryProcess::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The unlabelled sample `name` of replica `i`'s `/metrics`; `None`
+    /// when it does not answer (down, frozen) or has no such sample.
+    pub fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let addr = self.replicas[i].metrics_addr()?;
+        let text = test_support::http::get(addr, "/metrics")?;
+        test_support::http::sample(&text, name)
     }
 
     /// Every replica's URL, by index.

@@ -160,6 +160,19 @@ async fn a_leader_frozen_past_its_lease_steps_down_and_never_leads_beside_the_ne
     // The resumed replica follows: NodeRegistry NOT_SERVING, writes refused
     // naming the new leader, its streams gone to the new leader.
     assert_eq!(set.leaders().await, vec![new]);
+    // Its metrics: no heartbeat stream open, and no heartbeat accepted from
+    // here to the end of the test.
+    assert_eq!(
+        set.metric(old, "registry_heartbeat_streams_open"),
+        Some(0.0),
+        "the resumed replica ended its streams"
+    );
+    let accepted_after_resume = set
+        .metric(old, "registry_heartbeats_total")
+        .expect("the resumed replica's metrics");
+    let accepted_by_new = set
+        .metric(new, "registry_heartbeats_total")
+        .expect("the new leader's metrics");
     let mut client = NodeRegistryClient::connect(set.replica(old).url())
         .await
         .unwrap();
@@ -173,6 +186,18 @@ async fn a_leader_frozen_past_its_lease_steps_down_and_never_leads_beside_the_ne
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     let nodes = set.nodes_via(new).await.unwrap();
     assert!(!nodes["node-2"].admin.as_ref().is_some_and(|a| a.cordoned));
+    // Two intervals more: the agents beat to the new leader only.
+    tokio::time::sleep(2 * TIMING.heartbeat_interval + Duration::from_millis(200)).await;
+    assert_eq!(
+        set.metric(old, "registry_heartbeats_total"),
+        Some(accepted_after_resume),
+        "the resumed replica accepted heartbeats"
+    );
+    assert!(
+        set.metric(new, "registry_heartbeats_total")
+            .is_some_and(|n| n > accepted_by_new),
+        "the new leader accepts the agents' heartbeats"
+    );
     looking.cancel();
     assert!(
         !*both.lock().unwrap(),

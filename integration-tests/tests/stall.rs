@@ -9,8 +9,7 @@
 //! off here (`--mass-offline-threshold 0`): the stall detection alone must
 //! keep every node ONLINE.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use fleet_sim::{Fleet, FleetConfig};
@@ -19,29 +18,13 @@ use integration_tests::{Cluster, Nodes, Timing, list_nodes};
 use nix::sys::signal::Signal;
 use registry_proto::pb;
 use test_support::eventually;
+use test_support::http::sample;
 
 const AGENTS: usize = 50;
 
-/// A plain HTTP/1.0 GET of `path` on the metrics port: the body.
+/// The body of `GET path` on the metrics port.
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connecting to the metrics port");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("sending the request");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("reading the answer");
-    raw.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
-}
-
-/// The value of an unlabelled sample `name` in Prometheus text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(name)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    test_support::http::get(addr, path).expect("the metrics port answers")
 }
 
 /// `Ok` when all agents are listed ONLINE.

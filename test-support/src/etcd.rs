@@ -220,7 +220,10 @@ impl EtcdCluster {
     /// Member `i`'s Prometheus text (`GET /metrics`), `None` when it does
     /// not answer.
     pub fn metrics(&self, i: usize) -> Option<String> {
-        http_get(self.members[i].client_port, "/metrics")
+        crate::http::get(
+            ([127, 0, 0, 1], self.members[i].client_port).into(),
+            "/metrics",
+        )
     }
 
     /// Where the members log.
@@ -231,23 +234,9 @@ impl EtcdCluster {
 
 /// Whether the member on `port` answers `GET /health` with health true.
 fn healthy(port: u16) -> bool {
-    http_get(port, "/health").is_some_and(|answer| {
+    crate::http::get(([127, 0, 0, 1], port).into(), "/health").is_some_and(|answer| {
         answer.contains("\"health\":\"true\"") || answer.contains("\"health\": \"true\"")
     })
-}
-
-/// The answer (headers and body) of `GET path` on the member on `port`,
-/// within a second; `None` when it does not answer.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    (!answer.is_empty()).then_some(answer)
 }
 
 impl Drop for EtcdCluster {

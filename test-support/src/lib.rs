@@ -10,15 +10,19 @@
 //! - [`fixtures`]: valid Register and Heartbeat requests and the session a
 //!   Register returns;
 //! - [`logs`]: logs of a failing test on request ([`init_logs`]) and
-//!   captured logs to assert on ([`LogCapture`]).
+//!   captured logs to assert on ([`LogCapture`]);
+//! - [`etcd`]: a real etcd cluster on loopback ([`etcd::EtcdCluster`]);
+//! - [`http`]: a plain GET and Prometheus samples of a metrics port.
 //!
-//! Only tests use it: registry-server and node-agent list it as a
-//! dev-dependency (registry-server's unit tests in `src/` cannot, as this
-//! crate depends on registry-server), integration-tests as a dependency.
+//! Only tests and the bench use it: registry-server and node-agent list it
+//! as a dev-dependency (registry-server's unit tests in `src/` cannot, as
+//! this crate depends on registry-server), integration-tests and bench (the
+//! etcd cluster of its replicas scenario) as a dependency.
 
 pub mod etcd;
 pub mod fixtures;
 pub mod follower;
+pub mod http;
 pub mod logs;
 pub mod pki;
 pub mod registry;

@@ -375,31 +375,7 @@ impl EtcdSample {
     }
 }
 
-/// The value of an unlabelled Prometheus sample `name` (0 when absent).
+/// The value of the unlabelled sample `name` (0 when absent).
 fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (metric, value) = line.split_once(' ')?;
-            (metric == name)
-                .then(|| value.trim().parse().ok())
-                .flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_counter_is_read_by_its_exact_name() {
-        let text = "# HELP etcd_mvcc_put_total x\n\
-                    etcd_mvcc_put_total_size 9\n\
-                    etcd_mvcc_put_total 42\n\
-                    etcd_mvcc_txn_total 7\n";
-        assert_eq!(counter(text, "etcd_mvcc_put_total"), 42.0);
-        assert_eq!(counter(text, "etcd_mvcc_txn_total"), 7.0);
-        assert_eq!(counter(text, "etcd_mvcc_delete_total"), 0.0);
-    }
+    test_support::http::sample(text, name).unwrap_or(0.0)
 }
