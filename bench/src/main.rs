@@ -43,9 +43,20 @@ enum Command {
         #[arg(required = true, value_enum)]
         scenarios: Vec<Scenario>,
 
-        /// Only the scale steps with these node counts (comma-separated).
+        /// Only the scale steps with these node counts (comma-separated); a
+        /// count the plan lacks becomes a step of its own, with 100 nodes
+        /// per connection past 19,000 nodes (the open-file limit) and one
+        /// connection per node below.
         #[arg(long, value_delimiter = ',')]
         scale_nodes: Vec<usize>,
+
+        /// Heartbeat interval of the scale steps (node timeout 3x).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        scale_interval: Option<std::time::Duration>,
+
+        /// Registrations per second while a scale step's fleet comes up.
+        #[arg(long)]
+        scale_ramp: Option<f64>,
 
         /// Length of each scale step's measured window.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -90,12 +101,40 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             scenarios,
             scale_nodes,
             scale_window,
+            scale_interval,
+            scale_ramp,
             feed_nodes,
             feed_phase,
         } => {
             let mut plan = Plan::full();
             if !scale_nodes.is_empty() {
-                plan.scale.retain(|step| scale_nodes.contains(&step.nodes));
+                plan.scale = scale_nodes
+                    .iter()
+                    .map(|&nodes| {
+                        plan.scale
+                            .iter()
+                            .find(|step| step.nodes == nodes)
+                            .copied()
+                            .unwrap_or(bench::plan::ScaleStep {
+                                nodes,
+                                connections: if nodes > 19_000 {
+                                    nodes.div_ceil(100)
+                                } else {
+                                    0
+                                },
+                                ramp: 2_000.0,
+                            })
+                    })
+                    .collect();
+            }
+            if let Some(interval) = scale_interval {
+                plan.scale_interval = interval;
+                plan.scale_timeout = interval * 3;
+            }
+            if let Some(ramp) = scale_ramp {
+                for step in &mut plan.scale {
+                    step.ramp = ramp;
+                }
             }
             if let Some(window) = scale_window {
                 plan.scale_window = window;

@@ -33,15 +33,16 @@ fn secs(d: Duration) -> String {
 /// Scenario 1.
 pub fn scale(rows: &[ScaleRow]) -> String {
     let mut out = String::from(
-        "| nodes | connections | registrations/s | heartbeats/s | server CPU | server RSS (peak) | RSS/node | ack p50 | ack p99 | ack max | simulator CPU | sim timer lag p99 | errors | false OFFLINE |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
+        "| nodes | connections | interval | registrations/s | heartbeats/s | server CPU | server RSS (peak) | RSS/node | ack p50 | ack p99 | ack max | simulator CPU | sim timer lag p99 | errors | false OFFLINE |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {:.1} % | {} ({}) | {} | {} | {} | {} | {:.0} % | {} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.1} % | {} ({}) | {} | {} | {} | {} | {:.0} % | {} | {} | {} |",
             r.nodes,
             r.connections,
+            humantime::format_duration(r.interval),
             r.registrations_per_sec,
             r.heartbeats_per_sec,
             r.server_cpu_percent,

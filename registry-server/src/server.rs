@@ -329,6 +329,16 @@ where
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(settings.max_streams_per_connection))
+        // h2 tears a connection down (GOAWAY) once more than 20 of its
+        // streams were reset by the client before the server accepted them
+        // (its rapid-reset guard). A connection shared by many agents (a
+        // proxy, fleet-sim) cancels that many in a burst whenever it gives
+        // up on a slow registry, and losing the connection then drops every
+        // stream on it. Allowing as many as the connection may have open
+        // keeps the guard's bound (work per connection) without the cascade.
+        .http2_max_pending_accept_reset_streams(Some(
+            (settings.max_streams_per_connection as usize).max(20),
+        ))
         // Bounds unary calls; a streaming call's response starts at once,
         // so heartbeat streams are not cut by it.
         .timeout(settings.request_timeout);

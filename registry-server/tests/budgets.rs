@@ -189,3 +189,33 @@ async fn unfinished_messages_of_all_connections_share_one_budget() {
     drop(held);
     registry.stop().await;
 }
+
+/// A shared connection (a proxy in front of many agents, fleet-sim) whose
+/// streams are cancelled in a burst before the registry accepted them is
+/// not torn down: h2's default allows 20 such streams per connection, then
+/// answers GOAWAY, which would drop every other stream on it at once.
+#[tokio::test]
+async fn a_burst_of_streams_cancelled_before_accept_keeps_the_connection() {
+    let registry = TestRegistry::start(Settings::default()).await;
+    let mut send = connect(&registry).await;
+    // On this single-threaded runtime nothing is flushed or served until
+    // the test yields: the 100 requests and their resets arrive together.
+    for _ in 0..100 {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://registry{HEARTBEAT}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (_response, mut body) = send.send_request(request, false).unwrap();
+        body.send_reset(h2::Reason::CANCEL);
+    }
+    // The same connection still serves a call: a Register missing its node
+    // id is refused by the registry, not by a dead connection.
+    let mut send = send.ready().await.expect("the connection is still open");
+    let (response, mut body) = open(&mut send, REGISTER, partial(0, 0)).await;
+    body.send_data(Bytes::new(), true).unwrap();
+    let (code, message) = status_of(response).await;
+    assert_eq!(code, tonic::Code::InvalidArgument, "{message}");
+}

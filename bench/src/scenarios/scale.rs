@@ -20,6 +20,8 @@ pub struct ScaleRow {
     pub nodes: usize,
     /// Connections they shared.
     pub connections: usize,
+    /// Heartbeat interval (node timeout 3x).
+    pub interval: Duration,
     /// Registrations per second achieved while ramping.
     pub registrations_per_sec: f64,
     /// Acks per second in the window.
@@ -101,6 +103,7 @@ async fn step_run(
     Ok(ScaleRow {
         nodes: step.nodes,
         connections,
+        interval: plan.scale_interval,
         registrations_per_sec,
         heartbeats_per_sec: window.ack_rate(),
         server_cpu_percent: window.server_cpu_percent(),
