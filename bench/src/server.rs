@@ -35,6 +35,9 @@ pub struct ServerSpec {
     pub max_streams_per_connection: u32,
     /// --max-connections: above the simulator's connection count.
     pub max_connections: usize,
+    /// --max-nodes and --max-heartbeat-streams: above the fleet (the
+    /// registry's defaults, 200,000 and 250,000, refuse a larger one).
+    pub max_nodes: usize,
     /// `--store embedded --data-dir DIR` when set; `--store memory` (the
     /// state is lost on restart) when not.
     pub data_dir: Option<PathBuf>,
@@ -63,6 +66,7 @@ impl ServerSpec {
             heartbeat_interval: Duration::from_secs(10),
             max_streams_per_connection: 1024,
             max_connections: 16_384,
+            max_nodes: 250_000,
             data_dir: None,
             etcd: None,
         }
@@ -105,6 +109,10 @@ impl ServerSpec {
             // Every simulated node connects from 127.0.0.1.
             "--max-connections-per-address".into(),
             self.max_connections.to_string(),
+            "--max-nodes".into(),
+            self.max_nodes.to_string(),
+            "--max-heartbeat-streams".into(),
+            self.max_nodes.to_string(),
         ]
         .into_iter()
         .chain(match (&self.etcd, &self.data_dir) {
@@ -136,6 +144,8 @@ impl ServerSpec {
             max_streams_per_connection: self.max_streams_per_connection,
             max_connections: self.max_connections,
             max_connections_per_address: self.max_connections,
+            max_nodes: self.max_nodes,
+            max_heartbeat_streams: self.max_nodes,
             store: match (&self.etcd, &self.data_dir) {
                 (Some(_), _) => registry_server::config::StoreKind::Etcd,
                 (None, Some(_)) => registry_server::config::StoreKind::Embedded,

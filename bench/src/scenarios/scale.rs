@@ -82,6 +82,7 @@ async fn step_run(
         .max_streams_per_connection
         .max((step.nodes / connections + 1) as u32);
     spec.max_connections = spec.max_connections.max(connections + 64);
+    spec.max_nodes = spec.max_nodes.max(step.nodes + 1_000);
     let server = launcher.start(&spec).await?;
     let idle = server.sample()?;
     let config = fleet_config("scale", step.nodes, step.connections, step.ramp);
