@@ -252,29 +252,62 @@ pub async fn leads(url: &str) -> bool {
 /// whatever it ever saw OFFLINE (replica, node) — the tests' "0 OFFLINE at
 /// any point".
 pub struct OfflineWatch {
-    seen: Arc<Mutex<BTreeSet<String>>>,
+    seen: Arc<Mutex<Watched>>,
     stop: CancellationToken,
+}
+
+/// What an [`OfflineWatch`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct Watched {
+    /// Every node ever listed OFFLINE, as "NODE on URL".
+    pub offline: BTreeSet<String>,
+    /// How many polls each replica answered: a watch whose replicas never
+    /// answered proves nothing.
+    pub answered: std::collections::BTreeMap<String, usize>,
+}
+
+impl Watched {
+    /// Panics unless no node was ever listed OFFLINE and every replica
+    /// answered at least `min_answers` polls.
+    pub fn assert_none_offline(&self, min_answers: usize) {
+        assert!(
+            self.offline.is_empty(),
+            "listed OFFLINE: {:?}",
+            self.offline
+        );
+        for (url, answered) in &self.answered {
+            assert!(
+                *answered >= min_answers,
+                "{url} answered {answered} ListNodes polls, fewer than {min_answers}: {:?}",
+                self.answered
+            );
+        }
+    }
 }
 
 impl OfflineWatch {
     /// Starts polling `urls`.
     pub fn start(urls: Vec<String>) -> Self {
-        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let answered = urls.iter().map(|url| (url.clone(), 0)).collect();
+        let seen = Arc::new(Mutex::new(Watched {
+            offline: BTreeSet::new(),
+            answered,
+        }));
         let stop = CancellationToken::new();
         let (s, st) = (seen.clone(), stop.clone());
         tokio::spawn(async move {
             while !st.is_cancelled() {
                 for url in &urls {
-                    // A replica that is down, frozen or without etcd may
-                    // not answer; only what is listed counts.
+                    // A replica that is down or frozen may not answer;
+                    // what is listed counts, and how often each answered.
                     let listed =
                         tokio::time::timeout(Duration::from_millis(500), list_nodes(url)).await;
                     if let Ok(Ok(nodes)) = listed {
+                        let mut seen = s.lock().unwrap();
+                        *seen.answered.entry(url.clone()).or_default() += 1;
                         for node in nodes.values() {
                             if node.status() == registry_proto::pb::NodeStatus::Offline {
-                                s.lock()
-                                    .unwrap()
-                                    .insert(format!("{} on {url}", node.node_id));
+                                seen.offline.insert(format!("{} on {url}", node.node_id));
                             }
                         }
                     }
@@ -285,8 +318,8 @@ impl OfflineWatch {
         Self { seen, stop }
     }
 
-    /// Stops polling; what was ever seen OFFLINE, as "NODE on URL".
-    pub fn finish(self) -> BTreeSet<String> {
+    /// Stops polling; what it saw.
+    pub fn finish(self) -> Watched {
         self.stop.cancel();
         self.seen.lock().unwrap().clone()
     }

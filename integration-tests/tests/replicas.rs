@@ -50,7 +50,33 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline()
         .await
         .unwrap();
     assert_eq!(cordon.code, Some(0), "{cordon}");
-    let watch = OfflineWatch::start(set.urls());
+    let drain = set
+        .ctl(
+            &[
+                "drain",
+                "node-2",
+                "--reason",
+                "kernel update",
+                "--deadline",
+                "10m",
+            ],
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(drain.code, Some(0), "{drain}");
+    // Sessions as the agents registered them, before anything fails.
+    let before: std::collections::BTreeMap<_, _> = set
+        .nodes_via(leader)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, n)| (id, n.session_id))
+        .collect();
+    // The survivors are watched (the killed replica answers nothing).
+    let mut survivors = set.urls();
+    survivors.remove(leader);
+    let watch = OfflineWatch::start(survivors);
 
     let killed_at = Instant::now();
     set.replica(leader).kill().unwrap();
@@ -66,13 +92,6 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline()
 
     // Every agent heartbeats to the new leader with its session: no node
     // is suspect there any more.
-    let before: std::collections::BTreeMap<_, _> = set
-        .nodes_via(new_leader)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(id, n)| (id, n.session_id))
-        .collect();
     let new_url = set.replica(new_leader).url();
     test_support::eventually(
         "every agent heard by the new leader",
@@ -104,8 +123,16 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline()
         after["node-1"].admin.as_ref().is_some_and(|a| a.cordoned),
         "the cordon survives the failover"
     );
-    let offline = watch.finish();
-    assert!(offline.is_empty(), "listed OFFLINE: {offline:?}");
+    assert!(
+        after["node-2"]
+            .admin
+            .as_ref()
+            .and_then(|a| a.drain.as_ref())
+            .is_some(),
+        "the drain survives the failover: {:?}",
+        after["node-2"].admin
+    );
+    watch.finish().assert_none_offline(5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,8 +230,7 @@ async fn a_leader_frozen_past_its_lease_steps_down_and_never_leads_beside_the_ne
         !*both.lock().unwrap(),
         "two replicas were SERVING as leader at once"
     );
-    let offline = watch.finish();
-    assert!(offline.is_empty(), "listed OFFLINE: {offline:?}");
+    watch.finish().assert_none_offline(5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,6 +307,5 @@ async fn without_etcd_quorum_reads_go_on_writes_are_refused_and_no_node_goes_off
         .await;
     // One more node timeout on the new term: still nobody OFFLINE.
     tokio::time::sleep(TIMING.node_timeout + Duration::from_secs(1)).await;
-    let offline = watch.finish();
-    assert!(offline.is_empty(), "listed OFFLINE: {offline:?}");
+    watch.finish().assert_none_offline(5);
 }

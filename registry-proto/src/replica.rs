@@ -14,9 +14,10 @@ use crate::rules::{self, Field};
 /// elected.
 pub const LEADER_METADATA: &str = "registry-leader";
 
-/// Metadata key of a read's answer: which role answered it
-/// ([`ROLE_LEADER`] or [`ROLE_FOLLOWER`]). A single-process registry sends
-/// none.
+/// Metadata key of a read's answer: which role answered it. Followers
+/// send [`ROLE_FOLLOWER`]; a leader and a single-process registry send
+/// none (their answers are current). [`ROLE_LEADER`] is the value a client
+/// may compare against for completeness.
 pub const ROLE_METADATA: &str = "registry-role";
 
 /// Metadata key of a follower's read answer: text saying how stale its

@@ -228,6 +228,18 @@ where
         None => ReplicaRole::single(),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Set before the replica loop starts, which alone changes it from then
+    // on: set after, it could overwrite the SERVING of a term just won.
+    if role.leads() {
+        health
+            .set_serving::<NodeRegistryServer<NodeRegistryService>>()
+            .await;
+    } else {
+        // A replica: SERVING once it leads (the replica loop says so).
+        health
+            .set_not_serving::<NodeRegistryServer<NodeRegistryService>>()
+            .await;
+    }
     // The deadline loop: a single registry's expiry task, or the replica
     // loop that runs one per leadership term. Either ending before
     // shutdown stops the server.
@@ -261,16 +273,6 @@ where
         })
     });
 
-    if !role.leads() {
-        // A replica: SERVING once it leads (the replica loop says so).
-        health
-            .set_not_serving::<NodeRegistryServer<NodeRegistryService>>()
-            .await;
-    } else {
-        health
-            .set_serving::<NodeRegistryServer<NodeRegistryService>>()
-            .await;
-    }
     health
         .set_service_status(
             registry_proto::LIVENESS_HEALTH_SERVICE,
