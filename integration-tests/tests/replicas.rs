@@ -83,15 +83,19 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline()
     let new_leader = set.wait_leader(TTL + Duration::from_secs(10)).await;
     let elected_after = killed_at.elapsed();
     assert_ne!(new_leader, leader);
-    // The lease's TTL bounds the failover; 1 s more for the election and
-    // the test's own polling, 1 s for a loaded machine.
+    println!("leader SIGKILL: a new leader SERVING after {elected_after:?} (TTL {TTL:?})");
+    // The lease's TTL bounds the failover: etcd expires a lease on its
+    // 500 ms tick, and the follower's campaign takes one round trip, so a
+    // leader serves within TTL + 1 s; 0.5 s more for this test's own
+    // polling (each replica's health in turn, fresh connections).
     assert!(
-        elected_after < TTL + Duration::from_secs(2),
+        elected_after < TTL + Duration::from_millis(1500),
         "a new leader after {elected_after:?}"
     );
 
     // Every agent heartbeats to the new leader with its session: no node
     // is suspect there any more.
+    let serving_at = Instant::now();
     let new_url = set.replica(new_leader).url();
     test_support::eventually(
         "every agent heard by the new leader",
@@ -114,6 +118,20 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline()
         },
     )
     .await;
+    let heard_after = serving_at.elapsed();
+    println!("leader SIGKILL: every agent heard by the new leader {heard_after:?} after it served");
+    // Agents refused while no leader was elected retry within 1 s
+    // (REPLICA_RETRY_MAX), then find the leader and beat at once: about
+    // one interval at production timings (docs/BENCHMARKS.md scenario 9:
+    // 1.0 s at a 10 s interval); here 1 s, one 0.5 s interval and 1 s
+    // for this shared machine.
+    assert!(
+        heard_after
+            < registry_proto::replica::REPLICA_RETRY_MAX
+                + TIMING.heartbeat_interval
+                + Duration::from_secs(1),
+        "every agent heard after {heard_after:?}"
+    );
     let after = set.nodes_via(new_leader).await.unwrap();
     for (id, node) in &after {
         assert_eq!(node.session_id, before[id], "{id} registered again");
@@ -251,6 +269,9 @@ async fn without_etcd_quorum_reads_go_on_writes_are_refused_and_no_node_goes_off
     // Two of three members stop: no quorum.
     set.etcd().stop_member(1);
     set.etcd().stop_member(2);
+    // Reads are served all through the outage: every replica answers
+    // ListNodes polls until quorum returns.
+    let outage = OfflineWatch::start(set.urls());
     let replica_urls = set.urls();
     test_support::eventually(
         "the leader steps down",
@@ -294,12 +315,13 @@ async fn without_etcd_quorum_reads_go_on_writes_are_refused_and_no_node_goes_off
         .unwrap();
     assert_ne!(refused.code, Some(0), "{refused}");
     assert!(
-        refused.stderr.contains("UNAVAILABLE") || refused.stderr.contains("unavailable"),
-        "{refused}"
+        refused.stderr.contains("no leader is elected"),
+        "the refusal says why: {refused}"
     );
 
     // Longer than a node timeout without etcd, then quorum returns.
     tokio::time::sleep(TIMING.node_timeout).await;
+    outage.finish().assert_none_offline(10);
     set.etcd().start_member(1);
     set.etcd().start_member(2);
     let leader = set.wait_leader(Duration::from_secs(30)).await;
