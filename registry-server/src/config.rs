@@ -594,6 +594,20 @@ impl Settings {
                     "--etcd-endpoints: {bad:?} is not an http:// or https:// URL"
                 ));
             }
+            // etcd's certificates are checked against --etcd-ca only (no
+            // system roots): without it an https:// member could not be
+            // verified, and would fail later with a less clear error.
+            if let Some(tls) = self
+                .etcd_endpoints
+                .iter()
+                .find(|url| url.starts_with("https://"))
+                .filter(|_| self.etcd_ca.is_none())
+            {
+                return Err(format!(
+                    "--etcd-endpoints: {tls:?} is https:// but no --etcd-ca is given: \
+                     the registry verifies etcd's certificate against that CA only"
+                ));
+            }
             if self.etcd_lease_ttl < Duration::from_secs(2) {
                 return Err("--etcd-lease-ttl must be at least 2s".into());
             }
@@ -645,6 +659,23 @@ mod tests {
         assert_eq!(settings.heartbeat_interval, Duration::from_secs(10));
         assert_eq!(settings.offline_retention, Duration::from_secs(3600));
         settings.check().unwrap();
+    }
+
+    #[test]
+    fn https_etcd_endpoints_need_the_ca_that_signs_them() {
+        let tls = Settings {
+            store: StoreKind::Etcd,
+            etcd_endpoints: vec!["https://etcd-a:2379".into()],
+            ..Settings::default()
+        };
+        let err = tls.check().unwrap_err();
+        assert!(err.contains("--etcd-ca"), "{err}");
+        Settings {
+            etcd_ca: Some(PathBuf::from("/etc/registry/etcd-ca.pem")),
+            ..tls
+        }
+        .check()
+        .unwrap();
     }
 
     #[test]
