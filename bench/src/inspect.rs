@@ -129,6 +129,17 @@ pub fn offline_lag(node: &pb::Node, node_timeout: Duration) -> Option<Duration> 
     Some((changed - deadline).to_std().unwrap_or(Duration::ZERO))
 }
 
+/// Node id -> session id, as the registry at `url` lists them: whose
+/// session changed across a restart or failover had to register again.
+pub async fn sessions(url: &str) -> Result<std::collections::HashMap<String, u64>, BenchError> {
+    let mut client = client(url).await?;
+    let nodes = list_all(&mut client, pb::NodeStatus::Unspecified).await?;
+    Ok(nodes
+        .into_iter()
+        .map(|n| (n.node_id, n.session_id))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

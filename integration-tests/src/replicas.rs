@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use test_support::etcd::EtcdCluster;
 use tokio_util::sync::CancellationToken;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 use crate::agent::{AgentProcess, AgentSpec};
 use crate::binaries::binaries;
@@ -20,8 +18,7 @@ use crate::ctl::{CtlOutput, run_ctl};
 use crate::error::HarnessError;
 use crate::registry::{RegistryProcess, Timing};
 
-/// The health entry that is SERVING on the leader only.
-pub const LEADER_SERVICE: &str = "registry.v1.NodeRegistry";
+pub use test_support::health::{LEADER_SERVICE, health, leads};
 
 /// etcd, the replicas and the agents, all killed when this is dropped.
 #[derive(Debug)]
@@ -216,35 +213,6 @@ impl ReplicaSet {
     pub fn log_dir(&self) -> &std::path::Path {
         &self.log_dir
     }
-}
-
-/// The health for `service` of the registry at `url` ("" is the process as
-/// a whole; [`LEADER_SERVICE`] is SERVING on the leader only); `None` when
-/// it does not answer within a second.
-pub async fn health(url: &str, service: &str) -> Option<ServingStatus> {
-    let check = async {
-        let channel = tonic::transport::Channel::from_shared(url.to_owned())
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
-        let answer = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: service.to_owned(),
-            })
-            .await
-            .ok()?;
-        ServingStatus::try_from(answer.into_inner().status).ok()
-    };
-    tokio::time::timeout(Duration::from_secs(1), check)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// Whether the registry at `url` leads now.
-pub async fn leads(url: &str) -> bool {
-    health(url, LEADER_SERVICE).await == Some(ServingStatus::Serving)
 }
 
 /// Polls every replica's ListNodes every 100 ms (after each round) until

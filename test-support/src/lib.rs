@@ -12,7 +12,8 @@
 //! - [`logs`]: logs of a failing test on request ([`init_logs`]) and
 //!   captured logs to assert on ([`LogCapture`]);
 //! - [`etcd`]: a real etcd cluster on loopback ([`etcd::EtcdCluster`]);
-//! - [`http`]: a plain GET and Prometheus samples of a metrics port.
+//! - [`http`]: a plain GET and Prometheus samples of a metrics port;
+//! - [`health`]: a registry's gRPC health per service, and whether it leads.
 //!
 //! Only tests and the bench use it: registry-server and node-agent list it
 //! as a dev-dependency (registry-server's unit tests in `src/` cannot, as
@@ -22,6 +23,7 @@
 pub mod etcd;
 pub mod fixtures;
 pub mod follower;
+pub mod health;
 pub mod http;
 pub mod logs;
 pub mod pki;

@@ -16,24 +16,19 @@
 //! Skipped, with a line saying so, where etcd is not installed (outside
 //! CI; see `test_support::etcd`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet_sim::{Fleet, LatencySummary};
 use test_support::etcd::EtcdCluster;
+use test_support::health::leads;
 use tokio::time::{Instant, sleep};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 use tracing::info;
 
 use super::{Window, fleet_config, measure, wait_attached};
 use crate::plan::{Plan, ReplicasPlan};
 use crate::server::{EtcdTarget, Launcher, Server, ServerSpec, StopMode};
 use crate::{BenchError, inspect, procfs};
-
-/// The health entry that is SERVING on the leader only.
-const LEADER_SERVICE: &str = registry_proto::replica::LEADER_HEALTH_SERVICE;
 
 /// What the scenario measured.
 #[derive(Debug, Clone)]
@@ -151,7 +146,7 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Option<ReplicasResu
 
     // The leader dies; the fleet follows the next one.
     let stats = fleet.stats();
-    let sessions_before = sessions(&urls[leader]).await?;
+    let sessions_before = inspect::sessions(&urls[leader]).await?;
     let before = stats.snapshot();
     let killed = servers.remove(leader);
     let mut others = urls.clone();
@@ -169,7 +164,7 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Option<ReplicasResu
     wait_attached(&fleet, p.nodes, p.limit).await?;
     let to_all_heartbeating = start.elapsed();
     let errors = stats.snapshot().errors_since(&before);
-    let sessions_after = sessions(&others[new_leader]).await?;
+    let sessions_after = inspect::sessions(&others[new_leader]).await?;
     let mut client = inspect::client(&others[new_leader]).await?;
     let listed =
         inspect::list_all(&mut client, registry_proto::pb::NodeStatus::Unspecified).await?;
@@ -297,40 +292,6 @@ async fn wait_leader(urls: &[String], limit: Duration) -> Result<usize, BenchErr
         }
         sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Whether the registry at `url` says SERVING for the leader's health,
-/// within half a second.
-async fn leads(url: &str) -> bool {
-    let check = async {
-        let channel = tonic::transport::Channel::from_shared(url.to_owned())
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
-        let answer = HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: LEADER_SERVICE.to_owned(),
-            })
-            .await
-            .ok()?;
-        Some(answer.into_inner().status() == ServingStatus::Serving)
-    };
-    tokio::time::timeout(Duration::from_millis(500), check)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-}
-
-/// Node id -> session id, as the registry at `url` lists them.
-async fn sessions(url: &str) -> Result<HashMap<String, u64>, BenchError> {
-    let mut client = inspect::client(url).await?;
-    let nodes = inspect::list_all(&mut client, registry_proto::pb::NodeStatus::Unspecified).await?;
-    Ok(nodes
-        .into_iter()
-        .map(|n| (n.node_id, n.session_id))
-        .collect())
 }
 
 /// etcd's counters and the members' CPU and memory at one instant.

@@ -55,16 +55,6 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Vec<RestartRow>, Be
     Ok(rows)
 }
 
-/// Node id -> session id, as the registry lists them.
-async fn sessions(url: &str) -> Result<std::collections::HashMap<String, u64>, BenchError> {
-    let mut client = inspect::client(url).await?;
-    let nodes = inspect::list_all(&mut client, registry_proto::pb::NodeStatus::Unspecified).await?;
-    Ok(nodes
-        .into_iter()
-        .map(|n| (n.node_id, n.session_id))
-        .collect())
-}
-
 /// One fleet, one restart per mode, with `store`.
 async fn run_with(
     launcher: &Launcher,
@@ -91,7 +81,7 @@ async fn run_with(
     for &mode in &p.modes {
         sleep(Duration::from_secs(1)).await;
         let before = stats.snapshot();
-        let sessions_before = sessions(&server.url()).await?;
+        let sessions_before = inspect::sessions(&server.url()).await?;
         let overflows_before = procfs::listen_overflows();
         let start = Instant::now();
         server.restart(mode).await?;
@@ -110,7 +100,7 @@ async fn run_with(
         let errors = stats.snapshot().errors_since(&before);
         let mut client = inspect::client(&server.url()).await?;
         let census = inspect::census(&mut client, &HashSet::new()).await?;
-        let sessions_after = sessions(&server.url()).await?;
+        let sessions_after = inspect::sessions(&server.url()).await?;
         let reregistered = sessions_before
             .iter()
             .filter(|(id, session)| sessions_after.get(*id) != Some(*session))
