@@ -133,6 +133,10 @@ struct Node {
     /// after a long backoff that would leave the node silent past its
     /// timeout once a leader is elected.
     replica_refused: bool,
+    /// The retry time of the last Register refusal, when the registry
+    /// gave one (its admission control): the next wait, instead of the
+    /// backoff's.
+    advised: Option<Duration>,
     /// Jitter and payload values.
     rng: fastrand::Rng,
     /// Retry delays after failures.
@@ -190,6 +194,7 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, replicas: Arc<Replica
         replicas,
         failure: None,
         replica_refused: false,
+        advised: None,
         rng: fastrand::Rng::new(),
         backoff: Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX),
         sequence: 0,
@@ -245,7 +250,11 @@ impl Node {
 
     /// Waits the next backoff delay; false when the fleet stopped meanwhile.
     async fn pause(&mut self) -> bool {
-        let mut delay = self.backoff.next_delay();
+        let mut delay = match self.advised.take() {
+            // The registry said when: come back then, not on the backoff.
+            Some(advised) => registry_proto::retry::wait_for(advised, &mut self.rng),
+            None => self.backoff.next_delay(),
+        };
         if std::mem::take(&mut self.replica_refused) {
             delay = delay.min(registry_proto::replica::REPLICA_RETRY_MAX);
         }
@@ -292,8 +301,12 @@ impl Node {
                 Some((session, advertised))
             }
             Ok(Err(status)) => {
+                self.advised = registry_proto::retry::advice(&status);
                 if !self.shared.stop.is_cancelled() {
-                    stats.error(Phase::Register, status.code());
+                    match self.advised {
+                        Some(_) => stats.deferred(),
+                        None => stats.error(Phase::Register, status.code()),
+                    }
                 }
                 self.replica_refused = registry_proto::replica::refused_by_replica(&status);
                 self.replicas.failed(&leader, &status);

@@ -43,6 +43,10 @@ pub struct Stats {
     acked: AtomicU64,
     /// Nodes whose current stream has had at least one ack: "attached".
     attached: AtomicI64,
+    /// Register calls the registry deferred: RESOURCE_EXHAUSTED with a
+    /// retry time (too many registrations at once), retried at that time.
+    /// Not errors: the registry's admission control doing its job.
+    deferred: AtomicU64,
     /// Failed Register calls by status code.
     register_errors: CodeCounts,
     /// Failed heartbeat streams by status code.
@@ -126,6 +130,7 @@ impl Stats {
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             attached: AtomicI64::new(0),
+            deferred: AtomicU64::new(0),
             register_errors: CodeCounts::new(),
             heartbeat_errors: CodeCounts::new(),
             ack_timeouts: AtomicU64::new(0),
@@ -163,6 +168,11 @@ impl Stats {
     /// A node's stream got its first ack, or lost it (`delta` -1).
     pub fn attach(&self, delta: i64) {
         self.attached.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A Register call was deferred with a retry time.
+    pub fn deferred(&self) {
+        self.deferred.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An error status in `phase`.
@@ -226,6 +236,7 @@ impl Stats {
         Snapshot {
             at: Instant::now(),
             registrations: self.registrations.load(Ordering::Relaxed),
+            deferred: self.deferred.load(Ordering::Relaxed),
             sent: self.sent.load(Ordering::Relaxed),
             acked: self.acked.load(Ordering::Relaxed),
             attached: self.attached(),
@@ -245,6 +256,7 @@ impl Stats {
             elapsed,
             registrations: snapshot.registrations,
             registrations_per_sec: snapshot.registrations as f64 / last_reg.as_secs_f64(),
+            deferred: snapshot.deferred,
             sent: snapshot.sent,
             acked: snapshot.acked,
             ack_latency: LatencySummary::of(&lock(&self.ack_latency).total),
@@ -271,6 +283,8 @@ pub struct Snapshot {
     pub at: Instant,
     /// Successful Register calls so far.
     pub registrations: u64,
+    /// Register calls deferred with a retry time so far.
+    pub deferred: u64,
     /// Heartbeats sent so far.
     pub sent: u64,
     /// Acks received so far.
@@ -369,6 +383,8 @@ pub struct Report {
     /// Registrations per second from start to the latest one (the ramp's
     /// achieved rate).
     pub registrations_per_sec: f64,
+    /// Register calls deferred with a retry time (then retried).
+    pub deferred: u64,
     /// Heartbeats sent.
     pub sent: u64,
     /// Acks received.
@@ -419,6 +435,13 @@ impl fmt::Display for Report {
             "  registrations      {} ok, {:.0}/s, latency {}",
             self.registrations, self.registrations_per_sec, self.register_latency
         )?;
+        if self.deferred > 0 {
+            writeln!(
+                f,
+                "  deferred           {} Register calls told to retry later (RESOURCE_EXHAUSTED with a retry time)",
+                self.deferred
+            )?;
+        }
         writeln!(
             f,
             "  heartbeats         {} sent, {} acked ({:.0}/s)",

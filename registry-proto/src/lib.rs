@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod codec;
 pub mod endpoints;
 pub mod replica;
+pub mod retry;
 pub mod rules;
 pub mod status;
 

@@ -250,6 +250,26 @@ pub struct Settings {
     )]
     pub max_heartbeat_streams: usize,
 
+    /// Register calls that run at once; more wait their turn (up to
+    /// --max-queued-registrations). The store commits the running ones'
+    /// records in groups, so this also bounds a commit's size.
+    #[arg(
+        long,
+        env = "REGISTRY_MAX_CONCURRENT_REGISTRATIONS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_registrations: usize,
+
+    /// Register calls that may wait for their turn; past them a call gets
+    /// RESOURCE_EXHAUSTED with a retry time (google.rpc.RetryInfo), spread
+    /// so the refused agents come back at the pace registrations complete.
+    #[arg(
+        long,
+        env = "REGISTRY_MAX_QUEUED_REGISTRATIONS",
+        default_value_t = 16384
+    )]
+    pub max_queued_registrations: usize,
+
     /// Changes kept for WatchNodes to resume from; a start_revision older
     /// than these gets OUT_OF_RANGE ("compacted; relist").
     #[arg(long, env = "REGISTRY_WATCH_HISTORY", default_value_t = 100_000)]
@@ -452,6 +472,8 @@ impl Default for Settings {
             max_nodes: 200_000,
             max_page_size: 1000,
             max_heartbeat_streams: 250_000,
+            max_concurrent_registrations: 1024,
+            max_queued_registrations: 16384,
             watch_history: 100_000,
             watch_queue: 10_000,
             watch_progress_interval: Duration::from_secs(10),
@@ -556,13 +578,14 @@ impl Settings {
             || self.max_connections_per_address == 0
             || self.max_nodes == 0
             || self.max_heartbeat_streams == 0
+            || self.max_concurrent_registrations == 0
             || self.max_page_size == 0
             || self.watch_history == 0
             || self.watch_queue == 0
             || self.max_watchers == 0
         {
             return Err(
-                "--max-streams-per-connection, --max-connections, --max-connections-per-address, --max-nodes, --max-page-size, --max-heartbeat-streams, --watch-history, --watch-queue and --max-watchers must be at least 1"
+                "--max-streams-per-connection, --max-connections, --max-connections-per-address, --max-nodes, --max-page-size, --max-heartbeat-streams, --max-concurrent-registrations, --watch-history, --watch-queue and --max-watchers must be at least 1"
                     .into(),
             );
         }

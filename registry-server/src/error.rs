@@ -90,6 +90,19 @@ pub enum RegistryError {
     /// A server limit was reached.
     #[error("limit reached: {0}")]
     LimitReached(String),
+    /// Too many registrations are under way: the call was neither run nor
+    /// queued (see [`crate::admission`]); it carries the time to come back
+    /// as a `google.rpc.RetryInfo` detail.
+    #[error(
+        "too many registrations at once: {waiting} are waiting, the most --max-queued-registrations allows; retry in {} ms (google.rpc.RetryInfo in the status details)",
+        retry_after.as_millis()
+    )]
+    Busy {
+        /// Calls waiting when this one came.
+        waiting: usize,
+        /// When to come back.
+        retry_after: std::time::Duration,
+    },
     /// The caller was too slow (a stream that never sent its first message).
     #[error("{0}")]
     TooSlow(String),
@@ -202,13 +215,19 @@ impl From<RegistryError> for tonic::Status {
             RegistryError::NodeReserved { .. } => tonic::Code::AlreadyExists,
             RegistryError::StoreUnavailable(_) => tonic::Code::Unavailable,
             RegistryError::LimitReached(_) => tonic::Code::ResourceExhausted,
+            RegistryError::Busy { .. } => tonic::Code::ResourceExhausted,
             RegistryError::TooSlow(_) => tonic::Code::DeadlineExceeded,
             RegistryError::NoPlacement(_) => tonic::Code::NotFound,
             RegistryError::NodeUnavailable(_) => tonic::Code::FailedPrecondition,
             RegistryError::Compacted { .. } => tonic::Code::OutOfRange,
             RegistryError::WatcherBehind { .. } => tonic::Code::ResourceExhausted,
         };
-        let mut status = tonic::Status::new(code, err.to_string());
+        let mut status = match &err {
+            RegistryError::Busy { retry_after, .. } => {
+                registry_proto::retry::refusal(code, err.to_string(), *retry_after)
+            }
+            _ => tonic::Status::new(code, err.to_string()),
+        };
         if let RegistryError::NotLeader { leader, .. } = &err {
             // Clients retry soon (see `replica::refused_by_replica`) and
             // go straight to the leader when it is named.

@@ -20,6 +20,7 @@
 //! - [`limits`]: the connection cap;
 //! - [`config`]: command line and environment settings.
 
+pub mod admission;
 pub mod auth;
 pub mod budget;
 pub mod config;

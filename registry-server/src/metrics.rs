@@ -27,6 +27,11 @@ pub const POOLS: &str = "registry_pools";
 pub const GPUS: &str = "registry_gpus";
 /// Register calls accepted.
 pub const REGISTRATIONS: &str = "registry_registrations_total";
+/// Register calls refused with a retry time because too many were under
+/// way (see [`crate::admission`]).
+pub const REGISTRATIONS_REFUSED: &str = "registry_registrations_refused_total";
+/// Register calls waiting for their turn now.
+pub const REGISTRATIONS_WAITING: &str = "registry_registrations_waiting";
 /// Deregister calls accepted.
 pub const DEREGISTRATIONS: &str = "registry_deregistrations_total";
 /// Heartbeat messages accepted.
@@ -146,6 +151,14 @@ pub fn describe() {
     describe_counter!(DEREGISTRATIONS, "Deregister calls accepted.");
     describe_counter!(HEARTBEATS, "Heartbeat messages accepted.");
     describe_gauge!(OPEN_STREAMS, "Heartbeat streams open now.");
+    describe_counter!(
+        REGISTRATIONS_REFUSED,
+        "Register calls refused with RESOURCE_EXHAUSTED and a retry time because --max-queued-registrations were already waiting."
+    );
+    describe_gauge!(
+        REGISTRATIONS_WAITING,
+        "Register calls waiting for one of the --max-concurrent-registrations turns."
+    );
     describe_gauge!(CORDONED, "Listed nodes that are cordoned.");
     describe_gauge!(DRAINING, "Listed nodes with a drain requested.");
     describe_counter!(

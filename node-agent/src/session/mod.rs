@@ -456,11 +456,17 @@ async fn wait(delay: Duration, shutdown: &mut Shutdown) -> bool {
     }
 }
 
-/// The wait before trying again after `status`: the backoff's, but at
-/// most [`registry_proto::replica::REPLICA_RETRY_MAX`] when a replica
+/// The wait before trying again after `status`: the time the registry
+/// advised when it gave one (its admission control refused a Register
+/// during a storm and spread the retries; the backoff is left as it was),
+/// else the backoff's, but at most
+/// [`registry_proto::replica::REPLICA_RETRY_MAX`] when a replica
 /// answered that it does not lead (an election is under way; a long wait
 /// would leave the node silent past its timeout once a leader is back).
 fn retry_delay(backoff: &mut Backoff, status: &Status) -> Duration {
+    if let Some(advised) = registry_proto::retry::advice(status) {
+        return registry_proto::retry::wait_for(advised, &mut fastrand::Rng::new());
+    }
     let delay = backoff.next_delay();
     if registry_proto::replica::refused_by_replica(status) {
         delay.min(registry_proto::replica::REPLICA_RETRY_MAX)
@@ -598,5 +604,32 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                 session = Some(current);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_with_a_retry_time_waits_that_long_and_leaves_the_backoff_alone() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let status = registry_proto::retry::refusal(
+            Code::ResourceExhausted,
+            "too many registrations at once",
+            Duration::from_secs(3),
+        );
+        for _ in 0..100 {
+            let delay = retry_delay(&mut backoff, &status);
+            assert!(
+                delay >= Duration::from_secs(3) && delay <= Duration::from_millis(3300),
+                "{delay:?}"
+            );
+        }
+        assert_eq!(backoff.attempts(), 0);
+        // Without advice the backoff applies and counts the failure.
+        let delay = retry_delay(&mut backoff, &Status::resource_exhausted("node limit"));
+        assert!(delay <= Duration::from_millis(100), "{delay:?}");
+        assert_eq!(backoff.attempts(), 1);
     }
 }

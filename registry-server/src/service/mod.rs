@@ -11,6 +11,7 @@ use registry_proto::rules;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::admission::Admission;
 use crate::auth::{Authenticator, Role, Rpc};
 use crate::config::Settings;
 use crate::error::RegistryError;
@@ -39,6 +40,9 @@ pub struct NodeRegistryService {
     shutdown: CancellationToken,
     /// Checks tokens and roles.
     auth: Authenticator,
+    /// Register's gate: how many run at once, how many wait, and the retry
+    /// time of the rest.
+    admission: Admission,
     /// Cap on open heartbeat streams, so no client exhausts the server.
     max_heartbeat_streams: usize,
     /// Largest ListNodes page.
@@ -71,6 +75,10 @@ impl NodeRegistryService {
             max_clock_skew: settings.max_clock_skew,
             shutdown,
             auth,
+            admission: Admission::new(
+                settings.max_concurrent_registrations,
+                settings.max_queued_registrations,
+            ),
             max_heartbeat_streams: settings.max_heartbeat_streams,
             max_page_size: settings.max_page_size,
             first_message_timeout: settings.node_timeout,
@@ -123,6 +131,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let token_admin = self.authorize(&request, Rpc::Register)?;
         self.role.writable()?;
+        // Held until the answer: the call's turn (see crate::admission).
+        let _turn = self.admission.admit().await?;
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
         check_identity(&identities, token_admin, &registration.node_id)?;

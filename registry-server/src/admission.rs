@@ -1,0 +1,414 @@
+//! Admission control for Register: a storm of agents arriving at once
+//! (a data centre powering up, a network coming back) is served at the
+//! pace the registry can take, explicitly, instead of every call piling
+//! onto the runtime's workers until heartbeats of registered nodes wait
+//! seconds and calls time out.
+//!
+//! - At most `--max-concurrent-registrations` Register calls run at once;
+//!   the next `--max-queued-registrations` wait their turn in arrival
+//!   order (a waiting call is a parked task: no CPU).
+//! - Past that, a call is refused at once with RESOURCE_EXHAUSTED and a
+//!   retry time (`google.rpc.RetryInfo`, see [`registry_proto::retry`]).
+//!   The times handed out are spread at the rate registrations have been
+//!   completing, each refusal one slot after the previous one, so the
+//!   refused agents come back about as fast as the queue drains rather
+//!   than all together.
+//!
+//! The rate is measured, not configured: completions per second over
+//! windows of at least [`WINDOW`] during which calls were waiting (the
+//! registry was saturated, which is the only time it refuses). Stores that
+//! commit in groups complete calls in bursts; a window spans many bursts.
+//! A faster window is believed at once, a slower one slowly (see
+//! [`Pace::completed`]).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::error::RegistryError;
+
+/// The shortest retry time handed out: a caller refused by a full queue
+/// should not be back within a few milliseconds whatever the estimate.
+const MIN_ADVICE: Duration = Duration::from_millis(100);
+/// The longest retry time handed out, however long the line of slots.
+const MAX_ADVICE: Duration = Duration::from_secs(60);
+/// The time between two completions assumed before any saturated window
+/// was measured (5,000 registrations a second).
+const INITIAL_SPACING: Duration = Duration::from_micros(200);
+/// The shortest window the completion rate is measured over.
+const WINDOW: Duration = Duration::from_millis(100);
+/// A slower measured rate moves the estimate by this fraction of the
+/// difference per window (about 3 s to get most of the way there).
+const SLOWER_STEP: u32 = 32;
+
+/// The gate every Register call passes; cloned into each service handle.
+#[derive(Clone)]
+pub struct Admission {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// One permit per Register allowed to run at once.
+    permits: Arc<Semaphore>,
+    /// `--max-concurrent-registrations`.
+    max_in_flight: usize,
+    /// `--max-queued-registrations`: calls that may wait for a permit.
+    max_waiting: usize,
+    /// Calls waiting for a permit now.
+    waiting: AtomicUsize,
+    /// The service-time estimate and the retry slots handed out. A std
+    /// mutex: held for a few arithmetic steps, never across an await.
+    pace: Mutex<Pace>,
+    /// Refusals so far (for metrics).
+    refused: AtomicUsize,
+}
+
+/// The rate estimate and the line of retry slots.
+struct Pace {
+    /// Time between two completions while saturated: the inverse of the
+    /// rate registrations complete at.
+    spacing: Duration,
+    /// Start of the current saturated window, if one is open.
+    window_start: Option<Instant>,
+    /// Completions in the current window.
+    window_done: u32,
+    /// The latest retry time handed out; the next refusal gets a later one.
+    last_slot: Option<Instant>,
+}
+
+/// A Register call's turn to run; dropping it (the call answered or
+/// cancelled) gives the turn to the next in line.
+pub struct Admitted {
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        // The permit first, so the next call starts before the estimate.
+        drop(self.permit.take());
+        let saturated = self.shared.waiting.load(Ordering::Acquire) > 0;
+        let mut pace = self.shared.pace.lock().expect("admission pace lock");
+        pace.completed(Instant::now(), saturated);
+    }
+}
+
+/// Counts a caller in the queue until it leaves it (admitted, or gone
+/// because its call was cancelled while waiting).
+struct InQueue<'a>(&'a AtomicUsize);
+
+impl Drop for InQueue<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(crate::metrics::REGISTRATIONS_WAITING).decrement(1.0);
+    }
+}
+
+impl Admission {
+    /// A gate letting `max_in_flight` calls run (at least one) and
+    /// `max_waiting` more wait.
+    pub fn new(max_in_flight: usize, max_waiting: usize) -> Self {
+        let max_in_flight = max_in_flight.max(1);
+        Admission {
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(max_in_flight)),
+                max_in_flight,
+                max_waiting,
+                waiting: AtomicUsize::new(0),
+                pace: Mutex::new(Pace {
+                    spacing: INITIAL_SPACING,
+                    window_start: None,
+                    window_done: 0,
+                    last_slot: None,
+                }),
+                refused: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Waits for the call's turn, or refuses it at once when the queue is
+    /// full ([`RegistryError::Busy`] with the time to come back).
+    pub async fn admit(&self) -> Result<Admitted, RegistryError> {
+        let shared = &self.shared;
+        let permit = match shared.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let before = shared.waiting.fetch_add(1, Ordering::AcqRel);
+                metrics::gauge!(crate::metrics::REGISTRATIONS_WAITING).increment(1.0);
+                let in_queue = InQueue(&shared.waiting);
+                if before >= shared.max_waiting {
+                    drop(in_queue);
+                    return Err(self.refuse(before));
+                }
+                let permit = shared
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the admission semaphore is never closed");
+                drop(in_queue);
+                permit
+            }
+        };
+        Ok(Admitted {
+            permit: Some(permit),
+            shared: shared.clone(),
+        })
+    }
+
+    /// The refusal of a call that found `waiting` calls in the queue: the
+    /// next free retry slot, one spacing after the last one handed out and
+    /// no earlier than the queue ahead can drain.
+    fn refuse(&self, waiting: usize) -> RegistryError {
+        let shared = &self.shared;
+        shared.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::REGISTRATIONS_REFUSED).increment(1);
+        let now = Instant::now();
+        let retry_after = shared
+            .pace
+            .lock()
+            .expect("admission pace lock")
+            .next_slot(now, waiting);
+        RegistryError::Busy {
+            waiting,
+            retry_after,
+        }
+    }
+
+    /// Calls waiting for their turn now.
+    pub fn waiting(&self) -> usize {
+        self.shared.waiting.load(Ordering::Acquire)
+    }
+
+    /// Calls running now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.max_in_flight - self.shared.permits.available_permits()
+    }
+
+    /// Calls refused so far.
+    pub fn refused(&self) -> usize {
+        self.shared.refused.load(Ordering::Relaxed)
+    }
+
+    /// The measured time between two completions while saturated.
+    pub fn spacing(&self) -> Duration {
+        self.shared
+            .pace
+            .lock()
+            .expect("admission pace lock")
+            .spacing
+    }
+}
+
+impl Pace {
+    /// The retry time of a refusal at `now` with `waiting` calls queued:
+    /// one spacing after the last slot handed out, no earlier than the
+    /// queue ahead drains, within [`MIN_ADVICE`, `MAX_ADVICE`].
+    fn next_slot(&mut self, now: Instant, waiting: usize) -> Duration {
+        let drained = now
+            + self
+                .spacing
+                .saturating_mul(u32::try_from(waiting).unwrap_or(u32::MAX));
+        let slot = match self.last_slot {
+            Some(last) => (last + self.spacing).max(drained),
+            None => drained,
+        };
+        let slot = slot.min(now + MAX_ADVICE).max(now + MIN_ADVICE);
+        self.last_slot = Some(slot);
+        slot - now
+    }
+
+    /// A call completed at `now`; `saturated` when others were waiting.
+    /// A window that closes with completions in it updates the estimate:
+    /// a faster rate is taken at once, a slower one approached by a
+    /// [`SLOWER_STEP`]th of the difference per window. Optimistic on
+    /// purpose: while a storm arrives the registry spends its time taking
+    /// in and refusing the storm itself and completes fewer calls than it
+    /// can once the storm is spread, and too late a retry time leaves it
+    /// idle while agents wait, where too early a one only costs another
+    /// refusal. An unsaturated moment discards the open window (the rate
+    /// then is the callers', not the registry's).
+    fn completed(&mut self, now: Instant, saturated: bool) {
+        if !saturated {
+            self.window_start = None;
+            return;
+        }
+        let Some(start) = self.window_start else {
+            self.window_start = Some(now);
+            self.window_done = 0;
+            return;
+        };
+        self.window_done += 1;
+        let elapsed = now - start;
+        if elapsed >= WINDOW {
+            let measured = elapsed / self.window_done;
+            self.spacing = if measured < self.spacing {
+                measured
+            } else {
+                self.spacing + (measured - self.spacing) / SLOWER_STEP
+            };
+            self.window_start = Some(now);
+            self.window_done = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    fn busy(result: Result<Admitted, RegistryError>) -> (usize, Duration) {
+        match result {
+            Err(RegistryError::Busy {
+                waiting,
+                retry_after,
+            }) => (waiting, retry_after),
+            Err(e) => panic!("expected Busy, got {e}"),
+            Ok(_) => panic!("expected Busy, was admitted"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_past_the_permits_wait_and_past_the_queue_are_refused() {
+        let gate = Admission::new(2, 2);
+        let a = gate.admit().await.expect("first runs");
+        let _b = gate.admit().await.expect("second runs");
+        assert_eq!(gate.in_flight(), 2);
+        let mut c = pin!(gate.admit());
+        let mut d = pin!(gate.admit());
+        assert!(poll_once(c.as_mut()).is_pending());
+        assert!(poll_once(d.as_mut()).is_pending());
+        assert_eq!(gate.waiting(), 2);
+        let (waiting, _) = busy(gate.admit().await);
+        assert_eq!(waiting, 2);
+        assert_eq!(gate.refused(), 1);
+        // A permit given back lets the first in line run, in order.
+        drop(a);
+        let Poll::Ready(Ok(_c)) = poll_once(c.as_mut()) else {
+            panic!("the first waiter runs once a permit is free");
+        };
+        assert!(poll_once(d.as_mut()).is_pending());
+        assert_eq!(gate.waiting(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_gives_its_place_back() {
+        let gate = Admission::new(1, 1);
+        let _a = gate.admit().await.expect("runs");
+        {
+            let mut b = pin!(gate.admit());
+            assert!(poll_once(b.as_mut()).is_pending());
+            assert_eq!(gate.waiting(), 1);
+        }
+        assert_eq!(gate.waiting(), 0);
+        let mut c = pin!(gate.admit());
+        assert!(poll_once(c.as_mut()).is_pending(), "queued, not refused");
+    }
+
+    /// Runs `calls` Register-like tasks that each hold their turn for
+    /// `hold`, all arriving at once.
+    fn saturate(gate: &Admission, calls: usize, hold: Duration) {
+        for _ in 0..calls {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                if let Ok(turn) = gate.admit().await {
+                    tokio::time::sleep(hold).await;
+                    drop(turn);
+                }
+            });
+        }
+    }
+
+    async fn sleep_ms(total: u64) {
+        // Small steps, so every task runs at its own time.
+        for _ in 0..total {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_faster_rate_is_believed_at_once_and_a_slower_one_slowly() {
+        let gate = Admission::new(100, 100_000);
+        assert_eq!(gate.spacing(), INITIAL_SPACING);
+        // 100 at a time, 2 ms each: one completion every 20 µs.
+        saturate(&gate, 20_000, Duration::from_millis(2));
+        sleep_ms(300).await;
+        let fast = gate.spacing();
+        assert!(
+            fast > Duration::from_micros(19) && fast < Duration::from_micros(21),
+            "{fast:?}"
+        );
+        sleep_ms(200).await;
+        assert_eq!(gate.waiting() + gate.in_flight(), 0);
+        // Unsaturated calls (nobody waiting) leave the estimate alone.
+        for _ in 0..20 {
+            let turn = gate.admit().await.expect("runs");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(turn);
+        }
+        assert_eq!(gate.spacing(), fast);
+        // 100 at a time, 100 ms each: one completion every 1 ms. After one
+        // window the estimate has moved a 32nd of the way, after 10 s most.
+        saturate(&gate, 11_000, Duration::from_millis(100));
+        sleep_ms(250).await;
+        let early = gate.spacing();
+        assert!(
+            early > fast && early < Duration::from_micros(100),
+            "{early:?}"
+        );
+        sleep_ms(10_000).await;
+        let late = gate.spacing();
+        assert!(late > Duration::from_micros(900), "{late:?}");
+    }
+
+    fn pace(spacing: Duration) -> Pace {
+        Pace {
+            spacing,
+            window_start: None,
+            window_done: 0,
+            last_slot: None,
+        }
+    }
+
+    #[test]
+    fn refusals_get_slots_one_spacing_apart_after_the_queue_drains() {
+        let now = Instant::now();
+        let mut p = pace(Duration::from_millis(10));
+        // 40 waiting drain in 400 ms: the first slot is then, the next
+        // ones 10 ms apart.
+        let advice: Vec<Duration> = (0..5).map(|_| p.next_slot(now, 40)).collect();
+        let ms: Vec<u128> = advice.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [400, 410, 420, 430, 440]);
+        // Later, with the old slots past, the line starts again from the
+        // queue's drain time (or the floor).
+        let later = now + Duration::from_secs(5);
+        assert_eq!(p.next_slot(later, 40).as_millis(), 400);
+        assert_eq!(p.next_slot(later + Duration::from_secs(5), 0), MIN_ADVICE);
+    }
+
+    #[test]
+    fn advice_is_at_least_the_floor_and_at_most_a_minute() {
+        let now = Instant::now();
+        let mut p = pace(Duration::from_micros(1));
+        assert_eq!(p.next_slot(now, 5), MIN_ADVICE);
+        let mut p = pace(Duration::from_secs(7));
+        let advice: Vec<Duration> = (0..20).map(|_| p.next_slot(now, 0)).collect();
+        assert!(advice.iter().all(|a| *a <= MAX_ADVICE), "{advice:?}");
+        assert_eq!(advice[19], MAX_ADVICE);
+        assert_eq!(
+            pace(Duration::from_secs(1)).next_slot(now, usize::MAX),
+            MAX_ADVICE
+        );
+    }
+}
