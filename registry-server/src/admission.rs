@@ -42,8 +42,10 @@ const INITIAL_SPACING: Duration = Duration::from_micros(200);
 /// The shortest window the completion rate is measured over.
 const WINDOW: Duration = Duration::from_millis(100);
 /// A slower measured rate moves the estimate by this fraction of the
-/// difference per window (about 3 s to get most of the way there).
-const SLOWER_STEP: u32 = 32;
+/// difference per window (a time constant of ~26 s: a storm's own arrival,
+/// a second or two of slow completions, barely moves it; a store that
+/// stays slower is followed within a minute or so).
+const SLOWER_STEP: u32 = 256;
 
 /// The gate every Register call passes; cloned into each service handle.
 #[derive(Clone)]
@@ -338,10 +340,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_faster_rate_is_believed_at_once_and_a_slower_one_slowly() {
+    async fn the_rate_is_measured_only_while_calls_wait() {
         let gate = Admission::new(100, 100_000);
         assert_eq!(gate.spacing(), INITIAL_SPACING);
-        // 100 at a time, 2 ms each: one completion every 20 µs.
+        // 100 at a time, 2 ms each: one completion every 20 µs, faster
+        // than the initial estimate, so believed after one window.
         saturate(&gate, 20_000, Duration::from_millis(2));
         sleep_ms(300).await;
         let fast = gate.spacing();
@@ -351,25 +354,46 @@ mod tests {
         );
         sleep_ms(200).await;
         assert_eq!(gate.waiting() + gate.in_flight(), 0);
-        // Unsaturated calls (nobody waiting) leave the estimate alone.
+        // Unsaturated calls (nobody waiting), however slow, leave it alone.
         for _ in 0..20 {
             let turn = gate.admit().await.expect("runs");
             tokio::time::sleep(Duration::from_millis(100)).await;
             drop(turn);
         }
         assert_eq!(gate.spacing(), fast);
-        // 100 at a time, 100 ms each: one completion every 1 ms. After one
-        // window the estimate has moved a 32nd of the way, after 10 s most.
-        saturate(&gate, 11_000, Duration::from_millis(100));
-        sleep_ms(250).await;
-        let early = gate.spacing();
+    }
+
+    #[test]
+    fn a_faster_rate_is_believed_at_once_and_a_slower_one_slowly() {
+        let start = Instant::now();
+        let mut p = pace(INITIAL_SPACING);
+        let ms = |n: u64| start + Duration::from_millis(n);
+        // Saturated completions every 1 ms (slower than the initial 200
+        // µs): after 2 s (a storm arriving) the estimate has moved less
+        // than a tenth of the way; after 60 s most of it.
+        for n in 0..=2_000 {
+            p.completed(ms(n), true);
+        }
+        let early = p.spacing;
         assert!(
-            early > fast && early < Duration::from_micros(100),
+            early > INITIAL_SPACING && early < Duration::from_micros(280),
             "{early:?}"
         );
-        sleep_ms(10_000).await;
-        let late = gate.spacing();
-        assert!(late > Duration::from_micros(900), "{late:?}");
+        for n in 2_001..=60_000 {
+            p.completed(ms(n), true);
+        }
+        let late = p.spacing;
+        assert!(late > Duration::from_micros(850), "{late:?}");
+        // Every 10 µs now: believed after one window.
+        let from = ms(60_000);
+        for n in 0..=20_000 {
+            p.completed(from + Duration::from_micros(10 * n), true);
+        }
+        let fast = p.spacing;
+        assert!(
+            fast > Duration::from_nanos(9_900) && fast <= Duration::from_micros(10),
+            "{fast:?}"
+        );
     }
 
     fn pace(spacing: Duration) -> Pace {
