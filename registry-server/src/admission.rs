@@ -60,6 +60,10 @@ struct Shared {
     max_in_flight: usize,
     /// `--max-queued-registrations`: calls that may wait for a permit.
     max_waiting: usize,
+    /// `--max-registration-wait`: how long a call may wait for a permit;
+    /// then it is refused with a retry time rather than left to run into
+    /// its caller's deadline.
+    max_wait: Duration,
     /// Calls waiting for a permit now.
     waiting: AtomicUsize,
     /// The service-time estimate and the retry slots handed out. A std
@@ -112,14 +116,15 @@ impl Drop for InQueue<'_> {
 
 impl Admission {
     /// A gate letting `max_in_flight` calls run (at least one) and
-    /// `max_waiting` more wait.
-    pub fn new(max_in_flight: usize, max_waiting: usize) -> Self {
+    /// `max_waiting` more wait, each at most `max_wait`.
+    pub fn new(max_in_flight: usize, max_waiting: usize, max_wait: Duration) -> Self {
         let max_in_flight = max_in_flight.max(1);
         Admission {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(max_in_flight)),
                 max_in_flight,
                 max_waiting,
+                max_wait,
                 waiting: AtomicUsize::new(0),
                 pace: Mutex::new(Pace {
                     spacing: INITIAL_SPACING,
@@ -132,8 +137,9 @@ impl Admission {
         }
     }
 
-    /// Waits for the call's turn, or refuses it at once when the queue is
-    /// full ([`RegistryError::Busy`] with the time to come back).
+    /// Waits for the call's turn, or refuses it ([`RegistryError::Busy`]
+    /// with the time to come back): at once when the queue is full, or
+    /// when no turn came within the longest wait.
     pub async fn admit(&self) -> Result<Admitted, RegistryError> {
         let shared = &self.shared;
         let permit = match shared.permits.clone().try_acquire_owned() {
@@ -144,16 +150,28 @@ impl Admission {
                 let in_queue = InQueue(&shared.waiting);
                 if before >= shared.max_waiting {
                     drop(in_queue);
-                    return Err(self.refuse(before));
+                    return Err(self.refuse(
+                        before,
+                        format!("{before} are waiting, the most --max-queued-registrations allows"),
+                    ));
                 }
-                let permit = shared
-                    .permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the admission semaphore is never closed");
+                let turn =
+                    tokio::time::timeout(shared.max_wait, shared.permits.clone().acquire_owned())
+                        .await;
                 drop(in_queue);
-                permit
+                match turn {
+                    Ok(permit) => permit.expect("the admission semaphore is never closed"),
+                    Err(_) => {
+                        let waiting = shared.waiting.load(Ordering::Acquire);
+                        return Err(self.refuse(
+                            waiting,
+                            format!(
+                                "no turn within --max-registration-wait ({}) with {waiting} waiting",
+                                humantime::format_duration(shared.max_wait)
+                            ),
+                        ));
+                    }
+                }
             }
         };
         Ok(Admitted {
@@ -165,7 +183,7 @@ impl Admission {
     /// The refusal of a call that found `waiting` calls in the queue: the
     /// next free retry slot, one spacing after the last one handed out and
     /// no earlier than the queue ahead can drain.
-    fn refuse(&self, waiting: usize) -> RegistryError {
+    fn refuse(&self, waiting: usize, why: String) -> RegistryError {
         let shared = &self.shared;
         shared.refused.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::REGISTRATIONS_REFUSED).increment(1);
@@ -175,10 +193,7 @@ impl Admission {
             .lock()
             .expect("admission pace lock")
             .next_slot(now, waiting);
-        RegistryError::Busy {
-            waiting,
-            retry_after,
-        }
+        RegistryError::Busy { why, retry_after }
     }
 
     /// Calls waiting for their turn now.
@@ -266,16 +281,16 @@ mod tests {
     use std::pin::pin;
     use std::task::{Context, Poll, Waker};
 
+    /// A longest wait no test reaches.
+    const LONG: Duration = Duration::from_secs(3600);
+
     fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
         f.poll(&mut Context::from_waker(Waker::noop()))
     }
 
-    fn busy(result: Result<Admitted, RegistryError>) -> (usize, Duration) {
+    fn busy(result: Result<Admitted, RegistryError>) -> (String, Duration) {
         match result {
-            Err(RegistryError::Busy {
-                waiting,
-                retry_after,
-            }) => (waiting, retry_after),
+            Err(RegistryError::Busy { why, retry_after }) => (why, retry_after),
             Err(e) => panic!("expected Busy, got {e}"),
             Ok(_) => panic!("expected Busy, was admitted"),
         }
@@ -283,7 +298,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn calls_past_the_permits_wait_and_past_the_queue_are_refused() {
-        let gate = Admission::new(2, 2);
+        let gate = Admission::new(2, 2, LONG);
         let a = gate.admit().await.expect("first runs");
         let _b = gate.admit().await.expect("second runs");
         assert_eq!(gate.in_flight(), 2);
@@ -292,8 +307,11 @@ mod tests {
         assert!(poll_once(c.as_mut()).is_pending());
         assert!(poll_once(d.as_mut()).is_pending());
         assert_eq!(gate.waiting(), 2);
-        let (waiting, _) = busy(gate.admit().await);
-        assert_eq!(waiting, 2);
+        let (why, _) = busy(gate.admit().await);
+        assert_eq!(
+            why,
+            "2 are waiting, the most --max-queued-registrations allows"
+        );
         assert_eq!(gate.refused(), 1);
         // A permit given back lets the first in line run, in order.
         drop(a);
@@ -305,8 +323,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_call_that_gets_no_turn_within_the_longest_wait_is_refused_then() {
+        let gate = Admission::new(1, 10, Duration::from_secs(3));
+        let turn = gate.admit().await.expect("runs");
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move {
+                let asked = Instant::now();
+                let result = gate.admit().await;
+                (asked.elapsed(), result)
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(gate.waiting(), 1);
+        let (waited, result) = waiter.await.unwrap();
+        assert_eq!(waited, Duration::from_secs(3));
+        let (why, advice) = busy(result);
+        assert_eq!(
+            why,
+            "no turn within --max-registration-wait (3s) with 0 waiting"
+        );
+        assert!(advice >= MIN_ADVICE, "{advice:?}");
+        assert_eq!(gate.waiting(), 0, "it left the queue");
+        assert_eq!(gate.refused(), 1);
+        drop(turn);
+        gate.admit().await.expect("the next call runs at once");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_cancelled_waiter_gives_its_place_back() {
-        let gate = Admission::new(1, 1);
+        let gate = Admission::new(1, 1, LONG);
         let _a = gate.admit().await.expect("runs");
         {
             let mut b = pin!(gate.admit());
@@ -341,7 +387,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_rate_is_measured_only_while_calls_wait() {
-        let gate = Admission::new(100, 100_000);
+        let gate = Admission::new(100, 100_000, LONG);
         assert_eq!(gate.spacing(), INITIAL_SPACING);
         // 100 at a time, 2 ms each: one completion every 20 µs, faster
         // than the initial estimate, so believed after one window.

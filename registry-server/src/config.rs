@@ -270,6 +270,12 @@ pub struct Settings {
     )]
     pub max_queued_registrations: usize,
 
+    /// Longest a Register call waits for its turn; then it gets
+    /// RESOURCE_EXHAUSTED with a retry time instead of running into its
+    /// caller's deadline (node-agent's --registry-timeout is 5s).
+    #[arg(long, env = "REGISTRY_MAX_REGISTRATION_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub max_registration_wait: Duration,
+
     /// Changes kept for WatchNodes to resume from; a start_revision older
     /// than these gets OUT_OF_RANGE ("compacted; relist").
     #[arg(long, env = "REGISTRY_WATCH_HISTORY", default_value_t = 100_000)]
@@ -474,6 +480,7 @@ impl Default for Settings {
             max_heartbeat_streams: 250_000,
             max_concurrent_registrations: 1024,
             max_queued_registrations: 16384,
+            max_registration_wait: Duration::from_secs(3),
             watch_history: 100_000,
             watch_queue: 10_000,
             watch_progress_interval: Duration::from_secs(10),
@@ -588,6 +595,9 @@ impl Settings {
                 "--max-streams-per-connection, --max-connections, --max-connections-per-address, --max-nodes, --max-page-size, --max-heartbeat-streams, --max-concurrent-registrations, --watch-history, --watch-queue and --max-watchers must be at least 1"
                     .into(),
             );
+        }
+        if self.max_registration_wait.is_zero() {
+            return Err("--max-registration-wait must be above zero".into());
         }
         if self.watch_progress_interval.is_zero() {
             return Err("--watch-progress-interval must be above zero".into());

@@ -94,12 +94,12 @@ pub enum RegistryError {
     /// queued (see [`crate::admission`]); it carries the time to come back
     /// as a `google.rpc.RetryInfo` detail.
     #[error(
-        "too many registrations at once: {waiting} are waiting, the most --max-queued-registrations allows; retry in {} ms (google.rpc.RetryInfo in the status details)",
+        "too many registrations at once: {why}; retry in {} ms (google.rpc.RetryInfo in the status details)",
         retry_after.as_millis()
     )]
     Busy {
-        /// Calls waiting when this one came.
-        waiting: usize,
+        /// Which bound turned the call away, naming its flag.
+        why: String,
         /// When to come back.
         retry_after: std::time::Duration,
     },

@@ -44,7 +44,8 @@ async fn a_burst_past_the_queue_is_deferred_with_a_retry_time_and_then_registere
                     Err(status) => {
                         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
                         assert!(
-                            status.message().contains("--max-queued-registrations"),
+                            status.message().contains("--max-queued-registrations")
+                                || status.message().contains("--max-registration-wait"),
                             "the refusal names the limit: {}",
                             status.message()
                         );

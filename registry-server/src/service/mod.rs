@@ -78,6 +78,7 @@ impl NodeRegistryService {
             admission: Admission::new(
                 settings.max_concurrent_registrations,
                 settings.max_queued_registrations,
+                settings.max_registration_wait,
             ),
             max_heartbeat_streams: settings.max_heartbeat_streams,
             max_page_size: settings.max_page_size,
