@@ -74,6 +74,9 @@ pub enum Scenario {
     /// Scenario 9, three replicas on etcd against one registry: storm,
     /// steady state, leader SIGKILL (issue 12; skipped without etcd).
     Replicas,
+    /// Scenario 10, agents arriving all at once beside a registered fleet,
+    /// with Register's admission control and without (issue 13).
+    Arrival,
 }
 
 impl Scenario {
@@ -81,8 +84,9 @@ impl Scenario {
     /// step leaves the simulator's heap large and fragmented, which would
     /// slow the simulator (and inflate latencies) in any scenario after it.
     /// The tables still print in the issue's order.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Store,
+        Scenario::Arrival,
         Scenario::Replicas,
         Scenario::Throughput,
         Scenario::Detection,
@@ -115,6 +119,8 @@ pub struct Results {
     pub store: Option<scenarios::store::StoreResult>,
     /// Scenario 9 (`None` also when skipped for want of etcd).
     pub replicas: Option<scenarios::replicas::ReplicasResult>,
+    /// Scenario 10.
+    pub arrival: Option<scenarios::arrival::ArrivalResult>,
 }
 
 /// Runs `scenarios` of `plan` in order, printing each table to stderr as it
@@ -179,6 +185,12 @@ pub async fn run(
                 }
                 None => "Scenario 9 (replicas) skipped: etcd is not installed.\n".to_owned(),
             },
+            Scenario::Arrival => {
+                let a = scenarios::arrival::run(launcher, plan).await?;
+                let table = table::arrival(&a);
+                results.arrival = Some(a);
+                table
+            }
             Scenario::Drain => {
                 let d = scenarios::drain::run(launcher, plan).await?;
                 let table = table::drain(&d);

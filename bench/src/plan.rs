@@ -33,6 +33,32 @@ pub struct Plan {
     pub drain: DrainPlan,
     /// Three replicas on etcd against one registry (issue 12).
     pub replicas: ReplicasPlan,
+    /// Agents arriving all at once beside a registered fleet (issue 13).
+    pub arrival: ArrivalPlan,
+}
+
+/// A registration storm: a registered fleet heartbeats while a second
+/// fleet arrives all at once (ramp 0), against a registry with the
+/// embedded store, with the registry's admission control and without it.
+#[derive(Debug, Clone)]
+pub struct ArrivalPlan {
+    /// Nodes registered before the storm (their heartbeats are watched).
+    pub registered: usize,
+    /// Connections they share.
+    pub registered_connections: usize,
+    /// Nodes arriving at once.
+    pub arriving: usize,
+    /// Connections they share.
+    pub arriving_connections: usize,
+    /// Heartbeat interval (advertised by the server; timeout 3x).
+    pub interval: Duration,
+    /// Steady heartbeating of the registered fleet before the storm.
+    pub settle: Duration,
+    /// Longest wait for the storm to be registered and attached.
+    pub limit: Duration,
+    /// `--max-concurrent-registrations` and `--max-queued-registrations`
+    /// of the run with admission control; `None`: the registry's defaults.
+    pub admission: Option<(usize, usize)>,
 }
 
 /// Three replicas on a 3-member etcd cluster, then one registry with the
@@ -294,6 +320,16 @@ impl Plan {
                 drains: 1_000,
                 limit: Duration::from_secs(30),
             },
+            arrival: ArrivalPlan {
+                registered: 10_000,
+                registered_connections: 100,
+                arriving: 50_000,
+                arriving_connections: 500,
+                interval: Duration::from_secs(10),
+                settle: Duration::from_secs(10),
+                limit: Duration::from_secs(120),
+                admission: None,
+            },
         }
     }
 
@@ -373,6 +409,17 @@ impl Plan {
                 interval: Duration::from_secs(2),
                 drains: 5,
                 limit: Duration::from_secs(10),
+            },
+            // Tight admission, so the quick run defers some of the 400.
+            arrival: ArrivalPlan {
+                registered: 100,
+                registered_connections: 4,
+                arriving: 400,
+                arriving_connections: 8,
+                interval: Duration::from_secs(1),
+                settle: Duration::from_secs(1),
+                limit: Duration::from_secs(60),
+                admission: Some((2, 8)),
             },
         }
     }

@@ -44,6 +44,9 @@ pub struct ServerSpec {
     /// `--store etcd` on these members when set (a replica; wins over
     /// `data_dir`).
     pub etcd: Option<EtcdTarget>,
+    /// `--max-concurrent-registrations` and `--max-queued-registrations`
+    /// when set; the registry's defaults when not.
+    pub admission: Option<(usize, usize)>,
 }
 
 /// Where a replica keeps its records and elects its leader.
@@ -69,7 +72,14 @@ impl ServerSpec {
             max_nodes: 250_000,
             data_dir: None,
             etcd: None,
+            admission: None,
         }
+    }
+
+    /// Register's admission control: `running` at once, `queued` waiting.
+    pub fn admission(mut self, running: usize, queued: usize) -> Self {
+        self.admission = Some((running, queued));
+        self
     }
 
     /// A replica on etcd.
@@ -115,6 +125,14 @@ impl ServerSpec {
             self.max_nodes.to_string(),
         ]
         .into_iter()
+        .chain(self.admission.into_iter().flat_map(|(running, queued)| {
+            [
+                "--max-concurrent-registrations".into(),
+                running.to_string(),
+                "--max-queued-registrations".into(),
+                queued.to_string(),
+            ]
+        }))
         .chain(match (&self.etcd, &self.data_dir) {
             (Some(etcd), _) => vec![
                 "--store".into(),
@@ -146,6 +164,14 @@ impl ServerSpec {
             max_connections_per_address: self.max_connections,
             max_nodes: self.max_nodes,
             max_heartbeat_streams: self.max_nodes,
+            max_concurrent_registrations: self.admission.map_or(
+                registry_server::Settings::default().max_concurrent_registrations,
+                |a| a.0,
+            ),
+            max_queued_registrations: self.admission.map_or(
+                registry_server::Settings::default().max_queued_registrations,
+                |a| a.1,
+            ),
             store: match (&self.etcd, &self.data_dir) {
                 (Some(_), _) => registry_server::config::StoreKind::Etcd,
                 (None, Some(_)) => registry_server::config::StoreKind::Embedded,

@@ -7,6 +7,7 @@ use fleet_sim::stats::{fmt_errors, fmt_ms};
 
 use crate::Results;
 use crate::plan::RestartStore;
+use crate::scenarios::arrival::ArrivalResult;
 use crate::scenarios::detection::DetectionResult;
 use crate::scenarios::drain::DrainResult;
 use crate::scenarios::feed::FeedResult;
@@ -314,6 +315,46 @@ pub fn all(results: &Results) -> String {
     }
     if let Some(r) = &results.replicas {
         let _ = writeln!(out, "### 9. Replicas on etcd\n\n{}", replicas(r));
+    }
+    if let Some(a) = &results.arrival {
+        let _ = writeln!(out, "### 10. Agents arriving at once\n\n{}", arrival(a));
+    }
+    out
+}
+
+/// Scenario 10.
+pub fn arrival(a: &ArrivalResult) -> String {
+    let p = &a.plan;
+    let mut out = format!(
+        "{} nodes registered on {} connections heartbeat every {} ({} of it before the storm); then {} nodes on {} connections \
+         start at once (ramp 0), 8 GPUs and 2 pools each, embedded store. Deferred = Register answered RESOURCE_EXHAUSTED with a \
+         retry time (retried then); registered fleet = its acks from the storm's start until every arriving node heartbeats.\n\n\
+         | admission | all registered | all heartbeating | deferred | Register failures | Register p50 | p99 | arriving ack p99 | registered fleet ack p50 | p99 | max | registered fleet errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        p.registered,
+        p.registered_connections,
+        humantime::format_duration(p.interval),
+        humantime::format_duration(p.settle),
+        p.arriving,
+        p.arriving_connections,
+    );
+    for r in &a.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.setup,
+            secs(r.all_registered),
+            secs(r.all_attached),
+            r.deferred,
+            r.register_failures,
+            fmt_ms(r.register.p50),
+            fmt_ms(r.register.p99),
+            fmt_ms(r.arriving_ack.p99),
+            fmt_ms(r.registered_ack.p50),
+            fmt_ms(r.registered_ack.p99),
+            fmt_ms(r.registered_ack.max),
+            fmt_errors(&r.registered_errors),
+        );
     }
     out
 }

@@ -74,6 +74,22 @@ async fn the_quick_plan_runs_every_scenario_correctly() {
         }
     }
 
+    let arrival = results.arrival.as_ref().expect("arrival ran");
+    assert_eq!(arrival.rows.len(), 2);
+    for row in &arrival.rows {
+        assert_eq!(row.register_failures, 0, "{row:?}");
+        assert!(row.registered_errors.is_empty(), "{row:?}");
+        assert!(row.all_attached >= row.all_registered, "{row:?}");
+        assert!(
+            row.registered_ack.count > 0,
+            "the registered fleet beat meanwhile"
+        );
+    }
+    // 400 at once against 2 running and 8 queued: some are told to come
+    // back later; without admission control none is.
+    assert!(arrival.rows[0].deferred > 0, "{:?}", arrival.rows[0]);
+    assert_eq!(arrival.rows[1].deferred, 0, "{:?}", arrival.rows[1]);
+
     let store = results.store.as_ref().expect("store ran");
     assert_eq!(store.failed, 0, "{store:?}");
     assert_eq!(store.acknowledged, plan.store.registrations);

@@ -1,8 +1,10 @@
 //! The scenarios (five of the first issue, feed of issue 10, drain and
-//! store of issue 11, replicas of issue 12), each against a fresh registry,
+//! store of issue 11, replicas of issue 12, arrival of issue 13), each
+//! against a fresh registry,
 //! and the
 //! helpers they share (start a fleet and wait for it, measure a window).
 
+pub mod arrival;
 pub mod detection;
 pub mod drain;
 pub mod feed;
