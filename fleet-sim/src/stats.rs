@@ -406,6 +406,15 @@ impl Report {
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
+
+    /// Failed Register calls (deferrals with a retry time are not failures).
+    pub fn register_failures(&self) -> u64 {
+        self.errors
+            .iter()
+            .filter(|(kind, _)| kind.starts_with("register "))
+            .map(|(_, n)| n)
+            .sum()
+    }
 }
 
 /// "none" or "register UNAVAILABLE 3, heartbeat NOT_FOUND 2".
@@ -499,7 +508,11 @@ mod tests {
         assert_eq!(since["register UNAVAILABLE"], 1);
         assert_eq!(since["heartbeat NOT_FOUND"], 2);
         assert_eq!(since["heartbeat ack timeout"], 1);
-        assert_eq!(stats.report(1, 1).error_count(), 4);
+        stats.deferred();
+        let report = stats.report(1, 1);
+        assert_eq!(report.error_count(), 4);
+        assert_eq!(report.register_failures(), 1, "a deferral is no failure");
+        assert_eq!(report.deferred, 1);
         assert_eq!(
             fmt_errors(&since),
             "heartbeat NOT_FOUND 2, heartbeat ack timeout 1, register UNAVAILABLE 1"

@@ -14,7 +14,7 @@ use fleet_sim::{Fleet, LatencySummary};
 use tokio::time::{Instant, sleep};
 use tracing::info;
 
-use super::{fleet_config, start_fleet, wait_attached};
+use super::{fleet_config, start_fleet, wait_attached, wait_registered};
 use crate::BenchError;
 use crate::plan::{ArrivalPlan, Plan};
 use crate::server::{Launcher, ServerSpec};
@@ -111,23 +111,7 @@ async fn storm(
     config.registry = server.url();
     let start = Instant::now();
     let arriving = Fleet::start(config).map_err(|e| BenchError::Sim(e.to_string()))?;
-    let stats = arriving.stats();
-    loop {
-        let snapshot = stats.snapshot();
-        if snapshot.registrations >= p.arriving as u64 {
-            break;
-        }
-        if start.elapsed() > p.limit {
-            return Err(BenchError::Stalled(format!(
-                "{} of {} arriving nodes registered after {}; errors: {}",
-                snapshot.registrations,
-                p.arriving,
-                humantime::format_duration(p.limit),
-                fleet_sim::stats::fmt_errors(&snapshot.errors)
-            )));
-        }
-        sleep(Duration::from_millis(10)).await;
-    }
+    wait_registered(&arriving, p.arriving, p.limit).await?;
     let all_registered = start.elapsed();
     wait_attached(&arriving, p.arriving, p.limit).await?;
     let all_attached = start.elapsed();
@@ -135,12 +119,7 @@ async fn storm(
     let report = arriving.stop().await;
     registered.stop().await;
     server.stop().await?;
-    let register_failures = report
-        .errors
-        .iter()
-        .filter(|(kind, _)| kind.starts_with("register "))
-        .map(|(_, n)| n)
-        .sum();
+    let register_failures = report.register_failures();
     let row = ArrivalRow {
         setup,
         all_registered,

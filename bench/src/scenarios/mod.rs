@@ -45,17 +45,41 @@ pub async fn wait_attached(
     nodes: usize,
     limit: Duration,
 ) -> Result<Duration, BenchError> {
+    wait_until(fleet, nodes, limit, "attached", |s| {
+        u64::try_from(s.attached).unwrap_or(0)
+    })
+    .await
+}
+
+/// Waits until `fleet` counts `nodes` successful Register calls.
+pub async fn wait_registered(
+    fleet: &Fleet,
+    nodes: usize,
+    limit: Duration,
+) -> Result<Duration, BenchError> {
+    wait_until(fleet, nodes, limit, "registered", |s| s.registrations).await
+}
+
+/// Waits until `count` of the fleet's counters reaches `nodes`; the
+/// stall error says how far it got (`what`: "attached").
+async fn wait_until(
+    fleet: &Fleet,
+    nodes: usize,
+    limit: Duration,
+    what: &str,
+    count: fn(&Snapshot) -> u64,
+) -> Result<Duration, BenchError> {
     let start = Instant::now();
     let stats = fleet.stats();
     loop {
         let snapshot = stats.snapshot();
-        if snapshot.attached >= nodes as i64 {
+        if count(&snapshot) >= nodes as u64 {
             return Ok(start.elapsed());
         }
         if start.elapsed() > limit {
             return Err(BenchError::Stalled(format!(
-                "{} of {nodes} nodes attached after {}; errors: {}",
-                snapshot.attached,
+                "{} of {nodes} nodes {what} after {}; errors: {}",
+                count(&snapshot),
                 humantime::format_duration(limit),
                 fleet_sim::stats::fmt_errors(&snapshot.errors)
             )));

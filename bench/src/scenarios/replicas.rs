@@ -237,12 +237,7 @@ async fn storm(
     wait_attached(&fleet, p.nodes, p.limit).await?;
     let storm = start.elapsed();
     let report = fleet.stats().report(p.nodes, connections);
-    let register_failures = report
-        .errors
-        .iter()
-        .filter(|(kind, _)| kind.starts_with("register "))
-        .map(|(_, n)| n)
-        .sum();
+    let register_failures = report.register_failures();
     info!(
         storm_ms = storm.as_millis() as u64,
         register_failures, "registration storm done"
