@@ -180,9 +180,11 @@ impl Feed {
         };
         let replaced = match kind {
             EventKind::Deleted => state.views.remove(&node.node_id),
-            EventKind::Added | EventKind::Modified => {
-                state.views.insert(node.node_id.clone(), node.clone())
-            }
+            // A known node's entry is replaced where it is: no new key.
+            EventKind::Added | EventKind::Modified => match state.views.get_mut(&node.node_id) {
+                Some(view) => Some(std::mem::replace(view, node.clone())),
+                None => state.views.insert(node.node_id.clone(), node.clone()),
+            },
         };
         // The node's previous view now lives only in the history: keep it
         // encoded there (see `KeptNode`).

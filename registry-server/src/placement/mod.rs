@@ -194,8 +194,9 @@ struct NodeEntry {
     /// Revision of the latest event applied for the node; an older one
     /// arriving late is ignored.
     revision: u64,
-    /// (model, pool_id) of each entry in `by_model`.
-    pools: Vec<(String, String)>,
+    /// Each entry in `by_model`: its model and its key there, kept so the
+    /// next event finds them without building keys again.
+    pools: Vec<(String, PoolKey)>,
     /// The node's staged models, entries in `staged`.
     staged: Vec<String>,
 }
@@ -218,9 +219,9 @@ impl Inner {
     /// Takes the node's entries out of the maps.
     fn remove(&mut self, node_id: &str) -> Option<NodeEntry> {
         let entry = self.nodes.remove(node_id)?;
-        for (model, pool_id) in &entry.pools {
+        for (model, key) in &entry.pools {
             if let Some(pools) = self.by_model.get_mut(model) {
-                pools.remove(&(node_id.to_owned(), pool_id.clone()));
+                pools.remove(key);
                 if pools.is_empty() {
                     self.by_model.remove(model);
                 }
@@ -240,15 +241,14 @@ impl Inner {
     /// Puts the node's current view in, its pools built beforehand.
     fn insert(&mut self, revision: u64, node: &Arc<pb::Node>, pools: Vec<PoolEntry>) {
         let node_id = node.node_id.clone();
-        let keys = pools
-            .iter()
-            .map(|p| (p.model.clone(), p.pool_id.clone()))
-            .collect();
+        let mut keys = Vec::with_capacity(pools.len());
         for pool in pools {
+            let key = (node_id.clone(), pool.pool_id.clone());
+            keys.push((pool.model.clone(), key.clone()));
             self.by_model
                 .entry(pool.model.clone())
                 .or_default()
-                .insert((node_id.clone(), pool.pool_id.clone()), Arc::new(pool));
+                .insert(key, Arc::new(pool));
         }
         let staged: Vec<String> = node.models_available.clone();
         for model in &staged {
@@ -265,6 +265,50 @@ impl Inner {
                 staged,
             },
         );
+    }
+
+    /// Replaces the node's pools where they are when the event keeps its
+    /// set of pools, models and staged models (a heartbeat that moves
+    /// slots or state, the common event): no key is built or dropped and
+    /// no map is rebalanced. Hands the pools back when the set changed.
+    fn update_in_place(
+        &mut self,
+        revision: u64,
+        node: &pb::Node,
+        pools: Vec<PoolEntry>,
+    ) -> Result<(), Vec<PoolEntry>> {
+        let Some(entry) = self.nodes.get_mut(&node.node_id) else {
+            return Err(pools);
+        };
+        let same = entry.staged == node.models_available
+            && entry.pools.len() == pools.len()
+            && entry
+                .pools
+                .iter()
+                .zip(&pools)
+                .all(|((model, (_, pool_id)), new)| *model == new.model && *pool_id == new.pool_id);
+        if !same {
+            return Err(pools);
+        }
+        entry.revision = revision;
+        for ((model, key), pool) in entry.pools.iter().zip(pools) {
+            match self
+                .by_model
+                .get_mut(model)
+                .and_then(|map| map.get_mut(key))
+            {
+                Some(slot) => *slot = Arc::new(pool),
+                // The maps and the node's entry are kept together; a miss
+                // would be a bug, and re-adding the pool is the repair.
+                None => {
+                    self.by_model
+                        .entry(model.clone())
+                        .or_default()
+                        .insert(key.clone(), Arc::new(pool));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// ListModels for one model.
@@ -364,8 +408,12 @@ impl PlacementIndex {
         {
             return;
         }
-        inner.remove(node_id);
-        if let Some(pools) = pools {
+        let Some(pools) = pools else {
+            inner.remove(node_id);
+            return;
+        };
+        if let Err(pools) = inner.update_in_place(event.revision, &event.node, pools) {
+            inner.remove(node_id);
             inner.insert(event.revision, &event.node, pools);
         }
     }

@@ -707,6 +707,57 @@ fn list_models_counts_pools_slots_and_staged_nodes() {
     assert!(fleet.index.list_models(Some("absent")).models.is_empty());
 }
 
+#[test]
+fn a_beat_updates_pools_in_place_and_a_changed_set_rebuilds_them() {
+    let mut fleet = Fleet::new();
+    let mut req = register(
+        "n1",
+        "a",
+        vec![spec("p0", "m", "vllm", &[0]), spec("p1", "m", "vllm", &[1])],
+    );
+    req.models_available = vec!["s".into()];
+    fleet.online(
+        &req,
+        &[
+            status("p0", "m", Ready, 1, GIB),
+            status("p1", "m", Ready, 1, 2 * GIB),
+        ],
+    );
+    // Same pools, models and staged models: slots and VRAM move in place.
+    let beat = [
+        status("p0", "m", Ready, 3, 4 * GIB),
+        status("p1", "m", Ready, 0, 2 * GIB),
+    ];
+    fleet.send(
+        EventKind::Modified,
+        view(&req, Some(&beat), pb::NodeStatus::Online),
+    );
+    let m = fleet.index.list_models(Some("m")).models.remove(0);
+    assert_eq!((m.pools.len(), m.slots_free), (2, 3));
+    // p1 is full now, so only p0 is offered.
+    assert_eq!(fleet.ids(&with_limit(query("m"), 5)), ids(&[("n1", "p0")]));
+    let ranked = fleet.index.find(&with_limit(query("m"), 5)).unwrap();
+    assert_eq!(ranked.candidates[0].vram_free_bytes, 4 * GIB);
+
+    // Only the staged models change: the index follows (s out, t in).
+    req.models_available = vec!["t".into()];
+    fleet.send(
+        EventKind::Modified,
+        view(&req, Some(&beat), pb::NodeStatus::Online),
+    );
+    let names: Vec<String> = fleet.index.models().into_iter().map(|m| m.model).collect();
+    assert_eq!(names, ["m", "t"]);
+
+    // Pools in another order: same entries, nothing left behind.
+    let swapped = [beat[1].clone(), beat[0].clone()];
+    fleet.send(
+        EventKind::Modified,
+        view(&req, Some(&swapped), pb::NodeStatus::Online),
+    );
+    let m = fleet.index.list_models(Some("m")).models.remove(0);
+    assert_eq!((m.pools.len(), m.slots_free), (2, 3));
+}
+
 fn mixed_fleet_n1() -> pb::RegisterRequest {
     register(
         "n1",
