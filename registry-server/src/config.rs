@@ -30,6 +30,13 @@ pub struct Cli {
     #[arg(long, env = "REGISTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Threads that run the server's tasks [default: one per CPU core].
+    /// Each heartbeat wakes a few tasks; with several threads an idle one
+    /// is woken to share them, which costs more than the work itself
+    /// while the server uses less than one core (docs/PERF-NOTES.md).
+    #[arg(long, env = "REGISTRY_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+
     #[command(flatten)]
     pub settings: Settings,
 }
@@ -675,6 +682,7 @@ mod tests {
         let cli = Cli::try_parse_from(["registry-server"]).unwrap();
         assert_eq!(cli.listen, "0.0.0.0:50051".parse().unwrap());
         assert_eq!(cli.metrics_addr(), Some("0.0.0.0:9464".parse().unwrap()));
+        assert_eq!(cli.worker_threads, None, "tokio's default: one per core");
         let settings = cli.settings();
         // The binary keeps its state in a file; tests (Settings::default)
         // keep it in memory.
@@ -750,6 +758,10 @@ mod tests {
         assert_eq!(settings.offline_retention, Duration::from_secs(600));
         assert_eq!(cli.log_format, LogFormat::Json);
         assert!(Cli::try_parse_from(["registry-server", "--node-timeout", "soon"]).is_err());
+        let one = Cli::try_parse_from(["registry-server", "--worker-threads", "1"]).unwrap();
+        assert_eq!(one.worker_threads.map(|n| n.get()), Some(1));
+        let zero = Cli::try_parse_from(["registry-server", "--worker-threads", "0"]).unwrap_err();
+        assert!(zero.to_string().contains("--worker-threads"), "{zero}");
         let off = Cli::try_parse_from(["registry-server", "--metrics-listen", "off"]).unwrap();
         assert_eq!(off.metrics_addr(), None);
         assert!(Cli::try_parse_from(["registry-server", "--metrics-listen", "nine"]).is_err());

@@ -20,9 +20,26 @@ use tracing::{error, info};
 /// running.
 const EXIT_CONFIG: u8 = 2;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Built by hand rather than by `#[tokio::main]` so the thread count
+    // is a flag; tokio's own default (one per core, or
+    // TOKIO_WORKER_THREADS) applies without it.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        runtime.worker_threads(threads.get());
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve(cli)),
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything after the command line: logging, checks, binding, serving.
+async fn serve(cli: Cli) -> ExitCode {
     registry_server::telemetry::init_logging(cli.log_format);
     let settings = cli.settings();
     // Every setting is checked before anything is bound, so a mistake is
