@@ -199,6 +199,57 @@ async fn a_frozen_agent_goes_offline_and_back_online_without_reregistering() {
     assert_untouched(&before, &nodes, &["node-1", "node-3"]);
 }
 
+/// `--worker-threads 1` (the cheaper setting for a registry that uses less
+/// than a core): the one thread runs the agents' streams and the expiry
+/// timer alike, so a silent node still goes OFFLINE on time and the others
+/// keep heartbeating.
+#[tokio::test]
+async fn a_registry_on_one_worker_thread_serves_agents_and_expires_a_silent_one() {
+    let mut cluster = Cluster::start_with_args(
+        "one_worker_thread",
+        Timing::default(),
+        three_agents(),
+        vec!["--worker-threads".into(), "1".into()],
+    )
+    .await
+    .expect("starting the registry on one thread and three agents");
+    let before = cluster.wait_all_online(REGISTER_TIMEOUT).await;
+    let timing = cluster.timing();
+    let log = std::fs::read_to_string(cluster.registry().log()).expect("the registry's log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("registry listening") && l.contains("\"worker_threads\":1,")),
+        "no start-up line with worker_threads 1 in:\n{log}"
+    );
+
+    cluster
+        .agent("node-3")
+        .process
+        .signal(Signal::SIGSTOP)
+        .expect("SIGSTOP");
+    let offline = cluster
+        .wait_nodes(
+            "the frozen node-3 is OFFLINE",
+            timing.node_timeout + EXPIRY_SLACK,
+            |nodes| expect_status(nodes, "node-3", pb::NodeStatus::Offline).cloned(),
+        )
+        .await;
+    assert_expired_after_timeout(&offline, timing);
+    let nodes = cluster.nodes().await.expect("ListNodes");
+    assert_untouched(&before, &nodes, &["node-1", "node-2"]);
+    for id in ["node-1", "node-2"] {
+        assert_ne!(
+            nodes[id].last_heartbeat_at, before[id].last_heartbeat_at,
+            "{id} sent no heartbeat while node-3 expired"
+        );
+    }
+    cluster
+        .agent("node-3")
+        .process
+        .signal(Signal::SIGCONT)
+        .expect("SIGCONT");
+}
+
 #[tokio::test]
 async fn a_killed_agent_goes_offline_and_the_others_are_untouched() {
     let (mut cluster, before) = start("sigkill").await;

@@ -324,6 +324,9 @@ where
         heartbeat_interval = %humantime::format_duration(settings.heartbeat_interval),
         offline_retention = %humantime::format_duration(settings.offline_retention),
         mass_offline_threshold = settings.mass_offline_threshold.0,
+        // The runtime's thread count (`--worker-threads`), so a log says
+        // what the figures it is compared with ran on.
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "registry listening"
     );
     let mut builder = Server::builder()
