@@ -49,7 +49,7 @@ impl Registry {
             let mut st = slot.lock();
             if !st.removed {
                 let before = st.pool_tally();
-                st.registration = record.registration;
+                st.set_registration(record.registration);
                 st.session_id = record.session_id;
                 st.secret_sha256 = record.secret_sha256;
                 st.registered_at = record.registered_at;

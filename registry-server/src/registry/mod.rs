@@ -322,7 +322,10 @@ impl Registry {
     /// the feed publish it at the next revision, and keeps it on the node.
     /// Call under the node's lock (lock order map → node → feed).
     fn publish(&self, st: &mut NodeState, kind: EventKind) -> u64 {
-        let view = self.shared.feed.publish(kind, st.to_proto());
+        let view = self
+            .shared
+            .feed
+            .publish(kind, st.to_proto(), st.registration_number);
         let revision = view.revision;
         st.view = view;
         revision
@@ -489,7 +492,7 @@ impl Registry {
             }));
         }
         let before = st.pool_tally();
-        st.registration = registration;
+        st.set_registration(registration);
         st.session_id = session_id;
         st.secret_sha256 = secret_sha256(session_secret);
         // The owner is back: the node is no longer held for it (its

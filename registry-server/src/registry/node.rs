@@ -1,6 +1,7 @@
 //! One node: its slot in the map, its lock-protected state, the proto view
 //! of that state and ListNodes filter matching.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
@@ -150,6 +151,13 @@ impl Reading {
     }
 }
 
+/// A number for a registration just taken, unique in the process (a node
+/// removed and registered again must not reuse its old one).
+fn next_registration() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Everything about a node that changes, guarded by [`NodeSlot::state`].
 pub(super) struct NodeState {
     /// The latest accepted registration.
@@ -190,6 +198,11 @@ pub(super) struct NodeState {
     /// `revision` says which), shared by GetNode, ListNodes and the watch
     /// events; rebuilt only when a reader can see a change.
     pub(super) view: Arc<pb::Node>,
+    /// Which registration `registration` is, unique in the process (see
+    /// [`next_registration`]); the change feed's history shares the encoded
+    /// registration fields between views that carry the same number.
+    /// [`NodeState::set_registration`] takes a new one.
+    pub(super) registration_number: u64,
     /// What operators asked of the node (cordon, drain); kept across
     /// re-registrations.
     pub(super) admin: pb::AdminState,
@@ -250,6 +263,7 @@ impl NodeState {
             wakeup: None,
             removed: false,
             view: Arc::default(),
+            registration_number: next_registration(),
             admin: pb::AdminState {
                 schedulable: true,
                 ..pb::AdminState::default()
@@ -282,6 +296,14 @@ impl NodeState {
         state.registered_at = record.registered_at;
         state.status_changed_at = record.registered_at;
         state
+    }
+
+    /// Takes `registration` as the node's, under a new number. Setting
+    /// `registration` any other way would have the watch history encode
+    /// later views with the old registration's fields.
+    pub(super) fn set_registration(&mut self, registration: Registration) {
+        self.registration = registration;
+        self.registration_number = next_registration();
     }
 
     /// The node's durable record, as the store keeps it.

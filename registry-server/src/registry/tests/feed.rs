@@ -287,6 +287,81 @@ async fn a_live_subscription_joins_its_backlog_without_gap_or_duplicate() {
     assert_eq!(sub.live.recv().await.unwrap().revision, 2);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_resume_gets_each_view_with_the_registration_it_had() {
+    let (registry, recorder, _stop) = recorded(100);
+    let first = registry.register(registration("n1"), Now::read()).unwrap();
+    let slot = registry
+        .attach("n1", first.session_id, &first.session_secret)
+        .unwrap();
+    for free in [3, 2] {
+        registry
+            .heartbeat(
+                &slot,
+                first.session_id,
+                beat_with(pool(pb::PoolState::Ready, free, GIB)),
+                Instant::now(),
+            )
+            .unwrap();
+    }
+    // The same machine registers again with another address and labels:
+    // the views after it carry the new registration, those before the old.
+    let mut moved = registration("n1");
+    moved.address = "http://n1-new:9200".into();
+    moved.labels = [("zone".to_string(), "b".to_string())].into();
+    let second = registry.register(moved, Now::read()).unwrap();
+    let slot = registry
+        .attach("n1", second.session_id, &second.session_secret)
+        .unwrap();
+    registry
+        .heartbeat(
+            &slot,
+            second.session_id,
+            beat_with(pool(pb::PoolState::Ready, 1, GIB)),
+            Instant::now(),
+        )
+        .unwrap();
+    registry
+        .deregister("n1", second.session_id, Some(&second.session_secret))
+        .unwrap();
+
+    let published: Vec<_> = recorder
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| (e.revision, e.kind, pb::Node::clone(&e.node)))
+        .collect();
+    let addresses: Vec<_> = published
+        .iter()
+        .map(|(_, _, n)| n.address.as_str())
+        .collect();
+    assert_eq!(
+        addresses,
+        [
+            "http://n1:9200",
+            "http://n1:9200",
+            "http://n1:9200",
+            "http://n1-new:9200",
+            "http://n1-new:9200",
+            "http://n1-new:9200"
+        ]
+    );
+    // Every entry but none is held encoded now (the node is deleted), and
+    // each decodes to exactly the view that was published.
+    let resumed: Vec<_> = registry
+        .feed()
+        .subscribe(Start::After(0))
+        .unwrap()
+        .backlog
+        .map(|e| {
+            let e = e.unwrap();
+            (e.revision, e.kind, pb::Node::clone(&e.node))
+        })
+        .collect();
+    assert_eq!(resumed, published);
+}
+
 /// GPU figures for GPU 0 at `health` for `reasons`, `temp` degrees.
 fn gpu(health: pb::GpuHealth, reasons: &[&str], temp: u32) -> Vec<pb::GpuStats> {
     vec![pb::GpuStats {
