@@ -205,8 +205,10 @@ impl Feed {
                 let donor = views
                     .remove(&node.node_id)
                     .and_then(|previous| encode_replaced(history, previous, registration));
-                let fixed = donor.and_then(|d| encoded_fixed(history, d));
-                KeptNode::encode(&node, fixed.unwrap_or_else(|| encode_fixed(&node)))
+                match donor.and_then(|d| encoded_fixed(history, d)) {
+                    Some(fixed) => KeptNode::encode(&node, fixed),
+                    None => KeptNode::whole(&node),
+                }
             }
             EventKind::Added | EventKind::Modified => {
                 let latest = Latest {
@@ -314,21 +316,23 @@ fn position(history: &VecDeque<Kept>, revision: u64) -> Option<usize> {
 }
 
 /// The encoded registration fields of the history's entry at `revision`,
-/// if it still holds it encoded.
+/// if it still holds it encoded in two parts.
 fn encoded_fixed(history: &VecDeque<Kept>, revision: u64) -> Option<Bytes> {
     match &history[position(history, revision)?].node {
         KeptNode::Encoded { fixed, .. } => Some(fixed.clone()),
-        KeptNode::Current(_) => None,
+        KeptNode::Current(_) | KeptNode::Whole(_) => None,
     }
 }
 
 /// Encodes the history's entry of `replaced`, a node's view that a newer
-/// one showing `registration` replaces, if the history still holds it:
-/// with the encoded registration fields of the entry before it (its
-/// donor) where that is still held, else encoded now. Returns the entry's
-/// revision as the donor of the newer view's entry when both show the same
-/// registration. Encoded registration fields thus live only in encoded
-/// entries, never beside a node's current view.
+/// one showing `registration` replaces, if the history still holds it.
+/// The first of a run of the node's entries (no earlier one of the same
+/// registration still held: at 100,000 nodes, most) is encoded whole, one
+/// encode as cheap as any; the second is encoded in two parts, and each
+/// later one borrows the registration fields of the one before it (its
+/// donor). Returns the entry's revision as the donor of the newer view's
+/// entry when both show the same registration. Encoded registration fields
+/// thus live only in encoded entries, never beside a node's current view.
 fn encode_replaced(
     history: &mut VecDeque<Kept>,
     replaced: Latest,
@@ -336,13 +340,23 @@ fn encode_replaced(
 ) -> Option<u64> {
     let revision = replaced.view.revision;
     let index = position(history, revision)?;
-    let fixed = replaced.donor.and_then(|d| encoded_fixed(history, d));
+    // None: no donor held; Some(None): one held, without parts to lend.
+    let borrowed =
+        replaced
+            .donor
+            .and_then(|d| position(history, d))
+            .map(|d| match &history[d].node {
+                KeptNode::Encoded { fixed, .. } => Some(fixed.clone()),
+                KeptNode::Current(_) | KeptNode::Whole(_) => None,
+            });
     let kept = &mut history[index];
     let KeptNode::Current(view) = &kept.node else {
         return None;
     };
-    let fixed = fixed.unwrap_or_else(|| encode_fixed(view));
-    kept.node = KeptNode::encode(view, fixed);
+    kept.node = match borrowed {
+        None => KeptNode::whole(view),
+        Some(fixed) => KeptNode::encode(view, fixed.unwrap_or_else(|| encode_fixed(view))),
+    };
     (replaced.registration == registration).then_some(revision)
 }
 
@@ -369,9 +383,10 @@ pub struct Kept {
 /// the registration sets (~1.5 KiB for 8 GPUs and 2 pools), encoded once
 /// and shared by the entries that follow one another in the history with
 /// the same registration, and the rest (~0.4 KiB), encoded per change.
-/// The shared part lives only in encoded entries: where the history is
-/// short against the heartbeat interval (100,000 nodes), a node's entries
-/// rarely meet and it costs nothing.
+/// The shared part lives only in encoded entries, and a run of a node's
+/// entries starts with one encoded whole: where the history is short
+/// against the heartbeat interval (100,000 nodes), a node's entries rarely
+/// meet, and then its views are encoded as cheaply as without sharing.
 #[derive(Debug, Clone)]
 enum KeptNode {
     /// The node's current view, shared with the node and the snapshot map.
@@ -386,9 +401,15 @@ enum KeptNode {
         /// The view's other fields, encoded.
         live: Bytes,
     },
+    /// An older view encoded in one piece, with nothing to share.
+    Whole(Bytes),
 }
 
 impl KeptNode {
+    fn whole(view: &pb::Node) -> Self {
+        KeptNode::Whole(Bytes::from(view.encode_to_vec()))
+    }
+
     fn encode(view: &pb::Node, fixed: Bytes) -> Self {
         KeptNode::Encoded {
             fixed,
@@ -535,18 +556,20 @@ impl Iterator for Backlog {
             Backlog::Views(events) => events.next().map(Ok),
             Backlog::History(kept) => {
                 let kept = kept.next()?;
-                let node = match kept.node {
-                    KeptNode::Current(view) => view,
+                let decoded = match kept.node {
+                    KeptNode::Current(view) => Ok(view),
                     KeptNode::Encoded { fixed, live } => {
-                        match pb::Node::decode(fixed.chain(live)) {
-                            Ok(node) => Arc::new(node),
-                            Err(source) => {
-                                return Some(Err(HistoryError {
-                                    revision: kept.revision,
-                                    source,
-                                }));
-                            }
-                        }
+                        pb::Node::decode(fixed.chain(live)).map(Arc::new)
+                    }
+                    KeptNode::Whole(bytes) => pb::Node::decode(bytes).map(Arc::new),
+                };
+                let node = match decoded {
+                    Ok(node) => node,
+                    Err(source) => {
+                        return Some(Err(HistoryError {
+                            revision: kept.revision,
+                            source,
+                        }));
                     }
                 };
                 Some(Ok(Event {
@@ -666,7 +689,7 @@ mod tests {
             .history
             .iter()
             .map(|k| match &k.node {
-                KeptNode::Current(_) => None,
+                KeptNode::Current(_) | KeptNode::Whole(_) => None,
                 KeptNode::Encoded { fixed, .. } => Some(fixed.as_ptr() as usize),
             })
             .collect()
@@ -678,37 +701,51 @@ mod tests {
         feed.publish(EventKind::Added, node("a", 1), 7); // 2
         feed.publish(EventKind::Modified, node("a", 2), 7); // 3
         feed.publish(EventKind::Modified, node("a", 3), 7); // 4
+        feed.publish(EventKind::Modified, node("a", 4), 7); // 5
+        let whole =
+            |feed: &Feed, i: usize| matches!(feed.lock().history[i].node, KeptNode::Whole(_));
+        assert!(whole(&feed, 0), "the first of a run is encoded whole");
         let parts = fixed_parts(&feed);
-        assert!(parts[0].is_some());
-        assert_eq!(parts[0], parts[1], "one allocation, not a copy");
-        assert_eq!(parts[2], None, "the current view holds none");
-        // Another registration makes its own.
-        let mut moved = node("a", 4);
+        assert!(parts[1].is_some(), "the second in two parts");
+        assert_eq!(parts[1], parts[2], "the third borrows them: one allocation");
+        assert_eq!(parts[3], None, "the current view holds none");
+        // Another registration starts a run of its own.
+        let mut moved = node("a", 5);
         moved.address = "http://a-new:9000".into();
-        feed.publish(EventKind::Modified, moved, 8); // 5
+        feed.publish(EventKind::Modified, moved.clone(), 8); // 6
+        assert_eq!(fixed_parts(&feed)[3], parts[1], "5, of 7, borrows 7's");
+        moved.pool_status[0].slots_free = 6;
+        feed.publish(EventKind::Modified, moved.clone(), 8); // 7
+        assert!(whole(&feed, 4), "6 starts 8's run");
+        moved.pool_status[0].slots_free = 7;
+        feed.publish(EventKind::Deleted, moved, 8); // 8
         let parts = fixed_parts(&feed);
-        assert_eq!(parts[2], parts[0], "the replaced view of 7 shares 7's");
-        assert_eq!(parts[3], None, "8's is made when its view is replaced");
-        let mut gone = node("a", 5);
-        gone.address = "http://a-new:9000".into();
-        feed.publish(EventKind::Deleted, gone, 8); // 6
-        let parts = fixed_parts(&feed);
-        assert_ne!(parts[3], parts[0]);
-        assert_eq!(parts[3], parts[4], "the final state shares 8's");
+        assert!(
+            parts[5].is_some() && parts[5] != parts[1],
+            "7 made 8's parts"
+        );
+        assert_eq!(parts[6], parts[5], "the final state borrows them");
         let resumed: Vec<_> = feed
             .subscribe(Start::After(1))
             .unwrap()
             .backlog
-            .map(|e| e.unwrap().node.address.clone())
+            .map(|e| {
+                let e = e.unwrap();
+                (e.node.address.clone(), e.node.pool_status[0].slots_free)
+            })
             .collect();
+        let old = "http://a:9000".to_string();
+        let new = "http://a-new:9000".to_string();
         assert_eq!(
             resumed,
             [
-                "http://a:9000",
-                "http://a:9000",
-                "http://a:9000",
-                "http://a-new:9000",
-                "http://a-new:9000"
+                (old.clone(), 1),
+                (old.clone(), 2),
+                (old.clone(), 3),
+                (old, 4),
+                (new.clone(), 5),
+                (new.clone(), 6),
+                (new, 7)
             ]
         );
     }
@@ -723,13 +760,12 @@ mod tests {
         let feed = feed_of(3);
         feed.publish(EventKind::Added, node("a", 1), 7); // 2
         feed.publish(EventKind::Added, node("b", 1), 7); // 3
-        feed.publish(EventKind::Modified, node("a", 2), 7); // 4: 2 encoded
+        feed.publish(EventKind::Modified, node("a", 2), 7); // 4: 2 whole
         feed.publish(EventKind::Added, node("c", 1), 7); // 5, drops 2
         let a4 = pb::Node::clone(&feed.lock().views["a"].view);
         feed.publish(EventKind::Modified, node("a", 3), 7); // 6, drops 3
-        // 4's donor (2) is gone: its registration fields were encoded anew.
-        assert_eq!(fixed_parts(&feed), vec![fixed_parts(&feed)[0], None, None]);
-        assert!(fixed_parts(&feed)[0].is_some());
+        // 4's donor (2) is gone: 4 starts a new run, encoded whole.
+        assert!(matches!(feed.lock().history[0].node, KeptNode::Whole(_)));
         let resumed = feed.subscribe(Start::After(3)).unwrap().backlog.next();
         assert_eq!(pb::Node::clone(&resumed.unwrap().unwrap().node), a4);
     }
