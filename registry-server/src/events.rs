@@ -144,8 +144,10 @@ struct Latest {
     /// The registration's number (see [`Feed::publish`]).
     registration: u64,
     /// The revision of the node's previous entry in the history when it
-    /// is encoded and shows the same registration: this view's entry
-    /// shares its encoded registration fields when it is encoded in turn.
+    /// was encoded and shows the same registration: when this view's entry
+    /// is encoded in turn, it borrows that entry's encoded registration
+    /// fields, or (that entry being encoded whole) makes its own, so a run
+    /// of the node's entries shares one.
     donor: Option<u64>,
 }
 
