@@ -320,10 +320,7 @@ fn position(history: &VecDeque<Kept>, revision: u64) -> Option<usize> {
 /// The encoded registration fields of the history's entry at `revision`,
 /// if it still holds it encoded in two parts.
 fn encoded_fixed(history: &VecDeque<Kept>, revision: u64) -> Option<Bytes> {
-    match &history[position(history, revision)?].node {
-        KeptNode::Encoded { fixed, .. } => Some(fixed.clone()),
-        KeptNode::Current(_) | KeptNode::Whole(_) => None,
-    }
+    history[position(history, revision)?].node.fixed().cloned()
 }
 
 /// Encodes the history's entry of `replaced`, a node's view that a newer
@@ -343,14 +340,10 @@ fn encode_replaced(
     let revision = replaced.view.revision;
     let index = position(history, revision)?;
     // None: no donor held; Some(None): one held, without parts to lend.
-    let borrowed =
-        replaced
-            .donor
-            .and_then(|d| position(history, d))
-            .map(|d| match &history[d].node {
-                KeptNode::Encoded { fixed, .. } => Some(fixed.clone()),
-                KeptNode::Current(_) | KeptNode::Whole(_) => None,
-            });
+    let borrowed = replaced
+        .donor
+        .and_then(|d| position(history, d))
+        .map(|d| history[d].node.fixed().cloned());
     let kept = &mut history[index];
     let KeptNode::Current(view) = &kept.node else {
         return None;
@@ -408,6 +401,14 @@ enum KeptNode {
 }
 
 impl KeptNode {
+    /// The encoded registration fields, when the view is held in two parts.
+    fn fixed(&self) -> Option<&Bytes> {
+        match self {
+            KeptNode::Encoded { fixed, .. } => Some(fixed),
+            KeptNode::Current(_) | KeptNode::Whole(_) => None,
+        }
+    }
+
     fn whole(view: &pb::Node) -> Self {
         KeptNode::Whole(Bytes::from(view.encode_to_vec()))
     }
@@ -585,12 +586,21 @@ impl Iterator for Backlog {
 }
 
 #[cfg(test)]
+impl Backlog {
+    /// Every event left, decoded into owned values, to compare with what
+    /// was published.
+    pub(crate) fn decoded(self) -> Vec<(u64, EventKind, pb::Node)> {
+        self.map(|e| {
+            let e = e.expect("the history decodes");
+            (e.revision, e.kind, pb::Node::clone(&e.node))
+        })
+        .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    fn feed_of(history: usize) -> Feed {
-        feed(history)
-    }
 
     fn feed(history: usize) -> Feed {
         Feed::new(history, 16, 1, Vec::new())
@@ -690,10 +700,7 @@ mod tests {
         feed.lock()
             .history
             .iter()
-            .map(|k| match &k.node {
-                KeptNode::Current(_) | KeptNode::Whole(_) => None,
-                KeptNode::Encoded { fixed, .. } => Some(fixed.as_ptr() as usize),
-            })
+            .map(|k| k.node.fixed().map(|f| f.as_ptr() as usize))
             .collect()
     }
 
@@ -754,12 +761,12 @@ mod tests {
 
     #[test]
     fn a_view_whose_entry_left_the_history_hands_nothing_on() {
-        let feed = feed(1);
-        feed.publish(EventKind::Added, node("a", 1), 7); // 2
-        feed.publish(EventKind::Added, node("b", 1), 7); // 3, drops 2
-        feed.publish(EventKind::Modified, node("a", 2), 7); // 4, drops 3
-        assert_eq!(fixed_parts(&feed), vec![None]);
-        let feed = feed_of(3);
+        let one = feed(1);
+        one.publish(EventKind::Added, node("a", 1), 7); // 2
+        one.publish(EventKind::Added, node("b", 1), 7); // 3, drops 2
+        one.publish(EventKind::Modified, node("a", 2), 7); // 4, drops 3
+        assert_eq!(fixed_parts(&one), vec![None]);
+        let feed = feed(3);
         feed.publish(EventKind::Added, node("a", 1), 7); // 2
         feed.publish(EventKind::Added, node("b", 1), 7); // 3
         feed.publish(EventKind::Modified, node("a", 2), 7); // 4: 2 whole
@@ -776,7 +783,7 @@ mod tests {
         feed.lock()
             .history
             .iter()
-            .map(|k| (k.revision, matches!(k.node, KeptNode::Current(..))))
+            .map(|k| (k.revision, matches!(k.node, KeptNode::Current(_))))
             .collect()
     }
 
@@ -815,14 +822,7 @@ mod tests {
         }
         let sub = feed.subscribe(Start::After(1)).unwrap();
         assert_eq!(sub.backlog.len(), 4);
-        let resumed: Vec<_> = sub
-            .backlog
-            .map(|e| {
-                let e = e.unwrap();
-                (e.revision, e.kind, pb::Node::clone(&e.node))
-            })
-            .collect();
-        assert_eq!(resumed, published);
+        assert_eq!(sub.backlog.decoded(), published);
         // A later start gets only what follows it.
         let sub = feed.subscribe(Start::After(4)).unwrap();
         assert_eq!(
