@@ -12,6 +12,8 @@ use prost::Message;
 use registry_proto::pb;
 use tokio::sync::broadcast;
 
+use crate::view::NodeView;
+
 /// What happened to a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -34,7 +36,7 @@ pub struct Event {
     pub kind: EventKind,
     /// The node's read view after the change (its final state for
     /// `Deleted`), built once and shared by every consumer.
-    pub node: Arc<pb::Node>,
+    pub node: Arc<NodeView>,
 }
 
 impl EventKind {
@@ -134,21 +136,7 @@ struct FeedState {
     /// Every listed node's latest view by node_id, so a snapshot is exact
     /// at one revision without locking the nodes (which would invert the
     /// lock order).
-    views: BTreeMap<String, Latest>,
-}
-
-/// A listed node's latest view, and which registration it shows.
-struct Latest {
-    /// The view.
-    view: Arc<pb::Node>,
-    /// The registration's number (see [`Feed::publish`]).
-    registration: u64,
-    /// The revision of the node's previous entry in the history when it
-    /// was encoded and shows the same registration: when this view's entry
-    /// is encoded in turn, it borrows that entry's encoded registration
-    /// fields, or (that entry being encoded whole) makes its own, so a run
-    /// of the node's entries shares one.
-    donor: Option<u64>,
+    views: BTreeMap<String, Arc<NodeView>>,
 }
 
 impl Feed {
@@ -182,15 +170,10 @@ impl Feed {
     /// the view, appends the event to the history and hands it to the
     /// watchers and subscribers. Returns the shared view. Call it under the
     /// node's lock.
-    ///
-    /// `registration` numbers the registration `node` shows: the caller
-    /// gives each registration it takes a number unique in the process and
-    /// passes it with every view of it, so the history's encoded entries of
-    /// one registration share its encoded fields (see `KeptNode`).
-    pub fn publish(&self, kind: EventKind, mut node: pb::Node, registration: u64) -> Arc<pb::Node> {
+    pub fn publish(&self, kind: EventKind, mut node: NodeView) -> Arc<NodeView> {
         let mut state = self.lock();
         let revision = self.revision.load(Ordering::Relaxed) + 1;
-        node.revision = revision;
+        node.set_revision(revision);
         let node = Arc::new(node);
         let event = Event {
             revision,
@@ -199,33 +182,24 @@ impl Feed {
         };
         let FeedState { history, views } = &mut *state;
         // The node's previous view now lives only in the history: it is
-        // encoded there (see `KeptNode`), borrowing the encoded
-        // registration fields of the node's entry before it.
+        // encoded there (see `KeptNode`).
         let kept = match kind {
             // A deleted node's final state is nobody's current view either.
             EventKind::Deleted => {
-                let donor = views
-                    .remove(&node.node_id)
-                    .and_then(|previous| encode_replaced(history, previous, registration));
-                match donor.and_then(|d| encoded_fixed(history, d)) {
-                    Some(fixed) => KeptNode::encode(&node, fixed),
-                    None => KeptNode::whole(&node),
+                if let Some(previous) = views.remove(node.node_id()) {
+                    encode_replaced(history, &previous);
                 }
+                KeptNode::encode(&node)
             }
             EventKind::Added | EventKind::Modified => {
-                let latest = Latest {
-                    view: node.clone(),
-                    registration,
-                    donor: None,
-                };
                 // A known node's entry is replaced where it is: no new key.
-                match views.get_mut(&node.node_id) {
+                match views.get_mut(node.node_id()) {
                     Some(entry) => {
-                        let previous = std::mem::replace(entry, latest);
-                        entry.donor = encode_replaced(history, previous, registration);
+                        let previous = std::mem::replace(entry, node.clone());
+                        encode_replaced(history, &previous);
                     }
                     None => {
-                        views.insert(node.node_id.clone(), latest);
+                        views.insert(node.node_id().to_owned(), node.clone());
                     }
                 }
                 KeptNode::Current(node.clone())
@@ -259,10 +233,10 @@ impl Feed {
                 state
                     .views
                     .values()
-                    .map(|latest| Event {
-                        revision: latest.view.revision,
+                    .map(|view| Event {
+                        revision: view.revision(),
                         kind: EventKind::Added,
-                        node: latest.view.clone(),
+                        node: view.clone(),
                     })
                     .collect::<Vec<_>>()
                     .into_iter(),
@@ -317,42 +291,16 @@ fn position(history: &VecDeque<Kept>, revision: u64) -> Option<usize> {
     (history.get(index)?.revision == revision).then_some(index)
 }
 
-/// The encoded registration fields of the history's entry at `revision`,
-/// if it still holds it encoded in two parts.
-fn encoded_fixed(history: &VecDeque<Kept>, revision: u64) -> Option<Bytes> {
-    history[position(history, revision)?].node.fixed().cloned()
-}
-
 /// Encodes the history's entry of `replaced`, a node's view that a newer
-/// one showing `registration` replaces, if the history still holds it.
-/// The first of a run of the node's entries (no earlier one of the same
-/// registration still held: at 100,000 nodes, most) is encoded whole, one
-/// encode as cheap as any; the second is encoded in two parts, and each
-/// later one borrows the registration fields of the one before it (its
-/// donor). Returns the entry's revision as the donor of the newer view's
-/// entry when both show the same registration. Encoded registration fields
-/// thus live only in encoded entries, never beside a node's current view.
-fn encode_replaced(
-    history: &mut VecDeque<Kept>,
-    replaced: Latest,
-    registration: u64,
-) -> Option<u64> {
-    let revision = replaced.view.revision;
-    let index = position(history, revision)?;
-    // None: no donor held; Some(None): one held, without parts to lend.
-    let borrowed = replaced
-        .donor
-        .and_then(|d| position(history, d))
-        .map(|d| history[d].node.fixed().cloned());
+/// one replaces, if the history still holds it.
+fn encode_replaced(history: &mut VecDeque<Kept>, replaced: &NodeView) {
+    let Some(index) = position(history, replaced.revision()) else {
+        return;
+    };
     let kept = &mut history[index];
-    let KeptNode::Current(view) = &kept.node else {
-        return None;
-    };
-    kept.node = match borrowed {
-        None => KeptNode::whole(view),
-        Some(fixed) => KeptNode::encode(view, fixed.unwrap_or_else(|| encode_fixed(view))),
-    };
-    (replaced.registration == registration).then_some(revision)
+    if matches!(kept.node, KeptNode::Current(_)) {
+        kept.node = KeptNode::encode(replaced);
+    }
 }
 
 /// One event as the history keeps it (opaque: a [`Backlog`] turns it back
@@ -368,150 +316,36 @@ pub struct Kept {
 }
 
 /// A node view in the history. Each visible change (at 10,000 nodes with
-/// changing pool status, about one per heartbeat) builds a new view of
-/// ~5 KiB on the heap (a node with 8 GPUs: some 80 allocations), and the
-/// history keeps up to `--watch-history` of them: ~45 KiB per node at
-/// 10,000 nodes. Only the latest view of each node is read often (GetNode,
-/// ListNodes, snapshots, placement); older ones are read only by a watcher
-/// resuming, so they are kept as their protobuf encoding and decoded when
-/// sent. The encoding is in two parts (see [`encode_fixed`]): the fields
-/// the registration sets (~1.5 KiB for 8 GPUs and 2 pools), encoded once
-/// and shared by the entries that follow one another in the history with
-/// the same registration, and the rest (~0.4 KiB), encoded per change.
-/// The shared part lives only in encoded entries, and a run of a node's
-/// entries starts with one encoded whole: where the history is short
-/// against the heartbeat interval (100,000 nodes), a node's entries rarely
-/// meet, and then its views are encoded as cheaply as without sharing.
+/// changing pool status, about one per heartbeat) publishes a new view,
+/// and the history keeps up to `--watch-history` of them. Only the latest
+/// view of each node is read often (GetNode, ListNodes, snapshots,
+/// placement); older ones are read only by a watcher resuming, so they are
+/// kept as their protobuf encoding and decoded when sent, in two parts:
+/// the registration's fields, encoded once per registration and shared by
+/// all its entries ([`crate::view::Registered::encoded`], ~1.5 KiB at 8
+/// GPUs and 2 pools), and the view's own fields (~0.4 KiB), encoded per
+/// change.
 #[derive(Debug, Clone)]
 enum KeptNode {
     /// The node's current view, shared with the node and the snapshot map.
-    Current(Arc<pb::Node>),
+    Current(Arc<NodeView>),
     /// An older view, encoded: protobuf allows a message's fields to come
     /// in any order and split over concatenated pieces, so `fixed` followed
     /// by `live` decodes to the whole view.
     Encoded {
-        /// [`encode_fixed`] of the view, shared with the node's other
-        /// entries of the same registration.
+        /// The registration's fields, shared with its other entries.
         fixed: Bytes,
         /// The view's other fields, encoded.
         live: Bytes,
     },
-    /// An older view encoded in one piece, with nothing to share.
-    Whole(Bytes),
 }
 
 impl KeptNode {
-    /// The encoded registration fields, when the view is held in two parts.
-    fn fixed(&self) -> Option<&Bytes> {
-        match self {
-            KeptNode::Encoded { fixed, .. } => Some(fixed),
-            KeptNode::Current(_) | KeptNode::Whole(_) => None,
-        }
-    }
-
-    fn whole(view: &pb::Node) -> Self {
-        KeptNode::Whole(Bytes::from(view.encode_to_vec()))
-    }
-
-    fn encode(view: &pb::Node, fixed: Bytes) -> Self {
+    fn encode(view: &NodeView) -> Self {
         KeptNode::Encoded {
-            fixed,
-            live: Bytes::from(live_part(view).encode_to_vec()),
+            fixed: view.registered().encoded().clone(),
+            live: view.encode_live(),
         }
-    }
-}
-
-/// The encoding of the fields of `view` that only a registration sets
-/// (node_id, machine_id, address, pools, capabilities, agent_version,
-/// labels, metrics_address, models_available). The history keeps older
-/// views as this part, shared, followed by the rest of the view encoded
-/// per change, so a change does not re-encode (and the history does not
-/// hold again) a registration that did not change: at 8 GPUs and 2 pools,
-/// ~1.5 KiB of a ~1.9 KiB view.
-fn encode_fixed(view: &pb::Node) -> Bytes {
-    // Every field is named, in this function and in `live_part`, so a field
-    // added to the contract does not compile until it is given to one side:
-    // a field on neither would be lost from resumed watches, a field on
-    // both doubled in its repeated form.
-    let pb::Node {
-        node_id,
-        machine_id,
-        address,
-        pools,
-        capabilities,
-        agent_version,
-        labels,
-        status: _,
-        registered_at: _,
-        last_heartbeat_at: _,
-        pool_status: _,
-        gpu_stats: _,
-        session_id: _,
-        status_changed_at: _,
-        agent_time: _,
-        metrics_address,
-        revision: _,
-        models_available,
-        admin: _,
-        suspect: _,
-        suspect_reason: _,
-    } = view;
-    let fixed = pb::Node {
-        node_id: node_id.clone(),
-        machine_id: machine_id.clone(),
-        address: address.clone(),
-        pools: pools.clone(),
-        capabilities: capabilities.clone(),
-        agent_version: agent_version.clone(),
-        labels: labels.clone(),
-        metrics_address: metrics_address.clone(),
-        models_available: models_available.clone(),
-        ..pb::Node::default()
-    };
-    Bytes::from(fixed.encode_to_vec())
-}
-
-/// The fields of `view` that [`encode_fixed`] leaves out: what moves
-/// between changes of one registration (liveness, pool status, GPU
-/// figures, admin state, timestamps, revision).
-fn live_part(view: &pb::Node) -> pb::Node {
-    let pb::Node {
-        node_id: _,
-        machine_id: _,
-        address: _,
-        pools: _,
-        capabilities: _,
-        agent_version: _,
-        labels: _,
-        status,
-        registered_at,
-        last_heartbeat_at,
-        pool_status,
-        gpu_stats,
-        session_id,
-        status_changed_at,
-        agent_time,
-        metrics_address: _,
-        revision,
-        models_available: _,
-        admin,
-        suspect,
-        suspect_reason,
-    } = view;
-    pb::Node {
-        status: *status,
-        registered_at: *registered_at,
-        last_heartbeat_at: *last_heartbeat_at,
-        pool_status: pool_status.clone(),
-        gpu_stats: gpu_stats.clone(),
-        session_id: *session_id,
-        status_changed_at: *status_changed_at,
-        agent_time: *agent_time,
-        revision: *revision,
-        admin: admin.clone(),
-        suspect: *suspect,
-        suspect_reason: suspect_reason.clone(),
-        ..pb::Node::default()
     }
 }
 
@@ -561,10 +395,8 @@ impl Iterator for Backlog {
                 let kept = kept.next()?;
                 let decoded = match kept.node {
                     KeptNode::Current(view) => Ok(view),
-                    KeptNode::Encoded { fixed, live } => {
-                        pb::Node::decode(fixed.chain(live)).map(Arc::new)
-                    }
-                    KeptNode::Whole(bytes) => pb::Node::decode(bytes).map(Arc::new),
+                    KeptNode::Encoded { fixed, live } => pb::Node::decode(fixed.chain(live))
+                        .map(|node| Arc::new(NodeView::from_proto(node))),
                 };
                 let node = match decoded {
                     Ok(node) => node,
@@ -592,7 +424,7 @@ impl Backlog {
     pub(crate) fn decoded(self) -> Vec<(u64, EventKind, pb::Node)> {
         self.map(|e| {
             let e = e.expect("the history decodes");
-            (e.revision, e.kind, pb::Node::clone(&e.node))
+            (e.revision, e.kind, e.node.to_proto())
         })
         .collect()
     }
@@ -601,6 +433,7 @@ impl Backlog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view::Registered;
 
     fn feed(history: usize) -> Feed {
         Feed::new(history, 16, 1, Vec::new())
@@ -612,6 +445,15 @@ mod tests {
             node_id: id.to_string(),
             address: format!("http://{id}:9000"),
             labels: [("zone".to_string(), "a".to_string())].into(),
+            capabilities: Some(pb::Capabilities::default()),
+            pool_status: live(slots_free).pool_status,
+            ..Default::default()
+        }
+    }
+
+    /// The fields of a view that no registration sets: one pool's status.
+    fn live(slots_free: u32) -> pb::Node {
+        pb::Node {
             pool_status: vec![pb::PoolStatus {
                 pool_id: "p0".into(),
                 model: "llama".into(),
@@ -623,125 +465,68 @@ mod tests {
         }
     }
 
-    /// Publishes `node` as the first registration of its id.
-    fn publish(feed: &Feed, kind: EventKind, node: pb::Node) -> Arc<pb::Node> {
-        feed.publish(kind, node, 1)
+    /// Publishes `node` with a registration of its own.
+    fn publish(feed: &Feed, kind: EventKind, node: pb::Node) -> Arc<NodeView> {
+        feed.publish(kind, NodeView::from_proto(node))
     }
 
-    /// A view with every field set, none to its default.
-    fn full_node() -> pb::Node {
-        let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 7 });
-        pb::Node {
-            node_id: "n1".into(),
-            machine_id: "m1".into(),
-            address: "http://n1:9000".into(),
-            pools: vec![pb::PoolSpec {
-                pool_id: "p0".into(),
-                model: "llama".into(),
-                gpu_indices: vec![0, 1],
-                ..Default::default()
-            }],
-            capabilities: Some(pb::Capabilities {
-                gpus: vec![pb::GpuInfo {
-                    uuid: "GPU-1".into(),
-                    name: "H100".into(),
-                    ..Default::default()
-                }],
-                cpu_cores: 96,
-                ..Default::default()
-            }),
-            agent_version: "0.1".into(),
-            labels: [("zone".to_string(), "a".to_string())].into(),
-            status: pb::NodeStatus::Offline as i32,
-            registered_at: at(1),
-            last_heartbeat_at: at(2),
-            pool_status: node("n1", 3).pool_status,
-            gpu_stats: vec![pb::GpuStats {
-                index: 1,
-                health_reasons: vec!["xid 79".into()],
-                ..Default::default()
-            }],
-            session_id: 42,
-            status_changed_at: at(3),
-            agent_time: at(4),
-            metrics_address: "http://n1:9101/metrics".into(),
-            revision: 9,
-            models_available: vec!["mistral".into()],
-            admin: Some(pb::AdminState {
-                schedulable: false,
-                ..Default::default()
-            }),
-            suspect: true,
-            suspect_reason: "registry stalled".into(),
-        }
+    /// Publishes a view of `registered` with `slots_free`.
+    fn publish_of(feed: &Feed, kind: EventKind, registered: &Arc<Registered>, slots_free: u32) {
+        feed.publish(kind, NodeView::new(registered.clone(), live(slots_free)));
     }
 
-    #[test]
-    fn the_fixed_and_live_parts_together_decode_to_the_whole_view() {
-        let view = full_node();
-        let fixed = encode_fixed(&view);
-        let KeptNode::Encoded { fixed, live } = KeptNode::encode(&view, fixed) else {
-            unreachable!("encode encodes");
-        };
-        // Each field in exactly one part: the parts add up to the whole.
-        assert_eq!(fixed.len() + live.len(), view.encoded_len());
-        assert!(!live.is_empty());
-        assert_eq!(pb::Node::decode(fixed.chain(live)).unwrap(), view);
-        // The fixed part alone is the registration's fields and nothing else.
-        let registration = pb::Node::decode(encode_fixed(&view)).unwrap();
-        assert_eq!(registration.pools, view.pools);
-        assert_eq!(registration.revision, 0);
-        assert!(registration.pool_status.is_empty() && registration.admin.is_none());
+    /// A registration of `id` at `address`.
+    fn registration(id: &str, address: &str) -> Arc<Registered> {
+        let mut node = node(id, 0);
+        node.address = address.into();
+        NodeView::from_proto(node).registered().clone()
     }
 
     /// The encoded registration fields of each history entry, as
-    /// addresses: equal where the entries share one allocation.
+    /// addresses: equal where the entries share one allocation; `None`
+    /// for a current view, not encoded.
     fn fixed_parts(feed: &Feed) -> Vec<Option<usize>> {
         feed.lock()
             .history
             .iter()
-            .map(|k| k.node.fixed().map(|f| f.as_ptr() as usize))
+            .map(|k| match &k.node {
+                KeptNode::Encoded { fixed, .. } => Some(fixed.as_ptr() as usize),
+                KeptNode::Current(_) => None,
+            })
             .collect()
     }
 
     #[test]
     fn entries_of_one_registration_share_its_encoded_fields() {
         let feed = feed(10);
-        feed.publish(EventKind::Added, node("a", 1), 7); // 2
-        feed.publish(EventKind::Modified, node("a", 2), 7); // 3
-        feed.publish(EventKind::Modified, node("a", 3), 7); // 4
-        feed.publish(EventKind::Modified, node("a", 4), 7); // 5
-        let whole =
-            |feed: &Feed, i: usize| matches!(feed.lock().history[i].node, KeptNode::Whole(_));
-        assert!(whole(&feed, 0), "the first of a run is encoded whole");
+        let old = registration("a", "http://a:9000");
+        publish_of(&feed, EventKind::Added, &old, 1); // 2
+        publish_of(&feed, EventKind::Modified, &old, 2); // 3
+        publish_of(&feed, EventKind::Modified, &old, 3); // 4
         let parts = fixed_parts(&feed);
-        assert!(parts[1].is_some(), "the second in two parts");
-        assert_eq!(parts[1], parts[2], "the third borrows them: one allocation");
-        assert_eq!(parts[3], None, "the current view holds none");
-        // Another registration starts a run of its own.
-        let mut moved = node("a", 5);
-        moved.address = "http://a-new:9000".into();
-        feed.publish(EventKind::Modified, moved.clone(), 8); // 6
-        assert_eq!(fixed_parts(&feed)[3], parts[1], "5, of 7, borrows 7's");
-        moved.pool_status[0].slots_free = 6;
-        feed.publish(EventKind::Modified, moved.clone(), 8); // 7
-        assert!(whole(&feed, 4), "6 starts 8's run");
-        moved.pool_status[0].slots_free = 7;
-        feed.publish(EventKind::Deleted, moved, 8); // 8
-        let parts = fixed_parts(&feed);
-        assert!(
-            parts[5].is_some() && parts[5] != parts[1],
-            "7 made 8's parts"
+        assert!(parts[0].is_some(), "an older view is encoded");
+        assert_eq!(
+            parts[0], parts[1],
+            "its registration's fields: one allocation"
         );
-        assert_eq!(parts[6], parts[5], "the final state borrows them");
+        assert_eq!(parts[2], None, "the current view is not encoded");
+        // Another registration has its own.
+        let new = registration("a", "http://a-new:9000");
+        publish_of(&feed, EventKind::Modified, &new, 4); // 5
+        publish_of(&feed, EventKind::Modified, &new, 5); // 6
+        publish_of(&feed, EventKind::Deleted, &new, 6); // 7
+        let parts = fixed_parts(&feed);
+        assert_eq!(parts[2], parts[0], "4 showed the old registration");
+        assert!(parts[3].is_some() && parts[3] != parts[0]);
+        assert_eq!(parts[4], parts[3]);
+        assert_eq!(parts[5], parts[3], "the final state shares them too");
         let resumed: Vec<_> = feed
             .subscribe(Start::After(1))
             .unwrap()
             .backlog
-            .map(|e| {
-                let e = e.unwrap();
-                (e.node.address.clone(), e.node.pool_status[0].slots_free)
-            })
+            .decoded()
+            .into_iter()
+            .map(|(_, _, node)| (node.address, node.pool_status[0].slots_free))
             .collect();
         let old = "http://a:9000".to_string();
         let new = "http://a-new:9000".to_string();
@@ -750,33 +535,12 @@ mod tests {
             [
                 (old.clone(), 1),
                 (old.clone(), 2),
-                (old.clone(), 3),
-                (old, 4),
+                (old, 3),
+                (new.clone(), 4),
                 (new.clone(), 5),
-                (new.clone(), 6),
-                (new, 7)
+                (new, 6)
             ]
         );
-    }
-
-    #[test]
-    fn a_view_whose_entry_left_the_history_hands_nothing_on() {
-        let one = feed(1);
-        one.publish(EventKind::Added, node("a", 1), 7); // 2
-        one.publish(EventKind::Added, node("b", 1), 7); // 3, drops 2
-        one.publish(EventKind::Modified, node("a", 2), 7); // 4, drops 3
-        assert_eq!(fixed_parts(&one), vec![None]);
-        let feed = feed(3);
-        feed.publish(EventKind::Added, node("a", 1), 7); // 2
-        feed.publish(EventKind::Added, node("b", 1), 7); // 3
-        feed.publish(EventKind::Modified, node("a", 2), 7); // 4: 2 whole
-        feed.publish(EventKind::Added, node("c", 1), 7); // 5, drops 2
-        let a4 = pb::Node::clone(&feed.lock().views["a"].view);
-        feed.publish(EventKind::Modified, node("a", 3), 7); // 6, drops 3
-        // 4's donor (2) is gone: 4 starts a new run, encoded whole.
-        assert!(matches!(feed.lock().history[0].node, KeptNode::Whole(_)));
-        let resumed = feed.subscribe(Start::After(3)).unwrap().backlog.next();
-        assert_eq!(pb::Node::clone(&resumed.unwrap().unwrap().node), a4);
     }
 
     fn held(feed: &Feed) -> Vec<(u64, bool)> {
@@ -818,7 +582,7 @@ mod tests {
             (EventKind::Deleted, "b", 5),
         ] {
             let view = publish(&feed, kind, node(id, slots));
-            published.push((view.revision, kind, pb::Node::clone(&view)));
+            published.push((view.revision(), kind, view.to_proto()));
         }
         let sub = feed.subscribe(Start::After(1)).unwrap();
         assert_eq!(sub.backlog.len(), 4);

@@ -43,6 +43,7 @@ pub mod service;
 pub mod store;
 pub mod telemetry;
 pub mod validate;
+pub mod view;
 pub mod watch;
 
 pub use config::{RevisionBase, Settings};

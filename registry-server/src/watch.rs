@@ -286,7 +286,7 @@ impl Watcher {
             Some(filter) => {
                 let node = &event.node;
                 let now_in = event.kind != EventKind::Deleted && filter.matches(node);
-                let was_in = self.held.get(&node.node_id).copied();
+                let was_in = self.held.get(node.node_id()).copied();
                 let kind = match (was_in, now_in) {
                     (Some(true), true) => event.kind,
                     (Some(false), true) => EventKind::Added,
@@ -295,18 +295,18 @@ impl Watcher {
                     (Some(true), false) => EventKind::Deleted,
                     (None, false) if !self.complete => EventKind::Deleted,
                     (Some(false) | None, false) => {
-                        self.remember(&node.node_id, false, event.kind);
+                        self.remember(node.node_id(), false, event.kind);
                         return None;
                     }
                 };
-                self.remember(&node.node_id, now_in, event.kind);
+                self.remember(node.node_id(), now_in, event.kind);
                 kind
             }
         };
         Some(pb::WatchNodesResponse {
             r#type: kind.to_proto() as i32,
             revision: event.revision,
-            node: Some(pb::Node::clone(&event.node)),
+            node: Some(event.node.to_proto()),
             registry: None,
         })
     }

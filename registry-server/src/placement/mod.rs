@@ -33,6 +33,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use registry_proto::pb;
 
 use crate::events::{Event, EventKind};
+use crate::view::NodeView;
 
 mod answer;
 mod query;
@@ -46,7 +47,7 @@ pub use query::*;
 struct PoolEntry {
     /// The node's read view from the event; labels, address, liveness and
     /// GPUs are read through it.
-    node: Arc<pb::Node>,
+    node: Arc<NodeView>,
     /// The pool's id.
     pool_id: String,
     /// Reported model, else registered: the index key.
@@ -79,15 +80,15 @@ struct PoolEntry {
 
 /// The GPU indices a pool uses: those it names plus the parents of its MIG
 /// slices (kept sorted, no repeats), and the profile its slices share.
-fn slice_gpus(node: &pb::Node, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>) {
+fn slice_gpus(node: &NodeView, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>) {
     let mut indices = spec.gpu_indices.clone();
     if spec.mig_uuids.is_empty() {
         return (indices, None);
     }
-    let gpus = node.capabilities.as_ref().map(|c| c.gpus.as_slice());
+    let gpus = &node.registration().capabilities.gpus;
     let mut profiles = Vec::new();
     for uuid in &spec.mig_uuids {
-        let found = gpus.unwrap_or_default().iter().find_map(|g| {
+        let found = gpus.iter().find_map(|g| {
             let slice = g.mig_instances.iter().find(|m| m.uuid == *uuid)?;
             Some((g.index, slice.profile.as_str()))
         });
@@ -108,8 +109,9 @@ fn slice_gpus(node: &pb::Node, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>
 }
 
 /// The pools of a node's view, with a model, merged by pool id.
-fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
+fn pools_of(node: &Arc<NodeView>) -> Vec<PoolEntry> {
     let status: HashMap<&str, &pb::PoolStatus> = node
+        .live()
         .pool_status
         .iter()
         .map(|s| (s.pool_id.as_str(), s))
@@ -123,6 +125,7 @@ fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
     };
     let state = |s: &pb::PoolStatus| pb::PoolState::try_from(s.state).ok();
     let mut pools: Vec<PoolEntry> = node
+        .registration()
         .pools
         .iter()
         .map(|spec| (spec, slice_gpus(node, spec)))
@@ -161,9 +164,15 @@ fn pools_of(node: &Arc<pb::Node>) -> Vec<PoolEntry> {
         .collect();
     // A pool reported but not registered (a handoff pool that appeared
     // between registrations) serves requests all the same.
-    let registered: HashSet<&str> = node.pools.iter().map(|p| p.pool_id.as_str()).collect();
+    let registered: HashSet<&str> = node
+        .registration()
+        .pools
+        .iter()
+        .map(|p| p.pool_id.as_str())
+        .collect();
     pools.extend(
-        node.pool_status
+        node.live()
+            .pool_status
             .iter()
             .filter(|s| !registered.contains(s.pool_id.as_str()))
             .map(|s| PoolEntry {
@@ -239,8 +248,8 @@ impl Inner {
     }
 
     /// Puts the node's current view in, its pools built beforehand.
-    fn insert(&mut self, revision: u64, node: &Arc<pb::Node>, pools: Vec<PoolEntry>) {
-        let node_id = node.node_id.clone();
+    fn insert(&mut self, revision: u64, node: &NodeView, pools: Vec<PoolEntry>) {
+        let node_id = node.node_id().to_owned();
         let mut keys = Vec::with_capacity(pools.len());
         for pool in pools {
             let key = (node_id.clone(), pool.pool_id.clone());
@@ -250,7 +259,7 @@ impl Inner {
                 .or_default()
                 .insert(key, Arc::new(pool));
         }
-        let staged: Vec<String> = node.models_available.clone();
+        let staged: Vec<String> = node.registration().models_available.clone();
         for model in &staged {
             self.staged
                 .entry(model.clone())
@@ -274,13 +283,13 @@ impl Inner {
     fn update_in_place(
         &mut self,
         revision: u64,
-        node: &pb::Node,
+        node: &NodeView,
         pools: Vec<PoolEntry>,
     ) -> Result<(), Vec<PoolEntry>> {
-        let Some(entry) = self.nodes.get_mut(&node.node_id) else {
+        let Some(entry) = self.nodes.get_mut(node.node_id()) else {
             return Err(pools);
         };
-        let same = entry.staged == node.models_available
+        let same = entry.staged == node.registration().models_available
             && entry.pools.len() == pools.len()
             && entry
                 .pools
@@ -323,24 +332,23 @@ impl Inner {
         let (mut ready, mut total, mut free) = (0u32, 0u32, 0u32);
         for pool in pools.into_iter().flat_map(|p| p.values()) {
             let node = &*pool.node;
-            let is_ready = node.status == pb::NodeStatus::Online as i32
-                && !node.suspect
+            let is_ready = node.status() == pb::NodeStatus::Online
+                && !node.live().suspect
                 && schedulable(node)
                 && unhealthy_gpu(node, &pool.gpu_indices).is_none()
                 && pool.state == Some(pb::PoolState::Ready);
-            serving.insert(node.node_id.as_str());
+            serving.insert(node.node_id());
             total = total.saturating_add(pool.slots_total);
             if is_ready {
                 ready += 1;
                 free = free.saturating_add(pool.slots_free);
             }
             listed.push(ModelPool {
-                node_id: node.node_id.clone(),
+                node_id: node.node_id().to_owned(),
                 pool_id: pool.pool_id.clone(),
                 engine: pool.engine.clone(),
                 state: pool.state,
-                node_status: pb::NodeStatus::try_from(node.status)
-                    .unwrap_or(pb::NodeStatus::Unspecified),
+                node_status: node.status(),
                 slots_total: pool.slots_total,
                 slots_free: pool.slots_free,
                 ready: is_ready,
@@ -400,7 +408,7 @@ impl PlacementIndex {
         };
         let mut inner = self.write();
         inner.revision = inner.revision.max(event.revision);
-        let node_id = event.node.node_id.as_str();
+        let node_id = event.node.node_id();
         if inner
             .nodes
             .get(node_id)
@@ -449,7 +457,7 @@ impl PlacementIndex {
             if query
                 .node_id
                 .as_ref()
-                .is_none_or(|pin| *pin == pool.node.node_id)
+                .is_none_or(|pin| pin == pool.node.node_id())
             {
                 serving += 1;
             }
@@ -457,7 +465,7 @@ impl PlacementIndex {
                 None => candidates.push(pool),
                 Some(filter) => {
                     if filter == Filter::Suspect {
-                        suspect_reason.get_or_insert(pool.node.suspect_reason.as_str());
+                        suspect_reason.get_or_insert(pool.node.live().suspect_reason.as_str());
                     }
                     if filter == Filter::GpuHealth && sick_gpu.is_none() {
                         sick_gpu = unhealthy_gpu(&pool.node, &pool.gpu_indices)
@@ -475,7 +483,7 @@ impl PlacementIndex {
                 && let Some(reason) = pools
                     .into_iter()
                     .flat_map(|p| p.values())
-                    .find(|p| p.node.node_id == *pin)
+                    .find(|p| p.node.node_id() == pin)
                     .and_then(|p| unschedulable_reason(&p.node))
             {
                 return Err(PlacementError::NodeUnavailable {
@@ -504,7 +512,7 @@ impl PlacementIndex {
             candidates: candidates
                 .into_iter()
                 .map(|p| Candidate {
-                    node_id: p.node.node_id.clone(),
+                    node_id: p.node.node_id().to_owned(),
                     pool_id: p.pool_id.clone(),
                     endpoint: p.endpoint.clone(),
                     model: p.model.clone(),
@@ -512,8 +520,8 @@ impl PlacementIndex {
                     slots_free: p.slots_free,
                     slots_total: p.slots_total,
                     vram_free_bytes: p.vram_free_bytes,
-                    node_address: p.node.address.clone(),
-                    labels: p.node.labels.clone(),
+                    node_address: p.node.registration().address.clone(),
+                    labels: p.node.registration().labels.clone(),
                     mig_uuids: p.mig_uuids.clone(),
                     mig_profile: p.mig_profile.clone().unwrap_or_default(),
                 })
@@ -555,7 +563,7 @@ fn rank(a: &PoolEntry, b: &PoolEntry) -> Ordering {
         (
             Reverse(p.vram_free_bytes),
             Reverse(p.slots_free),
-            p.node.node_id.as_str(),
+            p.node.node_id(),
             p.pool_id.as_str(),
         )
     }
@@ -654,12 +662,13 @@ pub(crate) mod testing {
         })
     }
 
-    /// An event of `kind` at `revision` for `node`.
+    /// An event of `kind` at `revision` for `node`, split into the view
+    /// the registry publishes.
     pub fn event(revision: u64, kind: EventKind, node: Arc<pb::Node>) -> Event {
         Event {
             revision,
             kind,
-            node,
+            node: Arc::new(NodeView::from_proto(pb::Node::clone(&node))),
         }
     }
 }

@@ -9,6 +9,7 @@ use registry_proto::pb;
 use registry_proto::rules::{self, Field};
 
 use super::PoolEntry;
+use crate::view::NodeView;
 
 /// Candidates returned when the request asks for none in particular.
 pub const DEFAULT_LIMIT: usize = 1;
@@ -24,15 +25,15 @@ pub const MAX_EXCLUDED: usize = 1000;
 /// (`AdminState.schedulable`). A view without admin state (none set yet)
 /// is schedulable. The one place placement reads admin state; the
 /// [`Filter::Schedulable`] reason fires for such a node.
-pub fn schedulable(node: &pb::Node) -> bool {
-    node.admin.as_ref().is_none_or(|a| a.schedulable)
+pub fn schedulable(node: &NodeView) -> bool {
+    node.live().admin.as_ref().is_none_or(|a| a.schedulable)
 }
 
 /// Why an unschedulable node takes no new work, for the pinned-node
 /// answer ("node unavailable: cordoned ..." / "draining ..."); `None`
 /// when it is schedulable.
-pub fn unschedulable_reason(node: &pb::Node) -> Option<String> {
-    let admin = node.admin.as_ref().filter(|a| !a.schedulable)?;
+pub fn unschedulable_reason(node: &NodeView) -> Option<String> {
+    let admin = node.live().admin.as_ref().filter(|a| !a.schedulable)?;
     let why = |reason: &str| {
         if reason.is_empty() {
             String::new()
@@ -43,12 +44,12 @@ pub fn unschedulable_reason(node: &pb::Node) -> Option<String> {
     Some(match &admin.drain {
         Some(drain) => format!(
             "draining: node {} is being drained{} and takes no new work",
-            node.node_id,
+            node.node_id(),
             why(&drain.reason)
         ),
         None => format!(
             "cordoned: node {} is cordoned{} and takes no new work",
-            node.node_id,
+            node.node_id(),
             why(&admin.cordon_reason)
         ),
     })
@@ -60,8 +61,8 @@ pub fn unschedulable_reason(node: &pb::Node) -> Option<String> {
 /// when all are usable. DEGRADED and unreported (UNSPECIFIED) GPUs are
 /// usable. The one place placement reads GPU health; the
 /// [`Filter::GpuHealth`] reason fires for such a pool.
-pub fn unhealthy_gpu<'n>(node: &'n pb::Node, indices: &[u32]) -> Option<&'n pb::GpuStats> {
-    node.gpu_stats.iter().find(|g| {
+pub fn unhealthy_gpu<'n>(node: &'n NodeView, indices: &[u32]) -> Option<&'n pb::GpuStats> {
+    node.live().gpu_stats.iter().find(|g| {
         g.health == pb::GpuHealth::Unhealthy as i32
             && (indices.is_empty() || indices.contains(&g.index))
     })
@@ -69,17 +70,19 @@ pub fn unhealthy_gpu<'n>(node: &'n pb::Node, indices: &[u32]) -> Option<&'n pb::
 
 /// An UNHEALTHY GPU in words, naming it by index, UUID and node, with its
 /// reasons: "GPU 1 (GPU-8f6c...) of node gpu-7 is UNHEALTHY: xid 79 (...)".
-pub fn unhealthy_gpu_reason(node: &pb::Node, gpu: &pb::GpuStats) -> String {
+pub fn unhealthy_gpu_reason(node: &NodeView, gpu: &pb::GpuStats) -> String {
     let uuid = node
+        .registration()
         .capabilities
-        .as_ref()
-        .and_then(|c| c.gpus.iter().find(|g| g.index == gpu.index))
+        .gpus
+        .iter()
+        .find(|g| g.index == gpu.index)
         .map(|g| format!(" ({})", g.uuid))
         .unwrap_or_default();
     format!(
         "GPU {}{uuid} of node {} is UNHEALTHY: {}",
         gpu.index,
-        node.node_id,
+        node.node_id(),
         gpu.health_reasons.join("; ")
     )
 }
@@ -236,21 +239,22 @@ impl PlacementQuery {
         if self
             .node_id
             .as_ref()
-            .is_some_and(|pin| *pin != node.node_id)
+            .is_some_and(|pin| pin != node.node_id())
         {
             return Some(Filter::PinnedNode);
         }
-        if self.exclude.contains(&node.node_id) {
+        if self.exclude.contains(node.node_id()) {
             return Some(Filter::Excluded);
         }
         if self.engine.as_ref().is_some_and(|e| *e != pool.engine) {
             return Some(Filter::Engine);
         }
-        if !self
-            .labels
-            .iter()
-            .all(|(k, v)| node.labels.get(k).is_some_and(|have| have == v))
-        {
+        if !self.labels.iter().all(|(k, v)| {
+            node.registration()
+                .labels
+                .get(k)
+                .is_some_and(|have| have == v)
+        }) {
             return Some(Filter::Labels);
         }
         if self.gpu_name.is_some() || self.min_compute_capability.is_some() {
@@ -277,10 +281,10 @@ impl PlacementQuery {
         {
             return Some(Filter::MigProfile);
         }
-        if node.status != pb::NodeStatus::Online as i32 {
+        if node.status() != pb::NodeStatus::Online {
             return Some(Filter::Online);
         }
-        if node.suspect {
+        if node.live().suspect {
             return Some(Filter::Suspect);
         }
         if !schedulable(node) {
@@ -367,9 +371,10 @@ fn parse_compute_capability(cc: &str) -> Option<(u32, u32)> {
 
 /// The GPUs a pool runs on: those its `gpu_indices` name, or every GPU of
 /// the node when it names none.
-fn pool_gpus<'n>(node: &'n pb::Node, indices: &[u32]) -> Vec<&'n pb::GpuInfo> {
-    let gpus = node.capabilities.as_ref().map(|c| c.gpus.as_slice());
-    gpus.unwrap_or_default()
+fn pool_gpus<'n>(node: &'n NodeView, indices: &[u32]) -> Vec<&'n pb::GpuInfo> {
+    node.registration()
+        .capabilities
+        .gpus
         .iter()
         .filter(|g| indices.is_empty() || indices.contains(&g.index))
         .collect()

@@ -7,6 +7,7 @@
 //! It takes the map's read lock and every node's lock in turn (O(n)); it is
 //! not meant for a serving registry's hot paths.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use registry_proto::pb;
@@ -92,9 +93,12 @@ impl Registry {
             }
             cordoned += i64::from(st.admin.cordoned);
             draining += i64::from(st.admin.drain.is_some());
-            let view = &st.view;
             let status = st.liveness.to_proto();
-            if view.node_id != **id
+            if !Arc::ptr_eq(st.view.registered(), &st.registration) {
+                return fail("published view shows another registration than the state's".into());
+            }
+            let view = st.view.live();
+            if st.view.node_id() != &**id
                 || view.status() != status
                 || view.session_id != st.session_id
                 || view.admin.as_ref() != Some(&st.admin)
@@ -102,7 +106,7 @@ impl Registry {
                 return fail(format!(
                     "published view ({}, {:?}, session {}, admin {:?}) disagrees with the state \
                      ({status:?}, session {}, admin {:?})",
-                    view.node_id,
+                    st.view.node_id(),
                     view.status(),
                     view.session_id,
                     view.admin,

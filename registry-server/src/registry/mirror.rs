@@ -176,7 +176,7 @@ impl Registry {
         for record in loaded.nodes {
             let id = record.registration.node_id.clone();
             let unchanged = self.view(&id).is_some_and(|view| {
-                view.session_id == record.session_id && self.same_record(&id, &record)
+                view.live().session_id == record.session_id && self.same_record(&id, &record)
             });
             if !unchanged {
                 self.mirror_put_node(record, now);
@@ -247,7 +247,7 @@ impl Registry {
             && st.session_id == record.session_id
             && st.secret_sha256 == record.secret_sha256
             && st.registered_at == record.registered_at
-            && st.registration == record.registration
+            && **st.registration == record.registration
     }
 }
 

@@ -322,11 +322,8 @@ impl Registry {
     /// the feed publish it at the next revision, and keeps it on the node.
     /// Call under the node's lock (lock order map → node → feed).
     fn publish(&self, st: &mut NodeState, kind: EventKind) -> u64 {
-        let view = self
-            .shared
-            .feed
-            .publish(kind, st.to_proto(), st.registration_number);
-        let revision = view.revision;
+        let view = self.shared.feed.publish(kind, st.new_view());
+        let revision = view.revision();
         st.view = view;
         revision
     }

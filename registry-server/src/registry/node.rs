@@ -1,7 +1,6 @@
 //! One node: its slot in the map, its lock-protected state, the proto view
 //! of that state and ListNodes filter matching.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
@@ -12,6 +11,7 @@ use tokio::time::Instant;
 use super::Registration;
 use super::stats::PoolTally;
 use crate::schedule::Key;
+use crate::view::{NodeView, Registered};
 
 /// How far a pool's free VRAM may move from the published figure before a
 /// heartbeat counts as a change (512 MiB): smaller moves are noise of the
@@ -53,23 +53,21 @@ pub struct NodeFilter {
 impl NodeFilter {
     /// Whether the node's read view passes every filter that is set. Views
     /// are what readers see, so ListNodes, GetNode and WatchNodes agree.
-    pub fn matches(&self, node: &pb::Node) -> bool {
-        if self
-            .status
-            .is_some_and(|s| s.to_proto() as i32 != node.status)
-        {
+    pub fn matches(&self, view: &NodeView) -> bool {
+        let (node, live) = (view.registration(), view.live());
+        if self.status.is_some_and(|s| s.to_proto() != view.status()) {
             return false;
         }
         if let Some(pool_id) = &self.pool_id {
             let registered = node.pools.iter().any(|p| &p.pool_id == pool_id);
-            let reported = node.pool_status.iter().any(|p| &p.pool_id == pool_id);
+            let reported = live.pool_status.iter().any(|p| &p.pool_id == pool_id);
             if !registered && !reported {
                 return false;
             }
         }
         if let Some(model) = &self.model {
             let registered = node.pools.iter().any(|p| &p.model == model);
-            let reported = node.pool_status.iter().any(|p| &p.model == model);
+            let reported = live.pool_status.iter().any(|p| &p.model == model);
             if !registered && !reported {
                 return false;
             }
@@ -129,7 +127,7 @@ impl NodeSlot {
 /// turned into the reader's copy after it.
 pub(super) struct Reading {
     /// The published view.
-    view: Arc<pb::Node>,
+    view: Arc<NodeView>,
     /// Wall-clock time of the latest sign of life.
     last_heartbeat_at: DateTime<Utc>,
     /// The agent's clock in its latest heartbeat.
@@ -141,7 +139,7 @@ pub(super) struct Reading {
 impl Reading {
     /// The reader's copy: the view with the liveness fields patched in.
     pub(super) fn into_node(self) -> pb::Node {
-        let mut node = pb::Node::clone(&self.view);
+        let mut node = self.view.to_proto();
         node.last_heartbeat_at = Some(to_proto_timestamp(self.last_heartbeat_at));
         node.agent_time = self.agent_time.map(to_proto_timestamp);
         if let Some(gpu_stats) = self.gpu_stats {
@@ -151,17 +149,11 @@ impl Reading {
     }
 }
 
-/// A number for a registration just taken, unique in the process (a node
-/// removed and registered again must not reuse its old one).
-fn next_registration() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
 /// Everything about a node that changes, guarded by [`NodeSlot::state`].
 pub(super) struct NodeState {
-    /// The latest accepted registration.
-    pub(super) registration: Registration,
+    /// The latest accepted registration, shared with the node's views
+    /// (set it with [`NodeState::set_registration`]).
+    pub(super) registration: Arc<Registered>,
     /// The current session; streams naming another one are refused.
     pub(super) session_id: u64,
     /// SHA-256 of the current session's secret, known only to the
@@ -197,12 +189,7 @@ pub(super) struct NodeState {
     /// The read view published at the node's latest visible change (its
     /// `revision` says which), shared by GetNode, ListNodes and the watch
     /// events; rebuilt only when a reader can see a change.
-    pub(super) view: Arc<pb::Node>,
-    /// Which registration `registration` is, unique in the process (see
-    /// [`next_registration`]); the change feed's history shares the encoded
-    /// registration fields between views that carry the same number.
-    /// [`NodeState::set_registration`] takes a new one.
-    pub(super) registration_number: u64,
+    pub(super) view: Arc<NodeView>,
     /// What operators asked of the node (cordon, drain); kept across
     /// re-registrations.
     pub(super) admin: pb::AdminState,
@@ -247,7 +234,9 @@ impl NodeState {
         now: Instant,
         wall: DateTime<Utc>,
     ) -> Self {
+        let registration = Registered::new(registration);
         Self {
+            view: Arc::new(NodeView::new(registration.clone(), pb::Node::default())),
             registration,
             session_id,
             secret_sha256,
@@ -262,8 +251,6 @@ impl NodeState {
             gpu_stats: Vec::new(),
             wakeup: None,
             removed: false,
-            view: Arc::default(),
-            registration_number: next_registration(),
             admin: pb::AdminState {
                 schedulable: true,
                 ..pb::AdminState::default()
@@ -298,18 +285,19 @@ impl NodeState {
         state
     }
 
-    /// Takes `registration` as the node's, under a new number. Setting
-    /// `registration` any other way would have the watch history encode
-    /// later views with the old registration's fields.
+    /// Takes `registration` as the node's; views published from now on
+    /// show it. The same registration again (an agent reconnecting) keeps
+    /// the shared one, so its views and history entries go on sharing it.
     pub(super) fn set_registration(&mut self, registration: Registration) {
-        self.registration = registration;
-        self.registration_number = next_registration();
+        if **self.registration != registration {
+            self.registration = Registered::new(registration);
+        }
     }
 
     /// The node's durable record, as the store keeps it.
     pub(super) fn record(&self) -> crate::store::NodeRecord {
         crate::store::NodeRecord {
-            registration: self.registration.clone(),
+            registration: Registration::clone(&self.registration),
             session_id: self.session_id,
             secret_sha256: self.secret_sha256,
             registered_at: self.registered_at,
@@ -367,7 +355,7 @@ impl NodeState {
     /// slots, model or engine, or free VRAM moving by more than
     /// [`VRAM_STEP`] from the published figure.
     pub(super) fn pools_changed(&self, pools: &[pb::PoolStatus]) -> bool {
-        let published = &self.view.pool_status;
+        let published = &self.view.live().pool_status;
         if published.len() != pools.len() {
             return true;
         }
@@ -395,7 +383,7 @@ impl NodeState {
         if gpus.is_empty() {
             return false;
         }
-        let published = &self.view.gpu_stats;
+        let published = &self.view.live().gpu_stats;
         published.len() != gpus.len()
             || published.iter().zip(gpus).any(|(old, new)| {
                 old.index != new.index
@@ -404,32 +392,27 @@ impl NodeState {
             })
     }
 
-    /// The node as the contract describes it, built afresh; only the
-    /// publish path calls it (which also stamps the revision).
-    pub(super) fn to_proto(&self) -> pb::Node {
-        let reg = &self.registration;
-        pb::Node {
-            node_id: reg.node_id.clone(),
-            machine_id: reg.machine_id.clone(),
-            address: reg.address.clone(),
-            pools: reg.pools.clone(),
-            capabilities: Some(reg.capabilities.clone()),
-            agent_version: reg.agent_version.clone(),
-            metrics_address: reg.metrics_address.clone(),
-            models_available: reg.models_available.clone(),
-            labels: reg.labels.clone(),
-            status: self.liveness.to_proto() as i32,
-            registered_at: Some(to_proto_timestamp(self.registered_at)),
-            last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
-            pool_status: self.pool_status.clone(),
-            gpu_stats: self.gpu_stats.clone(),
-            session_id: self.session_id,
-            status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
-            agent_time: self.agent_time.map(to_proto_timestamp),
-            revision: 0,
-            admin: Some(self.admin.clone()),
-            suspect: self.suspect.is_some(),
-            suspect_reason: self.suspect.clone().unwrap_or_default(),
-        }
+    /// The node's view as it is now: its shared registration and the
+    /// fields of this change, built afresh (no copy of the registration);
+    /// only the publish path calls it (which also stamps the revision).
+    pub(super) fn new_view(&self) -> NodeView {
+        NodeView::new(
+            self.registration.clone(),
+            pb::Node {
+                status: self.liveness.to_proto() as i32,
+                registered_at: Some(to_proto_timestamp(self.registered_at)),
+                last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
+                pool_status: self.pool_status.clone(),
+                gpu_stats: self.gpu_stats.clone(),
+                session_id: self.session_id,
+                status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
+                agent_time: self.agent_time.map(to_proto_timestamp),
+                revision: 0,
+                admin: Some(self.admin.clone()),
+                suspect: self.suspect.is_some(),
+                suspect_reason: self.suspect.clone().unwrap_or_default(),
+                ..pb::Node::default()
+            },
+        )
     }
 }

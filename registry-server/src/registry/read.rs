@@ -11,6 +11,7 @@ use super::Registry;
 use super::node::NodeFilter;
 use super::sessions::not_found;
 use crate::error::RegistryError;
+use crate::view::NodeView;
 
 /// One ListNodes page.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +38,7 @@ impl Registry {
 
     /// The shared read view of one node (its latest published change), or
     /// None when it is not listed.
-    pub fn view(&self, node_id: &str) -> Option<Arc<pb::Node>> {
+    pub fn view(&self, node_id: &str) -> Option<Arc<NodeView>> {
         let nodes = self.read_nodes();
         let st = nodes.get(node_id)?.lock();
         (!st.removed).then(|| st.view.clone())

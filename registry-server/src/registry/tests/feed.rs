@@ -26,7 +26,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .iter()
-            .map(|e| (e.revision, e.kind, e.node.node_id.clone()))
+            .map(|e| (e.revision, e.kind, e.node.node_id().to_owned()))
             .collect()
     }
 
@@ -217,11 +217,11 @@ async fn readers_and_events_share_one_view() {
         Arc::ptr_eq(&view, &event.node),
         "the event carries the stored view"
     );
-    assert_eq!(view.revision, event.revision);
+    assert_eq!(view.revision(), event.revision);
     let page = registry.list_page(&NodeFilter::default(), 0, "");
     assert_eq!(page.revision, 1);
     let mut listed = page.nodes[0].clone();
-    let mut stored = pb::Node::clone(&view);
+    let mut stored = view.to_proto();
     // Only the liveness fields are patched at read time.
     listed.last_heartbeat_at = None;
     listed.agent_time = None;
@@ -330,7 +330,7 @@ async fn a_resume_gets_each_view_with_the_registration_it_had() {
         .lock()
         .unwrap()
         .iter()
-        .map(|e| (e.revision, e.kind, pb::Node::clone(&e.node)))
+        .map(|e| (e.revision, e.kind, e.node.to_proto()))
         .collect();
     let addresses: Vec<_> = published
         .iter()
@@ -351,6 +351,49 @@ async fn a_resume_gets_each_view_with_the_registration_it_had() {
     // decodes to exactly the view that was published.
     let resumed = registry.feed().subscribe(Start::After(0)).unwrap().backlog;
     assert_eq!(resumed.decoded(), published);
+}
+
+#[tokio::test(start_paused = true)]
+async fn views_share_the_registration_until_it_changes() {
+    let (registry, recorder, _stop) = recorded(100);
+    let first = registry.register(registration("n1"), Now::read()).unwrap();
+    let slot = registry
+        .attach("n1", first.session_id, &first.session_secret)
+        .unwrap();
+    registry
+        .heartbeat(
+            &slot,
+            first.session_id,
+            beat_with(pool(pb::PoolState::Ready, 3, GIB)),
+            Instant::now(),
+        )
+        .unwrap();
+    // The same agent registers again with the same fields (a reconnect),
+    // then with another address.
+    let again = registry.register(registration("n1"), Now::read()).unwrap();
+    let mut moved = registration("n1");
+    moved.address = "http://n1-new:9200".into();
+    registry.register(moved, Now::read()).unwrap();
+    let events = recorder.events.lock().unwrap().clone();
+    assert_eq!(events.len(), 4, "added, the beat, two re-registrations");
+    let shared = |a: &Event, b: &Event| Arc::ptr_eq(a.node.registered(), b.node.registered());
+    assert!(
+        shared(&events[0], &events[1]),
+        "a beat's view does not copy the registration"
+    );
+    assert!(
+        shared(&events[1], &events[2]),
+        "an equal registration keeps the shared one"
+    );
+    assert_eq!(events[2].node.live().session_id, again.session_id);
+    assert!(
+        !shared(&events[2], &events[3]),
+        "a new one is taken as such"
+    );
+    assert_eq!(events[3].node.registration().address, "http://n1-new:9200");
+    let view = registry.view("n1").unwrap();
+    assert!(Arc::ptr_eq(view.registered(), events[3].node.registered()));
+    assert_eq!(registry.get("n1").unwrap().address, "http://n1-new:9200");
 }
 
 /// GPU figures for GPU 0 at `health` for `reasons`, `temp` degrees.
@@ -401,10 +444,10 @@ async fn a_change_of_gpu_health_is_an_event_and_raw_figures_are_not() {
     let event = recorder.last();
     assert_eq!(event.kind, EventKind::Modified);
     assert_eq!(
-        event.node.gpu_stats[0].health,
+        event.node.live().gpu_stats[0].health,
         pb::GpuHealth::Unhealthy as i32
     );
-    assert_eq!(event.node.gpu_stats[0].health_reasons, [xid]);
+    assert_eq!(event.node.live().gpu_stats[0].health_reasons, [xid]);
     assert_eq!(
         (
             gauge(pb::GpuHealth::Healthy),

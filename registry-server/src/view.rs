@@ -1,0 +1,355 @@
+//! A node's read view: what GetNode, ListNodes, the watch feed and the
+//! placement index see of a node at one revision.
+//!
+//! A view is two parts. The fields a registration sets (ids, address,
+//! pools, GPUs, labels: ~3.5 KiB on the heap at 8 GPUs and 2 pools, ~1.5
+//! KiB encoded) are the node's [`Registered`], one `Arc` shared by the node's
+//! state and every view of that registration. The rest (liveness, pool
+//! status, GPU health, admin state, timestamps, revision) is built per
+//! change. So a heartbeat that moves a pool's free slots builds and later
+//! drops only the small part, and the registration is held once per node,
+//! not once more in its view; readers that need the whole contract message
+//! put it together ([`NodeView::to_proto`]), as they copied it before.
+
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use prost::Message;
+use registry_proto::pb;
+
+use crate::registry::Registration;
+
+/// A node's registration as the registry holds it, shared by the node and
+/// its views.
+#[derive(Debug)]
+pub struct Registered {
+    /// The validated registration.
+    registration: Registration,
+    /// [`Registered::encoded`], made the first time the watch history keeps
+    /// a view of this registration, then shared by all its entries.
+    encoded: OnceLock<Bytes>,
+}
+
+impl Registered {
+    /// Shares `registration`.
+    pub fn new(registration: Registration) -> Arc<Self> {
+        Arc::new(Self {
+            registration,
+            encoded: OnceLock::new(),
+        })
+    }
+
+    /// The registration's fields as a protobuf `Node` message holding only
+    /// them, encoded once: the watch history keeps an older view as this
+    /// followed by the view's own part ([`NodeView::encode_live`]);
+    /// protobuf allows a message's fields to come split over concatenated
+    /// pieces, so the two decode as the whole view.
+    pub fn encoded(&self) -> &Bytes {
+        self.encoded.get_or_init(|| {
+            let mut fields = pb::Node::default();
+            self.put_into(&mut fields);
+            Bytes::from(fields.encode_to_vec())
+        })
+    }
+
+    /// Writes the registration's fields into `node`.
+    fn put_into(&self, node: &mut pb::Node) {
+        // Every field is named, here and in `NodeView::to_proto` and
+        // `NodeView::from_proto`, so a field added to the contract or to
+        // the registration does not compile until it is given its part.
+        let Registration {
+            node_id,
+            machine_id,
+            address,
+            pools,
+            capabilities,
+            agent_version,
+            metrics_address,
+            models_available,
+            labels,
+        } = &self.registration;
+        node.node_id = node_id.clone();
+        node.machine_id = machine_id.clone();
+        node.address = address.clone();
+        node.pools = pools.clone();
+        node.capabilities = Some(capabilities.clone());
+        node.agent_version = agent_version.clone();
+        node.metrics_address = metrics_address.clone();
+        node.models_available = models_available.clone();
+        node.labels = labels.clone();
+    }
+}
+
+impl Deref for Registered {
+    type Target = Registration;
+
+    fn deref(&self) -> &Registration {
+        &self.registration
+    }
+}
+
+/// A node's view at one revision: its shared registration and the fields
+/// of this change.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    /// The registration the view shows, shared.
+    registered: Arc<Registered>,
+    /// The fields no registration sets (status, timestamps, pool status,
+    /// GPU figures, session, revision, admin state, suspicion); the
+    /// registration's fields are left empty here.
+    live: pb::Node,
+}
+
+impl NodeView {
+    /// The view of `registered` with `live`'s other fields. `live` must
+    /// leave every registration field empty: they are taken from
+    /// `registered`, and a set one would be sent twice.
+    pub fn new(registered: Arc<Registered>, live: pb::Node) -> Self {
+        debug_assert_eq!(
+            live.encoded_len(),
+            live_fields(&live).encoded_len(),
+            "a view's own part sets a registration field"
+        );
+        Self { registered, live }
+    }
+
+    /// The registration the view shows.
+    pub fn registration(&self) -> &Registration {
+        &self.registered
+    }
+
+    /// The shared registration, to compare identity or reuse.
+    pub fn registered(&self) -> &Arc<Registered> {
+        &self.registered
+    }
+
+    /// The fields no registration sets; its registration fields are empty.
+    pub fn live(&self) -> &pb::Node {
+        &self.live
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.registered.node_id
+    }
+
+    /// The revision of the change this view was published at (0 before).
+    pub fn revision(&self) -> u64 {
+        self.live.revision
+    }
+
+    /// Stamps the revision the feed publishes the view at.
+    pub(crate) fn set_revision(&mut self, revision: u64) {
+        self.live.revision = revision;
+    }
+
+    /// The node's liveness as the contract reports it.
+    pub fn status(&self) -> pb::NodeStatus {
+        self.live.status()
+    }
+
+    /// The whole contract message (a deep copy), for a reader's response.
+    pub fn to_proto(&self) -> pb::Node {
+        let mut node = self.live.clone();
+        self.registered.put_into(&mut node);
+        node
+    }
+
+    /// Splits a whole contract message into a view with a registration of
+    /// its own (decoded history entries, tests).
+    pub fn from_proto(node: pb::Node) -> Self {
+        let pb::Node {
+            node_id,
+            machine_id,
+            address,
+            pools,
+            capabilities,
+            agent_version,
+            labels,
+            status,
+            registered_at,
+            last_heartbeat_at,
+            pool_status,
+            gpu_stats,
+            session_id,
+            status_changed_at,
+            agent_time,
+            metrics_address,
+            revision,
+            models_available,
+            admin,
+            suspect,
+            suspect_reason,
+        } = node;
+        let registered = Registered::new(Registration {
+            node_id,
+            machine_id,
+            address,
+            pools,
+            capabilities: capabilities.unwrap_or_default(),
+            agent_version,
+            metrics_address,
+            models_available,
+            labels,
+        });
+        Self::new(
+            registered,
+            pb::Node {
+                status,
+                registered_at,
+                last_heartbeat_at,
+                pool_status,
+                gpu_stats,
+                session_id,
+                status_changed_at,
+                agent_time,
+                revision,
+                admin,
+                suspect,
+                suspect_reason,
+                ..pb::Node::default()
+            },
+        )
+    }
+
+    /// The view's own fields, encoded: what the watch history adds per
+    /// change to the registration's shared [`Registered::encoded`].
+    pub fn encode_live(&self) -> Bytes {
+        Bytes::from(self.live.encode_to_vec())
+    }
+}
+
+/// A copy of the fields of `node` that no registration sets, the others
+/// left empty.
+fn live_fields(node: &pb::Node) -> pb::Node {
+    let pb::Node {
+        node_id: _,
+        machine_id: _,
+        address: _,
+        pools: _,
+        capabilities: _,
+        agent_version: _,
+        labels: _,
+        status,
+        registered_at,
+        last_heartbeat_at,
+        pool_status,
+        gpu_stats,
+        session_id,
+        status_changed_at,
+        agent_time,
+        metrics_address: _,
+        revision,
+        models_available: _,
+        admin,
+        suspect,
+        suspect_reason,
+    } = node;
+    pb::Node {
+        status: *status,
+        registered_at: *registered_at,
+        last_heartbeat_at: *last_heartbeat_at,
+        pool_status: pool_status.clone(),
+        gpu_stats: gpu_stats.clone(),
+        session_id: *session_id,
+        status_changed_at: *status_changed_at,
+        agent_time: *agent_time,
+        revision: *revision,
+        admin: admin.clone(),
+        suspect: *suspect,
+        suspect_reason: suspect_reason.clone(),
+        ..pb::Node::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Buf;
+
+    /// A view with every field set, none to its default.
+    fn whole() -> pb::Node {
+        let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 7 });
+        pb::Node {
+            node_id: "n1".into(),
+            machine_id: "m1".into(),
+            address: "http://n1:9000".into(),
+            pools: vec![pb::PoolSpec {
+                pool_id: "p0".into(),
+                model: "llama".into(),
+                gpu_indices: vec![0, 1],
+                ..Default::default()
+            }],
+            capabilities: Some(pb::Capabilities {
+                gpus: vec![pb::GpuInfo {
+                    uuid: "GPU-1".into(),
+                    name: "H100".into(),
+                    ..Default::default()
+                }],
+                cpu_cores: 96,
+                ..Default::default()
+            }),
+            agent_version: "0.1".into(),
+            labels: [("zone".to_string(), "a".to_string())].into(),
+            status: pb::NodeStatus::Offline as i32,
+            registered_at: at(1),
+            last_heartbeat_at: at(2),
+            pool_status: vec![pb::PoolStatus {
+                pool_id: "p0".into(),
+                slots_free: 3,
+                ..Default::default()
+            }],
+            gpu_stats: vec![pb::GpuStats {
+                index: 1,
+                health_reasons: vec!["xid 79".into()],
+                ..Default::default()
+            }],
+            session_id: 42,
+            status_changed_at: at(3),
+            agent_time: at(4),
+            metrics_address: "http://n1:9101/metrics".into(),
+            revision: 12,
+            models_available: vec!["mistral".into()],
+            admin: Some(pb::AdminState {
+                schedulable: false,
+                ..Default::default()
+            }),
+            suspect: true,
+            suspect_reason: "registry stalled".into(),
+        }
+    }
+
+    #[test]
+    fn a_split_view_puts_the_whole_message_back_together() {
+        let view = NodeView::from_proto(whole());
+        assert_eq!(view.to_proto(), whole());
+        assert_eq!(view.node_id(), "n1");
+        assert_eq!(view.revision(), 12);
+        assert!(view.live().node_id.is_empty() && view.live().pools.is_empty());
+    }
+
+    #[test]
+    fn the_two_encoded_parts_decode_as_the_whole_view() {
+        let view = NodeView::from_proto(whole());
+        let fixed = view.registered().encoded().clone();
+        let live = view.encode_live();
+        // Each field in exactly one part: the parts add up to the whole.
+        assert_eq!(fixed.len() + live.len(), whole().encoded_len());
+        assert!(!live.is_empty());
+        assert_eq!(pb::Node::decode(fixed.chain(live)).unwrap(), whole());
+        // The registration's part alone holds its fields and nothing else.
+        let registration = pb::Node::decode(view.registered().encoded().clone()).unwrap();
+        assert_eq!(registration.pools, whole().pools);
+        assert_eq!(registration.revision, 0);
+        assert!(registration.pool_status.is_empty() && registration.admin.is_none());
+    }
+
+    #[test]
+    fn the_registration_is_encoded_once_and_shared() {
+        let view = NodeView::from_proto(whole());
+        let a = view.registered().encoded().clone();
+        let b = view.clone().registered().encoded().clone();
+        assert_eq!(a.as_ptr(), b.as_ptr());
+    }
+}
