@@ -3,7 +3,7 @@
 //! copied) by everything downstream: the watch history and watchers, the
 //! placement index, and later the durable store and agent commands.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -136,7 +136,7 @@ struct FeedState {
     /// Every listed node's latest view by node_id, so a snapshot is exact
     /// at one revision without locking the nodes (which would invert the
     /// lock order).
-    views: BTreeMap<String, Arc<NodeView>>,
+    views: HashMap<String, Arc<NodeView>>,
 }
 
 impl Feed {
@@ -153,7 +153,7 @@ impl Feed {
             revision: AtomicU64::new(first_revision),
             state: Mutex::new(FeedState {
                 history: VecDeque::with_capacity(history_len.min(1 << 16)),
-                views: BTreeMap::new(),
+                views: HashMap::new(),
             }),
             live,
             subscribers,
@@ -224,13 +224,15 @@ impl Feed {
     }
 
     /// Starts a watcher at `start`: the backlog and the live receiver are
-    /// taken under one lock, so they join without gap or duplicate.
+    /// taken under one lock, so they join without gap or duplicate (a
+    /// snapshot is then put in order outside it).
     pub fn subscribe(&self, start: Start) -> Result<Subscription, StartError> {
         let state = self.lock();
         let current = self.revision.load(Ordering::Relaxed);
+        let live = self.live.subscribe();
         let backlog = match start {
-            Start::Snapshot => Backlog::Views(
-                state
+            Start::Snapshot => {
+                let mut views: Vec<Event> = state
                     .views
                     .values()
                     .map(|view| Event {
@@ -238,9 +240,14 @@ impl Feed {
                         kind: EventKind::Added,
                         node: view.clone(),
                     })
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            ),
+                    .collect();
+                drop(state);
+                // The map has no order (a hash map: a publish finds the
+                // node's entry without comparing ids); the snapshot lists
+                // nodes by id, sorted with the lock released.
+                views.sort_unstable_by(|a, b| a.node.node_id().cmp(b.node.node_id()));
+                Backlog::Views(views.into_iter())
+            }
             Start::After(requested) => {
                 if requested > current {
                     return Err(StartError::Future { requested, current });
@@ -272,7 +279,7 @@ impl Feed {
         Ok(Subscription {
             backlog,
             revision: current,
-            live: self.live.subscribe(),
+            live,
         })
     }
 

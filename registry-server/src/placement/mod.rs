@@ -27,7 +27,7 @@
 //! `(node_id, pool_id)` ascending, so equal pools are always ranked alike.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use registry_proto::pb;
@@ -110,12 +110,20 @@ fn slice_gpus(node: &NodeView, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>
 
 /// The pools of a node's view, with a model, merged by pool id.
 fn pools_of(node: &Arc<NodeView>) -> Vec<PoolEntry> {
-    let status: HashMap<&str, &pb::PoolStatus> = node
-        .live()
-        .pool_status
-        .iter()
-        .map(|s| (s.pool_id.as_str(), s))
-        .collect();
+    let reported = &node.live().pool_status;
+    let specs = &node.registration().pools;
+    // Agents report pools in the order they registered them: the same
+    // position is tried first, so a node's pools match in one pass.
+    let status_of = |i: usize, pool_id: &str| {
+        reported
+            .get(i)
+            .filter(|s| s.pool_id == pool_id)
+            .or_else(|| reported.iter().find(|s| s.pool_id == pool_id))
+    };
+    let is_registered = |i: usize, pool_id: &str| {
+        specs.get(i).is_some_and(|p| p.pool_id == pool_id)
+            || specs.iter().any(|p| p.pool_id == pool_id)
+    };
     let or = |reported: &str, registered: &str| {
         if reported.is_empty() {
             registered.to_owned()
@@ -124,13 +132,12 @@ fn pools_of(node: &Arc<NodeView>) -> Vec<PoolEntry> {
         }
     };
     let state = |s: &pb::PoolStatus| pb::PoolState::try_from(s.state).ok();
-    let mut pools: Vec<PoolEntry> = node
-        .registration()
-        .pools
+    let mut pools: Vec<PoolEntry> = specs
         .iter()
-        .map(|spec| (spec, slice_gpus(node, spec)))
+        .enumerate()
+        .map(|(i, spec)| (i, spec, slice_gpus(node, spec)))
         .map(
-            |(spec, (gpu_indices, mig_profile))| match status.get(spec.pool_id.as_str()) {
+            |(i, spec, (gpu_indices, mig_profile))| match status_of(i, &spec.pool_id) {
                 Some(s) => PoolEntry {
                     node: Arc::clone(node),
                     pool_id: spec.pool_id.clone(),
@@ -164,17 +171,12 @@ fn pools_of(node: &Arc<NodeView>) -> Vec<PoolEntry> {
         .collect();
     // A pool reported but not registered (a handoff pool that appeared
     // between registrations) serves requests all the same.
-    let registered: HashSet<&str> = node
-        .registration()
-        .pools
-        .iter()
-        .map(|p| p.pool_id.as_str())
-        .collect();
     pools.extend(
-        node.live()
-            .pool_status
+        reported
             .iter()
-            .filter(|s| !registered.contains(s.pool_id.as_str()))
+            .enumerate()
+            .filter(|(i, s)| !is_registered(*i, &s.pool_id))
+            .map(|(_, s)| s)
             .map(|s| PoolEntry {
                 node: Arc::clone(node),
                 pool_id: s.pool_id.clone(),
@@ -194,8 +196,22 @@ fn pools_of(node: &Arc<NodeView>) -> Vec<PoolEntry> {
     pools
 }
 
-/// Key of a pool in a model's map: ranks pools by node then pool id.
-type PoolKey = (String, String);
+/// A model's pools: a slab, so the entry of a pool that a heartbeat
+/// moves is replaced at its key (an index) without a search, and a walk
+/// is a pass over a vector. It has no order: answers that list pools sort
+/// them (FindPools ranks them, ListModels orders by node and pool id).
+type Pools = slab::Slab<Arc<PoolEntry>>;
+
+/// Where one pool of a node is in the index.
+#[derive(Debug)]
+struct PoolRef {
+    /// The model it serves: its map in `by_model`.
+    model: String,
+    /// The pool's id.
+    pool_id: String,
+    /// Its key in the model's slab.
+    key: usize,
+}
 
 /// What the index holds of one node, to undo its entries on the next event.
 #[derive(Debug)]
@@ -203,9 +219,9 @@ struct NodeEntry {
     /// Revision of the latest event applied for the node; an older one
     /// arriving late is ignored.
     revision: u64,
-    /// Each entry in `by_model`: its model and its key there, kept so the
-    /// next event finds them without building keys again.
-    pools: Vec<(String, PoolKey)>,
+    /// Each entry in `by_model`, in the order the node's view lists its
+    /// pools, kept so the next event finds them without a search.
+    pools: Vec<PoolRef>,
     /// The node's staged models, entries in `staged`.
     staged: Vec<String>,
 }
@@ -219,7 +235,7 @@ struct Inner {
     /// unknown (NOT_FOUND) from unable to serve (FAILED_PRECONDITION).
     nodes: HashMap<String, NodeEntry>,
     /// Model → its pools, the map `find` walks.
-    by_model: HashMap<String, BTreeMap<PoolKey, Arc<PoolEntry>>>,
+    by_model: HashMap<String, Pools>,
     /// Model → nodes that have it staged (Node.models_available).
     staged: HashMap<String, BTreeSet<String>>,
 }
@@ -228,9 +244,9 @@ impl Inner {
     /// Takes the node's entries out of the maps.
     fn remove(&mut self, node_id: &str) -> Option<NodeEntry> {
         let entry = self.nodes.remove(node_id)?;
-        for (model, key) in &entry.pools {
+        for PoolRef { model, key, .. } in &entry.pools {
             if let Some(pools) = self.by_model.get_mut(model) {
-                pools.remove(key);
+                pools.try_remove(*key);
                 if pools.is_empty() {
                     self.by_model.remove(model);
                 }
@@ -252,12 +268,17 @@ impl Inner {
         let node_id = node.node_id().to_owned();
         let mut keys = Vec::with_capacity(pools.len());
         for pool in pools {
-            let key = (node_id.clone(), pool.pool_id.clone());
-            keys.push((pool.model.clone(), key.clone()));
-            self.by_model
-                .entry(pool.model.clone())
+            let (model, pool_id) = (pool.model.clone(), pool.pool_id.clone());
+            let key = self
+                .by_model
+                .entry(model.clone())
                 .or_default()
-                .insert(key, Arc::new(pool));
+                .insert(Arc::new(pool));
+            keys.push(PoolRef {
+                model,
+                pool_id,
+                key,
+            });
         }
         let staged: Vec<String> = node.registration().models_available.clone();
         for model in &staged {
@@ -295,26 +316,22 @@ impl Inner {
                 .pools
                 .iter()
                 .zip(&pools)
-                .all(|((model, (_, pool_id)), new)| *model == new.model && *pool_id == new.pool_id);
+                .all(|(old, new)| old.model == new.model && old.pool_id == new.pool_id);
         if !same {
             return Err(pools);
         }
         entry.revision = revision;
-        for ((model, key), pool) in entry.pools.iter().zip(pools) {
-            match self
-                .by_model
-                .get_mut(model)
-                .and_then(|map| map.get_mut(key))
-            {
-                Some(slot) => *slot = Arc::new(pool),
+        for (at, pool) in entry.pools.iter_mut().zip(pools) {
+            let pools = self.by_model.entry(at.model.clone()).or_default();
+            match pools.get_mut(at.key) {
+                Some(slot)
+                    if slot.pool_id == at.pool_id && slot.node.node_id() == pool.node.node_id() =>
+                {
+                    *slot = Arc::new(pool);
+                }
                 // The maps and the node's entry are kept together; a miss
                 // would be a bug, and re-adding the pool is the repair.
-                None => {
-                    self.by_model
-                        .entry(model.clone())
-                        .or_default()
-                        .insert(key.clone(), Arc::new(pool));
-                }
+                _ => at.key = pools.insert(Arc::new(pool)),
             }
         }
         Ok(())
@@ -330,7 +347,10 @@ impl Inner {
         let mut listed = Vec::new();
         let mut serving = BTreeSet::new();
         let (mut ready, mut total, mut free) = (0u32, 0u32, 0u32);
-        for pool in pools.into_iter().flat_map(|p| p.values()) {
+        for pool in pools
+            .into_iter()
+            .flat_map(|p| p.iter().map(|(_, pool)| pool))
+        {
             let node = &*pool.node;
             let is_ready = node.status() == pb::NodeStatus::Online
                 && !node.live().suspect
@@ -354,6 +374,8 @@ impl Inner {
                 ready: is_ready,
             });
         }
+        // The slab has no order; the answer lists pools by node and id.
+        listed.sort_unstable_by(|a, b| (&a.node_id, &a.pool_id).cmp(&(&b.node_id, &b.pool_id)));
         let staged_on = staged
             .into_iter()
             .flatten()
@@ -453,7 +475,10 @@ impl PlacementIndex {
         let mut suspect_reason = None;
         // The first UNHEALTHY GPU met, named should that empty the set.
         let mut sick_gpu = None;
-        for pool in pools.into_iter().flat_map(|p| p.values()) {
+        for pool in pools
+            .into_iter()
+            .flat_map(|p| p.iter().map(|(_, pool)| pool))
+        {
             if query
                 .node_id
                 .as_ref()
@@ -482,7 +507,7 @@ impl PlacementIndex {
             if let Some(pin) = &query.node_id
                 && let Some(reason) = pools
                     .into_iter()
-                    .flat_map(|p| p.values())
+                    .flat_map(|p| p.iter().map(|(_, pool)| pool))
                     .find(|p| p.node.node_id() == pin)
                     .and_then(|p| unschedulable_reason(&p.node))
             {

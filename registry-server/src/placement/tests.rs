@@ -1236,3 +1236,43 @@ fn mig_profile_is_checked_as_text() {
     .unwrap();
     assert_eq!(ok.mig_profile.as_deref(), Some("1g.10gb"));
 }
+
+#[test]
+fn a_pool_key_freed_by_one_node_and_taken_by_another_moves_only_its_own_pool() {
+    let mut fleet = Fleet::new();
+    let one = |n: &str| register(n, "a", vec![spec("p0", "m", "vllm", &[0])]);
+    fleet.online(&one("n-c"), &[status("p0", "m", Ready, 1, GIB)]);
+    fleet.online(&one("n-b"), &[status("p0", "m", Ready, 2, GIB)]);
+    // n-c leaves; n-a arrives in the slot its pool left free.
+    fleet.send(
+        EventKind::Deleted,
+        view(&one("n-c"), None, pb::NodeStatus::Online),
+    );
+    fleet.online(&one("n-a"), &[status("p0", "m", Ready, 3, GIB)]);
+    // n-b's beat replaces its own entry in place, not the newcomer's.
+    fleet.send(
+        EventKind::Modified,
+        view(
+            &one("n-b"),
+            Some(&[status("p0", "m", Ready, 4, GIB)]),
+            pb::NodeStatus::Online,
+        ),
+    );
+    let free: Vec<(String, u32)> = fleet
+        .index
+        .find(&with_limit(query("m"), 10))
+        .unwrap()
+        .candidates
+        .into_iter()
+        .map(|c| (c.node_id, c.slots_free))
+        .collect();
+    assert_eq!(free, [("n-b".to_string(), 4), ("n-a".to_string(), 3)]);
+    // ListModels lists the pools by node and pool id, whatever the order
+    // they came in.
+    let listed: Vec<String> = fleet.index.models()[0]
+        .pools
+        .iter()
+        .map(|p| p.node_id.clone())
+        .collect();
+    assert_eq!(listed, ["n-a", "n-b"]);
+}
