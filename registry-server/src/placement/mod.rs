@@ -244,9 +244,22 @@ impl Inner {
     /// Takes the node's entries out of the maps.
     fn remove(&mut self, node_id: &str) -> Option<NodeEntry> {
         let entry = self.nodes.remove(node_id)?;
-        for PoolRef { model, key, .. } in &entry.pools {
+        for PoolRef {
+            model,
+            pool_id,
+            key,
+        } in &entry.pools
+        {
             if let Some(pools) = self.by_model.get_mut(model) {
-                pools.try_remove(*key);
+                // Only the node's own pool: a key is never stale while the
+                // maps and the node's entry are kept together, and this
+                // keeps a bug from taking another node's pool with it.
+                if pools
+                    .get(*key)
+                    .is_some_and(|p| p.pool_id == *pool_id && p.node.node_id() == node_id)
+                {
+                    pools.remove(*key);
+                }
                 if pools.is_empty() {
                     self.by_model.remove(model);
                 }
@@ -322,16 +335,24 @@ impl Inner {
         }
         entry.revision = revision;
         for (at, pool) in entry.pools.iter_mut().zip(pools) {
-            let pools = self.by_model.entry(at.model.clone()).or_default();
-            match pools.get_mut(at.key) {
-                Some(slot)
-                    if slot.pool_id == at.pool_id && slot.node.node_id() == pool.node.node_id() =>
-                {
-                    *slot = Arc::new(pool);
-                }
+            let slot = self
+                .by_model
+                .get_mut(&at.model)
+                .and_then(|pools| pools.get_mut(at.key))
+                .filter(|slot| {
+                    slot.pool_id == at.pool_id && slot.node.node_id() == pool.node.node_id()
+                });
+            match slot {
+                Some(slot) => *slot = Arc::new(pool),
                 // The maps and the node's entry are kept together; a miss
                 // would be a bug, and re-adding the pool is the repair.
-                _ => at.key = pools.insert(Arc::new(pool)),
+                None => {
+                    at.key = self
+                        .by_model
+                        .entry(at.model.clone())
+                        .or_default()
+                        .insert(Arc::new(pool));
+                }
             }
         }
         Ok(())
@@ -471,10 +492,19 @@ impl PlacementIndex {
         // Pools that failed each filter first, to say how many got as far
         // as the one that emptied the set.
         let mut failed_at: HashMap<Filter, usize> = HashMap::new();
-        // Why the (pinned) node is suspect, should that empty the set.
-        let mut suspect_reason = None;
-        // The first UNHEALTHY GPU met, named should that empty the set.
-        let mut sick_gpu = None;
+        // Why the (pinned) node is suspect, should that empty the set: the
+        // reason of the first such pool by node and pool id (the walk has
+        // no order), so the answer does not change with slab order.
+        let mut suspect: Option<&PoolEntry> = None;
+        // The first UNHEALTHY pool by node and pool id, its GPU named
+        // should that empty the set.
+        let mut sick: Option<&PoolEntry> = None;
+        let first = |held: Option<&PoolEntry>, pool: &PoolEntry| {
+            held.is_none_or(|h| {
+                (h.node.node_id(), h.pool_id.as_str())
+                    > (pool.node.node_id(), pool.pool_id.as_str())
+            })
+        };
         for pool in pools
             .into_iter()
             .flat_map(|p| p.iter().map(|(_, pool)| pool))
@@ -489,12 +519,11 @@ impl PlacementIndex {
             match query.first_failing(pool) {
                 None => candidates.push(pool),
                 Some(filter) => {
-                    if filter == Filter::Suspect {
-                        suspect_reason.get_or_insert(pool.node.live().suspect_reason.as_str());
+                    if filter == Filter::Suspect && first(suspect, pool) {
+                        suspect = Some(pool);
                     }
-                    if filter == Filter::GpuHealth && sick_gpu.is_none() {
-                        sick_gpu = unhealthy_gpu(&pool.node, &pool.gpu_indices)
-                            .map(|gpu| unhealthy_gpu_reason(&pool.node, gpu));
+                    if filter == Filter::GpuHealth && first(sick, pool) {
+                        sick = Some(pool);
                     }
                     emptied_by = emptied_by.max(filter);
                     *failed_at.entry(filter).or_default() += 1;
@@ -518,6 +547,10 @@ impl PlacementIndex {
                 });
             }
             let reached = failed_at.get(&emptied_by).copied().unwrap_or_default();
+            let suspect_reason = suspect.map(|p| p.node.live().suspect_reason.as_str());
+            let sick_gpu = sick.and_then(|p| {
+                unhealthy_gpu(&p.node, &p.gpu_indices).map(|gpu| unhealthy_gpu_reason(&p.node, gpu))
+            });
             return Err(no_candidate(
                 query,
                 emptied_by,

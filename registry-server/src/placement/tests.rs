@@ -1276,3 +1276,32 @@ fn a_pool_key_freed_by_one_node_and_taken_by_another_moves_only_its_own_pool() {
         .collect();
     assert_eq!(listed, ["n-a", "n-b"]);
 }
+
+#[test]
+fn the_sick_gpu_named_is_the_first_by_node_and_pool_whatever_the_arrival_order() {
+    let beat = [status("p0", "m", Ready, 2, GIB)];
+    let sick = |n: &str| {
+        let req = register(n, "a", vec![spec("p0", "m", "vllm", &[1])]);
+        with_gpu1(&req, &beat, pb::GpuHealth::Unhealthy, &["xid 79"])
+    };
+    for order in [
+        ["n-a", "n-b", "n-c"],
+        ["n-c", "n-b", "n-a"],
+        ["n-b", "n-c", "n-a"],
+    ] {
+        let mut fleet = Fleet::new();
+        for n in order {
+            fleet.send(EventKind::Added, sick(n));
+        }
+        match fleet.index.find(&query("m")) {
+            Err(PlacementError::NoCandidate { filter, reason }) => {
+                assert_eq!(filter, Filter::GpuHealth);
+                assert!(
+                    reason.contains("of node n-a is UNHEALTHY"),
+                    "{order:?}: {reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
