@@ -7,12 +7,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Buf, Bytes};
-use prost::Message;
+use bytes::Bytes;
 use registry_proto::pb;
 use tokio::sync::broadcast;
 
-use crate::view::NodeView;
+use crate::view::{NodeView, Registered};
 
 /// What happened to a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -327,22 +326,19 @@ pub struct Kept {
 /// and the history keeps up to `--watch-history` of them. Only the latest
 /// view of each node is read often (GetNode, ListNodes, snapshots,
 /// placement); older ones are read only by a watcher resuming, so they are
-/// kept as their protobuf encoding and decoded when sent, in two parts:
-/// the registration's fields, encoded once per registration and shared by
-/// all its entries ([`crate::view::Registered::encoded`], ~1.5 KiB at 8
-/// GPUs and 2 pools), and the view's own fields (~0.4 KiB), encoded per
-/// change.
+/// kept as their registration, the one the node holds anyway (shared, not
+/// copied), and their own fields' protobuf encoding (~0.4 KiB at 8 GPUs and
+/// 2 pools), decoded when sent.
 #[derive(Debug, Clone)]
 enum KeptNode {
     /// The node's current view, shared with the node and the snapshot map.
     Current(Arc<NodeView>),
-    /// An older view, encoded: protobuf allows a message's fields to come
-    /// in any order and split over concatenated pieces, so `fixed` followed
-    /// by `live` decodes to the whole view.
+    /// An older view: its registration and its own fields, encoded.
     Encoded {
-        /// The registration's fields, shared with its other entries.
-        fixed: Bytes,
-        /// The view's other fields, encoded.
+        /// The registration the view showed, shared with the node (while
+        /// it keeps it) and the registration's other entries.
+        registered: Arc<Registered>,
+        /// [`NodeView::encode_live`] of the view.
         live: Bytes,
     },
 }
@@ -350,7 +346,7 @@ enum KeptNode {
 impl KeptNode {
     fn encode(view: &NodeView) -> Self {
         KeptNode::Encoded {
-            fixed: view.registered().encoded().clone(),
+            registered: view.registered().clone(),
             live: view.encode_live(),
         }
     }
@@ -402,8 +398,9 @@ impl Iterator for Backlog {
                 let kept = kept.next()?;
                 let decoded = match kept.node {
                     KeptNode::Current(view) => Ok(view),
-                    KeptNode::Encoded { fixed, live } => pb::Node::decode(fixed.chain(live))
-                        .map(|node| Arc::new(NodeView::from_proto(node))),
+                    KeptNode::Encoded { registered, live } => {
+                        NodeView::decode(registered, live).map(Arc::new)
+                    }
                 };
                 let node = match decoded {
                     Ok(node) => node,
@@ -440,7 +437,6 @@ impl Backlog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::Registered;
 
     fn feed(history: usize) -> Feed {
         Feed::new(history, 16, 1, Vec::new())
@@ -489,22 +485,22 @@ mod tests {
         NodeView::from_proto(node).registered().clone()
     }
 
-    /// The encoded registration fields of each history entry, as
-    /// addresses: equal where the entries share one allocation; `None`
-    /// for a current view, not encoded.
+    /// The registration of each encoded history entry, as an address:
+    /// equal where the entries share one; `None` for a current view, not
+    /// encoded.
     fn fixed_parts(feed: &Feed) -> Vec<Option<usize>> {
         feed.lock()
             .history
             .iter()
             .map(|k| match &k.node {
-                KeptNode::Encoded { fixed, .. } => Some(fixed.as_ptr() as usize),
+                KeptNode::Encoded { registered, .. } => Some(Arc::as_ptr(registered) as usize),
                 KeptNode::Current(_) => None,
             })
             .collect()
     }
 
     #[test]
-    fn entries_of_one_registration_share_its_encoded_fields() {
+    fn entries_of_one_registration_share_it() {
         let feed = feed(10);
         let old = registration("a", "http://a:9000");
         publish_of(&feed, EventKind::Added, &old, 1); // 2
@@ -512,10 +508,8 @@ mod tests {
         publish_of(&feed, EventKind::Modified, &old, 3); // 4
         let parts = fixed_parts(&feed);
         assert!(parts[0].is_some(), "an older view is encoded");
-        assert_eq!(
-            parts[0], parts[1],
-            "its registration's fields: one allocation"
-        );
+        assert_eq!(parts[0], parts[1], "its registration: one, shared");
+        assert_eq!(parts[0], Some(Arc::as_ptr(&old) as usize), "the node's own");
         assert_eq!(parts[2], None, "the current view is not encoded");
         // Another registration has its own.
         let new = registration("a", "http://a-new:9000");
