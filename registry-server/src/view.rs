@@ -36,9 +36,9 @@ impl Registered {
 
     /// Writes the registration's fields into `node`.
     fn put_into(&self, node: &mut pb::Node) {
-        // Every field is named, here and in `NodeView::to_proto` and
-        // `NodeView::from_proto`, so a field added to the contract or to
-        // the registration does not compile until it is given its part.
+        // Every field of the registration is named here and every field
+        // of `Node` in `live_fields`, so a field added to the contract or
+        // to the registration does not compile until it is given its part.
         let Registration {
             node_id,
             machine_id,
@@ -138,60 +138,22 @@ impl NodeView {
     }
 
     /// Splits a whole contract message into a view with a registration of
-    /// its own (decoded history entries, tests).
+    /// its own (tests, which describe nodes as whole messages).
+    #[cfg(test)]
     pub fn from_proto(node: pb::Node) -> Self {
-        let pb::Node {
-            node_id,
-            machine_id,
-            address,
-            pools,
-            capabilities,
-            agent_version,
-            labels,
-            status,
-            registered_at,
-            last_heartbeat_at,
-            pool_status,
-            gpu_stats,
-            session_id,
-            status_changed_at,
-            agent_time,
-            metrics_address,
-            revision,
-            models_available,
-            admin,
-            suspect,
-            suspect_reason,
-        } = node;
+        let live = live_fields(&node);
         let registered = Registered::new(Registration {
-            node_id,
-            machine_id,
-            address,
-            pools,
-            capabilities: capabilities.unwrap_or_default(),
-            agent_version,
-            metrics_address,
-            models_available,
-            labels,
+            node_id: node.node_id,
+            machine_id: node.machine_id,
+            address: node.address,
+            pools: node.pools,
+            capabilities: node.capabilities.unwrap_or_default(),
+            agent_version: node.agent_version,
+            metrics_address: node.metrics_address,
+            models_available: node.models_available,
+            labels: node.labels,
         });
-        Self::new(
-            registered,
-            pb::Node {
-                status,
-                registered_at,
-                last_heartbeat_at,
-                pool_status,
-                gpu_stats,
-                session_id,
-                status_changed_at,
-                agent_time,
-                revision,
-                admin,
-                suspect,
-                suspect_reason,
-                ..pb::Node::default()
-            },
-        )
+        Self::new(registered, live)
     }
 
     /// The view's own fields, encoded: what the watch history keeps of an
