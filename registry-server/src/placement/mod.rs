@@ -42,7 +42,9 @@ pub use answer::{Candidate, ModelAvailability, ModelList, ModelPool, Placement};
 pub use query::*;
 
 /// One pool in the index: its registered spec merged with its latest
-/// status, and the node view it came from (shared, never copied).
+/// status, and the node view it came from (shared, never copied). A
+/// heartbeat updates it where it is ([`PoolEntry::refresh`]): its strings
+/// are copied only when they change.
 #[derive(Debug)]
 struct PoolEntry {
     /// The node's read view from the event; labels, address, liveness and
@@ -108,99 +110,166 @@ fn slice_gpus(node: &NodeView, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>
     (indices, shared)
 }
 
-/// The pools of a node's view, with a model, merged by pool id.
-fn pools_of(node: &Arc<NodeView>) -> Vec<PoolEntry> {
+/// Where one pool of a view gets its fields: its registered spec (`None`
+/// for a pool reported but not registered) and its latest status (`None`
+/// before any report). Borrowed from the view: reading a node's pools
+/// copies nothing.
+#[derive(Debug, Clone, Copy)]
+struct PoolSource<'v> {
+    spec: Option<&'v pb::PoolSpec>,
+    status: Option<&'v pb::PoolStatus>,
+}
+
+impl<'v> PoolSource<'v> {
+    /// The reported value when set, else the registered one.
+    fn either(
+        &self,
+        reported: impl Fn(&'v pb::PoolStatus) -> &'v str,
+        registered: impl Fn(&'v pb::PoolSpec) -> &'v str,
+    ) -> &'v str {
+        match (self.status.map(reported), self.spec.map(registered)) {
+            (Some(r), _) if !r.is_empty() => r,
+            (_, Some(r)) => r,
+            (Some(r), None) => r,
+            (None, None) => "",
+        }
+    }
+
+    fn pool_id(&self) -> &'v str {
+        self.either(|s| &s.pool_id, |p| &p.pool_id)
+    }
+
+    fn model(&self) -> &'v str {
+        self.either(|s| &s.model, |p| &p.model)
+    }
+
+    fn engine(&self) -> &'v str {
+        self.either(|s| &s.engine, |p| &p.engine)
+    }
+
+    fn endpoint(&self) -> &'v str {
+        self.either(|s| &s.endpoint, |p| &p.endpoint)
+    }
+
+    /// State, total and free slots, free VRAM: reported, else the
+    /// registered total and nothing free.
+    fn figures(&self) -> (Option<pb::PoolState>, u32, u32, u64) {
+        match self.status {
+            Some(s) => (
+                pb::PoolState::try_from(s.state).ok(),
+                s.slots_total,
+                s.slots_free,
+                s.vram_free_bytes,
+            ),
+            None => (None, self.spec.map_or(0, |p| p.slots_total), 0, 0),
+        }
+    }
+}
+
+/// The pools of a node's view that serve a model, merged by pool id: the
+/// registered ones in their order, then those reported but not registered
+/// (a handoff pool that appeared between registrations serves requests
+/// all the same). An iterator over the view, so a heartbeat that changes
+/// no pool's identity allocates nothing here.
+fn pools_of(node: &NodeView) -> impl Iterator<Item = PoolSource<'_>> + Clone {
     let reported = &node.live().pool_status;
     let specs = &node.registration().pools;
     // Agents report pools in the order they registered them: the same
     // position is tried first, so a node's pools match in one pass.
-    let status_of = |i: usize, pool_id: &str| {
+    let status_of = move |i: usize, pool_id: &str| {
         reported
             .get(i)
             .filter(|s| s.pool_id == pool_id)
             .or_else(|| reported.iter().find(|s| s.pool_id == pool_id))
     };
-    let is_registered = |i: usize, pool_id: &str| {
+    let is_registered = move |i: usize, pool_id: &str| {
         specs.get(i).is_some_and(|p| p.pool_id == pool_id)
             || specs.iter().any(|p| p.pool_id == pool_id)
     };
-    let or = |reported: &str, registered: &str| {
-        if reported.is_empty() {
-            registered.to_owned()
-        } else {
-            reported.to_owned()
-        }
-    };
-    let state = |s: &pb::PoolStatus| pb::PoolState::try_from(s.state).ok();
-    let mut pools: Vec<PoolEntry> = specs
+    let registered = specs.iter().enumerate().map(move |(i, spec)| PoolSource {
+        spec: Some(spec),
+        status: status_of(i, &spec.pool_id),
+    });
+    let unregistered = reported
         .iter()
         .enumerate()
-        .map(|(i, spec)| (i, spec, slice_gpus(node, spec)))
-        .map(
-            |(i, spec, (gpu_indices, mig_profile))| match status_of(i, &spec.pool_id) {
-                Some(s) => PoolEntry {
-                    node: Arc::clone(node),
-                    pool_id: spec.pool_id.clone(),
-                    model: or(&s.model, &spec.model),
-                    engine: or(&s.engine, &spec.engine),
-                    state: state(s),
-                    slots_total: s.slots_total,
-                    slots_free: s.slots_free,
-                    vram_free_bytes: s.vram_free_bytes,
-                    endpoint: or(&s.endpoint, &spec.endpoint),
-                    gpu_indices,
-                    mig_uuids: spec.mig_uuids.clone(),
-                    mig_profile,
-                },
-                None => PoolEntry {
-                    node: Arc::clone(node),
-                    pool_id: spec.pool_id.clone(),
-                    model: spec.model.clone(),
-                    engine: spec.engine.clone(),
-                    state: None,
-                    slots_total: spec.slots_total,
-                    slots_free: 0,
-                    vram_free_bytes: 0,
-                    endpoint: spec.endpoint.clone(),
-                    gpu_indices,
-                    mig_uuids: spec.mig_uuids.clone(),
-                    mig_profile,
-                },
-            },
-        )
-        .collect();
-    // A pool reported but not registered (a handoff pool that appeared
-    // between registrations) serves requests all the same.
-    pools.extend(
-        reported
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| !is_registered(*i, &s.pool_id))
-            .map(|(_, s)| s)
-            .map(|s| PoolEntry {
-                node: Arc::clone(node),
-                pool_id: s.pool_id.clone(),
-                model: s.model.clone(),
-                engine: s.engine.clone(),
-                state: state(s),
-                slots_total: s.slots_total,
-                slots_free: s.slots_free,
-                vram_free_bytes: s.vram_free_bytes,
-                endpoint: s.endpoint.clone(),
-                gpu_indices: Vec::new(),
-                mig_uuids: Vec::new(),
-                mig_profile: None,
-            }),
-    );
-    pools.retain(|p| !p.model.is_empty());
-    pools
+        .filter(move |(i, s)| !is_registered(*i, &s.pool_id))
+        .map(|(_, s)| PoolSource {
+            spec: None,
+            status: Some(s),
+        });
+    registered
+        .chain(unregistered)
+        .filter(|source| !source.model().is_empty())
+}
+
+impl PoolEntry {
+    /// The entry for `source`, a pool of `node`'s view.
+    fn new(node: &Arc<NodeView>, source: PoolSource<'_>) -> Self {
+        let (gpu_indices, mig_profile) = source
+            .spec
+            .map(|spec| slice_gpus(node, spec))
+            .unwrap_or_default();
+        let (state, slots_total, slots_free, vram_free_bytes) = source.figures();
+        PoolEntry {
+            node: Arc::clone(node),
+            pool_id: source.pool_id().to_owned(),
+            model: source.model().to_owned(),
+            engine: source.engine().to_owned(),
+            state,
+            slots_total,
+            slots_free,
+            vram_free_bytes,
+            endpoint: source.endpoint().to_owned(),
+            gpu_indices,
+            mig_uuids: source
+                .spec
+                .map(|spec| spec.mig_uuids.clone())
+                .unwrap_or_default(),
+            mig_profile,
+        }
+    }
+
+    /// Brings the entry up to `source`, the same pool (id and model) in
+    /// `node`'s newer view: the figures and the view are replaced; strings
+    /// are copied only when they changed, and the GPUs read again only
+    /// when the registration did. Equal to [`PoolEntry::new`] on the same
+    /// arguments (a test holds it to that).
+    fn refresh(&mut self, node: &Arc<NodeView>, source: PoolSource<'_>) {
+        if !Arc::ptr_eq(self.node.registered(), node.registered()) {
+            let (gpu_indices, mig_profile) = source
+                .spec
+                .map(|spec| slice_gpus(node, spec))
+                .unwrap_or_default();
+            self.gpu_indices = gpu_indices;
+            self.mig_profile = mig_profile;
+            match source.spec {
+                Some(spec) => self.mig_uuids.clone_from(&spec.mig_uuids),
+                None => self.mig_uuids.clear(),
+            }
+        }
+        self.node = Arc::clone(node);
+        let keep = |held: &mut String, now: &str| {
+            if held != now {
+                now.clone_into(held);
+            }
+        };
+        keep(&mut self.engine, source.engine());
+        keep(&mut self.endpoint, source.endpoint());
+        (
+            self.state,
+            self.slots_total,
+            self.slots_free,
+            self.vram_free_bytes,
+        ) = source.figures();
+    }
 }
 
 /// A model's pools: a slab, so the entry of a pool that a heartbeat
 /// moves is replaced at its key (an index) without a search, and a walk
 /// is a pass over a vector. It has no order: answers that list pools sort
 /// them (FindPools ranks them, ListModels orders by node and pool id).
-type Pools = slab::Slab<Arc<PoolEntry>>;
+type Pools = slab::Slab<PoolEntry>;
 
 /// Where one pool of a node is in the index.
 #[derive(Debug)]
@@ -276,17 +345,14 @@ impl Inner {
         Some(entry)
     }
 
-    /// Puts the node's current view in, its pools built beforehand.
-    fn insert(&mut self, revision: u64, node: &NodeView, pools: Vec<PoolEntry>) {
+    /// Puts the node's current view in.
+    fn insert(&mut self, revision: u64, node: &Arc<NodeView>) {
         let node_id = node.node_id().to_owned();
-        let mut keys = Vec::with_capacity(pools.len());
-        for pool in pools {
+        let mut keys = Vec::new();
+        for source in pools_of(node) {
+            let pool = PoolEntry::new(node, source);
             let (model, pool_id) = (pool.model.clone(), pool.pool_id.clone());
-            let key = self
-                .by_model
-                .entry(model.clone())
-                .or_default()
-                .insert(Arc::new(pool));
+            let key = self.by_model.entry(model.clone()).or_default().insert(pool);
             keys.push(PoolRef {
                 model,
                 pool_id,
@@ -310,52 +376,47 @@ impl Inner {
         );
     }
 
-    /// Replaces the node's pools where they are when the event keeps its
+    /// Updates the node's pools where they are when the view keeps its
     /// set of pools, models and staged models (a heartbeat that moves
-    /// slots or state, the common event): no key is built or dropped and
-    /// no map is rebalanced. Hands the pools back when the set changed.
+    /// slots or state, the common event): no key is built or dropped, no
+    /// map is rebalanced and no entry is allocated. `false` when the set
+    /// changed, nothing touched.
     fn update_in_place(
-        &mut self,
+        entry: &mut NodeEntry,
+        by_model: &mut HashMap<String, Pools>,
         revision: u64,
-        node: &NodeView,
-        pools: Vec<PoolEntry>,
-    ) -> Result<(), Vec<PoolEntry>> {
-        let Some(entry) = self.nodes.get_mut(node.node_id()) else {
-            return Err(pools);
-        };
+        node: &Arc<NodeView>,
+    ) -> bool {
+        let mut sources = pools_of(node);
         let same = entry.staged == node.registration().models_available
-            && entry.pools.len() == pools.len()
-            && entry
-                .pools
-                .iter()
-                .zip(&pools)
-                .all(|(old, new)| old.model == new.model && old.pool_id == new.pool_id);
+            && entry.pools.iter().all(|held| {
+                sources
+                    .next()
+                    .is_some_and(|now| now.model() == held.model && now.pool_id() == held.pool_id)
+            })
+            && sources.next().is_none();
         if !same {
-            return Err(pools);
+            return false;
         }
         entry.revision = revision;
-        for (at, pool) in entry.pools.iter_mut().zip(pools) {
-            let slot = self
-                .by_model
+        for (at, source) in entry.pools.iter_mut().zip(pools_of(node)) {
+            let slot = by_model
                 .get_mut(&at.model)
                 .and_then(|pools| pools.get_mut(at.key))
-                .filter(|slot| {
-                    slot.pool_id == at.pool_id && slot.node.node_id() == pool.node.node_id()
-                });
+                .filter(|slot| slot.pool_id == at.pool_id && slot.node.node_id() == node.node_id());
             match slot {
-                Some(slot) => *slot = Arc::new(pool),
+                Some(slot) => slot.refresh(node, source),
                 // The maps and the node's entry are kept together; a miss
                 // would be a bug, and re-adding the pool is the repair.
                 None => {
-                    at.key = self
-                        .by_model
+                    at.key = by_model
                         .entry(at.model.clone())
                         .or_default()
-                        .insert(Arc::new(pool));
+                        .insert(PoolEntry::new(node, source));
                 }
             }
         }
-        Ok(())
+        true
     }
 
     /// ListModels for one model.
@@ -443,29 +504,23 @@ impl PlacementIndex {
     /// Applies one change: Added/Modified replace the node's entries with
     /// those of its new view, Deleted removes them. O(pools of the node).
     pub fn apply(&self, event: &Event) {
-        // Built before taking the write lock, so readers wait only for the
-        // map updates.
-        let pools = match event.kind {
-            EventKind::Added | EventKind::Modified => Some(pools_of(&event.node)),
-            EventKind::Deleted => None,
-        };
         let mut inner = self.write();
+        let inner = &mut *inner;
         inner.revision = inner.revision.max(event.revision);
-        let node_id = event.node.node_id();
-        if inner
-            .nodes
-            .get(node_id)
-            .is_some_and(|n| n.revision > event.revision)
-        {
-            return;
+        let node = &event.node;
+        if let Some(entry) = inner.nodes.get_mut(node.node_id()) {
+            if entry.revision > event.revision {
+                return;
+            }
+            if event.kind != EventKind::Deleted
+                && Inner::update_in_place(entry, &mut inner.by_model, event.revision, node)
+            {
+                return;
+            }
         }
-        let Some(pools) = pools else {
-            inner.remove(node_id);
-            return;
-        };
-        if let Err(pools) = inner.update_in_place(event.revision, &event.node, pools) {
-            inner.remove(node_id);
-            inner.insert(event.revision, &event.node, pools);
+        inner.remove(node.node_id());
+        if event.kind != EventKind::Deleted {
+            inner.insert(event.revision, node);
         }
     }
 
@@ -560,7 +615,7 @@ impl PlacementIndex {
                 sick_gpu,
             ));
         }
-        let rank = |a: &&Arc<PoolEntry>, b: &&Arc<PoolEntry>| -> Ordering { rank(a, b) };
+        let rank = |a: &&PoolEntry, b: &&PoolEntry| -> Ordering { rank(a, b) };
         if candidates.len() > query.limit {
             candidates.select_nth_unstable_by(query.limit - 1, rank);
             candidates.truncate(query.limit);

@@ -1305,3 +1305,126 @@ fn the_sick_gpu_named_is_the_first_by_node_and_pool_whatever_the_arrival_order()
         }
     }
 }
+
+#[test]
+fn a_pool_refreshed_in_place_equals_one_built_afresh() {
+    let slice = |uuid: &str, profile: &str| pb::MigInstance {
+        uuid: uuid.into(),
+        profile: profile.into(),
+        ..Default::default()
+    };
+    let mut req = register(
+        "n1",
+        "a",
+        vec![
+            pb::PoolSpec {
+                mig_uuids: vec!["MIG-a".into()],
+                ..spec("p0", "m", "vllm", &[])
+            },
+            spec("p1", "m", "vllm", &[1]),
+        ],
+    );
+    req.capabilities.as_mut().unwrap().gpus[0].mig_instances =
+        vec![slice("MIG-a", "1g.10gb"), slice("MIG-b", "3g.40gb")];
+    let mut moved = req.clone();
+    moved.pools[0].mig_uuids = vec!["MIG-b".into()];
+    moved.pools[1].endpoint = "http://moved:8000".into();
+    moved.pools[1].engine = "sglang".into();
+
+    let reported = |engine: &str, endpoint: &str, free: u32| {
+        let mut beat = vec![
+            status("p0", "m", Ready, free, GIB),
+            status("p1", "m", Initializing, 0, 0),
+        ];
+        for s in &mut beat {
+            s.engine = engine.into();
+            s.endpoint = endpoint.into();
+        }
+        // A pool reported but not registered rides along.
+        beat.push(status("extra", "m", Ready, 2, GIB));
+        beat
+    };
+    let first = reported("", "", 1);
+    let beats = [
+        reported("", "", 2),
+        reported("trt", "http://other:9000", 0),
+        reported("", "", 3),
+    ];
+    let base = event(
+        1,
+        EventKind::Added,
+        view(&req, Some(&first), pb::NodeStatus::Online),
+    )
+    .node;
+    // Views of the node in turn: beats sharing its registration (the
+    // common case, GPUs not read again), a first beat, the same status with
+    // none reported, and a new registration moving slices and strings.
+    let mut views: Vec<Arc<NodeView>> = beats
+        .iter()
+        .map(|beat| {
+            let full = event(
+                2,
+                EventKind::Modified,
+                view(&req, Some(beat), pb::NodeStatus::Online),
+            )
+            .node;
+            Arc::new(NodeView::new(
+                Arc::clone(base.registered()),
+                full.live().clone(),
+            ))
+        })
+        .collect();
+    views.push(
+        event(
+            3,
+            EventKind::Modified,
+            view(&req, None, pb::NodeStatus::Online),
+        )
+        .node,
+    );
+    views.push(
+        event(
+            4,
+            EventKind::Modified,
+            view(&req, Some(&first), pb::NodeStatus::Online),
+        )
+        .node,
+    );
+    views.push(
+        event(
+            5,
+            EventKind::Modified,
+            view(&moved, Some(&beats[1]), pb::NodeStatus::Online),
+        )
+        .node,
+    );
+
+    let built = |node: &Arc<NodeView>| -> Vec<String> {
+        pools_of(node)
+            .map(|s| format!("{:?}", PoolEntry::new(node, s)))
+            .collect()
+    };
+    let mut held: Vec<PoolEntry> = pools_of(&base).map(|s| PoolEntry::new(&base, s)).collect();
+    for node in &views {
+        let sources: Vec<PoolSource<'_>> = pools_of(node).collect();
+        let same_set = sources.len() == held.len()
+            && held
+                .iter()
+                .zip(&sources)
+                .all(|(p, s)| (p.pool_id.as_str(), p.model.as_str()) == (s.pool_id(), s.model()));
+        if same_set {
+            for (entry, source) in held.iter_mut().zip(&sources) {
+                entry.refresh(node, *source);
+            }
+        } else {
+            // Another set of pools (the unregistered one came or went):
+            // the index rebuilds, as here.
+            held = sources.iter().map(|s| PoolEntry::new(node, *s)).collect();
+        }
+        let refreshed: Vec<String> = held.iter().map(|p| format!("{p:?}")).collect();
+        assert_eq!(refreshed, built(node));
+    }
+    // The slices moved with the new registration (MIG-b's profile now).
+    assert_eq!(held[0].mig_profile.as_deref(), Some("3g.40gb"));
+    assert_eq!(held[1].endpoint, "http://other:9000");
+}
