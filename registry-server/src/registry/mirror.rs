@@ -53,8 +53,7 @@ impl Registry {
                 st.session_id = record.session_id;
                 st.secret_sha256 = record.secret_sha256;
                 st.registered_at = record.registered_at;
-                st.pool_status.clear();
-                st.gpu_stats.clear();
+                st.clear_reports();
                 st.reported = false;
                 self.shared.stats.shift_pools(&before, &st.pool_tally());
                 self.publish(&mut st, EventKind::Modified);

@@ -499,8 +499,7 @@ impl Registry {
         st.last_heartbeat_at = now.wall;
         // The new session reports its own pools; the old session's figures
         // would describe another incarnation.
-        st.pool_status.clear();
-        st.gpu_stats.clear();
+        st.clear_reports();
         st.reported = false;
         // The old session's streams end now, not at their next message
         // (they find the session superseded when they wake).
@@ -702,11 +701,8 @@ impl Registry {
         st.last_seen = now;
         st.last_heartbeat_at = wall;
         st.agent_time = Some(beat.sent_at);
-        st.pool_status = beat.pools;
+        st.report(beat.pools, beat.gpus);
         st.reported = true;
-        if !beat.gpus.is_empty() {
-            st.gpu_stats = beat.gpus;
-        }
         let came_online = st.liveness == Liveness::Offline;
         if came_online {
             self.set_online(&mut st, wall);

@@ -177,10 +177,15 @@ pub(super) struct NodeState {
     pub(super) status_changed_at: DateTime<Utc>,
     /// The agent's clock in its latest heartbeat.
     pub(super) agent_time: Option<DateTime<Utc>>,
-    /// Pool status from the latest heartbeat.
-    pub(super) pool_status: Vec<pb::PoolStatus>,
-    /// GPU figures from the latest heartbeat that carried any.
-    pub(super) gpu_stats: Vec<pb::GpuStats>,
+    /// Pool status from the latest heartbeat, held here only while it is
+    /// newer than the published view's (`None`: the view's is the latest,
+    /// read it with [`NodeState::pool_status`]). A publish moves it into
+    /// the new view instead of copying it, so a node whose beats are
+    /// published holds its figures once.
+    pub(super) newer_pool_status: Option<Vec<pb::PoolStatus>>,
+    /// GPU figures from the latest heartbeat that carried any, held the
+    /// same way (see [`NodeState::gpu_stats`]).
+    pub(super) newer_gpu_stats: Option<Vec<pb::GpuStats>>,
     /// The node's one entry in the schedule, so re-scheduling or removal
     /// deletes it instead of leaving a stale one behind.
     pub(super) wakeup: Option<Key>,
@@ -247,8 +252,8 @@ impl NodeState {
             last_heartbeat_at: wall,
             status_changed_at: wall,
             agent_time: None,
-            pool_status: Vec::new(),
-            gpu_stats: Vec::new(),
+            newer_pool_status: None,
+            newer_gpu_stats: None,
             wakeup: None,
             removed: false,
             admin: pb::AdminState {
@@ -312,7 +317,7 @@ impl NodeState {
         if self.liveness != Liveness::Online || self.removed {
             return tally;
         }
-        for pool in &self.pool_status {
+        for pool in self.pool_status() {
             if let Some(n) = usize::try_from(pool.state)
                 .ok()
                 .and_then(|i| tally.pools.get_mut(i))
@@ -320,7 +325,7 @@ impl NodeState {
                 *n += 1;
             }
         }
-        for gpu in &self.gpu_stats {
+        for gpu in self.gpu_stats() {
             if let Some(n) = usize::try_from(gpu.health)
                 .ok()
                 .and_then(|i| tally.gpus.get_mut(i))
@@ -346,7 +351,8 @@ impl NodeState {
             view: self.view.clone(),
             last_heartbeat_at: self.last_heartbeat_at,
             agent_time: self.agent_time,
-            gpu_stats: (!self.gpu_stats.is_empty()).then(|| self.gpu_stats.clone()),
+            // Only figures newer than the view's need patching in.
+            gpu_stats: self.newer_gpu_stats.clone().filter(|g| !g.is_empty()),
         }
     }
 
@@ -392,18 +398,60 @@ impl NodeState {
             })
     }
 
+    /// Pool status from the latest heartbeat (empty before any in this
+    /// session).
+    pub(super) fn pool_status(&self) -> &[pb::PoolStatus] {
+        self.newer_pool_status
+            .as_deref()
+            .unwrap_or(&self.view.live().pool_status)
+    }
+
+    /// GPU figures from the latest heartbeat that carried any.
+    pub(super) fn gpu_stats(&self) -> &[pb::GpuStats] {
+        self.newer_gpu_stats
+            .as_deref()
+            .unwrap_or(&self.view.live().gpu_stats)
+    }
+
+    /// Takes a heartbeat's figures as the latest; a beat without GPU
+    /// figures keeps the ones before.
+    pub(super) fn report(&mut self, pools: Vec<pb::PoolStatus>, gpus: Vec<pb::GpuStats>) {
+        self.newer_pool_status = Some(pools);
+        if !gpus.is_empty() {
+            self.newer_gpu_stats = Some(gpus);
+        }
+    }
+
+    /// Forgets the reported figures (a new session starts unreported).
+    pub(super) fn clear_reports(&mut self) {
+        self.newer_pool_status = Some(Vec::new());
+        self.newer_gpu_stats = Some(Vec::new());
+    }
+
     /// The node's view as it is now: its shared registration and the
     /// fields of this change, built afresh (no copy of the registration);
-    /// only the publish path calls it (which also stamps the revision).
-    pub(super) fn new_view(&self) -> NodeView {
+    /// figures newer than the published view's move into it, the others
+    /// are copied from it. Only the publish path calls it (which also
+    /// stamps the revision and keeps the view on the node, so the figures
+    /// are read from there until the next beat).
+    pub(super) fn new_view(&mut self) -> NodeView {
+        let published = self.view.live();
+        let pool_status = self
+            .newer_pool_status
+            .take()
+            .unwrap_or_else(|| published.pool_status.clone());
+        let gpu_stats = self
+            .newer_gpu_stats
+            .take()
+            .unwrap_or_else(|| published.gpu_stats.clone());
         NodeView::new(
             self.registration.clone(),
             pb::Node {
                 status: self.liveness.to_proto() as i32,
                 registered_at: Some(to_proto_timestamp(self.registered_at)),
                 last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
-                pool_status: self.pool_status.clone(),
-                gpu_stats: self.gpu_stats.clone(),
+                pool_status,
+                gpu_stats,
                 session_id: self.session_id,
                 status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
                 agent_time: self.agent_time.map(to_proto_timestamp),

@@ -396,6 +396,60 @@ async fn views_share_the_registration_until_it_changes() {
     assert_eq!(registry.get("n1").unwrap().address, "http://n1-new:9200");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_published_beat_moves_its_figures_into_the_view() {
+    let (registry, recorder, _stop) = recorded(100);
+    let reg = registry.register(registration("n1"), Now::read()).unwrap();
+    let slot = registry
+        .attach("n1", reg.session_id, &reg.session_secret)
+        .unwrap();
+    let send = |temp: u32, slots_free: u32| {
+        let mut heartbeat = beat(pb::PoolState::Ready);
+        heartbeat.pools[0].slots_free = slots_free;
+        heartbeat.gpus = gpu(pb::GpuHealth::Healthy, &[], temp);
+        registry
+            .heartbeat(&slot, reg.session_id, heartbeat, Instant::now())
+            .unwrap();
+    };
+    let temp = |gpus: &[pb::GpuStats]| gpus[0].temperature_celsius;
+
+    // A first beat is published: its figures live in the view alone.
+    send(40, 4);
+    {
+        let st = slot.lock();
+        assert!(st.newer_pool_status.is_none() && st.newer_gpu_stats.is_none());
+        assert_eq!(st.pool_status(), st.view.live().pool_status.as_slice());
+        assert_eq!(temp(st.gpu_stats()), Some(40));
+    }
+    // Only raw figures move: not published, so the node holds them apart
+    // from the view until the next change, and readers see them.
+    let events = recorder.kinds().len();
+    send(77, 4);
+    assert_eq!(recorder.kinds().len(), events);
+    {
+        let st = slot.lock();
+        assert_eq!(temp(st.gpu_stats()), Some(77));
+        assert_eq!(temp(&st.view.live().gpu_stats), Some(40));
+    }
+    assert_eq!(temp(&registry.get("n1").unwrap().gpu_stats), Some(77));
+    // A change made elsewhere (a cordon) publishes the latest figures.
+    registry.cordon("n1", "fan", Now::read()).unwrap();
+    assert_eq!(temp(&recorder.last().node.live().gpu_stats), Some(77));
+    {
+        let st = slot.lock();
+        assert!(st.newer_pool_status.is_none() && st.newer_gpu_stats.is_none());
+        assert_eq!(st.pool_status()[0].slots_free, 4);
+    }
+    // A published beat moves the pool status and the figures together.
+    send(50, 1);
+    let last = recorder.last();
+    assert_eq!(last.node.live().pool_status[0].slots_free, 1);
+    assert_eq!(temp(&last.node.live().gpu_stats), Some(50));
+    let st = slot.lock();
+    assert!(Arc::ptr_eq(&st.view, &last.node));
+    assert!(st.newer_pool_status.is_none() && st.newer_gpu_stats.is_none());
+}
+
 /// GPU figures for GPU 0 at `health` for `reasons`, `temp` degrees.
 fn gpu(health: pb::GpuHealth, reasons: &[&str], temp: u32) -> Vec<pb::GpuStats> {
     vec![pb::GpuStats {
