@@ -233,7 +233,7 @@ pub fn endpoint(field: Field<'_>, url: &str) -> RuleResult {
 /// each non-empty [`text`], no name twice.
 pub fn models_available(field: &str, models: &[String]) -> RuleResult {
     at_most(Field::Name(field), models.len(), MAX_MODELS_AVAILABLE)?;
-    let mut seen = HashSet::new();
+    let mut seen = Seen::default();
     for (index, model) in models.iter().enumerate() {
         let item = Field::Entry { list: field, index };
         required(item, model, MAX_TEXT_LEN)?;
@@ -318,13 +318,36 @@ pub fn at_most(field: Field<'_>, len: usize, max: usize) -> RuleResult {
     Ok(())
 }
 
+/// The ids met so far in a list being checked, for [`unique`]. The first
+/// eight are kept in place and compared one by one (a heartbeat's few
+/// pools cost no allocation and no hashing); any more go to a set.
+#[derive(Debug, Default)]
+pub struct Seen<'a> {
+    /// The first ids met, `len` of them.
+    first: [&'a str; 8],
+    /// How many of `first` are set.
+    len: usize,
+    /// The ids met after the first eight.
+    more: HashSet<&'a str>,
+}
+
 /// Checks that `id` was not seen before in this list.
-pub fn unique<'a>(seen: &mut HashSet<&'a str>, field: Field<'_>, id: &'a str) -> RuleResult {
-    if !seen.insert(id) {
+pub fn unique<'a>(seen: &mut Seen<'a>, field: Field<'_>, id: &'a str) -> RuleResult {
+    let repeated = seen.first[..seen.len].contains(&id) || seen.more.contains(id);
+    if repeated {
         return Err(RuleError::new(
             field,
             format!("{} appears more than once", quoted(id)),
         ));
+    }
+    match seen.first.get_mut(seen.len) {
+        Some(free) => {
+            *free = id;
+            seen.len += 1;
+        }
+        None => {
+            seen.more.insert(id);
+        }
     }
     Ok(())
 }
@@ -416,7 +439,7 @@ pub fn pool_mig_uuids<'f>(
         .flat_map(|g| &g.mig_instances)
         .map(|m| m.uuid.as_str())
         .collect();
-    let mut seen = HashSet::new();
+    let mut seen = Seen::default();
     for (j, uuid) in uuids.iter().enumerate() {
         if !slices.contains(uuid.as_str()) {
             return Err(RuleError::new(
@@ -435,7 +458,7 @@ pub fn pool_mig_uuids<'f>(
 /// The pools of a RegisterRequest: at most 64, each valid, ids unique.
 pub fn pool_specs(pools: &[pb::PoolSpec]) -> RuleResult {
     at_most(Field::Name("pools"), pools.len(), MAX_POOLS)?;
-    let mut seen = HashSet::new();
+    let mut seen = Seen::default();
     for (index, pool) in pools.iter().enumerate() {
         pool_spec(index, pool)?;
         let field = Field::Item {
@@ -510,7 +533,7 @@ pub fn register_request(req: &pb::RegisterRequest) -> RuleResult {
 /// slots within the total.
 pub fn pool_statuses(pools: &[pb::PoolStatus]) -> RuleResult {
     at_most(Field::Name("pools"), pools.len(), MAX_POOLS)?;
-    let mut seen = HashSet::new();
+    let mut seen = Seen::default();
     for (index, pool) in pools.iter().enumerate() {
         let field = |name| Field::Item {
             list: "pools",
@@ -710,6 +733,27 @@ mod tests {
             .collect();
         let err = models_available("models_available", &many).unwrap_err();
         assert_eq!(err.field, "models_available");
+    }
+
+    #[test]
+    fn a_repeat_is_found_among_the_first_eight_and_past_them() {
+        let ids: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+        let check = |list: &[String]| {
+            let mut seen = Seen::default();
+            list.iter().enumerate().try_for_each(|(index, id)| {
+                unique(&mut seen, Field::Entry { list: "ids", index }, id)
+            })
+        };
+        check(&ids).unwrap();
+        // A repeat of one kept in place, of one in the set, and of the
+        // first kept in place met after the set was started.
+        for (at, of) in [(5, 2), (15, 10), (19, 0)] {
+            let mut list = ids.clone();
+            list[at] = list[of].clone();
+            let err = check(&list).unwrap_err();
+            assert_eq!(err.field, format!("ids[{at}]"));
+            assert!(err.reason.contains("more than once"), "{err}");
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub fn drain(req: pb::DrainNodeRequest) -> Result<DrainRequest, RegistryError> {
     node_id("node_id", &req.node_id)?;
     rules::at_most("pool_ids".into(), req.pool_ids.len(), MAX_POOLS)?;
     {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = rules::Seen::default();
         for (index, id) in req.pool_ids.iter().enumerate() {
             let field = Field::Entry {
                 list: "pool_ids",
