@@ -349,7 +349,9 @@ pub struct Kept {
 /// 2 pools), decoded when sent.
 #[derive(Debug, Clone)]
 enum KeptNode {
-    /// The node's current view, shared with the node and the snapshot map.
+    /// The node's current view, shared with the node and the snapshot map;
+    /// or a replaced one about to leave the history (see
+    /// [`encode_replaced`]), held until it does.
     Current(Arc<NodeView>),
     /// An older view: its registration and its own fields, encoded.
     Encoded {
