@@ -503,6 +503,10 @@ impl PlacementIndex {
 
     /// Applies one change: Added/Modified replace the node's entries with
     /// those of its new view, Deleted removes them. O(pools of the node).
+    /// Everything happens under the write lock: a beat's in-place update
+    /// allocates nothing, and only an event that changes a node's set of
+    /// pools (a registration, a pool appearing) builds entries there, so
+    /// readers wait on the rare path only.
     pub fn apply(&self, event: &Event) {
         let mut inner = self.write();
         let inner = &mut *inner;

@@ -352,7 +352,11 @@ impl NodeState {
             last_heartbeat_at: self.last_heartbeat_at,
             agent_time: self.agent_time,
             // Only figures newer than the view's need patching in.
-            gpu_stats: self.newer_gpu_stats.clone().filter(|g| !g.is_empty()),
+            gpu_stats: self
+                .newer_gpu_stats
+                .as_ref()
+                .filter(|g| !g.is_empty())
+                .cloned(),
         }
     }
 
