@@ -127,11 +127,9 @@ impl<'v> PoolSource<'v> {
         reported: impl Fn(&'v pb::PoolStatus) -> &'v str,
         registered: impl Fn(&'v pb::PoolSpec) -> &'v str,
     ) -> &'v str {
-        match (self.status.map(reported), self.spec.map(registered)) {
-            (Some(r), _) if !r.is_empty() => r,
-            (_, Some(r)) => r,
-            (Some(r), None) => r,
-            (None, None) => "",
+        match self.status.map(reported).filter(|r| !r.is_empty()) {
+            Some(r) => r,
+            None => self.spec.map_or("", registered),
         }
     }
 
@@ -206,12 +204,8 @@ fn pools_of(node: &NodeView) -> impl Iterator<Item = PoolSource<'_>> + Clone {
 impl PoolEntry {
     /// The entry for `source`, a pool of `node`'s view.
     fn new(node: &Arc<NodeView>, source: PoolSource<'_>) -> Self {
-        let (gpu_indices, mig_profile) = source
-            .spec
-            .map(|spec| slice_gpus(node, spec))
-            .unwrap_or_default();
         let (state, slots_total, slots_free, vram_free_bytes) = source.figures();
-        PoolEntry {
+        let mut entry = PoolEntry {
             node: Arc::clone(node),
             pool_id: source.pool_id().to_owned(),
             model: source.model().to_owned(),
@@ -221,12 +215,22 @@ impl PoolEntry {
             slots_free,
             vram_free_bytes,
             endpoint: source.endpoint().to_owned(),
-            gpu_indices,
-            mig_uuids: source
-                .spec
-                .map(|spec| spec.mig_uuids.clone())
-                .unwrap_or_default(),
-            mig_profile,
+            gpu_indices: Vec::new(),
+            mig_uuids: Vec::new(),
+            mig_profile: None,
+        };
+        entry.read_gpus(node, source.spec);
+        entry
+    }
+
+    /// Reads the GPUs and MIG slices the pool uses from the node's
+    /// registration (none for a pool that is not registered).
+    fn read_gpus(&mut self, node: &NodeView, spec: Option<&pb::PoolSpec>) {
+        (self.gpu_indices, self.mig_profile) =
+            spec.map(|spec| slice_gpus(node, spec)).unwrap_or_default();
+        match spec {
+            Some(spec) => self.mig_uuids.clone_from(&spec.mig_uuids),
+            None => self.mig_uuids.clear(),
         }
     }
 
@@ -237,16 +241,7 @@ impl PoolEntry {
     /// arguments (a test holds it to that).
     fn refresh(&mut self, node: &Arc<NodeView>, source: PoolSource<'_>) {
         if !Arc::ptr_eq(self.node.registered(), node.registered()) {
-            let (gpu_indices, mig_profile) = source
-                .spec
-                .map(|spec| slice_gpus(node, spec))
-                .unwrap_or_default();
-            self.gpu_indices = gpu_indices;
-            self.mig_profile = mig_profile;
-            match source.spec {
-                Some(spec) => self.mig_uuids.clone_from(&spec.mig_uuids),
-                None => self.mig_uuids.clear(),
-            }
+            self.read_gpus(node, source.spec);
         }
         self.node = Arc::clone(node);
         let keep = |held: &mut String, now: &str| {

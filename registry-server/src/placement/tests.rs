@@ -42,6 +42,15 @@ fn status(
     }
 }
 
+/// A MIG slice `uuid` of `profile`.
+fn slice(uuid: &str, profile: &str) -> pb::MigInstance {
+    pb::MigInstance {
+        uuid: uuid.into(),
+        profile: profile.into(),
+        ..Default::default()
+    }
+}
+
 /// A node in zone `zone` with an H100 (9.0) at index 0 and an A100 (8.0)
 /// at index 1, running `pools`.
 fn register(node_id: &str, zone: &str, pools: Vec<pb::PoolSpec>) -> pb::RegisterRequest {
@@ -1120,11 +1129,6 @@ fn a_pool_on_an_unhealthy_gpu_is_not_offered_and_not_ready_until_it_heals() {
 
 #[test]
 fn mig_profile_matches_pools_whose_every_slice_has_it_and_a_slice_is_as_healthy_as_its_gpu() {
-    let slice = |uuid: &str, profile: &str| pb::MigInstance {
-        uuid: uuid.into(),
-        profile: profile.into(),
-        ..Default::default()
-    };
     let on = |pool_id: &str, slices: &[&str]| pb::PoolSpec {
         mig_uuids: slices.iter().map(|s| s.to_string()).collect(),
         ..spec(pool_id, "m", "vllm", &[])
@@ -1308,11 +1312,6 @@ fn the_sick_gpu_named_is_the_first_by_node_and_pool_whatever_the_arrival_order()
 
 #[test]
 fn a_pool_refreshed_in_place_equals_one_built_afresh() {
-    let slice = |uuid: &str, profile: &str| pb::MigInstance {
-        uuid: uuid.into(),
-        profile: profile.into(),
-        ..Default::default()
-    };
     let mut req = register(
         "n1",
         "a",
