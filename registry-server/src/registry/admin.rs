@@ -541,7 +541,7 @@ impl Registry {
     /// they push it now. Call under the node's lock.
     fn owe_command(&self, slot: &NodeSlot, st: &mut NodeState) {
         st.command_gen += 1;
-        slot.commands.send_replace(st.command_gen);
+        slot.signal.raise();
     }
 
     /// The command a stream that last sent command number `*sent` should

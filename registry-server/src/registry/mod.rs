@@ -503,7 +503,7 @@ impl Registry {
         st.reported = false;
         // The old session's streams end now, not at their next message
         // (they find the session superseded when they wake).
-        slot.commands.send_replace(st.command_gen);
+        slot.signal.raise();
         self.admin_on_register(&mut st);
         // A new session is a sign of life: whatever the registry doubted
         // about the node is settled.
@@ -634,11 +634,11 @@ impl Registry {
         let stream = {
             let mut st = slot.lock();
             st.stream_gen += 1;
-            // Wakes a replaced stream; the value stays the owed command's
-            // number, so no command is sent twice. (Were the session
+            // Wakes a replaced stream; the owed command's number stays, so
+            // no command is sent twice. (Were the session
             // replaced since `attach` checked it, the stream's first beat
             // is refused by its session check.)
-            slot.commands.send_replace(st.command_gen);
+            slot.signal.raise();
             st.stream_gen
         };
         Ok((slot, stream))

@@ -1,6 +1,7 @@
 //! One node: its slot in the map, its lock-protected state, the proto view
 //! of that state and ListNodes filter matching.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
@@ -84,13 +85,61 @@ pub struct NodeSlot {
     pub(super) id: std::sync::Arc<str>,
     /// Everything that changes, under the node's own lock.
     pub(super) state: Mutex<NodeState>,
-    /// The number of the latest command owed to the agent
-    /// (`NodeState::command_gen`), so the node's open heartbeat streams
-    /// wake and push it at once instead of at the next heartbeat. Also
-    /// poked (same value) when a newer stream or a newer session takes
-    /// over, so a superseded stream ends at once instead of at its next
-    /// message: one signal per node, not two, keeps the slot small.
-    pub(super) commands: tokio::sync::watch::Sender<u64>,
+    /// Raised when a new command is owed to the agent, so the node's open
+    /// heartbeat streams wake and push it at once instead of at the next
+    /// heartbeat; also when a newer stream or a newer session takes over,
+    /// so a superseded stream ends at once instead of at its next message.
+    /// One signal per node, not two, keeps the slot small.
+    pub(super) signal: Signal,
+}
+
+/// A wake-up for the streams of one node: a count of raises and the
+/// waiters. Each stream remembers the count it has seen, so a raise while
+/// it was busy is not lost. (A `tokio::sync::watch` channel did this with
+/// ~350 bytes per node, eight wait lists among them; this is ~50.)
+#[derive(Debug, Default)]
+pub struct Signal {
+    /// Raises so far.
+    raised: AtomicU64,
+    /// The streams waiting for the next raise.
+    waiters: tokio::sync::Notify,
+}
+
+impl Signal {
+    /// Wakes every stream waiting, and makes every stream that has not
+    /// seen this raise find it when it next waits.
+    pub(super) fn raise(&self) {
+        self.raised.fetch_add(1, Ordering::SeqCst);
+        self.waiters.notify_waiters();
+    }
+
+    /// The raises so far: what a stream starting to listen has seen.
+    pub fn seen(&self) -> u64 {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    /// Whether there was a raise since `seen` was read.
+    pub fn raised_since(&self, seen: u64) -> bool {
+        self.seen() != seen
+    }
+
+    /// Returns at once if there was a raise since `*seen`, or else at the
+    /// next one; `*seen` is then brought up to date.
+    pub async fn raised(&self, seen: &mut u64) {
+        loop {
+            // Listening starts before the count is read, so a raise
+            // between the two is not missed.
+            let next = self.waiters.notified();
+            tokio::pin!(next);
+            next.as_mut().enable();
+            let now = self.seen();
+            if now != *seen {
+                *seen = now;
+                return;
+            }
+            next.await;
+        }
+    }
 }
 
 impl NodeSlot {
@@ -99,7 +148,7 @@ impl NodeSlot {
         std::sync::Arc::new(Self {
             id: std::sync::Arc::from(state.registration.node_id.as_str()),
             state: Mutex::new(state),
-            commands: tokio::sync::watch::Sender::new(0),
+            signal: Signal::default(),
         })
     }
 
@@ -108,12 +157,12 @@ impl NodeSlot {
         &self.id
     }
 
-    /// Wakes when a new command is owed to the node's agent, or when the
-    /// stream holding it may have been superseded (a newer stream of the
-    /// session, a newer session); a heartbeat stream holds one from its
-    /// first message on.
-    pub fn commands(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.commands.subscribe()
+    /// Raised when a new command is owed to the node's agent, or when a
+    /// stream may have been superseded (a newer stream of the session, a
+    /// newer session); a heartbeat stream listens from its first message
+    /// on.
+    pub fn signal(&self) -> &Signal {
+        &self.signal
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, NodeState> {
@@ -466,5 +515,46 @@ impl NodeState {
                 ..pb::Node::default()
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::Signal;
+
+    #[tokio::test]
+    async fn a_raise_is_found_whether_it_came_before_or_during_the_wait() {
+        let signal = std::sync::Arc::new(Signal::default());
+        let mut seen = signal.seen();
+        assert!(
+            signal.raised(&mut seen).now_or_never().is_none(),
+            "nothing raised: the wait goes on"
+        );
+
+        // Raised while the stream was busy elsewhere: found at once.
+        signal.raise();
+        assert!(signal.raised_since(seen));
+        assert!(signal.raised(&mut seen).now_or_never().is_some());
+        assert_eq!(seen, signal.seen(), "the raise is now seen");
+        assert!(signal.raised(&mut seen).now_or_never().is_none());
+
+        // Raised while waiting: every waiter wakes.
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let signal = signal.clone();
+                let mut seen = signal.seen();
+                tokio::spawn(async move { signal.raised(&mut seen).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        signal.raise();
+        for waiter in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+                .await
+                .expect("a waiter woke")
+                .unwrap();
+        }
     }
 }

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
@@ -64,9 +63,9 @@ pub(super) struct HeartbeatSession {
     pub(super) identities: Option<Vec<String>>,
     /// Deadline for the first message.
     pub(super) first_message_timeout: Duration,
-    /// Wakes when a command is newly owed to the node's agent; set with
-    /// `node`.
-    pub(super) commands: Option<watch::Receiver<u64>>,
+    /// The raises of the node's signal this stream has seen (a command
+    /// newly owed, a newer stream or session); read with `node`.
+    pub(super) signal_seen: u64,
     /// Number of the latest command this stream sent (0: none), so each
     /// is sent once per stream.
     pub(super) sent_command: u64,
@@ -83,16 +82,11 @@ pub(super) struct HeartbeatSession {
     pub(super) term: Term,
 }
 
-/// Waits until a new command is owed; forever before the stream has
-/// named its node (or once the node's slot is gone).
-async fn command_owed(commands: &mut Option<watch::Receiver<u64>>) {
-    match commands {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                *commands = None;
-                std::future::pending::<()>().await;
-            }
-        }
+/// Waits until the node's signal is raised (a command newly owed, a newer
+/// stream or session); forever before the stream has named its node.
+async fn command_owed(node: Option<&NodeSlot>, seen: &mut u64) {
+    match node {
+        Some(slot) => slot.signal().raised(seen).await,
         None => std::future::pending::<()>().await,
     }
 }
@@ -167,7 +161,7 @@ impl HeartbeatSession {
                     warn!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: its token was revoked");
                     return Some(Err(RegistryError::from(err).into()));
                 }
-                () = command_owed(&mut self.commands) => match self.push() {
+                () = command_owed(self.node.as_deref(), &mut self.signal_seen) => match self.push() {
                     Ok(Some(push)) => return Some(Ok(push)),
                     Ok(None) => {}
                     Err(err) => {
@@ -279,11 +273,9 @@ impl HeartbeatSession {
                 )?;
                 self.stream = stream;
                 debug!(node_id = %slot.id(), "heartbeat stream opened");
-                let mut commands = slot.commands();
                 // What is owed now rides on this message's ack; only later
-                // signals wake the stream.
-                commands.borrow_and_update();
-                self.commands = Some(commands);
+                // raises wake the stream.
+                self.signal_seen = slot.signal().seen();
                 self.session_id = request.session_id;
                 self.session_secret = std::mem::take(&mut request.session_secret);
                 self.node.insert(slot)

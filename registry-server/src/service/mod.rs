@@ -376,7 +376,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             session_id: 0,
             session_secret: String::new(),
             done: false,
-            commands: None,
+            signal_seen: 0,
             sent_command: 0,
             stream: 0,
             grant,

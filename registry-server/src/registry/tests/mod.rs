@@ -121,8 +121,7 @@ async fn a_newer_stream_replaces_the_older_and_wakes_it() {
     let (slot, older) = registry
         .attach_stream("n1", reg.session_id, &reg.session_secret)
         .unwrap();
-    let mut wake = slot.commands();
-    wake.borrow_and_update();
+    let seen = slot.signal().seen();
     registry
         .heartbeat_on_stream(
             &slot,
@@ -138,7 +137,10 @@ async fn a_newer_stream_replaces_the_older_and_wakes_it() {
         .attach_stream("n1", reg.session_id, &reg.session_secret)
         .unwrap();
     assert_ne!(newer, older);
-    assert!(wake.has_changed().unwrap(), "the older stream is woken");
+    assert!(
+        slot.signal().raised_since(seen),
+        "the older stream is woken"
+    );
     let replaced = RegistryError::StreamReplaced {
         node_id: "n1".into(),
         session_id: reg.session_id,
@@ -174,10 +176,10 @@ async fn a_newer_stream_replaces_the_older_and_wakes_it() {
         .unwrap();
 
     // A new session wakes the stream too, which then finds its session gone.
-    wake.borrow_and_update();
+    let seen = slot.signal().seen();
     registry.register(registration("n1"), Now::read()).unwrap();
     assert!(
-        wake.has_changed().unwrap(),
+        slot.signal().raised_since(seen),
         "the old session's stream is woken"
     );
     assert!(matches!(
