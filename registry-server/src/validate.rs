@@ -23,17 +23,35 @@ pub use registry_proto::rules::{
 /// Checks a RegisterRequest and turns it into a [`Registration`].
 pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryError> {
     rules::register_request(&req)?;
+    let mut capabilities = req.capabilities.unwrap_or_default();
+    capabilities.gpus = fitted(capabilities.gpus);
+    let mut labels = req.labels;
+    labels.shrink_to_fit();
     Ok(Registration {
         node_id: req.node_id,
         machine_id: req.machine_id,
         address: req.address,
-        pools: req.pools,
-        capabilities: req.capabilities.unwrap_or_default(),
+        pools: fitted(req.pools),
+        capabilities,
         agent_version: req.agent_version,
-        labels: req.labels,
+        labels,
         metrics_address: req.metrics_address,
-        models_available: req.models_available,
+        models_available: fitted(req.models_available),
     })
+}
+
+/// `items` in an allocation of their own length. What a registration or a
+/// heartbeat carries lives as long as the node (or the view it moves into),
+/// and prost's decoder grows a repeated field by doubling from four: two
+/// pools held room for four, ~400 bytes of spare room per registration and
+/// ~240 per beat's pool status. A copy only where there is spare room.
+fn fitted<T>(items: Vec<T>) -> Vec<T> {
+    if items.capacity() == items.len() {
+        return items;
+    }
+    let mut fitted = Vec::with_capacity(items.len());
+    fitted.extend(items);
+    fitted
 }
 
 /// Checks the payload of a heartbeat message (not its node or session,
@@ -65,8 +83,8 @@ pub fn beat(
     Ok(Beat {
         sent_at,
         received_at: now,
-        pools: std::mem::take(&mut req.pools),
-        gpus: std::mem::take(&mut req.gpus),
+        pools: fitted(std::mem::take(&mut req.pools)),
+        gpus: fitted(std::mem::take(&mut req.gpus)),
     })
 }
 
@@ -465,6 +483,37 @@ mod tests {
             register_field(|r| r.labels = [(String::new(), "v".into())].into()),
             "labels[\"\"]"
         );
+    }
+
+    #[test]
+    fn what_is_kept_holds_no_spare_room() {
+        use prost::Message;
+        // Decoded as the server decodes them, so the lists have grown.
+        let mut register = good_register();
+        let mut second = register.pools[0].clone();
+        second.pool_id = "pool-1".into();
+        second.gpu_indices.clear();
+        register.pools.push(second);
+        let register = pb::RegisterRequest::decode(&register.encode_to_vec()[..]).unwrap();
+        assert!(register.pools.capacity() > 2, "the decoder leaves room");
+        let reg = registration(register).unwrap();
+        assert_eq!(reg.pools.len(), 2);
+        assert_eq!(reg.pools.capacity(), 2);
+        assert_eq!(
+            reg.capabilities.gpus.capacity(),
+            reg.capabilities.gpus.len()
+        );
+        assert_eq!(reg.models_available.capacity(), 1);
+
+        let mut req = good_beat();
+        let mut second = req.pools[0].clone();
+        second.pool_id = "pool-1".into();
+        req.pools.push(second);
+        let mut req = pb::HeartbeatRequest::decode(&req.encode_to_vec()[..]).unwrap();
+        assert!(req.pools.capacity() > 2, "the decoder leaves room");
+        let beat = beat(&mut req, now(), Duration::from_secs(60)).unwrap();
+        assert_eq!(beat.pools.capacity(), 2);
+        assert_eq!(beat.pools[1].pool_id, "pool-1");
     }
 
     #[test]

@@ -468,13 +468,10 @@ impl NodeState {
 
     /// Takes a heartbeat's figures as the latest; a beat without GPU
     /// figures keeps the ones before.
-    /// The figures are kept in vectors of their own length: they live as
-    /// long as the view they move into, and the decoder's grew by doubling
-    /// from four (two pools held room for four, ~240 bytes more per node).
     pub(super) fn report(&mut self, pools: Vec<pb::PoolStatus>, gpus: Vec<pb::GpuStats>) {
-        self.newer_pool_status = Some(exact(pools));
+        self.newer_pool_status = Some(pools);
         if !gpus.is_empty() {
-            self.newer_gpu_stats = Some(exact(gpus));
+            self.newer_gpu_stats = Some(gpus);
         }
     }
 
@@ -521,37 +518,11 @@ impl NodeState {
     }
 }
 
-/// `items` in an allocation of their own number: a copy only where the
-/// vector holds room for more.
-fn exact<T>(items: Vec<T>) -> Vec<T> {
-    if items.capacity() == items.len() {
-        return items;
-    }
-    let mut fitted = Vec::with_capacity(items.len());
-    fitted.extend(items);
-    fitted
-}
-
 #[cfg(test)]
 mod tests {
     use futures_util::FutureExt;
 
-    use super::{Signal, exact};
-
-    #[test]
-    fn kept_figures_hold_no_spare_room() {
-        let mut grown = Vec::new();
-        grown.push(String::from("a"));
-        grown.push(String::from("b"));
-        assert!(
-            grown.capacity() > 2,
-            "a decoder's vector grows past its length"
-        );
-        let fitted = exact(grown);
-        assert_eq!(fitted, ["a", "b"]);
-        assert_eq!(fitted.capacity(), 2);
-        assert_eq!(exact(Vec::<String>::new()).capacity(), 0);
-    }
+    use super::Signal;
 
     #[tokio::test]
     async fn a_raise_is_found_whether_it_came_before_or_during_the_wait() {
