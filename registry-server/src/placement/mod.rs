@@ -41,21 +41,18 @@ mod query;
 pub use answer::{Candidate, ModelAvailability, ModelList, ModelPool, Placement};
 pub use query::*;
 
-/// One pool in the index: its registered spec merged with its latest
-/// status, and the node view it came from (shared, never copied). A
-/// heartbeat updates it where it is ([`PoolEntry::refresh`]): its strings
-/// are copied only when they change.
+/// One pool in the index: where its registered spec and latest status
+/// are in the node view it came from (shared, never copied), and the
+/// figures `find` ranks by. Its ids, model, engine, endpoint and slices
+/// are read from the view, so an entry holds no string of its own; a
+/// heartbeat updates it where it is ([`PoolEntry::refresh`]).
 #[derive(Debug)]
 struct PoolEntry {
-    /// The node's read view from the event; labels, address, liveness and
-    /// GPUs are read through it.
+    /// The node's read view from the event; the pool's strings, labels,
+    /// address, liveness and GPUs are read through it.
     node: Arc<NodeView>,
-    /// The pool's id.
-    pool_id: String,
-    /// Reported model, else registered: the index key.
-    model: String,
-    /// Reported engine, else registered.
-    engine: String,
+    /// Where the pool's spec and status are in `node`.
+    at: PoolAt,
     /// Reported state; `None` until the node's first heartbeat, which
     /// keeps a pool that nobody has seen running from being offered.
     state: Option<pb::PoolState>,
@@ -65,28 +62,30 @@ struct PoolEntry {
     slots_free: u32,
     /// Reported free VRAM (0 before any report).
     vram_free_bytes: u64,
-    /// Reported endpoint when set, else the registered one (CLOUD-3021).
-    endpoint: String,
-    /// The GPUs the pool uses; empty means all of the node's. A pool on
-    /// MIG slices uses their parent GPUs too, so a slice's health is its
-    /// GPU's (see [`slice_gpus`]).
-    gpu_indices: Vec<u32>,
-    /// The MIG slices the pool runs on (`PoolSpec.mig_uuids`); empty for a
-    /// pool on whole GPUs.
-    mig_uuids: Vec<String>,
-    /// The profile its slices share ("1g.10gb"), what the `mig_profile`
-    /// filter compares; `None` for a pool without slices, or whose slices
-    /// differ or are not all listed.
-    mig_profile: Option<String>,
+    /// For a pool on MIG slices, the GPUs they are on and the profile they
+    /// share; `None` for a pool on whole GPUs (most), which uses the GPUs
+    /// its spec names.
+    slices: Option<Box<Slices>>,
 }
 
-/// The GPU indices a pool uses: those it names plus the parents of its MIG
-/// slices (kept sorted, no repeats), and the profile its slices share.
-fn slice_gpus(node: &NodeView, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>) {
-    let mut indices = spec.gpu_indices.clone();
+/// What a pool on MIG slices uses, worked out once per registration.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Slices {
+    /// The GPU indices the pool names plus the parents of its slices
+    /// (sorted, no repeats): a slice's health is its GPU's.
+    gpu_indices: Vec<u32>,
+    /// The profile its slices share ("1g.10gb"), what the `mig_profile`
+    /// filter compares; `None` when they differ or are not all listed.
+    profile: Option<String>,
+}
+
+/// What a pool on MIG slices uses (see [`Slices`]); `None` for a pool on
+/// whole GPUs.
+fn slices(node: &NodeView, spec: &pb::PoolSpec) -> Option<Box<Slices>> {
     if spec.mig_uuids.is_empty() {
-        return (indices, None);
+        return None;
     }
+    let mut indices = spec.gpu_indices.clone();
     let gpus = &node.registration().capabilities.gpus;
     let mut profiles = Vec::new();
     for uuid in &spec.mig_uuids {
@@ -97,7 +96,10 @@ fn slice_gpus(node: &NodeView, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>
         // Registration refuses unlisted slices; this only guards a view
         // built otherwise (tests, older state).
         let Some((gpu, profile)) = found else {
-            return (indices, None);
+            return Some(Box::new(Slices {
+                gpu_indices: indices,
+                profile: None,
+            }));
         };
         indices.push(gpu);
         profiles.push(profile);
@@ -107,7 +109,10 @@ fn slice_gpus(node: &NodeView, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>
     let first = profiles[0];
     let shared =
         (!first.is_empty() && profiles.iter().all(|p| *p == first)).then(|| first.to_owned());
-    (indices, shared)
+    Some(Box::new(Slices {
+        gpu_indices: indices,
+        profile: shared,
+    }))
 }
 
 /// Where one pool of a view gets its fields: its registered spec (`None`
@@ -118,6 +123,33 @@ fn slice_gpus(node: &NodeView, spec: &pb::PoolSpec) -> (Vec<u32>, Option<String>
 struct PoolSource<'v> {
     spec: Option<&'v pb::PoolSpec>,
     status: Option<&'v pb::PoolStatus>,
+    /// Where they are in the view.
+    at: PoolAt,
+}
+
+/// Where one pool's spec is in a view's registered pools and its status in
+/// the view's pool status (`None`: not registered, not reported).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PoolAt {
+    spec: Option<u32>,
+    status: Option<u32>,
+}
+
+impl PoolAt {
+    /// The pool's source in `node`, the view these positions were read from.
+    fn source(self, node: &NodeView) -> PoolSource<'_> {
+        let at = |i: Option<u32>| i.and_then(|i| usize::try_from(i).ok());
+        PoolSource {
+            spec: at(self.spec).and_then(|i| node.registration().pools.get(i)),
+            status: at(self.status).and_then(|i| node.live().pool_status.get(i)),
+            at: self,
+        }
+    }
+}
+
+/// A position in a list a view holds (at most a few dozen pools).
+fn position(i: usize) -> Option<u32> {
+    u32::try_from(i).ok()
 }
 
 impl<'v> PoolSource<'v> {
@@ -178,23 +210,40 @@ fn pools_of(node: &NodeView) -> impl Iterator<Item = PoolSource<'_>> + Clone {
         reported
             .get(i)
             .filter(|s| s.pool_id == pool_id)
-            .or_else(|| reported.iter().find(|s| s.pool_id == pool_id))
+            .map(|s| (i, s))
+            .or_else(|| {
+                reported
+                    .iter()
+                    .enumerate()
+                    .find(|(_, s)| s.pool_id == pool_id)
+            })
     };
     let is_registered = move |i: usize, pool_id: &str| {
         specs.get(i).is_some_and(|p| p.pool_id == pool_id)
             || specs.iter().any(|p| p.pool_id == pool_id)
     };
-    let registered = specs.iter().enumerate().map(move |(i, spec)| PoolSource {
-        spec: Some(spec),
-        status: status_of(i, &spec.pool_id),
+    let registered = specs.iter().enumerate().map(move |(i, spec)| {
+        let status = status_of(i, &spec.pool_id);
+        PoolSource {
+            spec: Some(spec),
+            status: status.map(|(_, s)| s),
+            at: PoolAt {
+                spec: position(i),
+                status: status.and_then(|(j, _)| position(j)),
+            },
+        }
     });
     let unregistered = reported
         .iter()
         .enumerate()
         .filter(move |(i, s)| !is_registered(*i, &s.pool_id))
-        .map(|(_, s)| PoolSource {
+        .map(|(i, s)| PoolSource {
             spec: None,
             status: Some(s),
+            at: PoolAt {
+                spec: None,
+                status: position(i),
+            },
         });
     registered
         .chain(unregistered)
@@ -205,58 +254,79 @@ impl PoolEntry {
     /// The entry for `source`, a pool of `node`'s view.
     fn new(node: &Arc<NodeView>, source: PoolSource<'_>) -> Self {
         let (state, slots_total, slots_free, vram_free_bytes) = source.figures();
-        let mut entry = PoolEntry {
+        PoolEntry {
             node: Arc::clone(node),
-            pool_id: source.pool_id().to_owned(),
-            model: source.model().to_owned(),
-            engine: source.engine().to_owned(),
+            at: source.at,
             state,
             slots_total,
             slots_free,
             vram_free_bytes,
-            endpoint: source.endpoint().to_owned(),
-            gpu_indices: Vec::new(),
-            mig_uuids: Vec::new(),
-            mig_profile: None,
-        };
-        entry.read_gpus(node, source.spec);
-        entry
-    }
-
-    /// Reads the GPUs and MIG slices the pool uses from the node's
-    /// registration (none for a pool that is not registered).
-    fn read_gpus(&mut self, node: &NodeView, spec: Option<&pb::PoolSpec>) {
-        (self.gpu_indices, self.mig_profile) =
-            spec.map(|spec| slice_gpus(node, spec)).unwrap_or_default();
-        match spec {
-            Some(spec) => self.mig_uuids.clone_from(&spec.mig_uuids),
-            None => self.mig_uuids.clear(),
+            slices: source.spec.and_then(|spec| slices(node, spec)),
         }
     }
 
     /// Brings the entry up to `source`, the same pool (id and model) in
-    /// `node`'s newer view: the figures and the view are replaced; strings
-    /// are copied only when they changed, and the GPUs read again only
-    /// when the registration did. Equal to [`PoolEntry::new`] on the same
-    /// arguments (a test holds it to that).
+    /// `node`'s newer view: the view, positions and figures are replaced,
+    /// and the slices read again only when the registration changed. Equal
+    /// to [`PoolEntry::new`] on the same arguments (a test holds it to that).
     fn refresh(&mut self, node: &Arc<NodeView>, source: PoolSource<'_>) {
         if !Arc::ptr_eq(self.node.registered(), node.registered()) {
-            self.read_gpus(node, source.spec);
+            self.slices = source.spec.and_then(|spec| slices(node, spec));
         }
         self.node = Arc::clone(node);
-        let keep = |held: &mut String, now: &str| {
-            if held != now {
-                now.clone_into(held);
-            }
-        };
-        keep(&mut self.engine, source.engine());
-        keep(&mut self.endpoint, source.endpoint());
+        self.at = source.at;
         (
             self.state,
             self.slots_total,
             self.slots_free,
             self.vram_free_bytes,
         ) = source.figures();
+    }
+
+    /// The pool's spec and status in its view.
+    fn source(&self) -> PoolSource<'_> {
+        self.at.source(&self.node)
+    }
+
+    /// The pool's id.
+    fn pool_id(&self) -> &str {
+        self.source().pool_id()
+    }
+
+    /// Reported model, else registered: the index key.
+    fn model(&self) -> &str {
+        self.source().model()
+    }
+
+    /// Reported engine, else registered.
+    fn engine(&self) -> &str {
+        self.source().engine()
+    }
+
+    /// Reported endpoint when set, else the registered one (CLOUD-3021).
+    fn endpoint(&self) -> &str {
+        self.source().endpoint()
+    }
+
+    /// The GPUs the pool uses; empty means all of the node's. A pool on
+    /// MIG slices uses their parent GPUs too (see [`Slices`]).
+    fn gpu_indices(&self) -> &[u32] {
+        match &self.slices {
+            Some(slices) => &slices.gpu_indices,
+            None => self.source().spec.map_or(&[], |spec| &spec.gpu_indices),
+        }
+    }
+
+    /// The MIG slices the pool runs on (`PoolSpec.mig_uuids`); empty for a
+    /// pool on whole GPUs.
+    fn mig_uuids(&self) -> &[String] {
+        self.source().spec.map_or(&[], |spec| &spec.mig_uuids)
+    }
+
+    /// The profile its slices share; `None` for a pool without slices, or
+    /// whose slices differ or are not all listed.
+    fn mig_profile(&self) -> Option<&str> {
+        self.slices.as_ref().and_then(|s| s.profile.as_deref())
     }
 }
 
@@ -266,28 +336,34 @@ impl PoolEntry {
 /// them (FindPools ranks them, ListModels orders by node and pool id).
 type Pools = slab::Slab<PoolEntry>;
 
-/// Where one pool of a node is in the index.
-#[derive(Debug)]
-struct PoolRef {
-    /// The model it serves: its map in `by_model`.
-    model: String,
-    /// The pool's id.
-    pool_id: String,
-    /// Its key in the model's slab.
-    key: usize,
-}
-
-/// What the index holds of one node, to undo its entries on the next event.
+/// What the index holds of one node, to find and undo its entries on the
+/// next event.
 #[derive(Debug)]
 struct NodeEntry {
     /// Revision of the latest event applied for the node; an older one
     /// arriving late is ignored.
     revision: u64,
-    /// Each entry in `by_model`, in the order the node's view lists its
-    /// pools, kept so the next event finds them without a search.
-    pools: Vec<PoolRef>,
-    /// The node's staged models, entries in `staged`.
-    staged: Vec<String>,
+    /// The view the node's entries were made from: the models and ids of
+    /// its pools and its staged models are read there (shared, no copies).
+    view: Arc<NodeView>,
+    /// Each pool's key in its model's slab, in the order `pools_of(view)`
+    /// lists them, so the next event finds them without a search.
+    keys: Vec<usize>,
+}
+
+/// Puts `pool` in its model's slab (made on the model's first pool) and
+/// returns its key there.
+fn add_pool(by_model: &mut HashMap<String, Pools>, pool: PoolEntry) -> usize {
+    match by_model.get_mut(pool.model()) {
+        Some(pools) => pools.insert(pool),
+        None => {
+            let mut pools = Pools::new();
+            let model = pool.model().to_owned();
+            let key = pools.insert(pool);
+            by_model.insert(model, pools);
+            key
+        }
+    }
 }
 
 /// The index behind the lock.
@@ -308,19 +384,15 @@ impl Inner {
     /// Takes the node's entries out of the maps.
     fn remove(&mut self, node_id: &str) -> Option<NodeEntry> {
         let entry = self.nodes.remove(node_id)?;
-        for PoolRef {
-            model,
-            pool_id,
-            key,
-        } in &entry.pools
-        {
+        for (source, key) in pools_of(&entry.view).zip(&entry.keys) {
+            let model = source.model();
             if let Some(pools) = self.by_model.get_mut(model) {
                 // Only the node's own pool: a key is never stale while the
                 // maps and the node's entry are kept together, and this
                 // keeps a bug from taking another node's pool with it.
                 if pools
                     .get(*key)
-                    .is_some_and(|p| p.pool_id == *pool_id && p.node.node_id() == node_id)
+                    .is_some_and(|p| p.node.node_id() == node_id && p.pool_id() == source.pool_id())
                 {
                     pools.remove(*key);
                 }
@@ -329,7 +401,7 @@ impl Inner {
                 }
             }
         }
-        for model in &entry.staged {
+        for model in &entry.view.registration().models_available {
             if let Some(nodes) = self.staged.get_mut(model) {
                 nodes.remove(node_id);
                 if nodes.is_empty() {
@@ -343,19 +415,10 @@ impl Inner {
     /// Puts the node's current view in.
     fn insert(&mut self, revision: u64, node: &Arc<NodeView>) {
         let node_id = node.node_id().to_owned();
-        let mut keys = Vec::new();
-        for source in pools_of(node) {
-            let pool = PoolEntry::new(node, source);
-            let (model, pool_id) = (pool.model.clone(), pool.pool_id.clone());
-            let key = self.by_model.entry(model.clone()).or_default().insert(pool);
-            keys.push(PoolRef {
-                model,
-                pool_id,
-                key,
-            });
-        }
-        let staged: Vec<String> = node.registration().models_available.clone();
-        for model in &staged {
+        let keys = pools_of(node)
+            .map(|source| add_pool(&mut self.by_model, PoolEntry::new(node, source)))
+            .collect();
+        for model in &node.registration().models_available {
             self.staged
                 .entry(model.clone())
                 .or_default()
@@ -365,8 +428,8 @@ impl Inner {
             node_id,
             NodeEntry {
                 revision,
-                pools: keys,
-                staged,
+                view: Arc::clone(node),
+                keys,
             },
         );
     }
@@ -382,33 +445,33 @@ impl Inner {
         revision: u64,
         node: &Arc<NodeView>,
     ) -> bool {
+        let (was, now) = (entry.view.registration(), node.registration());
         let mut sources = pools_of(node);
-        let same = entry.staged == node.registration().models_available
-            && entry.pools.iter().all(|held| {
-                sources
-                    .next()
-                    .is_some_and(|now| now.model() == held.model && now.pool_id() == held.pool_id)
+        let same = (Arc::ptr_eq(entry.view.registered(), node.registered())
+            || was.models_available == now.models_available)
+            && pools_of(&entry.view).all(|held| {
+                sources.next().is_some_and(|now| {
+                    now.model() == held.model() && now.pool_id() == held.pool_id()
+                })
             })
             && sources.next().is_none();
         if !same {
             return false;
         }
         entry.revision = revision;
-        for (at, source) in entry.pools.iter_mut().zip(pools_of(node)) {
+        entry.view = Arc::clone(node);
+        for (key, source) in entry.keys.iter_mut().zip(pools_of(node)) {
             let slot = by_model
-                .get_mut(&at.model)
-                .and_then(|pools| pools.get_mut(at.key))
-                .filter(|slot| slot.pool_id == at.pool_id && slot.node.node_id() == node.node_id());
+                .get_mut(source.model())
+                .and_then(|pools| pools.get_mut(*key))
+                .filter(|slot| {
+                    slot.node.node_id() == node.node_id() && slot.pool_id() == source.pool_id()
+                });
             match slot {
                 Some(slot) => slot.refresh(node, source),
                 // The maps and the node's entry are kept together; a miss
                 // would be a bug, and re-adding the pool is the repair.
-                None => {
-                    at.key = by_model
-                        .entry(at.model.clone())
-                        .or_default()
-                        .insert(PoolEntry::new(node, source));
-                }
+                None => *key = add_pool(by_model, PoolEntry::new(node, source)),
             }
         }
         true
@@ -432,7 +495,7 @@ impl Inner {
             let is_ready = node.status() == pb::NodeStatus::Online
                 && !node.live().suspect
                 && schedulable(node)
-                && unhealthy_gpu(node, &pool.gpu_indices).is_none()
+                && unhealthy_gpu(node, pool.gpu_indices()).is_none()
                 && pool.state == Some(pb::PoolState::Ready);
             serving.insert(node.node_id());
             total = total.saturating_add(pool.slots_total);
@@ -442,8 +505,8 @@ impl Inner {
             }
             listed.push(ModelPool {
                 node_id: node.node_id().to_owned(),
-                pool_id: pool.pool_id.clone(),
-                engine: pool.engine.clone(),
+                pool_id: pool.pool_id().to_owned(),
+                engine: pool.engine().to_owned(),
                 state: pool.state,
                 node_status: node.status(),
                 slots_total: pool.slots_total,
@@ -555,8 +618,7 @@ impl PlacementIndex {
         let mut sick: Option<&PoolEntry> = None;
         let first = |held: Option<&PoolEntry>, pool: &PoolEntry| {
             held.is_none_or(|h| {
-                (h.node.node_id(), h.pool_id.as_str())
-                    > (pool.node.node_id(), pool.pool_id.as_str())
+                (h.node.node_id(), h.pool_id()) > (pool.node.node_id(), pool.pool_id())
             })
         };
         for pool in pools
@@ -603,7 +665,8 @@ impl PlacementIndex {
             let reached = failed_at.get(&emptied_by).copied().unwrap_or_default();
             let suspect_reason = suspect.map(|p| p.node.live().suspect_reason.as_str());
             let sick_gpu = sick.and_then(|p| {
-                unhealthy_gpu(&p.node, &p.gpu_indices).map(|gpu| unhealthy_gpu_reason(&p.node, gpu))
+                unhealthy_gpu(&p.node, p.gpu_indices())
+                    .map(|gpu| unhealthy_gpu_reason(&p.node, gpu))
             });
             return Err(no_candidate(
                 query,
@@ -625,17 +688,17 @@ impl PlacementIndex {
                 .into_iter()
                 .map(|p| Candidate {
                     node_id: p.node.node_id().to_owned(),
-                    pool_id: p.pool_id.clone(),
-                    endpoint: p.endpoint.clone(),
-                    model: p.model.clone(),
-                    engine: p.engine.clone(),
+                    pool_id: p.pool_id().to_owned(),
+                    endpoint: p.endpoint().to_owned(),
+                    model: p.model().to_owned(),
+                    engine: p.engine().to_owned(),
                     slots_free: p.slots_free,
                     slots_total: p.slots_total,
                     vram_free_bytes: p.vram_free_bytes,
                     node_address: p.node.registration().address.clone(),
                     labels: p.node.registration().labels.clone(),
-                    mig_uuids: p.mig_uuids.clone(),
-                    mig_profile: p.mig_profile.clone().unwrap_or_default(),
+                    mig_uuids: p.mig_uuids().to_vec(),
+                    mig_profile: p.mig_profile().unwrap_or_default().to_owned(),
                 })
                 .collect(),
             revision: inner.revision,
@@ -676,7 +739,7 @@ fn rank(a: &PoolEntry, b: &PoolEntry) -> Ordering {
             Reverse(p.vram_free_bytes),
             Reverse(p.slots_free),
             p.node.node_id(),
-            p.pool_id.as_str(),
+            p.pool_id(),
         )
     }
     key(a).cmp(&key(b))

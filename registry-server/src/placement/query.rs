@@ -246,7 +246,7 @@ impl PlacementQuery {
         if self.exclude.contains(node.node_id()) {
             return Some(Filter::Excluded);
         }
-        if self.engine.as_ref().is_some_and(|e| *e != pool.engine) {
+        if self.engine.as_ref().is_some_and(|e| e != pool.engine()) {
             return Some(Filter::Engine);
         }
         if !self.labels.iter().all(|(k, v)| {
@@ -258,7 +258,7 @@ impl PlacementQuery {
             return Some(Filter::Labels);
         }
         if self.gpu_name.is_some() || self.min_compute_capability.is_some() {
-            let gpus = pool_gpus(node, &pool.gpu_indices);
+            let gpus = pool_gpus(node, pool.gpu_indices());
             if let Some(name) = &self.gpu_name {
                 let named = |g: &&pb::GpuInfo| g.name.to_lowercase().contains(name.as_str());
                 if gpus.is_empty() || !gpus.iter().all(named) {
@@ -277,7 +277,7 @@ impl PlacementQuery {
         if self
             .mig_profile
             .as_ref()
-            .is_some_and(|p| pool.mig_profile.as_ref() != Some(p))
+            .is_some_and(|p| pool.mig_profile() != Some(p.as_str()))
         {
             return Some(Filter::MigProfile);
         }
@@ -290,7 +290,7 @@ impl PlacementQuery {
         if !schedulable(node) {
             return Some(Filter::Schedulable);
         }
-        if unhealthy_gpu(node, &pool.gpu_indices).is_some() {
+        if unhealthy_gpu(node, pool.gpu_indices()).is_some() {
             return Some(Filter::GpuHealth);
         }
         let Some(state) = pool.state else {

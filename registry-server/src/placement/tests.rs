@@ -1410,7 +1410,7 @@ fn a_pool_refreshed_in_place_equals_one_built_afresh() {
             && held
                 .iter()
                 .zip(&sources)
-                .all(|(p, s)| (p.pool_id.as_str(), p.model.as_str()) == (s.pool_id(), s.model()));
+                .all(|(p, s)| (p.pool_id(), p.model()) == (s.pool_id(), s.model()));
         if same_set {
             for (entry, source) in held.iter_mut().zip(&sources) {
                 entry.refresh(node, *source);
@@ -1424,6 +1424,6 @@ fn a_pool_refreshed_in_place_equals_one_built_afresh() {
         assert_eq!(refreshed, built(node));
     }
     // The slices moved with the new registration (MIG-b's profile now).
-    assert_eq!(held[0].mig_profile.as_deref(), Some("3g.40gb"));
-    assert_eq!(held[1].endpoint, "http://other:9000");
+    assert_eq!(held[0].mig_profile(), Some("3g.40gb"));
+    assert_eq!(held[1].endpoint(), "http://other:9000");
 }
