@@ -228,43 +228,54 @@ pub struct TokenGrant {
 }
 
 impl TokenGrant {
-    /// Resolves when a reload takes the token away (UNAUTHENTICATED) or
-    /// gives it a role that may no longer make the call (PERMISSION_DENIED);
-    /// pending forever while the token stays in force.
-    pub async fn revoked(&mut self) -> AuthError {
-        loop {
-            if self.tables.changed().await.is_err() {
-                // The authenticator is gone (the server is stopping):
-                // shutdown ends the call, not this.
-                std::future::pending::<()>().await;
-            }
-            let role = self.tables.borrow_and_update().role_of_digest(&self.digest);
-            match role {
-                None => {
-                    return AuthError::Unauthenticated(
-                        "the token this stream was opened with has been revoked (removed from the token file)"
-                            .into(),
-                    );
-                }
-                Some(role) if !role.allows(self.rpc) => {
-                    return AuthError::PermissionDenied(format!(
-                        "the token this stream was opened with is now a {} token, which may not call {:?}",
-                        role.name(),
-                        self.rpc
-                    ));
-                }
-                Some(_) => {}
-            }
+    /// Whether a reload since the last look took the token away
+    /// (UNAUTHENTICATED) or gave it a role that may no longer make the
+    /// call (PERMISSION_DENIED). Cheap while nothing was reloaded; a stream
+    /// asks when [`Reloads`] (through the service's recheck signal) wakes
+    /// it, rather than waiting on the token table itself.
+    pub fn revoked(&mut self) -> Option<AuthError> {
+        // The authenticator gone (the server is stopping): shutdown ends
+        // the call, not this.
+        if !self.tables.has_changed().unwrap_or(false) {
+            return None;
+        }
+        let role = self.tables.borrow_and_update().role_of_digest(&self.digest);
+        match role {
+            None => Some(AuthError::Unauthenticated(
+                "the token this stream was opened with has been revoked (removed from the token file)"
+                    .into(),
+            )),
+            Some(role) if !role.allows(self.rpc) => Some(AuthError::PermissionDenied(format!(
+                "the token this stream was opened with is now a {} token, which may not call {:?}",
+                role.name(),
+                self.rpc
+            ))),
+            Some(_) => None,
         }
     }
 }
 
-/// Waits for [`TokenGrant::revoked`]; forever without a grant (a server
-/// without tokens).
-pub async fn revoked(grant: &mut Option<TokenGrant>) -> AuthError {
-    match grant {
-        Some(grant) => grant.revoked().await,
-        None => std::future::pending().await,
+/// [`TokenGrant::revoked`]; never without a grant (a server without
+/// tokens).
+pub fn revoked(grant: &mut Option<TokenGrant>) -> Option<AuthError> {
+    grant.as_mut().and_then(TokenGrant::revoked)
+}
+
+/// The successful reloads of an authenticator's tokens, one at a time.
+#[derive(Debug)]
+pub struct Reloads(Option<watch::Receiver<Arc<TokenTable>>>);
+
+impl Reloads {
+    /// Returns at the next successful reload; never on a server without
+    /// tokens or once the authenticator is gone.
+    pub async fn next(&mut self) {
+        let reloaded = match &mut self.0 {
+            Some(tables) => tables.changed().await.is_ok(),
+            None => false,
+        };
+        if !reloaded {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -299,6 +310,11 @@ impl Authenticator {
             table: Some(Arc::new(watch::Sender::new(Arc::new(table)))),
             sources: Arc::new(sources),
         })
+    }
+
+    /// Its reloads from now on.
+    pub fn reloads(&self) -> Reloads {
+        Reloads(self.table.as_ref().map(|table| table.subscribe()))
     }
 
     /// Whether the server runs without authentication.
@@ -640,34 +656,43 @@ mod tests {
         assert!(node.is_some() && admin.is_some());
 
         // A reload that keeps both tokens revokes nothing.
+        let mut reloads = auth.reloads();
         std::fs::write(&path, format!("node {NODE}\nadmin {ADMIN}\n")).unwrap();
         auth.reload().unwrap();
-        let quiet = tokio::time::timeout(Duration::from_millis(20), revoked(&mut node)).await;
-        assert!(quiet.is_err(), "the node token is still in force");
+        tokio::time::timeout(Duration::from_secs(10), reloads.next())
+            .await
+            .expect("a reload is told");
+        assert!(
+            revoked(&mut node).is_none(),
+            "the node token is still in force"
+        );
 
         // The node token removed: its stream is revoked, the admin's is not.
         std::fs::write(&path, format!("admin {ADMIN}\n")).unwrap();
         auth.reload().unwrap();
-        let err = revoked(&mut node).await;
+        let err = revoked(&mut node).expect("revoked");
         assert!(
             matches!(&err, AuthError::Unauthenticated(m) if m.contains("revoked")),
             "{err}"
         );
-        let quiet = tokio::time::timeout(Duration::from_millis(20), revoked(&mut admin)).await;
-        assert!(quiet.is_err());
+        assert!(revoked(&mut admin).is_none());
 
         // A token given a role that may not heartbeat: permission denied.
         std::fs::write(&path, format!("reader {ADMIN}\n")).unwrap();
         auth.reload().unwrap();
         assert!(
-            matches!(revoked(&mut admin).await, AuthError::PermissionDenied(m) if m.contains("reader"))
+            matches!(revoked(&mut admin), Some(AuthError::PermissionDenied(m)) if m.contains("reader"))
         );
+        assert!(revoked(&mut admin).is_none(), "told once per reload");
 
         // A server without tokens grants nothing to revoke.
         let (_, none) = Authenticator::open()
             .authorize_stream(&MetadataMap::new(), Rpc::Heartbeat)
             .unwrap();
         assert!(none.is_none());
+        let mut never = Authenticator::open().reloads();
+        let quiet = tokio::time::timeout(Duration::from_millis(20), never.next()).await;
+        assert!(quiet.is_err(), "nothing to reload");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod schedule;
 pub mod sd;
 pub mod server;
 pub mod service;
+pub mod signal;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

@@ -1,7 +1,6 @@
 //! One node: its slot in the map, its lock-protected state, the proto view
 //! of that state and ListNodes filter matching.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
@@ -12,6 +11,7 @@ use tokio::time::Instant;
 use super::Registration;
 use super::stats::PoolTally;
 use crate::schedule::Key;
+use crate::signal::Signal;
 use crate::view::{NodeView, Registered};
 
 /// How far a pool's free VRAM may move from the published figure before a
@@ -91,55 +91,6 @@ pub struct NodeSlot {
     /// so a superseded stream ends at once instead of at its next message.
     /// One signal per node, not two, keeps the slot small.
     pub(super) signal: Signal,
-}
-
-/// A wake-up for the streams of one node: a count of raises and the
-/// waiters. Each stream remembers the count it has seen, so a raise while
-/// it was busy is not lost. (A `tokio::sync::watch` channel did this with
-/// ~350 bytes per node, eight wait lists among them; this is ~50.)
-#[derive(Debug, Default)]
-pub struct Signal {
-    /// Raises so far.
-    raised: AtomicU64,
-    /// The streams waiting for the next raise.
-    waiters: tokio::sync::Notify,
-}
-
-impl Signal {
-    /// Wakes every stream waiting, and makes every stream that has not
-    /// seen this raise find it when it next waits.
-    pub(super) fn raise(&self) {
-        self.raised.fetch_add(1, Ordering::SeqCst);
-        self.waiters.notify_waiters();
-    }
-
-    /// The raises so far: what a stream starting to listen has seen.
-    pub fn seen(&self) -> u64 {
-        self.raised.load(Ordering::SeqCst)
-    }
-
-    /// Whether there was a raise since `seen` was read.
-    pub fn raised_since(&self, seen: u64) -> bool {
-        self.seen() != seen
-    }
-
-    /// Returns at once if there was a raise since `*seen`, or else at the
-    /// next one; `*seen` is then brought up to date.
-    pub async fn raised(&self, seen: &mut u64) {
-        loop {
-            // Listening starts before the count is read, so a raise
-            // between the two is not missed.
-            let next = self.waiters.notified();
-            tokio::pin!(next);
-            next.as_mut().enable();
-            let now = self.seen();
-            if now != *seen {
-                *seen = now;
-                return;
-            }
-            next.await;
-        }
-    }
 }
 
 impl NodeSlot {
@@ -515,46 +466,5 @@ impl NodeState {
                 ..pb::Node::default()
             },
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use futures_util::FutureExt;
-
-    use super::Signal;
-
-    #[tokio::test]
-    async fn a_raise_is_found_whether_it_came_before_or_during_the_wait() {
-        let signal = std::sync::Arc::new(Signal::default());
-        let mut seen = signal.seen();
-        assert!(
-            signal.raised(&mut seen).now_or_never().is_none(),
-            "nothing raised: the wait goes on"
-        );
-
-        // Raised while the stream was busy elsewhere: found at once.
-        signal.raise();
-        assert!(signal.raised_since(seen));
-        assert!(signal.raised(&mut seen).now_or_never().is_some());
-        assert_eq!(seen, signal.seen(), "the raise is now seen");
-        assert!(signal.raised(&mut seen).now_or_never().is_none());
-
-        // Raised while waiting: every waiter wakes.
-        let waiters: Vec<_> = (0..2)
-            .map(|_| {
-                let signal = signal.clone();
-                let mut seen = signal.seen();
-                tokio::spawn(async move { signal.raised(&mut seen).await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
-        signal.raise();
-        for waiter in waiters {
-            tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
-                .await
-                .expect("a waiter woke")
-                .unwrap();
-        }
     }
 }

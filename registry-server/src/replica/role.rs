@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RegistryError;
+use crate::signal::Signal;
 
 /// The metadata keys of the replica contract, shared with the clients.
 pub use registry_proto::replica::{LEADER_METADATA, ROLE_METADATA, STALE_METADATA};
@@ -76,6 +77,9 @@ enum State {
 pub struct ReplicaRole {
     /// The role now; read on every write, changed on term changes only.
     state: Arc<RwLock<State>>,
+    /// Raised when a term ends, once its writes are refused, so open
+    /// streams of the term end at once (their term is lost by then).
+    term_ends: Arc<Signal>,
 }
 
 impl std::fmt::Debug for ReplicaRole {
@@ -99,6 +103,7 @@ impl ReplicaRole {
     pub fn single() -> Self {
         Self {
             state: Arc::new(RwLock::new(State::Single(forever()))),
+            term_ends: Arc::default(),
         }
     }
 
@@ -118,6 +123,7 @@ impl ReplicaRole {
     /// current term, if any, ends.
     pub fn follow(&self, leader: Option<String>, why: &str) {
         let mut state = self.write();
+        let ended = matches!(&*state, State::Leader(_));
         if let State::Leader(term) = &*state {
             term.lost.cancel();
         }
@@ -126,6 +132,15 @@ impl ReplicaRole {
             why: why.to_owned(),
             stale: FOLLOWER_STALENESS.to_owned(),
         };
+        drop(state);
+        if ended {
+            self.term_ends.raise();
+        }
+    }
+
+    /// Raised when a term ends (see [`ReplicaRole::follow`]).
+    pub fn term_ends(&self) -> &Signal {
+        &self.term_ends
     }
 
     /// A follower learns who leads now (from the leader key's watch).
@@ -285,7 +300,12 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert!(!role.leads());
 
+        let seen = role.term_ends().seen();
         role.follow(None, "lease lost");
         assert!(term.lost().is_cancelled(), "streams of the term end");
+        assert!(role.term_ends().raised_since(seen), "and are woken to");
+        let seen = role.term_ends().seen();
+        role.follow(None, "still following");
+        assert!(!role.term_ends().raised_since(seen), "no term ended");
     }
 }

@@ -14,7 +14,14 @@
 //! FAILED_PRECONDITION saying what took over. A stream also holds its
 //! token's grant and ends with UNAUTHENTICATED the moment a token reload
 //! removes that token.
+//!
+//! A stream waiting for the agent's next message waits on three things:
+//! the message, its node's signal, and the registry-wide [`Recheck`]
+//! (shutdown, a term's end, a token reload), after which it checks what
+//! happened. Each wait is part of every open stream's state and a waiter
+//! in a shared list per beat, so they are kept to these three.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,11 +32,65 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::check_identity;
-use crate::auth::TokenGrant;
+use crate::auth::{Authenticator, TokenGrant};
 use crate::error::RegistryError;
 use crate::registry::{NodeSlot, Now, Registry, secrets_equal};
-use crate::replica::Term;
+use crate::replica::{ReplicaRole, Term};
+use crate::signal::Signal;
 use crate::validate;
+
+/// What every open heartbeat stream waits on besides its messages and its
+/// node's signal: raised when the server shuts down, a term ends or the
+/// tokens are reloaded, after which each stream checks whether it may go
+/// on. One wait for the three, where each was a wait of its own (some
+/// 300 bytes of every stream's state, three shared wait lists per beat).
+#[derive(Debug)]
+pub(super) struct Recheck {
+    /// Raised on each of those.
+    signal: Signal,
+    /// Starts the task that raises it, at the first stream.
+    watching: std::sync::Once,
+}
+
+impl Default for Recheck {
+    fn default() -> Self {
+        Self {
+            signal: Signal::default(),
+            watching: std::sync::Once::new(),
+        }
+    }
+}
+
+impl Recheck {
+    /// Starts, once, the task that raises the signal when `shutdown` is
+    /// cancelled, a term of `role` ends and `auth` reloads its tokens.
+    pub(super) fn watch(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+        role: &ReplicaRole,
+        auth: &Authenticator,
+    ) {
+        self.watching.call_once(|| {
+            let recheck = Arc::clone(self);
+            let (shutdown, role, mut reloads) = (shutdown.clone(), role.clone(), auth.reloads());
+            tokio::spawn(async move {
+                // From zero: a term that ended before this task started
+                // is raised at once (a wake-up with nothing to do at worst).
+                let mut terms_ended = 0;
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {
+                            recheck.signal.raise();
+                            return;
+                        }
+                        () = role.term_ends().raised(&mut terms_ended) => recheck.signal.raise(),
+                        () = reloads.next() => recheck.signal.raise(),
+                    }
+                }
+            });
+        });
+    }
+}
 
 /// The server side of one Heartbeat stream.
 pub(super) struct HeartbeatSession {
@@ -50,6 +111,11 @@ pub(super) struct HeartbeatSession {
     /// message; later messages may repeat it (compared in constant time)
     /// but not change it.
     pub(super) session_secret: String,
+    /// Raised when the stream must check whether it may go on.
+    pub(super) recheck: Arc<Recheck>,
+    /// The raises of `recheck` this stream has seen; from zero, so a new
+    /// stream checks once at its start whatever happened before.
+    pub(super) recheck_seen: u64,
     /// Set once the stream has ended (an error was sent, or input ended).
     pub(super) done: bool,
     /// Handling-time histogram, looked up once per stream, not per beat.
@@ -91,6 +157,15 @@ async fn command_owed(node: Option<&NodeSlot>, seen: &mut u64) {
     }
 }
 
+/// Resolves when the first message is overdue; never once it came (no
+/// deadline).
+async fn first_message_due(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match deadline {
+        Some(due) => due.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Why a stream ends when its term does; agents then find the leader.
 fn not_leading() -> RegistryError {
     RegistryError::NotLeader {
@@ -122,25 +197,22 @@ impl HeartbeatSession {
             return None;
         }
         // Until the stream has named its node, it may stay silent only so
-        // long; afterwards silence is the node's deadline's business.
-        let awaiting_first = self.node.is_none();
-        let first_message_timeout = self.first_message_timeout;
-        let first_deadline = async move {
-            if awaiting_first {
-                tokio::time::sleep(first_message_timeout).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::pin!(first_deadline);
+        // long; afterwards silence is the node's deadline's business. Boxed:
+        // a timer is needed once per stream, its room in the state always.
+        let mut first_deadline = self
+            .node
+            .is_none()
+            .then(|| Box::pin(tokio::time::sleep(self.first_message_timeout)));
         let message = loop {
             tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => {
-                    self.done = true;
-                    return Some(Err(RegistryError::ShuttingDown.into()));
+                () = self.recheck.signal.raised(&mut self.recheck_seen) => {
+                    if let Some(end) = self.must_end() {
+                        self.done = true;
+                        return Some(Err(end));
+                    }
                 }
-                () = &mut first_deadline => {
+                () = first_message_due(&mut first_deadline) => {
                     self.done = true;
                     let err = RegistryError::TooSlow(format!(
                         "no first heartbeat message within {}; the stream is closed",
@@ -148,18 +220,6 @@ impl HeartbeatSession {
                     ));
                     info!(error = %err, "idle heartbeat stream closed");
                     return Some(Err(err.into()));
-                }
-                () = self.term.lost().cancelled() => {
-                    self.done = true;
-                    metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "stepped_down").increment(1);
-                    info!(node_id = %self.node_id(), "heartbeat stream ended: this replica no longer leads");
-                    return Some(Err(not_leading().into()));
-                }
-                err = crate::auth::revoked(&mut self.grant) => {
-                    self.done = true;
-                    metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "revoked").increment(1);
-                    warn!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: its token was revoked");
-                    return Some(Err(RegistryError::from(err).into()));
                 }
                 () = command_owed(self.node.as_deref(), &mut self.signal_seen) => match self.push() {
                     Ok(Some(push)) => return Some(Ok(push)),
@@ -204,6 +264,25 @@ impl HeartbeatSession {
                 Some(Err(status))
             }
         }
+    }
+
+    /// After a recheck: why the stream must end now for a registry-wide
+    /// reason (the server shuts down, its term ended, its token was
+    /// revoked), if it must.
+    fn must_end(&mut self) -> Option<Status> {
+        if self.shutdown.is_cancelled() {
+            return Some(RegistryError::ShuttingDown.into());
+        }
+        if self.term.lost().is_cancelled() {
+            metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "stepped_down")
+                .increment(1);
+            info!(node_id = %self.node_id(), "heartbeat stream ended: this replica no longer leads");
+            return Some(not_leading().into());
+        }
+        let err = crate::auth::revoked(&mut self.grant)?;
+        metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "revoked").increment(1);
+        warn!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: its token was revoked");
+        Some(RegistryError::from(err).into())
     }
 
     /// After a wake-up: the unsolicited message carrying a newly owed
@@ -316,5 +395,49 @@ impl HeartbeatSession {
             &mut self.sent_command,
         )?;
         Ok(self.reply(request.sequence, now.wall, command))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::TokenSources;
+
+    #[tokio::test]
+    async fn a_reload_a_term_end_and_shutdown_each_raise_the_recheck() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "node node-token-0123456789\n").unwrap();
+        let auth = Authenticator::from_sources(TokenSources {
+            file: Some(tokens.clone()),
+            admin_token: None,
+        })
+        .unwrap();
+        let role = ReplicaRole::starting_follower();
+        role.lead(Term::new(Arc::new(|| true), CancellationToken::new()));
+        let shutdown = CancellationToken::new();
+        let recheck = Arc::new(Recheck::default());
+        // Every stream asks; one task watches.
+        recheck.watch(&shutdown, &role, &auth);
+        recheck.watch(&shutdown, &role, &auth);
+
+        let start = recheck.signal.seen();
+        let mut seen = start;
+        let wait = Duration::from_secs(10);
+        std::fs::write(&tokens, "node other-token-0123456789\n").unwrap();
+        auth.reload().unwrap();
+        let raised = tokio::time::timeout(wait, recheck.signal.raised(&mut seen)).await;
+        raised.expect("a reload raises it");
+        role.follow(None, "the lease ended");
+        let raised = tokio::time::timeout(wait, recheck.signal.raised(&mut seen)).await;
+        raised.expect("a term's end raises it");
+        shutdown.cancel();
+        let raised = tokio::time::timeout(wait, recheck.signal.raised(&mut seen)).await;
+        raised.expect("shutdown raises it");
+        assert_eq!(
+            recheck.signal.seen() - start,
+            3,
+            "one watcher: each cause raised once"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! registry and maps [`RegistryError`] to gRPC status codes.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -26,7 +27,7 @@ mod heartbeat;
 #[cfg(test)]
 mod tests;
 
-use heartbeat::{HeartbeatSession, OpenStream};
+use heartbeat::{HeartbeatSession, OpenStream, Recheck};
 
 /// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
 #[derive(Clone)]
@@ -58,6 +59,9 @@ pub struct NodeRegistryService {
     /// Whether this process leads (always, without replicas): writes and
     /// heartbeats are refused on a follower, reads marked stale.
     role: ReplicaRole,
+    /// Wakes every open heartbeat stream to check whether it may go on
+    /// (shutdown, the end of a term, a token reload).
+    recheck: Arc<Recheck>,
 }
 
 impl NodeRegistryService {
@@ -86,6 +90,7 @@ impl NodeRegistryService {
             placement,
             watchers: Watchers::new(settings.max_watchers, settings.watch_progress_interval),
             role: ReplicaRole::single(),
+            recheck: Arc::default(),
         }
     }
 
@@ -362,6 +367,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             ))
             .into());
         }
+        self.recheck.watch(&self.shutdown, &self.role, &self.auth);
         let session = HeartbeatSession {
             _open: guard,
             token_admin,
@@ -377,6 +383,8 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             session_secret: String::new(),
             done: false,
             signal_seen: 0,
+            recheck: Arc::clone(&self.recheck),
+            recheck_seen: 0,
             sent_command: 0,
             stream: 0,
             grant,
