@@ -46,7 +46,10 @@ impl Term {
         (self.holds)()
     }
 
-    /// Cancelled when the term ends.
+    /// Cancelled when the term ends. Open streams are not waiting on it:
+    /// they look at it when [`ReplicaRole::term_ends`] is raised, so a
+    /// term ends through the role ([`ReplicaRole::follow`]), which the
+    /// supervisor calls as soon as this is cancelled.
     pub fn lost(&self) -> &CancellationToken {
         &self.lost
     }
@@ -114,9 +117,14 @@ impl ReplicaRole {
         role
     }
 
-    /// This replica leads for `term`.
+    /// This replica leads for `term`. A term it replaces ends (which
+    /// the supervisor never does: it follows between two terms).
     pub fn lead(&self, term: Term) {
-        *self.write() = State::Leader(term);
+        let previous = std::mem::replace(&mut *self.write(), State::Leader(term));
+        if let State::Leader(ended) = previous {
+            ended.lost.cancel();
+            self.term_ends.raise();
+        }
     }
 
     /// This replica follows `leader` (when known) because of `why`; the
@@ -307,5 +315,13 @@ mod tests {
         let seen = role.term_ends().seen();
         role.follow(None, "still following");
         assert!(!role.term_ends().raised_since(seen), "no term ended");
+
+        // A term led over without following in between ends all the same.
+        let first = CancellationToken::new();
+        role.lead(Term::new(Arc::new(|| true), first.clone()));
+        let seen = role.term_ends().seen();
+        role.lead(Term::new(Arc::new(|| true), CancellationToken::new()));
+        assert!(first.is_cancelled());
+        assert!(role.term_ends().raised_since(seen));
     }
 }

@@ -18,7 +18,7 @@
 //! A stream waiting for the agent's next message waits on three things:
 //! the message, its node's signal, and the registry-wide [`Recheck`]
 //! (shutdown, a term's end, a token reload), after which it checks what
-//! happened. Each wait is part of every open stream's state and a waiter
+//! happened; before its first message, also on a timer. Each wait is part of every open stream's state and a waiter
 //! in a shared list per beat, so they are kept to these three.
 
 use std::pin::Pin;
@@ -114,7 +114,9 @@ pub(super) struct HeartbeatSession {
     /// Raised when the stream must check whether it may go on.
     pub(super) recheck: Arc<Recheck>,
     /// The raises of `recheck` this stream has seen; from zero, so a new
-    /// stream checks once at its start whatever happened before.
+    /// stream checks once at its start if anything was raised before it
+    /// (the watch starts before the stream's token is checked, so nothing
+    /// it must see is raised before the count it starts from).
     pub(super) recheck_seen: u64,
     /// Set once the stream has ended (an error was sent, or input ended).
     pub(super) done: bool,

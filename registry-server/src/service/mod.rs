@@ -342,6 +342,10 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        // Watching before the token is checked: a reload from here on
+        // raises the recheck, so none between the check and the stream's
+        // first wait goes unseen.
+        self.recheck.watch(&self.shutdown, &self.role, &self.auth);
         let (role, grant) = self
             .auth
             .authorize_stream(request.metadata(), Rpc::Heartbeat)
@@ -367,7 +371,6 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             ))
             .into());
         }
-        self.recheck.watch(&self.shutdown, &self.role, &self.auth);
         let session = HeartbeatSession {
             _open: guard,
             token_admin,
