@@ -18,8 +18,9 @@
 //! A stream waiting for the agent's next message waits on three things:
 //! the message, its node's signal, and the registry-wide [`Recheck`]
 //! (shutdown, a term's end, a token reload), after which it checks what
-//! happened; before its first message, also on a timer. Each wait is part of every open stream's state and a waiter
-//! in a shared list per beat, so they are kept to these three.
+//! happened; before its first message, also on a timer. Each wait is part
+//! of every open stream's state and a waiter in a shared list per beat, so
+//! they are kept to these.
 
 use std::pin::Pin;
 use std::sync::Arc;
