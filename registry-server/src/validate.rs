@@ -14,7 +14,7 @@ use registry_proto::pb;
 use registry_proto::rules::{self, Field};
 
 use crate::error::RegistryError;
-use crate::registry::{Beat, DrainRequest, Liveness, NodeFilter, Registration};
+use crate::registry::{Beat, DrainRequest, Liveness, NodeFilter, Registration, fitted};
 
 pub use registry_proto::rules::{
     MAX_ADDRESS_LEN, MAX_GPUS, MAX_ID_LEN, MAX_LABELS, MAX_MACHINE_ID_LEN, MAX_POOLS, MAX_TEXT_LEN,
@@ -38,20 +38,6 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryEr
         metrics_address: req.metrics_address,
         models_available: fitted(req.models_available),
     })
-}
-
-/// `items` in an allocation of their own length. What a registration or a
-/// heartbeat carries lives as long as the node (or the view it moves into),
-/// and prost's decoder grows a repeated field by doubling from four: two
-/// pools held room for four, ~400 bytes of spare room per registration and
-/// ~240 per beat's pool status. A copy only where there is spare room.
-fn fitted<T>(items: Vec<T>) -> Vec<T> {
-    if items.capacity() == items.len() {
-        return items;
-    }
-    let mut fitted = Vec::with_capacity(items.len());
-    fitted.extend(items);
-    fitted
 }
 
 /// Checks the payload of a heartbeat message (not its node or session,
@@ -83,8 +69,8 @@ pub fn beat(
     Ok(Beat {
         sent_at,
         received_at: now,
-        pools: fitted(std::mem::take(&mut req.pools)),
-        gpus: fitted(std::mem::take(&mut req.gpus)),
+        pools: std::mem::take(&mut req.pools),
+        gpus: std::mem::take(&mut req.gpus),
     })
 }
 
@@ -486,7 +472,7 @@ mod tests {
     }
 
     #[test]
-    fn what_is_kept_holds_no_spare_room() {
+    fn a_registration_keeps_no_spare_room() {
         use prost::Message;
         // Decoded as the server decodes them, so the lists have grown.
         let mut register = good_register();
@@ -504,16 +490,6 @@ mod tests {
             reg.capabilities.gpus.len()
         );
         assert_eq!(reg.models_available.capacity(), 1);
-
-        let mut req = good_beat();
-        let mut second = req.pools[0].clone();
-        second.pool_id = "pool-1".into();
-        req.pools.push(second);
-        let mut req = pb::HeartbeatRequest::decode(&req.encode_to_vec()[..]).unwrap();
-        assert!(req.pools.capacity() > 2, "the decoder leaves room");
-        let beat = beat(&mut req, now(), Duration::from_secs(60)).unwrap();
-        assert_eq!(beat.pools.capacity(), 2);
-        assert_eq!(beat.pools[1].pool_id, "pool-1");
     }
 
     #[test]

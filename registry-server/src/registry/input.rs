@@ -67,3 +67,20 @@ impl Now {
         }
     }
 }
+
+/// `items` in an allocation of their own length, for lists kept as long as
+/// a node or a view lives: prost's decoder grows a repeated field by
+/// doubling from four, so two pools held room for four (~400 bytes per
+/// registration, ~240 per view's pool status). A copy only where there is
+/// spare room. Not `Vec::shrink_to_fit`: mimalloc's realloc keeps a block
+/// in place when the new size is at least half the old, and collecting
+/// `into_iter()` reuses the allocation; `extend` into a fresh vector does
+/// neither.
+pub(crate) fn fitted<T>(items: Vec<T>) -> Vec<T> {
+    if items.capacity() == items.len() {
+        return items;
+    }
+    let mut fitted = Vec::with_capacity(items.len());
+    fitted.extend(items);
+    fitted
+}

@@ -81,6 +81,7 @@ mod tests;
 
 pub use admin::{DrainRequest, MAX_PARKED};
 pub use guard::{GuardConfig, GuardStats, GuardStatus, late_after, stall_threshold};
+pub(crate) use input::fitted;
 pub use input::{Beat, Now, Registration};
 pub use mirror::TAKEOVER_SUSPECT;
 pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
@@ -635,9 +636,9 @@ impl Registry {
             let mut st = slot.lock();
             st.stream_gen += 1;
             // Wakes a replaced stream; the owed command's number stays, so
-            // no command is sent twice. (Were the session
-            // replaced since `attach` checked it, the stream's first beat
-            // is refused by its session check.)
+            // no command is sent twice. (Were the session replaced since
+            // `attach` checked it, the stream's first beat is refused by
+            // its session check.)
             slot.signal.raise();
             st.stream_gen
         };

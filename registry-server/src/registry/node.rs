@@ -8,8 +8,8 @@ use registry_proto::convert::to_proto_timestamp;
 use registry_proto::pb;
 use tokio::time::Instant;
 
-use super::Registration;
 use super::stats::PoolTally;
+use super::{Registration, fitted};
 use crate::schedule::Key;
 use crate::signal::Signal;
 use crate::view::{NodeView, Registered};
@@ -434,8 +434,8 @@ impl NodeState {
 
     /// The node's view as it is now: its shared registration and the
     /// fields of this change, built afresh (no copy of the registration);
-    /// figures newer than the published view's move into it, the others
-    /// are copied from it. Only the publish path calls it (which also
+    /// figures newer than the published view's move into it (fitted: the
+    /// view keeps them), the others are copied from it. Only the publish path calls it (which also
     /// stamps the revision and keeps the view on the node, so the figures
     /// are read from there until the next beat).
     pub(super) fn new_view(&mut self) -> NodeView {
@@ -443,11 +443,11 @@ impl NodeState {
         let pool_status = self
             .newer_pool_status
             .take()
-            .unwrap_or_else(|| published.pool_status.clone());
+            .map_or_else(|| published.pool_status.clone(), fitted);
         let gpu_stats = self
             .newer_gpu_stats
             .take()
-            .unwrap_or_else(|| published.gpu_stats.clone());
+            .map_or_else(|| published.gpu_stats.clone(), fitted);
         NodeView::new(
             self.registration.clone(),
             pb::Node {

@@ -121,27 +121,26 @@ impl ReplicaRole {
     /// the supervisor never does: it follows between two terms).
     pub fn lead(&self, term: Term) {
         let previous = std::mem::replace(&mut *self.write(), State::Leader(term));
-        if let State::Leader(ended) = previous {
-            ended.lost.cancel();
-            self.term_ends.raise();
-        }
+        self.left(previous);
     }
 
     /// This replica follows `leader` (when known) because of `why`; the
     /// current term, if any, ends.
     pub fn follow(&self, leader: Option<String>, why: &str) {
-        let mut state = self.write();
-        let ended = matches!(&*state, State::Leader(_));
-        if let State::Leader(term) = &*state {
-            term.lost.cancel();
-        }
-        *state = State::Follower {
+        let follower = State::Follower {
             leader,
             why: why.to_owned(),
             stale: FOLLOWER_STALENESS.to_owned(),
         };
-        drop(state);
-        if ended {
+        let previous = std::mem::replace(&mut *self.write(), follower);
+        self.left(previous);
+    }
+
+    /// Ends the term of `previous`, the state just left, if it led: its
+    /// streams wake and find it lost.
+    fn left(&self, previous: State) {
+        if let State::Leader(term) = previous {
+            term.lost.cancel();
             self.term_ends.raise();
         }
     }

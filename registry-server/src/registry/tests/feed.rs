@@ -407,6 +407,9 @@ async fn a_published_beat_moves_its_figures_into_the_view() {
         let mut heartbeat = beat(pb::PoolState::Ready);
         heartbeat.pools[0].slots_free = slots_free;
         heartbeat.gpus = gpu(pb::GpuHealth::Healthy, &[], temp);
+        // As decoded: the lists have room to spare.
+        heartbeat.pools.reserve(8);
+        heartbeat.gpus.reserve(8);
         registry
             .heartbeat(&slot, reg.session_id, heartbeat, Instant::now())
             .unwrap();
@@ -420,6 +423,10 @@ async fn a_published_beat_moves_its_figures_into_the_view() {
         assert!(st.newer_pool_status.is_none() && st.newer_gpu_stats.is_none());
         assert_eq!(st.pool_status(), st.view.live().pool_status.as_slice());
         assert_eq!(temp(st.gpu_stats()), Some(40));
+        // The view keeps them without the decoder's spare room.
+        let live = st.view.live();
+        assert_eq!(live.pool_status.capacity(), live.pool_status.len());
+        assert_eq!(live.gpu_stats.capacity(), live.gpu_stats.len());
     }
     // Only raw figures move: not published, so the node holds them apart
     // from the view until the next change, and readers see them.
