@@ -495,7 +495,10 @@ mod tests {
 
     /// Publishes a view of `registered` with `slots_free`.
     fn publish_of(feed: &Feed, kind: EventKind, registered: &Arc<Registered>, slots_free: u32) {
-        feed.publish(kind, NodeView::new(registered.clone(), live(slots_free)));
+        feed.publish(
+            kind,
+            NodeView::with_fields(registered.clone(), live(slots_free)),
+        );
     }
 
     /// A registration of `id` at `address`.

@@ -37,8 +37,9 @@ impl Registered {
     /// Writes the registration's fields into `node`.
     fn put_into(&self, node: &mut pb::Node) {
         // Every field of the registration is named here and every field
-        // of `Node` in `live_fields`, so a field added to the contract or
-        // to the registration does not compile until it is given its part.
+        // of `Node` in `NodeView::with_fields`, so a field added to the
+        // contract or to the registration does not compile until it is
+        // given its part.
         let Registration {
             node_id,
             machine_id,
@@ -76,23 +77,128 @@ impl Deref for Registered {
 pub struct NodeView {
     /// The registration the view shows, shared.
     registered: Arc<Registered>,
-    /// The fields no registration sets (status, timestamps, pool status,
-    /// GPU figures, session, revision, admin state, suspicion); the
-    /// registration's fields are left empty here.
-    live: pb::Node,
+    /// The fields no registration sets except the admin state, in a message
+    /// of their own (~190 bytes, against ~680 for a whole `pb::Node` with
+    /// the registration's fields left empty).
+    live: Live,
+    /// What operators asked of the node, shared with the node's state and
+    /// its other views until an operator changes it (a view of a node
+    /// nobody cordoned holds the registry-wide default, allocating nothing).
+    admin: Option<Arc<pb::AdminState>>,
 }
 
+/// The fields of a node's view that no registration sets, except `admin`,
+/// numbered as the contract's `Node` numbers them: their encoding is a
+/// `Node` with the registration's fields (and `admin`) left out, so the
+/// watch history keeps and decodes it as one.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Live {
+    /// ONLINE or OFFLINE (`Node.status`).
+    #[prost(enumeration = "pb::NodeStatus", tag = "8")]
+    pub status: i32,
+    /// First registration (`Node.registered_at`).
+    #[prost(message, optional, tag = "9")]
+    pub registered_at: Option<prost_types::Timestamp>,
+    /// Latest sign of life when the view was published.
+    #[prost(message, optional, tag = "10")]
+    pub last_heartbeat_at: Option<prost_types::Timestamp>,
+    /// Every pool's status from the latest heartbeat.
+    #[prost(message, repeated, tag = "11")]
+    pub pool_status: Vec<pb::PoolStatus>,
+    /// GPU figures from the latest heartbeat that carried any.
+    #[prost(message, repeated, tag = "12")]
+    pub gpu_stats: Vec<pb::GpuStats>,
+    /// The current session.
+    #[prost(uint64, tag = "13")]
+    pub session_id: u64,
+    /// Latest liveness change.
+    #[prost(message, optional, tag = "14")]
+    pub status_changed_at: Option<prost_types::Timestamp>,
+    /// The agent's clock in its latest heartbeat.
+    #[prost(message, optional, tag = "15")]
+    pub agent_time: Option<prost_types::Timestamp>,
+    /// The change this view was published at (0 before).
+    #[prost(uint64, tag = "17")]
+    pub revision: u64,
+    /// Held ONLINE past its deadline because the registry doubts itself.
+    #[prost(bool, tag = "20")]
+    pub suspect: bool,
+    /// Why the node is suspect (empty when it is not).
+    #[prost(string, tag = "21")]
+    pub suspect_reason: String,
+}
+
+/// The contract's tag of `Node.admin`, the one live field kept apart from
+/// [`Live`].
+const ADMIN_TAG: u32 = 19;
+
 impl NodeView {
-    /// The view of `registered` with `live`'s other fields. `live` must
-    /// leave every registration field empty: they are taken from
-    /// `registered`, and a set one would be sent twice.
-    pub fn new(registered: Arc<Registered>, live: pb::Node) -> Self {
-        debug_assert_eq!(
-            live.encoded_len(),
-            live_fields(&live).encoded_len(),
+    /// The view of `registered` with `live`'s fields and `admin`.
+    pub fn new(
+        registered: Arc<Registered>,
+        live: Live,
+        admin: Option<Arc<pb::AdminState>>,
+    ) -> Self {
+        Self {
+            registered,
+            live,
+            admin,
+        }
+    }
+
+    /// The view of `registered` with the fields of `node` that no
+    /// registration sets (moved, not copied). `node` must leave every
+    /// registration field empty: they are taken from `registered`.
+    pub fn with_fields(registered: Arc<Registered>, node: pb::Node) -> Self {
+        let pb::Node {
+            node_id,
+            machine_id,
+            address,
+            pools,
+            capabilities,
+            agent_version,
+            labels,
+            status,
+            registered_at,
+            last_heartbeat_at,
+            pool_status,
+            gpu_stats,
+            session_id,
+            status_changed_at,
+            agent_time,
+            metrics_address,
+            revision,
+            models_available,
+            admin,
+            suspect,
+            suspect_reason,
+        } = node;
+        debug_assert!(
+            node_id.is_empty()
+                && machine_id.is_empty()
+                && address.is_empty()
+                && pools.is_empty()
+                && capabilities.is_none()
+                && agent_version.is_empty()
+                && labels.is_empty()
+                && metrics_address.is_empty()
+                && models_available.is_empty(),
             "a view's own part sets a registration field"
         );
-        Self { registered, live }
+        let live = Live {
+            status,
+            registered_at,
+            last_heartbeat_at,
+            pool_status,
+            gpu_stats,
+            session_id,
+            status_changed_at,
+            agent_time,
+            revision,
+            suspect,
+            suspect_reason,
+        };
+        Self::new(registered, live, admin.map(Arc::new))
     }
 
     /// The registration the view shows.
@@ -105,9 +211,15 @@ impl NodeView {
         &self.registered
     }
 
-    /// The fields no registration sets; its registration fields are empty.
-    pub fn live(&self) -> &pb::Node {
+    /// The fields no registration sets, but the admin state.
+    pub fn live(&self) -> &Live {
         &self.live
+    }
+
+    /// What operators asked of the node (`None` only before the node's
+    /// first publish).
+    pub fn admin(&self) -> Option<&pb::AdminState> {
+        self.admin.as_deref()
     }
 
     /// The node's id.
@@ -132,7 +244,34 @@ impl NodeView {
 
     /// The whole contract message (a deep copy), for a reader's response.
     pub fn to_proto(&self) -> pb::Node {
-        let mut node = self.live.clone();
+        let Live {
+            status,
+            registered_at,
+            last_heartbeat_at,
+            pool_status,
+            gpu_stats,
+            session_id,
+            status_changed_at,
+            agent_time,
+            revision,
+            suspect,
+            suspect_reason,
+        } = &self.live;
+        let mut node = pb::Node {
+            status: *status,
+            registered_at: *registered_at,
+            last_heartbeat_at: *last_heartbeat_at,
+            pool_status: pool_status.clone(),
+            gpu_stats: gpu_stats.clone(),
+            session_id: *session_id,
+            status_changed_at: *status_changed_at,
+            agent_time: *agent_time,
+            revision: *revision,
+            admin: self.admin.as_deref().cloned(),
+            suspect: *suspect,
+            suspect_reason: suspect_reason.clone(),
+            ..pb::Node::default()
+        };
         self.registered.put_into(&mut node);
         node
     }
@@ -153,25 +292,36 @@ impl NodeView {
             models_available: node.models_available,
             labels: node.labels,
         });
-        Self::new(registered, live)
+        Self::with_fields(registered, live)
     }
 
-    /// The view's own fields, encoded: what the watch history keeps of an
-    /// older view besides its shared registration (~0.4 KiB at 8 GPUs and
-    /// 2 pools, against ~1 KiB on the heap as a message).
+    /// The view's own fields, encoded as a `Node` without the
+    /// registration's: what the watch history keeps of an older view
+    /// besides its shared registration (~0.4 KiB at 8 GPUs and 2 pools,
+    /// against ~1 KiB on the heap as a message).
     pub fn encode_live(&self) -> Bytes {
-        Bytes::from(self.live.encode_to_vec())
+        let admin_len = self.admin.as_deref().map_or(0, |admin| {
+            prost::encoding::message::encoded_len(ADMIN_TAG, admin)
+        });
+        let mut buf = Vec::with_capacity(self.live.encoded_len() + admin_len);
+        // Tags may come in any order; the admin state's is written last.
+        self.live.encode_raw(&mut buf);
+        if let Some(admin) = self.admin.as_deref() {
+            prost::encoding::message::encode(ADMIN_TAG, admin, &mut buf);
+        }
+        Bytes::from(buf)
     }
 
     /// The view that [`NodeView::encode_live`] encoded `live` from, showing
     /// `registered`.
     pub fn decode(registered: Arc<Registered>, live: Bytes) -> Result<Self, prost::DecodeError> {
-        Ok(Self::new(registered, pb::Node::decode(live)?))
+        Ok(Self::with_fields(registered, pb::Node::decode(live)?))
     }
 }
 
 /// A copy of the fields of `node` that no registration sets, the others
 /// left empty.
+#[cfg(test)]
 fn live_fields(node: &pb::Node) -> pb::Node {
     let pb::Node {
         node_id: _,
@@ -275,7 +425,22 @@ mod tests {
         assert_eq!(view.to_proto(), whole());
         assert_eq!(view.node_id(), "n1");
         assert_eq!(view.revision(), 12);
-        assert!(view.live().node_id.is_empty() && view.live().pools.is_empty());
+        assert_eq!(view.admin().map(|a| a.schedulable), Some(false));
+    }
+
+    #[test]
+    fn views_of_one_admin_state_share_it() {
+        let view = NodeView::from_proto(whole());
+        let again = view.clone();
+        assert!(std::ptr::eq(view.admin().unwrap(), again.admin().unwrap()));
+        // Without an admin state (before a node's first publish) none is
+        // made up, and none is encoded.
+        let mut node = whole();
+        node.admin = None;
+        let view = NodeView::from_proto(node.clone());
+        assert!(view.admin().is_none());
+        let part = pb::Node::decode(view.encode_live()).unwrap();
+        assert_eq!(part, live_fields(&node));
     }
 
     #[test]

@@ -26,14 +26,14 @@ pub const MAX_EXCLUDED: usize = 1000;
 /// is schedulable. The one place placement reads admin state; the
 /// [`Filter::Schedulable`] reason fires for such a node.
 pub fn schedulable(node: &NodeView) -> bool {
-    node.live().admin.as_ref().is_none_or(|a| a.schedulable)
+    node.admin().is_none_or(|a| a.schedulable)
 }
 
 /// Why an unschedulable node takes no new work, for the pinned-node
 /// answer ("node unavailable: cordoned ..." / "draining ..."); `None`
 /// when it is schedulable.
 pub fn unschedulable_reason(node: &NodeView) -> Option<String> {
-    let admin = node.live().admin.as_ref().filter(|a| !a.schedulable)?;
+    let admin = node.admin().filter(|a| !a.schedulable)?;
     let why = |reason: &str| {
         if reason.is_empty() {
             String::new()

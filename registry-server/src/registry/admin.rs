@@ -189,7 +189,7 @@ impl NodeState {
         if acknowledged == drain.acknowledged && drained == drain.drained {
             return None;
         }
-        let mut admin = self.admin.clone();
+        let mut admin = pb::AdminState::clone(&self.admin);
         let d = admin.drain.as_mut()?;
         d.acknowledged = acknowledged;
         if drained && !d.drained {
@@ -264,6 +264,29 @@ impl ParkedMap {
     }
 }
 
+/// The admin state of a node nobody cordoned or drained: schedulable. One
+/// value shared by every such node and its views, so they hold a pointer
+/// instead of a state each.
+pub(super) fn default_admin() -> Arc<pb::AdminState> {
+    static DEFAULT: std::sync::LazyLock<Arc<pb::AdminState>> = std::sync::LazyLock::new(|| {
+        Arc::new(pb::AdminState {
+            schedulable: true,
+            ..pb::AdminState::default()
+        })
+    });
+    Arc::clone(&DEFAULT)
+}
+
+/// `admin` to keep on a node: the shared default when it is the default.
+fn shared_admin(admin: pb::AdminState) -> Arc<pb::AdminState> {
+    let default = default_admin();
+    if admin == *default {
+        default
+    } else {
+        Arc::new(admin)
+    }
+}
+
 /// How many of `admin`'s nodes count as cordoned and as draining.
 fn admin_gauges(admin: &pb::AdminState) -> (i64, i64) {
     (i64::from(admin.cordoned), i64::from(admin.drain.is_some()))
@@ -288,13 +311,13 @@ impl Registry {
     /// keeps the gauges and sets the state. True when anything changed.
     pub(super) fn apply_admin(&self, st: &mut NodeState, mut admin: pb::AdminState) -> bool {
         admin.schedulable = !admin.cordoned && admin.drain.is_none();
-        if admin == st.admin {
+        if admin == *st.admin {
             return false;
         }
         let (c0, d0) = admin_gauges(&st.admin);
         let (c1, d1) = admin_gauges(&admin);
         self.shared.stats.shift_admin(c1 - c0, d1 - d0);
-        st.admin = admin;
+        st.admin = shared_admin(admin);
         true
     }
 
@@ -357,7 +380,7 @@ impl Registry {
             if st.admin.cordoned && st.admin.cordon_reason == reason {
                 return Ok(None);
             }
-            let mut admin = st.admin.clone();
+            let mut admin = pb::AdminState::clone(&st.admin);
             if !admin.cordoned {
                 admin.cordoned = true;
                 admin.cordoned_at = Some(to_proto_timestamp(now.wall));
@@ -392,7 +415,7 @@ impl Registry {
             if !st.admin.cordoned {
                 return Ok(None);
             }
-            let mut admin = st.admin.clone();
+            let mut admin = pb::AdminState::clone(&st.admin);
             clear(&mut admin);
             Ok(Some(admin))
         }) {
@@ -462,7 +485,7 @@ impl Registry {
         if same {
             return Ok((st.read(), None));
         }
-        let mut admin = st.admin.clone();
+        let mut admin = pb::AdminState::clone(&st.admin);
         admin.drain = Some(pb::DrainState {
             pool_ids: request.pool_ids.clone(),
             reason: request.reason.clone(),
@@ -521,7 +544,7 @@ impl Registry {
         let Some(drain) = st.admin.drain.clone() else {
             return Ok((st.read(), None));
         };
-        let mut admin = st.admin.clone();
+        let mut admin = pb::AdminState::clone(&st.admin);
         admin.drain = None;
         st.drain_deadline_at = None;
         st.resume = Some(pb::ResumeCommand {
@@ -618,7 +641,7 @@ impl Registry {
     /// anew (and is owed the command until it does). The caller publishes.
     pub(super) fn admin_on_register(&self, st: &mut NodeState) {
         if st.admin.drain.as_ref().is_some_and(|d| d.acknowledged) {
-            let mut admin = st.admin.clone();
+            let mut admin = pb::AdminState::clone(&st.admin);
             if let Some(drain) = admin.drain.as_mut() {
                 drain.acknowledged = false;
             }
@@ -659,7 +682,7 @@ impl Registry {
         self.parked().insert(
             &st.registration.node_id,
             Parked {
-                admin: st.admin.clone(),
+                admin: pb::AdminState::clone(&st.admin),
                 drain_deadline_at: st.drain_deadline_at,
                 seq: 0,
             },
@@ -676,11 +699,12 @@ impl Registry {
         st.drain_deadline_at = parked.drain_deadline_at;
         let (c, d) = admin_gauges(&parked.admin);
         self.shared.stats.shift_admin(c, d);
-        st.admin = parked.admin;
+        let mut admin = parked.admin;
         // A new agent has not been told; it acknowledges anew.
-        if let Some(drain) = st.admin.drain.as_mut() {
+        if let Some(drain) = admin.drain.as_mut() {
             drain.acknowledged = false;
         }
+        st.admin = shared_admin(admin);
         // Owed again to the new agent's streams.
         if st.admin.drain.is_some() {
             st.command_gen += 1;

@@ -101,7 +101,7 @@ impl Registry {
             if st.view.node_id() != &**id
                 || view.status() != status
                 || view.session_id != st.session_id
-                || view.admin.as_ref() != Some(&st.admin)
+                || st.view.admin() != Some(&*st.admin)
             {
                 return fail(format!(
                     "published view ({}, {:?}, session {}, admin {:?}) disagrees with the state \
@@ -109,7 +109,7 @@ impl Registry {
                     st.view.node_id(),
                     view.status(),
                     view.session_id,
-                    view.admin,
+                    st.view.admin(),
                     st.session_id,
                     st.admin,
                 ));

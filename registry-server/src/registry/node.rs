@@ -12,7 +12,7 @@ use super::stats::PoolTally;
 use super::{Registration, fitted};
 use crate::schedule::Key;
 use crate::signal::Signal;
-use crate::view::{NodeView, Registered};
+use crate::view::{Live, NodeView, Registered};
 
 /// How far a pool's free VRAM may move from the published figure before a
 /// heartbeat counts as a change (512 MiB): smaller moves are noise of the
@@ -196,8 +196,11 @@ pub(super) struct NodeState {
     /// events; rebuilt only when a reader can see a change.
     pub(super) view: Arc<NodeView>,
     /// What operators asked of the node (cordon, drain); kept across
-    /// re-registrations.
-    pub(super) admin: pb::AdminState,
+    /// re-registrations. Shared with the node's views (a change replaces
+    /// it), and every node nobody cordoned or drained shares one default
+    /// ([`super::admin::default_admin`]), so it costs a pointer per node
+    /// and per view instead of ~160 bytes in each.
+    pub(super) admin: Arc<pb::AdminState>,
     /// Why the registry holds the node ONLINE past its deadline (it
     /// suspects itself, not the node); `None` when it does not.
     pub(super) suspect: Option<String>,
@@ -241,7 +244,7 @@ impl NodeState {
     ) -> Self {
         let registration = Registered::new(registration);
         Self {
-            view: Arc::new(NodeView::new(registration.clone(), pb::Node::default())),
+            view: Arc::new(NodeView::new(registration.clone(), Live::default(), None)),
             registration,
             session_id,
             secret_sha256,
@@ -256,10 +259,7 @@ impl NodeState {
             newer_gpu_stats: None,
             wakeup: None,
             removed: false,
-            admin: pb::AdminState {
-                schedulable: true,
-                ..pb::AdminState::default()
-            },
+            admin: super::admin::default_admin(),
             suspect: None,
             drain_deadline_at: None,
             resume: None,
@@ -448,23 +448,19 @@ impl NodeState {
             .newer_gpu_stats
             .take()
             .map_or_else(|| published.gpu_stats.clone(), fitted);
-        NodeView::new(
-            self.registration.clone(),
-            pb::Node {
-                status: self.liveness.to_proto() as i32,
-                registered_at: Some(to_proto_timestamp(self.registered_at)),
-                last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
-                pool_status,
-                gpu_stats,
-                session_id: self.session_id,
-                status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
-                agent_time: self.agent_time.map(to_proto_timestamp),
-                revision: 0,
-                admin: Some(self.admin.clone()),
-                suspect: self.suspect.is_some(),
-                suspect_reason: self.suspect.clone().unwrap_or_default(),
-                ..pb::Node::default()
-            },
-        )
+        let live = Live {
+            status: self.liveness.to_proto() as i32,
+            registered_at: Some(to_proto_timestamp(self.registered_at)),
+            last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
+            pool_status,
+            gpu_stats,
+            session_id: self.session_id,
+            status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
+            agent_time: self.agent_time.map(to_proto_timestamp),
+            revision: 0,
+            suspect: self.suspect.is_some(),
+            suspect_reason: self.suspect.clone().unwrap_or_default(),
+        };
+        NodeView::new(self.registration.clone(), live, Some(self.admin.clone()))
     }
 }

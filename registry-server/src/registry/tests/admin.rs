@@ -71,6 +71,30 @@ async fn cordon_is_a_visible_change_once_and_uncordon_undoes_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn nodes_nobody_cordoned_share_one_admin_state_with_their_views() {
+    let (registry, _stop) = start();
+    let (_a, a) = joined(&registry, "a");
+    let (_b, b) = joined(&registry, "b");
+    let shared = |slot: &NodeSlot| {
+        let st = slot.lock();
+        let view = st
+            .view
+            .admin()
+            .expect("a published view holds the admin state");
+        assert!(std::ptr::eq(view, &*st.admin), "the view shares the node's");
+        Arc::clone(&st.admin)
+    };
+    assert!(Arc::ptr_eq(&shared(&a), &shared(&b)));
+    assert!(shared(&a).schedulable);
+
+    registry.cordon("a", "bad fan", Now::read()).unwrap();
+    assert!(!Arc::ptr_eq(&shared(&a), &shared(&b)));
+    assert!(shared(&a).cordoned && shared(&b).schedulable);
+    registry.uncordon("a").unwrap();
+    assert!(Arc::ptr_eq(&shared(&a), &shared(&b)), "back to the default");
+}
+
+#[tokio::test(start_paused = true)]
 async fn admin_calls_on_unknown_nodes_are_not_found() {
     let (registry, _stop) = start();
     for result in [
