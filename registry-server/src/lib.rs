@@ -27,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod expiry;
+pub mod figures;
 pub mod grpc_metrics;
 pub mod identity;
 pub mod limits;

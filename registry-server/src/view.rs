@@ -18,6 +18,7 @@ use bytes::Bytes;
 use prost::Message;
 use registry_proto::pb;
 
+use crate::figures::GpuFigures;
 use crate::registry::Registration;
 
 /// A node's registration as the registry holds it, shared by the node and
@@ -77,20 +78,23 @@ impl Deref for Registered {
 pub struct NodeView {
     /// The registration the view shows, shared.
     registered: Arc<Registered>,
-    /// The fields no registration sets except the admin state, in a message
-    /// of their own (~190 bytes, against ~680 for a whole `pb::Node` with
-    /// the registration's fields left empty).
+    /// The fields no registration sets except the GPU figures and the
+    /// admin state, in a message of their own (~170 bytes, against ~680
+    /// for a whole `pb::Node` with the registration's fields left empty).
     live: Live,
+    /// GPU figures from the latest heartbeat that carried any, encoded
+    /// (shared with the node's state until its next beat).
+    gpus: GpuFigures,
     /// What operators asked of the node, shared with the node's state and
     /// its other views until an operator changes it (a view of a node
     /// nobody cordoned holds the registry-wide default, allocating nothing).
     admin: Option<Arc<pb::AdminState>>,
 }
 
-/// The fields of a node's view that no registration sets, except `admin`,
-/// numbered as the contract's `Node` numbers them: their encoding is a
-/// `Node` with the registration's fields (and `admin`) left out, so the
-/// watch history keeps and decodes it as one.
+/// The fields of a node's view that no registration sets, except the GPU
+/// figures and `admin`, numbered as the contract's `Node` numbers them:
+/// their encoding is a `Node` with the registration's fields (and those
+/// two) left out, so the watch history keeps and decodes it as one.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Live {
     /// ONLINE or OFFLINE (`Node.status`).
@@ -105,9 +109,6 @@ pub struct Live {
     /// Every pool's status from the latest heartbeat.
     #[prost(message, repeated, tag = "11")]
     pub pool_status: Vec<pb::PoolStatus>,
-    /// GPU figures from the latest heartbeat that carried any.
-    #[prost(message, repeated, tag = "12")]
-    pub gpu_stats: Vec<pb::GpuStats>,
     /// The current session.
     #[prost(uint64, tag = "13")]
     pub session_id: u64,
@@ -128,20 +129,22 @@ pub struct Live {
     pub suspect_reason: String,
 }
 
-/// The contract's tag of `Node.admin`, the one live field kept apart from
+/// The contract's tag of `Node.admin`, a live field kept apart from
 /// [`Live`].
 const ADMIN_TAG: u32 = 19;
 
 impl NodeView {
-    /// The view of `registered` with `live`'s fields and `admin`.
+    /// The view of `registered` with `live`'s fields, `gpus` and `admin`.
     pub fn new(
         registered: Arc<Registered>,
         live: Live,
+        gpus: GpuFigures,
         admin: Option<Arc<pb::AdminState>>,
     ) -> Self {
         Self {
             registered,
             live,
+            gpus,
             admin,
         }
     }
@@ -190,7 +193,6 @@ impl NodeView {
             registered_at,
             last_heartbeat_at,
             pool_status,
-            gpu_stats,
             session_id,
             status_changed_at,
             agent_time,
@@ -198,7 +200,8 @@ impl NodeView {
             suspect,
             suspect_reason,
         };
-        Self::new(registered, live, admin.map(Arc::new))
+        let gpus = GpuFigures::new(gpu_stats);
+        Self::new(registered, live, gpus, admin.map(Arc::new))
     }
 
     /// The registration the view shows.
@@ -211,9 +214,15 @@ impl NodeView {
         &self.registered
     }
 
-    /// The fields no registration sets, but the admin state.
+    /// The fields no registration sets, but the GPU figures and the admin
+    /// state.
     pub fn live(&self) -> &Live {
         &self.live
+    }
+
+    /// GPU figures from the latest heartbeat that carried any.
+    pub fn gpus(&self) -> &GpuFigures {
+        &self.gpus
     }
 
     /// What operators asked of the node (`None` only before the node's
@@ -249,7 +258,6 @@ impl NodeView {
             registered_at,
             last_heartbeat_at,
             pool_status,
-            gpu_stats,
             session_id,
             status_changed_at,
             agent_time,
@@ -262,7 +270,7 @@ impl NodeView {
             registered_at: *registered_at,
             last_heartbeat_at: *last_heartbeat_at,
             pool_status: pool_status.clone(),
-            gpu_stats: gpu_stats.clone(),
+            gpu_stats: self.gpus.to_proto(),
             session_id: *session_id,
             status_changed_at: *status_changed_at,
             agent_time: *agent_time,
@@ -303,9 +311,12 @@ impl NodeView {
         let admin_len = self.admin.as_deref().map_or(0, |admin| {
             prost::encoding::message::encoded_len(ADMIN_TAG, admin)
         });
-        let mut buf = Vec::with_capacity(self.live.encoded_len() + admin_len);
-        // Tags may come in any order; the admin state's is written last.
+        let gpus = self.gpus.encoded();
+        let mut buf = Vec::with_capacity(self.live.encoded_len() + gpus.len() + admin_len);
+        // Tags may come in any order; the figures' and the admin state's
+        // are written last, the figures as they are kept.
         self.live.encode_raw(&mut buf);
+        buf.extend_from_slice(gpus);
         if let Some(admin) = self.admin.as_deref() {
             prost::encoding::message::encode(ADMIN_TAG, admin, &mut buf);
         }

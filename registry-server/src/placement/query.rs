@@ -9,6 +9,7 @@ use registry_proto::pb;
 use registry_proto::rules::{self, Field};
 
 use super::PoolEntry;
+use crate::figures::GpuHealth;
 use crate::view::NodeView;
 
 /// Candidates returned when the request asks for none in particular.
@@ -61,16 +62,16 @@ pub fn unschedulable_reason(node: &NodeView) -> Option<String> {
 /// when all are usable. DEGRADED and unreported (UNSPECIFIED) GPUs are
 /// usable. The one place placement reads GPU health; the
 /// [`Filter::GpuHealth`] reason fires for such a pool.
-pub fn unhealthy_gpu<'n>(node: &'n NodeView, indices: &[u32]) -> Option<&'n pb::GpuStats> {
-    node.live().gpu_stats.iter().find(|g| {
-        g.health == pb::GpuHealth::Unhealthy as i32
-            && (indices.is_empty() || indices.contains(&g.index))
-    })
+pub fn unhealthy_gpu<'n>(node: &'n NodeView, indices: &[u32]) -> Option<&'n GpuHealth> {
+    node.gpus()
+        .health()
+        .iter()
+        .find(|g| g.is_unhealthy() && (indices.is_empty() || indices.contains(&g.index)))
 }
 
 /// An UNHEALTHY GPU in words, naming it by index, UUID and node, with its
 /// reasons: "GPU 1 (GPU-8f6c...) of node gpu-7 is UNHEALTHY: xid 79 (...)".
-pub fn unhealthy_gpu_reason(node: &NodeView, gpu: &pb::GpuStats) -> String {
+pub fn unhealthy_gpu_reason(node: &NodeView, gpu: &GpuHealth) -> String {
     let uuid = node
         .registration()
         .capabilities
@@ -83,7 +84,7 @@ pub fn unhealthy_gpu_reason(node: &NodeView, gpu: &pb::GpuStats) -> String {
         "GPU {}{uuid} of node {} is UNHEALTHY: {}",
         gpu.index,
         node.node_id(),
-        gpu.health_reasons.join("; ")
+        gpu.reasons.join("; ")
     )
 }
 

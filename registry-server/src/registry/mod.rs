@@ -62,6 +62,7 @@ use tracing::{info, warn};
 
 use crate::error::RegistryError;
 use crate::events::{ChangeSubscriber, EventKind, Feed};
+use crate::figures::GpuFigures;
 use crate::schedule::Schedule;
 use crate::store::{Commit, Loaded, MemoryStore, Store, secret_sha256};
 
@@ -691,6 +692,8 @@ impl Registry {
         sent: &mut u64,
     ) -> Result<Option<pb::heartbeat_response::Command>, RegistryError> {
         let wall = beat.received_at;
+        // Encoded before the node's lock is taken: the figures are kept so.
+        let gpus = GpuFigures::new(beat.gpus);
         let mut st = slot.lock();
         check_stream(slot, &st, session_id, stream)?;
         // Heard from after a restart: no longer reserved (nor suspect: the
@@ -698,11 +701,11 @@ impl Registry {
         st.restart_grace_until = None;
         let before = st.pool_tally();
         let pools_changed = st.pools_changed(&beat.pools);
-        let health_changed = st.gpu_health_changed(&beat.gpus);
+        let health_changed = st.gpu_health_changed(&gpus);
         st.last_seen = now;
         st.last_heartbeat_at = wall;
         st.agent_time = Some(beat.sent_at);
-        st.report(beat.pools, beat.gpus);
+        st.report(beat.pools, gpus);
         st.reported = true;
         let came_online = st.liveness == Liveness::Offline;
         if came_online {

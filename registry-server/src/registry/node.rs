@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::stats::PoolTally;
 use super::{Registration, fitted};
+use crate::figures::GpuFigures;
 use crate::schedule::Key;
 use crate::signal::Signal;
 use crate::view::{Live, NodeView, Registered};
@@ -132,8 +133,8 @@ pub(super) struct Reading {
     last_heartbeat_at: DateTime<Utc>,
     /// The agent's clock in its latest heartbeat.
     agent_time: Option<DateTime<Utc>>,
-    /// The latest GPU figures, when any were reported.
-    gpu_stats: Option<Vec<pb::GpuStats>>,
+    /// GPU figures newer than the view's, when any were reported.
+    gpu_stats: Option<GpuFigures>,
 }
 
 impl Reading {
@@ -143,7 +144,7 @@ impl Reading {
         node.last_heartbeat_at = Some(to_proto_timestamp(self.last_heartbeat_at));
         node.agent_time = self.agent_time.map(to_proto_timestamp);
         if let Some(gpu_stats) = self.gpu_stats {
-            node.gpu_stats = gpu_stats;
+            node.gpu_stats = gpu_stats.to_proto();
         }
         node
     }
@@ -184,8 +185,10 @@ pub(super) struct NodeState {
     /// published holds its figures once.
     pub(super) newer_pool_status: Option<Vec<pb::PoolStatus>>,
     /// GPU figures from the latest heartbeat that carried any, held the
-    /// same way (see [`NodeState::gpu_stats`]).
-    pub(super) newer_gpu_stats: Option<Vec<pb::GpuStats>>,
+    /// same way (see [`NodeState::gpu_stats`]), encoded: a node whose raw
+    /// figures move on every beat holds them apart from its view nearly
+    /// always.
+    pub(super) newer_gpu_stats: Option<GpuFigures>,
     /// The node's one entry in the schedule, so re-scheduling or removal
     /// deletes it instead of leaving a stale one behind.
     pub(super) wakeup: Option<Key>,
@@ -244,7 +247,12 @@ impl NodeState {
     ) -> Self {
         let registration = Registered::new(registration);
         Self {
-            view: Arc::new(NodeView::new(registration.clone(), Live::default(), None)),
+            view: Arc::new(NodeView::new(
+                registration.clone(),
+                Live::default(),
+                GpuFigures::default(),
+                None,
+            )),
             registration,
             session_id,
             secret_sha256,
@@ -325,7 +333,7 @@ impl NodeState {
                 *n += 1;
             }
         }
-        for gpu in self.gpu_stats() {
+        for gpu in self.gpu_stats().health() {
             if let Some(n) = usize::try_from(gpu.health)
                 .ok()
                 .and_then(|i| tally.gpus.get_mut(i))
@@ -389,17 +397,8 @@ impl NodeState {
     /// figures (memory, temperature, power, ECC counts...) move on every
     /// beat and are patched in as liveness-only fields instead. Empty
     /// `gpus` (a beat without figures) changes nothing.
-    pub(super) fn gpu_health_changed(&self, gpus: &[pb::GpuStats]) -> bool {
-        if gpus.is_empty() {
-            return false;
-        }
-        let published = &self.view.live().gpu_stats;
-        published.len() != gpus.len()
-            || published.iter().zip(gpus).any(|(old, new)| {
-                old.index != new.index
-                    || old.health != new.health
-                    || old.health_reasons != new.health_reasons
-            })
+    pub(super) fn gpu_health_changed(&self, gpus: &GpuFigures) -> bool {
+        !gpus.is_empty() && self.view.gpus().health_differs(gpus)
     }
 
     /// Pool status from the latest heartbeat (empty before any in this
@@ -411,15 +410,15 @@ impl NodeState {
     }
 
     /// GPU figures from the latest heartbeat that carried any.
-    pub(super) fn gpu_stats(&self) -> &[pb::GpuStats] {
+    pub(super) fn gpu_stats(&self) -> &GpuFigures {
         self.newer_gpu_stats
-            .as_deref()
-            .unwrap_or(&self.view.live().gpu_stats)
+            .as_ref()
+            .unwrap_or_else(|| self.view.gpus())
     }
 
     /// Takes a heartbeat's figures as the latest; a beat without GPU
     /// figures keeps the ones before.
-    pub(super) fn report(&mut self, pools: Vec<pb::PoolStatus>, gpus: Vec<pb::GpuStats>) {
+    pub(super) fn report(&mut self, pools: Vec<pb::PoolStatus>, gpus: GpuFigures) {
         self.newer_pool_status = Some(pools);
         if !gpus.is_empty() {
             self.newer_gpu_stats = Some(gpus);
@@ -429,7 +428,7 @@ impl NodeState {
     /// Forgets the reported figures (a new session starts unreported).
     pub(super) fn clear_reports(&mut self) {
         self.newer_pool_status = Some(Vec::new());
-        self.newer_gpu_stats = Some(Vec::new());
+        self.newer_gpu_stats = Some(GpuFigures::default());
     }
 
     /// The node's view as it is now: its shared registration and the
@@ -447,13 +446,12 @@ impl NodeState {
         let gpu_stats = self
             .newer_gpu_stats
             .take()
-            .map_or_else(|| published.gpu_stats.clone(), fitted);
+            .unwrap_or_else(|| self.view.gpus().clone());
         let live = Live {
             status: self.liveness.to_proto() as i32,
             registered_at: Some(to_proto_timestamp(self.registered_at)),
             last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
             pool_status,
-            gpu_stats,
             session_id: self.session_id,
             status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
             agent_time: self.agent_time.map(to_proto_timestamp),
@@ -461,6 +459,11 @@ impl NodeState {
             suspect: self.suspect.is_some(),
             suspect_reason: self.suspect.clone().unwrap_or_default(),
         };
-        NodeView::new(self.registration.clone(), live, Some(self.admin.clone()))
+        NodeView::new(
+            self.registration.clone(),
+            live,
+            gpu_stats,
+            Some(self.admin.clone()),
+        )
     }
 }

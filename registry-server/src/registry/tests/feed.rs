@@ -6,6 +6,7 @@ use std::sync::Mutex as StdMutex;
 
 use super::*;
 use crate::events::{ChangeSubscriber, Event, EventKind, Start, StartError};
+use crate::figures::GpuFigures;
 
 /// Records every event it is handed, as the placement index would.
 #[derive(Default)]
@@ -414,7 +415,7 @@ async fn a_published_beat_moves_its_figures_into_the_view() {
             .heartbeat(&slot, reg.session_id, heartbeat, Instant::now())
             .unwrap();
     };
-    let temp = |gpus: &[pb::GpuStats]| gpus[0].temperature_celsius;
+    let temp = |gpus: &GpuFigures| gpus.to_proto()[0].temperature_celsius;
 
     // A first beat is published: its figures live in the view alone.
     send(40, 4);
@@ -426,7 +427,6 @@ async fn a_published_beat_moves_its_figures_into_the_view() {
         // The view keeps them without the decoder's spare room.
         let live = st.view.live();
         assert_eq!(live.pool_status.capacity(), live.pool_status.len());
-        assert_eq!(live.gpu_stats.capacity(), live.gpu_stats.len());
     }
     // Only raw figures move: not published, so the node holds them apart
     // from the view until the next change, and readers see them.
@@ -436,12 +436,15 @@ async fn a_published_beat_moves_its_figures_into_the_view() {
     {
         let st = slot.lock();
         assert_eq!(temp(st.gpu_stats()), Some(77));
-        assert_eq!(temp(&st.view.live().gpu_stats), Some(40));
+        assert_eq!(temp(st.view.gpus()), Some(40));
     }
-    assert_eq!(temp(&registry.get("n1").unwrap().gpu_stats), Some(77));
+    assert_eq!(
+        registry.get("n1").unwrap().gpu_stats[0].temperature_celsius,
+        Some(77)
+    );
     // A change made elsewhere (a cordon) publishes the latest figures.
     registry.cordon("n1", "fan", Now::read()).unwrap();
-    assert_eq!(temp(&recorder.last().node.live().gpu_stats), Some(77));
+    assert_eq!(temp(recorder.last().node.gpus()), Some(77));
     {
         let st = slot.lock();
         assert!(st.newer_pool_status.is_none() && st.newer_gpu_stats.is_none());
@@ -451,7 +454,7 @@ async fn a_published_beat_moves_its_figures_into_the_view() {
     send(50, 1);
     let last = recorder.last();
     assert_eq!(last.node.live().pool_status[0].slots_free, 1);
-    assert_eq!(temp(&last.node.live().gpu_stats), Some(50));
+    assert_eq!(temp(last.node.gpus()), Some(50));
     let st = slot.lock();
     assert!(Arc::ptr_eq(&st.view, &last.node));
     assert!(st.newer_pool_status.is_none() && st.newer_gpu_stats.is_none());
@@ -504,11 +507,9 @@ async fn a_change_of_gpu_health_is_an_event_and_raw_figures_are_not() {
     assert_eq!(recorder.kinds().len(), after_first + 1);
     let event = recorder.last();
     assert_eq!(event.kind, EventKind::Modified);
-    assert_eq!(
-        event.node.live().gpu_stats[0].health,
-        pb::GpuHealth::Unhealthy as i32
-    );
-    assert_eq!(event.node.live().gpu_stats[0].health_reasons, [xid]);
+    let gpus = event.node.to_proto().gpu_stats;
+    assert_eq!(gpus[0].health, pb::GpuHealth::Unhealthy as i32);
+    assert_eq!(gpus[0].health_reasons, [xid]);
     assert_eq!(
         (
             gauge(pb::GpuHealth::Healthy),
