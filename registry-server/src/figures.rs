@@ -44,8 +44,7 @@ impl GpuHealth {
     }
 }
 
-/// `Node` with only its GPU figures: encodes and decodes them under their
-/// tag in `Node`.
+/// `Node` with only its GPU figures: decodes them from their tag in `Node`.
 #[derive(Clone, PartialEq, prost::Message)]
 struct FiguresOnly {
     /// `Node.gpu_stats`.
@@ -53,21 +52,66 @@ struct FiguresOnly {
     gpu_stats: Vec<pb::GpuStats>,
 }
 
+/// The tag of `Node.gpu_stats`, under which the figures are encoded.
+const GPU_STATS_TAG: u32 = 12;
+
+/// A beat's GPU figures encoded, before they are kept (encoding is done
+/// before the node's lock is taken; what is kept is decided under it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EncodedGpus(Bytes);
+
+impl EncodedGpus {
+    /// Encodes `gpus` as `Node.gpu_stats` encodes them.
+    pub fn of(gpus: &[pb::GpuStats]) -> Self {
+        use prost::encoding::message;
+        let len = gpus
+            .iter()
+            .map(|g| message::encoded_len(GPU_STATS_TAG, g))
+            .sum();
+        let mut buf = Vec::with_capacity(len);
+        for g in gpus {
+            message::encode(GPU_STATS_TAG, g, &mut buf);
+        }
+        Self(Bytes::from(buf))
+    }
+}
+
 impl GpuFigures {
     /// Keeps `gpus` (a beat's figures, validated).
-    pub fn new(gpus: Vec<pb::GpuStats>) -> Self {
-        let health = gpus
-            .iter()
-            .map(|g| GpuHealth {
-                index: g.index,
-                health: g.health,
-                reasons: g.health_reasons.clone().into_boxed_slice(),
-            })
-            .collect();
+    pub fn new(gpus: &[pb::GpuStats]) -> Self {
+        GpuFigures::default().followed_by(EncodedGpus::of(gpus), gpus)
+    }
+
+    /// The figures `gpus`, encoded as `encoded`, that follow these: the
+    /// health part is shared with these when it is the same (the common
+    /// case: only raw figures move), so a beat allocates only its encoding.
+    pub fn followed_by(&self, encoded: EncodedGpus, gpus: &[pb::GpuStats]) -> Self {
+        let health = if self.health_matches(gpus) {
+            Arc::clone(&self.health)
+        } else {
+            gpus.iter()
+                .map(|g| GpuHealth {
+                    index: g.index,
+                    health: g.health,
+                    reasons: g.health_reasons.clone().into_boxed_slice(),
+                })
+                .collect()
+        };
         Self {
-            encoded: Bytes::from(FiguresOnly { gpu_stats: gpus }.encode_to_vec()),
+            encoded: encoded.0,
             health,
         }
+    }
+
+    /// Whether `gpus` report the same GPUs with the same health and
+    /// reasons as these: no change readers must be told about.
+    pub fn health_matches(&self, gpus: &[pb::GpuStats]) -> bool {
+        self.health.len() == gpus.len()
+            && self.health.iter().zip(gpus).all(|(old, new)| {
+                old.index == new.index
+                    && old.health == new.health
+                    && *old.reasons == *new.health_reasons
+            })
     }
 
     /// Whether no GPU is reported.
@@ -91,12 +135,6 @@ impl GpuFigures {
         FiguresOnly::decode(self.encoded.clone())
             .expect("GPU figures encoded by GpuFigures::new decode")
             .gpu_stats
-    }
-
-    /// Whether `other` reports a GPU's health or reasons differently (or
-    /// other GPUs): a change readers must be told about.
-    pub fn health_differs(&self, other: &GpuFigures) -> bool {
-        self.health != other.health
     }
 }
 
@@ -127,7 +165,7 @@ mod tests {
             gpu(0, pb::GpuHealth::Healthy, &[]),
             gpu(1, pb::GpuHealth::Unhealthy, &["xid 79"]),
         ];
-        let figures = GpuFigures::new(gpus.clone());
+        let figures = GpuFigures::new(&gpus);
         assert_eq!(figures.to_proto(), gpus);
         assert!(!figures.is_empty());
         let health: Vec<_> = figures
@@ -158,29 +196,46 @@ mod tests {
 
     #[test]
     fn no_figures_are_empty_and_encode_to_nothing() {
-        let none = GpuFigures::new(Vec::new());
+        let none = GpuFigures::new(&[]);
         assert!(none.is_empty() && none.encoded().is_empty());
         assert_eq!(none, GpuFigures::default());
         assert!(none.to_proto().is_empty());
     }
 
     #[test]
-    fn only_health_reasons_or_the_set_of_gpus_differ_in_health() {
-        let base = GpuFigures::new(vec![gpu(0, pb::GpuHealth::Healthy, &[])]);
+    fn only_health_reasons_or_the_set_of_gpus_change_health() {
+        let base = GpuFigures::new(&[gpu(0, pb::GpuHealth::Healthy, &[])]);
         let mut hotter = gpu(0, pb::GpuHealth::Healthy, &[]);
         hotter.temperature_celsius = Some(90);
         hotter.memory_used_bytes += 1;
-        assert!(!base.health_differs(&GpuFigures::new(vec![hotter])));
-        let sick = GpuFigures::new(vec![gpu(0, pb::GpuHealth::Unhealthy, &["xid 79"])]);
-        assert!(base.health_differs(&sick));
-        let reworded = GpuFigures::new(vec![gpu(0, pb::GpuHealth::Unhealthy, &["xid 48"])]);
-        assert!(sick.health_differs(&reworded));
-        let renumbered = GpuFigures::new(vec![gpu(1, pb::GpuHealth::Healthy, &[])]);
-        assert!(base.health_differs(&renumbered));
-        let more = GpuFigures::new(vec![
+        assert!(base.health_matches(std::slice::from_ref(&hotter)));
+        let sick = [gpu(0, pb::GpuHealth::Unhealthy, &["xid 79"])];
+        assert!(!base.health_matches(&sick));
+        let reworded = [gpu(0, pb::GpuHealth::Unhealthy, &["xid 48"])];
+        assert!(!GpuFigures::new(&sick).health_matches(&reworded));
+        assert!(!base.health_matches(&[gpu(1, pb::GpuHealth::Healthy, &[])]));
+        let more = [
             gpu(0, pb::GpuHealth::Healthy, &[]),
             gpu(1, pb::GpuHealth::Healthy, &[]),
-        ]);
-        assert!(base.health_differs(&more));
+        ];
+        assert!(!base.health_matches(&more));
+    }
+
+    #[test]
+    fn figures_that_keep_their_health_share_it() {
+        let first = GpuFigures::new(&[gpu(0, pb::GpuHealth::Healthy, &[])]);
+        let mut hotter = gpu(0, pb::GpuHealth::Healthy, &[]);
+        hotter.temperature_celsius = Some(90);
+        let next = first.followed_by(
+            EncodedGpus::of(std::slice::from_ref(&hotter)),
+            &[hotter.clone()],
+        );
+        assert!(Arc::ptr_eq(&first.health, &next.health));
+        assert_eq!(next.to_proto(), [hotter]);
+        let sick = [gpu(0, pb::GpuHealth::Unhealthy, &["xid 79"])];
+        let after = next.followed_by(EncodedGpus::of(&sick), &sick);
+        assert!(!Arc::ptr_eq(&next.health, &after.health));
+        assert!(after.health()[0].is_unhealthy());
+        assert_eq!(after, GpuFigures::new(&sick));
     }
 }

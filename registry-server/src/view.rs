@@ -200,7 +200,7 @@ impl NodeView {
             suspect,
             suspect_reason,
         };
-        let gpus = GpuFigures::new(gpu_stats);
+        let gpus = GpuFigures::new(&gpu_stats);
         Self::new(registered, live, gpus, admin.map(Arc::new))
     }
 

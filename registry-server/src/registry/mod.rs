@@ -62,7 +62,7 @@ use tracing::{info, warn};
 
 use crate::error::RegistryError;
 use crate::events::{ChangeSubscriber, EventKind, Feed};
-use crate::figures::GpuFigures;
+use crate::figures::EncodedGpus;
 use crate::schedule::Schedule;
 use crate::store::{Commit, Loaded, MemoryStore, Store, secret_sha256};
 
@@ -693,7 +693,7 @@ impl Registry {
     ) -> Result<Option<pb::heartbeat_response::Command>, RegistryError> {
         let wall = beat.received_at;
         // Encoded before the node's lock is taken: the figures are kept so.
-        let gpus = GpuFigures::new(beat.gpus);
+        let encoded = EncodedGpus::of(&beat.gpus);
         let mut st = slot.lock();
         check_stream(slot, &st, session_id, stream)?;
         // Heard from after a restart: no longer reserved (nor suspect: the
@@ -701,10 +701,12 @@ impl Registry {
         st.restart_grace_until = None;
         let before = st.pool_tally();
         let pools_changed = st.pools_changed(&beat.pools);
-        let health_changed = st.gpu_health_changed(&gpus);
+        let health_changed = st.gpu_health_changed(&beat.gpus);
         st.last_seen = now;
         st.last_heartbeat_at = wall;
         st.agent_time = Some(beat.sent_at);
+        // A beat without figures keeps the ones before.
+        let gpus = (!beat.gpus.is_empty()).then(|| st.gpu_stats().followed_by(encoded, &beat.gpus));
         st.report(beat.pools, gpus);
         st.reported = true;
         let came_online = st.liveness == Liveness::Offline;

@@ -397,8 +397,8 @@ impl NodeState {
     /// figures (memory, temperature, power, ECC counts...) move on every
     /// beat and are patched in as liveness-only fields instead. Empty
     /// `gpus` (a beat without figures) changes nothing.
-    pub(super) fn gpu_health_changed(&self, gpus: &GpuFigures) -> bool {
-        !gpus.is_empty() && self.view.gpus().health_differs(gpus)
+    pub(super) fn gpu_health_changed(&self, gpus: &[pb::GpuStats]) -> bool {
+        !gpus.is_empty() && !self.view.gpus().health_matches(gpus)
     }
 
     /// Pool status from the latest heartbeat (empty before any in this
@@ -418,10 +418,10 @@ impl NodeState {
 
     /// Takes a heartbeat's figures as the latest; a beat without GPU
     /// figures keeps the ones before.
-    pub(super) fn report(&mut self, pools: Vec<pb::PoolStatus>, gpus: GpuFigures) {
+    pub(super) fn report(&mut self, pools: Vec<pb::PoolStatus>, gpus: Option<GpuFigures>) {
         self.newer_pool_status = Some(pools);
-        if !gpus.is_empty() {
-            self.newer_gpu_stats = Some(gpus);
+        if gpus.is_some() {
+            self.newer_gpu_stats = gpus;
         }
     }
 
