@@ -29,6 +29,7 @@ pub mod events;
 pub mod expiry;
 pub mod figures;
 pub mod grpc_metrics;
+pub mod hardware;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

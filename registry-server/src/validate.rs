@@ -14,6 +14,7 @@ use registry_proto::pb;
 use registry_proto::rules::{self, Field};
 
 use crate::error::RegistryError;
+use crate::hardware::Hardware;
 use crate::registry::{Beat, DrainRequest, Liveness, NodeFilter, Registration, fitted};
 
 pub use registry_proto::rules::{
@@ -23,8 +24,7 @@ pub use registry_proto::rules::{
 /// Checks a RegisterRequest and turns it into a [`Registration`].
 pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryError> {
     rules::register_request(&req)?;
-    let mut capabilities = req.capabilities.unwrap_or_default();
-    capabilities.gpus = fitted(capabilities.gpus);
+    let capabilities = Hardware::new(req.capabilities.unwrap_or_default());
     let mut labels = req.labels;
     labels.shrink_to_fit();
     Ok(Registration {
@@ -312,7 +312,7 @@ mod tests {
     fn a_complete_registration_passes() {
         let reg = registration(good_register()).unwrap();
         assert_eq!(reg.node_id, "gpu-node-1");
-        assert_eq!(reg.capabilities.gpus.len(), 1);
+        assert_eq!(reg.capabilities.gpu_count(), 1);
     }
 
     #[test]
@@ -485,11 +485,12 @@ mod tests {
         let reg = registration(register).unwrap();
         assert_eq!(reg.pools.len(), 2);
         assert_eq!(reg.pools.capacity(), 2);
-        assert_eq!(
-            reg.capabilities.gpus.capacity(),
-            reg.capabilities.gpus.len()
-        );
         assert_eq!(reg.models_available.capacity(), 1);
+        // The GPUs are kept encoded, and read back whole.
+        assert_eq!(
+            reg.capabilities.to_proto(),
+            good_register().capabilities.unwrap()
+        );
     }
 
     #[test]

@@ -56,7 +56,7 @@ impl Registered {
         node.machine_id = machine_id.clone();
         node.address = address.clone();
         node.pools = pools.clone();
-        node.capabilities = Some(capabilities.clone());
+        node.capabilities = Some(capabilities.to_proto());
         node.agent_version = agent_version.clone();
         node.metrics_address = metrics_address.clone();
         node.models_available = models_available.clone();
@@ -294,7 +294,7 @@ impl NodeView {
             machine_id: node.machine_id,
             address: node.address,
             pools: node.pools,
-            capabilities: node.capabilities.unwrap_or_default(),
+            capabilities: node.capabilities.unwrap_or_default().into(),
             agent_version: node.agent_version,
             metrics_address: node.metrics_address,
             models_available: node.models_available,

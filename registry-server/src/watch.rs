@@ -340,7 +340,7 @@ mod tests {
             machine_id: "m".into(),
             address: "http://n:9200".into(),
             pools: vec![],
-            capabilities: pb::Capabilities::default(),
+            capabilities: Default::default(),
             agent_version: "test".into(),
             metrics_address: String::new(),
             models_available: Vec::new(),

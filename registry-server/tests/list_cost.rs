@@ -51,7 +51,8 @@ fn registration(i: usize) -> Registration {
             ram_total_bytes: 1 << 40,
             driver_version: "550.54.15".into(),
             cuda_version: "12.4".into(),
-        },
+        }
+        .into(),
         agent_version: "node-agent 0.1.0".into(),
         metrics_address: "http://10.0.0.1:9101/metrics".into(),
         models_available: vec!["qwen2.5-7b".into()],

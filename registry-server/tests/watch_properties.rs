@@ -61,7 +61,7 @@ fn registration(i: usize, variant: u8) -> Registration {
             model: "m".into(),
             ..Default::default()
         }],
-        capabilities: pb::Capabilities::default(),
+        capabilities: Default::default(),
         agent_version: format!("v{variant}"),
         metrics_address: String::new(),
         models_available: Vec::new(),

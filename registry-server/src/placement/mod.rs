@@ -86,7 +86,7 @@ fn slices(node: &NodeView, spec: &pb::PoolSpec) -> Option<Box<Slices>> {
         return None;
     }
     let mut indices = spec.gpu_indices.clone();
-    let gpus = &node.registration().capabilities.gpus;
+    let gpus = node.registration().capabilities.gpus();
     let mut profiles = Vec::new();
     for uuid in &spec.mig_uuids {
         let found = gpus.iter().find_map(|g| {

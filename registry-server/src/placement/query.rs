@@ -10,6 +10,7 @@ use registry_proto::rules::{self, Field};
 
 use super::PoolEntry;
 use crate::figures::GpuHealth;
+use crate::hardware::{GpuFilterView, parse_compute_capability};
 use crate::view::NodeView;
 
 /// Candidates returned when the request asks for none in particular.
@@ -75,7 +76,7 @@ pub fn unhealthy_gpu_reason(node: &NodeView, gpu: &GpuHealth) -> String {
     let uuid = node
         .registration()
         .capabilities
-        .gpus
+        .gpus()
         .iter()
         .find(|g| g.index == gpu.index)
         .map(|g| format!(" ({})", g.uuid))
@@ -261,15 +262,13 @@ impl PlacementQuery {
         if self.gpu_name.is_some() || self.min_compute_capability.is_some() {
             let gpus = pool_gpus(node, pool.gpu_indices());
             if let Some(name) = &self.gpu_name {
-                let named = |g: &&pb::GpuInfo| g.name.to_lowercase().contains(name.as_str());
+                let named = |g: &GpuFilterView| g.name_lowercase.contains(name.as_str());
                 if gpus.is_empty() || !gpus.iter().all(named) {
                     return Some(Filter::GpuName);
                 }
             }
             if let Some(min) = self.min_compute_capability {
-                let reaches = |g: &&pb::GpuInfo| {
-                    parse_compute_capability(&g.compute_capability).is_some_and(|cc| cc >= min)
-                };
+                let reaches = |g: &GpuFilterView| g.compute_capability.is_some_and(|cc| cc >= min);
                 if gpus.is_empty() || !gpus.iter().all(reaches) {
                     return Some(Filter::ComputeCapability);
                 }
@@ -364,19 +363,12 @@ impl PlacementQuery {
     }
 }
 
-/// "8.9" as (8, 9); `None` for anything else (empty included).
-fn parse_compute_capability(cc: &str) -> Option<(u32, u32)> {
-    let (major, minor) = cc.split_once('.')?;
-    Some((major.parse().ok()?, minor.parse().ok()?))
-}
-
 /// The GPUs a pool runs on: those its `gpu_indices` name, or every GPU of
 /// the node when it names none.
-fn pool_gpus<'n>(node: &'n NodeView, indices: &[u32]) -> Vec<&'n pb::GpuInfo> {
+fn pool_gpus<'n>(node: &'n NodeView, indices: &[u32]) -> Vec<GpuFilterView<'n>> {
     node.registration()
         .capabilities
-        .gpus
-        .iter()
+        .filter_views()
         .filter(|g| indices.is_empty() || indices.contains(&g.index))
         .collect()
 }

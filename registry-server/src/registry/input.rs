@@ -18,8 +18,8 @@ pub struct Registration {
     pub address: String,
     /// Pools the node runs, unique by pool_id.
     pub pools: Vec<pb::PoolSpec>,
-    /// Hardware of the node.
-    pub capabilities: pb::Capabilities,
+    /// Hardware of the node, its GPUs kept encoded.
+    pub capabilities: crate::hardware::Hardware,
     /// Version of the registering agent, for fleet audits.
     pub agent_version: String,
     /// URL of the agent's Prometheus metrics (empty: none), for service

@@ -165,7 +165,7 @@ fn record(id: &str, session: u64) -> NodeRecord {
             machine_id: format!("machine-{id}"),
             address: format!("http://{id}:9200"),
             pools: Vec::new(),
-            capabilities: pb::Capabilities::default(),
+            capabilities: Default::default(),
             agent_version: "test".into(),
             labels: BTreeMap::new().into_iter().collect(),
             metrics_address: String::new(),

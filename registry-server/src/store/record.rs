@@ -43,7 +43,7 @@ pub(super) fn encode_node(record: &NodeRecord) -> Vec<u8> {
             machine_id: reg.machine_id,
             address: reg.address,
             pools: reg.pools,
-            capabilities: Some(reg.capabilities),
+            capabilities: Some(reg.capabilities.to_proto()),
             agent_version: reg.agent_version,
             labels: reg.labels,
             metrics_address: reg.metrics_address,

@@ -66,7 +66,7 @@ fn registration(node_id: &str) -> Registration {
             pool_id: "pool-0".into(),
             ..Default::default()
         }],
-        capabilities: pb::Capabilities::default(),
+        capabilities: Default::default(),
         agent_version: "test".into(),
         labels: [("zone".to_string(), "a".to_string())].into(),
         metrics_address: String::new(),

@@ -24,7 +24,8 @@ fn record(node_id: &str, session_id: u64) -> NodeRecord {
             capabilities: pb::Capabilities {
                 cpu_cores: 8,
                 ..pb::Capabilities::default()
-            },
+            }
+            .into(),
             agent_version: "node-agent test".into(),
             metrics_address: String::new(),
             models_available: vec!["qwen2.5-7b".into()],

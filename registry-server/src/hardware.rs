@@ -1,0 +1,234 @@
+//! A node's hardware as the registry keeps it: the registration's
+//! capabilities with their GPUs encoded, as the contract sends them, beside
+//! what placement filters on.
+//!
+//! A node with 8 GPUs registers ~1.8 KB of them as decoded messages (a
+//! `pb::GpuInfo` is ~136 bytes and four strings: UUID, name, compute
+//! capability, PCI bus id), held as long as the node is. Encoded they are
+//! ~90 bytes a GPU. Only readers (GetNode, ListNodes, the watch feed, the
+//! store's record) and rare paths (a pool on MIG slices, an unhealthy GPU's
+//! UUID in a refusal) need the whole GPU, and decode it as they deep-copied
+//! it before; FindPools' GPU filters read each GPU's index, lowercased name
+//! and compute capability, kept decoded (one name per distinct name, which
+//! on a node is nearly always one).
+
+use prost::Message;
+use registry_proto::pb;
+
+/// A registration's capabilities: the GPUs encoded, the rest as sent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hardware {
+    /// The capabilities without their GPUs (CPU cores, RAM, driver and
+    /// CUDA versions).
+    rest: pb::Capabilities,
+    /// The GPUs as `Capabilities.gpus` (tag 1) encodes them, in the
+    /// registered order.
+    gpus: Box<[u8]>,
+    /// What FindPools filters on, per GPU in the same order.
+    traits: Box<[GpuTraits]>,
+    /// The distinct GPU names, lowercased, that `traits` point into.
+    names: Box<[Box<str>]>,
+}
+
+/// What FindPools' GPU filters read of one registered GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GpuTraits {
+    /// The GPU's index on its node.
+    index: u32,
+    /// Its compute capability as (major, minor); `None` when unparsable.
+    compute_capability: Option<(u32, u32)>,
+    /// Its lowercased name's place in `Hardware::names`.
+    name: u32,
+}
+
+/// One registered GPU as FindPools' filters see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuFilterView<'h> {
+    /// The GPU's index on its node.
+    pub index: u32,
+    /// Its name, lowercased.
+    pub name_lowercase: &'h str,
+    /// Its compute capability as (major, minor); `None` when unparsable.
+    pub compute_capability: Option<(u32, u32)>,
+}
+
+/// `Capabilities` with only its GPUs: decodes them from their tag.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GpusOnly {
+    /// `Capabilities.gpus`.
+    #[prost(message, repeated, tag = "1")]
+    gpus: Vec<pb::GpuInfo>,
+}
+
+/// "8.9" as (8, 9); `None` for anything else (empty included).
+pub fn parse_compute_capability(cc: &str) -> Option<(u32, u32)> {
+    let (major, minor) = cc.split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+impl Hardware {
+    /// Keeps `capabilities` (validated).
+    pub fn new(mut capabilities: pb::Capabilities) -> Self {
+        let gpus = std::mem::take(&mut capabilities.gpus);
+        let mut names: Vec<Box<str>> = Vec::new();
+        let traits = gpus
+            .iter()
+            .map(|g| {
+                let lower = g.name.to_lowercase();
+                let name = match names.iter().position(|n| **n == *lower) {
+                    Some(i) => i,
+                    None => {
+                        names.push(lower.into_boxed_str());
+                        names.len() - 1
+                    }
+                };
+                GpuTraits {
+                    index: g.index,
+                    compute_capability: parse_compute_capability(&g.compute_capability),
+                    // At most MAX_GPUS names.
+                    name: u32::try_from(name).unwrap_or(u32::MAX),
+                }
+            })
+            .collect();
+        Self {
+            rest: capabilities,
+            gpus: GpusOnly { gpus }.encode_to_vec().into_boxed_slice(),
+            traits,
+            names: names.into_boxed_slice(),
+        }
+    }
+
+    /// How many GPUs the node registered.
+    pub fn gpu_count(&self) -> usize {
+        self.traits.len()
+    }
+
+    /// The registered GPUs, decoded (readers and rare paths).
+    pub fn gpus(&self) -> Vec<pb::GpuInfo> {
+        // Only `new` encodes these bytes, from GPUs that encoded.
+        GpusOnly::decode(&*self.gpus)
+            .expect("GPUs encoded by Hardware::new decode")
+            .gpus
+    }
+
+    /// Each registered GPU as FindPools' filters see it, in the registered
+    /// order; allocates nothing.
+    pub fn filter_views(&self) -> impl Iterator<Item = GpuFilterView<'_>> {
+        self.traits.iter().map(|t| GpuFilterView {
+            index: t.index,
+            name_lowercase: self.names.get(t.name as usize).map_or("", |n| n),
+            compute_capability: t.compute_capability,
+        })
+    }
+
+    /// The capabilities as the contract sends them, for a reader's copy.
+    pub fn to_proto(&self) -> pb::Capabilities {
+        pb::Capabilities {
+            gpus: self.gpus(),
+            ..self.rest.clone()
+        }
+    }
+}
+
+impl From<pb::Capabilities> for Hardware {
+    fn from(capabilities: pb::Capabilities) -> Self {
+        Self::new(capabilities)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(index: u32, name: &str, cc: &str) -> pb::GpuInfo {
+        pb::GpuInfo {
+            index,
+            uuid: format!("GPU-{index:08}-aaaa-bbbb-cccc-0123456789ab"),
+            name: name.into(),
+            memory_total_bytes: 80 << 30,
+            compute_capability: cc.into(),
+            pci_bus_id: format!("00000000:{index:02}:00.0"),
+            mig_enabled: index == 1,
+            mig_instances: if index == 1 {
+                vec![pb::MigInstance {
+                    uuid: "MIG-1".into(),
+                    profile: "1g.10gb".into(),
+                    memory_total_bytes: 10 << 30,
+                    index: 0,
+                }]
+            } else {
+                vec![]
+            },
+        }
+    }
+
+    fn capabilities() -> pb::Capabilities {
+        pb::Capabilities {
+            gpus: vec![
+                gpu(0, "NVIDIA H100 80GB HBM3", "9.0"),
+                gpu(1, "NVIDIA H100 80GB HBM3", "9.0"),
+                gpu(2, "NVIDIA A100-SXM4-40GB", "8.x"),
+            ],
+            cpu_cores: 96,
+            ram_total_bytes: 1 << 40,
+            driver_version: "550.54.15".into(),
+            cuda_version: "12.4".into(),
+        }
+    }
+
+    #[test]
+    fn hardware_reads_back_as_registered() {
+        let hardware = Hardware::new(capabilities());
+        assert_eq!(hardware.to_proto(), capabilities());
+        assert_eq!(hardware.gpus(), capabilities().gpus);
+        assert_eq!(hardware.gpu_count(), 3);
+        assert_eq!(hardware, Hardware::from(capabilities()));
+        let mut other = capabilities();
+        other.gpus[2].pci_bus_id = "00000000:99:00.0".into();
+        assert_ne!(hardware, Hardware::new(other), "a GPU's field counts");
+    }
+
+    #[test]
+    fn filters_see_each_gpu_lowercased_and_parsed_with_one_name_per_distinct_name() {
+        let hardware = Hardware::new(capabilities());
+        let views: Vec<_> = hardware.filter_views().collect();
+        let h100 = "nvidia h100 80gb hbm3";
+        assert_eq!(
+            views,
+            [
+                GpuFilterView {
+                    index: 0,
+                    name_lowercase: h100,
+                    compute_capability: Some((9, 0)),
+                },
+                GpuFilterView {
+                    index: 1,
+                    name_lowercase: h100,
+                    compute_capability: Some((9, 0)),
+                },
+                GpuFilterView {
+                    index: 2,
+                    name_lowercase: "nvidia a100-sxm4-40gb",
+                    compute_capability: None,
+                },
+            ]
+        );
+        assert_eq!(hardware.names.len(), 2);
+    }
+
+    #[test]
+    fn no_gpus_keep_nothing() {
+        let hardware = Hardware::new(pb::Capabilities::default());
+        assert_eq!(hardware, Hardware::default());
+        assert!(hardware.gpus().is_empty() && hardware.filter_views().next().is_none());
+        assert_eq!(hardware.to_proto(), pb::Capabilities::default());
+    }
+
+    #[test]
+    fn compute_capabilities_parse_as_major_and_minor() {
+        assert_eq!(parse_compute_capability("8.9"), Some((8, 9)));
+        assert_eq!(parse_compute_capability("10.0"), Some((10, 0)));
+        assert_eq!(parse_compute_capability("9"), None);
+        assert_eq!(parse_compute_capability("x.1"), None);
+    }
+}
