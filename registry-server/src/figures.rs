@@ -131,10 +131,15 @@ impl GpuFigures {
 
     /// The figures as the contract sends them, for a reader's copy.
     pub fn to_proto(&self) -> Vec<pb::GpuStats> {
-        // Only `new` encodes these bytes, from figures that encoded.
-        FiguresOnly::decode(self.encoded.clone())
-            .expect("GPU figures encoded by GpuFigures::new decode")
-            .gpu_stats
+        // Only `EncodedGpus::of` encodes these bytes, from figures that
+        // encoded; one allocation for the list.
+        let mut figures = FiguresOnly {
+            gpu_stats: Vec::with_capacity(self.health.len()),
+        };
+        figures
+            .merge(self.encoded.clone())
+            .expect("GPU figures encoded by EncodedGpus::of decode");
+        figures.gpu_stats
     }
 }
 

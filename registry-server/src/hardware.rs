@@ -67,7 +67,7 @@ pub fn parse_compute_capability(cc: &str) -> Option<(u32, u32)> {
 }
 
 impl Hardware {
-    /// Keeps `capabilities` (validated).
+    /// Keeps `capabilities`.
     pub fn new(mut capabilities: pb::Capabilities) -> Self {
         let gpus = std::mem::take(&mut capabilities.gpus);
         let mut names: Vec<Box<str>> = Vec::new();
@@ -105,10 +105,14 @@ impl Hardware {
 
     /// The registered GPUs, decoded (readers and rare paths).
     pub fn gpus(&self) -> Vec<pb::GpuInfo> {
-        // Only `new` encodes these bytes, from GPUs that encoded.
-        GpusOnly::decode(&*self.gpus)
-            .expect("GPUs encoded by Hardware::new decode")
-            .gpus
+        // Only `new` encodes these bytes, from GPUs that encoded; one
+        // allocation for the list.
+        let mut gpus = GpusOnly {
+            gpus: Vec::with_capacity(self.traits.len()),
+        };
+        gpus.merge(&*self.gpus)
+            .expect("GPUs encoded by Hardware::new decode");
+        gpus.gpus
     }
 
     /// Each registered GPU as FindPools' filters see it, in the registered

@@ -2,7 +2,7 @@
 //! placement index see of a node at one revision.
 //!
 //! A view is two parts. The fields a registration sets (ids, address,
-//! pools, GPUs, labels: ~3.5 KiB on the heap at 8 GPUs and 2 pools) are the
+//! pools, GPUs, labels: ~2 KiB on the heap at 8 GPUs and 2 pools) are the
 //! node's [`Registered`], one `Arc` shared by the node's state, every view
 //! of that registration and the watch history's entries of those views. The rest (liveness, pool
 //! status, GPU health, admin state, timestamps, revision) is built per
@@ -253,6 +253,12 @@ impl NodeView {
 
     /// The whole contract message (a deep copy), for a reader's response.
     pub fn to_proto(&self) -> pb::Node {
+        self.to_proto_with(&self.gpus)
+    }
+
+    /// [`NodeView::to_proto`] showing `gpus` instead of the view's GPU
+    /// figures (newer ones the node holds apart), each decoded once.
+    pub fn to_proto_with(&self, gpus: &GpuFigures) -> pb::Node {
         let Live {
             status,
             registered_at,
@@ -270,7 +276,7 @@ impl NodeView {
             registered_at: *registered_at,
             last_heartbeat_at: *last_heartbeat_at,
             pool_status: pool_status.clone(),
-            gpu_stats: self.gpus.to_proto(),
+            gpu_stats: gpus.to_proto(),
             session_id: *session_id,
             status_changed_at: *status_changed_at,
             agent_time: *agent_time,

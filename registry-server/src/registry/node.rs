@@ -140,12 +140,10 @@ pub(super) struct Reading {
 impl Reading {
     /// The reader's copy: the view with the liveness fields patched in.
     pub(super) fn into_node(self) -> pb::Node {
-        let mut node = self.view.to_proto();
+        let gpus = self.gpu_stats.as_ref().unwrap_or_else(|| self.view.gpus());
+        let mut node = self.view.to_proto_with(gpus);
         node.last_heartbeat_at = Some(to_proto_timestamp(self.last_heartbeat_at));
         node.agent_time = self.agent_time.map(to_proto_timestamp);
-        if let Some(gpu_stats) = self.gpu_stats {
-            node.gpu_stats = gpu_stats.to_proto();
-        }
         node
     }
 }
@@ -433,8 +431,8 @@ impl NodeState {
 
     /// The node's view as it is now: its shared registration and the
     /// fields of this change, built afresh (no copy of the registration);
-    /// figures newer than the published view's move into it (fitted: the
-    /// view keeps them), the others are copied from it. Only the publish path calls it (which also
+    /// figures newer than the published view's move into it (the pool
+    /// status fitted: the view keeps it), the others are copied from it. Only the publish path calls it (which also
     /// stamps the revision and keeps the view on the node, so the figures
     /// are read from there until the next beat).
     pub(super) fn new_view(&mut self) -> NodeView {

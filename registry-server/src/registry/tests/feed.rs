@@ -357,6 +357,24 @@ async fn a_resume_gets_each_view_with_the_registration_it_had() {
 #[tokio::test(start_paused = true)]
 async fn views_share_the_registration_until_it_changes() {
     let (registry, recorder, _stop) = recorded(100);
+    // With GPUs, kept encoded: an equal registration is still found equal.
+    let registration = |id: &str| {
+        let mut reg = registration(id);
+        reg.capabilities = pb::Capabilities {
+            gpus: (0..8)
+                .map(|i| pb::GpuInfo {
+                    index: i,
+                    uuid: format!("GPU-{i:08}-0000-1111-2222-333344445555"),
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    compute_capability: "9.0".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .into();
+        reg
+    };
     let first = registry.register(registration("n1"), Now::read()).unwrap();
     let slot = registry
         .attach("n1", first.session_id, &first.session_secret)
@@ -394,7 +412,9 @@ async fn views_share_the_registration_until_it_changes() {
     assert_eq!(events[3].node.registration().address, "http://n1-new:9200");
     let view = registry.view("n1").unwrap();
     assert!(Arc::ptr_eq(view.registered(), events[3].node.registered()));
-    assert_eq!(registry.get("n1").unwrap().address, "http://n1-new:9200");
+    let node = registry.get("n1").unwrap();
+    assert_eq!(node.address, "http://n1-new:9200");
+    assert_eq!(node.capabilities.unwrap().gpus.len(), 8);
 }
 
 #[tokio::test(start_paused = true)]

@@ -21,8 +21,25 @@ fn record(node_id: &str, session_id: u64) -> NodeRecord {
                 gpu_indices: vec![0],
                 ..pb::PoolSpec::default()
             }],
+            // A GPU with a MIG slice: the registration keeps its GPUs
+            // encoded, and the record must read them back whole.
             capabilities: pb::Capabilities {
                 cpu_cores: 8,
+                gpus: vec![pb::GpuInfo {
+                    index: 0,
+                    uuid: "GPU-0a1b2c3d-0000-1111-2222-333344445555".into(),
+                    name: "NVIDIA H100 80GB HBM3".into(),
+                    memory_total_bytes: 80 << 30,
+                    compute_capability: "9.0".into(),
+                    pci_bus_id: "00000000:18:00.0".into(),
+                    mig_enabled: true,
+                    mig_instances: vec![pb::MigInstance {
+                        uuid: "MIG-5a6b7c8d-0000-1111-2222-333344445555".into(),
+                        profile: "1g.10gb".into(),
+                        memory_total_bytes: 10 << 30,
+                        index: 0,
+                    }],
+                }],
                 ..pb::Capabilities::default()
             }
             .into(),
