@@ -374,3 +374,41 @@ async fn agents_come_back_by_themselves_after_a_registry_restart() {
         assert!(exited.is_none(), "agent {node_id} exited: {exited:?}");
     }
 }
+
+/// `--huge-pages` (docs/PERF-NOTES.md item 10): the registry runs on 4 KiB
+/// pages unless asked, so a connection's unwritten buffers cost no memory;
+/// `--huge-pages on` leaves the system's policy. Read back from the
+/// kernel (`/proc/PID/status`) and from the start-up line.
+#[tokio::test]
+async fn the_registry_runs_without_huge_pages_unless_asked() {
+    let bins = integration_tests::binaries::binaries().expect("the binaries build");
+    let dir = bins.target_dir.join("e2e-logs").join("huge-pages");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (args, expected) in [(vec![], "off"), (vec!["--huge-pages", "on"], "on")] {
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        let log = dir.join(format!("registry-{expected}.log"));
+        let mut registry = integration_tests::RegistryProcess::start_with_args(
+            &bins.registry_server,
+            &log,
+            Timing::default(),
+            args,
+        )
+        .await
+        .expect("the registry starts");
+        let written = std::fs::read_to_string(&log).expect("the registry's log");
+        assert!(
+            written.lines().any(|l| l.contains("registry listening")
+                && l.contains(&format!("\"huge_pages\":\"{expected}\""))),
+            "no start-up line with huge_pages {expected} in:\n{written}"
+        );
+        let pid = registry.process().expect("running").pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        // The kernel shows the line where it has transparent huge pages.
+        if let Some(line) = status.lines().find(|l| l.starts_with("THP_enabled:")) {
+            let enabled = if expected == "on" { "1" } else { "0" };
+            assert_eq!(line.split_whitespace().nth(1), Some(enabled), "{line}");
+        }
+        registry.kill().expect("SIGKILL the registry");
+    }
+}

@@ -30,6 +30,7 @@ pub mod expiry;
 pub mod figures;
 pub mod grpc_metrics;
 pub mod hardware;
+pub mod huge_pages;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use registry_server::config::Cli;
 use registry_server::metrics_port::MetricsEndpoint;
 use tokio::net::TcpListener;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Exit status for a configuration that cannot work (a bad value, a
 /// combination, an address that cannot be bound); 1 is a failure while
@@ -41,6 +41,9 @@ fn main() -> ExitCode {
 /// Everything after the command line: logging, checks, binding, serving.
 async fn serve(cli: Cli) -> ExitCode {
     registry_server::telemetry::init_logging(cli.log_format);
+    if let Err(err) = registry_server::huge_pages::apply(cli.huge_pages) {
+        warn!(error = %err, huge_pages = ?cli.huge_pages, "cannot switch transparent huge pages; the system's policy applies");
+    }
     let settings = cli.settings();
     // Every setting is checked before anything is bound, so a mistake is
     // reported once, with the flag to change.

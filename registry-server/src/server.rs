@@ -327,6 +327,8 @@ where
         // The runtime's thread count (`--worker-threads`), so a log says
         // what the figures it is compared with ran on.
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        // `--huge-pages`, as the kernel has it: memory per node depends on it.
+        huge_pages = crate::huge_pages::current(),
         "registry listening"
     );
     let mut builder = Server::builder()
