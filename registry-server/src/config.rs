@@ -43,7 +43,7 @@ pub struct Cli {
     /// huge pages. Off: with one connection per agent most of each
     /// connection's buffers are never written, and huge pages would make
     /// them resident all the same (~33 KiB per agent off, ~49 KiB on).
-    /// On takes in registration storms ~20 % faster (docs/PERF-NOTES.md
+    /// On takes in registration storms 5-15 % faster (docs/PERF-NOTES.md
     /// item 10).
     #[arg(long, env = "REGISTRY_HUGE_PAGES", value_enum, default_value_t = HugePages::Off)]
     pub huge_pages: HugePages,

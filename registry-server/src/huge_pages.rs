@@ -5,15 +5,16 @@
 //! (`madvise(MADV_HUGEPAGE)`), and the kernel then makes a whole 2 MiB page
 //! resident at the first write to any byte of it. Much of what an agent's
 //! connection allocates is never written: h2 gives every connection a
-//! 16 KiB write buffer and an 8 KiB read buffer, of which a heartbeat
-//! stream's acks and beats use a few hundred bytes. With 4 KiB pages the
-//! untouched pages of those buffers never become resident; with huge pages
-//! they do. Measured (docs/PERF-NOTES.md item 10): 10,000 agents with one
-//! connection each need 33 KiB per node with huge pages off against 49 KiB
-//! with them on; 100,000 nodes sharing 1,000 connections 8.8 against
-//! 9.1 KiB. The price is in registration storms, where memory grows by
-//! hundreds of MiB in seconds: with 4 KiB pages the server takes in about
-//! a fifth fewer Registers per second (more page faults and TLB misses).
+//! 16 KiB write buffer, rewound after every flush, of which a heartbeat
+//! stream's ~100-byte acks use the start. With 4 KiB pages the untouched
+//! pages never become resident; with huge pages they do. Measured
+//! (docs/PERF-NOTES.md item 10): 10,000 agents with one connection each
+//! need 33 KiB per node with huge pages off against 49 KiB with them on;
+//! 100,000 nodes sharing 1,000 connections 8.8 against 9.0 KiB. The price
+//! is in registration storms, where memory grows by hundreds of MiB in
+//! seconds: with 4 KiB pages the server takes in 5-15 % fewer Registers
+//! per second (far more page faults, more TLB misses), and steady CPU may
+//! be half a point higher at 10,000 agents (inside the runs' spread).
 //! Off by default, since agents connect one connection each;
 //! `--huge-pages on` suits a registry that lives through storms more than
 //! it holds large fleets.
