@@ -36,23 +36,16 @@ pub enum HugePages {
     On,
 }
 
-/// Applies `choice` to this process.
+/// Applies `choice` to this process (nothing to do elsewhere than Linux).
 ///
 /// # Errors
 /// The kernel refused the switch (a seccomp filter, say); the process then
 /// runs with the system's policy.
-#[cfg(target_os = "linux")]
 pub fn apply(choice: HugePages) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
     rustix::thread::disable_transparent_huge_pages(choice == HugePages::Off)?;
-    Ok(())
-}
-
-/// Applies `choice` to this process: nothing to do elsewhere than Linux.
-///
-/// # Errors
-/// Never.
-#[cfg(not(target_os = "linux"))]
-pub fn apply(_choice: HugePages) -> std::io::Result<()> {
+    #[cfg(not(target_os = "linux"))]
+    let _ = choice;
     Ok(())
 }
 
