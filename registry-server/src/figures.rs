@@ -8,22 +8,94 @@
 //! figures themselves, and they decode them as they copied them before;
 //! the hot paths (placement, the gauges, whether a beat changes health)
 //! read the health part, kept decoded.
+//!
+//! The health part of GPUs numbered from 0 and all HEALTHY without reasons
+//! (nearly every node, nearly always) is one list shared by every node,
+//! not a list per node (~200 bytes each at 8 GPUs).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use prost::Message;
 use registry_proto::pb;
+use registry_proto::rules::MAX_GPUS;
 
 /// The latest GPU figures of a node. Cloning shares them.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct GpuFigures {
     /// The figures as `Node.gpu_stats` (tag 12) encodes them, in the
     /// reported order: what readers decode and the watch history appends
     /// to a view's encoded fields.
     encoded: Bytes,
     /// Each GPU's index, health and reasons, in the same order.
-    health: Arc<[GpuHealth]>,
+    health: HealthList,
+}
+
+impl PartialEq for GpuFigures {
+    fn eq(&self, other: &Self) -> bool {
+        self.encoded == other.encoded && self.health() == other.health()
+    }
+}
+
+/// The health part of a node's GPU figures.
+#[derive(Debug, Clone)]
+enum HealthList {
+    /// GPUs 0 to n - 1, every one HEALTHY without reasons: the first n of
+    /// [`all_healthy`], held by no node (no count to touch either).
+    AllHealthy(usize),
+    /// Any other list, shared by the node's figures while it stays the same.
+    Listed(Arc<[GpuHealth]>),
+}
+
+impl Default for HealthList {
+    fn default() -> Self {
+        HealthList::AllHealthy(0)
+    }
+}
+
+impl HealthList {
+    /// The health part of `gpus`.
+    fn of(gpus: &[pb::GpuStats]) -> Self {
+        let healthy = gpus.len() <= MAX_GPUS
+            && gpus.iter().enumerate().all(|(i, g)| {
+                usize::try_from(g.index) == Ok(i)
+                    && g.health == pb::GpuHealth::Healthy as i32
+                    && g.health_reasons.is_empty()
+            });
+        if healthy {
+            return HealthList::AllHealthy(gpus.len());
+        }
+        HealthList::Listed(
+            gpus.iter()
+                .map(|g| GpuHealth {
+                    index: g.index,
+                    health: g.health,
+                    reasons: g.health_reasons.clone().into_boxed_slice(),
+                })
+                .collect(),
+        )
+    }
+
+    fn as_slice(&self) -> &[GpuHealth] {
+        match self {
+            HealthList::AllHealthy(n) => &all_healthy()[..*n],
+            HealthList::Listed(list) => list,
+        }
+    }
+}
+
+/// GPUs 0 to `MAX_GPUS` - 1, each HEALTHY without reasons, built once.
+fn all_healthy() -> &'static [GpuHealth] {
+    static LIST: OnceLock<Box<[GpuHealth]>> = OnceLock::new();
+    LIST.get_or_init(|| {
+        (0..MAX_GPUS)
+            .map(|i| GpuHealth {
+                index: u32::try_from(i).expect("MAX_GPUS fits in u32"),
+                health: pb::GpuHealth::Healthy as i32,
+                reasons: Box::default(),
+            })
+            .collect()
+    })
 }
 
 /// One GPU's health as its figures report it.
@@ -87,15 +159,9 @@ impl GpuFigures {
     /// case: only raw figures move), so a beat allocates only its encoding.
     pub fn followed_by(&self, encoded: EncodedGpus, gpus: &[pb::GpuStats]) -> Self {
         let health = if self.health_matches(gpus) {
-            Arc::clone(&self.health)
+            self.health.clone()
         } else {
-            gpus.iter()
-                .map(|g| GpuHealth {
-                    index: g.index,
-                    health: g.health,
-                    reasons: g.health_reasons.clone().into_boxed_slice(),
-                })
-                .collect()
+            HealthList::of(gpus)
         };
         Self {
             encoded: encoded.0,
@@ -106,8 +172,9 @@ impl GpuFigures {
     /// Whether `gpus` report the same GPUs with the same health and
     /// reasons as these: no change readers must be told about.
     pub fn health_matches(&self, gpus: &[pb::GpuStats]) -> bool {
-        self.health.len() == gpus.len()
-            && self.health.iter().zip(gpus).all(|(old, new)| {
+        let health = self.health();
+        health.len() == gpus.len()
+            && health.iter().zip(gpus).all(|(old, new)| {
                 old.index == new.index
                     && old.health == new.health
                     && *old.reasons == *new.health_reasons
@@ -116,12 +183,12 @@ impl GpuFigures {
 
     /// Whether no GPU is reported.
     pub fn is_empty(&self) -> bool {
-        self.health.is_empty()
+        self.health().is_empty()
     }
 
     /// Each GPU's health, in the reported order.
     pub fn health(&self) -> &[GpuHealth] {
-        &self.health
+        self.health.as_slice()
     }
 
     /// The figures as `Node.gpu_stats` encodes them.
@@ -134,7 +201,7 @@ impl GpuFigures {
         // Only `EncodedGpus::of` encodes these bytes, from figures that
         // encoded; one allocation for the list.
         let mut figures = FiguresOnly {
-            gpu_stats: Vec::with_capacity(self.health.len()),
+            gpu_stats: Vec::with_capacity(self.health().len()),
         };
         figures
             .merge(self.encoded.clone())
@@ -228,19 +295,73 @@ mod tests {
 
     #[test]
     fn figures_that_keep_their_health_share_it() {
-        let first = GpuFigures::new(&[gpu(0, pb::GpuHealth::Healthy, &[])]);
-        let mut hotter = gpu(0, pb::GpuHealth::Healthy, &[]);
+        let sick = [gpu(0, pb::GpuHealth::Unhealthy, &["xid 79"])];
+        let first = GpuFigures::new(&sick);
+        let mut hotter = sick[0].clone();
         hotter.temperature_celsius = Some(90);
         let next = first.followed_by(
             EncodedGpus::of(std::slice::from_ref(&hotter)),
             &[hotter.clone()],
         );
-        assert!(Arc::ptr_eq(&first.health, &next.health));
+        assert!(std::ptr::eq(first.health(), next.health()));
         assert_eq!(next.to_proto(), [hotter]);
+        let well = [gpu(0, pb::GpuHealth::Healthy, &[])];
+        let after = next.followed_by(EncodedGpus::of(&well), &well);
+        assert!(!std::ptr::eq(next.health(), after.health()));
+        assert!(!after.health()[0].is_unhealthy());
+        assert_eq!(after, GpuFigures::new(&well));
+    }
+
+    #[test]
+    fn healthy_gpus_numbered_from_zero_share_one_list_across_nodes() {
+        let healthy = |n: u32| -> Vec<_> {
+            (0..n)
+                .map(|i| gpu(i, pb::GpuHealth::Healthy, &[]))
+                .collect()
+        };
+        let one = GpuFigures::new(&healthy(8));
+        let other = GpuFigures::new(&healthy(8));
+        assert!(std::ptr::eq(one.health(), other.health()));
+        assert!(matches!(one.health, HealthList::AllHealthy(8)));
+        // Read back as reported, like a list of its own.
+        let read: Vec<_> = one.health().iter().map(|g| (g.index, g.health)).collect();
+        let healthy_code = pb::GpuHealth::Healthy as i32;
+        assert_eq!(read, (0..8).map(|i| (i, healthy_code)).collect::<Vec<_>>());
+        assert!(one.health().iter().all(|g| g.reasons.is_empty()));
+        assert_eq!(GpuFigures::new(&healthy(2)).health().len(), 2);
+        // The most GPUs a node may report still share it.
+        let most = u32::try_from(MAX_GPUS).unwrap();
+        assert!(matches!(
+            GpuFigures::new(&healthy(most)).health,
+            HealthList::AllHealthy(MAX_GPUS)
+        ));
+        // Anything else is a list of its own: other numbering, a health
+        // other than HEALTHY (UNSPECIFIED from older agents too), reasons.
+        let mut skipped = healthy(2);
+        skipped[1].index = 5;
+        let mut older = healthy(2);
+        older[0].health = pb::GpuHealth::Unspecified as i32;
+        let mut noted = healthy(2);
+        noted[1].health_reasons = vec!["thermal throttling".into()];
+        for gpus in [skipped, older, noted] {
+            let figures = GpuFigures::new(&gpus);
+            assert!(matches!(figures.health, HealthList::Listed(_)));
+            let back: Vec<_> = figures
+                .health()
+                .iter()
+                .map(|g| (g.index, g.health, g.reasons.to_vec()))
+                .collect();
+            let sent: Vec<_> = gpus
+                .iter()
+                .map(|g| (g.index, g.health, g.health_reasons.clone()))
+                .collect();
+            assert_eq!(back, sent);
+            assert!(figures.health_matches(&gpus));
+            assert!(!figures.health_matches(&healthy(2)));
+        }
+        // A node that recovers moves back to the shared list.
         let sick = [gpu(0, pb::GpuHealth::Unhealthy, &["xid 79"])];
-        let after = next.followed_by(EncodedGpus::of(&sick), &sick);
-        assert!(!Arc::ptr_eq(&next.health, &after.health));
-        assert!(after.health()[0].is_unhealthy());
-        assert_eq!(after, GpuFigures::new(&sick));
+        let well = GpuFigures::new(&sick).followed_by(EncodedGpus::of(&healthy(1)), &healthy(1));
+        assert!(matches!(well.health, HealthList::AllHealthy(1)));
     }
 }
