@@ -10,6 +10,8 @@
 //! - [`service`]: the tonic adapter, heartbeat streams included;
 //! - [`placement`]: the model → pools index behind FindPools and
 //!   ListModels, fed by [`events::Event`]s;
+//! - [`view`]: a node's read view, its GPU figures ([`figures`]) and pool
+//!   status ([`pool_reports`]) kept compact;
 //! - [`events`]: the change feed (revision, history, subscribers);
 //!   [`watch`]: WatchNodes streams;
 //! - [`server`]: wiring with health and reflection, graceful shutdown;
@@ -36,6 +38,7 @@ pub mod limits;
 pub mod metrics;
 pub mod metrics_port;
 pub mod placement;
+pub mod pool_reports;
 pub mod process;
 pub mod registry;
 pub mod replica;

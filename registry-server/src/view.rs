@@ -19,6 +19,7 @@ use prost::Message;
 use registry_proto::pb;
 
 use crate::figures::GpuFigures;
+use crate::pool_reports::{PoolReading, PoolReports, Readings};
 use crate::registry::Registration;
 
 /// A node's registration as the registry holds it, shared by the node and
@@ -78,10 +79,15 @@ impl Deref for Registered {
 pub struct NodeView {
     /// The registration the view shows, shared.
     registered: Arc<Registered>,
-    /// The fields no registration sets except the GPU figures and the
-    /// admin state, in a message of their own (~170 bytes, against ~680
-    /// for a whole `pb::Node` with the registration's fields left empty).
+    /// The fields no registration sets except the pool status, the GPU
+    /// figures and the admin state, in a message of their own (~150
+    /// bytes, against ~680 for a whole `pb::Node` with the registration's
+    /// fields left empty).
     live: Live,
+    /// Pool status from the latest heartbeat, its names read from the
+    /// registration's pool specs where they are the same (built against
+    /// `registered`, and read only with it).
+    pools: PoolReports,
     /// GPU figures from the latest heartbeat that carried any, encoded
     /// (shared with the node's state until its next beat).
     gpus: GpuFigures,
@@ -91,10 +97,11 @@ pub struct NodeView {
     admin: Option<Arc<pb::AdminState>>,
 }
 
-/// The fields of a node's view that no registration sets, except the GPU
-/// figures and `admin`, numbered as the contract's `Node` numbers them:
-/// their encoding is a `Node` with the registration's fields (and those
-/// two) left out, so the watch history keeps and decodes it as one.
+/// The fields of a node's view that no registration sets, except the pool
+/// status, the GPU figures and `admin`, numbered as the contract's `Node`
+/// numbers them: their encoding is a `Node` with the registration's fields
+/// (and those three) left out, so the watch history keeps and decodes it as
+/// one.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Live {
     /// ONLINE or OFFLINE (`Node.status`).
@@ -106,9 +113,6 @@ pub struct Live {
     /// Latest sign of life when the view was published.
     #[prost(message, optional, tag = "10")]
     pub last_heartbeat_at: Option<prost_types::Timestamp>,
-    /// Every pool's status from the latest heartbeat.
-    #[prost(message, repeated, tag = "11")]
-    pub pool_status: Vec<pb::PoolStatus>,
     /// The current session.
     #[prost(uint64, tag = "13")]
     pub session_id: u64,
@@ -134,16 +138,19 @@ pub struct Live {
 const ADMIN_TAG: u32 = 19;
 
 impl NodeView {
-    /// The view of `registered` with `live`'s fields, `gpus` and `admin`.
+    /// The view of `registered` with `live`'s fields, `pools` (built
+    /// against `registered`), `gpus` and `admin`.
     pub fn new(
         registered: Arc<Registered>,
         live: Live,
+        pools: PoolReports,
         gpus: GpuFigures,
         admin: Option<Arc<pb::AdminState>>,
     ) -> Self {
         Self {
             registered,
             live,
+            pools,
             gpus,
             admin,
         }
@@ -192,7 +199,6 @@ impl NodeView {
             status,
             registered_at,
             last_heartbeat_at,
-            pool_status,
             session_id,
             status_changed_at,
             agent_time,
@@ -200,8 +206,9 @@ impl NodeView {
             suspect,
             suspect_reason,
         };
+        let pools = PoolReports::new(&pool_status, &registered.pools);
         let gpus = GpuFigures::new(&gpu_stats);
-        Self::new(registered, live, gpus, admin.map(Arc::new))
+        Self::new(registered, live, pools, gpus, admin.map(Arc::new))
     }
 
     /// The registration the view shows.
@@ -214,10 +221,25 @@ impl NodeView {
         &self.registered
     }
 
-    /// The fields no registration sets, but the GPU figures and the admin
-    /// state.
+    /// The fields no registration sets, but the pool status, the GPU
+    /// figures and the admin state.
     pub fn live(&self) -> &Live {
         &self.live
+    }
+
+    /// Pool status from the latest heartbeat, in the reported order.
+    pub fn pool_status(&self) -> Readings<'_> {
+        self.pools.iter(&self.registered.pools)
+    }
+
+    /// The `index`-th pool of the latest heartbeat.
+    pub fn pool_report(&self, index: usize) -> Option<PoolReading<'_>> {
+        self.pools.get(index, &self.registered.pools)
+    }
+
+    /// The pool status as kept, to carry into the node's next view.
+    pub fn pool_reports(&self) -> &PoolReports {
+        &self.pools
     }
 
     /// GPU figures from the latest heartbeat that carried any.
@@ -263,7 +285,6 @@ impl NodeView {
             status,
             registered_at,
             last_heartbeat_at,
-            pool_status,
             session_id,
             status_changed_at,
             agent_time,
@@ -275,7 +296,7 @@ impl NodeView {
             status: *status,
             registered_at: *registered_at,
             last_heartbeat_at: *last_heartbeat_at,
-            pool_status: pool_status.clone(),
+            pool_status: self.pools.to_proto(&self.registered.pools),
             gpu_stats: gpus.to_proto(),
             session_id: *session_id,
             status_changed_at: *status_changed_at,
@@ -318,10 +339,14 @@ impl NodeView {
             prost::encoding::message::encoded_len(ADMIN_TAG, admin)
         });
         let gpus = self.gpus.encoded();
-        let mut buf = Vec::with_capacity(self.live.encoded_len() + gpus.len() + admin_len);
-        // Tags may come in any order; the figures' and the admin state's
-        // are written last, the figures as they are kept.
+        let specs = &self.registered.pools;
+        let pools_len = self.pools.encoded_len(specs);
+        let mut buf =
+            Vec::with_capacity(self.live.encoded_len() + pools_len + gpus.len() + admin_len);
+        // Tags may come in any order; the pool status, the figures and the
+        // admin state are written last, the figures as they are kept.
         self.live.encode_raw(&mut buf);
+        self.pools.encode(specs, &mut buf);
         buf.extend_from_slice(gpus);
         if let Some(admin) = self.admin.as_deref() {
             prost::encoding::message::encode(ADMIN_TAG, admin, &mut buf);

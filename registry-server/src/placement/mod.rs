@@ -33,6 +33,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use registry_proto::pb;
 
 use crate::events::{Event, EventKind};
+use crate::pool_reports::PoolReading;
 use crate::view::NodeView;
 
 mod answer;
@@ -122,7 +123,7 @@ fn slices(node: &NodeView, spec: &pb::PoolSpec) -> Option<Box<Slices>> {
 #[derive(Debug, Clone, Copy)]
 struct PoolSource<'v> {
     spec: Option<&'v pb::PoolSpec>,
-    status: Option<&'v pb::PoolStatus>,
+    status: Option<PoolReading<'v>>,
     /// Where they are in the view.
     at: PoolAt,
 }
@@ -141,7 +142,7 @@ impl PoolAt {
         let at = |i: Option<u32>| i.and_then(|i| usize::try_from(i).ok());
         PoolSource {
             spec: at(self.spec).and_then(|i| node.registration().pools.get(i)),
-            status: at(self.status).and_then(|i| node.live().pool_status.get(i)),
+            status: at(self.status).and_then(|i| node.pool_report(i)),
             at: self,
         }
     }
@@ -156,7 +157,7 @@ impl<'v> PoolSource<'v> {
     /// The reported value when set, else the registered one.
     fn either(
         &self,
-        reported: impl Fn(&'v pb::PoolStatus) -> &'v str,
+        reported: impl Fn(PoolReading<'v>) -> &'v str,
         registered: impl Fn(&'v pb::PoolSpec) -> &'v str,
     ) -> &'v str {
         match self.status.map(reported).filter(|r| !r.is_empty()) {
@@ -166,19 +167,19 @@ impl<'v> PoolSource<'v> {
     }
 
     fn pool_id(&self) -> &'v str {
-        self.either(|s| &s.pool_id, |p| &p.pool_id)
+        self.either(|s| s.pool_id, |p| &p.pool_id)
     }
 
     fn model(&self) -> &'v str {
-        self.either(|s| &s.model, |p| &p.model)
+        self.either(|s| s.model, |p| &p.model)
     }
 
     fn engine(&self) -> &'v str {
-        self.either(|s| &s.engine, |p| &p.engine)
+        self.either(|s| s.engine, |p| &p.engine)
     }
 
     fn endpoint(&self) -> &'v str {
-        self.either(|s| &s.endpoint, |p| &p.endpoint)
+        self.either(|s| s.endpoint, |p| &p.endpoint)
     }
 
     /// State, total and free slots, free VRAM: reported, else the
@@ -202,18 +203,15 @@ impl<'v> PoolSource<'v> {
 /// all the same). An iterator over the view, so a heartbeat that changes
 /// no pool's identity allocates nothing here.
 fn pools_of(node: &NodeView) -> impl Iterator<Item = PoolSource<'_>> + Clone {
-    let reported = &node.live().pool_status;
     let specs = &node.registration().pools;
     // Agents report pools in the order they registered them: the same
     // position is tried first, so a node's pools match in one pass.
     let status_of = move |i: usize, pool_id: &str| {
-        reported
-            .get(i)
+        node.pool_report(i)
             .filter(|s| s.pool_id == pool_id)
             .map(|s| (i, s))
             .or_else(|| {
-                reported
-                    .iter()
+                node.pool_status()
                     .enumerate()
                     .find(|(_, s)| s.pool_id == pool_id)
             })
@@ -233,10 +231,10 @@ fn pools_of(node: &NodeView) -> impl Iterator<Item = PoolSource<'_>> + Clone {
             },
         }
     });
-    let unregistered = reported
-        .iter()
+    let unregistered = node
+        .pool_status()
         .enumerate()
-        .filter(move |(i, s)| !is_registered(*i, &s.pool_id))
+        .filter(move |(i, s)| !is_registered(*i, s.pool_id))
         .map(|(i, s)| PoolSource {
             spec: None,
             status: Some(s),

@@ -1370,6 +1370,8 @@ fn a_pool_refreshed_in_place_equals_one_built_afresh() {
             Arc::new(NodeView::new(
                 Arc::clone(base.registered()),
                 full.live().clone(),
+                // Built against an equal registration: the same specs.
+                full.pool_reports().clone(),
                 full.gpus().clone(),
                 full.admin().cloned().map(Arc::new),
             ))

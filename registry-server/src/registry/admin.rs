@@ -124,8 +124,8 @@ impl NodeState {
             .map(|p| p.pool_id.as_str())
             .collect();
         for s in self.pool_status() {
-            if !ids.contains(&s.pool_id.as_str()) {
-                ids.push(&s.pool_id);
+            if !ids.contains(&s.pool_id) {
+                ids.push(s.pool_id);
             }
         }
         ids
@@ -137,7 +137,7 @@ impl NodeState {
         if !self.reported {
             return None;
         }
-        let Some(s) = self.pool_status().iter().find(|s| s.pool_id == pool_id) else {
+        let Some(s) = self.pool_status().find(|s| s.pool_id == pool_id) else {
             return Some(PoolDrain::Stopped);
         };
         Some(match pb::PoolState::try_from(s.state) {
@@ -468,7 +468,7 @@ impl Registry {
         }
         for (i, pool_id) in request.pool_ids.iter().enumerate() {
             let known = st.registration.pools.iter().any(|p| &p.pool_id == pool_id)
-                || st.pool_status().iter().any(|p| &p.pool_id == pool_id);
+                || st.pool_status().any(|p| p.pool_id == pool_id.as_str());
             if !known {
                 return Err(RegistryError::invalid(
                     format!("pool_ids[{i}]"),

@@ -8,9 +8,10 @@ use registry_proto::convert::to_proto_timestamp;
 use registry_proto::pb;
 use tokio::time::Instant;
 
+use super::Registration;
 use super::stats::PoolTally;
-use super::{Registration, fitted};
 use crate::figures::GpuFigures;
+use crate::pool_reports::{PoolReports, Readings};
 use crate::schedule::Key;
 use crate::signal::Signal;
 use crate::view::{Live, NodeView, Registered};
@@ -56,20 +57,20 @@ impl NodeFilter {
     /// Whether the node's read view passes every filter that is set. Views
     /// are what readers see, so ListNodes, GetNode and WatchNodes agree.
     pub fn matches(&self, view: &NodeView) -> bool {
-        let (node, live) = (view.registration(), view.live());
+        let node = view.registration();
         if self.status.is_some_and(|s| s.to_proto() != view.status()) {
             return false;
         }
         if let Some(pool_id) = &self.pool_id {
             let registered = node.pools.iter().any(|p| &p.pool_id == pool_id);
-            let reported = live.pool_status.iter().any(|p| &p.pool_id == pool_id);
+            let reported = view.pool_status().any(|p| p.pool_id == pool_id.as_str());
             if !registered && !reported {
                 return false;
             }
         }
         if let Some(model) = &self.model {
             let registered = node.pools.iter().any(|p| &p.model == model);
-            let reported = live.pool_status.iter().any(|p| &p.model == model);
+            let reported = view.pool_status().any(|p| p.model == model.as_str());
             if !registered && !reported {
                 return false;
             }
@@ -248,6 +249,7 @@ impl NodeState {
             view: Arc::new(NodeView::new(
                 registration.clone(),
                 Live::default(),
+                PoolReports::default(),
                 GpuFigures::default(),
                 None,
             )),
@@ -371,13 +373,13 @@ impl NodeState {
     /// slots, model or engine, or free VRAM moving by more than
     /// [`VRAM_STEP`] from the published figure.
     pub(super) fn pools_changed(&self, pools: &[pb::PoolStatus]) -> bool {
-        let published = &self.view.live().pool_status;
+        let published = self.view.pool_status();
         if published.len() != pools.len() {
             return true;
         }
         // Agents send pools in a stable order; a reordering counts as a
         // change (rare, and cheaper than matching ids).
-        published.iter().zip(pools).any(|(old, new)| {
+        published.zip(pools).any(|(old, new)| {
             old.pool_id != new.pool_id
                 || old.state != new.state
                 || old.slots_total != new.slots_total
@@ -401,10 +403,11 @@ impl NodeState {
 
     /// Pool status from the latest heartbeat (empty before any in this
     /// session).
-    pub(super) fn pool_status(&self) -> &[pb::PoolStatus] {
-        self.newer_pool_status
-            .as_deref()
-            .unwrap_or(&self.view.live().pool_status)
+    pub(super) fn pool_status(&self) -> Readings<'_> {
+        match &self.newer_pool_status {
+            Some(pools) => Readings::reported(pools),
+            None => self.view.pool_status(),
+        }
     }
 
     /// GPU figures from the latest heartbeat that carried any.
@@ -432,15 +435,24 @@ impl NodeState {
     /// The node's view as it is now: its shared registration and the
     /// fields of this change, built afresh (no copy of the registration);
     /// figures newer than the published view's move into it (the pool
-    /// status fitted: the view keeps it), the others are copied from it. Only the publish path calls it (which also
+    /// status kept compact, its names read from the pool specs), the others
+    /// are shared with it. Only the publish path calls it (which also
     /// stamps the revision and keeps the view on the node, so the figures
     /// are read from there until the next beat).
     pub(super) fn new_view(&mut self) -> NodeView {
-        let published = self.view.live();
-        let pool_status = self
-            .newer_pool_status
-            .take()
-            .map_or_else(|| published.pool_status.clone(), fitted);
+        let specs = &self.registration.pools;
+        let pools = match self.newer_pool_status.take() {
+            Some(reported) => PoolReports::new(&reported, specs),
+            None if Arc::ptr_eq(self.view.registered(), &self.registration) => {
+                self.view.pool_reports().clone()
+            }
+            // Reports are cleared when the registration changes; were they
+            // not, the published ones are matched to the new pool specs.
+            None => self
+                .view
+                .pool_reports()
+                .rebased(&self.view.registration().pools, specs),
+        };
         let gpu_stats = self
             .newer_gpu_stats
             .take()
@@ -449,7 +461,6 @@ impl NodeState {
             status: self.liveness.to_proto() as i32,
             registered_at: Some(to_proto_timestamp(self.registered_at)),
             last_heartbeat_at: Some(to_proto_timestamp(self.last_heartbeat_at)),
-            pool_status,
             session_id: self.session_id,
             status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
             agent_time: self.agent_time.map(to_proto_timestamp),
@@ -460,6 +471,7 @@ impl NodeState {
         NodeView::new(
             self.registration.clone(),
             live,
+            pools,
             gpu_stats,
             Some(self.admin.clone()),
         )
