@@ -20,6 +20,9 @@ pub struct NodeShape {
     pub pools: u32,
     /// Whether every heartbeat changes every pool's slots_free.
     pub churn: bool,
+    /// Whether heartbeats carry every GPU figure node-agent reads, not
+    /// only the basic ones.
+    pub all_gpu_figures: bool,
     /// Whether GPU 0 reports UNHEALTHY (XID 79) in every heartbeat; the
     /// others report HEALTHY.
     pub unhealthy_gpu: bool,
@@ -115,7 +118,7 @@ impl NodeShape {
             .map(|g| {
                 let used = rng.u64(GPU_MEMORY / 2..GPU_MEMORY);
                 let sick = self.unhealthy_gpu && g == 0;
-                pb::GpuStats {
+                let basic = pb::GpuStats {
                     index: g,
                     memory_used_bytes: used,
                     memory_free_bytes: GPU_MEMORY - used,
@@ -133,6 +136,23 @@ impl NodeShape {
                     },
                     xid_errors: if sick { vec![79] } else { Vec::new() },
                     ..Default::default()
+                };
+                if !self.all_gpu_figures {
+                    return basic;
+                }
+                pb::GpuStats {
+                    ecc_enabled: Some(true),
+                    ecc_uncorrectable_volatile: Some(0),
+                    ecc_correctable_volatile: Some(rng.u64(0..4)),
+                    retired_pages_pending: Some(false),
+                    row_remap_pending: Some(false),
+                    row_remap_failed: Some(false),
+                    throttle_thermal: Some(false),
+                    throttle_power: Some(false),
+                    throttle_hw_slowdown: Some(false),
+                    power_draw_milliwatts: Some(rng.u32(100_000..700_000)),
+                    power_limit_milliwatts: Some(700_000),
+                    ..basic
                 }
             })
             .collect();
@@ -196,8 +216,29 @@ mod tests {
             gpus,
             pools,
             churn: false,
+            all_gpu_figures: false,
             unhealthy_gpu: false,
         }
+    }
+
+    #[test]
+    fn all_gpu_figures_are_every_figure_the_agent_reads_and_valid() {
+        use prost::Message;
+        let mut rng = fastrand::Rng::with_seed(9);
+        let mut node = shape(8, 2);
+        let basic = node.heartbeat(1, "s", 2, false, &mut rng);
+        node.all_gpu_figures = true;
+        let all = node.heartbeat(1, "s", 2, false, &mut rng);
+        registry_proto::rules::gpu_stats(&all.gpus).unwrap();
+        for gpu in &all.gpus {
+            assert!(gpu.ecc_enabled.is_some() && gpu.power_limit_milliwatts.is_some());
+            assert!(gpu.throttle_thermal.is_some() && gpu.row_remap_failed.is_some());
+        }
+        assert!(basic.gpus.iter().all(|g| g.ecc_enabled.is_none()));
+        // What each costs on the wire (see the option's help).
+        let (basic, all) = (basic.encoded_len(), all.encoded_len());
+        assert!((250..400).contains(&basic), "{basic}");
+        assert!((480..640).contains(&all), "{all}");
     }
 
     #[test]

@@ -188,6 +188,7 @@ pub(crate) async fn run(index: usize, shared: Arc<Shared>, replicas: Arc<Replica
             gpus: config.gpus,
             pools: config.pools,
             churn: config.churn,
+            all_gpu_figures: config.all_gpu_figures,
             unhealthy_gpu: config.has_unhealthy_gpu(index),
         },
         silenced: config.is_silenced(index),
