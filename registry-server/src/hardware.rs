@@ -10,7 +10,13 @@
 //! UUID in a refusal) need the whole GPU, and decode it as they deep-copied
 //! it before; FindPools' GPU filters read each GPU's index, lowercased name
 //! and compute capability, kept decoded (one name per distinct name, which
-//! on a node is nearly always one).
+//! on a node is nearly always one). Nodes of one hardware type register
+//! the same filter part, so it is shared: one copy per distinct set of
+//! GPUs (up to [`MAX_SHARED_GPU_SETS`]), not one per node (~200 bytes each
+//! at 8 GPUs).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prost::Message;
 use registry_proto::pb;
@@ -24,14 +30,53 @@ pub struct Hardware {
     /// The GPUs as `Capabilities.gpus` (tag 1) encodes them, in the
     /// registered order.
     gpus: Box<[u8]>,
-    /// What FindPools filters on, per GPU in the same order.
+    /// What FindPools filters on, shared with every node that registered
+    /// the same.
+    filter: Arc<GpuSet>,
+}
+
+/// What FindPools' GPU filters read of a node's registered GPUs.
+#[derive(Debug, Default, PartialEq, Eq, Hash)]
+struct GpuSet {
+    /// Per GPU, in the registered order.
     traits: Box<[GpuTraits]>,
     /// The distinct GPU names, lowercased, that `traits` point into.
     names: Box<[Box<str>]>,
 }
 
+/// How many distinct GPU sets are shared between nodes; past that a set
+/// is kept per node, so registrations of ever new sets cannot grow the
+/// shared table without bound (each is a few hundred bytes).
+pub const MAX_SHARED_GPU_SETS: usize = 1024;
+
+/// The GPU sets shared between nodes. Sets are never dropped from it: it
+/// is bounded, and a fleet has a handful of hardware types.
+#[derive(Debug, Default)]
+struct SharedSets(HashSet<Arc<GpuSet>>);
+
+impl SharedSets {
+    /// The shared copy of `set`, added while there is room; `set` itself
+    /// (held by its node alone) when the table is full.
+    fn share(&mut self, set: GpuSet, max: usize) -> Arc<GpuSet> {
+        if let Some(shared) = self.0.get(&set) {
+            return Arc::clone(shared);
+        }
+        let set = Arc::new(set);
+        if self.0.len() < max {
+            self.0.insert(Arc::clone(&set));
+        }
+        set
+    }
+}
+
+/// The registry-wide table of shared GPU sets.
+fn shared_sets() -> &'static Mutex<SharedSets> {
+    static SETS: OnceLock<Mutex<SharedSets>> = OnceLock::new();
+    SETS.get_or_init(Mutex::default)
+}
+
 /// What FindPools' GPU filters read of one registered GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct GpuTraits {
     /// The GPU's index on its node.
     index: u32,
@@ -90,17 +135,24 @@ impl Hardware {
                 }
             })
             .collect();
+        let set = GpuSet {
+            traits,
+            names: names.into_boxed_slice(),
+        };
+        let filter = shared_sets()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .share(set, MAX_SHARED_GPU_SETS);
         Self {
             rest: capabilities,
             gpus: GpusOnly { gpus }.encode_to_vec().into_boxed_slice(),
-            traits,
-            names: names.into_boxed_slice(),
+            filter,
         }
     }
 
     /// How many GPUs the node registered.
     pub fn gpu_count(&self) -> usize {
-        self.traits.len()
+        self.filter.traits.len()
     }
 
     /// The registered GPUs, decoded (readers and rare paths).
@@ -108,7 +160,7 @@ impl Hardware {
         // Only `new` encodes these bytes, from GPUs that encoded; one
         // allocation for the list.
         let mut gpus = GpusOnly {
-            gpus: Vec::with_capacity(self.traits.len()),
+            gpus: Vec::with_capacity(self.gpu_count()),
         };
         gpus.merge(&*self.gpus)
             .expect("GPUs encoded by Hardware::new decode");
@@ -118,9 +170,10 @@ impl Hardware {
     /// Each registered GPU as FindPools' filters see it, in the registered
     /// order; allocates nothing.
     pub fn filter_views(&self) -> impl Iterator<Item = GpuFilterView<'_>> {
-        self.traits.iter().map(|t| GpuFilterView {
+        let GpuSet { traits, names } = &*self.filter;
+        traits.iter().map(|t| GpuFilterView {
             index: t.index,
-            name_lowercase: self.names.get(t.name as usize).map_or("", |n| n),
+            name_lowercase: names.get(t.name as usize).map_or("", |n| n),
             compute_capability: t.compute_capability,
         })
     }
@@ -217,7 +270,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(hardware.names.len(), 2);
+        assert_eq!(hardware.filter.names.len(), 2);
     }
 
     #[test]
@@ -234,5 +287,49 @@ mod tests {
         assert_eq!(parse_compute_capability("10.0"), Some((10, 0)));
         assert_eq!(parse_compute_capability("9"), None);
         assert_eq!(parse_compute_capability("x.1"), None);
+    }
+
+    #[test]
+    fn nodes_with_the_same_gpus_share_their_filter_part() {
+        let one = Hardware::new(capabilities());
+        // Another node of the same type: other UUIDs and bus ids, the same
+        // names, capabilities and indices.
+        let mut other = capabilities();
+        for gpu in &mut other.gpus {
+            gpu.uuid.push('9');
+            gpu.pci_bus_id = format!("0000:{}", gpu.pci_bus_id);
+        }
+        let two = Hardware::new(other.clone());
+        assert!(Arc::ptr_eq(&one.filter, &two.filter));
+        assert_eq!(two.to_proto(), other, "each keeps its own GPUs");
+        // Another type is another set.
+        let mut smaller = capabilities();
+        smaller.gpus.pop();
+        assert!(!Arc::ptr_eq(&one.filter, &Hardware::new(smaller).filter));
+    }
+
+    #[test]
+    fn past_the_bound_sets_are_kept_per_node() {
+        let set = |index: u32| GpuSet {
+            traits: Box::new([GpuTraits {
+                index,
+                compute_capability: Some((9, 0)),
+                name: 0,
+            }]),
+            names: Box::new(["nvidia h100".into()]),
+        };
+        let mut table = SharedSets::default();
+        let first = table.share(set(0), 2);
+        assert!(Arc::ptr_eq(&first, &table.share(set(0), 2)));
+        let second = table.share(set(1), 2);
+        assert!(Arc::ptr_eq(&second, &table.share(set(1), 2)));
+        // Full: a new set is its node's own, equal but not shared.
+        let third = table.share(set(2), 2);
+        let again = table.share(set(2), 2);
+        assert_eq!(third, again);
+        assert!(!Arc::ptr_eq(&third, &again));
+        assert_eq!(table.0.len(), 2);
+        // The shared ones still are.
+        assert!(Arc::ptr_eq(&first, &table.share(set(0), 2)));
     }
 }
