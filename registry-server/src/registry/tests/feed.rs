@@ -565,3 +565,42 @@ async fn a_change_of_gpu_health_is_an_event_and_raw_figures_are_not() {
             .all(|g| g.load(Ordering::Relaxed) == 0)
     );
 }
+
+/// Reports are cleared whenever the registration changes; a view built
+/// after a change that left them in place still reads each pool's names
+/// from a spec of the registration it shows, never another's.
+#[test]
+fn a_view_after_a_registration_change_reads_its_own_specs() {
+    let spec = |pool_id: &str, model: &str| pb::PoolSpec {
+        pool_id: pool_id.into(),
+        model: model.into(),
+        engine: "vllm".into(),
+        ..Default::default()
+    };
+    let mut first = registration("n1");
+    first.pools = vec![spec("pool-0", "llama"), spec("pool-1", "qwen")];
+    let mut st = node::NodeState::new(first.clone(), 1, [0; 32], Instant::now(), Utc::now());
+    let reported: Vec<pb::PoolStatus> = first
+        .pools
+        .iter()
+        .map(|p| pb::PoolStatus {
+            pool_id: p.pool_id.clone(),
+            state: pb::PoolState::Ready as i32,
+            slots_total: 4,
+            slots_free: 2,
+            model: p.model.clone(),
+            engine: p.engine.clone(),
+            ..Default::default()
+        })
+        .collect();
+    st.report(reported.clone(), None);
+    st.view = Arc::new(st.new_view());
+    // Registered again with the pools in the other order, one renamed.
+    let mut again = first.clone();
+    again.pools = vec![spec("pool-1", "qwen"), spec("pool-0", "mistral")];
+    st.set_registration(again);
+    let view = st.new_view();
+    assert_eq!(view.to_proto().pool_status, reported);
+    let models: Vec<_> = view.pool_status().map(|p| (p.pool_id, p.model)).collect();
+    assert_eq!(models, [("pool-0", "llama"), ("pool-1", "qwen")]);
+}
