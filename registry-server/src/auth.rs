@@ -255,12 +255,6 @@ impl TokenGrant {
     }
 }
 
-/// [`TokenGrant::revoked`]; never without a grant (a server without
-/// tokens).
-pub fn revoked(grant: &mut Option<TokenGrant>) -> Option<AuthError> {
-    grant.as_mut().and_then(TokenGrant::revoked)
-}
-
 /// The successful reloads of an authenticator's tokens, one at a time.
 #[derive(Debug)]
 pub struct Reloads(Option<watch::Receiver<Arc<TokenTable>>>);
@@ -663,27 +657,33 @@ mod tests {
             .await
             .expect("a reload is told");
         assert!(
-            revoked(&mut node).is_none(),
+            node.as_mut().and_then(TokenGrant::revoked).is_none(),
             "the node token is still in force"
         );
 
         // The node token removed: its stream is revoked, the admin's is not.
         std::fs::write(&path, format!("admin {ADMIN}\n")).unwrap();
         auth.reload().unwrap();
-        let err = revoked(&mut node).expect("revoked");
+        let err = node
+            .as_mut()
+            .and_then(TokenGrant::revoked)
+            .expect("revoked");
         assert!(
             matches!(&err, AuthError::Unauthenticated(m) if m.contains("revoked")),
             "{err}"
         );
-        assert!(revoked(&mut admin).is_none());
+        assert!(admin.as_mut().and_then(TokenGrant::revoked).is_none());
 
         // A token given a role that may not heartbeat: permission denied.
         std::fs::write(&path, format!("reader {ADMIN}\n")).unwrap();
         auth.reload().unwrap();
         assert!(
-            matches!(revoked(&mut admin), Some(AuthError::PermissionDenied(m)) if m.contains("reader"))
+            matches!(admin.as_mut().and_then(TokenGrant::revoked), Some(AuthError::PermissionDenied(m)) if m.contains("reader"))
         );
-        assert!(revoked(&mut admin).is_none(), "told once per reload");
+        assert!(
+            admin.as_mut().and_then(TokenGrant::revoked).is_none(),
+            "told once per reload"
+        );
 
         // A server without tokens grants nothing to revoke.
         let (_, none) = Authenticator::open()

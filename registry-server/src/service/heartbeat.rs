@@ -40,52 +40,64 @@ use crate::replica::{ReplicaRole, Term};
 use crate::signal::Signal;
 use crate::validate;
 
-/// What every open heartbeat stream waits on besides its messages and its
-/// node's signal: raised when the server shuts down, a term ends or the
-/// tokens are reloaded, after which each stream checks whether it may go
-/// on. One wait for the three, where each was a wait of its own (some
-/// 300 bytes of every stream's state, three shared wait lists per beat).
+/// What every heartbeat stream of a service shares, held once behind an
+/// `Arc` rather than copied into each stream's state: with 100k open
+/// streams that state is 100k boxed futures, and these fields cost each
+/// of them ~60 bytes (its box then fits a smaller allocation class).
 #[derive(Debug)]
-pub(super) struct Recheck {
-    /// Raised on each of those.
-    signal: Signal,
-    /// Starts the task that raises it, at the first stream.
+pub(super) struct StreamShared {
+    /// Raised when the server shuts down, a term ends or the tokens are
+    /// reloaded, after which each stream checks whether it may go on. One
+    /// wait for the three, where each was a wait of its own (some 300
+    /// bytes of every stream's state, three shared wait lists per beat).
+    recheck: Signal,
+    /// Starts the task that raises `recheck`, at the first stream.
     watching: std::sync::Once,
+    /// Ends the streams when the server shuts down.
+    shutdown: CancellationToken,
+    /// Clock-skew allowance for sent_at.
+    max_clock_skew: Duration,
+    /// Deadline for a stream's first message.
+    first_message_timeout: Duration,
+    /// Handling-time histogram, looked up once, not per stream or beat.
+    latency: metrics::Histogram,
 }
 
-impl Default for Recheck {
-    fn default() -> Self {
+impl StreamShared {
+    pub(super) fn new(
+        shutdown: CancellationToken,
+        max_clock_skew: Duration,
+        first_message_timeout: Duration,
+    ) -> Self {
         Self {
-            signal: Signal::default(),
+            recheck: Signal::default(),
             watching: std::sync::Once::new(),
+            shutdown,
+            max_clock_skew,
+            first_message_timeout,
+            latency: metrics::histogram!(crate::metrics::HEARTBEAT_SECONDS),
         }
     }
-}
 
-impl Recheck {
-    /// Starts, once, the task that raises the signal when `shutdown` is
-    /// cancelled, a term of `role` ends and `auth` reloads its tokens.
-    pub(super) fn watch(
-        self: &Arc<Self>,
-        shutdown: &CancellationToken,
-        role: &ReplicaRole,
-        auth: &Authenticator,
-    ) {
+    /// Starts, once, the task that raises `recheck` when the shutdown
+    /// token is cancelled, a term of `role` ends and `auth` reloads its
+    /// tokens.
+    pub(super) fn watch(self: &Arc<Self>, role: &ReplicaRole, auth: &Authenticator) {
         self.watching.call_once(|| {
-            let recheck = Arc::clone(self);
-            let (shutdown, role, mut reloads) = (shutdown.clone(), role.clone(), auth.reloads());
+            let shared = Arc::clone(self);
+            let (role, mut reloads) = (role.clone(), auth.reloads());
             tokio::spawn(async move {
                 // From zero: a term that ended before this task started
                 // is raised at once (a wake-up with nothing to do at worst).
                 let mut terms_ended = 0;
                 loop {
                     tokio::select! {
-                        () = shutdown.cancelled() => {
-                            recheck.signal.raise();
+                        () = shared.shutdown.cancelled() => {
+                            shared.recheck.raise();
                             return;
                         }
-                        () = role.term_ends().raised(&mut terms_ended) => recheck.signal.raise(),
-                        () = reloads.next() => recheck.signal.raise(),
+                        () = role.term_ends().raised(&mut terms_ended) => shared.recheck.raise(),
+                        () = reloads.next() => shared.recheck.raise(),
                     }
                 }
             });
@@ -99,10 +111,8 @@ pub(super) struct HeartbeatSession {
     pub(super) registry: Registry,
     /// The agent's messages.
     pub(super) inbound: Streaming<pb::HeartbeatRequest>,
-    /// Ends the stream when the server shuts down.
-    pub(super) shutdown: CancellationToken,
-    /// Clock-skew allowance for sent_at.
-    pub(super) max_clock_skew: Duration,
+    /// What the service's streams share (settings, the recheck signal).
+    pub(super) shared: Arc<StreamShared>,
     /// The node this stream speaks for, fixed by the first message; kept so
     /// later messages cost one node lock and no map lookup.
     pub(super) node: Option<Arc<NodeSlot>>,
@@ -111,18 +121,14 @@ pub(super) struct HeartbeatSession {
     /// That session's secret, checked by the registry at the first
     /// message; later messages may repeat it (compared in constant time)
     /// but not change it.
-    pub(super) session_secret: String,
-    /// Raised when the stream must check whether it may go on.
-    pub(super) recheck: Arc<Recheck>,
-    /// The raises of `recheck` this stream has seen; from zero, so a new
+    pub(super) session_secret: Box<str>,
+    /// The raises of the shared recheck signal this stream has seen; from zero, so a new
     /// stream checks once at its start if anything was raised before it
     /// (the watch starts before the stream's token is checked, so nothing
     /// it must see is raised before the count it starts from).
     pub(super) recheck_seen: u64,
     /// Set once the stream has ended (an error was sent, or input ended).
     pub(super) done: bool,
-    /// Handling-time histogram, looked up once per stream, not per beat.
-    pub(super) latency: metrics::Histogram,
     /// Keeps the stream counted as open while it lives.
     pub(super) _open: OpenStream,
     /// Whether the caller holds an admin token (which may speak for any
@@ -130,8 +136,6 @@ pub(super) struct HeartbeatSession {
     pub(super) token_admin: bool,
     /// Names in the client certificate, under mTLS.
     pub(super) identities: Option<Vec<String>>,
-    /// Deadline for the first message.
-    pub(super) first_message_timeout: Duration,
     /// The raises of the node's signal this stream has seen (a command
     /// newly owed, a newer stream or session); read with `node`.
     pub(super) signal_seen: u64,
@@ -143,8 +147,9 @@ pub(super) struct HeartbeatSession {
     /// replaces it; set with `node`.
     pub(super) stream: u64,
     /// The token the stream was opened with, so a reload that removes it
-    /// ends the stream; `None` when the server checks no tokens.
-    pub(super) grant: Option<TokenGrant>,
+    /// ends the stream; `None` when the server checks no tokens. Boxed: a
+    /// server without tokens keeps no room for one in every stream.
+    pub(super) grant: Option<Box<TokenGrant>>,
     /// The leadership term the stream was opened under: the stream ends
     /// when it does, and no message is acknowledged once its lease may
     /// have run out (a single registry's term never ends).
@@ -205,11 +210,11 @@ impl HeartbeatSession {
         let mut first_deadline = self
             .node
             .is_none()
-            .then(|| Box::pin(tokio::time::sleep(self.first_message_timeout)));
+            .then(|| Box::pin(tokio::time::sleep(self.shared.first_message_timeout)));
         let message = loop {
             tokio::select! {
                 biased;
-                () = self.recheck.signal.raised(&mut self.recheck_seen) => {
+                () = self.shared.recheck.raised(&mut self.recheck_seen) => {
                     if let Some(end) = self.must_end() {
                         self.done = true;
                         return Some(Err(end));
@@ -219,7 +224,7 @@ impl HeartbeatSession {
                     self.done = true;
                     let err = RegistryError::TooSlow(format!(
                         "no first heartbeat message within {}; the stream is closed",
-                        humantime::format_duration(self.first_message_timeout)
+                        humantime::format_duration(self.shared.first_message_timeout)
                     ));
                     info!(error = %err, "idle heartbeat stream closed");
                     return Some(Err(err.into()));
@@ -273,7 +278,7 @@ impl HeartbeatSession {
     /// reason (the server shuts down, its term ended, its token was
     /// revoked), if it must.
     fn must_end(&mut self) -> Option<Status> {
-        if self.shutdown.is_cancelled() {
+        if self.shared.shutdown.is_cancelled() {
             return Some(RegistryError::ShuttingDown.into());
         }
         if self.term.lost().is_cancelled() {
@@ -282,7 +287,7 @@ impl HeartbeatSession {
             info!(node_id = %self.node_id(), "heartbeat stream ended: this replica no longer leads");
             return Some(not_leading().into());
         }
-        let err = crate::auth::revoked(&mut self.grant)?;
+        let err = self.grant.as_deref_mut().and_then(TokenGrant::revoked)?;
         metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "revoked").increment(1);
         warn!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: its token was revoked");
         Some(RegistryError::from(err).into())
@@ -330,7 +335,7 @@ impl HeartbeatSession {
     ) -> Result<pb::HeartbeatResponse, RegistryError> {
         let started = std::time::Instant::now();
         let result = self.handle(request);
-        self.latency.record(started.elapsed().as_secs_f64());
+        self.shared.latency.record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -359,7 +364,7 @@ impl HeartbeatSession {
                 // raises wake the stream.
                 self.signal_seen = slot.signal().seen();
                 self.session_id = request.session_id;
-                self.session_secret = std::mem::take(&mut request.session_secret);
+                self.session_secret = std::mem::take(&mut request.session_secret).into_boxed_str();
                 self.node.insert(slot)
             }
             Some(slot) => {
@@ -388,7 +393,7 @@ impl HeartbeatSession {
             }
         };
         let now = Now::read();
-        let beat = validate::beat(request, now.wall, self.max_clock_skew)?;
+        let beat = validate::beat(request, now.wall, self.shared.max_clock_skew)?;
         let command = self.registry.heartbeat_on_stream(
             node,
             self.session_id,
@@ -407,7 +412,7 @@ mod tests {
     use crate::auth::TokenSources;
 
     #[tokio::test]
-    async fn a_reload_a_term_end_and_shutdown_each_raise_the_recheck() {
+    async fn a_reload_a_term_end_and_shutdown_each_raise_the_streams_recheck() {
         let dir = tempfile::tempdir().unwrap();
         let tokens = dir.path().join("tokens");
         std::fs::write(&tokens, "node node-token-0123456789\n").unwrap();
@@ -419,26 +424,30 @@ mod tests {
         let role = ReplicaRole::starting_follower();
         role.lead(Term::new(Arc::new(|| true), CancellationToken::new()));
         let shutdown = CancellationToken::new();
-        let recheck = Arc::new(Recheck::default());
+        let shared = Arc::new(StreamShared::new(
+            shutdown.clone(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ));
         // Every stream asks; one task watches.
-        recheck.watch(&shutdown, &role, &auth);
-        recheck.watch(&shutdown, &role, &auth);
+        shared.watch(&role, &auth);
+        shared.watch(&role, &auth);
 
-        let start = recheck.signal.seen();
+        let start = shared.recheck.seen();
         let mut seen = start;
         let wait = Duration::from_secs(10);
         std::fs::write(&tokens, "node other-token-0123456789\n").unwrap();
         auth.reload().unwrap();
-        let raised = tokio::time::timeout(wait, recheck.signal.raised(&mut seen)).await;
+        let raised = tokio::time::timeout(wait, shared.recheck.raised(&mut seen)).await;
         raised.expect("a reload raises it");
         role.follow(None, "the lease ended");
-        let raised = tokio::time::timeout(wait, recheck.signal.raised(&mut seen)).await;
+        let raised = tokio::time::timeout(wait, shared.recheck.raised(&mut seen)).await;
         raised.expect("a term's end raises it");
         shutdown.cancel();
-        let raised = tokio::time::timeout(wait, recheck.signal.raised(&mut seen)).await;
+        let raised = tokio::time::timeout(wait, shared.recheck.raised(&mut seen)).await;
         raised.expect("shutdown raises it");
         assert_eq!(
-            recheck.signal.seen() - start,
+            shared.recheck.seen() - start,
             3,
             "one watcher: each cause raised once"
         );

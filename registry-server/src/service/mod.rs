@@ -3,7 +3,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::Stream;
 use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
@@ -27,15 +26,13 @@ mod heartbeat;
 #[cfg(test)]
 mod tests;
 
-use heartbeat::{HeartbeatSession, OpenStream, Recheck};
+use heartbeat::{HeartbeatSession, OpenStream, StreamShared};
 
 /// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
 #[derive(Clone)]
 pub struct NodeRegistryService {
     /// The state every call reads or changes.
     registry: Registry,
-    /// Clock-skew allowance for heartbeat timestamps.
-    max_clock_skew: Duration,
     /// Cancelled when the server shuts down, so heartbeat streams (which
     /// never end by themselves) end and graceful shutdown can finish.
     shutdown: CancellationToken,
@@ -48,9 +45,6 @@ pub struct NodeRegistryService {
     max_heartbeat_streams: usize,
     /// Largest ListNodes page.
     max_page_size: u32,
-    /// How long a new stream may stay silent before its first message:
-    /// an open, never-written stream would otherwise hold resources forever.
-    first_message_timeout: Duration,
     /// Answers FindPools and ListModels; fed by the registry's change feed,
     /// not read from the registry, so a query never scans the fleet.
     placement: PlacementIndex,
@@ -59,9 +53,10 @@ pub struct NodeRegistryService {
     /// Whether this process leads (always, without replicas): writes and
     /// heartbeats are refused on a follower, reads marked stale.
     role: ReplicaRole,
-    /// Wakes every open heartbeat stream to check whether it may go on
-    /// (shutdown, the end of a term, a token reload).
-    recheck: Arc<Recheck>,
+    /// What every heartbeat stream shares: the signal that wakes each to
+    /// check whether it may go on (shutdown, the end of a term, a token
+    /// reload), and the streams' settings.
+    streams: Arc<StreamShared>,
 }
 
 impl NodeRegistryService {
@@ -76,8 +71,7 @@ impl NodeRegistryService {
     ) -> Self {
         Self {
             registry,
-            max_clock_skew: settings.max_clock_skew,
-            shutdown,
+            shutdown: shutdown.clone(),
             auth,
             admission: Admission::new(
                 settings.max_concurrent_registrations,
@@ -86,11 +80,14 @@ impl NodeRegistryService {
             ),
             max_heartbeat_streams: settings.max_heartbeat_streams,
             max_page_size: settings.max_page_size,
-            first_message_timeout: settings.node_timeout,
             placement,
             watchers: Watchers::new(settings.max_watchers, settings.watch_progress_interval),
             role: ReplicaRole::single(),
-            recheck: Arc::default(),
+            streams: Arc::new(StreamShared::new(
+                shutdown.clone(),
+                settings.max_clock_skew,
+                settings.node_timeout,
+            )),
         }
     }
 
@@ -345,7 +342,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         // Watching before the token is checked: a reload from here on
         // raises the recheck, so none between the check and the stream's
         // first wait goes unseen.
-        self.recheck.watch(&self.shutdown, &self.role, &self.auth);
+        self.streams.watch(&self.role, &self.auth);
         let (role, grant) = self
             .auth
             .authorize_stream(request.metadata(), Rpc::Heartbeat)
@@ -375,22 +372,18 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
             _open: guard,
             token_admin,
             identities,
-            first_message_timeout: self.first_message_timeout,
-            latency: metrics::histogram!(crate::metrics::HEARTBEAT_SECONDS),
             registry: self.registry.clone(),
             inbound: request.into_inner(),
-            shutdown: self.shutdown.clone(),
-            max_clock_skew: self.max_clock_skew,
             node: None,
             session_id: 0,
-            session_secret: String::new(),
+            session_secret: Box::default(),
             done: false,
             signal_seen: 0,
-            recheck: Arc::clone(&self.recheck),
+            shared: Arc::clone(&self.streams),
             recheck_seen: 0,
             sent_command: 0,
             stream: 0,
-            grant,
+            grant: grant.map(Box::new),
             term,
         };
         // No task and no channel per stream: the response stream pulls the
