@@ -332,21 +332,8 @@ mod tests {
     use registry_proto::pb;
 
     use super::*;
-    use crate::registry::{Now, Registration, Timing};
-
-    fn registration(node_id: &str) -> Registration {
-        Registration {
-            node_id: node_id.into(),
-            machine_id: "m".into(),
-            address: "http://n:9200".into(),
-            pools: vec![],
-            capabilities: Default::default(),
-            agent_version: "test".into(),
-            metrics_address: String::new(),
-            models_available: Vec::new(),
-            labels: Default::default(),
-        }
-    }
+    use crate::registry::tests::registration;
+    use crate::registry::{Now, Timing};
 
     #[tokio::test(start_paused = true)]
     async fn events_a_filter_skips_do_not_starve_progress() {

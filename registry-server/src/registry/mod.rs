@@ -78,7 +78,7 @@ mod read;
 mod sessions;
 mod stats;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use admin::{DrainRequest, MAX_PARKED};
 pub use guard::{GuardConfig, GuardStats, GuardStatus, late_after, stall_threshold};
@@ -851,6 +851,17 @@ impl Registry {
         self.shared.stats.shift_pools(&before, &st.pool_tally());
         self.shared.schedule.cancel(&mut st.wakeup);
         self.shared.population.remove(st.liveness);
+    }
+
+    /// Raises every node's signal, so each bound heartbeat stream wakes
+    /// and checks whether it may go on (the service's recheck: shutdown, a
+    /// term's end, a token reload). Rare; the slots are collected under
+    /// the map's read lock and raised after it is released.
+    pub fn raise_every_signal(&self) {
+        let slots: Vec<Arc<NodeSlot>> = self.read_nodes().values().cloned().collect();
+        for slot in slots {
+            slot.signal().raise();
+        }
     }
 
     /// Takes a removed slot out of the map, unless the id has been

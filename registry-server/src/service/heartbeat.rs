@@ -15,12 +15,16 @@
 //! token's grant and ends with UNAUTHENTICATED the moment a token reload
 //! removes that token.
 //!
-//! A stream waiting for the agent's next message waits on three things:
-//! the message, its node's signal, and the registry-wide [`Recheck`]
-//! (shutdown, a term's end, a token reload), after which it checks what
-//! happened; before its first message, also on a timer. Each wait is part
-//! of every open stream's state and a waiter in a shared list per beat, so
-//! they are kept to these.
+//! A stream waiting for the agent's next message waits on two things: the
+//! message, and one signal, after which it checks what happened; before
+//! its first message, also on a timer. The signal is its node's once the
+//! stream has named it, the registry-wide recheck of [`StreamShared`]
+//! before. A recheck (shutdown, a term's end, a token reload) raises the
+//! shared signal and then every node's, so a bound stream hears it through
+//! its node's signal and compares the shared count. Each wait is part of
+//! every open stream's state and a waiter in a wait list per beat (the
+//! shared signal's list would be one lock every beat of the fleet takes),
+//! so they are kept to these.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,8 +52,8 @@ use crate::validate;
 pub(super) struct StreamShared {
     /// Raised when the server shuts down, a term ends or the tokens are
     /// reloaded, after which each stream checks whether it may go on. One
-    /// wait for the three, where each was a wait of its own (some 300
-    /// bytes of every stream's state, three shared wait lists per beat).
+    /// count for the three; streams not yet bound to a node wait on it, and
+    /// every node's signal is raised after it for the bound ones.
     recheck: Signal,
     /// Starts the task that raises `recheck`, at the first stream.
     watching: std::sync::Once,
@@ -79,25 +83,34 @@ impl StreamShared {
         }
     }
 
-    /// Starts, once, the task that raises `recheck` when the shutdown
-    /// token is cancelled, a term of `role` ends and `auth` reloads its
-    /// tokens.
-    pub(super) fn watch(self: &Arc<Self>, role: &ReplicaRole, auth: &Authenticator) {
+    /// Starts, once, the task that raises `recheck`, and then every node
+    /// signal of `registry`, when the shutdown token is cancelled, a term
+    /// of `role` ends and `auth` reloads its tokens.
+    pub(super) fn watch(
+        self: &Arc<Self>,
+        registry: &Registry,
+        role: &ReplicaRole,
+        auth: &Authenticator,
+    ) {
         self.watching.call_once(|| {
             let shared = Arc::clone(self);
-            let (role, mut reloads) = (role.clone(), auth.reloads());
+            let (registry, role, mut reloads) = (registry.clone(), role.clone(), auth.reloads());
             tokio::spawn(async move {
                 // From zero: a term that ended before this task started
                 // is raised at once (a wake-up with nothing to do at worst).
                 let mut terms_ended = 0;
                 loop {
-                    tokio::select! {
-                        () = shared.shutdown.cancelled() => {
-                            shared.recheck.raise();
-                            return;
-                        }
-                        () = role.term_ends().raised(&mut terms_ended) => shared.recheck.raise(),
-                        () = reloads.next() => shared.recheck.raise(),
+                    let last = tokio::select! {
+                        () = shared.shutdown.cancelled() => true,
+                        () = role.term_ends().raised(&mut terms_ended) => false,
+                        () = reloads.next() => false,
+                    };
+                    // The shared count first: a stream woken by its node's
+                    // signal then finds it raised.
+                    shared.recheck.raise();
+                    registry.raise_every_signal();
+                    if last {
+                        return;
                     }
                 }
             });
@@ -122,7 +135,7 @@ pub(super) struct HeartbeatSession {
     /// message; later messages may repeat it (compared in constant time)
     /// but not change it.
     pub(super) session_secret: Box<str>,
-    /// The raises of the shared recheck signal this stream has seen; from zero, so a new
+    /// The raises of the shared recheck signal this stream has checked; from zero, so a new
     /// stream checks once at its start if anything was raised before it
     /// (the watch starts before the stream's token is checked, so nothing
     /// it must see is raised before the count it starts from).
@@ -156,12 +169,21 @@ pub(super) struct HeartbeatSession {
     pub(super) term: Term,
 }
 
-/// Waits until the node's signal is raised (a command newly owed, a newer
-/// stream or session); forever before the stream has named its node.
-async fn command_owed(node: Option<&NodeSlot>, seen: &mut u64) {
+/// Waits until the stream's signal is raised: its node's once it has
+/// named it (a command newly owed, a newer stream or session, a recheck),
+/// the shared recheck before. The signal's own wait, not a future around
+/// it: it is part of every open stream's state.
+fn raised<'a>(
+    node: Option<&'a NodeSlot>,
+    node_seen: &'a mut u64,
+    recheck: &'a Signal,
+    recheck_seen: &'a mut u64,
+) -> impl std::future::Future<Output = ()> + 'a {
     match node {
-        Some(slot) => slot.signal().raised(seen).await,
-        None => std::future::pending::<()>().await,
+        Some(slot) => slot.signal().raised(node_seen),
+        // The count is taken here only; after a bound stream's wake-up
+        // `recheck_due` compares it.
+        None => recheck.raised(recheck_seen),
     }
 }
 
@@ -212,12 +234,30 @@ impl HeartbeatSession {
             .is_none()
             .then(|| Box::pin(tokio::time::sleep(self.shared.first_message_timeout)));
         let message = loop {
+            if let Some(end) = self.recheck_due() {
+                self.done = true;
+                return Some(Err(end));
+            }
             tokio::select! {
                 biased;
-                () = self.shared.recheck.raised(&mut self.recheck_seen) => {
-                    if let Some(end) = self.must_end() {
+                () = raised(self.node.as_deref(), &mut self.signal_seen, &self.shared.recheck, &mut self.recheck_seen) => {
+                    if let Some(end) = self.recheck_due() {
                         self.done = true;
                         return Some(Err(end));
+                    }
+                    match self.push() {
+                        Ok(Some(push)) => return Some(Ok(push)),
+                        Ok(None) => {}
+                        Err(err) => {
+                            self.done = true;
+                            let reason = match err {
+                                RegistryError::StreamReplaced { .. } => "replaced",
+                                _ => "superseded",
+                            };
+                            metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => reason).increment(1);
+                            info!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: something newer took over");
+                            return Some(Err(err.into()));
+                        }
                     }
                 }
                 () = first_message_due(&mut first_deadline) => {
@@ -229,20 +269,6 @@ impl HeartbeatSession {
                     info!(error = %err, "idle heartbeat stream closed");
                     return Some(Err(err.into()));
                 }
-                () = command_owed(self.node.as_deref(), &mut self.signal_seen) => match self.push() {
-                    Ok(Some(push)) => return Some(Ok(push)),
-                    Ok(None) => {}
-                    Err(err) => {
-                        self.done = true;
-                        let reason = match err {
-                            RegistryError::StreamReplaced { .. } => "replaced",
-                            _ => "superseded",
-                        };
-                        metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => reason).increment(1);
-                        info!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: something newer took over");
-                        return Some(Err(err.into()));
-                    }
-                },
                 message = self.inbound.message() => break message,
             }
         };
@@ -272,6 +298,17 @@ impl HeartbeatSession {
                 Some(Err(status))
             }
         }
+    }
+
+    /// Why the stream must end now for a registry-wide reason, if a
+    /// recheck was raised since the stream last checked and it must.
+    fn recheck_due(&mut self) -> Option<Status> {
+        let raised = self.shared.recheck.seen();
+        if raised == self.recheck_seen {
+            return None;
+        }
+        self.recheck_seen = raised;
+        self.must_end()
     }
 
     /// After a recheck: why the stream must end now for a registry-wide
@@ -410,6 +447,7 @@ impl HeartbeatSession {
 mod tests {
     use super::*;
     use crate::auth::TokenSources;
+    use crate::registry::tests::registration;
 
     #[tokio::test]
     async fn a_reload_a_term_end_and_shutdown_each_raise_the_streams_recheck() {
@@ -429,9 +467,16 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(1),
         ));
+        // A bound stream hears a recheck through its node's signal.
+        let registry = Registry::new(crate::registry::Timing::default());
+        let registered = registry.register(registration("n1"), Now::read()).unwrap();
+        let (node, _) = registry
+            .attach_stream("n1", registered.session_id, &registered.session_secret)
+            .unwrap();
+        let node_start = node.signal().seen();
         // Every stream asks; one task watches.
-        shared.watch(&role, &auth);
-        shared.watch(&role, &auth);
+        shared.watch(&registry, &role, &auth);
+        shared.watch(&registry, &role, &auth);
 
         let start = shared.recheck.seen();
         let mut seen = start;
@@ -450,6 +495,11 @@ mod tests {
             shared.recheck.seen() - start,
             3,
             "one watcher: each cause raised once"
+        );
+        assert_eq!(
+            node.signal().seen() - node_start,
+            3,
+            "each raised the node's signal after the shared one"
         );
     }
 }

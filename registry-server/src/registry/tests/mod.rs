@@ -57,7 +57,9 @@ async fn advance(by: Duration) {
     }
 }
 
-fn registration(node_id: &str) -> Registration {
+/// A registration of `node_id` with one pool and one label; shared by the
+/// crate's unit tests that need a registered node.
+pub(crate) fn registration(node_id: &str) -> Registration {
     Registration {
         node_id: node_id.into(),
         machine_id: format!("machine-{node_id}"),
@@ -112,6 +114,25 @@ async fn the_read_view_carries_staged_models_and_reported_endpoints() {
         registry.get("n1").unwrap().pool_status[0].endpoint,
         "http://n1:8001"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn raising_every_signal_raises_each_nodes_once() {
+    let (registry, _stop) = start();
+    let slots: Vec<_> = ["n1", "n2"]
+        .into_iter()
+        .map(|id| {
+            let reg = registry.register(registration(id), Now::read()).unwrap();
+            let (slot, _) = registry
+                .attach_stream(id, reg.session_id, &reg.session_secret)
+                .unwrap();
+            (slot.signal().seen(), slot)
+        })
+        .collect();
+    registry.raise_every_signal();
+    for (seen, slot) in slots {
+        assert_eq!(slot.signal().seen(), seen + 1, "{}", slot.id());
+    }
 }
 
 #[tokio::test(start_paused = true)]
