@@ -139,7 +139,7 @@ impl Budgets {
     /// Wraps a request's body so its messages are held to the budgets.
     pub fn wrap<B>(self: &Arc<Self>, request: http::Request<B>) -> http::Request<tonic::body::Body>
     where
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let heartbeat = request.uri().path() == HEARTBEAT_PATH;
@@ -147,7 +147,7 @@ impl Budgets {
         let connection = self.connection(address);
         let (parts, body) = request.into_parts();
         let body = BudgetedBody {
-            inner: Box::pin(body),
+            inner: body,
             budgets: self.clone(),
             connection,
             heartbeat,
@@ -228,8 +228,8 @@ impl FrameReader {
 
 /// A request body whose unfinished messages count against the budgets.
 struct BudgetedBody<B> {
-    /// The body as received.
-    inner: Pin<Box<B>>,
+    /// The body as received (tonic's boxed body: not boxed again).
+    inner: B,
     /// The limits and the server-wide budget.
     budgets: Arc<Budgets>,
     /// The connection's budget.
@@ -341,7 +341,7 @@ impl<B> Drop for BudgetedBody<B> {
 
 impl<B> Body for BudgetedBody<B>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Data = Bytes;
@@ -351,9 +351,9 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        // Every field is Unpin (the inner body is boxed).
+        // Every field is Unpin (the inner body by the bound).
         let this = self.get_mut();
-        let frame = match this.inner.as_mut().poll_frame(cx) {
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(err))) => {
                 return Poll::Ready(Some(Err(Status::from_error(err.into()))));
@@ -417,7 +417,7 @@ pub struct BudgetService<S> {
 impl<S, B> tower::Service<http::Request<B>> for BudgetService<S>
 where
     S: tower::Service<http::Request<tonic::body::Body>>,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     type Response = S::Response;
@@ -460,7 +460,7 @@ mod tests {
     ) -> BudgetedBody<http_body_util::Empty<Bytes>> {
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         BudgetedBody {
-            inner: Box::pin(http_body_util::Empty::new()),
+            inner: http_body_util::Empty::new(),
             budgets: budgets.clone(),
             connection: budgets.connection(Some(address)),
             heartbeat,
