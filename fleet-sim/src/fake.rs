@@ -5,6 +5,7 @@
 
 use std::time::SystemTime;
 
+use registry_proto::gpu_figures::GoodOrder;
 use registry_proto::pb;
 
 /// What a node looks like; fixed for the node's life.
@@ -140,20 +141,12 @@ impl NodeShape {
                 if !self.all_gpu_figures {
                     return basic;
                 }
-                pb::GpuStats {
-                    ecc_enabled: Some(true),
-                    ecc_uncorrectable_volatile: Some(0),
-                    ecc_correctable_volatile: Some(rng.u64(0..4)),
-                    retired_pages_pending: Some(false),
-                    row_remap_pending: Some(false),
-                    row_remap_failed: Some(false),
-                    throttle_thermal: Some(false),
-                    throttle_power: Some(false),
-                    throttle_hw_slowdown: Some(false),
-                    power_draw_milliwatts: Some(rng.u32(100_000..700_000)),
-                    power_limit_milliwatts: Some(700_000),
-                    ..basic
+                GoodOrder {
+                    ecc_correctable: Some(rng.u64(0..4)),
+                    power_draw_milliwatts: rng.u32(100_000..700_000),
+                    power_limit_milliwatts: 700_000,
                 }
+                .figures(basic)
             })
             .collect();
         pb::HeartbeatRequest {

@@ -26,6 +26,7 @@ use nvml_wrapper::sys_exports::field_id::{
     NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_PENDING,
 };
 use nvml_wrapper::{Device, Nvml};
+use registry_proto::gpu_figures::GoodOrder;
 use registry_proto::pb;
 use registry_proto::rules::{
     self, Field, MAX_HEALTH_REASONS, MAX_MIG_INSTANCES, MAX_XID_ERRORS, fit_text,
@@ -562,24 +563,19 @@ impl GpuSource for FakeGpuSource {
             .iter()
             .zip(correctable.iter_mut())
             .map(|(g, correctable)| {
-                let mut gpu = pb::GpuStats {
+                let mut gpu = GoodOrder {
+                    ecc_correctable: None,
+                    power_draw_milliwatts: Self::POWER_DRAW_MW,
+                    power_limit_milliwatts: Self::POWER_LIMIT_MW,
+                }
+                .figures(pb::GpuStats {
                     index: g.index,
                     memory_used_bytes: Self::USED_BYTES,
                     memory_free_bytes: g.memory_total_bytes - Self::USED_BYTES,
                     utilization_percent: 0,
                     temperature_celsius: Some(34 + g.index % 8),
-                    ecc_enabled: Some(true),
-                    ecc_uncorrectable_volatile: Some(0),
-                    retired_pages_pending: Some(false),
-                    row_remap_pending: Some(false),
-                    row_remap_failed: Some(false),
-                    throttle_thermal: Some(false),
-                    throttle_power: Some(false),
-                    throttle_hw_slowdown: Some(false),
-                    power_draw_milliwatts: Some(Self::POWER_DRAW_MW),
-                    power_limit_milliwatts: Some(Self::POWER_LIMIT_MW),
                     ..Default::default()
-                };
+                });
                 faults::apply(&mut gpu, &self.faults.active(g.index, elapsed), correctable);
                 gpu
             })

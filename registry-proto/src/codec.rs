@@ -124,20 +124,12 @@ mod tests {
             if !every_figure {
                 return basic;
             }
-            pb::GpuStats {
-                ecc_enabled: Some(true),
-                ecc_uncorrectable_volatile: Some(0),
-                ecc_correctable_volatile: Some(3),
-                retired_pages_pending: Some(false),
-                row_remap_pending: Some(false),
-                row_remap_failed: Some(false),
-                throttle_thermal: Some(false),
-                throttle_power: Some(false),
-                throttle_hw_slowdown: Some(false),
-                power_draw_milliwatts: Some(350_000),
-                power_limit_milliwatts: Some(700_000),
-                ..basic
+            crate::gpu_figures::GoodOrder {
+                ecc_correctable: Some(3),
+                power_draw_milliwatts: 350_000,
+                power_limit_milliwatts: 700_000,
             }
+            .figures(basic)
         };
         let pool = |p| pb::PoolStatus {
             pool_id: format!("pool-{p}"),

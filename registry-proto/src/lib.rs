@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod codec;
 pub mod endpoints;
+pub mod gpu_figures;
 pub mod replica;
 pub mod retry;
 pub mod rules;
