@@ -14,20 +14,26 @@
 //! because the owner's key lives under the owner's lock.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Identifies one queued entry: its time and a tie-breaker that keeps keys
-/// unique when two owners are due at the same instant.
+/// unique when two owners are due at the same instant. 16 bytes, and 16 as
+/// an `Option` (the tie-breaker is never zero): every node holds one and the
+/// queue holds one per node, where an `Instant` and a `u64` took 24 and 24.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
-    /// When the entry is due.
-    pub at: Instant,
-    /// Order of insertion, unique per schedule.
-    seq: u64,
+    /// When the entry is due: nanoseconds since the schedule's start (see
+    /// [`Schedule::due_at`]).
+    at: u64,
+    /// Order of insertion, unique per schedule, from 1.
+    seq: NonZeroU64,
 }
 
 /// Earliest-first wake-ups, each carrying an owner handle `T`.
@@ -40,6 +46,9 @@ pub struct Schedule<T> {
     changed: Notify,
     /// Source of [`Key::seq`].
     seq: AtomicU64,
+    /// What [`Key::at`] counts from. A time before it counts as it: such a
+    /// wake-up is due at once either way.
+    start: Instant,
 }
 
 impl<T> Default for Schedule<T> {
@@ -47,7 +56,8 @@ impl<T> Default for Schedule<T> {
         Self {
             queue: Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
-            seq: AtomicU64::new(0),
+            seq: AtomicU64::new(1),
+            start: Instant::now(),
         }
     }
 }
@@ -74,13 +84,16 @@ impl<T> Schedule<T> {
     /// any) is replaced by one at `at` and `key` is updated. Call it under
     /// the owner's lock, which guards `key`.
     pub fn wake_by(&self, key: &mut Option<Key>, at: Instant, owner: impl FnOnce() -> T) {
+        let at = self.since_start(at);
         if key.is_some_and(|queued| queued.at <= at) {
             // The queued wake-up comes first and will re-check then.
             return;
         }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let new = Key {
             at,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            // From 1, and 2^64 insertions are out of reach.
+            seq: NonZeroU64::new(seq).unwrap_or(NonZeroU64::MAX),
         };
         let mut queue = self.lock();
         if let Some(old) = key.take() {
@@ -106,15 +119,27 @@ impl<T> Schedule<T> {
 
     /// Takes the earliest entry off the queue if it is due at `now`.
     pub fn pop_due(&self, now: Instant) -> Due<T> {
+        let now = self.since_start(now);
         let mut queue = self.lock();
         match queue.first_key_value() {
             Some((head, _)) if head.at <= now => {
                 let (key, owner) = queue.pop_first().expect("the queue has a first entry");
                 Due::Now(key, owner)
             }
-            Some((head, _)) => Due::At(head.at),
+            Some((head, _)) => Due::At(self.due_at(head)),
             None => Due::Idle,
         }
+    }
+
+    /// When the entry `key` names is due.
+    pub fn due_at(&self, key: &Key) -> Instant {
+        self.start + Duration::from_nanos(key.at)
+    }
+
+    /// `at` as nanoseconds since the schedule's start (0 before it; past
+    /// 584 years, the most).
+    fn since_start(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Waits until an entry earlier than every queued one is added.
@@ -141,9 +166,29 @@ impl<T> Schedule<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+
+    #[test]
+    fn a_key_is_16_bytes_and_so_is_an_optional_one() {
+        assert_eq!(std::mem::size_of::<Key>(), 16);
+        assert_eq!(std::mem::size_of::<Option<Key>>(), 16);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_time_reads_back_exactly_and_one_before_the_start_is_due_at_once() {
+        let before = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let schedule = Schedule::new();
+        let at = Instant::now() + Duration::from_nanos(1_234_567_891);
+        let (mut key, mut early) = (None, None);
+        schedule.wake_by(&mut key, at, || "later");
+        assert_eq!(schedule.due_at(&key.unwrap()), at);
+        schedule.wake_by(&mut early, before, || "early");
+        assert!(
+            matches!(schedule.pop_due(Instant::now()), Due::Now(k, "early") if Some(k) == early)
+        );
+        assert!(matches!(schedule.pop_due(Instant::now()), Due::At(due) if due == at));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn entries_come_out_earliest_first_and_only_when_due() {

@@ -162,7 +162,7 @@ impl NodeState {
                 deadline: drain.deadline,
             }));
         }
-        self.resume.clone().map(Command::Resume)
+        self.resume.as_deref().cloned().map(Command::Resume)
     }
 
     /// The admin state with the drain's progress recomputed from the pool
@@ -547,10 +547,10 @@ impl Registry {
         let mut admin = pb::AdminState::clone(&st.admin);
         admin.drain = None;
         st.drain_deadline_at = None;
-        st.resume = Some(pb::ResumeCommand {
+        st.resume = Some(Box::new(pb::ResumeCommand {
             pool_ids: drain.pool_ids,
             reason: RESUME_REASON.to_owned(),
-        });
+        }));
         let commit = self.set_admin(&mut st, admin);
         self.publish(&mut st, EventKind::Modified);
         self.owe_command(&slot, &mut st);

@@ -54,6 +54,7 @@ impl Registry {
             let Some(wakeup) = st.wakeup else {
                 return fail("no wake-up queued".into());
             };
+            let wakeup_at = self.shared.schedule.due_at(&wakeup);
             match st.liveness {
                 Liveness::Online => {
                     counted.online += 1;
@@ -61,10 +62,10 @@ impl Registry {
                         return fail("ONLINE with an offline_since".into());
                     }
                     let deadline = st.last_seen + timing.node_timeout;
-                    if !st.held && wakeup.at > deadline {
+                    if !st.held && wakeup_at > deadline {
                         return fail(format!(
                             "woken {:?} after its deadline",
-                            wakeup.at - deadline
+                            wakeup_at - deadline
                         ));
                     }
                 }
@@ -74,21 +75,21 @@ impl Registry {
                         return fail("OFFLINE without an offline_since".into());
                     };
                     let removal = since + timing.offline_retention;
-                    if wakeup.at > removal {
+                    if wakeup_at > removal {
                         return fail(format!(
                             "woken {:?} after its removal is due",
-                            wakeup.at - removal
+                            wakeup_at - removal
                         ));
                     }
                 }
             }
             let drain_pending = st.admin.drain.as_ref().is_some_and(|d| !d.drained);
             if let Some(at) = st.drain_deadline_at.filter(|_| drain_pending)
-                && wakeup.at > at
+                && wakeup_at > at
             {
                 return fail(format!(
                     "woken {:?} after its drain deadline",
-                    wakeup.at - at
+                    wakeup_at - at
                 ));
             }
             cordoned += i64::from(st.admin.cordoned);

@@ -486,7 +486,7 @@ impl Registry {
                 .suspect
                 .fetch_add(1, Ordering::Relaxed);
         }
-        st.suspect = Some(reason.to_owned());
+        st.suspect = Some(reason.into());
     }
 
     /// Clears the node's suspect flag (and the guard's hold); returns

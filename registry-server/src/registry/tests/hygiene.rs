@@ -125,7 +125,10 @@ fn heartbeats_of_an_online_node_never_touch_the_schedule() {
     registry.register(registration("n1"), at(t)).unwrap();
     assert_eq!(slot.lock().wakeup, queued);
     // The first wake-up re-checks and re-queues at the real deadline.
-    let first = queued.expect("the node is queued").at;
+    let first = registry
+        .shared
+        .schedule
+        .due_at(&queued.expect("the node is queued"));
     let next = registry.process_due(at(first));
     assert_eq!(next, Some(t + TIMEOUT));
     assert_eq!(registry.scheduled_wakeups(), 1);
