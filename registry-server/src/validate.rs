@@ -25,8 +25,6 @@ pub use registry_proto::rules::{
 pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryError> {
     rules::register_request(&req)?;
     let capabilities = Hardware::new(req.capabilities.unwrap_or_default());
-    let mut labels = req.labels;
-    labels.shrink_to_fit();
     Ok(Registration {
         node_id: req.node_id,
         machine_id: req.machine_id,
@@ -34,7 +32,7 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryEr
         pools: fitted(req.pools),
         capabilities,
         agent_version: req.agent_version,
-        labels,
+        labels: req.labels.into(),
         metrics_address: req.metrics_address,
         models_available: fitted(req.models_available),
     })

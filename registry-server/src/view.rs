@@ -61,7 +61,7 @@ impl Registered {
         node.agent_version = agent_version.clone();
         node.metrics_address = metrics_address.clone();
         node.models_available = models_available.clone();
-        node.labels = labels.clone();
+        node.labels = labels.to_map();
     }
 }
 
@@ -325,7 +325,7 @@ impl NodeView {
             agent_version: node.agent_version,
             metrics_address: node.metrics_address,
             models_available: node.models_available,
-            labels: node.labels,
+            labels: node.labels.into(),
         });
         Self::with_fields(registered, live)
     }

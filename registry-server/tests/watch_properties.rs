@@ -65,7 +65,7 @@ fn registration(i: usize, variant: u8) -> Registration {
         agent_version: format!("v{variant}"),
         metrics_address: String::new(),
         models_available: Vec::new(),
-        labels: HashMap::new(),
+        labels: Default::default(),
     }
 }
 

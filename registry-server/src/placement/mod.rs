@@ -694,7 +694,7 @@ impl PlacementIndex {
                     slots_total: p.slots_total,
                     vram_free_bytes: p.vram_free_bytes,
                     node_address: p.node.registration().address.clone(),
-                    labels: p.node.registration().labels.clone(),
+                    labels: p.node.registration().labels.to_map(),
                     mig_uuids: p.mig_uuids().to_vec(),
                     mig_profile: p.mig_profile().unwrap_or_default().to_owned(),
                 })

@@ -255,7 +255,7 @@ impl PlacementQuery {
             node.registration()
                 .labels
                 .get(k)
-                .is_some_and(|have| have == v)
+                .is_some_and(|have| have == v.as_str())
         }) {
             return Some(Filter::Labels);
         }

@@ -28,8 +28,76 @@ pub struct Registration {
     /// Models staged on disk but not loaded (CLOUD-5010), for ListModels
     /// and the placement index.
     pub models_available: Vec<String>,
-    /// Labels that ListNodes filters on.
-    pub labels: std::collections::HashMap<String, String>,
+    /// Labels that ListNodes, WatchNodes and FindPools filter on.
+    pub labels: Labels,
+}
+
+/// A node's labels, sorted by key, in one boxed slice: 16 bytes in every
+/// registration where a `HashMap` took 48 (with a table of at least four
+/// buckets behind it), for the handful of labels a node carries. Lookups
+/// are binary searches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(Box<[(String, String)]>);
+
+impl Labels {
+    /// The value of `key`, if the node has that label.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| self.0[i].1.as_str())
+    }
+
+    /// Every label, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// How many labels the node has.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the node has none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The labels as the contract's map.
+    pub fn to_map(&self) -> std::collections::HashMap<String, String> {
+        self.0.iter().cloned().collect()
+    }
+
+    /// [`Labels::to_map`], taking the strings.
+    pub fn into_map(self) -> std::collections::HashMap<String, String> {
+        self.0.into_vec().into_iter().collect()
+    }
+}
+
+impl FromIterator<(String, String)> for Labels {
+    /// Sorted by key; of two equal keys the last one stays (as a map's
+    /// insert keeps it).
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(labels: I) -> Self {
+        let mut labels: Vec<(String, String)> = labels.into_iter().collect();
+        // Stable: equal keys keep their order, and the dedup keeps the last.
+        labels.sort_by(|a, b| a.0.cmp(&b.0));
+        labels.reverse();
+        labels.dedup_by(|later, kept| later.0 == kept.0);
+        labels.reverse();
+        Self(labels.into_boxed_slice())
+    }
+}
+
+impl From<std::collections::HashMap<String, String>> for Labels {
+    fn from(labels: std::collections::HashMap<String, String>) -> Self {
+        labels.into_iter().collect()
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Labels {
+    fn from(labels: [(String, String); N]) -> Self {
+        labels.into_iter().collect()
+    }
 }
 
 /// One heartbeat message that passed validation.
@@ -83,4 +151,43 @@ pub(crate) fn fitted<T>(items: Vec<T>) -> Vec<T> {
     let mut fitted = Vec::with_capacity(items.len());
     fitted.extend(items);
     fitted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(k: &str, v: &str) -> (String, String) {
+        (k.to_owned(), v.to_owned())
+    }
+
+    #[test]
+    fn labels_are_found_by_key_and_read_back_as_the_map_they_came_from() {
+        let map: std::collections::HashMap<String, String> = [
+            label("zone", "eu-1"),
+            label("rack", "r7"),
+            label("tier", ""),
+        ]
+        .into();
+        let labels = Labels::from(map.clone());
+        assert_eq!(labels.len(), 3);
+        assert_eq!(labels.get("zone"), Some("eu-1"));
+        assert_eq!(labels.get("tier"), Some(""));
+        assert_eq!(labels.get("region"), None);
+        let keys: Vec<&str> = labels.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["rack", "tier", "zone"], "sorted by key");
+        assert_eq!(labels.to_map(), map);
+        assert_eq!(labels.clone().into_map(), map);
+        assert!(Labels::default().is_empty());
+        assert_eq!(Labels::default().get(""), None);
+    }
+
+    #[test]
+    fn of_two_equal_keys_the_last_stays() {
+        let labels: Labels = [label("zone", "a"), label("rack", "r1"), label("zone", "b")]
+            .into_iter()
+            .collect();
+        assert_eq!(labels.len(), 2);
+        assert_eq!(labels.get("zone"), Some("b"));
+    }
 }

@@ -83,7 +83,7 @@ pub(crate) mod tests;
 pub use admin::{DrainRequest, MAX_PARKED};
 pub use guard::{GuardConfig, GuardStats, GuardStatus, late_after, stall_threshold};
 pub(crate) use input::fitted;
-pub use input::{Beat, Now, Registration};
+pub use input::{Beat, Labels, Now, Registration};
 pub use mirror::TAKEOVER_SUSPECT;
 pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
 pub use read::Page;

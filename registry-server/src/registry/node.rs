@@ -77,7 +77,7 @@ impl NodeFilter {
         }
         self.labels
             .iter()
-            .all(|(k, v)| node.labels.get(k) == Some(v))
+            .all(|(k, v)| node.labels.get(k) == Some(v.as_str()))
     }
 }
 

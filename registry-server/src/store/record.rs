@@ -45,7 +45,7 @@ pub(super) fn encode_node(record: &NodeRecord) -> Vec<u8> {
             pools: reg.pools,
             capabilities: Some(reg.capabilities.to_proto()),
             agent_version: reg.agent_version,
-            labels: reg.labels,
+            labels: reg.labels.into_map(),
             metrics_address: reg.metrics_address,
             models_available: reg.models_available,
         }),

@@ -478,7 +478,7 @@ async fn list_filters_and_pages_in_node_id_order() {
     for id in ["c", "a", "b", "d"] {
         let mut reg = registration(id);
         if id == "b" {
-            reg.labels.insert("zone".into(), "b".into());
+            reg.labels = [("zone".to_string(), "b".to_string())].into();
             reg.pools[0].pool_id = "pool-b".into();
         }
         registry.register(reg, Now::read()).unwrap();
