@@ -29,9 +29,9 @@ use tokio::time::Instant;
 /// queue holds one per node, where an `Instant` and a `u64` took 24 and 24.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
-    /// When the entry is due: nanoseconds since the schedule's start (see
-    /// [`Schedule::due_at`]).
-    at: u64,
+    /// When the entry is due: nanoseconds from the schedule's start,
+    /// negative before it (see [`Schedule::due_at`]).
+    at: i64,
     /// Order of insertion, unique per schedule, from 1.
     seq: NonZeroU64,
 }
@@ -46,8 +46,9 @@ pub struct Schedule<T> {
     changed: Notify,
     /// Source of [`Key::seq`].
     seq: AtomicU64,
-    /// What [`Key::at`] counts from. A time before it counts as it: such a
-    /// wake-up is due at once either way.
+    /// What [`Key::at`] counts from. Times before it count backwards, so
+    /// two of them keep their order (a clock read before the schedule was
+    /// made, as tests and the fuzzer do, is not "due at once").
     start: Instant,
 }
 
@@ -131,15 +132,26 @@ impl<T> Schedule<T> {
         }
     }
 
-    /// When the entry `key` names is due.
+    /// When the entry `key` names is due (exactly: within 292 years of the
+    /// schedule's start either way).
     pub fn due_at(&self, key: &Key) -> Instant {
-        self.start + Duration::from_nanos(key.at)
+        let offset = Duration::from_nanos(key.at.unsigned_abs());
+        if key.at >= 0 {
+            self.start + offset
+        } else {
+            self.start - offset
+        }
     }
 
-    /// `at` as nanoseconds since the schedule's start (0 before it; past
-    /// 584 years, the most).
-    fn since_start(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
+    /// `at` as nanoseconds from the schedule's start, negative before it.
+    fn since_start(&self, at: Instant) -> i64 {
+        match at.checked_duration_since(self.start) {
+            Some(after) => i64::try_from(after.as_nanos()).unwrap_or(i64::MAX),
+            None => {
+                let before = self.start.duration_since(at).as_nanos();
+                i64::try_from(before).map_or(i64::MIN, |n| -n)
+            }
+        }
     }
 
     /// Waits until an entry earlier than every queued one is added.
@@ -175,7 +187,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_due_time_reads_back_exactly_and_one_before_the_start_is_due_at_once() {
+    async fn due_times_read_back_exactly_on_either_side_of_the_start() {
         let before = Instant::now();
         tokio::time::advance(Duration::from_secs(1)).await;
         let schedule = Schedule::new();
@@ -184,10 +196,27 @@ mod tests {
         schedule.wake_by(&mut key, at, || "later");
         assert_eq!(schedule.due_at(&key.unwrap()), at);
         schedule.wake_by(&mut early, before, || "early");
+        assert_eq!(schedule.due_at(&early.unwrap()), before);
         assert!(
             matches!(schedule.pop_due(Instant::now()), Due::Now(k, "early") if Some(k) == early)
         );
         assert!(matches!(schedule.pop_due(Instant::now()), Due::At(due) if due == at));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn times_before_the_start_keep_their_order() {
+        // A clock read before the schedule was made: an entry due after
+        // `now` but before the start is not due at `now` (found by the
+        // fuzzer: the expiry loop re-queued such an entry forever when
+        // both counted as the start).
+        let t0 = Instant::now();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let schedule = Schedule::new();
+        let mut key = None;
+        let at = t0 + Duration::from_secs(30);
+        schedule.wake_by(&mut key, at, || ());
+        assert!(matches!(schedule.pop_due(t0), Due::At(due) if due == at));
+        assert!(matches!(schedule.pop_due(at), Due::Now(..)));
     }
 
     #[tokio::test(start_paused = true)]
