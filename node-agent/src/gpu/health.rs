@@ -133,21 +133,12 @@ mod tests {
 
     /// A reading of a GPU with every figure known and nothing wrong.
     fn fine() -> pb::GpuStats {
-        pb::GpuStats {
-            index: 0,
-            ecc_enabled: Some(true),
-            ecc_uncorrectable_volatile: Some(0),
-            ecc_correctable_volatile: Some(3),
-            retired_pages_pending: Some(false),
-            row_remap_pending: Some(false),
-            row_remap_failed: Some(false),
-            throttle_thermal: Some(false),
-            throttle_power: Some(false),
-            throttle_hw_slowdown: Some(false),
-            power_draw_milliwatts: Some(300_000),
-            power_limit_milliwatts: Some(700_000),
-            ..Default::default()
+        registry_proto::gpu_figures::GoodOrder {
+            ecc_correctable: Some(3),
+            power_draw_milliwatts: 300_000,
+            power_limit_milliwatts: 700_000,
         }
+        .figures(pb::GpuStats::default())
     }
 
     #[test]
