@@ -1,23 +1,32 @@
 //! The protobuf codec of every generated stub: prost, with per-call buffers
-//! that start at 1.25 KiB (decode) and 256 bytes (encode) instead of
+//! that start at 64 bytes and grow to the call's messages, instead of
 //! tonic's 8 KiB.
 //!
 //! A heartbeat stream lives for days and carries messages of a few hundred
 //! bytes, yet the default codec gives each stream an 8 KiB decode buffer and
-//! an 8 KiB encode buffer: about 1.5 GiB at 100,000 open streams. Buffers
-//! still grow on demand for a large message (a ListNodes page).
+//! an 8 KiB encode buffer: about 1.5 GiB at 100,000 open streams. A buffer
+//! keeps the size it grew to for as long as its call lives, so where it
+//! starts small each stream holds what its own messages need and no more:
 //!
-//! The encode buffer starts smaller than the decode buffer: what a
-//! heartbeat stream sends is its acks (~80 bytes each), and tonic cycles
-//! through the whole buffer before it reuses it from the start, so every
-//! byte of it ends up resident for as long as the stream lives.
+//! - **Decode**: tonic reserves a message's length again once its 5-byte
+//!   prefix is read, with the whole message already in the buffer, so the
+//!   buffer grows once, on the first message, to twice that message with its
+//!   prefix: ~610 bytes for a beat of 8 GPUs with the basic figures, ~1.1 KiB
+//!   for 8 GPUs with every figure node-agent reads from NVML (~530 bytes).
+//!   A fixed start (1.25 KiB before) had to be sized for the largest beat
+//!   expected and cost that much on every stream; a larger message later
+//!   grows the buffer the same way (a ListNodes page, a beat with new health
+//!   reasons).
+//! - **Encode**: what a heartbeat stream sends is its acks (~80 bytes each);
+//!   tonic cycles through the whole buffer before it reuses it from the
+//!   start, so every byte of it ends up resident for as long as the stream
+//!   lives. Starting at 64 bytes it settles at 128 for acks (256 before).
 //!
-//! The decode buffer must hold twice a message: tonic reserves a message's
-//! length again once its 5-byte prefix is read, with the whole message
-//! already in the buffer, and grows the buffer to twice its size when that
-//! does not fit. 1.25 KiB holds heartbeats up to 637 bytes: 8 GPUs with
-//! every figure node-agent reads from NVML and 2 pools are ~530-560 bytes
-//! (they grew a 1 KiB buffer to 2 KiB), 8 GPUs with the basic figures ~300.
+//! Not 0: tonic also uses the size as the growth step of its decompression
+//! buffers, and divides by it there.
+//!
+//! `tests/codec_buffers.rs` counts what a stream's decoder holds after each
+//! message through tonic's own `Streaming`.
 //!
 //! A request that is not valid protobuf (bad UTF-8 in a string field, a
 //! truncated field) is the caller's mistake: the server answers
@@ -32,11 +41,11 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-/// Starting size of each call's decode buffer: twice a heartbeat of 8 GPUs
-/// with every NVML figure, and the message prefix (see the module docs).
-pub const BUFFER_SIZE: usize = 1280;
-/// Starting size of each call's encode buffer: a few acks.
-pub const ENCODE_BUFFER_SIZE: usize = 256;
+/// Starting size of each call's decode buffer: less than any message, so
+/// the first one sizes it (see the module docs).
+pub const BUFFER_SIZE: usize = 64;
+/// Starting size of each call's encode buffer: less than an ack.
+pub const ENCODE_BUFFER_SIZE: usize = 64;
 /// Encoded bytes after which a long-running encode yields (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
@@ -106,65 +115,6 @@ fn message_name<U>() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A heartbeat of 2 pools and `gpus` GPUs, with every figure the agent
-    /// reads from NVML set or only the basic ones.
-    fn heartbeat(gpus: u32, every_figure: bool) -> crate::pb::HeartbeatRequest {
-        use crate::pb;
-        let gpu = |index| {
-            let basic = pb::GpuStats {
-                index,
-                memory_used_bytes: 60 << 30,
-                memory_free_bytes: 20 << 30,
-                utilization_percent: 87,
-                temperature_celsius: Some(61),
-                health: pb::GpuHealth::Healthy as i32,
-                ..Default::default()
-            };
-            if !every_figure {
-                return basic;
-            }
-            crate::gpu_figures::GoodOrder {
-                ecc_correctable: Some(3),
-                power_draw_milliwatts: 350_000,
-                power_limit_milliwatts: 700_000,
-            }
-            .figures(basic)
-        };
-        let pool = |p| pb::PoolStatus {
-            pool_id: format!("pool-{p}"),
-            state: pb::PoolState::Ready as i32,
-            slots_total: 32,
-            slots_free: 17,
-            vram_free_bytes: 10 << 30,
-            model: "meta-llama/Llama-3.1-70B-Instruct".into(),
-            engine: "vllm".into(),
-            endpoint: String::new(),
-        };
-        pb::HeartbeatRequest {
-            pools: (0..2).map(pool).collect(),
-            gpus: (0..gpus).map(gpu).collect(),
-            sent_at: Some(prost_types::Timestamp {
-                seconds: 1_800_000_000,
-                nanos: 123_456_789,
-            }),
-            sequence: 1 << 40,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn the_decode_buffer_holds_twice_a_heartbeat_of_eight_gpus() {
-        use prost::Message;
-        // What the buffer must hold without growing: the prefix and the
-        // message, and tonic's reservation of the message's length again.
-        let needed = |beat: crate::pb::HeartbeatRequest| 5 + 2 * beat.encoded_len();
-        let every = needed(heartbeat(8, true));
-        assert!(every <= BUFFER_SIZE, "{every}");
-        // Room for ~50 bytes more of health reasons or XIDs before it grows.
-        assert!((BUFFER_SIZE - every) / 2 >= 50, "{every}");
-        assert!(needed(heartbeat(8, false)) <= BUFFER_SIZE);
-    }
 
     #[test]
     fn message_names_are_the_last_path_segment() {

@@ -1,6 +1,6 @@
 //! GPU figures as a data-centre GPU in good order reports them, for the
 //! contract's fake senders: node-agent's fake GPU source, fleet-sim's
-//! `--all-gpu-figures` beats and the codec's size test. One spelling of
+//! `--all-gpu-figures` beats and the codec's buffer test. One spelling of
 //! "every NVML figure node-agent reads" keeps the three alike when a figure
 //! is added to the contract.
 
