@@ -135,10 +135,11 @@ pub(super) struct HeartbeatSession {
     /// message; later messages may repeat it (compared in constant time)
     /// but not change it.
     pub(super) session_secret: Box<str>,
-    /// The raises of the shared recheck signal this stream has checked; from zero, so a new
-    /// stream checks once at its start if anything was raised before it
-    /// (the watch starts before the stream's token is checked, so nothing
-    /// it must see is raised before the count it starts from).
+    /// The raises of the shared recheck signal this stream has checked;
+    /// from zero, so a new stream checks once at its start if anything was
+    /// raised before it (the watch starts before the stream's token is
+    /// checked, so nothing it must see is raised before the count it starts
+    /// from).
     pub(super) recheck_seen: u64,
     /// Set once the stream has ended (an error was sent, or input ended).
     pub(super) done: bool,
@@ -240,7 +241,12 @@ impl HeartbeatSession {
             }
             tokio::select! {
                 biased;
-                () = raised(self.node.as_deref(), &mut self.signal_seen, &self.shared.recheck, &mut self.recheck_seen) => {
+                () = raised(
+                    self.node.as_deref(),
+                    &mut self.signal_seen,
+                    &self.shared.recheck,
+                    &mut self.recheck_seen,
+                ) => {
                     if let Some(end) = self.recheck_due() {
                         self.done = true;
                         return Some(Err(end));
@@ -254,8 +260,13 @@ impl HeartbeatSession {
                                 RegistryError::StreamReplaced { .. } => "replaced",
                                 _ => "superseded",
                             };
-                            metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => reason).increment(1);
-                            info!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: something newer took over");
+                            metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => reason)
+                                .increment(1);
+                            info!(
+                                node_id = %self.node_id(),
+                                error = %err,
+                                "heartbeat stream ended: something newer took over"
+                            );
                             return Some(Err(err.into()));
                         }
                     }
@@ -283,7 +294,11 @@ impl HeartbeatSession {
                 Ok(ack) => Some(Ok(ack)),
                 Err(err) => {
                     self.done = true;
-                    warn!(node_id = %self.node_id(), error = %err, "heartbeat refused; closing stream");
+                    warn!(
+                        node_id = %self.node_id(),
+                        error = %err,
+                        "heartbeat refused; closing stream"
+                    );
                     Some(Err(err.into()))
                 }
             },
@@ -294,7 +309,12 @@ impl HeartbeatSession {
             }
             Err(status) => {
                 self.done = true;
-                info!(node_id = %self.node_id(), code = ?status.code(), message = status.message(), "heartbeat stream broken");
+                info!(
+                    node_id = %self.node_id(),
+                    code = ?status.code(),
+                    message = status.message(),
+                    "heartbeat stream broken"
+                );
                 Some(Err(status))
             }
         }
@@ -321,12 +341,19 @@ impl HeartbeatSession {
         if self.term.lost().is_cancelled() {
             metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "stepped_down")
                 .increment(1);
-            info!(node_id = %self.node_id(), "heartbeat stream ended: this replica no longer leads");
+            info!(
+                node_id = %self.node_id(),
+                "heartbeat stream ended: this replica no longer leads"
+            );
             return Some(not_leading().into());
         }
         let err = self.grant.as_deref_mut().and_then(TokenGrant::revoked)?;
         metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "revoked").increment(1);
-        warn!(node_id = %self.node_id(), error = %err, "heartbeat stream ended: its token was revoked");
+        warn!(
+            node_id = %self.node_id(),
+            error = %err,
+            "heartbeat stream ended: its token was revoked"
+        );
         Some(RegistryError::from(err).into())
     }
 
