@@ -1,32 +1,39 @@
 //! The protobuf codec of every generated stub: prost, with per-call buffers
-//! that start at 64 bytes and grow to the call's messages, instead of
-//! tonic's 8 KiB.
+//! that start at 1.25 KiB (decode) and 64 bytes (encode) instead of tonic's
+//! 8 KiB.
 //!
 //! A heartbeat stream lives for days and carries messages of a few hundred
 //! bytes, yet the default codec gives each stream an 8 KiB decode buffer and
 //! an 8 KiB encode buffer: about 1.5 GiB at 100,000 open streams. A buffer
-//! keeps the size it grew to for as long as its call lives, so where it
-//! starts small each stream holds what its own messages need and no more:
+//! keeps the size it grew to for as long as its call lives. Buffers still
+//! grow on demand for a large message (a ListNodes page).
 //!
-//! - **Decode**: tonic reserves a message's length again once its 5-byte
-//!   prefix is read, with the whole message already in the buffer, so the
-//!   buffer grows once, on the first message, to twice that message with its
-//!   prefix: ~610 bytes for a beat of 8 GPUs with the basic figures, ~1.1 KiB
-//!   for 8 GPUs with every figure node-agent reads from NVML (~530 bytes).
-//!   A fixed start (1.25 KiB before) had to be sized for the largest beat
-//!   expected and cost that much on every stream; a larger message later
-//!   grows the buffer the same way (a ListNodes page, a beat with new health
-//!   reasons).
-//! - **Encode**: what a heartbeat stream sends is its acks (~80 bytes each);
-//!   tonic cycles through the whole buffer before it reuses it from the
-//!   start, so every byte of it ends up resident for as long as the stream
-//!   lives. Starting at 64 bytes it settles at 128 for acks (256 before).
+//! - **Decode: 1.25 KiB.** tonic reserves a message's length again once
+//!   its 5-byte prefix is read, with the whole message already in the
+//!   buffer, so the buffer must hold twice a message and its prefix or it
+//!   grows, by doubling its whole size. And it can only move unread bytes
+//!   back to its start (instead of growing) while a message is at most 5
+//!   bytes longer than the one before it (`bytes`' rule). 1.25 KiB holds
+//!   beats of 8 GPUs with the basic figures (~360-370 bytes framed) however
+//!   their lengths vary. A node-agent beat of 8 GPUs with every NVML
+//!   figure, its node id and session secret (~600-610 bytes) fits it too,
+//!   but the first beat a few bytes longer than the one before doubles the
+//!   buffer to 2.5 KiB, where it stays (`tests/codec_buffers.rs` counts
+//!   both). Starting smaller was tried: buffers sized by a stream's first
+//!   message double on the first longer beat as well, and end larger
+//!   (docs/PERF-NOTES.md item 8 change 11).
+//! - **Encode: starts below an ack, settles at 128 bytes.** What a
+//!   heartbeat stream sends is its acks (~85 bytes each), and tonic cycles
+//!   through the whole buffer before it reuses it from the start, so every
+//!   byte of it ends up resident for as long as the stream lives. From 64
+//!   bytes the first ack grows it to 128, where every later ack is written
+//!   from the start again (an ack is handed out as its own `Bytes` and h2
+//!   copies small frames into its write buffer and drops them, so the
+//!   buffer is unshared by the next ack); 256 bytes before. Not 0: tonic
+//!   divides by the size where it compresses.
 //!
-//! Not 0: tonic also uses the size as the growth step of its decompression
-//! buffers, and divides by it there.
-//!
-//! `tests/codec_buffers.rs` counts what a stream's decoder holds after each
-//! message through tonic's own `Streaming`.
+//! `tests/codec_buffers.rs` counts what a stream's buffers hold after each
+//! message through tonic's own `Streaming` and `EncodeBody`.
 //!
 //! A request that is not valid protobuf (bad UTF-8 in a string field, a
 //! truncated field) is the caller's mistake: the server answers
@@ -41,9 +48,10 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::{Code, Status};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-/// Starting size of each call's decode buffer: less than any message, so
-/// the first one sizes it (see the module docs).
-pub const BUFFER_SIZE: usize = 64;
+/// Starting size of each call's decode buffer: twice a node-agent heartbeat
+/// of 8 GPUs with every NVML figure and its prefix, with room to spare (see
+/// the module docs).
+pub const BUFFER_SIZE: usize = 1280;
 /// Starting size of each call's encode buffer: less than an ack.
 pub const ENCODE_BUFFER_SIZE: usize = 64;
 /// Encoded bytes after which a long-running encode yields (tonic's default).

@@ -1,6 +1,7 @@
 //! What a heartbeat stream's codec buffers hold, counted through tonic's own
 //! `Streaming` (decode) and `EncodeBody` (encode) with the contract's codec:
-//! each buffer grows to the stream's messages once and then stays (see
+//! the decode buffer holds every beat of a real agent from the start, and the
+//! encode buffer grows once, on the first ack, and then stays (see
 //! `registry_proto::codec`).
 //!
 //! Bytes are counted by dhat's heap profiler in testing mode. It counts the
@@ -29,16 +30,26 @@ fn live() -> isize {
     dhat::HeapStats::get().curr_bytes as isize
 }
 
-/// A heartbeat of 2 pools and 8 GPUs, with every figure node-agent reads
-/// from NVML set or only the basic ones.
-fn heartbeat(every_figure: bool) -> pb::HeartbeatRequest {
-    let gpu = |index| {
+/// The `n`th heartbeat of a node-agent stream: node id, session and secret
+/// in every message as node-agent sends them, 2 pools, 8 GPUs with every
+/// figure the agent reads from NVML (or only the basic ones). Fields vary
+/// from beat to beat as real ones do, and with them the message's length
+/// (varints of 1 to 10 bytes, zero fields left out): the largest of a
+/// stream's beats is what its buffer must hold.
+fn heartbeat(n: u64, every_figure: bool) -> pb::HeartbeatRequest {
+    // Picks one of `choices` by the beat's number, so that lengths mix.
+    fn pick<T: Copy>(n: u64, salt: u64, choices: &[T]) -> T {
+        choices[((n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17).wrapping_add(salt) as usize)
+            % choices.len()]
+    }
+    let gpu = |index: u32| {
+        let salt = u64::from(index);
         let basic = pb::GpuStats {
             index,
-            memory_used_bytes: 60 << 30,
-            memory_free_bytes: 20 << 30,
-            utilization_percent: 87,
-            temperature_celsius: Some(61),
+            memory_used_bytes: pick(n, salt, &[0, 1 << 20, 60 << 30, 79 << 30]),
+            memory_free_bytes: pick(n, salt + 1, &[0, 1 << 30, 20 << 30, 80 << 30]),
+            utilization_percent: pick(n, salt + 2, &[0, 7, 87, 100]),
+            temperature_celsius: Some(pick(n, salt + 3, &[31, 61, 95])),
             health: pb::GpuHealth::Healthy as i32,
             ..Default::default()
         };
@@ -46,31 +57,36 @@ fn heartbeat(every_figure: bool) -> pb::HeartbeatRequest {
             return basic;
         }
         GoodOrder {
-            ecc_correctable: Some(3),
-            power_draw_milliwatts: 350_000,
+            ecc_correctable: Some(pick(n, salt + 4, &[0, 3, 1 << 20])),
+            power_draw_milliwatts: pick(n, salt + 5, &[60_000, 350_000, 699_999]),
             power_limit_milliwatts: 700_000,
         }
         .figures(basic)
     };
-    let pool = |p| pb::PoolStatus {
+    let pool = |p: u64| pb::PoolStatus {
         pool_id: format!("pool-{p}"),
         state: pb::PoolState::Ready as i32,
-        slots_total: 32,
-        slots_free: 17,
-        vram_free_bytes: 10 << 30,
+        slots_total: 256,
+        slots_free: pick(n, p, &[0, 17, 255]),
+        vram_free_bytes: pick(n, p + 1, &[0, 10 << 30, 70 << 30]),
         model: "meta-llama/Llama-3.1-70B-Instruct".into(),
         engine: "vllm".into(),
+        // Registered with the spec; node-agent's beats leave it empty.
         endpoint: String::new(),
     };
     pb::HeartbeatRequest {
+        node_id: "gpu-node-0017.dc1.example.net".into(),
+        session_id: 0x9f3c_5a71_22e8_4b10,
+        // 128 bits as 32 hex digits, as the registry hands them out.
+        session_secret: "5f0c9a7e31d24b8c96a1e07f3b2d4c58".into(),
+        sent_at: Some(prost_types::Timestamp {
+            seconds: 1_800_000_000 + n as i64 * 10,
+            nanos: pick(n, 9, &[0, 7, 123_456, 999_999_999]),
+        }),
         pools: (0..2).map(pool).collect(),
         gpus: (0..8).map(gpu).collect(),
-        sent_at: Some(prost_types::Timestamp {
-            seconds: 1_800_000_000,
-            nanos: 123_456_789,
-        }),
-        sequence: 1 << 40,
-        ..Default::default()
+        // From 1: one byte, then two, three...
+        sequence: n + 1,
     }
 }
 
@@ -126,44 +142,50 @@ fn held_after_each_message(frames: Vec<Bytes>) -> Vec<isize> {
 }
 
 #[test]
-fn a_heartbeat_streams_codec_buffers_grow_to_its_messages_once() {
+fn a_heartbeat_streams_codec_buffers_hold_its_messages() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    decode_buffer_grows_to_twice_the_beat();
-    encode_buffer_stays_below_two_hundred_fifty_six_bytes();
+    decode_buffer_holds_every_beat_of_a_real_agent();
+    encode_buffer_settles_at_one_hundred_twenty_eight_bytes();
 }
 
-fn decode_buffer_grows_to_twice_the_beat() {
-    let basic = framed(&heartbeat(false));
-    let every = framed(&heartbeat(true));
-    let start = registry_proto::codec::BUFFER_SIZE as isize;
-    assert!(start < basic.len() as isize, "{}", basic.len());
+fn decode_buffer_holds_every_beat_of_a_real_agent() {
+    let start = registry_proto::codec::BUFFER_SIZE;
+    // Beats of 8 GPUs with the basic figures: the buffer holds them all from
+    // the start, however their lengths vary.
+    let basic: Vec<_> = (0..300).map(|n| framed(&heartbeat(n, false))).collect();
+    let (shortest, longest) = lengths(&basic);
+    assert!(longest - shortest >= 10, "{shortest}..{longest}");
+    assert!(2 * longest <= start, "{longest}-byte frames");
+    let held = held_after_each_message(basic);
+    assert!(held.iter().all(|&h| h == 0), "{held:?}");
 
-    let mut frames = vec![basic.clone(); 50];
-    frames.extend(vec![every.clone(); 50]);
-    let held = held_after_each_message(frames);
-
-    // The first beat sizes the buffer: it grows from its start to twice the
-    // framed message (tonic reserves the message's length once more after
-    // the prefix), and later beats of that size fit.
-    let first = held[0] + start;
+    // A real agent's beats (every NVML figure, node id and secret in each):
+    // twice the longest fits the start, but tonic's second reservation can
+    // only reuse the buffer in place while a beat is at most 5 bytes longer
+    // than the one before it (bytes' rule for moving unread data back), so
+    // a longer beat doubles the buffer once. Twice the start then holds
+    // every later beat: it grows once and never again.
+    let every: Vec<_> = (0..300).map(|n| framed(&heartbeat(n, true))).collect();
+    let (shortest, longest) = lengths(&every);
+    assert!(longest - shortest >= 10, "{shortest}..{longest}");
+    assert!(2 * longest <= start, "{longest}-byte frames");
+    let held = held_after_each_message(every);
+    let grown = held
+        .iter()
+        .position(|&h| h != 0)
+        .expect("a longer beat grew it");
+    assert!(held[..grown].iter().all(|&h| h == 0), "{held:?}");
     assert!(
-        first <= 2 * basic.len() as isize,
-        "{first} bytes for a {}-byte frame",
-        basic.len()
+        held[grown..].iter().all(|&h| h == start as isize),
+        "{held:?}"
     );
-    assert!(held[..50].iter().all(|&h| h == held[0]), "{held:?}");
-    // Half the 1.25 KiB every stream started with before.
-    assert!(first <= 1280 / 2 + 40, "{first}");
+}
 
-    // Larger beats grow it once more, by Vec's doubling at most.
-    let second = held[50] + start;
-    assert!(second > first, "{held:?}");
-    assert!(
-        second <= (2 * every.len() as isize).max(2 * first),
-        "{second} bytes for a {}-byte frame",
-        every.len()
-    );
-    assert!(held[50..].iter().all(|&h| h == held[50]), "{held:?}");
+/// The shortest and the longest of `frames`.
+fn lengths(frames: &[Bytes]) -> (usize, usize) {
+    let lengths = frames.iter().map(Bytes::len);
+    let shortest = lengths.clone().min().expect("frames");
+    (shortest, lengths.max().expect("frames"))
 }
 
 /// The acks a stream's source hands the encoder, one per poll.
@@ -181,12 +203,13 @@ impl futures_util::Stream for NextAck {
     }
 }
 
-fn encode_buffer_stays_below_two_hundred_fifty_six_bytes() {
-    let ack = |sequence| pb::HeartbeatResponse {
-        sequence,
+fn encode_buffer_settles_at_one_hundred_twenty_eight_bytes() {
+    // The `n`th ack; its sequence and timestamp vary its length by ~10 bytes.
+    let ack = |n: u64| pb::HeartbeatResponse {
+        sequence: 1 << (n % 41),
         server_time: Some(prost_types::Timestamp {
-            seconds: 1_800_000_000,
-            nanos: 987_654_321,
+            seconds: 1_800_000_000 + n as i64 * 10,
+            nanos: [0, 7, 123_456, 999_999_999][n as usize % 4],
         }),
         heartbeat_interval: Some(prost_types::Duration {
             seconds: 10,
@@ -215,10 +238,10 @@ fn encode_buffer_stays_below_two_hundred_fifty_six_bytes() {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     let mut held = Vec::with_capacity(100);
     let opened = live();
-    for sequence in 0..100 {
+    for n in 0..100 {
         // Built here, so that what it allocates is freed by the time it is
         // counted: the encoder takes it and drops it.
-        let ack = ack(1 << 40 | sequence);
+        let ack = ack(n);
         let size = 5 + ack.encoded_len();
         *next.0.lock().expect("not poisoned") = Some(ack);
         let Poll::Ready(Some(Ok(frame))) = body.as_mut().poll_frame(&mut cx) else {
@@ -231,10 +254,14 @@ fn encode_buffer_stays_below_two_hundred_fifty_six_bytes() {
     }
     assert!(body.as_mut().poll_frame(&mut cx).is_pending());
 
-    // The first ack grows the buffer from its start to a power of two past
-    // the ack (with the shared handle that lets it hand frames out); after
-    // that every ack is written at the start of the same buffer.
+    // The first ack longer than the start grows the buffer to 128 bytes
+    // (beside the small shared handle, ~40 bytes, that lets it hand frames
+    // out); after that every ack is written at the start of the same
+    // buffer, and nothing more is held.
     let start = registry_proto::codec::ENCODE_BUFFER_SIZE as isize;
-    assert!(held[0] + start < 256, "{held:?}");
-    assert!(held.iter().all(|&h| h == held[0]), "{held:?}");
+    let most = *held.iter().max().expect("acks");
+    assert!(most + start <= 128 + 48, "{held:?}");
+    let grown = held.iter().position(|&h| h == most).expect("the most");
+    assert!(grown < held.len() / 2, "{held:?}");
+    assert!(held[grown..].iter().all(|&h| h == most), "{held:?}");
 }
