@@ -49,8 +49,8 @@ use tonic::{Code, Status};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
 /// Starting size of each call's decode buffer: twice a node-agent heartbeat
-/// of 8 GPUs with every NVML figure and its prefix, with room to spare (see
-/// the module docs).
+/// of 8 GPUs with every NVML figure and its prefix (a longer beat still
+/// doubles it once, see the module docs).
 pub const BUFFER_SIZE: usize = 1280;
 /// Starting size of each call's encode buffer: less than an ack.
 pub const ENCODE_BUFFER_SIZE: usize = 64;

@@ -1,8 +1,9 @@
 //! What a heartbeat stream's codec buffers hold, counted through tonic's own
 //! `Streaming` (decode) and `EncodeBody` (encode) with the contract's codec:
-//! the decode buffer holds every beat of a real agent from the start, and the
-//! encode buffer grows once, on the first ack, and then stays (see
-//! `registry_proto::codec`).
+//! the decode buffer holds beats of 8 GPUs with the basic figures from the
+//! start and grows once, to twice its start, for a node-agent's beats with
+//! every NVML figure; the encode buffer grows once, to 128 bytes, and then
+//! stays (see `registry_proto::codec`).
 //!
 //! Bytes are counted by dhat's heap profiler in testing mode. It counts the
 //! whole process, so this file holds one test: the test runner then runs
@@ -144,11 +145,11 @@ fn held_after_each_message(frames: Vec<Bytes>) -> Vec<isize> {
 #[test]
 fn a_heartbeat_streams_codec_buffers_hold_its_messages() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    decode_buffer_holds_every_beat_of_a_real_agent();
+    decode_buffer_holds_basic_beats_and_doubles_once_for_a_real_agent();
     encode_buffer_settles_at_one_hundred_twenty_eight_bytes();
 }
 
-fn decode_buffer_holds_every_beat_of_a_real_agent() {
+fn decode_buffer_holds_basic_beats_and_doubles_once_for_a_real_agent() {
     let start = registry_proto::codec::BUFFER_SIZE;
     // Beats of 8 GPUs with the basic figures: the buffer holds them all from
     // the start, however their lengths vary.
