@@ -17,9 +17,10 @@
 //!   beats of 8 GPUs with the basic figures (~360-370 bytes framed) however
 //!   their lengths vary. A node-agent beat of 8 GPUs with every NVML
 //!   figure, its node id and session secret (~600-610 bytes) fits it too,
-//!   but the first beat a few bytes longer than the one before doubles the
-//!   buffer to 2.5 KiB, where it stays (`tests/codec_buffers.rs` counts
-//!   both). Starting smaller was tried: buffers sized by a stream's first
+//!   but the first beat more than 5 bytes longer than the one before (a
+//!   GPU going idle or busy: a zero figure is left out of the message)
+//!   doubles the buffer to 2.5 KiB, where it stays (`tests/codec_buffers.rs`
+//!   counts both). Beats that vary less never grow it. Starting smaller was tried: buffers sized by a stream's first
 //!   message double on the first longer beat as well, and end larger
 //!   (docs/PERF-NOTES.md item 8 change 11).
 //! - **Encode: starts below an ack, settles at 128 bytes.** What a

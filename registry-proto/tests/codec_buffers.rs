@@ -2,8 +2,9 @@
 //! `Streaming` (decode) and `EncodeBody` (encode) with the contract's codec:
 //! the decode buffer holds beats of 8 GPUs with the basic figures from the
 //! start and grows once, to twice its start, for a node-agent's beats with
-//! every NVML figure; the encode buffer grows once, to 128 bytes, and then
-//! stays (see `registry_proto::codec`).
+//! every NVML figure whose lengths vary as an idle-or-busy node's do; the
+//! encode buffer grows once, to 128 bytes, and then stays (see
+//! `registry_proto::codec`).
 //!
 //! Bytes are counted by dhat's heap profiler in testing mode. It counts the
 //! whole process, so this file holds one test: the test runner then runs
@@ -160,11 +161,11 @@ fn decode_buffer_holds_basic_beats_and_doubles_once_for_a_real_agent() {
     let held = held_after_each_message(basic);
     assert!(held.iter().all(|&h| h == 0), "{held:?}");
 
-    // A real agent's beats (every NVML figure, node id and secret in each):
-    // twice the longest fits the start, but tonic's second reservation can
-    // only reuse the buffer in place while a beat is at most 5 bytes longer
-    // than the one before it (bytes' rule for moving unread data back), so
-    // a longer beat doubles the buffer once. Twice the start then holds
+    // A real agent's beats (every NVML figure, node id and secret in each,
+    // zero figures left out): twice the longest fits the start, but tonic's
+    // second reservation can only reuse the buffer in place while a beat is
+    // at most 5 bytes longer than the one before it (bytes' rule for moving
+    // unread data back), so a longer beat doubles the buffer once. Twice the start then holds
     // every later beat: it grows once and never again.
     let every: Vec<_> = (0..300).map(|n| framed(&heartbeat(n, true))).collect();
     let (shortest, longest) = lengths(&every);
