@@ -20,9 +20,10 @@
 //!   but the first beat more than 5 bytes longer than the one before (a
 //!   GPU going idle or busy: a zero figure is left out of the message)
 //!   doubles the buffer to 2.5 KiB, where it stays (`tests/codec_buffers.rs`
-//!   counts both). Beats that vary less never grow it. Starting smaller was tried: buffers sized by a stream's first
-//!   message double on the first longer beat as well, and end larger
-//!   (docs/PERF-NOTES.md item 8 change 11).
+//!   counts both). Beats that vary less never grow it. Starting smaller was
+//!   tried: buffers sized by a stream's first message double on the first
+//!   longer beat as well, and end larger (docs/PERF-NOTES.md item 8 change
+//!   11).
 //! - **Encode: starts below an ack, settles at 128 bytes.** What a
 //!   heartbeat stream sends is its acks (~85 bytes each), and tonic cycles
 //!   through the whole buffer before it reuses it from the start, so every
