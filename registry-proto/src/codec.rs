@@ -101,14 +101,7 @@ impl<U: prost::Message + Default> Decoder for ContractDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0.decode(buf).map_err(|status| {
-            let name = message_name::<U>();
-            if status.code() == Code::Internal && name.ends_with("Request") {
-                Status::invalid_argument(format!("malformed {name}: {}", status.message()))
-            } else {
-                status
-            }
-        })
+        self.0.decode(buf).map_err(malformed::<U>)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -117,6 +110,25 @@ impl<U: prost::Message + Default> Decoder for ContractDecoder<U> {
 }
 
 /// The message's own name ("RegisterRequest") from its Rust type path.
+/// Decodes one whole message the way [`ContractDecoder`] does, for a
+/// server that reads a method's gRPC frames itself (the registry's
+/// Heartbeat streams): the same INVALID_ARGUMENT for a malformed request.
+pub fn decode_message<U: prost::Message + Default>(bytes: &[u8]) -> Result<U, Status> {
+    // tonic-prost's own words for a decode error, INTERNAL, then the rule.
+    U::decode(bytes).map_err(|err| malformed::<U>(Status::internal(err.to_string())))
+}
+
+/// A request message that failed to decode is the caller's fault:
+/// INVALID_ARGUMENT naming the message; anything else stays as it is.
+fn malformed<U>(status: Status) -> Status {
+    let name = message_name::<U>();
+    if status.code() == Code::Internal && name.ends_with("Request") {
+        Status::invalid_argument(format!("malformed {name}: {}", status.message()))
+    } else {
+        status
+    }
+}
+
 fn message_name<U>() -> &'static str {
     let path = std::any::type_name::<U>();
     path.rsplit("::").next().unwrap_or(path)

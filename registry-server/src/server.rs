@@ -21,7 +21,7 @@ use crate::metrics_port::MetricsEndpoint;
 use crate::placement::PlacementIndex;
 use crate::registry::{Now, Options, Registry};
 use crate::replica::{Replica, ReplicaRole};
-use crate::service::NodeRegistryService;
+use crate::service::{HeartbeatRoute, NodeRegistryService};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -296,11 +296,16 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let registry_service = NodeRegistryServer::new(
+    let service =
         NodeRegistryService::new(registry.clone(), &settings, auth, stop.clone(), placement)
-            .with_role(role),
-    )
-    .max_decoding_message_size(settings.max_message_size);
+            .with_role(role);
+    // Heartbeat streams are served over the service's own framing (see
+    // `service::heartbeat_wire`); the other methods by the generated server.
+    let registry_service = HeartbeatRoute::new(
+        NodeRegistryServer::new(service.clone())
+            .max_decoding_message_size(settings.max_message_size),
+        service,
+    );
 
     let on_shutdown = {
         let health = health.clone();

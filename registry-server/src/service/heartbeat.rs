@@ -30,13 +30,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::Stream;
 use registry_proto::convert::{to_proto_duration, to_proto_timestamp};
 use registry_proto::pb;
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use tracing::{debug, info, warn};
 
 use super::check_identity;
+use super::heartbeat_wire::Messages;
 use crate::auth::{Authenticator, TokenGrant};
 use crate::error::RegistryError;
 use crate::registry::{NodeSlot, Now, Registry, secrets_equal};
@@ -63,6 +65,9 @@ pub(super) struct StreamShared {
     max_clock_skew: Duration,
     /// Deadline for a stream's first message.
     first_message_timeout: Duration,
+    /// Largest Heartbeat message (`--max-heartbeat-message-size`), for
+    /// the streams whose framing the service reads itself.
+    pub(super) max_message: usize,
     /// Handling-time histogram, looked up once, not per stream or beat.
     latency: metrics::Histogram,
 }
@@ -72,6 +77,7 @@ impl StreamShared {
         shutdown: CancellationToken,
         max_clock_skew: Duration,
         first_message_timeout: Duration,
+        max_message: usize,
     ) -> Self {
         Self {
             recheck: Signal::default(),
@@ -79,6 +85,7 @@ impl StreamShared {
             shutdown,
             max_clock_skew,
             first_message_timeout,
+            max_message,
             latency: metrics::histogram!(crate::metrics::HEARTBEAT_SECONDS),
         }
     }
@@ -118,12 +125,12 @@ impl StreamShared {
     }
 }
 
-/// The server side of one Heartbeat stream.
-pub(super) struct HeartbeatSession {
+/// The server side of one Heartbeat stream, its requests read from `M`.
+pub(super) struct HeartbeatSession<M> {
     /// Where heartbeats are recorded.
     pub(super) registry: Registry,
     /// The agent's messages.
-    pub(super) inbound: Streaming<pb::HeartbeatRequest>,
+    pub(super) inbound: M,
     /// What the service's streams share (settings, the recheck signal).
     pub(super) shared: Arc<StreamShared>,
     /// The node this stream speaks for, fixed by the first message; kept so
@@ -205,6 +212,18 @@ fn not_leading() -> RegistryError {
     }
 }
 
+/// The stream of `session`'s replies: each pulls the agent's next
+/// message and answers it. No task and no channel per stream, which keeps
+/// 100k idle streams cheap.
+pub(super) fn replies<M: Messages>(
+    session: HeartbeatSession<M>,
+) -> impl Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send + 'static {
+    futures_util::stream::unfold(session, |mut session| async move {
+        let reply = session.next_reply().await?;
+        Some((reply, session))
+    })
+}
+
 /// One open heartbeat stream in the registry's count, until dropped.
 pub(super) struct OpenStream(pub(super) Registry);
 
@@ -217,7 +236,7 @@ impl Drop for OpenStream {
     }
 }
 
-impl HeartbeatSession {
+impl<M: Messages> HeartbeatSession<M> {
     fn node_id(&self) -> &str {
         self.node.as_deref().map_or("", NodeSlot::id)
     }
@@ -493,6 +512,7 @@ mod tests {
             shutdown.clone(),
             Duration::from_secs(1),
             Duration::from_secs(1),
+            64 * 1024,
         ));
         // A bound stream hears a recheck through its node's signal.
         let registry = Registry::new(crate::registry::Timing::default());

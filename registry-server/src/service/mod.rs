@@ -23,10 +23,13 @@ use crate::validate;
 use crate::watch::{WatchStream, Watchers};
 
 mod heartbeat;
+mod heartbeat_wire;
 #[cfg(test)]
 mod tests;
 
 use heartbeat::{HeartbeatSession, OpenStream, StreamShared};
+pub use heartbeat_wire::HeartbeatRoute;
+use heartbeat_wire::Messages;
 
 /// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
 #[derive(Clone)]
@@ -87,6 +90,7 @@ impl NodeRegistryService {
                 shutdown.clone(),
                 settings.max_clock_skew,
                 settings.node_timeout,
+                settings.max_heartbeat_message_size,
             )),
         }
     }
@@ -120,6 +124,65 @@ fn check_identity(
             )))
         }
         _ => Ok(()),
+    }
+}
+
+impl NodeRegistryService {
+    /// Opens a heartbeat stream whose requests come from `request`: checks
+    /// its token, role and the stream cap, and returns the stream's session
+    /// (see [`heartbeat`]).
+    fn open_heartbeat<M: Messages>(
+        &self,
+        request: Request<M>,
+    ) -> Result<HeartbeatSession<M>, Status> {
+        // Watching before the token is checked: a reload from here on
+        // raises the recheck, so none between the check and the stream's
+        // first wait goes unseen.
+        self.streams.watch(&self.registry, &self.role, &self.auth);
+        let (role, grant) = self
+            .auth
+            .authorize_stream(request.metadata(), Rpc::Heartbeat)
+            .map_err(RegistryError::from)?;
+        let token_admin = role == Role::Admin && !self.auth.is_open();
+        // A stream lives within one leadership term: it ends when the
+        // term does (see `replica`).
+        let term = self.role.writable()?;
+        let identities = identity::peer_identities(&request);
+        let open = self
+            .registry
+            .stats()
+            .open_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Counted first so that concurrent opens cannot all slip under the
+        // cap; a refused stream takes its count back.
+        let guard = OpenStream(self.registry.clone());
+        if usize::try_from(open).unwrap_or(0) >= self.max_heartbeat_streams {
+            drop(guard);
+            return Err(RegistryError::LimitReached(format!(
+                "the registry holds its maximum of {} heartbeat streams",
+                self.max_heartbeat_streams
+            ))
+            .into());
+        }
+        let session = HeartbeatSession {
+            _open: guard,
+            token_admin,
+            identities,
+            registry: self.registry.clone(),
+            inbound: request.into_inner(),
+            node: None,
+            session_id: 0,
+            session_secret: Box::default(),
+            done: false,
+            signal_seen: 0,
+            shared: Arc::clone(&self.streams),
+            recheck_seen: 0,
+            sent_command: 0,
+            stream: 0,
+            grant: grant.map(Box::new),
+            term,
+        };
+        Ok(session)
     }
 }
 
@@ -339,60 +402,10 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        // Watching before the token is checked: a reload from here on
-        // raises the recheck, so none between the check and the stream's
-        // first wait goes unseen.
-        self.streams.watch(&self.registry, &self.role, &self.auth);
-        let (role, grant) = self
-            .auth
-            .authorize_stream(request.metadata(), Rpc::Heartbeat)
-            .map_err(RegistryError::from)?;
-        let token_admin = role == Role::Admin && !self.auth.is_open();
-        // A stream lives within one leadership term: it ends when the
-        // term does (see `replica`).
-        let term = self.role.writable()?;
-        let identities = identity::peer_identities(&request);
-        let open = self
-            .registry
-            .stats()
-            .open_streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Counted first so that concurrent opens cannot all slip under the
-        // cap; a refused stream takes its count back.
-        let guard = OpenStream(self.registry.clone());
-        if usize::try_from(open).unwrap_or(0) >= self.max_heartbeat_streams {
-            drop(guard);
-            return Err(RegistryError::LimitReached(format!(
-                "the registry holds its maximum of {} heartbeat streams",
-                self.max_heartbeat_streams
-            ))
-            .into());
-        }
-        let session = HeartbeatSession {
-            _open: guard,
-            token_admin,
-            identities,
-            registry: self.registry.clone(),
-            inbound: request.into_inner(),
-            node: None,
-            session_id: 0,
-            session_secret: Box::default(),
-            done: false,
-            signal_seen: 0,
-            shared: Arc::clone(&self.streams),
-            recheck_seen: 0,
-            sent_command: 0,
-            stream: 0,
-            grant: grant.map(Box::new),
-            term,
-        };
-        // No task and no channel per stream: the response stream pulls the
-        // next request and answers it, which keeps 100k idle streams cheap.
-        let replies = futures_util::stream::unfold(session, |mut session| async move {
-            let reply = session.next_reply().await?;
-            Some((reply, session))
-        });
-        Ok(Response::new(Box::pin(replies)))
+        // Servers built with `HeartbeatRoute` (the registry's) never get
+        // here: the route serves the method over its own framing.
+        let session = self.open_heartbeat(request)?;
+        Ok(Response::new(Box::pin(heartbeat::replies(session))))
     }
 }
 

@@ -1,0 +1,593 @@
+//! The Heartbeat method's gRPC framing, read and written here rather than
+//! by tonic's generic streaming path.
+//!
+//! A heartbeat stream lives for days and carries one message of a few
+//! hundred bytes every few seconds each way. tonic's streaming path gives
+//! each stream a decode buffer it keeps for the stream's life, and its
+//! reservation rule makes that buffer twice a message and more: 1.25 KiB
+//! per stream here, 2.5 KiB once a node-agent beat of 8 GPUs with every
+//! figure is longer than the one before it (docs/PERF-NOTES.md item 8
+//! change 11). Beside it sit an encode buffer, tonic's `Streaming` state
+//! and a boxed response body wrapping our own boxed reply stream.
+//!
+//! Here a beat is decoded straight from the HTTP/2 DATA frame that carried
+//! it, so an open stream holds no buffer between beats: only a message
+//! split across frames is gathered, in a buffer of its own length that is
+//! let go once it is decoded. Each ack is encoded into a vector of its
+//! exact length that h2 drops once written, and the reply stream and the
+//! response body are one allocation. What a stream says and does is the
+//! service's own ([`super::heartbeat`]): the same session, the same
+//! statuses, the trailers tonic would send.
+//!
+//! [`HeartbeatRoute`] sits in front of the generated `NodeRegistryServer`
+//! and takes only the Heartbeat path; every other method goes through the
+//! generated server. The generated server's own `heartbeat` (over tonic's
+//! `Streaming`) still works, for servers built without the route.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::Stream;
+use futures_util::future::Either;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body as _, Frame, SizeHint};
+use prost::Message as _;
+use registry_proto::pb;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::{Code, Status, Streaming};
+use tower::Service;
+
+use super::NodeRegistryService;
+use crate::budget::HEARTBEAT_PATH;
+
+/// The gRPC prefix of each message: a compression flag and a length.
+const PREFIX: usize = 5;
+
+/// Where a heartbeat stream's requests come from: tonic's `Streaming` on
+/// the generated path, [`Inbound`] on the route.
+pub(crate) trait Messages: Send + 'static {
+    /// The next request; `None` once the agent closed its side.
+    fn message(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<pb::HeartbeatRequest>, Status>> + Send;
+}
+
+impl Messages for Streaming<pb::HeartbeatRequest> {
+    fn message(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<pb::HeartbeatRequest>, Status>> + Send {
+        Streaming::message(self)
+    }
+}
+
+/// A Heartbeat request body read frame by frame.
+pub(crate) struct Inbound {
+    /// The request body (HTTP/2 DATA frames).
+    body: Body,
+    /// What is left of the DATA frame just read, while it still holds
+    /// whole messages (agents send one beat per frame; a frame with more is
+    /// read to its end before the next wait). Never held across a wait, so
+    /// it never pins h2's read buffer.
+    frame: Bytes,
+    /// The start of a message that did not come whole in one frame,
+    /// gathered until it is; empty (no allocation) otherwise. It holds only
+    /// bytes that arrived (tonic reserves the announced length at once).
+    split: BytesMut,
+    /// Largest message accepted (`--max-heartbeat-message-size`).
+    max_message: usize,
+}
+
+impl Inbound {
+    pub(crate) fn new(body: Body, max_message: usize) -> Self {
+        Self {
+            body,
+            frame: Bytes::new(),
+            split: BytesMut::new(),
+            max_message,
+        }
+    }
+
+    /// The length of the message at the start of `bytes`, its prefix
+    /// included, once the prefix is there; the same refusals as tonic's
+    /// decoder for a compressed or oversized message.
+    fn framed_len(&self, bytes: &[u8]) -> Result<Option<usize>, Status> {
+        let Some(prefix) = bytes.get(..PREFIX) else {
+            return Ok(None);
+        };
+        match prefix[0] {
+            0 => {}
+            // The route refuses a grpc-encoding up front (see `route`).
+            1 => {
+                return Err(Status::internal(
+                    "protocol error: received message with compressed-flag but no \
+                     grpc-encoding was specified",
+                ));
+            }
+            flag => {
+                return Err(Status::internal(format!(
+                    "protocol error: received message with invalid compression flag: \
+                     {flag} (valid flags are 0 and 1), while sending request"
+                )));
+            }
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        if len > self.max_message {
+            return Err(Status::out_of_range(format!(
+                "Error, decoded message length too large: found {len} bytes, the limit is: {} \
+                 bytes",
+                self.max_message
+            )));
+        }
+        Ok(Some(PREFIX + len))
+    }
+
+    /// The next message already read, if one is whole; a part is moved
+    /// into `split` to wait for the rest.
+    fn whole(&mut self) -> Result<Option<pb::HeartbeatRequest>, Status> {
+        if !self.split.is_empty() {
+            let Some(len) = self.framed_len(&self.split)? else {
+                return Ok(None);
+            };
+            if self.split.len() < len {
+                return Ok(None);
+            }
+            let message = self.split.split_to(len);
+            if self.split.is_empty() {
+                // Nothing kept between beats.
+                self.split = BytesMut::new();
+            }
+            return registry_proto::codec::decode_message(&message[PREFIX..]).map(Some);
+        }
+        if self.frame.is_empty() {
+            return Ok(None);
+        }
+        match self.framed_len(&self.frame)? {
+            Some(len) if self.frame.len() >= len => {
+                let message = self.frame.split_to(len);
+                registry_proto::codec::decode_message(&message[PREFIX..]).map(Some)
+            }
+            _ => {
+                // Room for what came, not for what the prefix announced:
+                // a message sent slowly pins only the bytes that arrived
+                // (what the budgets count), growing as the rest comes.
+                self.split = BytesMut::from(&self.frame[..]);
+                self.frame = Bytes::new();
+                Ok(None)
+            }
+        }
+    }
+
+    /// The body ended: cleanly unless it ended inside a message.
+    fn ended(&self) -> Result<Option<pb::HeartbeatRequest>, Status> {
+        if self.frame.is_empty() && self.split.is_empty() {
+            Ok(None)
+        } else {
+            Err(Status::internal("Unexpected EOF decoding stream."))
+        }
+    }
+}
+
+impl Messages for Inbound {
+    // Cancel-safe, as `select!` needs: the only wait is for the next frame,
+    // and a frame is taken in whole before anything else can happen.
+    async fn message(&mut self) -> Result<Option<pb::HeartbeatRequest>, Status> {
+        loop {
+            if let Some(message) = self.whole()? {
+                return Ok(Some(message));
+            }
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if self.split.is_empty() => self.frame = data,
+                    Ok(data) => self.split.put(data),
+                    // Trailers end a request (agents send none).
+                    Err(_) => return self.ended(),
+                },
+                // The agent reset its stream: it is gone, as tonic reads it.
+                Some(Err(status)) if status.code() == Code::Cancelled => return Ok(None),
+                Some(Err(status)) => return Err(status),
+                None => return self.ended(),
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A Heartbeat response body: each reply as one gRPC message, then the
+    /// status as trailers, as tonic's server writes them. `ended` is set
+    /// once the trailers went out.
+    pub(crate) struct AckBody<S> {
+        #[pin]
+        replies: S,
+        ended: bool,
+    }
+}
+
+impl<S> AckBody<S> {
+    pub(crate) fn new(replies: S) -> Self {
+        Self {
+            replies,
+            ended: false,
+        }
+    }
+}
+
+/// One reply framed for the wire, in a buffer of exactly its length.
+fn framed(reply: &pb::HeartbeatResponse) -> Bytes {
+    let len = reply.encoded_len();
+    let mut out = Vec::with_capacity(PREFIX + len);
+    out.put_u8(0);
+    // A reply is a few hundred bytes at most (its command's reason is
+    // bounded); the length fits the prefix.
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    reply.encode_raw(&mut out);
+    Bytes::from(out)
+}
+
+/// The trailers that end a stream with `status`.
+fn trailers(status: &Status) -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(3);
+    if status.add_header(&mut trailers).is_err() {
+        // Only a header value that cannot be written fails; say INTERNAL
+        // rather than nothing.
+        trailers.clear();
+        trailers.insert("grpc-status", HeaderValue::from_static("13"));
+    }
+    trailers
+}
+
+impl<S> http_body::Body for AckBody<S>
+where
+    S: Stream<Item = Result<pb::HeartbeatResponse, Status>>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        let frame = match ready!(this.replies.poll_next(cx)) {
+            Some(Ok(reply)) => Frame::data(framed(&reply)),
+            Some(Err(status)) => {
+                *this.ended = true;
+                Frame::trailers(trailers(&status))
+            }
+            None => {
+                *this.ended = true;
+                Frame::trailers(trailers(&Status::ok("")))
+            }
+        };
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// The Heartbeat method served by [`NodeRegistryService`] over
+/// [`Inbound`] and [`AckBody`]; every other path goes to `generated`.
+#[derive(Clone)]
+pub struct HeartbeatRoute<S> {
+    /// The generated server, for every other method.
+    generated: S,
+    /// The service whose streams these are.
+    service: NodeRegistryService,
+}
+
+impl<S> HeartbeatRoute<S> {
+    /// Routes Heartbeat to `service` itself and the rest to `generated`
+    /// (the generated server of the same service).
+    pub fn new(generated: S, service: NodeRegistryService) -> Self {
+        Self { generated, service }
+    }
+}
+
+impl<S: NamedService> NamedService for HeartbeatRoute<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for HeartbeatRoute<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Either<std::future::Ready<Result<Self::Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.generated.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() == HEARTBEAT_PATH {
+            Either::Left(std::future::ready(Ok(self
+                .service
+                .heartbeat_route(request))))
+        } else {
+            Either::Right(self.generated.call(request))
+        }
+    }
+}
+
+impl NodeRegistryService {
+    /// Opens a heartbeat stream for `request`: its response headers now,
+    /// its acks as the agent's beats come; or a trailers-only refusal.
+    fn heartbeat_route(&self, request: http::Request<Body>) -> http::Response<Body> {
+        // No compression is accepted (as the generated server is built):
+        // the same refusal tonic gives.
+        if let Some(encoding) = request.headers().get("grpc-encoding")
+            && encoding != "identity"
+        {
+            let name = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
+            return Status::unimplemented(format!(
+                "Content is compressed with `{name}` which isn't supported"
+            ))
+            .into_http();
+        }
+        let max_message = self.streams.max_message;
+        let request =
+            tonic::Request::from_http(request.map(|body| Inbound::new(body, max_message)));
+        match self.open_heartbeat(request) {
+            Ok(session) => {
+                let mut response = http::Response::new(Body::new(AckBody::new(
+                    super::heartbeat::replies(session),
+                )));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                response
+            }
+            Err(status) => status.into_http(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    /// A request body that yields `frames` in order, then ends.
+    fn body(frames: Vec<Result<Frame<Bytes>, Status>>) -> Body {
+        Body::new(StreamBody::new(futures_util::stream::iter(frames)))
+    }
+
+    fn beat(sequence: u64) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            node_id: "gpu-node-1".into(),
+            session_id: 7,
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    /// `message` with its gRPC prefix.
+    fn prefixed(message: &pb::HeartbeatRequest) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&u32::try_from(message.encoded_len()).unwrap().to_be_bytes());
+        message.encode(&mut out).unwrap();
+        out
+    }
+
+    fn data(bytes: &[u8]) -> Result<Frame<Bytes>, Status> {
+        Ok(Frame::data(Bytes::copy_from_slice(bytes)))
+    }
+
+    async fn read_all(inbound: &mut Inbound) -> Result<Vec<u64>, Status> {
+        let mut sequences = Vec::new();
+        while let Some(message) = inbound.message().await? {
+            sequences.push(message.sequence);
+            // Between beats nothing is held: no gathered part, no frame
+            // but whole messages still to read.
+            assert!(inbound.split.capacity() == 0 || !inbound.split.is_empty());
+        }
+        Ok(sequences)
+    }
+
+    #[tokio::test]
+    async fn messages_are_read_whole_split_across_frames_and_several_to_a_frame() {
+        let (one, two, three, four) = (
+            prefixed(&beat(1)),
+            prefixed(&beat(2)),
+            prefixed(&beat(3)),
+            prefixed(&beat(4)),
+        );
+        let mut two_and_three = two.clone();
+        two_and_three.extend_from_slice(&three);
+        let frames = vec![
+            // One to a frame.
+            data(&one),
+            // Two to a frame.
+            data(&two_and_three),
+            // One in three pieces, the first shorter than its prefix.
+            data(&four[..3]),
+            data(&four[3..10]),
+            data(&four[10..]),
+        ];
+        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1, 2, 3, 4]);
+        assert_eq!(inbound.split.capacity(), 0, "the gathering buffer let go");
+    }
+
+    #[test]
+    fn a_message_announced_long_pins_only_the_bytes_that_came() {
+        let mut inbound = Inbound::new(body(vec![]), 64 * 1024);
+        let mut start = vec![0];
+        start.extend_from_slice(&60_000_u32.to_be_bytes());
+        start.extend_from_slice(&[0x0a; 10]);
+        inbound.frame = Bytes::from(start);
+        assert!(inbound.whole().unwrap().is_none());
+        assert!(inbound.frame.is_empty(), "the frame is let go");
+        assert_eq!(inbound.split.len(), 15);
+        assert!(
+            inbound.split.capacity() < 64,
+            "{}",
+            inbound.split.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_cut_short_a_compressed_one_and_an_oversized_one_are_refused() {
+        let one = prefixed(&beat(1));
+        let mut cut = Inbound::new(body(vec![data(&one[..one.len() - 1])]), 64 * 1024);
+        let err = cut.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(err.message().contains("Unexpected EOF"), "{err:?}");
+
+        let mut compressed = one.clone();
+        compressed[0] = 1;
+        let mut inbound = Inbound::new(body(vec![data(&compressed)]), 64 * 1024);
+        let err = inbound.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(err.message().contains("compressed-flag"), "{err:?}");
+
+        let mut inbound = Inbound::new(body(vec![data(&one)]), 8);
+        let err = inbound.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange);
+        assert!(err.message().contains("the limit is: 8 bytes"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_beat_is_invalid_argument_and_a_reset_ends_the_stream_quietly() {
+        // Field 1 (node_id) as a string of invalid UTF-8.
+        let malformed = [0, 0, 0, 0, 3, 0x0a, 1, 0xff];
+        let mut inbound = Inbound::new(body(vec![data(&malformed)]), 64 * 1024);
+        let err = inbound.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("malformed HeartbeatRequest: "),
+            "{err:?}"
+        );
+
+        let one = prefixed(&beat(1));
+        let frames = vec![data(&one), Err(Status::cancelled("reset by the agent"))];
+        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn the_route_serves_heartbeat_itself_and_hands_every_other_path_on() {
+        use crate::registry::{Now, Registry};
+        use tower::ServiceExt as _;
+
+        let settings = crate::config::Settings::default();
+        let registry = Registry::new(settings.timing());
+        let registered = registry
+            .register(crate::registry::tests::registration("n1"), Now::read())
+            .unwrap();
+        let service = NodeRegistryService::new(
+            registry,
+            &settings,
+            crate::auth::Authenticator::open(),
+            tokio_util::sync::CancellationToken::new(),
+            crate::placement::PlacementIndex::new(),
+        );
+        let generated = tower::service_fn(|_request: http::Request<Body>| async {
+            let mut response = http::Response::new(Body::empty());
+            let served_by = HeaderValue::from_static("generated");
+            response.headers_mut().insert("x-served-by", served_by);
+            Ok::<_, Infallible>(response)
+        });
+        let route = HeartbeatRoute::new(generated, service);
+        let request = |path: &str, frames| {
+            http::Request::builder()
+                .uri(format!("http://registry{path}"))
+                .body(body(frames))
+                .unwrap()
+        };
+
+        let other = request("/registry.v1.NodeRegistry/GetNode", vec![]);
+        let response = route.clone().oneshot(other).await.unwrap();
+        assert_eq!(response.headers()["x-served-by"], "generated");
+
+        let beat = pb::HeartbeatRequest {
+            node_id: "n1".into(),
+            session_id: registered.session_id,
+            session_secret: registered.session_secret.to_string(),
+            sequence: 1,
+            sent_at: Some(registry_proto::convert::to_proto_timestamp(
+                chrono::Utc::now(),
+            )),
+            ..Default::default()
+        };
+        let stream = request(HEARTBEAT_PATH, vec![data(&prefixed(&beat))]);
+        let response = route.clone().oneshot(stream).await.unwrap();
+        assert!(response.headers().get("x-served-by").is_none());
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+        let mut acks = response.into_body();
+        let ack = acks.frame().await.unwrap().unwrap().into_data().unwrap();
+        let ack = pb::HeartbeatResponse::decode(&ack[PREFIX..]).unwrap();
+        assert_eq!(ack.sequence, 1);
+        // The agent closed its side: the stream ends OK.
+        let trailers = acks
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+
+        let mut compressed = request(HEARTBEAT_PATH, vec![]);
+        let gzip = HeaderValue::from_static("gzip");
+        compressed.headers_mut().insert("grpc-encoding", gzip);
+        let response = route.oneshot(compressed).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+    }
+
+    #[tokio::test]
+    async fn replies_go_out_framed_and_the_status_as_trailers() {
+        let reply = pb::HeartbeatResponse {
+            sequence: 3,
+            ..Default::default()
+        };
+        let replies = futures_util::stream::iter(vec![
+            Ok(reply.clone()),
+            Err(Status::failed_precondition("a newer stream took over")),
+        ]);
+        let mut body = std::pin::pin!(AckBody::new(replies));
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let mut expected = vec![0];
+        expected.extend_from_slice(&u32::try_from(reply.encoded_len()).unwrap().to_be_bytes());
+        reply.encode(&mut expected).unwrap();
+        assert_eq!(first.as_ref(), expected.as_slice());
+        let trailers = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(trailers["grpc-status"], "9");
+        assert_eq!(trailers["grpc-message"], "a%20newer%20stream%20took%20over");
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+
+        let mut clean = std::pin::pin!(AckBody::new(futures_util::stream::empty::<
+            Result<pb::HeartbeatResponse, Status>,
+        >()));
+        let trailers = clean
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+    }
+}
