@@ -8,6 +8,13 @@
 //! keeps the size it grew to for as long as its call lives. Buffers still
 //! grow on demand for a large message (a ListNodes page).
 //!
+//! The registry's own Heartbeat streams no longer go through this codec on
+//! the server: registry-server reads and writes that method's framing
+//! itself (`service/heartbeat_wire.rs`) and keeps no buffer per stream
+//! between beats. What follows holds for every other call, for servers
+//! built without that route, and for the agent's side of a stream (its
+//! decode buffer holds the registry's ~85-byte acks).
+//!
 //! - **Decode: 1.25 KiB.** tonic reserves a message's length again once
 //!   its 5-byte prefix is read, with the whole message already in the
 //!   buffer, so the buffer must hold twice a message and its prefix or it

@@ -4,7 +4,10 @@
 //! start and grows once, to twice its start, for a node-agent's beats with
 //! every NVML figure whose lengths vary as an idle-or-busy node's do; the
 //! encode buffer grows once, to 128 bytes, and then stays (see
-//! `registry_proto::codec`).
+//! `registry_proto::codec`). These are the buffers of a heartbeat stream
+//! served by the generated server; registry-server's own route keeps none
+//! (its `service::heartbeat_wire` tests), so here the figures stand for
+//! every other streaming call and for the agent's side.
 //!
 //! Bytes are counted by dhat's heap profiler in testing mode. It counts the
 //! whole process, so this file holds one test: the test runner then runs
