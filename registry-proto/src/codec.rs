@@ -116,7 +116,6 @@ impl<U: prost::Message + Default> Decoder for ContractDecoder<U> {
     }
 }
 
-/// The message's own name ("RegisterRequest") from its Rust type path.
 /// Decodes one whole message the way [`ContractDecoder`] does, for a
 /// server that reads a method's gRPC frames itself (the registry's
 /// Heartbeat streams): the same INVALID_ARGUMENT for a malformed request.
@@ -136,6 +135,7 @@ fn malformed<U>(status: Status) -> Status {
     }
 }
 
+/// The message's own name ("RegisterRequest") from its Rust type path.
 fn message_name<U>() -> &'static str {
     let path = std::any::type_name::<U>();
     path.rsplit("::").next().unwrap_or(path)

@@ -27,6 +27,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -68,14 +69,16 @@ impl Messages for Streaming<pb::HeartbeatRequest> {
 pub(crate) struct Inbound {
     /// The request body (HTTP/2 DATA frames).
     body: Body,
-    /// What is left of the DATA frame just read, while it still holds
-    /// whole messages (agents send one beat per frame; a frame with more is
-    /// read to its end before the next wait). Never held across a wait, so
-    /// it never pins h2's read buffer.
+    /// The DATA frame just read, a slice of h2's read buffer, from the
+    /// moment it arrives until its first message is taken; whatever follows
+    /// that message is moved to `split` then. Never held across a wait, so
+    /// it never pins h2's read buffer (agents send one beat per frame).
     frame: Bytes,
-    /// The start of a message that did not come whole in one frame,
-    /// gathered until it is; empty (no allocation) otherwise. It holds only
-    /// bytes that arrived (tonic reserves the announced length at once).
+    /// Bytes that came after a whole message or as the start of one split
+    /// across frames, until they make whole messages; empty (no
+    /// allocation) otherwise. It holds only bytes that arrived (tonic
+    /// reserves the length a prefix announces at once), at most about
+    /// twice the largest message while one is gathered.
     split: BytesMut,
     /// Largest message accepted (`--max-heartbeat-message-size`).
     max_message: usize,
@@ -136,10 +139,10 @@ impl Inbound {
                 return Ok(None);
             }
             let message = self.split.split_to(len);
-            if self.split.is_empty() {
-                // Nothing kept between beats.
-                self.split = BytesMut::new();
-            }
+            // What follows the message moves to a buffer of its own length
+            // (none when nothing does), so neither a large message's room
+            // nor its allocation outlives it.
+            self.split = BytesMut::from(&self.split[..]);
             return registry_proto::codec::decode_message(&message[PREFIX..]).map(Some);
         }
         if self.frame.is_empty() {
@@ -147,8 +150,12 @@ impl Inbound {
         }
         match self.framed_len(&self.frame)? {
             Some(len) if self.frame.len() >= len => {
-                let message = self.frame.split_to(len);
-                registry_proto::codec::decode_message(&message[PREFIX..]).map(Some)
+                let frame = std::mem::take(&mut self.frame);
+                // Rare (one beat per frame is the rule): a copy of what
+                // follows, so the frame, and h2's buffer under it, is let go
+                // before the next wait.
+                self.split = BytesMut::from(&frame[len..]);
+                registry_proto::codec::decode_message(&frame[PREFIX..len]).map(Some)
             }
             _ => {
                 // Room for what came, not for what the prefix announced:
@@ -284,15 +291,19 @@ where
 pub struct HeartbeatRoute<S> {
     /// The generated server, for every other method.
     generated: S,
-    /// The service whose streams these are.
-    service: NodeRegistryService,
+    /// The service whose streams these are; behind an `Arc` because tonic's
+    /// router clones the route for every call.
+    service: Arc<NodeRegistryService>,
 }
 
 impl<S> HeartbeatRoute<S> {
     /// Routes Heartbeat to `service` itself and the rest to `generated`
     /// (the generated server of the same service).
     pub fn new(generated: S, service: NodeRegistryService) -> Self {
-        Self { generated, service }
+        Self {
+            generated,
+            service: Arc::new(service),
+        }
     }
 }
 
@@ -332,11 +343,19 @@ impl NodeRegistryService {
         if let Some(encoding) = request.headers().get("grpc-encoding")
             && encoding != "identity"
         {
-            let name = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
-            return Status::unimplemented(format!(
+            let name = match encoding.to_str() {
+                Ok(name) => name.to_owned(),
+                Err(_) => format!("{encoding:?}"),
+            };
+            let mut status = Status::unimplemented(format!(
                 "Content is compressed with `{name}` which isn't supported"
-            ))
-            .into_http();
+            ));
+            // What the client may send instead, as tonic says it.
+            let identity = tonic::metadata::MetadataValue::from_static("identity");
+            status
+                .metadata_mut()
+                .insert("grpc-accept-encoding", identity);
+            return status.into_http();
         }
         let max_message = self.streams.max_message;
         let request =
@@ -392,36 +411,58 @@ mod tests {
         let mut sequences = Vec::new();
         while let Some(message) = inbound.message().await? {
             sequences.push(message.sequence);
-            // Between beats nothing is held: no gathered part, no frame
-            // but whole messages still to read.
-            assert!(inbound.split.capacity() == 0 || !inbound.split.is_empty());
+            // Between beats no frame is held (h2's read buffer is free),
+            // and nothing but the bytes that came after the message.
+            assert!(inbound.frame.is_empty());
+            assert_eq!(inbound.split.capacity(), inbound.split.len());
         }
         Ok(sequences)
     }
 
     #[tokio::test]
     async fn messages_are_read_whole_split_across_frames_and_several_to_a_frame() {
-        let (one, two, three, four) = (
-            prefixed(&beat(1)),
-            prefixed(&beat(2)),
-            prefixed(&beat(3)),
-            prefixed(&beat(4)),
-        );
-        let mut two_and_three = two.clone();
-        two_and_three.extend_from_slice(&three);
+        let [one, two, three, four, five, six] = [1, 2, 3, 4, 5, 6].map(|n| prefixed(&beat(n)));
+        // An empty message is five bytes of prefix: a beat of defaults.
+        let empty = prefixed(&pb::HeartbeatRequest::default());
+        let joined = |parts: &[&[u8]]| parts.concat();
         let frames = vec![
             // One to a frame.
             data(&one),
             // Two to a frame.
-            data(&two_and_three),
+            data(&joined(&[&two, &three])),
             // One in three pieces, the first shorter than its prefix.
             data(&four[..3]),
             data(&four[3..10]),
             data(&four[10..]),
+            // A whole one and the start of the next, then the rest of it
+            // with an empty message.
+            data(&joined(&[&five, &six[..8]])),
+            data(&joined(&[&six[8..], &empty])),
         ];
         let mut inbound = Inbound::new(body(frames), 64 * 1024);
-        assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            read_all(&mut inbound).await.unwrap(),
+            vec![1, 2, 3, 4, 5, 6, 0]
+        );
         assert_eq!(inbound.split.capacity(), 0, "the gathering buffer let go");
+    }
+
+    #[tokio::test]
+    async fn a_message_gathered_from_many_frames_leaves_no_room_behind() {
+        let big = pb::HeartbeatRequest {
+            node_id: "n".repeat(40_000),
+            sequence: 1,
+            ..Default::default()
+        };
+        let (big, next) = (prefixed(&big), prefixed(&beat(2)));
+        // The last piece carries the next beat's first bytes.
+        let (pieces, last) = big.split_at(big.len() - 100);
+        let mut frames: Vec<_> = pieces.chunks(1000).map(data).collect();
+        frames.push(data(&[last, &next[..4]].concat()));
+        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        assert_eq!(inbound.message().await.unwrap().unwrap().sequence, 1);
+        assert_eq!(inbound.split.len(), 4);
+        assert_eq!(inbound.split.capacity(), 4, "not the big message's room");
     }
 
     #[test]
@@ -456,7 +497,19 @@ mod tests {
         assert_eq!(err.code(), Code::Internal);
         assert!(err.message().contains("compressed-flag"), "{err:?}");
 
-        let mut inbound = Inbound::new(body(vec![data(&one)]), 8);
+        let mut flagged = one.clone();
+        flagged[0] = 2;
+        let mut inbound = Inbound::new(body(vec![data(&flagged)]), 64 * 1024);
+        let err = inbound.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(
+            err.message().contains("invalid compression flag: 2"),
+            "{err:?}"
+        );
+
+        // Refused as soon as the prefix is whole, before its payload came.
+        let frames = vec![data(&one[..2]), data(&one[2..5])];
+        let mut inbound = Inbound::new(body(frames), 8);
         let err = inbound.message().await.unwrap_err();
         assert_eq!(err.code(), Code::OutOfRange);
         assert!(err.message().contains("the limit is: 8 bytes"), "{err:?}");
@@ -478,6 +531,16 @@ mod tests {
         let frames = vec![data(&one), Err(Status::cancelled("reset by the agent"))];
         let mut inbound = Inbound::new(body(frames), 64 * 1024);
         assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1]);
+
+        // Trailers end the stream like its end; any other body error ends
+        // it with that error.
+        let frames = vec![data(&one), Ok(Frame::trailers(HeaderMap::new()))];
+        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1]);
+        let frames = vec![data(&one), Err(Status::unknown("h2 protocol error"))];
+        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        assert_eq!(inbound.message().await.unwrap().unwrap().sequence, 1);
+        assert_eq!(inbound.message().await.unwrap_err().code(), Code::Unknown);
     }
 
     #[tokio::test]
@@ -548,6 +611,7 @@ mod tests {
         compressed.headers_mut().insert("grpc-encoding", gzip);
         let response = route.oneshot(compressed).await.unwrap();
         assert_eq!(response.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+        assert_eq!(response.headers()["grpc-accept-encoding"], "identity");
     }
 
     #[tokio::test]
