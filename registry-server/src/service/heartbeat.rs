@@ -156,7 +156,9 @@ pub(super) struct HeartbeatSession<M> {
     /// node under mTLS).
     pub(super) token_admin: bool,
     /// Names in the client certificate, under mTLS.
-    pub(super) identities: Option<Vec<String>>,
+    /// (A boxed slice: 8 bytes less in every stream's state than a
+    /// `Vec`, which keeps the stream in a smaller allocation class.)
+    pub(super) identities: Option<Box<[String]>>,
     /// The raises of the node's signal this stream has seen (a command
     /// newly owed, a newer stream or session); read with `node`.
     pub(super) signal_seen: u64,
@@ -435,7 +437,11 @@ impl<M: Messages> HeartbeatSession<M> {
                         "is required in the first message of a stream (use RegisterResponse.session_id)",
                     ));
                 }
-                check_identity(&self.identities, self.token_admin, &request.node_id)?;
+                check_identity(
+                    self.identities.as_deref(),
+                    self.token_admin,
+                    &request.node_id,
+                )?;
                 let (slot, stream) = self.registry.attach_stream(
                     &request.node_id,
                     request.session_id,

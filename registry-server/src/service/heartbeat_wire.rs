@@ -69,14 +69,12 @@ impl Messages for Streaming<pb::HeartbeatRequest> {
 pub(crate) struct Inbound {
     /// The request body (HTTP/2 DATA frames).
     body: Body,
-    /// The DATA frame just read, a slice of h2's read buffer, from the
-    /// moment it arrives until its first message is taken; whatever follows
-    /// that message is moved to `split` then. Never held across a wait, so
-    /// it never pins h2's read buffer (agents send one beat per frame).
-    frame: Bytes,
     /// Bytes that came after a whole message or as the start of one split
     /// across frames, until they make whole messages; empty (no
-    /// allocation) otherwise. It holds only bytes that arrived (tonic
+    /// allocation) otherwise. A DATA frame itself (a slice of h2's read
+    /// buffer) is never kept: its first whole message is decoded where it
+    /// lies and the rest is copied here, so no stream pins h2's buffer
+    /// while it waits (agents send one beat per frame). It holds only bytes that arrived (tonic
     /// reserves the length a prefix announces at once), at most about
     /// twice the largest message while one is gathered.
     split: BytesMut,
@@ -88,7 +86,6 @@ impl Inbound {
     pub(crate) fn new(body: Body, max_message: usize) -> Self {
         Self {
             body,
-            frame: Bytes::new(),
             split: BytesMut::new(),
             max_message,
         }
@@ -128,41 +125,41 @@ impl Inbound {
         Ok(Some(PREFIX + len))
     }
 
-    /// The next message already read, if one is whole; a part is moved
-    /// into `split` to wait for the rest.
-    fn whole(&mut self) -> Result<Option<pb::HeartbeatRequest>, Status> {
-        if !self.split.is_empty() {
-            let Some(len) = self.framed_len(&self.split)? else {
-                return Ok(None);
-            };
-            if self.split.len() < len {
-                return Ok(None);
-            }
-            let message = self.split.split_to(len);
-            // What follows the message moves to a buffer of its own length
-            // (none when nothing does), so neither a large message's room
-            // nor its allocation outlives it.
-            self.split = BytesMut::from(&self.split[..]);
-            return registry_proto::codec::decode_message(&message[PREFIX..]).map(Some);
-        }
-        if self.frame.is_empty() {
+    /// The next message gathered in `split`, if one is whole.
+    fn gathered(&mut self) -> Result<Option<pb::HeartbeatRequest>, Status> {
+        let Some(len) = self.framed_len(&self.split)? else {
+            return Ok(None);
+        };
+        if self.split.len() < len {
             return Ok(None);
         }
-        match self.framed_len(&self.frame)? {
-            Some(len) if self.frame.len() >= len => {
-                let frame = std::mem::take(&mut self.frame);
+        let message = self.split.split_to(len);
+        // What follows the message moves to a buffer of its own length
+        // (none when nothing does), so neither a large message's room nor
+        // its allocation outlives it.
+        self.split = BytesMut::from(&self.split[..]);
+        registry_proto::codec::decode_message(&message[PREFIX..]).map(Some)
+    }
+
+    /// A DATA frame came: its first message if it holds one whole, decoded
+    /// where it lies; what is left of the frame is copied to `split`.
+    fn took(&mut self, frame: Bytes) -> Result<Option<pb::HeartbeatRequest>, Status> {
+        if !self.split.is_empty() {
+            self.split.put(frame);
+            return self.gathered();
+        }
+        match self.framed_len(&frame)? {
+            Some(len) if frame.len() >= len => {
                 // Rare (one beat per frame is the rule): a copy of what
-                // follows, so the frame, and h2's buffer under it, is let go
-                // before the next wait.
+                // follows the message.
                 self.split = BytesMut::from(&frame[len..]);
                 registry_proto::codec::decode_message(&frame[PREFIX..len]).map(Some)
             }
+            // Room for what came, not for what the prefix announced: a
+            // message sent slowly pins only the bytes that arrived (what
+            // the budgets count), growing as the rest comes.
             _ => {
-                // Room for what came, not for what the prefix announced:
-                // a message sent slowly pins only the bytes that arrived
-                // (what the budgets count), growing as the rest comes.
-                self.split = BytesMut::from(&self.frame[..]);
-                self.frame = Bytes::new();
+                self.split = BytesMut::from(&frame[..]);
                 Ok(None)
             }
         }
@@ -170,7 +167,7 @@ impl Inbound {
 
     /// The body ended: cleanly unless it ended inside a message.
     fn ended(&self) -> Result<Option<pb::HeartbeatRequest>, Status> {
-        if self.frame.is_empty() && self.split.is_empty() {
+        if self.split.is_empty() {
             Ok(None)
         } else {
             Err(Status::internal("Unexpected EOF decoding stream."))
@@ -183,14 +180,17 @@ impl Messages for Inbound {
     // and a frame is taken in whole before anything else can happen.
     async fn message(&mut self) -> Result<Option<pb::HeartbeatRequest>, Status> {
         loop {
-            if let Some(message) = self.whole()? {
+            if let Some(message) = self.gathered()? {
                 return Ok(Some(message));
             }
             let frame = std::future::poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) if self.split.is_empty() => self.frame = data,
-                    Ok(data) => self.split.put(data),
+                    Ok(data) => {
+                        if let Some(message) = self.took(data)? {
+                            return Ok(Some(message));
+                        }
+                    }
                     // Trailers end a request (agents send none).
                     Err(_) => return self.ended(),
                 },
@@ -411,9 +411,8 @@ mod tests {
         let mut sequences = Vec::new();
         while let Some(message) = inbound.message().await? {
             sequences.push(message.sequence);
-            // Between beats no frame is held (h2's read buffer is free),
-            // and nothing but the bytes that came after the message.
-            assert!(inbound.frame.is_empty());
+            // Between beats nothing is held but the bytes that came after
+            // the message.
             assert_eq!(inbound.split.capacity(), inbound.split.len());
         }
         Ok(sequences)
@@ -471,9 +470,7 @@ mod tests {
         let mut start = vec![0];
         start.extend_from_slice(&60_000_u32.to_be_bytes());
         start.extend_from_slice(&[0x0a; 10]);
-        inbound.frame = Bytes::from(start);
-        assert!(inbound.whole().unwrap().is_none());
-        assert!(inbound.frame.is_empty(), "the frame is let go");
+        assert!(inbound.took(Bytes::from(start)).unwrap().is_none());
         assert_eq!(inbound.split.len(), 15);
         assert!(
             inbound.split.capacity() < 64,
@@ -612,6 +609,93 @@ mod tests {
         let response = route.oneshot(compressed).await.unwrap();
         assert_eq!(response.headers()["grpc-status"], "12", "UNIMPLEMENTED");
         assert_eq!(response.headers()["grpc-accept-encoding"], "identity");
+    }
+
+    /// A server on 127.0.0.1:0 with the service behind the route or (for
+    /// `routed` false) behind the generated server alone; a client of it
+    /// and the session of a registered node `n1`.
+    async fn serve(
+        routed: bool,
+    ) -> (
+        pb::node_registry_client::NodeRegistryClient<tonic::transport::Channel>,
+        crate::registry::Registered,
+    ) {
+        use crate::registry::{Now, Registry};
+        use pb::node_registry_server::NodeRegistryServer;
+
+        let settings = crate::config::Settings::default();
+        let registry = Registry::new(settings.timing());
+        let registered = registry
+            .register(crate::registry::tests::registration("n1"), Now::read())
+            .unwrap();
+        let service = NodeRegistryService::new(
+            registry,
+            &settings,
+            crate::auth::Authenticator::open(),
+            tokio_util::sync::CancellationToken::new(),
+            crate::placement::PlacementIndex::new(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let generated = NodeRegistryServer::new(service.clone());
+        let router = if routed {
+            tonic::transport::Server::builder().add_service(HeartbeatRoute::new(generated, service))
+        } else {
+            tonic::transport::Server::builder().add_service(generated)
+        };
+        tokio::spawn(router.serve_with_incoming(incoming));
+        let client = pb::node_registry_client::NodeRegistryClient::connect(url)
+            .await
+            .unwrap();
+        (client, registered)
+    }
+
+    #[tokio::test]
+    async fn the_route_and_the_generated_server_answer_a_stream_alike() {
+        let mut answers = Vec::new();
+        for routed in [true, false] {
+            let (mut client, registered) = serve(routed).await;
+            let beat = |sequence| pb::HeartbeatRequest {
+                node_id: "n1".into(),
+                session_id: registered.session_id,
+                session_secret: registered.session_secret.to_string(),
+                sequence,
+                sent_at: Some(registry_proto::convert::to_proto_timestamp(
+                    chrono::Utc::now(),
+                )),
+                ..Default::default()
+            };
+            // Two beats acked, then one that may not switch sessions.
+            let mut wrong = beat(3);
+            wrong.session_id += 1;
+            let beats = futures_util::stream::iter([beat(1), beat(2), wrong]);
+            let mut acks = client.heartbeat(beats).await.unwrap().into_inner();
+            let mut answer = Vec::new();
+            loop {
+                match acks.message().await {
+                    Ok(Some(ack)) => answer.push(format!("ack {}", ack.sequence)),
+                    Ok(None) => break,
+                    Err(status) => {
+                        // Each server chose its own session id.
+                        let message = status
+                            .message()
+                            .replace(&registered.session_id.to_string(), "SESSION");
+                        answer.push(format!("{:?}: {message}", status.code()));
+                        break;
+                    }
+                }
+            }
+            answers.push(answer);
+        }
+        assert_eq!(answers[0].len(), 3, "{:?}", answers[0]);
+        assert_eq!(answers[0][..2], ["ack 1", "ack 2"]);
+        assert!(
+            answers[0][2].starts_with("InvalidArgument: "),
+            "{:?}",
+            answers[0]
+        );
+        assert_eq!(answers[0], answers[1], "route, then the generated server");
     }
 
     #[tokio::test]

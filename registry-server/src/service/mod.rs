@@ -113,7 +113,7 @@ impl NodeRegistryService {
 /// Under mTLS, a node may act only for the node its certificate names;
 /// only a caller holding an admin token may act for any.
 fn check_identity(
-    identities: &Option<Vec<String>>,
+    identities: Option<&[String]>,
     token_admin: bool,
     node_id: &str,
 ) -> Result<(), RegistryError> {
@@ -167,7 +167,7 @@ impl NodeRegistryService {
         let session = HeartbeatSession {
             _open: guard,
             token_admin,
-            identities,
+            identities: identities.map(Vec::into_boxed_slice),
             registry: self.registry.clone(),
             inbound: request.into_inner(),
             node: None,
@@ -201,7 +201,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let _turn = self.admission.admit().await?;
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
-        check_identity(&identities, token_admin, &registration.node_id)?;
+        check_identity(identities.as_deref(), token_admin, &registration.node_id)?;
         let registered = self
             .registry
             .register_durably(registration, Now::read())
@@ -227,7 +227,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let identities = identity::peer_identities(&request);
         let request = request.into_inner();
         validate::node_id("node_id", &request.node_id)?;
-        check_identity(&identities, token_admin, &request.node_id)?;
+        check_identity(identities.as_deref(), token_admin, &request.node_id)?;
         let secret =
             (!request.session_secret.is_empty()).then_some(request.session_secret.as_str());
         // Only an admin token, or a server that checks no tokens at all, may
