@@ -74,9 +74,10 @@ pub(crate) struct Inbound {
     /// allocation) otherwise. A DATA frame itself (a slice of h2's read
     /// buffer) is never kept: its first whole message is decoded where it
     /// lies and the rest is copied here, so no stream pins h2's buffer
-    /// while it waits (agents send one beat per frame). It holds only bytes that arrived (tonic
-    /// reserves the length a prefix announces at once), at most about
-    /// twice the largest message while one is gathered.
+    /// while it waits (agents send one beat per frame). It holds only
+    /// bytes that arrived (tonic reserves the length a prefix announces at
+    /// once), at most about twice the largest message while one is
+    /// gathered.
     split: BytesMut,
     /// Largest message accepted (`--max-heartbeat-message-size`).
     max_message: usize,
@@ -100,7 +101,7 @@ impl Inbound {
         };
         match prefix[0] {
             0 => {}
-            // The route refuses a grpc-encoding up front (see `route`).
+            // The route refuses a grpc-encoding up front (`heartbeat_route`).
             1 => {
                 return Err(Status::internal(
                     "protocol error: received message with compressed-flag but no \
