@@ -541,10 +541,9 @@ mod tests {
         assert_eq!(inbound.message().await.unwrap_err().code(), Code::Unknown);
     }
 
-    #[tokio::test]
-    async fn the_route_serves_heartbeat_itself_and_hands_every_other_path_on() {
+    /// A service over a registry that holds node `n1`, and its session.
+    fn service_with_n1() -> (NodeRegistryService, crate::registry::Registered) {
         use crate::registry::{Now, Registry};
-        use tower::ServiceExt as _;
 
         let settings = crate::config::Settings::default();
         let registry = Registry::new(settings.timing());
@@ -558,6 +557,28 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
             crate::placement::PlacementIndex::new(),
         );
+        (service, registered)
+    }
+
+    /// Beat `sequence` of `n1`'s session, as an agent sends it.
+    fn beat_of(registered: &crate::registry::Registered, sequence: u64) -> pb::HeartbeatRequest {
+        pb::HeartbeatRequest {
+            node_id: "n1".into(),
+            session_id: registered.session_id,
+            session_secret: registered.session_secret.to_string(),
+            sequence,
+            sent_at: Some(registry_proto::convert::to_proto_timestamp(
+                chrono::Utc::now(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_route_serves_heartbeat_itself_and_hands_every_other_path_on() {
+        use tower::ServiceExt as _;
+
+        let (service, registered) = service_with_n1();
         let generated = tower::service_fn(|_request: http::Request<Body>| async {
             let mut response = http::Response::new(Body::empty());
             let served_by = HeaderValue::from_static("generated");
@@ -576,16 +597,7 @@ mod tests {
         let response = route.clone().oneshot(other).await.unwrap();
         assert_eq!(response.headers()["x-served-by"], "generated");
 
-        let beat = pb::HeartbeatRequest {
-            node_id: "n1".into(),
-            session_id: registered.session_id,
-            session_secret: registered.session_secret.to_string(),
-            sequence: 1,
-            sent_at: Some(registry_proto::convert::to_proto_timestamp(
-                chrono::Utc::now(),
-            )),
-            ..Default::default()
-        };
+        let beat = beat_of(&registered, 1);
         let stream = request(HEARTBEAT_PATH, vec![data(&prefixed(&beat))]);
         let response = route.clone().oneshot(stream).await.unwrap();
         assert!(response.headers().get("x-served-by").is_none());
@@ -621,21 +633,9 @@ mod tests {
         pb::node_registry_client::NodeRegistryClient<tonic::transport::Channel>,
         crate::registry::Registered,
     ) {
-        use crate::registry::{Now, Registry};
         use pb::node_registry_server::NodeRegistryServer;
 
-        let settings = crate::config::Settings::default();
-        let registry = Registry::new(settings.timing());
-        let registered = registry
-            .register(crate::registry::tests::registration("n1"), Now::read())
-            .unwrap();
-        let service = NodeRegistryService::new(
-            registry,
-            &settings,
-            crate::auth::Authenticator::open(),
-            tokio_util::sync::CancellationToken::new(),
-            crate::placement::PlacementIndex::new(),
-        );
+        let (service, registered) = service_with_n1();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -657,16 +657,7 @@ mod tests {
         let mut answers = Vec::new();
         for routed in [true, false] {
             let (mut client, registered) = serve(routed).await;
-            let beat = |sequence| pb::HeartbeatRequest {
-                node_id: "n1".into(),
-                session_id: registered.session_id,
-                session_secret: registered.session_secret.to_string(),
-                sequence,
-                sent_at: Some(registry_proto::convert::to_proto_timestamp(
-                    chrono::Utc::now(),
-                )),
-                ..Default::default()
-            };
+            let beat = |sequence| beat_of(&registered, sequence);
             // Two beats acked, then one that may not switch sessions.
             let mut wrong = beat(3);
             wrong.session_id += 1;

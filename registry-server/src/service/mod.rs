@@ -108,26 +108,7 @@ impl NodeRegistryService {
         let role = self.auth.authorize(request.metadata(), rpc)?;
         Ok(role == Role::Admin && !self.auth.is_open())
     }
-}
 
-/// Under mTLS, a node may act only for the node its certificate names;
-/// only a caller holding an admin token may act for any.
-fn check_identity(
-    identities: Option<&[String]>,
-    token_admin: bool,
-    node_id: &str,
-) -> Result<(), RegistryError> {
-    match identities {
-        Some(names) if !token_admin && !names.iter().any(|n| n == node_id) => {
-            Err(RegistryError::PermissionDenied(format!(
-                "the client certificate names {names:?}, not node {node_id}"
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
-impl NodeRegistryService {
     /// Opens a heartbeat stream whose requests come from `request`: checks
     /// its token, role and the stream cap, and returns the stream's session
     /// (see [`heartbeat`]).
@@ -183,6 +164,23 @@ impl NodeRegistryService {
             term,
         };
         Ok(session)
+    }
+}
+
+/// Under mTLS, a node may act only for the node its certificate names;
+/// only a caller holding an admin token may act for any.
+fn check_identity(
+    identities: Option<&[String]>,
+    token_admin: bool,
+    node_id: &str,
+) -> Result<(), RegistryError> {
+    match identities {
+        Some(names) if !token_admin && !names.iter().any(|n| n == node_id) => {
+            Err(RegistryError::PermissionDenied(format!(
+                "the client certificate names {names:?}, not node {node_id}"
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
