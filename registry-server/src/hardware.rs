@@ -1,19 +1,26 @@
 //! A node's hardware as the registry keeps it: the registration's
-//! capabilities with their GPUs encoded, as the contract sends them, beside
-//! what placement filters on.
+//! capabilities with their GPUs packed, beside what placement filters on.
 //!
 //! A node with 8 GPUs registers ~1.8 KB of them as decoded messages (a
 //! `pb::GpuInfo` is ~136 bytes and four strings: UUID, name, compute
-//! capability, PCI bus id), held as long as the node is. Encoded they are
-//! ~90 bytes a GPU. Only readers (GetNode, ListNodes, the watch feed, the
-//! store's record) and rare paths (a pool on MIG slices, an unhealthy GPU's
-//! UUID in a refusal) need the whole GPU, and decode it as they deep-copied
-//! it before; FindPools' GPU filters read each GPU's index, lowercased name
-//! and compute capability, kept decoded (one name per distinct name, which
-//! on a node is nearly always one). Nodes of one hardware type register
-//! the same filter part, so it is shared: one copy per distinct set of
-//! GPUs (up to [`MAX_SHARED_GPU_SETS`]), not one per node (~200 bytes each
-//! at 8 GPUs).
+//! capability, PCI bus id), held as long as the node is; encoded they are
+//! ~95 bytes a GPU. Of a GPU only its UUID and PCI bus id differ between
+//! nodes of one hardware type; its index, name, memory, compute capability
+//! and MIG mode are the same. So a node keeps each GPU's two ids packed
+//! (24 bytes: the UUID's 16 bytes, the bus id's domain, bus, device and
+//! function), and the rest is one encoded template shared by every node
+//! that registered the same, beside what FindPools' GPU filters read (each
+//! GPU's index, lowercased name and compute capability): one copy per
+//! distinct set of GPUs (up to [`MAX_SHARED_GPU_SETS`]), not one per node.
+//!
+//! Ids pack only in the forms NVML writes them (`GPU-` and a lowercase
+//! hyphenated UUID; an uppercase bus id such as `00000000:17:00.0`), as
+//! they must read back exactly as sent. A node with an id in any other
+//! form, or with MIG instances (whose UUIDs are its own), keeps its GPUs
+//! encoded whole. Only readers (GetNode, ListNodes, the watch feed, the
+//! store's record) and rare paths (a pool on MIG slices, an unhealthy
+//! GPU's UUID in a refusal) need the whole GPUs, and decode them as they
+//! deep-copied them before.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,32 +28,52 @@ use std::sync::{Arc, Mutex, OnceLock};
 use prost::Message;
 use registry_proto::pb;
 
-/// A registration's capabilities: the GPUs encoded, the rest as sent.
+/// A registration's capabilities: the GPUs packed, the rest as sent.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Hardware {
     /// The capabilities without their GPUs (CPU cores, RAM, driver and
     /// CUDA versions).
     rest: pb::Capabilities,
-    /// The GPUs as `Capabilities.gpus` (tag 1) encodes them, in the
-    /// registered order.
-    gpus: Box<[u8]>,
-    /// What FindPools filters on, shared with every node that registered
-    /// the same.
-    filter: Arc<GpuSet>,
+    /// What this node's GPUs alone have.
+    own: OwnGpus,
+    /// What every node that registered the same GPUs shares: the filter
+    /// part and the template the node's ids complete.
+    shared: Arc<GpuSet>,
 }
 
-/// What FindPools' GPU filters read of a node's registered GPUs.
+/// What a node keeps of its GPUs itself.
+#[derive(Debug, Clone, PartialEq)]
+enum OwnGpus {
+    /// Each GPU's UUID and PCI bus id, in the registered order; the rest of
+    /// each GPU is `GpuSet::template`.
+    Ids(Box<[GpuIds]>),
+    /// The GPUs as `Capabilities.gpus` (tag 1) encodes them: ids in forms
+    /// that do not pack, or MIG instances.
+    Encoded(Box<[u8]>),
+}
+
+impl Default for OwnGpus {
+    fn default() -> Self {
+        Self::Ids(Box::default())
+    }
+}
+
+/// What nodes that registered the same GPUs share.
 #[derive(Debug, Default, PartialEq, Eq, Hash)]
 struct GpuSet {
-    /// Per GPU, in the registered order.
+    /// What FindPools' filters read, per GPU, in the registered order.
     traits: Box<[GpuTraits]>,
     /// The distinct GPU names, lowercased, that `traits` point into.
     names: Box<[Box<str>]>,
+    /// The GPUs encoded as `Capabilities.gpus` with their UUIDs and bus
+    /// ids empty, which a node's `OwnGpus::Ids` fill in; empty for nodes
+    /// that keep their GPUs encoded whole.
+    template: Box<[u8]>,
 }
 
 /// How many distinct GPU sets are shared between nodes; past that a set
 /// is kept per node, so registrations of ever new sets cannot grow the
-/// shared table without bound (each is a few hundred bytes).
+/// shared table without bound (each is about a kilobyte at 8 GPUs).
 pub const MAX_SHARED_GPU_SETS: usize = 1024;
 
 /// The GPU sets shared between nodes. Sets are never dropped from it: it
@@ -82,8 +109,62 @@ struct GpuTraits {
     index: u32,
     /// Its compute capability as (major, minor); `None` when unparsable.
     compute_capability: Option<(u32, u32)>,
-    /// Its lowercased name's place in `Hardware::names`.
+    /// Its lowercased name's place in `GpuSet::names`.
     name: u32,
+}
+
+/// What a GPU's UUID starts with, as NVML writes it.
+const UUID_PREFIX: &str = "GPU-";
+
+/// One GPU's UUID and PCI bus id, packed (24 bytes where the two strings
+/// are ~60 bytes encoded and ~100 as `String`s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GpuIds {
+    /// The UUID after `GPU-`, written back hyphenated in lowercase.
+    uuid: [u8; 16],
+    /// The bus id's PCI domain, written back as 8 uppercase hex digits.
+    pci_domain: u32,
+    /// Its bus, device and function, written back as `17:00.0`.
+    pci_bdf: [u8; 3],
+}
+
+impl GpuIds {
+    /// `gpu`'s ids packed; `None` unless they write back exactly as sent.
+    fn pack(gpu: &pb::GpuInfo) -> Option<Self> {
+        let uuid = uuid::Uuid::try_parse(gpu.uuid.strip_prefix(UUID_PREFIX)?).ok()?;
+        let (domain, rest) = gpu.pci_bus_id.split_once(':')?;
+        let (bus, rest) = rest.split_once(':')?;
+        let (device, function) = rest.split_once('.')?;
+        let ids = Self {
+            uuid: uuid.into_bytes(),
+            pci_domain: u32::from_str_radix(domain, 16).ok()?,
+            pci_bdf: [
+                u8::from_str_radix(bus, 16).ok()?,
+                u8::from_str_radix(device, 16).ok()?,
+                u8::from_str_radix(function, 16).ok()?,
+            ],
+        };
+        // Parsing forgives case, widths and signs; what is kept must not.
+        (ids.uuid() == gpu.uuid && ids.pci_bus_id() == gpu.pci_bus_id).then_some(ids)
+    }
+
+    /// The UUID as registered.
+    fn uuid(&self) -> String {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let hyphenated = uuid::Uuid::from_bytes(self.uuid)
+            .hyphenated()
+            .encode_lower(&mut buf);
+        [UUID_PREFIX, hyphenated].concat()
+    }
+
+    /// The PCI bus id as registered.
+    fn pci_bus_id(&self) -> String {
+        let [bus, device, function] = self.pci_bdf;
+        format!(
+            "{:08X}:{bus:02X}:{device:02X}.{function:X}",
+            self.pci_domain
+        )
+    }
 }
 
 /// One registered GPU as FindPools' filters see it.
@@ -105,72 +186,118 @@ struct GpusOnly {
     gpus: Vec<pb::GpuInfo>,
 }
 
+impl GpusOnly {
+    /// `gpus` encoded as `Capabilities.gpus`.
+    fn encode(gpus: Vec<pb::GpuInfo>) -> Box<[u8]> {
+        Self { gpus }.encode_to_vec().into_boxed_slice()
+    }
+
+    /// The `count` GPUs that [`GpusOnly::encode`] wrote into `bytes`; one
+    /// allocation for the list.
+    fn decode(bytes: &[u8], count: usize) -> Vec<pb::GpuInfo> {
+        let mut gpus = Self {
+            gpus: Vec::with_capacity(count),
+        };
+        // Only `Hardware::new` encodes these bytes, from GPUs that encoded.
+        gpus.merge(bytes)
+            .expect("GPUs encoded by Hardware::new decode");
+        gpus.gpus
+    }
+}
+
 /// "8.9" as (8, 9); `None` for anything else (empty included).
 pub fn parse_compute_capability(cc: &str) -> Option<(u32, u32)> {
     let (major, minor) = cc.split_once('.')?;
     Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
+/// What FindPools' filters read of `gpus`: per GPU its traits, and the
+/// distinct lowercased names they point into.
+fn filter_part(gpus: &[pb::GpuInfo]) -> (Box<[GpuTraits]>, Box<[Box<str>]>) {
+    let mut names: Vec<Box<str>> = Vec::new();
+    let traits = gpus
+        .iter()
+        .map(|g| {
+            let lower = g.name.to_lowercase();
+            let name = match names.iter().position(|n| **n == *lower) {
+                Some(i) => i,
+                None => {
+                    names.push(lower.into_boxed_str());
+                    names.len() - 1
+                }
+            };
+            GpuTraits {
+                index: g.index,
+                compute_capability: parse_compute_capability(&g.compute_capability),
+                // At most MAX_GPUS names.
+                name: u32::try_from(name).unwrap_or(u32::MAX),
+            }
+        })
+        .collect();
+    (traits, names.into_boxed_slice())
+}
+
 impl Hardware {
     /// Keeps `capabilities`.
     pub fn new(mut capabilities: pb::Capabilities) -> Self {
-        let gpus = std::mem::take(&mut capabilities.gpus);
-        let mut names: Vec<Box<str>> = Vec::new();
-        let traits = gpus
+        let mut gpus = std::mem::take(&mut capabilities.gpus);
+        let (traits, names) = filter_part(&gpus);
+        // A MIG instance's UUID is its node's own, so such GPUs are kept
+        // whole rather than sharing a template no other node has.
+        let ids: Option<Box<[GpuIds]>> = gpus
             .iter()
-            .map(|g| {
-                let lower = g.name.to_lowercase();
-                let name = match names.iter().position(|n| **n == *lower) {
-                    Some(i) => i,
-                    None => {
-                        names.push(lower.into_boxed_str());
-                        names.len() - 1
-                    }
-                };
-                GpuTraits {
-                    index: g.index,
-                    compute_capability: parse_compute_capability(&g.compute_capability),
-                    // At most MAX_GPUS names.
-                    name: u32::try_from(name).unwrap_or(u32::MAX),
-                }
-            })
+            .map(|g| g.mig_instances.is_empty().then(|| GpuIds::pack(g))?)
             .collect();
+        let (own, template) = match ids {
+            Some(ids) => {
+                for gpu in &mut gpus {
+                    gpu.uuid = String::new();
+                    gpu.pci_bus_id = String::new();
+                }
+                (OwnGpus::Ids(ids), GpusOnly::encode(gpus))
+            }
+            None => (OwnGpus::Encoded(GpusOnly::encode(gpus)), Box::default()),
+        };
         let set = GpuSet {
             traits,
-            names: names.into_boxed_slice(),
+            names,
+            template,
         };
-        let filter = shared_sets()
+        let shared = shared_sets()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .share(set, MAX_SHARED_GPU_SETS);
         Self {
             rest: capabilities,
-            gpus: GpusOnly { gpus }.encode_to_vec().into_boxed_slice(),
-            filter,
+            own,
+            shared,
         }
     }
 
     /// How many GPUs the node registered.
     pub fn gpu_count(&self) -> usize {
-        self.filter.traits.len()
+        self.shared.traits.len()
     }
 
     /// The registered GPUs, decoded (readers and rare paths).
     pub fn gpus(&self) -> Vec<pb::GpuInfo> {
-        // Only `new` encodes these bytes, from GPUs that encoded; one
-        // allocation for the list.
-        let mut gpus = GpusOnly {
-            gpus: Vec::with_capacity(self.gpu_count()),
-        };
-        gpus.merge(&*self.gpus)
-            .expect("GPUs encoded by Hardware::new decode");
-        gpus.gpus
+        match &self.own {
+            OwnGpus::Ids(ids) => {
+                let mut gpus = GpusOnly::decode(&self.shared.template, ids.len());
+                for (gpu, ids) in gpus.iter_mut().zip(ids) {
+                    gpu.uuid = ids.uuid();
+                    gpu.pci_bus_id = ids.pci_bus_id();
+                }
+                gpus
+            }
+            OwnGpus::Encoded(bytes) => GpusOnly::decode(bytes, self.gpu_count()),
+        }
     }
 
     /// Each registered GPU as FindPools' filters see it, in the registered
     /// order; allocates nothing.
     pub fn filter_views(&self) -> impl Iterator<Item = GpuFilterView<'_>> {
-        let GpuSet { traits, names } = &*self.filter;
+        let GpuSet { traits, names, .. } = &*self.shared;
         traits.iter().map(|t| GpuFilterView {
             index: t.index,
             name_lowercase: names.get(t.name as usize).map_or("", |n| n),
@@ -270,7 +397,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(hardware.filter.names.len(), 2);
+        assert_eq!(hardware.shared.names.len(), 2);
     }
 
     #[test]
@@ -300,12 +427,103 @@ mod tests {
             gpu.pci_bus_id = format!("0000:{}", gpu.pci_bus_id);
         }
         let two = Hardware::new(other.clone());
-        assert!(Arc::ptr_eq(&one.filter, &two.filter));
+        assert!(Arc::ptr_eq(&one.shared, &two.shared));
         assert_eq!(two.to_proto(), other, "each keeps its own GPUs");
         // Another type is another set.
         let mut smaller = capabilities();
         smaller.gpus.pop();
-        assert!(!Arc::ptr_eq(&one.filter, &Hardware::new(smaller).filter));
+        assert!(!Arc::ptr_eq(&one.shared, &Hardware::new(smaller).shared));
+    }
+
+    /// 8 GPUs of one type as NVML names them, on node `node`.
+    fn nvml_gpus(node: u32) -> Vec<pb::GpuInfo> {
+        (0..8)
+            .map(|g| pb::GpuInfo {
+                index: g,
+                uuid: format!("GPU-{node:08x}-{g:04x}-4000-8000-00000000abcd"),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_bytes: 80 << 30,
+                compute_capability: "9.0".into(),
+                pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + g),
+                mig_enabled: false,
+                mig_instances: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ids_as_nvml_writes_them_pack_and_nodes_of_one_type_share_the_rest() {
+        let caps = |node| pb::Capabilities {
+            gpus: nvml_gpus(node),
+            ..capabilities()
+        };
+        let one = Hardware::new(caps(1));
+        let two = Hardware::new(caps(2));
+        assert!(matches!(&one.own, OwnGpus::Ids(ids) if ids.len() == 8));
+        assert!(Arc::ptr_eq(&one.shared, &two.shared), "one template");
+        assert!(!one.shared.template.is_empty());
+        assert_eq!(one.to_proto(), caps(1), "each reads back its own ids");
+        assert_eq!(two.to_proto(), caps(2));
+        assert_ne!(one, two);
+        assert_eq!(one, Hardware::new(caps(1)));
+        assert_eq!(std::mem::size_of::<GpuIds>(), 24);
+    }
+
+    #[test]
+    fn ids_in_other_forms_and_mig_instances_keep_the_gpus_whole() {
+        let cases: [fn(&mut pb::GpuInfo); 8] = [
+            |g| g.uuid = g.uuid.to_uppercase(),
+            |g| g.uuid = g.uuid.trim_start_matches("GPU-").into(),
+            |g| g.uuid = String::new(),
+            |g| g.pci_bus_id = "0000:17:00.0".into(),
+            |g| g.pci_bus_id = "00000000:1a:00.0".into(),
+            |g| g.pci_bus_id = "00000000:+1:00.0".into(),
+            |g| g.pci_bus_id = String::new(),
+            |g| {
+                g.mig_instances = vec![pb::MigInstance {
+                    uuid: "MIG-1".into(),
+                    ..Default::default()
+                }]
+            },
+        ];
+        for (i, change) in cases.into_iter().enumerate() {
+            let mut gpus = nvml_gpus(3);
+            change(&mut gpus[5]);
+            let caps = pb::Capabilities {
+                gpus,
+                ..Default::default()
+            };
+            let hardware = Hardware::new(caps.clone());
+            assert!(matches!(hardware.own, OwnGpus::Encoded(_)), "case {i}");
+            assert!(hardware.shared.template.is_empty(), "case {i}");
+            assert_eq!(hardware.to_proto(), caps, "case {i} reads back as sent");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the ids, a node's GPUs read back exactly as registered,
+        /// packed or not.
+        #[test]
+        fn any_ids_read_back_as_registered(
+            uuids in proptest::collection::vec(
+                "(GPU-)?[0-9a-fA-F]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|.{0,12}",
+                1..4,
+            ),
+            bus in "[0-9a-fA-F]{4,8}:[0-9A-F+]{1,2}:[0-9a-fA-F]{2}\\.[0-9a-f]|.{0,8}",
+        ) {
+            let gpus: Vec<_> = uuids
+                .into_iter()
+                .enumerate()
+                .map(|(i, uuid)| pb::GpuInfo {
+                    index: i as u32,
+                    uuid,
+                    pci_bus_id: bus.clone(),
+                    ..nvml_gpus(0)[0].clone()
+                })
+                .collect();
+            let caps = pb::Capabilities { gpus, ..Default::default() };
+            proptest::prop_assert_eq!(Hardware::new(caps.clone()).to_proto(), caps);
+        }
     }
 
     #[test]
@@ -317,6 +535,7 @@ mod tests {
                 name: 0,
             }]),
             names: Box::new(["nvidia h100".into()]),
+            template: Box::default(),
         };
         let mut table = SharedSets::default();
         let first = table.share(set(0), 2);
