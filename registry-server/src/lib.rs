@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod metrics_port;
 pub mod placement;
 pub mod pool_reports;
+pub mod pool_specs;
 pub mod process;
 pub mod registry;
 pub mod replica;

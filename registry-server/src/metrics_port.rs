@@ -168,7 +168,7 @@ mod tests {
                     node_id: "n1".into(),
                     machine_id: "m1".into(),
                     address: "http://n1:9200".into(),
-                    pools: Vec::new(),
+                    pools: Default::default(),
                     capabilities: Default::default(),
                     agent_version: "test".into(),
                     metrics_address: String::new(),

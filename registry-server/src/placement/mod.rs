@@ -34,6 +34,7 @@ use registry_proto::pb;
 
 use crate::events::{Event, EventKind};
 use crate::pool_reports::PoolReading;
+use crate::pool_specs::PoolSpec;
 use crate::view::NodeView;
 
 mod answer;
@@ -82,14 +83,14 @@ struct Slices {
 
 /// What a pool on MIG slices uses (see [`Slices`]); `None` for a pool on
 /// whole GPUs.
-fn slices(node: &NodeView, spec: &pb::PoolSpec) -> Option<Box<Slices>> {
-    if spec.mig_uuids.is_empty() {
+fn slices(node: &NodeView, spec: &PoolSpec) -> Option<Box<Slices>> {
+    if spec.mig_uuids().is_empty() {
         return None;
     }
-    let mut indices = spec.gpu_indices.clone();
+    let mut indices = spec.gpu_indices().to_vec();
     let gpus = node.registration().capabilities.gpus();
     let mut profiles = Vec::new();
-    for uuid in &spec.mig_uuids {
+    for uuid in spec.mig_uuids() {
         let found = gpus.iter().find_map(|g| {
             let slice = g.mig_instances.iter().find(|m| m.uuid == *uuid)?;
             Some((g.index, slice.profile.as_str()))
@@ -122,7 +123,7 @@ fn slices(node: &NodeView, spec: &pb::PoolSpec) -> Option<Box<Slices>> {
 /// copies nothing.
 #[derive(Debug, Clone, Copy)]
 struct PoolSource<'v> {
-    spec: Option<&'v pb::PoolSpec>,
+    spec: Option<&'v PoolSpec>,
     status: Option<PoolReading<'v>>,
     /// Where they are in the view.
     at: PoolAt,
@@ -158,7 +159,7 @@ impl<'v> PoolSource<'v> {
     fn either(
         &self,
         reported: impl Fn(PoolReading<'v>) -> &'v str,
-        registered: impl Fn(&'v pb::PoolSpec) -> &'v str,
+        registered: impl Fn(&'v PoolSpec) -> &'v str,
     ) -> &'v str {
         match self.status.map(reported).filter(|r| !r.is_empty()) {
             Some(r) => r,
@@ -167,19 +168,19 @@ impl<'v> PoolSource<'v> {
     }
 
     fn pool_id(&self) -> &'v str {
-        self.either(|s| s.pool_id, |p| &p.pool_id)
+        self.either(|s| s.pool_id, |p| p.pool_id())
     }
 
     fn model(&self) -> &'v str {
-        self.either(|s| s.model, |p| &p.model)
+        self.either(|s| s.model, |p| p.model())
     }
 
     fn engine(&self) -> &'v str {
-        self.either(|s| s.engine, |p| &p.engine)
+        self.either(|s| s.engine, |p| p.engine())
     }
 
     fn endpoint(&self) -> &'v str {
-        self.either(|s| s.endpoint, |p| &p.endpoint)
+        self.either(|s| s.endpoint, |p| p.endpoint())
     }
 
     /// State, total and free slots, free VRAM: reported, else the
@@ -192,7 +193,7 @@ impl<'v> PoolSource<'v> {
                 s.slots_free,
                 s.vram_free_bytes,
             ),
-            None => (None, self.spec.map_or(0, |p| p.slots_total), 0, 0),
+            None => (None, self.spec.map_or(0, PoolSpec::slots_total), 0, 0),
         }
     }
 }
@@ -217,11 +218,11 @@ fn pools_of(node: &NodeView) -> impl Iterator<Item = PoolSource<'_>> + Clone {
             })
     };
     let is_registered = move |i: usize, pool_id: &str| {
-        specs.get(i).is_some_and(|p| p.pool_id == pool_id)
-            || specs.iter().any(|p| p.pool_id == pool_id)
+        specs.get(i).is_some_and(|p| p.pool_id() == pool_id)
+            || specs.iter().any(|p| p.pool_id() == pool_id)
     };
     let registered = specs.iter().enumerate().map(move |(i, spec)| {
-        let status = status_of(i, &spec.pool_id);
+        let status = status_of(i, spec.pool_id());
         PoolSource {
             spec: Some(spec),
             status: status.map(|(_, s)| s),
@@ -311,14 +312,14 @@ impl PoolEntry {
     fn gpu_indices(&self) -> &[u32] {
         match &self.slices {
             Some(slices) => &slices.gpu_indices,
-            None => self.source().spec.map_or(&[], |spec| &spec.gpu_indices),
+            None => self.source().spec.map_or(&[], PoolSpec::gpu_indices),
         }
     }
 
     /// The MIG slices the pool runs on (`PoolSpec.mig_uuids`); empty for a
     /// pool on whole GPUs.
     fn mig_uuids(&self) -> &[String] {
-        self.source().spec.map_or(&[], |spec| &spec.mig_uuids)
+        self.source().spec.map_or(&[], PoolSpec::mig_uuids)
     }
 
     /// The profile its slices share; `None` for a pool without slices, or

@@ -121,7 +121,7 @@ impl NodeState {
             .registration
             .pools
             .iter()
-            .map(|p| p.pool_id.as_str())
+            .map(|p| p.pool_id())
             .collect();
         for s in self.pool_status() {
             if !ids.contains(&s.pool_id) {
@@ -467,7 +467,7 @@ impl Registry {
             return Err(not_found(node_id));
         }
         for (i, pool_id) in request.pool_ids.iter().enumerate() {
-            let known = st.registration.pools.iter().any(|p| &p.pool_id == pool_id)
+            let known = st.registration.pools.iter().any(|p| p.pool_id() == pool_id)
                 || st.pool_status().any(|p| p.pool_id == pool_id.as_str());
             if !known {
                 return Err(RegistryError::invalid(

@@ -16,8 +16,8 @@ pub struct Registration {
     pub machine_id: String,
     /// Endpoint URL that orchestrators use to reach the node.
     pub address: String,
-    /// Pools the node runs, unique by pool_id.
-    pub pools: Vec<pb::PoolSpec>,
+    /// Pools the node runs, unique by pool_id, each kept compact.
+    pub pools: crate::pool_specs::PoolSpecs,
     /// Hardware of the node, its GPUs kept encoded.
     pub capabilities: crate::hardware::Hardware,
     /// Version of the registering agent, for fleet audits.

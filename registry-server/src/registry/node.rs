@@ -62,14 +62,14 @@ impl NodeFilter {
             return false;
         }
         if let Some(pool_id) = &self.pool_id {
-            let registered = node.pools.iter().any(|p| &p.pool_id == pool_id);
+            let registered = node.pools.iter().any(|p| p.pool_id() == pool_id);
             let reported = view.pool_status().any(|p| p.pool_id == pool_id.as_str());
             if !registered && !reported {
                 return false;
             }
         }
         if let Some(model) = &self.model {
-            let registered = node.pools.iter().any(|p| &p.model == model);
+            let registered = node.pools.iter().any(|p| p.model() == model);
             let reported = view.pool_status().any(|p| p.model == model.as_str());
             if !registered && !reported {
                 return false;

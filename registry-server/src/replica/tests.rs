@@ -164,7 +164,7 @@ fn record(id: &str, session: u64) -> NodeRecord {
             node_id: id.into(),
             machine_id: format!("machine-{id}"),
             address: format!("http://{id}:9200"),
-            pools: Vec::new(),
+            pools: Default::default(),
             capabilities: Default::default(),
             agent_version: "test".into(),
             labels: BTreeMap::new().into_iter().collect(),

@@ -42,7 +42,7 @@ pub(super) fn encode_node(record: &NodeRecord) -> Vec<u8> {
             node_id: reg.node_id,
             machine_id: reg.machine_id,
             address: reg.address,
-            pools: reg.pools,
+            pools: reg.pools.to_proto(),
             capabilities: Some(reg.capabilities.to_proto()),
             agent_version: reg.agent_version,
             labels: reg.labels.into_map(),

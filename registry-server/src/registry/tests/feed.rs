@@ -578,18 +578,18 @@ fn a_view_after_a_registration_change_reads_its_own_specs() {
         ..Default::default()
     };
     let mut first = registration("n1");
-    first.pools = vec![spec("pool-0", "llama"), spec("pool-1", "qwen")];
+    first.pools = vec![spec("pool-0", "llama"), spec("pool-1", "qwen")].into();
     let mut st = node::NodeState::new(first.clone(), 1, [0; 32], Instant::now(), Utc::now());
     let reported: Vec<pb::PoolStatus> = first
         .pools
         .iter()
         .map(|p| pb::PoolStatus {
-            pool_id: p.pool_id.clone(),
+            pool_id: p.pool_id().to_owned(),
             state: pb::PoolState::Ready as i32,
             slots_total: 4,
             slots_free: 2,
-            model: p.model.clone(),
-            engine: p.engine.clone(),
+            model: p.model().to_owned(),
+            engine: p.engine().to_owned(),
             ..Default::default()
         })
         .collect();
@@ -597,7 +597,7 @@ fn a_view_after_a_registration_change_reads_its_own_specs() {
     st.view = Arc::new(st.new_view());
     // Registered again with the pools in the other order, one renamed.
     let mut again = first.clone();
-    again.pools = vec![spec("pool-1", "qwen"), spec("pool-0", "mistral")];
+    again.pools = vec![spec("pool-1", "qwen"), spec("pool-0", "mistral")].into();
     st.set_registration(again);
     let view = st.new_view();
     assert_eq!(view.to_proto().pool_status, reported);

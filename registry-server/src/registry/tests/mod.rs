@@ -67,7 +67,8 @@ pub(crate) fn registration(node_id: &str) -> Registration {
         pools: vec![pb::PoolSpec {
             pool_id: "pool-0".into(),
             ..Default::default()
-        }],
+        }]
+        .into(),
         capabilities: Default::default(),
         agent_version: "test".into(),
         labels: [("zone".to_string(), "a".to_string())].into(),
@@ -479,7 +480,9 @@ async fn list_filters_and_pages_in_node_id_order() {
         let mut reg = registration(id);
         if id == "b" {
             reg.labels = [("zone".to_string(), "b".to_string())].into();
-            reg.pools[0].pool_id = "pool-b".into();
+            let mut pools = reg.pools.to_proto();
+            pools[0].pool_id = "pool-b".into();
+            reg.pools = pools.into();
         }
         registry.register(reg, Now::read()).unwrap();
     }

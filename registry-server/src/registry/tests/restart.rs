@@ -235,7 +235,7 @@ async fn loaded_nodes_are_online_suspect_and_offer_no_pool_status() {
         "placement offers no pool of it"
     );
     assert_eq!(node.session_id, 11);
-    assert_eq!(node.pools, registration("n1").pools);
+    assert_eq!(node.pools, registration("n1").pools.to_proto());
     assert_eq!(
         node.registered_at.unwrap().seconds,
         1_700_000_000,

@@ -20,7 +20,8 @@ fn record(node_id: &str, session_id: u64) -> NodeRecord {
                 slots_total: 4,
                 gpu_indices: vec![0],
                 ..pb::PoolSpec::default()
-            }],
+            }]
+            .into(),
             // A GPU with a MIG slice: the registration keeps its GPUs
             // encoded, and the record must read them back whole.
             capabilities: pb::Capabilities {
