@@ -38,11 +38,13 @@ fn registration(i: usize) -> Registration {
             gpus: (0..8)
                 .map(|g| pb::GpuInfo {
                     index: g,
-                    uuid: format!("GPU-{i:05}-{g}"),
+                    // As NVML names them, so they are kept packed as a
+                    // real fleet's are, and read back written out.
+                    uuid: format!("GPU-{i:08x}-{g:04x}-4000-8000-000000000000"),
                     name: "NVIDIA H100 80GB HBM3".into(),
                     memory_total_bytes: 80 << 30,
                     compute_capability: "9.0".into(),
-                    pci_bus_id: format!("00000000:{g:02x}:00.0"),
+                    pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + g),
                     mig_enabled: false,
                     ..Default::default()
                 })

@@ -18,7 +18,8 @@ pub struct Registration {
     pub address: String,
     /// Pools the node runs, unique by pool_id, each kept compact.
     pub pools: crate::pool_specs::PoolSpecs,
-    /// Hardware of the node, its GPUs kept encoded.
+    /// Hardware of the node, its GPUs' ids packed (or the GPUs encoded
+    /// whole), the rest shared with nodes of the same GPUs.
     pub capabilities: crate::hardware::Hardware,
     /// Version of the registering agent, for fleet audits.
     pub agent_version: String,
@@ -137,10 +138,11 @@ impl Now {
 }
 
 /// `items` in an allocation of their own length, for lists kept as long as
-/// a node or a view lives: prost's decoder grows a repeated field by
-/// doubling from four, so two pools held room for four (~400 bytes per
-/// registration, ~240 per view's pool status). A copy only where there is
-/// spare room. Not `Vec::shrink_to_fit`: mimalloc's realloc keeps a block
+/// a node or a view lives (the models staged on disk): prost's decoder
+/// grows a repeated field by doubling from four, so two pools held room
+/// for four (~400 bytes per registration before pool specs were kept
+/// compact in `pool_specs`, ~240 per view's pool status). A copy only
+/// where there is spare room. Not `Vec::shrink_to_fit`: mimalloc's realloc keeps a block
 /// in place when the new size is at least half the old, and collecting
 /// `into_iter()` reuses the allocation; `extend` into a fresh vector does
 /// neither.

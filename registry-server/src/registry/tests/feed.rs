@@ -357,7 +357,8 @@ async fn a_resume_gets_each_view_with_the_registration_it_had() {
 #[tokio::test(start_paused = true)]
 async fn views_share_the_registration_until_it_changes() {
     let (registry, recorder, _stop) = recorded(100);
-    // With GPUs, kept encoded: an equal registration is still found equal.
+    // With GPUs as NVML names them, kept packed (their ids per node, the
+    // rest shared): an equal registration is still found equal.
     let registration = |id: &str| {
         let mut reg = registration(id);
         reg.capabilities = pb::Capabilities {
@@ -367,6 +368,7 @@ async fn views_share_the_registration_until_it_changes() {
                     uuid: format!("GPU-{i:08}-0000-1111-2222-333344445555"),
                     name: "NVIDIA H100 80GB HBM3".into(),
                     compute_capability: "9.0".into(),
+                    pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + i),
                     ..Default::default()
                 })
                 .collect(),

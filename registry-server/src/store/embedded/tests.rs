@@ -55,6 +55,30 @@ fn record(node_id: &str, session_id: u64) -> NodeRecord {
     }
 }
 
+/// `record` with GPUs as NVML names them and no MIG instance: the
+/// registration keeps their ids packed and the rest shared, and the record
+/// must read them back whole all the same.
+fn packed_record(node_id: &str, session_id: u64) -> NodeRecord {
+    let mut packed = record(node_id, session_id);
+    packed.registration.capabilities = pb::Capabilities {
+        cpu_cores: 8,
+        gpus: (0..2)
+            .map(|g| pb::GpuInfo {
+                index: g,
+                uuid: format!("GPU-0a1b2c3d-0000-1111-2222-33334444555{g}"),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_bytes: 80 << 30,
+                compute_capability: "9.0".into(),
+                pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + g),
+                ..pb::GpuInfo::default()
+            })
+            .collect(),
+        ..pb::Capabilities::default()
+    }
+    .into();
+    packed
+}
+
 fn cordoned() -> pb::AdminState {
     pb::AdminState {
         schedulable: false,
@@ -70,14 +94,17 @@ async fn records_and_admin_states_survive_a_reopen() {
     let path = dir.path().join(FILE_NAME);
     let store = EmbeddedStore::open(&path).unwrap();
     store.put_node(record("gpu-1", 7)).await.unwrap();
-    store.put_node(record("gpu-2", 8)).await.unwrap();
+    store.put_node(packed_record("gpu-2", 8)).await.unwrap();
     store.put_admin("gpu-1", Some(cordoned())).await.unwrap();
     store.put_admin("gone-1", Some(cordoned())).await.unwrap();
     store.close().await;
 
     let store = EmbeddedStore::open(&path).unwrap();
     let loaded = store.load().await.unwrap();
-    assert_eq!(loaded.nodes, vec![record("gpu-1", 7), record("gpu-2", 8)]);
+    assert_eq!(
+        loaded.nodes,
+        vec![record("gpu-1", 7), packed_record("gpu-2", 8)]
+    );
     assert_eq!(
         loaded.admin,
         vec![
