@@ -322,6 +322,24 @@ impl From<pb::Capabilities> for Hardware {
     }
 }
 
+/// For tests: `count` H100s of node `node` with their ids as NVML names
+/// them, so a registration keeps them packed.
+#[cfg(test)]
+pub(crate) fn nvml_gpus(node: u32, count: u32) -> Vec<pb::GpuInfo> {
+    (0..count)
+        .map(|g| pb::GpuInfo {
+            index: g,
+            uuid: format!("GPU-{node:08x}-{g:04x}-4000-8000-00000000abcd"),
+            name: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            compute_capability: "9.0".into(),
+            pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + g),
+            mig_enabled: false,
+            mig_instances: vec![],
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,26 +455,10 @@ mod tests {
         assert!(!Arc::ptr_eq(&one.shared, &Hardware::new(smaller).shared));
     }
 
-    /// 8 GPUs of one type as NVML names them, on node `node`.
-    fn nvml_gpus(node: u32) -> Vec<pb::GpuInfo> {
-        (0..8)
-            .map(|g| pb::GpuInfo {
-                index: g,
-                uuid: format!("GPU-{node:08x}-{g:04x}-4000-8000-00000000abcd"),
-                name: "NVIDIA H100 80GB HBM3".into(),
-                memory_total_bytes: 80 << 30,
-                compute_capability: "9.0".into(),
-                pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + g),
-                mig_enabled: false,
-                mig_instances: vec![],
-            })
-            .collect()
-    }
-
     #[test]
     fn ids_as_nvml_writes_them_pack_and_nodes_of_one_type_share_the_rest() {
         let caps = |node| pb::Capabilities {
-            gpus: nvml_gpus(node),
+            gpus: nvml_gpus(node, 8),
             ..capabilities()
         };
         let one = Hardware::new(caps(1));
@@ -489,7 +491,7 @@ mod tests {
             },
         ];
         for (i, change) in cases.into_iter().enumerate() {
-            let mut gpus = nvml_gpus(3);
+            let mut gpus = nvml_gpus(3, 8);
             change(&mut gpus[5]);
             let caps = pb::Capabilities {
                 gpus,
@@ -520,7 +522,7 @@ mod tests {
                     index: i as u32,
                     uuid,
                     pci_bus_id: bus.clone(),
-                    ..nvml_gpus(0)[0].clone()
+                    ..nvml_gpus(0, 1)[0].clone()
                 })
                 .collect();
             let caps = pb::Capabilities { gpus, ..Default::default() };

@@ -480,50 +480,46 @@ mod tests {
         );
     }
 
+    /// The status `frames` end with when read with `max_message`, asserted
+    /// to have `code` and a message containing `words`.
+    async fn refusal(
+        frames: Vec<Result<Frame<Bytes>, Status>>,
+        max_message: usize,
+        code: Code,
+        words: &str,
+    ) -> Status {
+        let mut inbound = Inbound::new(body(frames), max_message);
+        let err = inbound.message().await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(words), "{err:?}");
+        err
+    }
+
     #[tokio::test]
     async fn a_message_cut_short_a_compressed_one_and_an_oversized_one_are_refused() {
         let one = prefixed(&beat(1));
-        let mut cut = Inbound::new(body(vec![data(&one[..one.len() - 1])]), 64 * 1024);
-        let err = cut.message().await.unwrap_err();
-        assert_eq!(err.code(), Code::Internal);
-        assert!(err.message().contains("Unexpected EOF"), "{err:?}");
+        let cut = vec![data(&one[..one.len() - 1])];
+        refusal(cut, 64 * 1024, Code::Internal, "Unexpected EOF").await;
 
-        let mut compressed = one.clone();
-        compressed[0] = 1;
-        let mut inbound = Inbound::new(body(vec![data(&compressed)]), 64 * 1024);
-        let err = inbound.message().await.unwrap_err();
-        assert_eq!(err.code(), Code::Internal);
-        assert!(err.message().contains("compressed-flag"), "{err:?}");
-
-        let mut flagged = one.clone();
-        flagged[0] = 2;
-        let mut inbound = Inbound::new(body(vec![data(&flagged)]), 64 * 1024);
-        let err = inbound.message().await.unwrap_err();
-        assert_eq!(err.code(), Code::Internal);
-        assert!(
-            err.message().contains("invalid compression flag: 2"),
-            "{err:?}"
-        );
+        for (flag, words) in [(1, "compressed-flag"), (2, "invalid compression flag: 2")] {
+            let mut flagged = one.clone();
+            flagged[0] = flag;
+            refusal(vec![data(&flagged)], 64 * 1024, Code::Internal, words).await;
+        }
 
         // Refused as soon as the prefix is whole, before its payload came.
         let frames = vec![data(&one[..2]), data(&one[2..5])];
-        let mut inbound = Inbound::new(body(frames), 8);
-        let err = inbound.message().await.unwrap_err();
-        assert_eq!(err.code(), Code::OutOfRange);
-        assert!(err.message().contains("the limit is: 8 bytes"), "{err:?}");
+        refusal(frames, 8, Code::OutOfRange, "the limit is: 8 bytes").await;
     }
 
     #[tokio::test]
     async fn a_malformed_beat_is_invalid_argument_and_a_reset_ends_the_stream_quietly() {
         // Field 1 (node_id) as a string of invalid UTF-8.
         let malformed = [0, 0, 0, 0, 3, 0x0a, 1, 0xff];
-        let mut inbound = Inbound::new(body(vec![data(&malformed)]), 64 * 1024);
-        let err = inbound.message().await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(
-            err.message().starts_with("malformed HeartbeatRequest: "),
-            "{err:?}"
-        );
+        let frames = vec![data(&malformed)];
+        let words = "malformed HeartbeatRequest: ";
+        let err = refusal(frames, 64 * 1024, Code::InvalidArgument, words).await;
+        assert!(err.message().starts_with(words), "{err:?}");
 
         let one = prefixed(&beat(1));
         let frames = vec![data(&one), Err(Status::cancelled("reset by the agent"))];

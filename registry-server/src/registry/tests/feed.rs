@@ -362,16 +362,7 @@ async fn views_share_the_registration_until_it_changes() {
     let registration = |id: &str| {
         let mut reg = registration(id);
         reg.capabilities = pb::Capabilities {
-            gpus: (0..8)
-                .map(|i| pb::GpuInfo {
-                    index: i,
-                    uuid: format!("GPU-{i:08}-0000-1111-2222-333344445555"),
-                    name: "NVIDIA H100 80GB HBM3".into(),
-                    compute_capability: "9.0".into(),
-                    pci_bus_id: format!("00000000:{:02X}:00.0", 0x17 + i),
-                    ..Default::default()
-                })
-                .collect(),
+            gpus: crate::hardware::nvml_gpus(1, 8),
             ..Default::default()
         }
         .into();

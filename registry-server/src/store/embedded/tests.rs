@@ -62,17 +62,7 @@ fn packed_record(node_id: &str, session_id: u64) -> NodeRecord {
     let mut packed = record(node_id, session_id);
     packed.registration.capabilities = pb::Capabilities {
         cpu_cores: 8,
-        gpus: (0..2)
-            .map(|g| pb::GpuInfo {
-                index: g,
-                uuid: format!("GPU-0a1b2c3d-0000-1111-2222-33334444555{g}"),
-                name: "NVIDIA H100 80GB HBM3".into(),
-                memory_total_bytes: 80 << 30,
-                compute_capability: "9.0".into(),
-                pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + g),
-                ..pb::GpuInfo::default()
-            })
-            .collect(),
+        gpus: crate::hardware::nvml_gpus(2, 2),
         ..pb::Capabilities::default()
     }
     .into();
