@@ -12,6 +12,10 @@
 //! that registered the same, beside what FindPools' GPU filters read (each
 //! GPU's index, lowercased name and compute capability): one copy per
 //! distinct set of GPUs (up to [`MAX_SHARED_GPU_SETS`]), not one per node.
+//! The driver and CUDA versions are part of that shared set too (they
+//! are the same across a hardware type but for a rollout); the CPU cores
+//! and host memory, which differ by a few MiB between hosts of one type,
+//! are the node's own.
 //!
 //! Ids pack only in the forms NVML writes them (`GPU-` and a lowercase
 //! hyphenated UUID; a bus id of uppercase hex with an 8-digit domain and a
@@ -29,12 +33,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use prost::Message;
 use registry_proto::pb;
 
-/// A registration's capabilities: the GPUs packed, the rest as sent.
+/// A registration's capabilities: the GPUs packed, the driver and CUDA
+/// versions shared, the host's figures as sent.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Hardware {
-    /// The capabilities without their GPUs (CPU cores, RAM, driver and
-    /// CUDA versions).
-    rest: pb::Capabilities,
+    /// `Capabilities.cpu_cores`.
+    cpu_cores: u32,
+    /// `Capabilities.ram_total_bytes`.
+    ram_total_bytes: u64,
     /// What this node's GPUs alone have.
     own: OwnGpus,
     /// What every node that registered the same GPUs shares: the filter
@@ -59,7 +65,7 @@ impl Default for OwnGpus {
     }
 }
 
-/// What nodes that registered the same GPUs share.
+/// What nodes that registered the same GPUs (and driver) share.
 #[derive(Debug, Default, PartialEq, Eq, Hash)]
 struct GpuSet {
     /// What FindPools' filters read, per GPU, in the registered order.
@@ -70,6 +76,11 @@ struct GpuSet {
     /// ids empty, which a node's `OwnGpus::Ids` fill in; empty for nodes
     /// that keep their GPUs encoded whole.
     template: Box<[u8]>,
+    /// `Capabilities.driver_version`, shared: the same on every node of a
+    /// type but during a driver rollout (two sets then).
+    driver_version: Box<str>,
+    /// `Capabilities.cuda_version`, which goes with the driver.
+    cuda_version: Box<str>,
 }
 
 /// How many distinct GPU sets are shared between nodes; past that a set
@@ -241,8 +252,14 @@ fn filter_part(gpus: &[pb::GpuInfo]) -> (Box<[GpuTraits]>, Box<[Box<str>]>) {
 
 impl Hardware {
     /// Keeps `capabilities`.
-    pub fn new(mut capabilities: pb::Capabilities) -> Self {
-        let mut gpus = std::mem::take(&mut capabilities.gpus);
+    pub fn new(capabilities: pb::Capabilities) -> Self {
+        let pb::Capabilities {
+            mut gpus,
+            cpu_cores,
+            ram_total_bytes,
+            driver_version,
+            cuda_version,
+        } = capabilities;
         let (traits, names) = filter_part(&gpus);
         // A MIG instance's UUID is its node's own, so such GPUs are kept
         // whole rather than sharing a template no other node has.
@@ -264,13 +281,16 @@ impl Hardware {
             traits,
             names,
             template,
+            driver_version: driver_version.into_boxed_str(),
+            cuda_version: cuda_version.into_boxed_str(),
         };
         let shared = shared_sets()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .share(set, MAX_SHARED_GPU_SETS);
         Self {
-            rest: capabilities,
+            cpu_cores,
+            ram_total_bytes,
             own,
             shared,
         }
@@ -311,7 +331,10 @@ impl Hardware {
     pub fn to_proto(&self) -> pb::Capabilities {
         pb::Capabilities {
             gpus: self.gpus(),
-            ..self.rest.clone()
+            cpu_cores: self.cpu_cores,
+            ram_total_bytes: self.ram_total_bytes,
+            driver_version: self.shared.driver_version.to_string(),
+            cuda_version: self.shared.cuda_version.to_string(),
         }
     }
 }
@@ -474,6 +497,32 @@ mod tests {
     }
 
     #[test]
+    fn the_driver_is_shared_with_the_gpus_and_the_host_figures_are_each_nodes_own() {
+        let caps = |node: u32, driver: &str| pb::Capabilities {
+            gpus: nvml_gpus(node, 8),
+            cpu_cores: 96 + node,
+            ram_total_bytes: (1 << 40) - u64::from(node) * 4096,
+            driver_version: driver.into(),
+            ..capabilities()
+        };
+        let one = Hardware::new(caps(1, "550.54.15"));
+        let two = Hardware::new(caps(2, "550.54.15"));
+        assert!(
+            Arc::ptr_eq(&one.shared, &two.shared),
+            "other host figures, one set"
+        );
+        assert_eq!(&*one.shared.driver_version, "550.54.15");
+        assert_eq!(one.to_proto(), caps(1, "550.54.15"));
+        assert_eq!(two.to_proto(), caps(2, "550.54.15"));
+        // A node on a newer driver (a rollout) is another set.
+        let newer = Hardware::new(caps(3, "560.35.03"));
+        assert!(!Arc::ptr_eq(&one.shared, &newer.shared));
+        assert_eq!(newer.to_proto(), caps(3, "560.35.03"));
+        // What a node keeps itself: its GPUs' ids, its host figures, the set.
+        assert_eq!(std::mem::size_of::<Hardware>(), 48);
+    }
+
+    #[test]
     fn ids_in_other_forms_and_mig_instances_keep_the_gpus_whole() {
         let cases: [fn(&mut pb::GpuInfo); 8] = [
             |g| g.uuid = g.uuid.to_uppercase(),
@@ -539,7 +588,7 @@ mod tests {
                 name: 0,
             }]),
             names: Box::new(["nvidia h100".into()]),
-            template: Box::default(),
+            ..GpuSet::default()
         };
         let mut table = SharedSets::default();
         let first = table.share(set(0), 2);

@@ -37,6 +37,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod metrics_port;
+pub mod packed_strings;
 pub mod placement;
 pub mod pool_reports;
 pub mod pool_specs;

@@ -145,7 +145,7 @@ mod tests {
     use tokio::net::TcpStream;
 
     use super::*;
-    use crate::registry::{Now, Registration, Timing};
+    use crate::registry::{NewRegistration, Now, Registration, Timing};
 
     /// A plain HTTP/1.0 GET of `path`: the status code and the body.
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -164,7 +164,7 @@ mod tests {
         let registry = Registry::new(Timing::default());
         registry
             .register(
-                Registration {
+                Registration::from(NewRegistration {
                     node_id: "n1".into(),
                     machine_id: "m1".into(),
                     address: "http://n1:9200".into(),
@@ -174,7 +174,7 @@ mod tests {
                     metrics_address: String::new(),
                     models_available: Vec::new(),
                     labels: Default::default(),
-                },
+                }),
                 Now::read(),
             )
             .unwrap();

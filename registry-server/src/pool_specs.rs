@@ -15,16 +15,18 @@ use std::ops::Deref;
 
 use registry_proto::pb;
 
+use crate::packed_strings;
+
 /// One registered pool.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PoolSpec {
     /// The pool id, engine, model, engine version, metrics URL and endpoint,
-    /// one after the other.
+    /// one after the other ([`packed_strings::pack`]).
     text: Box<str>,
-    /// Where each of the first five strings ends in `text` (the last ends
-    /// with it).
-    ends: [u32; STRINGS - 1],
-    /// `PoolSpec.slots_total`.
+    /// Where each of the first five strings ends in `text`.
+    ends: [u32; 5],
+    /// `PoolSpec.slots_total`, beside `ends` (a `PackedStrings` would
+    /// leave 4 bytes of padding before it, and the spec would take 80).
     slots_total: u32,
     /// `PoolSpec.gpu_indices`, in the registered order.
     gpu_indices: Box<[u32]>,
@@ -33,10 +35,7 @@ pub struct PoolSpec {
     mig_uuids: Box<[String]>,
 }
 
-/// How many strings `PoolSpec::text` holds.
-const STRINGS: usize = 6;
-
-/// Their places, in the order `text` holds them.
+/// The places of the strings, in the order `PoolSpec::text` holds them.
 const POOL_ID: usize = 0;
 const ENGINE: usize = 1;
 const MODEL: usize = 2;
@@ -58,28 +57,18 @@ impl PoolSpec {
             endpoint,
             mig_uuids,
         } = spec;
-        // In `text`'s order: POOL_ID, ENGINE, MODEL, ENGINE_VERSION,
+        // In the order of POOL_ID, ENGINE, MODEL, ENGINE_VERSION,
         // METRICS_URL, ENDPOINT.
-        let strings = [
-            pool_id,
-            engine,
-            model,
-            engine_version,
-            metrics_url,
-            endpoint,
-        ];
-        let mut text = String::with_capacity(strings.iter().map(String::len).sum());
-        let mut ends = [0; STRINGS - 1];
-        for (i, s) in strings.iter().enumerate() {
-            text.push_str(s);
-            if let Some(end) = ends.get_mut(i) {
-                // The strings came in one gRPC message, whose length prefix
-                // is 32 bits.
-                *end = u32::try_from(text.len()).expect("a pool spec's strings fit 4 GiB");
-            }
-        }
+        let (text, ends) = packed_strings::pack([
+            &pool_id,
+            &engine,
+            &model,
+            &engine_version,
+            &metrics_url,
+            &endpoint,
+        ]);
         Self {
-            text: text.into_boxed_str(),
+            text,
             ends,
             slots_total,
             gpu_indices: gpu_indices.into_boxed_slice(),
@@ -89,12 +78,7 @@ impl PoolSpec {
 
     /// The `i`-th string of `text`.
     fn string(&self, i: usize) -> &str {
-        let start = match i.checked_sub(1) {
-            Some(before) => self.ends[before] as usize,
-            None => 0,
-        };
-        let end = self.ends.get(i).map_or(self.text.len(), |e| *e as usize);
-        &self.text[start..end]
+        packed_strings::unpack(&self.text, &self.ends, i)
     }
 
     /// `PoolSpec.pool_id`.

@@ -15,7 +15,9 @@ use registry_proto::rules::{self, Field};
 
 use crate::error::RegistryError;
 use crate::hardware::Hardware;
-use crate::registry::{Beat, DrainRequest, Liveness, NodeFilter, Registration, fitted};
+use crate::registry::{
+    Beat, DrainRequest, Liveness, NewRegistration, NodeFilter, Registration, fitted,
+};
 
 pub use registry_proto::rules::{
     MAX_ADDRESS_LEN, MAX_GPUS, MAX_ID_LEN, MAX_LABELS, MAX_MACHINE_ID_LEN, MAX_POOLS, MAX_TEXT_LEN,
@@ -25,7 +27,7 @@ pub use registry_proto::rules::{
 pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryError> {
     rules::register_request(&req)?;
     let capabilities = Hardware::new(req.capabilities.unwrap_or_default());
-    Ok(Registration {
+    Ok(Registration::from(NewRegistration {
         node_id: req.node_id,
         machine_id: req.machine_id,
         address: req.address,
@@ -35,7 +37,7 @@ pub fn registration(req: pb::RegisterRequest) -> Result<Registration, RegistryEr
         labels: req.labels.into(),
         metrics_address: req.metrics_address,
         models_available: fitted(req.models_available),
-    })
+    }))
 }
 
 /// Checks the payload of a heartbeat message (not its node or session,
@@ -309,7 +311,7 @@ mod tests {
     #[test]
     fn a_complete_registration_passes() {
         let reg = registration(good_register()).unwrap();
-        assert_eq!(reg.node_id, "gpu-node-1");
+        assert_eq!(reg.node_id(), "gpu-node-1");
         assert_eq!(reg.capabilities.gpu_count(), 1);
     }
 

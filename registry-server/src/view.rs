@@ -38,30 +38,7 @@ impl Registered {
 
     /// Writes the registration's fields into `node`.
     fn put_into(&self, node: &mut pb::Node) {
-        // Every field of the registration is named here and every field
-        // of `Node` in `NodeView::with_fields`, so a field added to the
-        // contract or to the registration does not compile until it is
-        // given its part.
-        let Registration {
-            node_id,
-            machine_id,
-            address,
-            pools,
-            capabilities,
-            agent_version,
-            metrics_address,
-            models_available,
-            labels,
-        } = &self.registration;
-        node.node_id = node_id.clone();
-        node.machine_id = machine_id.clone();
-        node.address = address.clone();
-        node.pools = pools.to_proto();
-        node.capabilities = Some(capabilities.to_proto());
-        node.agent_version = agent_version.clone();
-        node.metrics_address = metrics_address.clone();
-        node.models_available = models_available.clone();
-        node.labels = labels.to_map();
+        self.registration.put_into(node);
     }
 }
 
@@ -255,7 +232,7 @@ impl NodeView {
 
     /// The node's id.
     pub fn node_id(&self) -> &str {
-        &self.registered.node_id
+        self.registered.node_id()
     }
 
     /// The revision of the change this view was published at (0 before).
@@ -316,7 +293,7 @@ impl NodeView {
     #[cfg(test)]
     pub fn from_proto(node: pb::Node) -> Self {
         let live = live_fields(&node);
-        let registered = Registered::new(Registration {
+        let registered = Registered::new(Registration::from(crate::registry::NewRegistration {
             node_id: node.node_id,
             machine_id: node.machine_id,
             address: node.address,
@@ -326,7 +303,7 @@ impl NodeView {
             metrics_address: node.metrics_address,
             models_available: node.models_available,
             labels: node.labels.into(),
-        });
+        }));
         Self::with_fields(registered, live)
     }
 

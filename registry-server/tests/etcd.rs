@@ -134,7 +134,7 @@ async fn the_follower_sees_every_write_of_the_leader_in_order() {
             .expect("the watch delivered too little")
             .unwrap();
         seen.push(match event {
-            MirrorEvent::PutNode(r) => format!("put {} {}", r.registration.node_id, r.session_id),
+            MirrorEvent::PutNode(r) => format!("put {} {}", r.registration.node_id(), r.session_id),
             MirrorEvent::Admin(id, a) => format!("admin {id} {}", a.is_some_and(|a| a.cordoned)),
             MirrorEvent::Liveness(id, l) => {
                 format!("liveness {id} {} {}", l.online, l.since == since)

@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use prost::Message;
 use registry_proto::pb;
-use registry_server::registry::{Beat, NodeFilter, Now, Registration, Registry, Timing};
+use registry_server::registry::{
+    Beat, NewRegistration, NodeFilter, Now, Registration, Registry, Timing,
+};
 
 const NODES: usize = 10_000;
 const PAGE: usize = 1000;
 
 /// A node like the benchmark's: 8 GPUs, 2 pools, 4 labels.
 fn registration(i: usize) -> Registration {
-    Registration {
+    Registration::from(NewRegistration {
         node_id: format!("gpu-node-{i:05}"),
         machine_id: format!("machine-{i:05}"),
         address: format!("http://10.0.{}.{}:9200", i / 256, i % 256),
@@ -67,7 +69,7 @@ fn registration(i: usize) -> Registration {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect(),
-    }
+    })
 }
 
 #[tokio::test(flavor = "current_thread")]

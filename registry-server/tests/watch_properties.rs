@@ -16,7 +16,8 @@ use futures_util::{FutureExt, StreamExt};
 use proptest::prelude::*;
 use registry_proto::pb;
 use registry_server::registry::{
-    Beat, Liveness, NodeFilter, Now, Options, Registered, Registration, Registry, Timing,
+    Beat, Liveness, NewRegistration, NodeFilter, Now, Options, Registered, Registration, Registry,
+    Timing,
 };
 use registry_server::watch::{WatchStream, Watchers};
 use tokio::time::Instant;
@@ -52,7 +53,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn registration(i: usize, variant: u8) -> Registration {
-    Registration {
+    Registration::from(NewRegistration {
         node_id: format!("n{i}"),
         machine_id: format!("machine-{i}"),
         address: format!("http://n{i}:9200"),
@@ -67,7 +68,7 @@ fn registration(i: usize, variant: u8) -> Registration {
         metrics_address: String::new(),
         models_available: Vec::new(),
         labels: Default::default(),
-    }
+    })
 }
 
 /// The fields the change feed publishes (not those that move on every

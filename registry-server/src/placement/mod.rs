@@ -694,7 +694,7 @@ impl PlacementIndex {
                     slots_free: p.slots_free,
                     slots_total: p.slots_total,
                     vram_free_bytes: p.vram_free_bytes,
-                    node_address: p.node.registration().address.clone(),
+                    node_address: p.node.registration().address().to_owned(),
                     labels: p.node.registration().labels.to_map(),
                     mig_uuids: p.mig_uuids().to_vec(),
                     mig_profile: p.mig_profile().unwrap_or_default().to_owned(),

@@ -303,7 +303,7 @@ impl Registry {
     /// passing) leave the write queued without waiting.
     pub(super) fn set_admin(&self, st: &mut NodeState, admin: pb::AdminState) -> Option<Commit> {
         self.apply_admin(st, admin)
-            .then(|| self.store_admin(&st.registration.node_id, &st.admin))
+            .then(|| self.store_admin(st.registration.node_id(), &st.admin))
     }
 
     /// [`Registry::set_admin`] without the store write, for a state the
@@ -680,7 +680,7 @@ impl Registry {
             return;
         }
         self.parked().insert(
-            &st.registration.node_id,
+            st.registration.node_id(),
             Parked {
                 admin: pb::AdminState::clone(&st.admin),
                 drain_deadline_at: st.drain_deadline_at,
@@ -693,7 +693,7 @@ impl Registry {
     /// it (a new node's state, under its lock), with its gauges; true when
     /// there was one.
     pub(super) fn unpark(&self, st: &mut NodeState) -> bool {
-        let Some(parked) = self.parked().entries.remove(&st.registration.node_id) else {
+        let Some(parked) = self.parked().entries.remove(st.registration.node_id()) else {
             return false;
         };
         st.drain_deadline_at = parked.drain_deadline_at;

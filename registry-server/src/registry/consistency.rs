@@ -45,10 +45,11 @@ impl Registry {
             if st.removed {
                 return fail("marked removed but still in the map".into());
             }
-            if **id != *slot.id || st.registration.node_id != **id {
+            if **id != *slot.id || st.registration.node_id() != &**id {
                 return fail(format!(
                     "listed under another id (slot {}, registration {})",
-                    slot.id, st.registration.node_id
+                    slot.id,
+                    st.registration.node_id()
                 ));
             }
             let Some(wakeup) = st.wakeup else {

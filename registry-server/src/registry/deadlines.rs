@@ -229,7 +229,7 @@ impl Registry {
         st.offline_since = Some(since);
         st.status_changed_at = now.wall;
         drop(self.shared.store.put_liveness(
-            &st.registration.node_id,
+            st.registration.node_id(),
             crate::store::LivenessRecord {
                 online: false,
                 since: now.wall,

@@ -7,30 +7,142 @@ use chrono::{DateTime, Utc};
 use registry_proto::pb;
 use tokio::time::Instant;
 
-/// A registration that passed validation: the contract's fields, checked.
+use crate::packed_strings::PackedStrings;
+
+/// A registration that passed validation: the contract's fields, checked,
+/// as the registry keeps them for as long as the node is known. Its five
+/// strings (id, machine id, address, agent version, metrics address) are
+/// one allocation, read through accessors; build one from a
+/// [`NewRegistration`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registration {
-    /// DNS-label node name; the registry's key.
-    pub node_id: String,
-    /// Host identity, to tell two hosts claiming one node_id apart.
-    pub machine_id: String,
-    /// Endpoint URL that orchestrators use to reach the node.
-    pub address: String,
+    /// The node id, machine id, address, agent version and metrics
+    /// address, one after the other (see the accessors).
+    strings: PackedStrings<4>,
     /// Pools the node runs, unique by pool_id, each kept compact.
     pub pools: crate::pool_specs::PoolSpecs,
     /// Hardware of the node, its GPUs' ids packed (or the GPUs encoded
     /// whole), the rest shared with nodes of the same GPUs.
     pub capabilities: crate::hardware::Hardware,
-    /// Version of the registering agent, for fleet audits.
-    pub agent_version: String,
-    /// URL of the agent's Prometheus metrics (empty: none), for service
-    /// discovery.
-    pub metrics_address: String,
     /// Models staged on disk but not loaded (CLOUD-5010), for ListModels
     /// and the placement index.
     pub models_available: Vec<String>,
     /// Labels that ListNodes, WatchNodes and FindPools filter on.
     pub labels: Labels,
+}
+
+/// The places of a registration's strings in `Registration::strings`.
+const NODE_ID: usize = 0;
+const MACHINE_ID: usize = 1;
+const ADDRESS: usize = 2;
+const AGENT_VERSION: usize = 3;
+const METRICS_ADDRESS: usize = 4;
+
+impl Registration {
+    /// DNS-label node name; the registry's key.
+    pub fn node_id(&self) -> &str {
+        self.strings.get(NODE_ID)
+    }
+
+    /// Host identity, to tell two hosts claiming one node_id apart.
+    pub fn machine_id(&self) -> &str {
+        self.strings.get(MACHINE_ID)
+    }
+
+    /// Endpoint URL that orchestrators use to reach the node.
+    pub fn address(&self) -> &str {
+        self.strings.get(ADDRESS)
+    }
+
+    /// Version of the registering agent, for fleet audits.
+    pub fn agent_version(&self) -> &str {
+        self.strings.get(AGENT_VERSION)
+    }
+
+    /// URL of the agent's Prometheus metrics (empty: none), for service
+    /// discovery.
+    pub fn metrics_address(&self) -> &str {
+        self.strings.get(METRICS_ADDRESS)
+    }
+
+    /// Writes the registration's fields into `node`, as copies.
+    pub fn put_into(&self, node: &mut pb::Node) {
+        // Every field of the registration is named here and every field
+        // of `Node` in `NodeView::with_fields`, so a field added to the
+        // contract or to the registration does not compile until it is
+        // given its part.
+        let Self {
+            strings: _,
+            pools,
+            capabilities,
+            models_available,
+            labels,
+        } = self;
+        node.node_id = self.node_id().to_owned();
+        node.machine_id = self.machine_id().to_owned();
+        node.address = self.address().to_owned();
+        node.agent_version = self.agent_version().to_owned();
+        node.metrics_address = self.metrics_address().to_owned();
+        node.pools = pools.to_proto();
+        node.capabilities = Some(capabilities.to_proto());
+        node.models_available = models_available.clone();
+        node.labels = labels.to_map();
+    }
+}
+
+/// A registration's fields one by one, as validation (or a test) has them,
+/// before the registry keeps them compact as a [`Registration`].
+#[derive(Debug, Clone, Default)]
+pub struct NewRegistration {
+    /// See [`Registration::node_id`].
+    pub node_id: String,
+    /// See [`Registration::machine_id`].
+    pub machine_id: String,
+    /// See [`Registration::address`].
+    pub address: String,
+    /// See [`Registration::pools`].
+    pub pools: crate::pool_specs::PoolSpecs,
+    /// See [`Registration::capabilities`].
+    pub capabilities: crate::hardware::Hardware,
+    /// See [`Registration::agent_version`].
+    pub agent_version: String,
+    /// See [`Registration::metrics_address`].
+    pub metrics_address: String,
+    /// See [`Registration::models_available`].
+    pub models_available: Vec<String>,
+    /// See [`Registration::labels`].
+    pub labels: Labels,
+}
+
+impl From<NewRegistration> for Registration {
+    fn from(new: NewRegistration) -> Self {
+        let NewRegistration {
+            node_id,
+            machine_id,
+            address,
+            pools,
+            capabilities,
+            agent_version,
+            metrics_address,
+            models_available,
+            labels,
+        } = new;
+        Self {
+            // In the order of NODE_ID, MACHINE_ID, ADDRESS, AGENT_VERSION,
+            // METRICS_ADDRESS.
+            strings: PackedStrings::new([
+                &node_id,
+                &machine_id,
+                &address,
+                &agent_version,
+                &metrics_address,
+            ]),
+            pools,
+            capabilities,
+            models_available,
+            labels,
+        }
+    }
 }
 
 /// A node's labels, sorted by key, in one boxed slice: 16 bytes in every
@@ -182,6 +294,54 @@ mod tests {
         assert_eq!(labels.clone().into_map(), map);
         assert!(Labels::default().is_empty());
         assert_eq!(Labels::default().get(""), None);
+    }
+
+    #[test]
+    fn a_registration_reads_back_its_strings_and_writes_back_every_field() {
+        let new = NewRegistration {
+            node_id: "gpu-node-1".into(),
+            machine_id: "machine-1".into(),
+            address: "http://10.0.0.1:9200".into(),
+            pools: vec![pb::PoolSpec {
+                pool_id: "pool-0".into(),
+                ..Default::default()
+            }]
+            .into(),
+            capabilities: pb::Capabilities {
+                cpu_cores: 96,
+                driver_version: "550.54.15".into(),
+                ..Default::default()
+            }
+            .into(),
+            agent_version: "0.4.0".into(),
+            metrics_address: String::new(),
+            models_available: vec!["llama-3.1-70b".into()],
+            labels: [label("zone", "eu-1")].into(),
+        };
+        let registration = Registration::from(new.clone());
+        assert_eq!(registration.node_id(), "gpu-node-1");
+        assert_eq!(registration.machine_id(), "machine-1");
+        assert_eq!(registration.address(), "http://10.0.0.1:9200");
+        assert_eq!(registration.agent_version(), "0.4.0");
+        assert_eq!(registration.metrics_address(), "");
+        let mut node = pb::Node::default();
+        registration.put_into(&mut node);
+        assert_eq!(
+            (node.node_id, node.machine_id, node.address),
+            (new.node_id, new.machine_id, new.address)
+        );
+        assert_eq!(
+            (node.agent_version, node.metrics_address),
+            (new.agent_version, new.metrics_address)
+        );
+        assert_eq!(node.pools, new.pools.to_proto());
+        assert_eq!(node.capabilities, Some(new.capabilities.to_proto()));
+        assert_eq!(node.models_available, new.models_available);
+        assert_eq!(node.labels, new.labels.to_map());
+        // Five strings in one allocation: 136 bytes inline, 152 in the
+        // view's `Arc` (the 160-byte size class; 320 with five `String`s
+        // and the capabilities' own strings).
+        assert_eq!(std::mem::size_of::<Registration>(), 136);
     }
 
     #[test]

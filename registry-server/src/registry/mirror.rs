@@ -43,7 +43,7 @@ impl Registry {
     pub fn mirror_put_node(&self, record: NodeRecord, now: Now) {
         let known = self
             .read_nodes()
-            .get(record.registration.node_id.as_str())
+            .get(record.registration.node_id())
             .cloned();
         if let Some(slot) = known {
             let mut st = slot.lock();
@@ -160,7 +160,7 @@ impl Registry {
         let listed: BTreeSet<&str> = loaded
             .nodes
             .iter()
-            .map(|r| r.registration.node_id.as_str())
+            .map(|r| r.registration.node_id())
             .collect();
         let gone: Vec<Arc<str>> = self
             .read_nodes()
@@ -173,7 +173,7 @@ impl Registry {
         }
         let mut admin: BTreeMap<String, pb::AdminState> = loaded.admin.into_iter().collect();
         for record in loaded.nodes {
-            let id = record.registration.node_id.clone();
+            let id = record.registration.node_id().to_owned();
             let unchanged = self.view(&id).is_some_and(|view| {
                 view.live().session_id == record.session_id && self.same_record(&id, &record)
             });

@@ -83,7 +83,7 @@ pub(crate) mod tests;
 pub use admin::{DrainRequest, MAX_PARKED};
 pub use guard::{GuardConfig, GuardStats, GuardStatus, late_after, stall_threshold};
 pub(crate) use input::fitted;
-pub use input::{Beat, Labels, Now, Registration};
+pub use input::{Beat, Labels, NewRegistration, Now, Registration};
 pub use mirror::TAKEOVER_SUSPECT;
 pub use node::{Liveness, NodeFilter, NodeSlot, VRAM_STEP};
 pub use read::Page;
@@ -359,7 +359,7 @@ impl Registry {
         registration: Registration,
         now: Now,
     ) -> Result<Registered, RegistryError> {
-        let node_id = registration.node_id.clone();
+        let node_id = registration.node_id().to_owned();
         let (registered, commit) = self.register_queued(registration, now)?;
         if let Err(err) = commit.await {
             self.undo_registration(&node_id, registered.session_id);
@@ -396,10 +396,7 @@ impl Registry {
         let session_secret = new_secret();
 
         // A known node: the map's read lock to find it, then its own lock.
-        let known = self
-            .read_nodes()
-            .get(registration.node_id.as_str())
-            .cloned();
+        let known = self.read_nodes().get(registration.node_id()).cloned();
         let registration = match known {
             Some(slot) => match self.renew(&slot, registration, session_id, &session_secret, now) {
                 Renewal::Done(result) => return log_renewal(&self.shared.lines, &slot, result),
@@ -411,7 +408,7 @@ impl Registry {
         // A new node: the write lock, re-checking under it, since another
         // call may have added the id since the read lock was dropped.
         let mut nodes = self.write_nodes();
-        let raced = nodes.get(registration.node_id.as_str()).cloned();
+        let raced = nodes.get(registration.node_id()).cloned();
         let registration = match raced {
             Some(slot) => match self.renew(&slot, registration, session_id, &session_secret, now) {
                 Renewal::Done(result) => {
@@ -478,16 +475,16 @@ impl Registry {
         if st.removed {
             return Renewal::Gone(Box::new(registration));
         }
-        let other_machine = st.registration.machine_id != registration.machine_id;
+        let other_machine = st.registration.machine_id() != registration.machine_id();
         if let Some(until) = st.restart_grace_until.filter(|_| other_machine) {
             return Renewal::Done(Err(RegistryError::NodeReserved {
-                node_id: registration.node_id,
+                node_id: registration.node_id().to_owned(),
                 until: until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             }));
         }
         if st.liveness == Liveness::Online && other_machine {
             return Renewal::Done(Err(RegistryError::NodeTaken {
-                node_id: registration.node_id,
+                node_id: registration.node_id().to_owned(),
             }));
         }
         let before = st.pool_tally();
@@ -757,7 +754,7 @@ impl Registry {
         let mut restored = 0usize;
         let mut nodes = self.write_nodes();
         for record in loaded.nodes {
-            let id: Arc<str> = Arc::from(record.registration.node_id.as_str());
+            let id: Arc<str> = Arc::from(record.registration.node_id());
             if nodes.contains_key(&id) {
                 continue;
             }
@@ -829,7 +826,7 @@ impl Registry {
         // Queued under the node's lock like every write; nobody waits for
         // it (a failure is logged by the store).
         drop(self.shared.store.put_liveness(
-            &st.registration.node_id,
+            st.registration.node_id(),
             crate::store::LivenessRecord {
                 online: true,
                 since: wall,

@@ -99,7 +99,7 @@ impl NodeSlot {
     /// A slot for the node `state` describes, with no command owed yet.
     pub(super) fn new(state: NodeState) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Self {
-            id: std::sync::Arc::from(state.registration.node_id.as_str()),
+            id: std::sync::Arc::from(state.registration.node_id()),
             state: Mutex::new(state),
             signal: Signal::default(),
         })

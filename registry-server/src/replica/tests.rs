@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::error::RegistryError;
-use crate::registry::{Options, Registration, Registry, Timing};
+use crate::registry::{NewRegistration, Options, Registration, Registry, Timing};
 use crate::store::{Loaded, NodeRecord, StoreError, secret_sha256};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,7 +50,7 @@ impl FakeEtcd {
         let mut s = self.shared.lock().unwrap();
         s.revision += 1;
         s.nodes
-            .insert(record.registration.node_id.clone(), record.clone());
+            .insert(record.registration.node_id().to_owned(), record.clone());
         s.watchers
             .retain(|w| w.try_send(MirrorEvent::PutNode(record.clone())).is_ok());
     }
@@ -160,7 +160,7 @@ impl Coordinator for FakeCoordinator {
 
 fn record(id: &str, session: u64) -> NodeRecord {
     NodeRecord {
-        registration: Registration {
+        registration: Registration::from(NewRegistration {
             node_id: id.into(),
             machine_id: format!("machine-{id}"),
             address: format!("http://{id}:9200"),
@@ -170,7 +170,7 @@ fn record(id: &str, session: u64) -> NodeRecord {
             labels: BTreeMap::new().into_iter().collect(),
             metrics_address: String::new(),
             models_available: Vec::new(),
-        },
+        }),
         session_id: session,
         secret_sha256: secret_sha256(&format!("secret-{id}")),
         registered_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),

@@ -199,7 +199,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         let _turn = self.admission.admit().await?;
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
-        check_identity(identities.as_deref(), token_admin, &registration.node_id)?;
+        check_identity(identities.as_deref(), token_admin, registration.node_id())?;
         let registered = self
             .registry
             .register_durably(registration, Now::read())

@@ -35,19 +35,19 @@ pub(super) struct StoredNode {
 /// Encodes a node record.
 pub(super) fn encode_node(record: &NodeRecord) -> Vec<u8> {
     use prost::Message;
-    let reg = record.registration.clone();
+    let reg = &record.registration;
     StoredNode {
         format: FORMAT,
         registration: Some(pb::RegisterRequest {
-            node_id: reg.node_id,
-            machine_id: reg.machine_id,
-            address: reg.address,
+            node_id: reg.node_id().to_owned(),
+            machine_id: reg.machine_id().to_owned(),
+            address: reg.address().to_owned(),
             pools: reg.pools.to_proto(),
             capabilities: Some(reg.capabilities.to_proto()),
-            agent_version: reg.agent_version,
-            labels: reg.labels.into_map(),
-            metrics_address: reg.metrics_address,
-            models_available: reg.models_available,
+            agent_version: reg.agent_version().to_owned(),
+            labels: reg.labels.to_map(),
+            metrics_address: reg.metrics_address().to_owned(),
+            models_available: reg.models_available.clone(),
         }),
         session_id: record.session_id,
         secret_sha256: record.secret_sha256.to_vec(),

@@ -307,9 +307,10 @@ async fn a_resume_gets_each_view_with_the_registration_it_had() {
     }
     // The same machine registers again with another address and labels:
     // the views after it carry the new registration, those before the old.
-    let mut moved = registration("n1");
+    let mut moved = new_registration("n1");
     moved.address = "http://n1-new:9200".into();
     moved.labels = [("zone".to_string(), "b".to_string())].into();
+    let moved = Registration::from(moved);
     let second = registry.register(moved, Now::read()).unwrap();
     let slot = registry
         .attach("n1", second.session_id, &second.session_secret)
@@ -359,8 +360,8 @@ async fn views_share_the_registration_until_it_changes() {
     let (registry, recorder, _stop) = recorded(100);
     // With GPUs as NVML names them, kept packed (their ids per node, the
     // rest shared): an equal registration is still found equal.
-    let registration = |id: &str| {
-        let mut reg = registration(id);
+    let new_registration = |id: &str| {
+        let mut reg = new_registration(id);
         reg.capabilities = pb::Capabilities {
             gpus: crate::hardware::nvml_gpus(1, 8),
             ..Default::default()
@@ -368,6 +369,7 @@ async fn views_share_the_registration_until_it_changes() {
         .into();
         reg
     };
+    let registration = |id: &str| Registration::from(new_registration(id));
     let first = registry.register(registration("n1"), Now::read()).unwrap();
     let slot = registry
         .attach("n1", first.session_id, &first.session_secret)
@@ -383,8 +385,9 @@ async fn views_share_the_registration_until_it_changes() {
     // The same agent registers again with the same fields (a reconnect),
     // then with another address.
     let again = registry.register(registration("n1"), Now::read()).unwrap();
-    let mut moved = registration("n1");
+    let mut moved = new_registration("n1");
     moved.address = "http://n1-new:9200".into();
+    let moved = Registration::from(moved);
     registry.register(moved, Now::read()).unwrap();
     let events = recorder.events.lock().unwrap().clone();
     assert_eq!(events.len(), 4, "added, the beat, two re-registrations");
@@ -402,7 +405,10 @@ async fn views_share_the_registration_until_it_changes() {
         !shared(&events[2], &events[3]),
         "a new one is taken as such"
     );
-    assert_eq!(events[3].node.registration().address, "http://n1-new:9200");
+    assert_eq!(
+        events[3].node.registration().address(),
+        "http://n1-new:9200"
+    );
     let view = registry.view("n1").unwrap();
     assert!(Arc::ptr_eq(view.registered(), events[3].node.registered()));
     let node = registry.get("n1").unwrap();

@@ -227,8 +227,9 @@ async fn during_the_takeover_grace_another_machine_cannot_take_the_id() {
     let registry = follower();
     registry.mirror_put_node(record("n1", 1), Now::read());
     registry.take_over(Now::read());
-    let mut other = registration("n1");
+    let mut other = new_registration("n1");
     other.machine_id = "someone-else".into();
+    let other = Registration::from(other);
     let err = registry.register(other, Now::read()).unwrap_err();
     assert!(matches!(err, RegistryError::NodeReserved { .. }), "{err:?}");
 }

@@ -60,7 +60,12 @@ async fn advance(by: Duration) {
 /// A registration of `node_id` with one pool and one label; shared by the
 /// crate's unit tests that need a registered node.
 pub(crate) fn registration(node_id: &str) -> Registration {
-    Registration {
+    new_registration(node_id).into()
+}
+
+/// [`registration`]'s fields one by one, for tests that change one.
+pub(crate) fn new_registration(node_id: &str) -> NewRegistration {
+    NewRegistration {
         node_id: node_id.into(),
         machine_id: format!("machine-{node_id}"),
         address: format!("http://{node_id}:9200"),
@@ -318,8 +323,9 @@ async fn re_registering_keeps_registered_at_and_refuses_the_old_session() {
         .unwrap();
     advance(Duration::from_secs(5)).await;
 
-    let mut changed = registration("n1");
+    let mut changed = new_registration("n1");
     changed.address = "http://elsewhere:9200".into();
+    let changed = Registration::from(changed);
     let second = registry.register(changed, Now::read()).unwrap();
     assert!(!second.created);
     assert_ne!(second.session_id, first.session_id);
@@ -557,8 +563,9 @@ async fn list_filters_and_pages_in_node_id_order() {
 async fn a_live_node_is_not_taken_over_from_another_machine() {
     let (registry, _stop) = start();
     let first = registry.register(registration("n1"), Now::read()).unwrap();
-    let mut intruder = registration("n1");
+    let mut intruder = new_registration("n1");
     intruder.machine_id = "other-machine".into();
+    let intruder = Registration::from(intruder);
     assert!(matches!(
         registry.register(intruder.clone(), Now::read()),
         Err(RegistryError::NodeTaken { node_id }) if node_id == "n1"

@@ -50,7 +50,7 @@ impl Store for Recorder {
     }
     fn put_node(&self, record: NodeRecord) -> Commit {
         self.answer(Write::PutNode(
-            record.registration.node_id,
+            record.registration.node_id().to_owned(),
             record.session_id,
         ))
     }
@@ -299,8 +299,9 @@ async fn the_stored_session_resumes_without_register_and_clears_suspect() {
 #[tokio::test(start_paused = true)]
 async fn another_machine_cannot_take_a_loaded_id_during_the_grace() {
     let (registry, _stop) = restarted();
-    let mut squatter = registration("n1");
+    let mut squatter = new_registration("n1");
     squatter.machine_id = "squatter".into();
+    let squatter = Registration::from(squatter);
     let err = registry
         .register(squatter.clone(), Now::read())
         .unwrap_err();

@@ -242,7 +242,7 @@ impl Store for EmbeddedStore {
 
     fn put_node(&self, record: NodeRecord) -> Commit {
         self.queue(Op::Node {
-            node_id: record.registration.node_id.clone(),
+            node_id: record.registration.node_id().to_owned(),
             value: Some(encode_node(&record)),
         })
     }

@@ -4,12 +4,12 @@ use chrono::{TimeZone, Utc};
 use registry_proto::pb;
 
 use super::*;
-use crate::registry::Registration;
+use crate::registry::{NewRegistration, Registration};
 use crate::store::secret_sha256;
 
 fn record(node_id: &str, session_id: u64) -> NodeRecord {
     NodeRecord {
-        registration: Registration {
+        registration: Registration::from(NewRegistration {
             node_id: node_id.to_string(),
             machine_id: format!("machine-{node_id}"),
             address: format!("http://{node_id}.example:9200"),
@@ -48,7 +48,7 @@ fn record(node_id: &str, session_id: u64) -> NodeRecord {
             metrics_address: String::new(),
             models_available: vec!["qwen2.5-7b".into()],
             labels: [("zone".to_string(), "eu-1".to_string())].into(),
-        },
+        }),
         session_id,
         secret_sha256: secret_sha256("s3cret"),
         registered_at: Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),

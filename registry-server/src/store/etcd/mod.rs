@@ -822,7 +822,7 @@ impl Store for EtcdStore {
     }
 
     fn put_node(&self, record: NodeRecord) -> Commit {
-        let key = self.etcd.node_key(&record.registration.node_id);
+        let key = self.etcd.node_key(record.registration.node_id());
         self.write(key, Some(encode_node(&record)))
     }
 
