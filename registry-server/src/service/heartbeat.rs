@@ -50,8 +50,9 @@ use crate::validate;
 /// `Arc` rather than copied into each stream's state: with 100k open
 /// streams that state is 100k boxed futures, and these fields cost each
 /// of them ~60 bytes (its box then fits a smaller allocation class).
-#[derive(Debug)]
 pub(super) struct StreamShared {
+    /// Where heartbeats are recorded.
+    registry: Registry,
     /// Raised when the server shuts down, a term ends or the tokens are
     /// reloaded, after which each stream checks whether it may go on. One
     /// count for the three; streams not yet bound to a node wait on it, and
@@ -74,12 +75,14 @@ pub(super) struct StreamShared {
 
 impl StreamShared {
     pub(super) fn new(
+        registry: Registry,
         shutdown: CancellationToken,
         max_clock_skew: Duration,
         first_message_timeout: Duration,
         max_message: usize,
     ) -> Self {
         Self {
+            registry,
             recheck: Signal::default(),
             watching: std::sync::Once::new(),
             shutdown,
@@ -126,13 +129,14 @@ impl StreamShared {
 }
 
 /// The server side of one Heartbeat stream, its requests read from `M`.
+/// Every open stream holds one (inside its response body), so what only
+/// some streams need is boxed and what all share is behind `shared`.
 pub(super) struct HeartbeatSession<M> {
-    /// Where heartbeats are recorded.
-    pub(super) registry: Registry,
     /// The agent's messages.
     pub(super) inbound: M,
-    /// What the service's streams share (settings, the recheck signal).
-    pub(super) shared: Arc<StreamShared>,
+    /// What the service's streams share (the registry, settings, the
+    /// recheck signal); keeps the stream counted as open while it lives.
+    pub(super) shared: OpenStream,
     /// The node this stream speaks for, fixed by the first message; kept so
     /// later messages cost one node lock and no map lookup.
     pub(super) node: Option<Arc<NodeSlot>>,
@@ -150,15 +154,9 @@ pub(super) struct HeartbeatSession<M> {
     pub(super) recheck_seen: u64,
     /// Set once the stream has ended (an error was sent, or input ended).
     pub(super) done: bool,
-    /// Keeps the stream counted as open while it lives.
-    pub(super) _open: OpenStream,
-    /// Whether the caller holds an admin token (which may speak for any
-    /// node under mTLS).
-    pub(super) token_admin: bool,
-    /// Names in the client certificate, under mTLS.
-    /// (A boxed slice: 8 bytes less in every stream's state than a
-    /// `Vec`, which keeps the stream in a smaller allocation class.)
-    pub(super) identities: Option<Box<[String]>>,
+    /// Who opened the stream, where the server checks tokens or client
+    /// certificates; `None` (nothing kept) where it checks neither.
+    pub(super) caller: Option<Box<Caller>>,
     /// The raises of the node's signal this stream has seen (a command
     /// newly owed, a newer stream or session); read with `node`.
     pub(super) signal_seen: u64,
@@ -169,14 +167,41 @@ pub(super) struct HeartbeatSession<M> {
     /// `Registry::attach_stream`), so a newer stream of the session
     /// replaces it; set with `node`.
     pub(super) stream: u64,
-    /// The token the stream was opened with, so a reload that removes it
-    /// ends the stream; `None` when the server checks no tokens. Boxed: a
-    /// server without tokens keeps no room for one in every stream.
-    pub(super) grant: Option<Box<TokenGrant>>,
     /// The leadership term the stream was opened under: the stream ends
     /// when it does, and no message is acknowledged once its lease may
     /// have run out (a single registry's term never ends).
     pub(super) term: Term,
+}
+
+/// Who opened a heartbeat stream: what its first message and every token
+/// reload are checked against.
+pub(super) struct Caller {
+    /// Whether the caller holds an admin token (which may speak for any
+    /// node under mTLS).
+    pub(super) token_admin: bool,
+    /// Names in the client certificate, under mTLS.
+    pub(super) identities: Option<Box<[String]>>,
+    /// The token the stream was opened with, so a reload that removes it
+    /// ends the stream; `None` when the server checks no tokens.
+    pub(super) grant: Option<TokenGrant>,
+}
+
+impl Caller {
+    /// What to keep of a caller; `None` when there is nothing to check
+    /// (no token table, no client certificate).
+    pub(super) fn kept(
+        token_admin: bool,
+        identities: Option<Vec<String>>,
+        grant: Option<TokenGrant>,
+    ) -> Option<Box<Self>> {
+        (token_admin || identities.is_some() || grant.is_some()).then(|| {
+            Box::new(Self {
+                token_admin,
+                identities: identities.map(Vec::into_boxed_slice),
+                grant,
+            })
+        })
+    }
 }
 
 /// Waits until the stream's signal is raised: its node's once it has
@@ -226,15 +251,25 @@ pub(super) fn replies<M: Messages>(
     })
 }
 
-/// One open heartbeat stream in the registry's count, until dropped.
-pub(super) struct OpenStream(pub(super) Registry);
+/// One open heartbeat stream in the registry's count, until dropped, and
+/// what the service's streams share.
+pub(super) struct OpenStream(pub(super) Arc<StreamShared>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0
+            .registry
             .stats()
             .open_streams
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for OpenStream {
+    type Target = StreamShared;
+
+    fn deref(&self) -> &StreamShared {
+        &self.0
     }
 }
 
@@ -368,7 +403,8 @@ impl<M: Messages> HeartbeatSession<M> {
             );
             return Some(not_leading().into());
         }
-        let err = self.grant.as_deref_mut().and_then(TokenGrant::revoked)?;
+        let grant = self.caller.as_deref_mut()?.grant.as_mut()?;
+        let err = grant.revoked()?;
         metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "revoked").increment(1);
         warn!(
             node_id = %self.node_id(),
@@ -385,7 +421,7 @@ impl<M: Messages> HeartbeatSession<M> {
         let Some(node) = self.node.as_ref() else {
             return Ok(None);
         };
-        let Some(command) = self.registry.pending_on_stream(
+        let Some(command) = self.shared.registry.pending_on_stream(
             node,
             self.session_id,
             self.stream,
@@ -408,9 +444,11 @@ impl<M: Messages> HeartbeatSession<M> {
         pb::HeartbeatResponse {
             sequence,
             server_time: Some(to_proto_timestamp(wall)),
-            heartbeat_interval: Some(to_proto_duration(self.registry.timing().heartbeat_interval)),
+            heartbeat_interval: Some(to_proto_duration(
+                self.shared.registry.timing().heartbeat_interval,
+            )),
             command,
-            registry: Some(self.registry.instance().clone()),
+            registry: Some(self.shared.registry.instance().clone()),
         }
     }
 
@@ -437,12 +475,14 @@ impl<M: Messages> HeartbeatSession<M> {
                         "is required in the first message of a stream (use RegisterResponse.session_id)",
                     ));
                 }
-                check_identity(
-                    self.identities.as_deref(),
-                    self.token_admin,
-                    &request.node_id,
-                )?;
-                let (slot, stream) = self.registry.attach_stream(
+                if let Some(caller) = &self.caller {
+                    check_identity(
+                        caller.identities.as_deref(),
+                        caller.token_admin,
+                        &request.node_id,
+                    )?;
+                }
+                let (slot, stream) = self.shared.registry.attach_stream(
                     &request.node_id,
                     request.session_id,
                     &request.session_secret,
@@ -483,7 +523,7 @@ impl<M: Messages> HeartbeatSession<M> {
         };
         let now = Now::read();
         let beat = validate::beat(request, now.wall, self.shared.max_clock_skew)?;
-        let command = self.registry.heartbeat_on_stream(
+        let command = self.shared.registry.heartbeat_on_stream(
             node,
             self.session_id,
             self.stream,
@@ -514,14 +554,15 @@ mod tests {
         let role = ReplicaRole::starting_follower();
         role.lead(Term::new(Arc::new(|| true), CancellationToken::new()));
         let shutdown = CancellationToken::new();
+        let registry = Registry::new(crate::registry::Timing::default());
         let shared = Arc::new(StreamShared::new(
+            registry.clone(),
             shutdown.clone(),
             Duration::from_secs(1),
             Duration::from_secs(1),
             64 * 1024,
         ));
         // A bound stream hears a recheck through its node's signal.
-        let registry = Registry::new(crate::registry::Timing::default());
         let registered = registry.register(registration("n1"), Now::read()).unwrap();
         let (node, _) = registry
             .attach_stream("n1", registered.session_id, &registered.session_secret)

@@ -27,7 +27,7 @@ mod heartbeat_wire;
 #[cfg(test)]
 mod tests;
 
-use heartbeat::{HeartbeatSession, OpenStream, StreamShared};
+use heartbeat::{Caller, HeartbeatSession, OpenStream, StreamShared};
 pub use heartbeat_wire::HeartbeatRoute;
 use heartbeat_wire::Messages;
 
@@ -73,6 +73,13 @@ impl NodeRegistryService {
         placement: PlacementIndex,
     ) -> Self {
         Self {
+            streams: Arc::new(StreamShared::new(
+                registry.clone(),
+                shutdown.clone(),
+                settings.max_clock_skew,
+                settings.node_timeout,
+                settings.max_heartbeat_message_size,
+            )),
             registry,
             shutdown: shutdown.clone(),
             auth,
@@ -86,12 +93,6 @@ impl NodeRegistryService {
             placement,
             watchers: Watchers::new(settings.max_watchers, settings.watch_progress_interval),
             role: ReplicaRole::single(),
-            streams: Arc::new(StreamShared::new(
-                shutdown.clone(),
-                settings.max_clock_skew,
-                settings.node_timeout,
-                settings.max_heartbeat_message_size,
-            )),
         }
     }
 
@@ -136,7 +137,7 @@ impl NodeRegistryService {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Counted first so that concurrent opens cannot all slip under the
         // cap; a refused stream takes its count back.
-        let guard = OpenStream(self.registry.clone());
+        let guard = OpenStream(Arc::clone(&self.streams));
         if usize::try_from(open).unwrap_or(0) >= self.max_heartbeat_streams {
             drop(guard);
             return Err(RegistryError::LimitReached(format!(
@@ -146,21 +147,17 @@ impl NodeRegistryService {
             .into());
         }
         let session = HeartbeatSession {
-            _open: guard,
-            token_admin,
-            identities: identities.map(Vec::into_boxed_slice),
-            registry: self.registry.clone(),
+            shared: guard,
+            caller: Caller::kept(token_admin, identities, grant),
             inbound: request.into_inner(),
             node: None,
             session_id: 0,
             session_secret: Box::default(),
             done: false,
             signal_seen: 0,
-            shared: Arc::clone(&self.streams),
             recheck_seen: 0,
             sent_command: 0,
             stream: 0,
-            grant: grant.map(Box::new),
             term,
         };
         Ok(session)
