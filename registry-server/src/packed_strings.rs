@@ -60,7 +60,24 @@ pub fn pack<const N: usize, const ENDS: usize>(strings: [&str; N]) -> (Box<str>,
     (text.into_boxed_str(), ends)
 }
 
-/// The `i`-th string of what [`pack`] made; panics past the last.
+/// Any number of strings one after the other, and where each of them ends
+/// (the last included, so no strings and one empty string differ): for
+/// lists whose length varies (a node's labels). Read back with [`unpack`];
+/// there are as many strings as ends. The total length must fit 32 bits,
+/// as for [`pack`].
+pub fn pack_all<'a>(strings: impl IntoIterator<Item = &'a str>) -> (Box<str>, Box<[u32]>) {
+    let strings: Vec<&str> = strings.into_iter().collect();
+    let mut text = String::with_capacity(strings.iter().map(|s| s.len()).sum());
+    let mut ends = Vec::with_capacity(strings.len());
+    for s in strings {
+        text.push_str(s);
+        ends.push(u32::try_from(text.len()).expect("strings of one message fit 4 GiB"));
+    }
+    (text.into_boxed_str(), ends.into_boxed_slice())
+}
+
+/// The `i`-th string of what [`pack`] or [`pack_all`] made; panics past
+/// the last.
 pub fn unpack<'a>(text: &'a str, ends: &[u32], i: usize) -> &'a str {
     assert!(i <= ends.len(), "string {i} of {}", ends.len() + 1);
     let start = match i.checked_sub(1) {
@@ -110,6 +127,18 @@ mod tests {
         let a = PackedStrings::<1>::new(["ab", "c"]);
         assert_eq!(a, PackedStrings::<1>::new(["ab", "c"]));
         assert_ne!(a, PackedStrings::<1>::new(["a", "bc"]));
+    }
+
+    #[test]
+    fn lists_of_any_length_read_back_with_every_end_kept() {
+        let (text, ends) = pack_all(["zone", "eu-1", "", "x"]);
+        assert_eq!(&*ends, [4, 8, 8, 9]);
+        let back: Vec<&str> = (0..ends.len()).map(|i| unpack(&text, &ends, i)).collect();
+        assert_eq!(back, ["zone", "eu-1", "", "x"]);
+        let (text, ends) = pack_all([]);
+        assert!(text.is_empty() && ends.is_empty(), "nothing allocated");
+        let (_, one_empty) = pack_all([""]);
+        assert_eq!(one_empty.len(), 1, "one empty string is not none");
     }
 
     #[test]

@@ -319,7 +319,7 @@ mod tests {
     fn pool_endpoints_and_staged_models_are_checked_and_kept() {
         let reg = registration(good_register()).unwrap();
         assert_eq!(reg.pools[0].endpoint(), "http://10.0.0.5:8080");
-        assert_eq!(reg.models_available, ["qwen2.5-7b"]);
+        assert_eq!(*reg.models_available, ["qwen2.5-7b"]);
         assert_eq!(
             register_field(|r| r.pools[0].endpoint = "10.0.0.5:8080".into()),
             "pools[0].endpoint"
@@ -488,7 +488,11 @@ mod tests {
             2,
             "kept compact, in a list of their length"
         );
-        assert_eq!(reg.models_available.capacity(), 1);
+        assert_eq!(
+            reg.models_available.len(),
+            1,
+            "a boxed slice: no spare room"
+        );
         // The GPUs are kept encoded, and read back whole.
         assert_eq!(
             reg.capabilities.to_proto(),

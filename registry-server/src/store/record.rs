@@ -47,7 +47,7 @@ pub(super) fn encode_node(record: &NodeRecord) -> Vec<u8> {
             agent_version: reg.agent_version().to_owned(),
             labels: reg.labels.to_map(),
             metrics_address: reg.metrics_address().to_owned(),
-            models_available: reg.models_available.clone(),
+            models_available: reg.models_available.to_vec(),
         }),
         session_id: record.session_id,
         secret_sha256: record.secret_sha256.to_vec(),

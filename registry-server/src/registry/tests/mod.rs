@@ -105,7 +105,7 @@ fn status(registry: &Registry, id: &str) -> pb::NodeStatus {
 async fn the_read_view_carries_staged_models_and_reported_endpoints() {
     let (registry, _stop) = start();
     let mut registration = registration("n1");
-    registration.models_available = vec!["qwen2.5-7b".into()];
+    registration.models_available = Box::new(["qwen2.5-7b".into()]);
     let reg = registry.register(registration, Now::read()).unwrap();
     assert_eq!(registry.get("n1").unwrap().models_available, ["qwen2.5-7b"]);
     let slot = registry
