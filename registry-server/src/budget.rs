@@ -19,6 +19,14 @@
 //! Connections are told apart by their remote address (one live connection
 //! per address and port); the entry goes when the connection's last
 //! request ends.
+//!
+//! Heartbeat requests are not wrapped: the Heartbeat route reads their
+//! gRPC framing itself (`service::heartbeat_wire::Inbound`), so the layer
+//! hands it the connection's budgets ([`HeartbeatBudget`]) and the stream
+//! holds against them the bytes it keeps of a message not yet whole, with
+//! the same limits and refusals. A heartbeat stream lives for days: this
+//! saves it an allocation for as long as it is open, and every beat a
+//! second pass over its framing.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -92,12 +100,21 @@ pub struct Budgets {
     connections: Mutex<Connections>,
 }
 
+/// A connection's budget, with the server-wide one it draws on too.
+#[derive(Debug)]
+struct Connection {
+    /// The connection's own budget.
+    budget: Budget,
+    /// The limits and the server-wide budget.
+    budgets: Arc<Budgets>,
+}
+
 /// Connection budgets by remote address; an entry lives as long as a
 /// request of that connection holds it.
 #[derive(Debug, Default)]
 struct Connections {
     /// The budgets.
-    by_address: HashMap<SocketAddr, Weak<Budget>>,
+    by_address: HashMap<SocketAddr, Weak<Connection>>,
     /// Size at which dead entries are swept next.
     sweep_at: usize,
 }
@@ -118,25 +135,36 @@ impl Budgets {
     }
 
     /// The budget of the connection from `address` (a new one when none
-    /// is live); `None` without an address (a test transport).
-    fn connection(&self, address: Option<SocketAddr>) -> Option<Arc<Budget>> {
-        let address = address?;
+    /// is live); without an address (a test transport), one of the
+    /// request's own.
+    fn connection(self: &Arc<Self>, address: Option<SocketAddr>) -> Arc<Connection> {
+        let new = || {
+            Arc::new(Connection {
+                budget: Budget::new(self.limits.per_connection),
+                budgets: Arc::clone(self),
+            })
+        };
+        let Some(address) = address else {
+            return new();
+        };
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(budget) = connections.by_address.get(&address).and_then(Weak::upgrade) {
-            return Some(budget);
+        if let Some(connection) = connections.by_address.get(&address).and_then(Weak::upgrade) {
+            return connection;
         }
-        let budget = Arc::new(Budget::new(self.limits.per_connection));
+        let connection = new();
         connections
             .by_address
-            .insert(address, Arc::downgrade(&budget));
+            .insert(address, Arc::downgrade(&connection));
         if connections.by_address.len() >= connections.sweep_at {
             connections.by_address.retain(|_, b| b.strong_count() > 0);
             connections.sweep_at = (connections.by_address.len() * 2).max(1024);
         }
-        Some(budget)
+        connection
     }
 
-    /// Wraps a request's body so its messages are held to the budgets.
+    /// Wraps a request's body so its messages are held to the budgets; a
+    /// Heartbeat request's body is passed on as it is, with its budgets
+    /// beside it (see the module's notes).
     pub fn wrap<B>(self: &Arc<Self>, request: http::Request<B>) -> http::Request<tonic::body::Body>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -145,16 +173,131 @@ impl Budgets {
         let heartbeat = request.uri().path() == HEARTBEAT_PATH;
         let address = remote_address(request.extensions());
         let connection = self.connection(address);
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if heartbeat {
+            parts.extensions.insert(HeartbeatBudget(connection));
+            // tonic's own body (what the server hands on) is not boxed again.
+            return http::Request::from_parts(parts, tonic::body::Body::new(body));
+        }
         let body = BudgetedBody {
             inner: body,
-            budgets: self.clone(),
-            connection,
-            heartbeat,
+            holding: Holding::new(connection),
             frame: FrameReader::default(),
-            held: 0,
         };
         http::Request::from_parts(parts, tonic::body::Body::new(body))
+    }
+}
+
+/// The budgets of a Heartbeat request's connection, in its extensions, for
+/// the stream that reads its framing (see the module's notes).
+#[derive(Debug, Clone)]
+pub struct HeartbeatBudget(Arc<Connection>);
+
+impl HeartbeatBudget {
+    /// The budgets of a Heartbeat request from `address` (tests).
+    #[cfg(test)]
+    pub(crate) fn of(budgets: &Arc<Budgets>, address: Option<SocketAddr>) -> Self {
+        Self(budgets.connection(address))
+    }
+
+    /// What the stream holds against these budgets (nothing yet).
+    pub fn holding(self) -> Holding {
+        Holding::new(self.0)
+    }
+}
+
+/// What one request holds against its connection's budget and the
+/// server-wide one: the bytes of its unfinished message. Given back when
+/// the message is whole or the holding is dropped.
+#[derive(Debug)]
+pub struct Holding {
+    /// The connection's budget, and through it the server's.
+    connection: Arc<Connection>,
+    /// Bytes held now.
+    held: usize,
+}
+
+impl Holding {
+    fn new(connection: Arc<Connection>) -> Self {
+        Self {
+            connection,
+            held: 0,
+        }
+    }
+
+    /// Refuses a message longer than its method allows.
+    pub fn check_length(&self, heartbeat: bool, len: usize) -> Result<(), Status> {
+        let limits = self.connection.budgets.limits;
+        let (limit, flag, what) = if heartbeat {
+            (
+                limits.max_heartbeat_message,
+                "--max-heartbeat-message-size",
+                "a Heartbeat message",
+            )
+        } else {
+            (limits.max_message, "--max-message-size", "a message")
+        };
+        if len > limit {
+            metrics::counter!(crate::metrics::MESSAGES_REFUSED, "reason" => "too_large")
+                .increment(1);
+            return Err(Status::out_of_range(format!(
+                "{what} of {len} bytes is larger than the {limit} bytes this registry accepts ({flag})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Holds `n` more bytes of the unfinished message.
+    fn hold(&mut self, n: usize) -> Result<(), Status> {
+        let Connection { budget, budgets } = &*self.connection;
+        if !budget.take(n) {
+            metrics::counter!(crate::metrics::MESSAGES_REFUSED, "reason" => "connection_budget")
+                .increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "this connection's unfinished messages would hold more than {} bytes (--max-buffered-bytes-per-connection); finish or cancel the others first",
+                budget.limit
+            )));
+        }
+        if !budgets.global.take(n) {
+            budget.give(n);
+            metrics::counter!(crate::metrics::MESSAGES_REFUSED, "reason" => "global_budget")
+                .increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "the registry holds its maximum of {} bytes of unfinished messages (--max-buffered-bytes); retry later",
+                budgets.global.limit
+            )));
+        }
+        self.held += n;
+        Ok(())
+    }
+
+    /// Holds exactly `bytes` (more, or giving some back); on a refusal
+    /// what was held stays held.
+    pub fn hold_exactly(&mut self, bytes: usize) -> Result<(), Status> {
+        match bytes.checked_sub(self.held) {
+            Some(0) => Ok(()),
+            Some(more) => self.hold(more),
+            None => {
+                let fewer = self.held - bytes;
+                self.connection.budget.give(fewer);
+                self.connection.budgets.global.give(fewer);
+                self.held = bytes;
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives back everything held (the message completed, or was
+    /// abandoned).
+    pub fn release(&mut self) {
+        // Never refused: it only gives back.
+        let _ = self.hold_exactly(0);
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -226,20 +369,15 @@ impl FrameReader {
     }
 }
 
-/// A request body whose unfinished messages count against the budgets.
+/// A request body (of any method but Heartbeat) whose unfinished messages
+/// count against the budgets.
 struct BudgetedBody<B> {
     /// The body as received (tonic's boxed body: not boxed again).
     inner: B,
-    /// The limits and the server-wide budget.
-    budgets: Arc<Budgets>,
-    /// The connection's budget.
-    connection: Option<Arc<Budget>>,
-    /// Whether this is a Heartbeat request (its own message limit).
-    heartbeat: bool,
+    /// Bytes of the unfinished message held against the budgets.
+    holding: Holding,
     /// The framing read so far.
     frame: FrameReader,
-    /// Bytes of the unfinished message held against the budgets.
-    held: usize,
 }
 
 impl<B> BudgetedBody<B> {
@@ -255,87 +393,20 @@ impl<B> BudgetedBody<B> {
             chunk = &chunk[took..];
             match step {
                 Step::Announced(len) => {
-                    self.check_length(len)?;
+                    self.holding.check_length(false, len)?;
                     unfinished += took;
                 }
                 Step::Held(n) => unfinished += n,
                 Step::Completed => {
                     unfinished = 0;
-                    self.release();
+                    self.holding.release();
                 }
             }
         }
         if unfinished > 0 {
-            self.hold(unfinished)?;
+            self.holding.hold(unfinished)?;
         }
         Ok(())
-    }
-
-    /// Refuses a message longer than its method allows.
-    fn check_length(&self, len: usize) -> Result<(), Status> {
-        let limits = self.budgets.limits;
-        let (limit, flag, what) = if self.heartbeat {
-            (
-                limits.max_heartbeat_message,
-                "--max-heartbeat-message-size",
-                "a Heartbeat message",
-            )
-        } else {
-            (limits.max_message, "--max-message-size", "a message")
-        };
-        if len > limit {
-            metrics::counter!(crate::metrics::MESSAGES_REFUSED, "reason" => "too_large")
-                .increment(1);
-            return Err(Status::out_of_range(format!(
-                "{what} of {len} bytes is larger than the {limit} bytes this registry accepts ({flag})"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Holds `n` more bytes of the unfinished message.
-    fn hold(&mut self, n: usize) -> Result<(), Status> {
-        if let Some(connection) = &self.connection
-            && !connection.take(n)
-        {
-            metrics::counter!(crate::metrics::MESSAGES_REFUSED, "reason" => "connection_budget")
-                .increment(1);
-            return Err(Status::resource_exhausted(format!(
-                "this connection's unfinished messages would hold more than {} bytes (--max-buffered-bytes-per-connection); finish or cancel the others first",
-                connection.limit
-            )));
-        }
-        if !self.budgets.global.take(n) {
-            if let Some(connection) = &self.connection {
-                connection.give(n);
-            }
-            metrics::counter!(crate::metrics::MESSAGES_REFUSED, "reason" => "global_budget")
-                .increment(1);
-            return Err(Status::resource_exhausted(format!(
-                "the registry holds its maximum of {} bytes of unfinished messages (--max-buffered-bytes); retry later",
-                self.budgets.global.limit
-            )));
-        }
-        self.held += n;
-        Ok(())
-    }
-
-    /// Gives back what the finished (or abandoned) message held.
-    fn release(&mut self) {
-        if self.held == 0 {
-            return;
-        }
-        if let Some(connection) = &self.connection {
-            connection.give(self.held);
-        }
-        self.budgets.global.give(self.held);
-        self.held = 0;
-    }
-}
-
-impl<B> Drop for BudgetedBody<B> {
-    fn drop(&mut self) {
-        self.release();
     }
 }
 
@@ -364,7 +435,7 @@ where
         if let Some(data) = frame.data_ref() {
             let chunk = data.chunk();
             if let Err(status) = this.account(chunk) {
-                this.release();
+                this.holding.release();
                 return Poll::Ready(Some(Err(status)));
             }
         }
@@ -453,19 +524,12 @@ mod tests {
         p
     }
 
-    fn body(
-        budgets: &Arc<Budgets>,
-        heartbeat: bool,
-        port: u16,
-    ) -> BudgetedBody<http_body_util::Empty<Bytes>> {
+    fn body(budgets: &Arc<Budgets>, port: u16) -> BudgetedBody<http_body_util::Empty<Bytes>> {
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         BudgetedBody {
             inner: http_body_util::Empty::new(),
-            budgets: budgets.clone(),
-            connection: budgets.connection(Some(address)),
-            heartbeat,
+            holding: Holding::new(budgets.connection(Some(address))),
             frame: FrameReader::default(),
-            held: 0,
         }
     }
 
@@ -478,12 +542,12 @@ mod tests {
         message.extend(prefix(3));
         message.extend_from_slice(&[1, 2, 3]);
         for split in 1..message.len() {
-            let mut b = body(&budgets, false, 1);
+            let mut b = body(&budgets, 1);
             for chunk in message.chunks(split) {
                 b.account(chunk).unwrap();
             }
             assert_eq!(
-                b.held, 0,
+                b.holding.held, 0,
                 "complete messages hold nothing (chunks of {split})"
             );
             assert_eq!(budgets.held(), 0);
@@ -493,8 +557,9 @@ mod tests {
     #[test]
     fn a_heartbeat_may_not_announce_more_than_its_limit() {
         let budgets = Budgets::new(limits());
-        let mut b = body(&budgets, true, 1);
-        let err = b.account(&prefix(101)).unwrap_err();
+        let heartbeat = Holding::new(budgets.connection(None));
+        heartbeat.check_length(true, 100).unwrap();
+        let err = heartbeat.check_length(true, 101).unwrap_err();
         assert_eq!(err.code(), tonic::Code::OutOfRange);
         assert!(
             err.message().contains("Heartbeat message of 101 bytes"),
@@ -503,9 +568,9 @@ mod tests {
         );
         assert!(err.message().contains("--max-heartbeat-message-size"));
         // Register-sized messages are fine on other methods.
-        let mut b = body(&budgets, false, 1);
+        let mut b = body(&budgets, 1);
         b.account(&prefix(101)).unwrap();
-        let err = body(&budgets, false, 1).account(&prefix(1001)).unwrap_err();
+        let err = body(&budgets, 1).account(&prefix(1001)).unwrap_err();
         assert!(
             err.message().contains("--max-message-size"),
             "{}",
@@ -516,11 +581,11 @@ mod tests {
     #[test]
     fn unfinished_messages_count_against_the_connection_and_are_given_back() {
         let budgets = Budgets::new(limits());
-        let mut first = body(&budgets, false, 1);
+        let mut first = body(&budgets, 1);
         first.account(&prefix(1000)).unwrap();
         first.account(&[0; 900]).unwrap();
         assert_eq!(budgets.held(), 905);
-        let mut second = body(&budgets, false, 1);
+        let mut second = body(&budgets, 1);
         second.account(&prefix(1000)).unwrap();
         let err = second.account(&[0; 600]).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
@@ -531,7 +596,7 @@ mod tests {
             err.message()
         );
         // Another connection is not affected.
-        let mut other = body(&budgets, false, 2);
+        let mut other = body(&budgets, 2);
         other.account(&prefix(1000)).unwrap();
         other.account(&[0; 600]).unwrap();
         // The first message completes: its bytes are given back.
@@ -544,7 +609,7 @@ mod tests {
     #[test]
     fn the_server_wide_budget_bounds_all_connections_together() {
         let budgets = Budgets::new(limits());
-        let mut bodies: Vec<_> = (0..3).map(|port| body(&budgets, false, port)).collect();
+        let mut bodies: Vec<_> = (0..3).map(|port| body(&budgets, port)).collect();
         bodies[0].account(&prefix(1000)).unwrap();
         bodies[0].account(&[0; 995]).unwrap();
         bodies[1].account(&prefix(1000)).unwrap();
@@ -559,6 +624,22 @@ mod tests {
         // What the refused chunk would have held was not kept anywhere.
         assert_eq!(budgets.held(), 2005);
         drop(bodies);
+        assert_eq!(budgets.held(), 0);
+    }
+
+    #[test]
+    fn a_holding_follows_what_its_stream_keeps_and_gives_all_back_when_dropped() {
+        let budgets = Budgets::new(limits());
+        let mut holding = HeartbeatBudget::of(&budgets, None).holding();
+        holding.hold_exactly(700).unwrap();
+        holding.hold_exactly(1200).unwrap();
+        assert_eq!(budgets.held(), 1200);
+        holding.hold_exactly(300).unwrap();
+        assert_eq!(budgets.held(), 300, "what it no longer keeps is given back");
+        let err = holding.hold_exactly(1600).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(budgets.held(), 300, "a refusal keeps what was held");
+        drop(holding);
         assert_eq!(budgets.held(), 0);
     }
 

@@ -131,6 +131,29 @@ async fn a_heartbeat_announcing_more_than_its_limit_ends_at_once() {
     registry.stop().await;
 }
 
+/// The Heartbeat route reads its framing itself; what its streams keep of
+/// unfinished messages still counts against the connection's budget.
+#[tokio::test]
+async fn unfinished_heartbeats_are_bounded_per_connection() {
+    let registry = TestRegistry::start(settings()).await;
+    let mut send = connect(&registry).await;
+    // 40 streams holding 15 KiB each (within the 16 KiB Heartbeat limit)
+    // would hold 600 KiB, past the connection's 512 KiB: one is refused.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(open(&mut send, HEARTBEAT, partial(16 * 1024, 15 * 1024)).await);
+    }
+    let (responses, _bodies): (Vec<_>, Vec<_>) = held.into_iter().unzip();
+    let statuses = responses.into_iter().map(|r| Box::pin(status_of(r)));
+    let ((code, message), _, _) = futures_util::future::select_all(statuses).await;
+    assert_eq!(code, tonic::Code::ResourceExhausted, "{message}");
+    assert!(
+        message.contains("--max-buffered-bytes-per-connection"),
+        "{message}"
+    );
+    registry.stop().await;
+}
+
 #[tokio::test]
 async fn unfinished_registers_are_bounded_per_connection_and_others_still_register() {
     let registry = TestRegistry::start(settings()).await;

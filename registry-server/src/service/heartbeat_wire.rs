@@ -43,7 +43,7 @@ use tonic::{Code, Status, Streaming};
 use tower::Service;
 
 use super::NodeRegistryService;
-use crate::budget::HEARTBEAT_PATH;
+use crate::budget::{HEARTBEAT_PATH, HeartbeatBudget, Holding};
 
 /// The gRPC prefix of each message: a compression flag and a length.
 const PREFIX: usize = 5;
@@ -83,14 +83,43 @@ pub(crate) struct Inbound {
     /// as a gRPC prefix announces no more, and 8 bytes less in every open
     /// stream's state.
     max_message: u32,
+    /// What `split` holds against the connection's and the server's
+    /// budgets for unfinished messages (`crate::budget`: the budget layer
+    /// leaves a Heartbeat request's body to the stream); `None` where no
+    /// budget layer is in front (unit tests).
+    budget: Option<Holding>,
 }
 
 impl Inbound {
-    pub(crate) fn new(body: Body, max_message: usize) -> Self {
+    pub(crate) fn new(body: Body, max_message: usize, budget: Option<Holding>) -> Self {
         Self {
             body,
             split: Vec::new(),
             max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
+            budget,
+        }
+    }
+
+    /// `read`'s message, with what `split` keeps afterwards held against
+    /// the budgets. Not in `message` itself: its state (part of every open
+    /// stream's) would keep room for the message across its wait.
+    fn held(
+        &mut self,
+        read: impl FnOnce(&mut Self) -> Result<Option<pb::HeartbeatRequest>, Status>,
+    ) -> Result<Option<pb::HeartbeatRequest>, Status> {
+        let message = read(self)?;
+        self.hold_split()?;
+        Ok(message)
+    }
+
+    /// Holds what `split` now keeps against the budgets (the bytes of a
+    /// message not yet whole, rarely of a whole one not yet read): more
+    /// when it grew, given back when it shrank. A message that comes whole
+    /// in its frame is never kept, so never counted.
+    fn hold_split(&mut self) -> Result<(), Status> {
+        match &mut self.budget {
+            Some(holding) => holding.hold_exactly(self.split.len()),
+            None => Ok(()),
         }
     }
 
@@ -118,6 +147,10 @@ impl Inbound {
             }
         }
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+        if let Some(holding) = &self.budget {
+            // The budgets' refusal, naming the flag.
+            holding.check_length(true, len as usize)?;
+        }
         if len > self.max_message {
             return Err(Status::out_of_range(format!(
                 "Error, decoded message length too large: found {len} bytes, the limit is: {} \
@@ -183,14 +216,14 @@ impl Messages for Inbound {
     // and a frame is taken in whole before anything else can happen.
     async fn message(&mut self) -> Result<Option<pb::HeartbeatRequest>, Status> {
         loop {
-            if let Some(message) = self.gathered()? {
+            if let Some(message) = self.held(Self::gathered)? {
                 return Ok(Some(message));
             }
             let frame = std::future::poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
             match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        if let Some(message) = self.took(data)? {
+                        if let Some(message) = self.held(|inbound| inbound.took(data))? {
                             return Ok(Some(message));
                         }
                     }
@@ -361,8 +394,15 @@ impl NodeRegistryService {
             return status.into_http();
         }
         let max_message = self.streams.max_message;
-        let request =
-            tonic::Request::from_http(request.map(|body| Inbound::new(body, max_message)));
+        let (mut parts, body) = request.into_parts();
+        let budget = parts
+            .extensions
+            .remove::<HeartbeatBudget>()
+            .map(HeartbeatBudget::holding);
+        let request = tonic::Request::from_http(http::Request::from_parts(
+            parts,
+            Inbound::new(body, max_message, budget),
+        ));
         match self.open_heartbeat(request) {
             Ok(session) => {
                 let mut response = http::Response::new(Body::new(AckBody::new(
@@ -441,7 +481,7 @@ mod tests {
             data(&joined(&[&five, &six[..8]])),
             data(&joined(&[&six[8..], &empty])),
         ];
-        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, None);
         assert_eq!(
             read_all(&mut inbound).await.unwrap(),
             vec![1, 2, 3, 4, 5, 6, 0]
@@ -461,7 +501,7 @@ mod tests {
         let (pieces, last) = big.split_at(big.len() - 100);
         let mut frames: Vec<_> = pieces.chunks(1000).map(data).collect();
         frames.push(data(&[last, &next[..4]].concat()));
-        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, None);
         assert_eq!(inbound.message().await.unwrap().unwrap().sequence, 1);
         assert_eq!(inbound.split.len(), 4);
         assert_eq!(inbound.split.capacity(), 4, "not the big message's room");
@@ -469,7 +509,7 @@ mod tests {
 
     #[test]
     fn a_message_announced_long_pins_only_the_bytes_that_came() {
-        let mut inbound = Inbound::new(body(vec![]), 64 * 1024);
+        let mut inbound = Inbound::new(body(vec![]), 64 * 1024, None);
         let mut start = vec![0];
         start.extend_from_slice(&60_000_u32.to_be_bytes());
         start.extend_from_slice(&[0x0a; 10]);
@@ -490,7 +530,7 @@ mod tests {
         code: Code,
         words: &str,
     ) -> Status {
-        let mut inbound = Inbound::new(body(frames), max_message);
+        let mut inbound = Inbound::new(body(frames), max_message, None);
         let err = inbound.message().await.unwrap_err();
         assert_eq!(err.code(), code, "{err:?}");
         assert!(err.message().contains(words), "{err:?}");
@@ -525,18 +565,99 @@ mod tests {
 
         let one = prefixed(&beat(1));
         let frames = vec![data(&one), Err(Status::cancelled("reset by the agent"))];
-        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, None);
         assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1]);
 
         // Trailers end the stream like its end; any other body error ends
         // it with that error.
         let frames = vec![data(&one), Ok(Frame::trailers(HeaderMap::new()))];
-        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, None);
         assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1]);
         let frames = vec![data(&one), Err(Status::unknown("h2 protocol error"))];
-        let mut inbound = Inbound::new(body(frames), 64 * 1024);
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, None);
         assert_eq!(inbound.message().await.unwrap().unwrap().sequence, 1);
         assert_eq!(inbound.message().await.unwrap_err().code(), Code::Unknown);
+    }
+
+    /// Budgets of 1,000 bytes per connection for unfinished messages.
+    fn small_budgets() -> Arc<crate::budget::Budgets> {
+        crate::budget::Budgets::new(crate::budget::BudgetLimits {
+            max_message: 64 * 1024,
+            max_heartbeat_message: 64 * 1024,
+            per_connection: 1000,
+            global: 2000,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_message_split_across_frames_is_held_against_the_budgets_until_whole() {
+        let budgets = small_budgets();
+        let holding = || Some(HeartbeatBudget::of(&budgets, None).holding());
+        // Beats of ~700 bytes, each whole in its frame: nothing is held,
+        // however many come.
+        let big = |sequence| pb::HeartbeatRequest {
+            node_id: "n".repeat(700),
+            sequence,
+            ..Default::default()
+        };
+        let frames = (1..=3).map(|n| data(&prefixed(&big(n)))).collect();
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, holding());
+        assert_eq!(read_all(&mut inbound).await.unwrap(), vec![1, 2, 3]);
+        assert_eq!(budgets.held(), 0);
+
+        // One split in two: its first part is held until the rest comes.
+        let one = prefixed(&big(4));
+        let frames = vec![data(&one[..300]), data(&one[300..])];
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, holding());
+        assert_eq!(inbound.message().await.unwrap().unwrap().sequence, 4);
+        assert_eq!(budgets.held(), 0, "given back once whole");
+
+        // One split in three whose first two parts exceed the connection's
+        // budget: refused, naming it, and nothing stays held.
+        let huge = prefixed(&pb::HeartbeatRequest {
+            node_id: "n".repeat(1500),
+            ..Default::default()
+        });
+        let frames = vec![
+            data(&huge[..600]),
+            data(&huge[600..1200]),
+            data(&huge[1200..]),
+        ];
+        let mut inbound = Inbound::new(body(frames), 64 * 1024, holding());
+        let err = inbound.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert!(
+            err.message()
+                .contains("--max-buffered-bytes-per-connection"),
+            "{}",
+            err.message()
+        );
+        drop(inbound);
+        assert_eq!(budgets.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_longer_than_its_limit_is_refused_naming_the_flag() {
+        let budgets = crate::budget::Budgets::new(crate::budget::BudgetLimits {
+            max_message: 64 * 1024,
+            max_heartbeat_message: 100,
+            per_connection: 1000,
+            global: 2000,
+        });
+        let holding = Some(HeartbeatBudget::of(&budgets, None).holding());
+        let long = prefixed(&pb::HeartbeatRequest {
+            node_id: "n".repeat(200),
+            ..Default::default()
+        });
+        let mut inbound = Inbound::new(body(vec![data(&long[..20])]), 100, holding);
+        let err = inbound.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange);
+        assert!(
+            err.message().contains("--max-heartbeat-message-size"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(budgets.held(), 0, "refused at its prefix, nothing held");
     }
 
     /// A service over a registry that holds node `n1`, and its session.
@@ -565,7 +686,7 @@ mod tests {
     #[tokio::test]
     async fn an_open_streams_state_fits_the_384_byte_class() {
         let (service, _registered) = service_with_n1();
-        let request = tonic::Request::new(Inbound::new(Body::empty(), 1024));
+        let request = tonic::Request::new(Inbound::new(Body::empty(), 1024, None));
         let session = service.open_heartbeat(request).unwrap();
         let body = AckBody::new(super::super::heartbeat::replies(session));
         let size = std::mem::size_of_val(&body);
