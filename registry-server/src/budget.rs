@@ -9,7 +9,8 @@
 //! - refuses a message longer than its method allows (Heartbeat messages
 //!   get a much smaller limit than Register: a heartbeat with 64 pools is a
 //!   few KiB) as soon as its prefix arrives, with OUT_OF_RANGE naming the
-//!   limit, before any of its payload is buffered;
+//!   limit, before any of its payload is buffered (a Heartbeat stream
+//!   keeps at most the frame that completed a split prefix);
 //! - counts the bytes of every message still incomplete against the
 //!   connection's budget and the server-wide budget, and ends the request
 //!   with RESOURCE_EXHAUSTED naming the budget when one would be exceeded.
@@ -20,11 +21,14 @@
 //! per address and port); the entry goes when the connection's last
 //! request ends.
 //!
-//! Heartbeat requests are not wrapped: the Heartbeat route reads their
-//! gRPC framing itself (`service::heartbeat_wire::Inbound`), so the layer
-//! hands it the connection's budgets ([`HeartbeatBudget`]) and the stream
-//! holds against them the bytes it keeps of a message not yet whole, with
-//! the same limits and refusals. A heartbeat stream lives for days: this
+//! Where the server serves Heartbeat through its own route
+//! ([`BudgetLayer::with_heartbeat_route`], as `server::run` does), Heartbeat
+//! requests are not wrapped: the route reads their gRPC framing itself
+//! (`service::heartbeat_wire::Inbound`), so the layer hands it the
+//! connection's budgets ([`HeartbeatBudget`]) and the stream holds against
+//! them the bytes it keeps of a message not yet whole (and of whole ones
+//! behind it in the same frame, until read), with the same limits and
+//! refusals. A heartbeat stream lives for days: this
 //! saves it an allocation for as long as it is open, and every beat a
 //! second pass over its framing.
 
@@ -162,10 +166,14 @@ impl Budgets {
         connection
     }
 
-    /// Wraps a request's body so its messages are held to the budgets; a
-    /// Heartbeat request's body is passed on as it is, with its budgets
-    /// beside it (see the module's notes).
-    pub fn wrap<B>(self: &Arc<Self>, request: http::Request<B>) -> http::Request<tonic::body::Body>
+    /// Wraps a request's body so its messages are held to the budgets;
+    /// with `heartbeat_route`, a Heartbeat request's body is passed on as it
+    /// is, with its budgets beside it (see the module's notes).
+    pub fn wrap<B>(
+        self: &Arc<Self>,
+        request: http::Request<B>,
+        heartbeat_route: bool,
+    ) -> http::Request<tonic::body::Body>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -174,7 +182,7 @@ impl Budgets {
         let address = remote_address(request.extensions());
         let connection = self.connection(address);
         let (mut parts, body) = request.into_parts();
-        if heartbeat {
+        if heartbeat && heartbeat_route {
             parts.extensions.insert(HeartbeatBudget(connection));
             // tonic's own body (what the server hands on) is not boxed again.
             return http::Request::from_parts(parts, tonic::body::Body::new(body));
@@ -182,6 +190,7 @@ impl Budgets {
         let body = BudgetedBody {
             inner: body,
             holding: Holding::new(connection),
+            heartbeat,
             frame: FrameReader::default(),
         };
         http::Request::from_parts(parts, tonic::body::Body::new(body))
@@ -369,13 +378,15 @@ impl FrameReader {
     }
 }
 
-/// A request body (of any method but Heartbeat) whose unfinished messages
-/// count against the budgets.
+/// A request body whose unfinished messages count against the budgets (of
+/// any method but Heartbeat where the Heartbeat route reads its own).
 struct BudgetedBody<B> {
     /// The body as received (tonic's boxed body: not boxed again).
     inner: B,
     /// Bytes of the unfinished message held against the budgets.
     holding: Holding,
+    /// Whether this is a Heartbeat request (its own message limit).
+    heartbeat: bool,
     /// The framing read so far.
     frame: FrameReader,
 }
@@ -393,7 +404,7 @@ impl<B> BudgetedBody<B> {
             chunk = &chunk[took..];
             match step {
                 Step::Announced(len) => {
-                    self.holding.check_length(false, len)?;
+                    self.holding.check_length(self.heartbeat, len)?;
                     unfinished += took;
                 }
                 Step::Held(n) => unfinished += n,
@@ -456,12 +467,27 @@ where
 pub struct BudgetLayer {
     /// The shared budgets.
     budgets: Arc<Budgets>,
+    /// Whether Heartbeat requests go to the Heartbeat route, which holds
+    /// its streams to the budgets itself.
+    heartbeat_route: bool,
 }
 
 impl BudgetLayer {
-    /// A layer holding requests to `budgets`.
+    /// A layer holding every request's body to `budgets`.
     pub fn new(budgets: Arc<Budgets>) -> Self {
-        Self { budgets }
+        Self {
+            budgets,
+            heartbeat_route: false,
+        }
+    }
+
+    /// Leaves Heartbeat bodies to the Heartbeat route
+    /// (`service::HeartbeatRoute`), handing it their budgets: only for a
+    /// server that serves Heartbeat through it, or those streams would be
+    /// held to no budget.
+    pub fn with_heartbeat_route(mut self) -> Self {
+        self.heartbeat_route = true;
+        self
     }
 }
 
@@ -472,6 +498,7 @@ impl<S> tower::Layer<S> for BudgetLayer {
         BudgetService {
             inner,
             budgets: self.budgets.clone(),
+            heartbeat_route: self.heartbeat_route,
         }
     }
 }
@@ -483,6 +510,8 @@ pub struct BudgetService<S> {
     inner: S,
     /// The shared budgets.
     budgets: Arc<Budgets>,
+    /// See [`BudgetLayer::with_heartbeat_route`].
+    heartbeat_route: bool,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for BudgetService<S>
@@ -500,7 +529,8 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        self.inner.call(self.budgets.wrap(request))
+        self.inner
+            .call(self.budgets.wrap(request, self.heartbeat_route))
     }
 }
 
@@ -529,6 +559,7 @@ mod tests {
         BudgetedBody {
             inner: http_body_util::Empty::new(),
             holding: Holding::new(budgets.connection(Some(address))),
+            heartbeat: false,
             frame: FrameReader::default(),
         }
     }
@@ -568,6 +599,13 @@ mod tests {
         );
         assert!(err.message().contains("--max-heartbeat-message-size"));
         // Register-sized messages are fine on other methods.
+        // A wrapped Heartbeat body (no route) is held to the same limit.
+        let mut wrapped = body(&budgets, 1);
+        wrapped.heartbeat = true;
+        assert_eq!(
+            wrapped.account(&prefix(101)).unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
         let mut b = body(&budgets, 1);
         b.account(&prefix(101)).unwrap();
         let err = body(&budgets, 1).account(&prefix(1001)).unwrap_err();

@@ -90,7 +90,10 @@ struct GpuSet {
 pub const MAX_SHARED_GPU_SETS: usize = 1024;
 
 /// The GPU sets shared between nodes. Sets are never dropped from it: it
-/// is bounded, and a fleet has a handful of hardware types.
+/// is bounded, and a fleet has a handful of hardware types and driver
+/// versions (each driver rollout adds a set per type, kept for the
+/// process's life; past the bound new sets are kept per node, which
+/// costs memory only).
 #[derive(Debug, Default)]
 struct SharedSets(HashSet<Arc<GpuSet>>);
 

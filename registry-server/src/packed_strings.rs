@@ -6,8 +6,9 @@
 //! to 48 bytes. [`PackedStrings`] keeps them one after the other in one
 //! boxed `str` with where each ends: 16 bytes inline for the text and 4
 //! for each string but the last, one allocation of their total length.
-//! Used by the registration ([`crate::registry::Registration`]) and each
-//! of its pool specs ([`crate::pool_specs::PoolSpec`]).
+//! Used by the registration ([`crate::registry::Registration`]), each of
+//! its pool specs ([`crate::pool_specs::PoolSpec`]) and its labels
+//! ([`crate::registry::Labels`], with [`pack_all`]: any number of strings).
 
 /// `ENDS + 1` strings in one allocation, read back by position.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -76,8 +77,15 @@ pub fn pack_all<'a>(strings: impl IntoIterator<Item = &'a str>) -> (Box<str>, Bo
     (text.into_boxed_str(), ends.into_boxed_slice())
 }
 
-/// The `i`-th string of what [`pack`] or [`pack_all`] made; panics past
-/// the last.
+/// The `i`-th string of what [`pack_all`] made (as many strings as ends);
+/// panics past the last.
+pub fn unpack_all<'a>(text: &'a str, ends: &[u32], i: usize) -> &'a str {
+    assert!(i < ends.len(), "string {i} of {}", ends.len());
+    unpack(text, ends, i)
+}
+
+/// The `i`-th string of what [`pack`] made (the last string's end is the
+/// text's); panics past the last.
 pub fn unpack<'a>(text: &'a str, ends: &[u32], i: usize) -> &'a str {
     assert!(i <= ends.len(), "string {i} of {}", ends.len() + 1);
     let start = match i.checked_sub(1) {
@@ -123,7 +131,7 @@ mod tests {
     }
 
     #[test]
-    fn packs_compare_by_their_strings_not_by_where_they_split() {
+    fn packs_are_equal_only_when_every_string_is() {
         let a = PackedStrings::<1>::new(["ab", "c"]);
         assert_eq!(a, PackedStrings::<1>::new(["ab", "c"]));
         assert_ne!(a, PackedStrings::<1>::new(["a", "bc"]));
@@ -133,8 +141,12 @@ mod tests {
     fn lists_of_any_length_read_back_with_every_end_kept() {
         let (text, ends) = pack_all(["zone", "eu-1", "", "x"]);
         assert_eq!(&*ends, [4, 8, 8, 9]);
-        let back: Vec<&str> = (0..ends.len()).map(|i| unpack(&text, &ends, i)).collect();
+        let back: Vec<&str> = (0..ends.len())
+            .map(|i| unpack_all(&text, &ends, i))
+            .collect();
         assert_eq!(back, ["zone", "eu-1", "", "x"]);
+        let past = std::panic::catch_unwind(|| unpack_all(&text, &ends, 4).to_owned());
+        assert!(past.is_err(), "one past the last panics");
         let (text, ends) = pack_all([]);
         assert!(text.is_empty() && ends.is_empty(), "nothing allocated");
         let (_, one_empty) = pack_all([""]);

@@ -376,7 +376,9 @@ where
     });
     let serve = builder
         .layer(grpc_metrics)
-        .layer(crate::budget::BudgetLayer::new(budgets))
+        // Heartbeat is served by `HeartbeatRoute`, which holds its streams
+        // to the budgets itself.
+        .layer(crate::budget::BudgetLayer::new(budgets).with_heartbeat_route())
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

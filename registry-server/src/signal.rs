@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use tokio::sync::futures::Notified;
 
@@ -70,16 +70,19 @@ impl Future for Raised<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         loop {
-            // Listening starts before the count is read, so a raise
-            // between the two is not missed.
-            this.next.as_mut().enable();
+            // In the wait list (with this task's waker) before the count
+            // is read, so a raise between the two is not missed; one lock
+            // of the list per poll.
+            let woken = this.next.as_mut().poll(cx).is_ready();
             let now = this.signal.seen();
             if now != **this.seen {
                 **this.seen = now;
                 return Poll::Ready(());
             }
-            ready!(this.next.as_mut().poll(cx));
-            // Woken by a raise: listen afresh, then find it counted.
+            if !woken {
+                return Poll::Pending;
+            }
+            // Woken, yet the count was seen: listen afresh.
             this.next.set(this.signal.waiters.notified());
         }
     }

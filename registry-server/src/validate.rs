@@ -488,11 +488,6 @@ mod tests {
             2,
             "kept compact, in a list of their length"
         );
-        assert_eq!(
-            reg.models_available.len(),
-            1,
-            "a boxed slice: no spare room"
-        );
         // The GPUs are kept encoded, and read back whole.
         assert_eq!(
             reg.capabilities.to_proto(),

@@ -253,7 +253,20 @@ pub(super) fn replies<M: Messages>(
 
 /// One open heartbeat stream in the registry's count, until dropped, and
 /// what the service's streams share.
-pub(super) struct OpenStream(pub(super) Arc<StreamShared>);
+pub(super) struct OpenStream(Arc<StreamShared>);
+
+impl OpenStream {
+    /// Counts one more open stream; returns it with the count of streams
+    /// open before it.
+    pub(super) fn open(shared: &Arc<StreamShared>) -> (Self, i64) {
+        let before = shared
+            .registry
+            .stats()
+            .open_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (Self(Arc::clone(shared)), before)
+    }
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {

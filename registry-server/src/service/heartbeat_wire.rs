@@ -107,9 +107,19 @@ impl Inbound {
         &mut self,
         read: impl FnOnce(&mut Self) -> Result<Option<pb::HeartbeatRequest>, Status>,
     ) -> Result<Option<pb::HeartbeatRequest>, Status> {
-        let message = read(self)?;
-        self.hold_split()?;
-        Ok(message)
+        let held = read(self).and_then(|message| {
+            self.hold_split()?;
+            Ok(message)
+        });
+        if held.is_err() {
+            // The stream ends with this error: nothing it kept is held on
+            // until it is dropped.
+            self.split = Vec::new();
+            if let Some(holding) = &mut self.budget {
+                holding.release();
+            }
+        }
+        held
     }
 
     /// Holds what `split` now keeps against the budgets (the bytes of a
@@ -632,8 +642,33 @@ mod tests {
             "{}",
             err.message()
         );
-        drop(inbound);
-        assert_eq!(budgets.held(), 0);
+        assert_eq!(budgets.held(), 0, "given back at the refusal");
+        assert_eq!(inbound.split.capacity(), 0, "and let go");
+    }
+
+    #[tokio::test]
+    async fn while_a_message_is_split_its_first_part_is_held() {
+        use futures_util::FutureExt as _;
+
+        let budgets = small_budgets();
+        let holding = Some(HeartbeatBudget::of(&budgets, None).holding());
+        let (frames, received) = tokio::sync::mpsc::unbounded_channel();
+        let body = Body::new(StreamBody::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(received),
+        ));
+        let mut inbound = Inbound::new(body, 64 * 1024, holding);
+        let one = prefixed(&pb::HeartbeatRequest {
+            node_id: "n".repeat(700),
+            sequence: 1,
+            ..Default::default()
+        });
+        frames.send(data(&one[..300])).unwrap();
+        assert!(inbound.message().now_or_never().is_none(), "not whole yet");
+        assert_eq!(budgets.held(), 300, "its first part is held");
+        frames.send(data(&one[300..])).unwrap();
+        let message = inbound.message().now_or_never().unwrap().unwrap().unwrap();
+        assert_eq!(message.sequence, 1);
+        assert_eq!(budgets.held(), 0, "given back once whole");
     }
 
     #[tokio::test]

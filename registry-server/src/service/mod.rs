@@ -56,9 +56,9 @@ pub struct NodeRegistryService {
     /// Whether this process leads (always, without replicas): writes and
     /// heartbeats are refused on a follower, reads marked stale.
     role: ReplicaRole,
-    /// What every heartbeat stream shares: the signal that wakes each to
-    /// check whether it may go on (shutdown, the end of a term, a token
-    /// reload), and the streams' settings.
+    /// What every heartbeat stream shares: the registry, the signal that
+    /// wakes each to check whether it may go on (shutdown, the end of a
+    /// term, a token reload), and the streams' settings.
     streams: Arc<StreamShared>,
 }
 
@@ -130,14 +130,9 @@ impl NodeRegistryService {
         // term does (see `replica`).
         let term = self.role.writable()?;
         let identities = identity::peer_identities(&request);
-        let open = self
-            .registry
-            .stats()
-            .open_streams
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Counted first so that concurrent opens cannot all slip under the
         // cap; a refused stream takes its count back.
-        let guard = OpenStream(Arc::clone(&self.streams));
+        let (guard, open) = OpenStream::open(&self.streams);
         if usize::try_from(open).unwrap_or(0) >= self.max_heartbeat_streams {
             drop(guard);
             return Err(RegistryError::LimitReached(format!(
