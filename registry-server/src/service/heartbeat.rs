@@ -94,17 +94,12 @@ impl StreamShared {
     }
 
     /// Starts, once, the task that raises `recheck`, and then every node
-    /// signal of `registry`, when the shutdown token is cancelled, a term
-    /// of `role` ends and `auth` reloads its tokens.
-    pub(super) fn watch(
-        self: &Arc<Self>,
-        registry: &Registry,
-        role: &ReplicaRole,
-        auth: &Authenticator,
-    ) {
+    /// signal of the registry, when the shutdown token is cancelled, a
+    /// term of `role` ends and `auth` reloads its tokens.
+    pub(super) fn watch(self: &Arc<Self>, role: &ReplicaRole, auth: &Authenticator) {
         self.watching.call_once(|| {
             let shared = Arc::clone(self);
-            let (registry, role, mut reloads) = (registry.clone(), role.clone(), auth.reloads());
+            let (role, mut reloads) = (role.clone(), auth.reloads());
             tokio::spawn(async move {
                 // From zero: a term that ended before this task started
                 // is raised at once (a wake-up with nothing to do at worst).
@@ -118,7 +113,7 @@ impl StreamShared {
                     // The shared count first: a stream woken by its node's
                     // signal then finds it raised.
                     shared.recheck.raise();
-                    registry.raise_every_signal();
+                    shared.registry.raise_every_signal();
                     if last {
                         return;
                     }
@@ -582,8 +577,8 @@ mod tests {
             .unwrap();
         let node_start = node.signal().seen();
         // Every stream asks; one task watches.
-        shared.watch(&registry, &role, &auth);
-        shared.watch(&registry, &role, &auth);
+        shared.watch(&role, &auth);
+        shared.watch(&role, &auth);
 
         let start = shared.recheck.seen();
         let mut seen = start;

@@ -79,7 +79,8 @@ pub(crate) struct Inbound {
     /// once), at most about twice the largest message while one is
     /// gathered.
     split: Vec<u8>,
-    /// Largest message accepted (`--max-heartbeat-message-size`); 32 bits,
+    /// Largest message accepted (`--max-heartbeat-message-size`; checked
+    /// here where no budget is in front, the budgets hold the same); 32 bits,
     /// as a gRPC prefix announces no more, and 8 bytes less in every open
     /// stream's state.
     max_message: u32,
@@ -157,16 +158,19 @@ impl Inbound {
             }
         }
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
-        if let Some(holding) = &self.budget {
-            // The budgets' refusal, naming the flag.
-            holding.check_length(true, len as usize)?;
-        }
-        if len > self.max_message {
-            return Err(Status::out_of_range(format!(
-                "Error, decoded message length too large: found {len} bytes, the limit is: {} \
-                 bytes",
-                self.max_message
-            )));
+        // One check per message: the budgets' (the same limit, a refusal
+        // naming the flag) where a budget layer is in front, tonic's own
+        // otherwise.
+        match &self.budget {
+            Some(holding) => holding.check_length(true, len as usize)?,
+            None if len > self.max_message => {
+                return Err(Status::out_of_range(format!(
+                    "Error, decoded message length too large: found {len} bytes, the limit is: {} \
+                     bytes",
+                    self.max_message
+                )));
+            }
+            None => {}
         }
         Ok(Some(PREFIX + len as usize))
     }

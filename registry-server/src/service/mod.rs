@@ -120,7 +120,7 @@ impl NodeRegistryService {
         // Watching before the token is checked: a reload from here on
         // raises the recheck, so none between the check and the stream's
         // first wait goes unseen.
-        self.streams.watch(&self.registry, &self.role, &self.auth);
+        self.streams.watch(&self.role, &self.auth);
         let (role, grant) = self
             .auth
             .authorize_stream(request.metadata(), Rpc::Heartbeat)
