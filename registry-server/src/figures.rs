@@ -15,18 +15,22 @@
 
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
 use prost::Message;
 use registry_proto::pb;
 use registry_proto::rules::MAX_GPUS;
 
-/// The latest GPU figures of a node. Cloning shares them.
+/// The latest GPU figures of a node. Cloning copies the encoded figures
+/// (a reader's copy, a publish without newer figures) and shares the
+/// health part.
 #[derive(Debug, Clone, Default)]
 pub struct GpuFigures {
     /// The figures as `Node.gpu_stats` (tag 12) encodes them, in the
     /// reported order: what readers decode and the watch history appends
-    /// to a view's encoded fields.
-    encoded: Bytes,
+    /// to a view's encoded fields. A boxed slice (16 bytes, exactly the
+    /// encoding's length allocated) rather than `Bytes` (32): every node
+    /// holds one in its view and often another in its state, and a beat's
+    /// figures move from the one to the other instead of being shared.
+    encoded: Box<[u8]>,
     /// Each GPU's index, health and reasons, in the same order.
     health: HealthList,
 }
@@ -130,7 +134,7 @@ const GPU_STATS_TAG: u32 = 12;
 /// A beat's GPU figures encoded, before they are kept (encoding is done
 /// before the node's lock is taken; what is kept is decided under it).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct EncodedGpus(Bytes);
+pub struct EncodedGpus(Box<[u8]>);
 
 impl EncodedGpus {
     /// Encodes `gpus` as `Node.gpu_stats` encodes them.
@@ -144,7 +148,8 @@ impl EncodedGpus {
         for g in gpus {
             message::encode(GPU_STATS_TAG, g, &mut buf);
         }
-        Self(Bytes::from(buf))
+        // Exactly as long as it holds: no reallocation to box it.
+        Self(buf.into_boxed_slice())
     }
 }
 
@@ -204,7 +209,7 @@ impl GpuFigures {
             gpu_stats: Vec::with_capacity(self.health().len()),
         };
         figures
-            .merge(self.encoded.clone())
+            .merge(&*self.encoded)
             .expect("GPU figures encoded by EncodedGpus::of decode");
         figures.gpu_stats
     }

@@ -386,6 +386,17 @@ fn live_fields(node: &pb::Node) -> pb::Node {
 mod tests {
     use super::*;
 
+    /// Every node holds its latest view in an `Arc` (two counts of 8
+    /// bytes), and the history holds replaced ones for a while: within
+    /// the allocator's 224-byte class, where GPU figures as `Bytes` put it
+    /// in the 256-byte one.
+    #[test]
+    fn a_shared_view_fits_the_224_byte_class() {
+        let arc_counts = 2 * std::mem::size_of::<usize>();
+        let view = std::mem::size_of::<NodeView>() + arc_counts;
+        assert!(view <= 224, "a shared view takes {view} bytes");
+    }
+
     /// A view with every field set, none to its default.
     fn whole() -> pb::Node {
         let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 7 });

@@ -103,7 +103,7 @@ impl NodeState {
     /// on a heartbeat: a drain not yet drained or acknowledged, or a
     /// resume not yet seen. The hot path checks only this.
     pub(super) fn admin_pending(&self) -> bool {
-        self.resume.is_some()
+        self.unusual().resume.is_some()
             || self
                 .admin
                 .drain
@@ -162,7 +162,11 @@ impl NodeState {
                 deadline: drain.deadline,
             }));
         }
-        self.resume.as_deref().cloned().map(Command::Resume)
+        self.unusual()
+            .resume
+            .as_deref()
+            .cloned()
+            .map(Command::Resume)
     }
 
     /// The admin state with the drain's progress recomputed from the pool
@@ -184,7 +188,10 @@ impl NodeState {
                 .iter()
                 .all(|s| matches!(s, PoolDrain::Stopped | PoolDrain::Draining { idle: true }))
         });
-        let past_deadline = self.drain_deadline_at.is_some_and(|at| at <= now.at);
+        let past_deadline = self
+            .unusual()
+            .drain_deadline_at
+            .is_some_and(|at| at <= now.at);
         let drained = drain.drained || past_deadline || (acknowledged && idle);
         if acknowledged == drain.acknowledged && drained == drain.drained {
             return None;
@@ -202,7 +209,7 @@ impl NodeState {
     /// Whether the owed resume has been carried out: none of its pools is
     /// still reported DRAINING.
     fn resume_done(&self) -> bool {
-        let Some(resume) = &self.resume else {
+        let Some(resume) = &self.unusual().resume else {
             return false;
         };
         if !self.reported {
@@ -498,8 +505,10 @@ impl Registry {
             drained: false,
             drained_at: None,
         });
-        st.drain_deadline_at = request.deadline.map(|d| now.at + d);
-        st.resume = None;
+        st.change_unusual(|u| {
+            u.drain_deadline_at = request.deadline.map(|d| now.at + d);
+            u.resume = None;
+        });
         let mut commit = self.set_admin(&mut st, admin);
         // The current status may already show the drain (a repeated
         // DrainNode); zero deadline-free pools may already be idle.
@@ -507,7 +516,7 @@ impl Registry {
             // Queued after the first write: its commit covers both.
             commit = self.set_admin(&mut st, progressed).or(commit);
         }
-        if let Some(at) = st.drain_deadline_at {
+        if let Some(at) = st.unusual().drain_deadline_at {
             self.wake_by(&slot, &mut st, at);
         }
         self.publish(&mut st, EventKind::Modified);
@@ -546,11 +555,13 @@ impl Registry {
         };
         let mut admin = pb::AdminState::clone(&st.admin);
         admin.drain = None;
-        st.drain_deadline_at = None;
-        st.resume = Some(Box::new(pb::ResumeCommand {
-            pool_ids: drain.pool_ids,
-            reason: RESUME_REASON.to_owned(),
-        }));
+        st.change_unusual(|u| {
+            u.drain_deadline_at = None;
+            u.resume = Some(Box::new(pb::ResumeCommand {
+                pool_ids: drain.pool_ids,
+                reason: RESUME_REASON.to_owned(),
+            }));
+        });
         let commit = self.set_admin(&mut st, admin);
         self.publish(&mut st, EventKind::Modified);
         self.owe_command(&slot, &mut st);
@@ -619,7 +630,7 @@ impl Registry {
             return false;
         }
         if st.resume_done() {
-            st.resume = None;
+            st.change_unusual(|u| u.resume = None);
         }
         let before = st.admin.drain.as_ref().map(|d| d.acknowledged);
         let Some(admin) = st.drain_progress(now) else {
@@ -653,7 +664,10 @@ impl Registry {
     /// At a wake-up (under the node's lock): a drain whose deadline passed
     /// counts as drained. True when that changed the admin state.
     pub(super) fn drain_deadline_due(&self, st: &mut NodeState, now: Now) -> bool {
-        let due = st.drain_deadline_at.is_some_and(|at| at <= now.at)
+        let due = st
+            .unusual()
+            .drain_deadline_at
+            .is_some_and(|at| at <= now.at)
             && st.admin.drain.as_ref().is_some_and(|d| !d.drained);
         if !due {
             return false;
@@ -666,7 +680,8 @@ impl Registry {
 
     /// The drain deadline still to be woken for, if any.
     pub(super) fn drain_wakeup(st: &NodeState) -> Option<Instant> {
-        st.drain_deadline_at
+        st.unusual()
+            .drain_deadline_at
             .filter(|_| st.admin.drain.as_ref().is_some_and(|d| !d.drained))
     }
 
@@ -683,7 +698,7 @@ impl Registry {
             st.registration.node_id(),
             Parked {
                 admin: pb::AdminState::clone(&st.admin),
-                drain_deadline_at: st.drain_deadline_at,
+                drain_deadline_at: st.unusual().drain_deadline_at,
                 seq: 0,
             },
         );
@@ -696,7 +711,7 @@ impl Registry {
         let Some(parked) = self.parked().entries.remove(st.registration.node_id()) else {
             return false;
         };
-        st.drain_deadline_at = parked.drain_deadline_at;
+        st.change_unusual(|u| u.drain_deadline_at = parked.drain_deadline_at);
         let (c, d) = admin_gauges(&parked.admin);
         self.shared.stats.shift_admin(c, d);
         let mut admin = parked.admin;

@@ -59,7 +59,7 @@ impl Registry {
             match st.liveness {
                 Liveness::Online => {
                     counted.online += 1;
-                    if st.offline_since.is_some() {
+                    if st.unusual().offline_since.is_some() {
                         return fail("ONLINE with an offline_since".into());
                     }
                     let deadline = st.last_seen + timing.node_timeout;
@@ -72,7 +72,7 @@ impl Registry {
                 }
                 Liveness::Offline => {
                     counted.offline += 1;
-                    let Some(since) = st.offline_since else {
+                    let Some(since) = st.unusual().offline_since else {
                         return fail("OFFLINE without an offline_since".into());
                     };
                     let removal = since + timing.offline_retention;
@@ -85,7 +85,7 @@ impl Registry {
                 }
             }
             let drain_pending = st.admin.drain.as_ref().is_some_and(|d| !d.drained);
-            if let Some(at) = st.drain_deadline_at.filter(|_| drain_pending)
+            if let Some(at) = st.unusual().drain_deadline_at.filter(|_| drain_pending)
                 && wakeup_at > at
             {
                 return fail(format!(

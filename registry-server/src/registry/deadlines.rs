@@ -176,7 +176,7 @@ impl Registry {
                 }
             }
             Liveness::Offline => {
-                let since = st.offline_since.unwrap_or(now.at);
+                let since = st.unusual().offline_since.unwrap_or(now.at);
                 let remove_at = since + timing.offline_retention;
                 if remove_at > now.at {
                     self.wake_by(slot, &mut st, remove_at);
@@ -223,10 +223,10 @@ impl Registry {
         let before = st.pool_tally();
         // A loaded node silent through the restart grace is no longer
         // reserved for its machine, nor suspect.
-        st.restart_grace_until = None;
+        st.change_unusual(|u| u.restart_grace_until = None);
         self.clear_suspect(st);
         st.liveness = Liveness::Offline;
-        st.offline_since = Some(since);
+        st.change_unusual(|u| u.offline_since = Some(since));
         st.status_changed_at = now.wall;
         drop(self.shared.store.put_liveness(
             st.registration.node_id(),

@@ -479,14 +479,14 @@ impl Registry {
     /// Flags the node suspect with `reason`, keeping the gauge. Call under
     /// the node's lock; the caller publishes.
     pub(super) fn set_suspect(&self, st: &mut super::node::NodeState, reason: &str) {
-        if st.suspect.is_none() {
+        if st.unusual().suspect.is_none() {
             self.shared
                 .guard
                 .stats
                 .suspect
                 .fetch_add(1, Ordering::Relaxed);
         }
-        st.suspect = Some(reason.into());
+        st.change_unusual(|u| u.suspect = Some(reason.into()));
     }
 
     /// Clears the node's suspect flag (and the guard's hold); returns
@@ -496,7 +496,7 @@ impl Registry {
             st.held = false;
             self.shared.guard.released();
         }
-        if st.suspect.take().is_none() {
+        if st.change_unusual(|u| u.suspect.take()).is_none() {
             return false;
         }
         let _ = self.shared.guard.stats.suspect.fetch_update(

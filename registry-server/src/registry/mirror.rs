@@ -111,7 +111,7 @@ impl Registry {
         if st.removed {
             return;
         }
-        st.drain_deadline_at = admin::drain_deadline_from_wall(&admin, now);
+        st.change_unusual(|u| u.drain_deadline_at = admin::drain_deadline_from_wall(&admin, now));
         if self.apply_admin(&mut st, admin) {
             self.publish(&mut st, EventKind::Modified);
         }
@@ -139,7 +139,7 @@ impl Registry {
         let before = st.pool_tally();
         st.liveness = to;
         st.status_changed_at = since;
-        st.offline_since = (!online).then(|| instant_of(since, now));
+        st.change_unusual(|u| u.offline_since = (!online).then(|| instant_of(since, now)));
         self.shared.population.shift(
             if online {
                 Liveness::Offline
@@ -208,14 +208,15 @@ impl Registry {
             if st.removed {
                 continue;
             }
-            st.drain_deadline_at = admin::drain_deadline_from_wall(&st.admin, now);
+            let deadline = admin::drain_deadline_from_wall(&st.admin, now);
+            st.change_unusual(|u| u.drain_deadline_at = deadline);
             if let Some(at) = Self::drain_wakeup(&st) {
                 self.wake_by(slot, &mut st, at);
             }
             match st.liveness {
                 Liveness::Online => {
                     st.last_seen = now.at;
-                    st.restart_grace_until = Some(reserve_until);
+                    st.change_unusual(|u| u.restart_grace_until = Some(reserve_until));
                     if st.held {
                         st.held = false;
                         self.shared.guard.released();
@@ -226,7 +227,7 @@ impl Registry {
                     graced += 1;
                 }
                 Liveness::Offline => {
-                    let since = st.offline_since.unwrap_or(now.at);
+                    let since = st.unusual().offline_since.unwrap_or(now.at);
                     self.wake_by(slot, &mut st, since + timing.offline_retention);
                 }
             }

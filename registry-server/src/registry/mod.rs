@@ -476,7 +476,7 @@ impl Registry {
             return Renewal::Gone(Box::new(registration));
         }
         let other_machine = st.registration.machine_id() != registration.machine_id();
-        if let Some(until) = st.restart_grace_until.filter(|_| other_machine) {
+        if let Some(until) = st.unusual().restart_grace_until.filter(|_| other_machine) {
             return Renewal::Done(Err(RegistryError::NodeReserved {
                 node_id: registration.node_id().to_owned(),
                 until: until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -493,7 +493,7 @@ impl Registry {
         st.secret_sha256 = secret_sha256(session_secret);
         // The owner is back: the node is no longer held for it (its
         // suspect flag is cleared below with any other doubt).
-        st.restart_grace_until = None;
+        st.change_unusual(|u| u.restart_grace_until = None);
         st.last_seen = now.at;
         st.last_heartbeat_at = now.wall;
         // The new session reports its own pools; the old session's figures
@@ -695,7 +695,7 @@ impl Registry {
         check_stream(slot, &st, session_id, stream)?;
         // Heard from after a restart: no longer reserved (nor suspect: the
         // flag, set by `restore`, is cleared below with any other doubt).
-        st.restart_grace_until = None;
+        st.change_unusual(|u| u.restart_grace_until = None);
         let before = st.pool_tally();
         let pools_changed = st.pools_changed(&beat.pools);
         let health_changed = st.gpu_health_changed(&beat.gpus);
@@ -763,23 +763,25 @@ impl Registry {
             if let Some(since) = offline_since {
                 state.liveness = Liveness::Offline;
                 state.status_changed_at = since;
-                state.offline_since = Some(mirror::instant_of(since, now));
+                state.change_unusual(|u| u.offline_since = Some(mirror::instant_of(since, now)));
             } else {
                 // ONLINE as last recorded: trusted again once heard from.
                 self.set_suspect(&mut state, RESTART_SUSPECT);
-                state.restart_grace_until = Some(grace_until);
+                state.change_unusual(|u| u.restart_grace_until = Some(grace_until));
             }
             if let Some(stored) = admin.remove(&*id) {
                 // Into the gauges like any admin change; the deadline of a
                 // pending drain comes back onto the monotonic clock (the
                 // write `set_admin` queues puts back what was loaded).
-                state.drain_deadline_at = admin::drain_deadline_from_wall(&stored, now);
+                state.change_unusual(|u| {
+                    u.drain_deadline_at = admin::drain_deadline_from_wall(&stored, now)
+                });
                 let _same = self.set_admin(&mut state, stored);
             }
             let slot = NodeSlot::new(state);
             let liveness = {
                 let mut st = slot.lock();
-                let first_look = match st.offline_since {
+                let first_look = match st.unusual().offline_since {
                     Some(since) => since + self.shared.timing.offline_retention,
                     None => now.at + timeout,
                 };
@@ -821,7 +823,7 @@ impl Registry {
     /// An OFFLINE node is ONLINE again as of `wall`.
     fn set_online(&self, st: &mut NodeState, wall: DateTime<Utc>) {
         st.liveness = Liveness::Online;
-        st.offline_since = None;
+        st.change_unusual(|u| u.offline_since = None);
         st.status_changed_at = wall;
         // Queued under the node's lock like every write; nobody waits for
         // it (a failure is logged by the store).

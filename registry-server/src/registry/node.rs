@@ -167,8 +167,6 @@ pub(super) struct NodeState {
     /// or of a grace the registry gave after doubting itself (see
     /// `Registry::grace_all`); the deadline is `last_seen + node_timeout`.
     pub(super) last_seen: Instant,
-    /// Monotonic time the node went OFFLINE, for retention.
-    pub(super) offline_since: Option<Instant>,
     /// Wall-clock time of first registration (kept across re-registration).
     pub(super) registered_at: DateTime<Utc>,
     /// Wall-clock time of the latest sign of life, for operators.
@@ -203,17 +201,13 @@ pub(super) struct NodeState {
     /// ([`super::admin::default_admin`]), so it costs a pointer per node
     /// and per view instead of ~160 bytes in each.
     pub(super) admin: Arc<pb::AdminState>,
-    /// Why the registry holds the node ONLINE past its deadline (it
-    /// suspects itself, not the node); `None` when it does not. A
-    /// `Box<str>` and a boxed `resume` below (both rare) keep the slot in
-    /// a smaller allocation class (384 bytes, not 448).
-    pub(super) suspect: Option<Box<str>>,
-    /// The drain's deadline on the monotonic clock (the schedule's), so
-    /// the node is woken to mark it drained; `None` without a deadline.
-    pub(super) drain_deadline_at: Option<Instant>,
-    /// A ResumeCommand owed to the agent after CancelDrain, until its
-    /// pools are reported no longer DRAINING.
-    pub(super) resume: Option<Box<pb::ResumeCommand>>,
+    /// What a node holds only while something unusual goes on (OFFLINE,
+    /// suspect, draining with a deadline, a resume owed, reserved after a
+    /// restart), boxed: `None`, 8 bytes, for a node in its usual state,
+    /// where the fields inline took 68 and put the node's slot in the
+    /// allocator's 384-byte class, not 320. Read with
+    /// [`NodeState::unusual`], changed with [`NodeState::change_unusual`].
+    unusual: Option<Box<Unusual>>,
     /// Number of the latest command owed to the agent; a stream sends each
     /// number once, and new streams (starting at 0) send the owed one
     /// again. Starts at 1.
@@ -231,10 +225,57 @@ pub(super) struct NodeState {
     /// deadline (it then is `suspect` too), so the guard's count and its
     /// end know which nodes it holds.
     pub(super) held: bool,
+}
+
+/// What a node holds only while something unusual goes on, boxed apart
+/// from [`NodeState`] (see `NodeState::unusual`).
+#[derive(Debug)]
+pub(super) struct Unusual {
+    /// Monotonic time the node went OFFLINE, for retention.
+    pub(super) offline_since: Option<Instant>,
+    /// Why the registry holds the node ONLINE past its deadline (it
+    /// suspects itself, not the node); `None` when it does not.
+    pub(super) suspect: Option<Box<str>>,
+    /// The drain's deadline on the monotonic clock (the schedule's), so
+    /// the node is woken to mark it drained; `None` without a deadline.
+    pub(super) drain_deadline_at: Option<Instant>,
+    /// A ResumeCommand owed to the agent after CancelDrain, until its
+    /// pools are reported no longer DRAINING.
+    pub(super) resume: Option<Box<pb::ResumeCommand>>,
     /// Set on nodes loaded from the store at start, until their agent is
     /// heard from: the end of the restart grace, during which the node id
     /// is reserved for its machine (wall time, for the refusal message).
     pub(super) restart_grace_until: Option<DateTime<Utc>>,
+}
+
+/// Read for a node in its usual state.
+static USUAL: Unusual = Unusual::USUAL;
+
+impl Unusual {
+    /// A node's usual state: nothing unusual held.
+    const USUAL: Unusual = Unusual {
+        offline_since: None,
+        suspect: None,
+        drain_deadline_at: None,
+        resume: None,
+        restart_grace_until: None,
+    };
+
+    /// Whether nothing unusual is held.
+    fn is_usual(&self) -> bool {
+        let Unusual {
+            offline_since,
+            suspect,
+            drain_deadline_at,
+            resume,
+            restart_grace_until,
+        } = self;
+        offline_since.is_none()
+            && suspect.is_none()
+            && drain_deadline_at.is_none()
+            && resume.is_none()
+            && restart_grace_until.is_none()
+    }
 }
 
 impl NodeState {
@@ -260,7 +301,6 @@ impl NodeState {
             secret_sha256,
             liveness: Liveness::Online,
             last_seen: now,
-            offline_since: None,
             registered_at: wall,
             last_heartbeat_at: wall,
             status_changed_at: wall,
@@ -270,14 +310,42 @@ impl NodeState {
             wakeup: None,
             removed: false,
             admin: super::admin::default_admin(),
-            suspect: None,
-            drain_deadline_at: None,
-            resume: None,
+            unusual: None,
             command_gen: 1,
             stream_gen: 0,
             reported: false,
             held: false,
-            restart_grace_until: None,
+        }
+    }
+
+    /// What the node holds only while something unusual goes on; all
+    /// `None` for a node in its usual state.
+    pub(super) fn unusual(&self) -> &Unusual {
+        self.unusual.as_deref().unwrap_or(&USUAL)
+    }
+
+    /// Changes what the node holds while something unusual goes on with
+    /// `change`: the box is made when a field is set on a node in its
+    /// usual state and dropped once every field is `None` again, and a
+    /// change that leaves a usual node usual (a beat clearing the restart
+    /// reservation) allocates nothing.
+    pub(super) fn change_unusual<R>(&mut self, change: impl FnOnce(&mut Unusual) -> R) -> R {
+        match &mut self.unusual {
+            Some(unusual) => {
+                let changed = change(unusual);
+                if unusual.is_usual() {
+                    self.unusual = None;
+                }
+                changed
+            }
+            None => {
+                let mut unusual = Unusual::USUAL;
+                let changed = change(&mut unusual);
+                if !unusual.is_usual() {
+                    self.unusual = Some(Box::new(unusual));
+                }
+                changed
+            }
         }
     }
 
@@ -467,8 +535,13 @@ impl NodeState {
             status_changed_at: Some(to_proto_timestamp(self.status_changed_at)),
             agent_time: self.agent_time.map(to_proto_timestamp),
             revision: 0,
-            suspect: self.suspect.is_some(),
-            suspect_reason: self.suspect.as_deref().unwrap_or_default().to_owned(),
+            suspect: self.unusual().suspect.is_some(),
+            suspect_reason: self
+                .unusual()
+                .suspect
+                .as_deref()
+                .unwrap_or_default()
+                .to_owned(),
         };
         NodeView::new(
             self.registration.clone(),
@@ -477,5 +550,45 @@ impl NodeState {
             gpu_stats,
             Some(self.admin.clone()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> NodeState {
+        let registration = crate::registry::tests::new_registration("n1").into();
+        NodeState::new(registration, 1, [0; 32], Instant::now(), Utc::now())
+    }
+
+    /// Every node holds one slot (its `Arc` adds two counts of 8 bytes):
+    /// within the allocator's 320-byte class, where the unusual fields
+    /// inline and GPU figures as `Bytes` put it in the 384-byte one.
+    #[test]
+    fn a_nodes_slot_fits_the_320_byte_class() {
+        let arc_counts = 2 * std::mem::size_of::<usize>();
+        let slot = std::mem::size_of::<NodeSlot>() + arc_counts;
+        assert!(slot <= 320, "a node's slot takes {slot} bytes");
+    }
+
+    #[test]
+    fn only_an_unusual_node_holds_the_unusual_fields_box() {
+        let mut st = state();
+        assert!(st.unusual.is_none() && st.unusual().suspect.is_none());
+        // Clearing what is not set allocates nothing.
+        st.change_unusual(|u| u.restart_grace_until = None);
+        assert!(st.unusual.is_none());
+        let at = Instant::now();
+        st.change_unusual(|u| u.offline_since = Some(at));
+        st.change_unusual(|u| u.suspect = Some("store unreachable".into()));
+        assert_eq!(st.unusual().offline_since, Some(at));
+        assert_eq!(st.unusual().suspect.as_deref(), Some("store unreachable"));
+        // Still boxed while any field is set, dropped once none is.
+        st.change_unusual(|u| u.offline_since = None);
+        assert!(st.unusual.is_some());
+        let taken = st.change_unusual(|u| u.suspect.take());
+        assert_eq!(taken.as_deref(), Some("store unreachable"));
+        assert!(st.unusual.is_none() && st.unusual().offline_since.is_none());
     }
 }
