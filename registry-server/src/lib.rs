@@ -51,6 +51,7 @@ pub mod service;
 pub mod signal;
 pub mod store;
 pub mod telemetry;
+pub mod transport;
 pub mod validate;
 pub mod view;
 pub mod watch;

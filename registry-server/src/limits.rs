@@ -1,4 +1,4 @@
-//! The connection caps: an accept loop that hands tonic at most
+//! The connection caps: an accept loop that hands the server at most
 //! `max_connections` live connections, and at most `per_address` from one
 //! source address. A connection beyond a cap is closed at once, so a client
 //! opening connections without limit cannot exhaust the server's file
@@ -113,7 +113,7 @@ pub struct ConnectionLimits {
 pub fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
-) -> impl Stream<Item = io::Result<LimitedConnection>> {
+) -> impl Stream<Item = LimitedConnection> {
     let permits = Arc::new(Semaphore::new(limits.max));
     let per_address = Arc::new(PerAddress::default());
     let state = (listener, permits, per_address);
@@ -147,7 +147,7 @@ pub fn incoming(
                         ))),
                         handshake_left: HANDSHAKE_BYTES,
                     };
-                    return Some((Ok(connection), (listener, permits, per_address)));
+                    return Some((connection, (listener, permits, per_address)));
                 }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning, and

@@ -8,7 +8,6 @@ use std::time::Duration;
 use registry_proto::pb::node_registry_server::NodeRegistryServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
@@ -53,9 +52,10 @@ pub enum ServerError {
     /// the server refuses to start rather than start empty.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
-    /// The transport failed.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    /// The TLS files cannot be used together (no certificate or key in
+    /// them, a key that does not match the certificate).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::transport::TlsError),
     /// The expiry task ended before shutdown (it returned or panicked), so
     /// no node would ever go OFFLINE again; the server stops rather than
     /// serve a registry that silently lies about liveness.
@@ -73,6 +73,7 @@ impl ServerError {
             ServerError::Settings(_)
                 | ServerError::Auth(_)
                 | ServerError::TlsFile { .. }
+                | ServerError::Tls(_)
                 | ServerError::Store(_)
         )
     }
@@ -336,27 +337,6 @@ where
         huge_pages = crate::huge_pages::current(),
         "registry listening"
     );
-    let mut builder = Server::builder()
-        // Server pings find dead connections; they never count as liveness.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(settings.max_streams_per_connection))
-        // h2 tears a connection down (GOAWAY) once more than 20 of its
-        // streams were reset by the client before the server accepted them
-        // (its rapid-reset guard). A connection shared by many agents (a
-        // proxy, fleet-sim) cancels that many in a burst whenever it gives
-        // up on a slow registry, and losing the connection then drops every
-        // stream on it. Allowing as many as the connection may have open
-        // keeps the guard's bound (work per connection) without the cascade.
-        .http2_max_pending_accept_reset_streams(Some(
-            (settings.max_streams_per_connection as usize).max(20),
-        ))
-        // Bounds unary calls; a streaming call's response starts at once,
-        // so heartbeat streams are not cut by it.
-        .timeout(settings.request_timeout);
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
     // Every method the server answers, known up front (see grpc_metrics).
     let grpc_metrics = GrpcMetricsLayer::from_descriptor_sets(&[
         registry_proto::FILE_DESCRIPTOR_SET,
@@ -364,8 +344,13 @@ where
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ])?;
-    let reflection = (!settings.disable_reflection).then_some((reflection_v1, reflection_v1alpha));
-    let (reflection_v1, reflection_v1alpha) = reflection.unzip();
+    let mut routes = tonic::service::Routes::builder();
+    routes.add_service(health_service);
+    if !settings.disable_reflection {
+        routes.add_service(reflection_v1);
+        routes.add_service(reflection_v1alpha);
+    }
+    routes.add_service(registry_service);
     // What unfinished messages may hold (see `budget`), outermost but for
     // the metrics, so a refused message is counted like any answer.
     let budgets = crate::budget::Budgets::new(crate::budget::BudgetLimits {
@@ -374,26 +359,43 @@ where
         per_connection: settings.max_buffered_bytes_per_connection,
         global: settings.max_buffered_bytes,
     });
-    let serve = builder
+    let stack = tower::ServiceBuilder::new()
         .layer(grpc_metrics)
         // Heartbeat is served by `HeartbeatRoute`, which holds its streams
         // to the budgets itself.
         .layer(crate::budget::BudgetLayer::new(budgets).with_heartbeat_route())
-        .add_service(health_service)
-        .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .add_service(registry_service)
-        .serve_with_incoming_shutdown(
-            crate::limits::incoming(
-                listener,
-                crate::limits::ConnectionLimits {
-                    max: settings.max_connections,
-                    per_address: settings.max_connections_per_address,
-                    handshake_within: settings.request_timeout,
-                },
-            ),
-            on_shutdown,
-        );
+        .service(routes.routes().prepare());
+    let http2 = crate::transport::Http2Settings {
+        // Server pings find dead connections; they never count as liveness.
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+        max_concurrent_streams: settings.max_streams_per_connection,
+        // h2 tears a connection down (GOAWAY) once more than 20 of its
+        // streams were reset by the client before the server accepted them
+        // (its rapid-reset guard). A connection shared by many agents (a
+        // proxy, fleet-sim) cancels that many in a burst whenever it gives
+        // up on a slow registry, and losing the connection then drops every
+        // stream on it. Allowing as many as the connection may have open
+        // keeps the guard's bound (work per connection) without the cascade.
+        max_pending_accept_reset_streams: (settings.max_streams_per_connection as usize).max(20),
+        // Bounds unary calls; a streaming call's response starts at once,
+        // so heartbeat streams are not cut by it.
+        request_timeout: settings.request_timeout,
+    };
+    let serve = crate::transport::serve(
+        crate::limits::incoming(
+            listener,
+            crate::limits::ConnectionLimits {
+                max: settings.max_connections,
+                per_address: settings.max_connections_per_address,
+                handshake_within: settings.request_timeout,
+            },
+        ),
+        stack,
+        http2,
+        tls,
+        on_shutdown,
+    );
     // Graceful shutdown waits for every connection; a client that holds one
     // open must not keep the process alive past the grace period.
     let grace_over = async {
@@ -416,13 +418,13 @@ where
         }
     };
     let ended = tokio::select! {
-        served = serve => Ended::Served(served),
+        () = serve => Ended::Served,
         () = grace_over => {
             warn!(
                 grace = %humantime::format_duration(settings.shutdown_grace),
                 "connections still open after the shutdown grace period; closing them"
             );
-            Ended::Served(Ok(()))
+            Ended::Served
         }
         why = expiry_ended => Ended::ExpiryStopped(why),
     };
@@ -440,7 +442,7 @@ where
     // in this process, as the tests do, opens it again).
     store.close().await;
     match ended {
-        Ended::Served(served) => served?,
+        Ended::Served => {}
         Ended::ExpiryStopped(why) => {
             let err = ServerError::ExpiryStopped(why);
             error!(error = %err, "registry stopping");
@@ -488,8 +490,8 @@ async fn follow_liveness(
 
 /// How serving ended.
 enum Ended {
-    /// The server stopped (after shutdown), with the transport's verdict.
-    Served(Result<(), tonic::transport::Error>),
+    /// The server stopped (after shutdown).
+    Served,
     /// The expiry task ended first, for this reason.
     ExpiryStopped(String),
 }
@@ -508,8 +510,8 @@ fn join_failure(err: tokio::task::JoinError) -> String {
     format!("it panicked: {message}")
 }
 
-/// The TLS configuration of `settings`, if TLS is on.
-fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServerError> {
+/// The TLS of `settings`, if TLS is on.
+fn tls_config(settings: &Settings) -> Result<Option<crate::transport::Tls>, ServerError> {
     let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
         return Ok(None);
     };
@@ -519,14 +521,14 @@ fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServerErro
             source,
         })
     };
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &settings.tls_client_ca {
-        config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+    let client_ca = settings.tls_client_ca.as_deref().map(read).transpose()?;
+    let tls = crate::transport::Tls::new(&read(cert)?, &read(key)?, client_ca.as_deref())?;
+    if client_ca.is_some() {
         info!("mTLS on: clients must present a certificate signed by --tls-client-ca");
     } else {
         info!("TLS on");
     }
-    Ok(Some(config))
+    Ok(Some(tls))
 }
 
 #[cfg(test)]
