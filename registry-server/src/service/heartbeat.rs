@@ -218,12 +218,15 @@ fn raised<'a>(
 }
 
 /// Resolves when the first message is overdue; never once it came (no
-/// deadline).
-async fn first_message_due(deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match deadline {
-        Some(due) => due.await,
-        None => std::future::pending().await,
-    }
+/// deadline). Written out: part of every open stream's state, 8 bytes
+/// where an `async fn` took 24.
+fn first_message_due(
+    deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match deadline {
+        Some(due) => due.as_mut().poll(cx),
+        None => std::task::Poll::Pending,
+    })
 }
 
 /// Why a stream ends when its term does; agents then find the leader.
