@@ -3,7 +3,9 @@
 //! copied) by everything downstream: the watch history and watchers, the
 //! placement index, and later the durable store and agent commands.
 
-use std::collections::{HashMap, VecDeque};
+use std::borrow::Borrow;
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -132,10 +134,36 @@ struct FeedState {
     /// consecutive (one event per revision), so the event at revision `r`
     /// is at index `r - front.revision`.
     history: VecDeque<Kept>,
-    /// Every listed node's latest view by node_id, so a snapshot is exact
-    /// at one revision without locking the nodes (which would invert the
-    /// lock order).
-    views: HashMap<String, Arc<NodeView>>,
+    /// Every listed node's latest view, found by node_id, so a snapshot
+    /// is exact at one revision without locking the nodes (which would
+    /// invert the lock order).
+    views: HashSet<Latest>,
+}
+
+/// A node's latest view in the feed's set, found by its node id: the view
+/// is its own key, 8 bytes a node where a map keyed by a copy of the id
+/// took 32 and an allocation for the copy.
+struct Latest(Arc<NodeView>);
+
+impl PartialEq for Latest {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.node_id() == other.0.node_id()
+    }
+}
+
+impl Eq for Latest {}
+
+impl Hash for Latest {
+    // As the node id hashes, so the set is searched by `&str` (`Borrow`).
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.node_id().hash(state);
+    }
+}
+
+impl Borrow<str> for Latest {
+    fn borrow(&self) -> &str {
+        self.0.node_id()
+    }
 }
 
 impl Feed {
@@ -152,7 +180,7 @@ impl Feed {
             revision: AtomicU64::new(first_revision),
             state: Mutex::new(FeedState {
                 history: VecDeque::with_capacity(history_len.min(1 << 16)),
-                views: HashMap::new(),
+                views: HashSet::new(),
             }),
             live,
             subscribers,
@@ -185,21 +213,15 @@ impl Feed {
         let kept = match kind {
             // A deleted node's final state is nobody's current view either.
             EventKind::Deleted => {
-                if let Some(previous) = views.remove(node.node_id()) {
+                if let Some(Latest(previous)) = views.take(node.node_id()) {
                     encode_replaced(history, self.history_len, &previous);
                 }
                 KeptNode::encode(&node)
             }
             EventKind::Added | EventKind::Modified => {
-                // A known node's entry is replaced where it is: no new key.
-                match views.get_mut(node.node_id()) {
-                    Some(entry) => {
-                        let previous = std::mem::replace(entry, node.clone());
-                        encode_replaced(history, self.history_len, &previous);
-                    }
-                    None => {
-                        views.insert(node.node_id().to_owned(), node.clone());
-                    }
+                // A known node's entry is replaced where it is (one search).
+                if let Some(Latest(previous)) = views.replace(Latest(node.clone())) {
+                    encode_replaced(history, self.history_len, &previous);
                 }
                 KeptNode::Current(node.clone())
             }
@@ -233,8 +255,8 @@ impl Feed {
             Start::Snapshot => {
                 let mut views: Vec<Event> = state
                     .views
-                    .values()
-                    .map(|view| Event {
+                    .iter()
+                    .map(|Latest(view)| Event {
                         revision: view.revision(),
                         kind: EventKind::Added,
                         node: view.clone(),
@@ -520,6 +542,24 @@ mod tests {
                 KeptNode::Current(_) => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_latest_views_are_found_by_node_id() {
+        use std::hash::BuildHasher as _;
+        let view = Arc::new(NodeView::from_proto(node("n1", 3)));
+        // `Borrow<str>` holds only if the view hashes as its id does.
+        let hasher = std::collections::hash_map::RandomState::new();
+        assert_eq!(hasher.hash_one(Latest(view.clone())), hasher.hash_one("n1"));
+        let mut views = HashSet::new();
+        assert!(views.replace(Latest(view.clone())).is_none());
+        let newer = Arc::new(NodeView::from_proto(node("n1", 2)));
+        let Some(Latest(previous)) = views.replace(Latest(newer.clone())) else {
+            panic!("the older view is replaced");
+        };
+        assert!(Arc::ptr_eq(&previous, &view));
+        assert!(Arc::ptr_eq(&views.get("n1").unwrap().0, &newer));
+        assert!(views.take("n1").is_some() && views.is_empty());
     }
 
     #[test]
