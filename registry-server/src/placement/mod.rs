@@ -365,6 +365,62 @@ fn add_pool(by_model: &mut HashMap<String, Pools>, pool: PoolEntry) -> usize {
     }
 }
 
+/// The index's nodes by node id, each found through its own entry's view:
+/// no copy of the id per node (a `HashMap<String, _>` kept one, 24 bytes
+/// in the table and an allocation). Hashed with std's SipHash, keyed per
+/// process, as node ids come from agents.
+#[derive(Default)]
+struct Nodes {
+    /// The entries.
+    table: hashbrown::HashTable<NodeEntry>,
+    /// Hashes node ids.
+    hasher: std::hash::RandomState,
+}
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nodes")
+            .field("len", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Nodes {
+    fn hash(&self, node_id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, node_id)
+    }
+
+    fn get_mut(&mut self, node_id: &str) -> Option<&mut NodeEntry> {
+        let hash = self.hash(node_id);
+        self.table
+            .find_mut(hash, |entry| entry.view.node_id() == node_id)
+    }
+
+    fn contains(&self, node_id: &str) -> bool {
+        let hash = self.hash(node_id);
+        self.table
+            .find(hash, |entry| entry.view.node_id() == node_id)
+            .is_some()
+    }
+
+    fn remove(&mut self, node_id: &str) -> Option<NodeEntry> {
+        let hash = self.hash(node_id);
+        let found = self
+            .table
+            .find_entry(hash, |entry| entry.view.node_id() == node_id);
+        found.ok().map(|entry| entry.remove().0)
+    }
+
+    /// Adds `entry`, whose node has none (`Inner::insert` removes first).
+    fn insert(&mut self, entry: NodeEntry) {
+        let hash = self.hash(entry.view.node_id());
+        let hasher = &self.hasher;
+        self.table.insert_unique(hash, entry, |entry| {
+            std::hash::BuildHasher::hash_one(hasher, entry.view.node_id())
+        });
+    }
+}
+
 /// The index behind the lock.
 #[derive(Debug, Default)]
 struct Inner {
@@ -372,7 +428,7 @@ struct Inner {
     revision: u64,
     /// Every node seen and not deleted, so a pinned node can be told
     /// unknown (NOT_FOUND) from unable to serve (FAILED_PRECONDITION).
-    nodes: HashMap<String, NodeEntry>,
+    nodes: Nodes,
     /// Model → its pools, the map `find` walks.
     by_model: HashMap<String, Pools>,
     /// Model → nodes that have it staged (Node.models_available).
@@ -413,7 +469,6 @@ impl Inner {
 
     /// Puts the node's current view in.
     fn insert(&mut self, revision: u64, node: &Arc<NodeView>) {
-        let node_id = node.node_id().to_owned();
         let keys = pools_of(node)
             .map(|source| add_pool(&mut self.by_model, PoolEntry::new(node, source)))
             .collect();
@@ -421,16 +476,13 @@ impl Inner {
             self.staged
                 .entry(model.clone())
                 .or_default()
-                .insert(node_id.clone());
+                .insert(node.node_id().to_owned());
         }
-        self.nodes.insert(
-            node_id,
-            NodeEntry {
-                revision,
-                view: Arc::clone(node),
-                keys,
-            },
-        );
+        self.nodes.insert(NodeEntry {
+            revision,
+            view: Arc::clone(node),
+            keys,
+        });
     }
 
     /// Updates the node's pools where they are when the view keeps its
@@ -595,7 +647,7 @@ impl PlacementIndex {
     pub fn find(&self, query: &PlacementQuery) -> Result<Placement, PlacementError> {
         let inner = self.read();
         if let Some(pin) = &query.node_id
-            && !inner.nodes.contains_key(pin)
+            && !inner.nodes.contains(pin)
         {
             return Err(PlacementError::UnknownNode {
                 node_id: pin.clone(),

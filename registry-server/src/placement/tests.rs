@@ -1431,3 +1431,25 @@ fn a_pool_refreshed_in_place_equals_one_built_afresh() {
     assert_eq!(held[0].mig_profile(), Some("3g.40gb"));
     assert_eq!(held[1].endpoint(), "http://other:9000");
 }
+
+#[test]
+fn the_node_table_finds_each_entry_by_its_own_views_id() {
+    let entry = |id: &str, revision| NodeEntry {
+        revision,
+        view: Arc::new(NodeView::from_proto(pb::Node {
+            node_id: id.into(),
+            ..Default::default()
+        })),
+        keys: Vec::new(),
+    };
+    let mut nodes = Nodes::default();
+    for (i, id) in ["n1", "n2", "n3"].into_iter().enumerate() {
+        nodes.insert(entry(id, i as u64));
+    }
+    assert!(nodes.contains("n2") && !nodes.contains("n4"));
+    nodes.get_mut("n2").unwrap().revision = 9;
+    let removed = nodes.remove("n2").unwrap();
+    assert_eq!((removed.view.node_id(), removed.revision), ("n2", 9));
+    assert!(nodes.remove("n2").is_none() && !nodes.contains("n2"));
+    assert_eq!(nodes.get_mut("n3").map(|e| e.revision), Some(2));
+}
