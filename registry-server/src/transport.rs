@@ -34,9 +34,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::body::Body;
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tower::ServiceExt as _;
 use tracing::debug;
 
@@ -152,8 +153,7 @@ pub async fn serve<IO, S, B>(
     tls: Option<Tls>,
     shutdown: impl Future<Output = ()>,
 ) where
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = TcpConnectInfo> + Unpin + Send + 'static,
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -164,6 +164,7 @@ pub async fn serve<IO, S, B>(
         http2: http2_builder(&settings),
         tls,
         request_timeout: settings.request_timeout,
+        stopped_accepting: CancellationToken::new(),
     });
     let graceful = GracefulShutdown::new();
     {
@@ -202,6 +203,8 @@ pub async fn serve<IO, S, B>(
             }
         }
     }
+    // Handshakes still under way are dropped rather than waited for.
+    connections.stopped_accepting.cancel();
     debug!(
         connections = graceful.count(),
         "waiting for open connections to close"
@@ -217,13 +220,19 @@ struct Connections {
     tls: Option<Tls>,
     /// See [`Http2Settings::request_timeout`]; also bounds a TLS handshake.
     request_timeout: Duration,
+    /// Cancelled once the server stops accepting: a TLS handshake under way
+    /// then ends (tonic's server dropped those too) instead of holding the
+    /// shutdown until it finishes or times out.
+    stopped_accepting: CancellationToken,
 }
 
-/// hyper's HTTP/2 server with `settings` and otherwise hyper's defaults,
-/// as tonic's server had them (windows, frame and header list sizes), but
-/// for one: hyper's cap of 1,024 streams per connection that the server
-/// resets for the client's protocol errors before it sends GOAWAY stays on
-/// (tonic's server turned it off).
+/// hyper's HTTP/2 server with `settings` and otherwise as tonic's server
+/// had it: hyper's defaults for windows, frame and header list sizes, and
+/// no cap on the streams the server resets over a connection's life. h2
+/// counts every reset it sends there (a stream refused past
+/// `max_concurrent_streams`, DATA on a closed stream) and never forgets
+/// one, so with hyper's default of 1,024 a long-lived connection shared by
+/// many agents would one day be torn down with all their streams.
 fn http2_builder(settings: &Http2Settings) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -231,7 +240,8 @@ fn http2_builder(settings: &Http2Settings) -> http2::Builder<TokioExecutor> {
         .keep_alive_interval(settings.keepalive_interval)
         .keep_alive_timeout(settings.keepalive_timeout)
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams);
+        .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(None);
     builder
 }
 
@@ -240,8 +250,12 @@ impl Connections {
     /// until its open calls finish).
     async fn serve_tls<IO, S, B>(&self, tls: &Tls, io: IO, service: S, watcher: Watcher)
     where
-        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-        IO::ConnectInfo: Clone + Send + Sync + 'static,
+        IO: AsyncRead
+            + AsyncWrite
+            + Connected<ConnectInfo = TcpConnectInfo>
+            + Unpin
+            + Send
+            + 'static,
         S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
@@ -250,7 +264,14 @@ impl Connections {
     {
         // The first bytes of the handshake are bounded by the connection
         // caps (`limits`); the rest of it by the request timeout.
-        let accepted = tokio::time::timeout(self.request_timeout, tls.acceptor.accept(io)).await;
+        let handshake = tokio::time::timeout(self.request_timeout, tls.acceptor.accept(io));
+        let accepted = tokio::select! {
+            accepted = handshake => accepted,
+            () = self.stopped_accepting.cancelled() => {
+                debug!("TLS handshake dropped: the server is shutting down");
+                return;
+            }
+        };
         match accepted {
             Ok(Ok(io)) => {
                 // The client's certificate, for `Request::peer_certs`.
@@ -268,7 +289,7 @@ impl Connections {
     async fn serve_http2<IO, C, S, B>(&self, io: IO, info: C, service: S, watcher: Watcher)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        C: Clone + Send + Sync + 'static,
+        C: ConnectInfo,
         S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
@@ -284,6 +305,28 @@ impl Connections {
         if let Err(err) = watcher.watch(connection).await {
             debug!(error = %err, "connection ended with an error");
         }
+    }
+}
+
+/// What a connection puts in each of its requests' extensions: tonic's
+/// connect info, as tonic's server put it there, read by
+/// `Request::remote_addr` and `peer_certs` and by the budgets.
+trait ConnectInfo: Clone + Send + Sync + 'static {
+    fn insert_into(&self, extensions: &mut http::Extensions);
+}
+
+impl ConnectInfo for TcpConnectInfo {
+    fn insert_into(&self, extensions: &mut http::Extensions) {
+        extensions.insert(self.clone());
+    }
+}
+
+/// Both, as tonic's server inserted them for a TLS connection: the TCP
+/// addresses alone too, for readers that look for those only.
+impl ConnectInfo for TlsConnectInfo<TcpConnectInfo> {
+    fn insert_into(&self, extensions: &mut http::Extensions) {
+        extensions.insert(self.get_ref().clone());
+        extensions.insert(self.clone());
     }
 }
 
@@ -304,7 +347,7 @@ where
     S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    C: Clone + Send + Sync + 'static,
+    C: ConnectInfo,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
@@ -317,7 +360,7 @@ where
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let mut request = request.map(Body::new);
-        request.extensions_mut().insert(self.info.clone());
+        self.info.insert_into(request.extensions_mut());
         let limit = call_limit(request.headers(), self.request_timeout);
         let call = self.service.clone().oneshot(request);
         Box::pin(async move {
@@ -415,6 +458,15 @@ mod tests {
         request_timeout: Duration,
         release: Arc<Notify>,
     ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        server_with(request_timeout, release, None).await
+    }
+
+    /// [`server`] with `tls`.
+    async fn server_with(
+        request_timeout: Duration,
+        release: Arc<Notify>,
+        tls: Option<Tls>,
+    ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let limits = ConnectionLimits {
@@ -450,7 +502,7 @@ mod tests {
             incoming(listener, limits),
             service,
             settings,
-            None,
+            tls,
             async move {
                 let _ = stopped.await;
             },
@@ -551,6 +603,33 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), served)
             .await
             .expect("serving ends once the open connection closed")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_drops_a_tls_handshake_under_way() {
+        use tokio::io::AsyncWriteExt as _;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let tls = Tls::new(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), None).unwrap();
+        // A request timeout far past the test's: only shutdown can end the
+        // handshake in time.
+        let never = Arc::new(Notify::new());
+        let (addr, stop, served) = server_with(Duration::from_secs(600), never, Some(tls)).await;
+        // A TLS record announcing a 508-byte ClientHello, and 40 bytes of it:
+        // past the connection caps' first bytes, never finished.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let mut partial = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc];
+        partial.extend([0u8; 36]);
+        tcp.write_all(&partial).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("shutdown waited for a handshake that never finishes")
             .unwrap();
     }
 

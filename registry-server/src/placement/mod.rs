@@ -367,8 +367,8 @@ fn add_pool(by_model: &mut HashMap<String, Pools>, pool: PoolEntry) -> usize {
 
 /// The index's nodes by node id, each found through its own entry's view:
 /// no copy of the id per node (a `HashMap<String, _>` kept one, 24 bytes
-/// in the table and an allocation). Hashed with std's SipHash, keyed per
-/// process, as node ids come from agents.
+/// in the table and an allocation). Hashed with std's SipHash with a
+/// random key per table, as node ids come from agents.
 #[derive(Default)]
 struct Nodes {
     /// The entries.

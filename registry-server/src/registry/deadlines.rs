@@ -223,10 +223,15 @@ impl Registry {
         let before = st.pool_tally();
         // A loaded node silent through the restart grace is no longer
         // reserved for its machine, nor suspect.
-        st.change_unusual(|u| u.restart_grace_until = None);
+        // The OFFLINE time is set in the same change as the reservation is
+        // cleared, so a node's unusual fields are not dropped and made
+        // again in between.
+        st.change_unusual(|u| {
+            u.restart_grace_until = None;
+            u.offline_since = Some(since);
+        });
         self.clear_suspect(st);
         st.liveness = Liveness::Offline;
-        st.change_unusual(|u| u.offline_since = Some(since));
         st.status_changed_at = now.wall;
         drop(self.shared.store.put_liveness(
             st.registration.node_id(),
