@@ -180,8 +180,9 @@ pub async fn serve<IO, S, B>(
                     None => break,
                 },
             };
-            // Taken here, before any await: a connection still in its TLS
-            // handshake when shutdown begins is told to finish too.
+            // Taken here, before any await: a connection whose TLS handshake
+            // ends just as shutdown begins is still told to finish (one
+            // still in its handshake is dropped, see `stopped_accepting`).
             let watcher = graceful.watcher();
             let (connections, service) = (connections.clone(), service.clone());
             // Two task types, not one future with both paths: a task is as
