@@ -206,12 +206,20 @@ async fn a_leader_frozen_past_its_lease_steps_down_and_never_leads_beside_the_ne
     // naming the new leader, its streams gone to the new leader.
     assert_eq!(set.leaders().await, vec![new]);
     // Its metrics: no heartbeat stream open, and no heartbeat accepted from
-    // here to the end of the test.
-    assert_eq!(
-        set.metric(old, "registry_heartbeat_streams_open"),
-        Some(0.0),
-        "the resumed replica ended its streams"
-    );
+    // here to the end of the test. The gauge is published once a second,
+    // and the resumed process's first publish may come before its streams
+    // have ended: wait for it rather than read it once.
+    test_support::eventually(
+        "the resumed replica ended its streams",
+        Duration::from_secs(10),
+        || async {
+            match set.metric(old, "registry_heartbeat_streams_open") {
+                Some(0.0) => Ok(()),
+                other => Err(format!("registry_heartbeat_streams_open {other:?}")),
+            }
+        },
+    )
+    .await;
     let accepted_after_resume = set
         .metric(old, "registry_heartbeats_total")
         .expect("the resumed replica's metrics");
