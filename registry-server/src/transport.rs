@@ -48,6 +48,44 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// transport answers with (a deadline passed, an error from a layer).
 type Answer<B> = Response<Either<B, Empty<Bytes>>>;
 
+/// What the transport needs of the stack it serves (tonic's routes under
+/// the registry's layers): a tower service from a tonic request body to a
+/// response with a [`ReplyBody`], cloned per connection and per call, its
+/// futures spawned on other threads.
+pub trait Stack<B>:
+    tower::Service<
+        Request<Body>,
+        Response = Response<B>,
+        Error: Into<BoxError>,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> Stack<B> for S where
+    S: tower::Service<
+            Request<Body>,
+            Response = Response<B>,
+            Error: Into<BoxError>,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// What the transport needs of a response body the stack answers with.
+pub trait ReplyBody: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> ReplyBody for B where
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static
+{
+}
+
 /// The HTTP/2 settings of every connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Http2Settings {
@@ -154,11 +192,8 @@ pub async fn serve<IO, S, B>(
     shutdown: impl Future<Output = ()>,
 ) where
     IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = TcpConnectInfo> + Unpin + Send + 'static,
-    S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: Stack<B>,
+    B: ReplyBody,
 {
     let connections = Arc::new(Connections {
         http2: http2_builder(&settings),
@@ -257,11 +292,8 @@ impl Connections {
             + Unpin
             + Send
             + 'static,
-        S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: Stack<B>,
+        B: ReplyBody,
     {
         // The first bytes of the handshake are bounded by the connection
         // caps (`limits`); the rest of it by the request timeout.
@@ -291,11 +323,8 @@ impl Connections {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         C: ConnectInfo,
-        S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: http_body::Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        S: Stack<B>,
+        B: ReplyBody,
     {
         let calls = Calls {
             service,
@@ -345,12 +374,10 @@ struct Calls<S, C> {
 
 impl<S, C, B> hyper::service::Service<Request<Incoming>> for Calls<S, C>
 where
-    S: tower::Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
+    // The response type named once more: it is what ties `B` to `S` here.
+    S: Stack<B> + tower::Service<Request<Body>, Response = Response<B>>,
     C: ConnectInfo,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: ReplyBody,
 {
     type Response = Answer<B>;
     type Error = BoxError;

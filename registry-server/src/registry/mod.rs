@@ -493,7 +493,7 @@ impl Registry {
         st.secret_sha256 = secret_sha256(session_secret);
         // The owner is back: the node is no longer held for it (its
         // suspect flag is cleared below with any other doubt).
-        st.change_unusual(|u| u.restart_grace_until = None);
+        st.end_restart_grace();
         st.last_seen = now.at;
         st.last_heartbeat_at = now.wall;
         // The new session reports its own pools; the old session's figures
@@ -695,7 +695,7 @@ impl Registry {
         check_stream(slot, &st, session_id, stream)?;
         // Heard from after a restart: no longer reserved (nor suspect: the
         // flag, set by `restore`, is cleared below with any other doubt).
-        st.change_unusual(|u| u.restart_grace_until = None);
+        st.end_restart_grace();
         let before = st.pool_tally();
         let pools_changed = st.pools_changed(&beat.pools);
         let health_changed = st.gpu_health_changed(&beat.gpus);

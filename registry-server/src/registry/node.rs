@@ -324,6 +324,14 @@ impl NodeState {
         self.unusual.as_deref().unwrap_or(&USUAL)
     }
 
+    /// Ends the node's restart reservation, if it has one. Every beat and
+    /// Register calls it, so a usual node (no box) returns at once.
+    pub(super) fn end_restart_grace(&mut self) {
+        if self.unusual().restart_grace_until.is_some() {
+            self.change_unusual(|u| u.restart_grace_until = None);
+        }
+    }
+
     /// Changes what the node holds while something unusual goes on with
     /// `change`: the box is made when a field is set on a node in its
     /// usual state and dropped once every field is `None` again, and a
@@ -578,6 +586,7 @@ mod tests {
         assert!(st.unusual.is_none() && st.unusual().suspect.is_none());
         // Clearing what is not set allocates nothing.
         st.change_unusual(|u| u.restart_grace_until = None);
+        st.end_restart_grace();
         assert!(st.unusual.is_none());
         let at = Instant::now();
         st.change_unusual(|u| u.offline_since = Some(at));
@@ -590,5 +599,10 @@ mod tests {
         let taken = st.change_unusual(|u| u.suspect.take());
         assert_eq!(taken.as_deref(), Some("store unreachable"));
         assert!(st.unusual.is_none() && st.unusual().offline_since.is_none());
+        // A restart reservation ends with the box when it was all it held.
+        st.change_unusual(|u| u.restart_grace_until = Some(Utc::now()));
+        assert!(st.unusual.is_some());
+        st.end_restart_grace();
+        assert!(st.unusual.is_none());
     }
 }
