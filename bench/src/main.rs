@@ -4,6 +4,12 @@
 //! profile, runs it as a separate process per scenario, and writes the
 //! tables to target/bench/results.md (server logs beside it).
 
+// mimalloc, as the registry uses: with glibc's malloc the simulated fleet
+// spent ~20 % of its CPU in malloc/free during registration storms, CPU the
+// registry it measures shares on a small machine (docs/PERF-NOTES.md item 4).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -1,6 +1,12 @@
 //! `fleet-sim`: runs N virtual node-agents against a registry and prints a
 //! report (registrations/s, heartbeats sent and acked, ack latency, errors).
 
+// mimalloc, as the registry uses: with glibc's malloc the simulated fleet
+// spent ~20 % of its CPU in malloc/free during registration storms, CPU the
+// registry it measures shares on a small machine (docs/PERF-NOTES.md item 4).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 use std::time::Duration;
 

@@ -28,6 +28,7 @@ use registry_proto::pb::heartbeat_response::Command;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until, timeout, timeout_at};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -220,7 +221,10 @@ impl Node {
             let (session, advertised) = match kept.take() {
                 Some(kept) => kept,
                 None => {
-                    let Some(registered) = self.register().await else {
+                    // Boxed: a Register call's future (tonic's and the
+                    // request, ~3.6 KiB) would otherwise size every node's
+                    // task for the whole run, not only while it registers.
+                    let Some(registered) = Box::pin(self.register()).await else {
                         if self.pause().await {
                             continue;
                         }
@@ -369,7 +373,10 @@ impl Node {
         let stop = &shared.stop;
         let ack_timeout = shared.config.ack_timeout;
 
-        let (tx, rx) = mpsc::channel(1);
+        // Boxed messages: a tokio channel allocates slots for 32 messages
+        // at once whatever its capacity, ~4.7 KiB per node for heartbeats
+        // held inline, 256 bytes for boxes.
+        let (tx, rx) = mpsc::channel::<Box<pb::HeartbeatRequest>>(1);
         self.sequence += 1;
         let mut first = self.shape.heartbeat(
             session.id,
@@ -379,7 +386,7 @@ impl Node {
             &mut self.rng,
         );
         self.drain.apply(&mut first);
-        if tx.try_send(first).is_err() {
+        if tx.try_send(Box::new(first)).is_err() {
             unreachable!("a new channel of capacity 1 has room");
         }
         let mut sent_at = Instant::now();
@@ -387,7 +394,11 @@ impl Node {
         let mut client = client(leader);
         let opened = tokio::select! {
             () = stop.cancelled() => return End::Stopped,
-            opened = timeout(ack_timeout, client.heartbeat(ReceiverStream::new(rx))) => opened,
+            // Boxed, as the Register call is: only the open stream is kept.
+            opened = timeout(
+                ack_timeout,
+                Box::pin(client.heartbeat(ReceiverStream::new(rx).map(|beat| *beat))),
+            ) => opened,
         };
         let mut inbound = match opened {
             Ok(Ok(response)) => response.into_inner(),
@@ -485,7 +496,7 @@ impl Node {
             self.drain.apply(&mut beat);
             // A failed send means the stream is gone; reading the next
             // message then yields its status.
-            if tx.send(beat).await.is_ok() {
+            if tx.send(Box::new(beat)).await.is_ok() {
                 stats.sent();
             }
             sent_at = Instant::now();
