@@ -86,6 +86,9 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Err(err) = fleet_sim::limits::small_pages() {
+        tracing::warn!(error = %err, "huge pages stay as the system's policy says");
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -1,5 +1,7 @@
-//! The open-file limit: every HTTP/2 connection is one file descriptor, so a
-//! fleet of one connection per node needs a soft limit above the node count.
+//! What the simulator asks of the kernel for itself: the open-file limit
+//! (every HTTP/2 connection is one file descriptor, so a fleet of one
+//! connection per node needs a soft limit above the node count), and 4 KiB
+//! pages.
 
 use crate::error::SimError;
 
@@ -27,6 +29,24 @@ pub fn check_connections(connections: usize, soft_limit: u64) -> Result<(), SimE
     Ok(())
 }
 
+/// Turns transparent huge pages off for this process, as the registry does
+/// by default (its `--huge-pages`). A simulated fleet grows by ~1 GiB in a
+/// registration storm of 100,000 nodes; with huge pages every fault zeroes
+/// 2 MiB, much of it never used, and on a small VM the first touch of such
+/// pages cost the simulator ~45 % of its CPU in the storm, CPU the registry
+/// it measures shares (docs/PERF-NOTES.md item 4). Inherited by processes
+/// started afterwards; the registry sets its own choice at start. Does
+/// nothing elsewhere than Linux.
+///
+/// # Errors
+/// The kernel refused (a seccomp filter, say); the fleet then runs with the
+/// system's policy.
+pub fn small_pages() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    rustix::thread::disable_transparent_huge_pages(true)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,6 +56,13 @@ mod tests {
         check_connections(1000, 20_000).unwrap();
         let err = check_connections(19_990, 20_000).unwrap_err().to_string();
         assert!(err.contains("--connections"), "{err}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn huge_pages_are_turned_off() {
+        small_pages().unwrap();
+        assert!(rustix::thread::transparent_huge_pages_are_disabled().unwrap());
     }
 
     #[test]

@@ -34,6 +34,9 @@ async fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Err(err) = fleet_sim::limits::small_pages() {
+        tracing::warn!(error = %err, "huge pages stay as the system's policy says");
+    }
     let interrupt = async {
         // If no handler can be installed, only the duration ends the run.
         if tokio::signal::ctrl_c().await.is_err() {
