@@ -432,6 +432,10 @@ pub fn pool_mig_uuids<'f>(
     caps: Option<&pb::Capabilities>,
     field: &dyn Fn(usize) -> Field<'f>,
 ) -> RuleResult {
+    // Most pools run on whole GPUs: nothing to look up.
+    if uuids.is_empty() {
+        return Ok(());
+    }
     let slices: HashSet<&str> = caps
         .map(|c| c.gpus.as_slice())
         .unwrap_or_default()
@@ -479,14 +483,15 @@ pub fn capabilities(caps: &pb::Capabilities) -> RuleResult {
         &caps.driver_version,
     )?;
     text(Field::Name("capabilities.cuda_version"), &caps.cuda_version)?;
-    let mut seen_index = HashSet::new();
     for (index, gpu) in caps.gpus.iter().enumerate() {
         let field = |name| Field::Item {
             list: "capabilities.gpus",
             index,
             name,
         };
-        if !seen_index.insert(gpu.index) {
+        // Compared with the GPUs before it: at most 64 GPUs, so no set
+        // (and no allocation or hashing) is needed per Register.
+        if caps.gpus[..index].iter().any(|g| g.index == gpu.index) {
             return Err(RuleError::new(
                 field("index"),
                 format!("GPU index {} appears more than once", gpu.index),
