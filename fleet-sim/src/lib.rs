@@ -15,7 +15,7 @@
 //!   nodes share;
 //! - [`fake`]: the registration and heartbeat payloads a node sends;
 //! - [`stats`]: counters and latency histograms, snapshots and the report;
-//! - [`limits`]: the open-file limit;
+//! - [`limits`]: the open-file limit and 4 KiB pages;
 //! - [`error`]: why a fleet could not start.
 //!
 //! Retry delays come from [`registry_proto::backoff`], the backoff

@@ -32,11 +32,12 @@ pub fn check_connections(connections: usize, soft_limit: u64) -> Result<(), SimE
 /// Turns transparent huge pages off for this process, as the registry does
 /// by default (its `--huge-pages`). A simulated fleet grows by ~1 GiB in a
 /// registration storm of 100,000 nodes; with huge pages every fault zeroes
-/// 2 MiB, much of it never used, and on a small VM the first touch of such
-/// pages cost the simulator ~45 % of its CPU in the storm, CPU the registry
-/// it measures shares (docs/PERF-NOTES.md item 4). Inherited by processes
-/// started afterwards; the registry sets its own choice at start. Does
-/// nothing elsewhere than Linux.
+/// 2 MiB at once, and on a small VM the first touch of such pages cost the
+/// simulator ~45 % of its CPU in the storm, CPU the registry it measures
+/// shares (docs/PERF-NOTES.md item 4). Inherited by processes started
+/// afterwards: the registry sets its own choice at start, and the bench
+/// starts etcd members under [`system_pages`]. Does nothing elsewhere than
+/// Linux.
 ///
 /// # Errors
 /// The kernel refused (a seccomp filter, say); the fleet then runs with the
@@ -44,6 +45,17 @@ pub fn check_connections(connections: usize, soft_limit: u64) -> Result<(), SimE
 pub fn small_pages() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     rustix::thread::disable_transparent_huge_pages(true)?;
+    Ok(())
+}
+
+/// Gives this process, and those it starts from now on, the system's huge
+/// page policy again (the other side of [`small_pages`]).
+///
+/// # Errors
+/// The kernel refused.
+pub fn system_pages() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    rustix::thread::disable_transparent_huge_pages(false)?;
     Ok(())
 }
 
@@ -60,9 +72,11 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn huge_pages_are_turned_off() {
+    fn huge_pages_are_turned_off_and_on_again() {
         small_pages().unwrap();
         assert!(rustix::thread::transparent_huge_pages_are_disabled().unwrap());
+        system_pages().unwrap();
+        assert!(!rustix::thread::transparent_huge_pages_are_disabled().unwrap());
     }
 
     #[test]

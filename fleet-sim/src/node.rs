@@ -375,7 +375,7 @@ impl Node {
 
         // Boxed messages: a tokio channel allocates slots for 32 messages
         // at once whatever its capacity, ~4.7 KiB per node for heartbeats
-        // held inline, 256 bytes for boxes.
+        // held inline, 256 bytes of slots for boxes.
         let (tx, rx) = mpsc::channel::<Box<pb::HeartbeatRequest>>(1);
         self.sequence += 1;
         let mut first = self.shape.heartbeat(

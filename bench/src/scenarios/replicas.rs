@@ -99,9 +99,20 @@ pub struct Failover {
 /// Runs the scenario; `None` when etcd is not installed.
 pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<Option<ReplicasResult>, BenchError> {
     let p = &plan.replicas;
-    let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
-        .await
-        .map_err(|e| BenchError::Server(format!("starting etcd: {e}")))?;
+    // The members run with the system's huge page policy, as in production
+    // and in the tables before the bench's own fleet took 4 KiB pages: a
+    // child inherits the switch when it is started, so it is flipped for
+    // the start only (no fleet runs meanwhile).
+    let etcd = tokio::task::spawn_blocking(|| {
+        let system = fleet_sim::limits::system_pages();
+        let etcd = EtcdCluster::start(3);
+        if system.is_ok() {
+            let _ = fleet_sim::limits::small_pages();
+        }
+        etcd
+    })
+    .await
+    .map_err(|e| BenchError::Server(format!("starting etcd: {e}")))?;
     let Some(etcd) = etcd else {
         info!("etcd is not installed; the replicas scenario is skipped");
         return Ok(None);

@@ -335,8 +335,8 @@ impl NodeState {
     /// Changes what the node holds while something unusual goes on with
     /// `change`: the box is made when a field is set on a node in its
     /// usual state and dropped once every field is `None` again, and a
-    /// change that leaves a usual node usual (a beat clearing the restart
-    /// reservation) allocates nothing.
+    /// change that leaves a usual node usual (clearing a field that is not
+    /// set) allocates nothing.
     pub(super) fn change_unusual<R>(&mut self, change: impl FnOnce(&mut Unusual) -> R) -> R {
         match &mut self.unusual {
             Some(unusual) => {
@@ -604,5 +604,13 @@ mod tests {
         assert!(st.unusual.is_some());
         st.end_restart_grace();
         assert!(st.unusual.is_none());
+        // ... and leaves the box, and what else it holds, otherwise.
+        st.change_unusual(|u| {
+            u.restart_grace_until = Some(Utc::now());
+            u.suspect = Some("restored".into());
+        });
+        st.end_restart_grace();
+        assert!(st.unusual().restart_grace_until.is_none());
+        assert_eq!(st.unusual().suspect.as_deref(), Some("restored"));
     }
 }
