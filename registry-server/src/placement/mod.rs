@@ -386,37 +386,43 @@ impl std::fmt::Debug for Nodes {
 }
 
 impl Nodes {
-    fn hash(&self, node_id: &str) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.hasher, node_id)
+    /// The hash of `node_id` under `hasher` (the table's own, passed apart
+    /// so a rehash can use it while the table is borrowed).
+    fn hash(hasher: &std::hash::RandomState, node_id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(hasher, node_id)
+    }
+
+    /// Where `node_id`'s entry would be: its hash, and the test that finds
+    /// it among entries of that hash.
+    fn key<'a>(&self, node_id: &'a str) -> (u64, impl Fn(&NodeEntry) -> bool + 'a) {
+        let hash = Self::hash(&self.hasher, node_id);
+        (hash, move |entry: &NodeEntry| {
+            entry.view.node_id() == node_id
+        })
     }
 
     fn get_mut(&mut self, node_id: &str) -> Option<&mut NodeEntry> {
-        let hash = self.hash(node_id);
-        self.table
-            .find_mut(hash, |entry| entry.view.node_id() == node_id)
+        let (hash, is) = self.key(node_id);
+        self.table.find_mut(hash, is)
     }
 
     fn contains(&self, node_id: &str) -> bool {
-        let hash = self.hash(node_id);
-        self.table
-            .find(hash, |entry| entry.view.node_id() == node_id)
-            .is_some()
+        let (hash, is) = self.key(node_id);
+        self.table.find(hash, is).is_some()
     }
 
     fn remove(&mut self, node_id: &str) -> Option<NodeEntry> {
-        let hash = self.hash(node_id);
-        let found = self
-            .table
-            .find_entry(hash, |entry| entry.view.node_id() == node_id);
+        let (hash, is) = self.key(node_id);
+        let found = self.table.find_entry(hash, is);
         found.ok().map(|entry| entry.remove().0)
     }
 
     /// Adds `entry`, whose node has none (`Inner::insert` removes first).
     fn insert(&mut self, entry: NodeEntry) {
-        let hash = self.hash(entry.view.node_id());
         let hasher = &self.hasher;
+        let hash = Self::hash(hasher, entry.view.node_id());
         self.table.insert_unique(hash, entry, |entry| {
-            std::hash::BuildHasher::hash_one(hasher, entry.view.node_id())
+            Self::hash(hasher, entry.view.node_id())
         });
     }
 }
