@@ -178,16 +178,46 @@ impl ReplicaSet {
 
     /// Waits until replica `i` lists every agent's node ONLINE.
     pub async fn wait_all_online_via(&self, i: usize, timeout: Duration) -> Nodes {
+        self.wait_all_via(i, timeout, false).await
+    }
+
+    /// Waits until the leader `i` lists every agent's node ONLINE and has
+    /// had a heartbeat from each (its pool status is set). Only then does
+    /// every agent hold its Register's reply: a node is listed ONLINE as
+    /// soon as its registration is stored, a moment before the reply is
+    /// sent. A test that kills or freezes the leader waits for this first,
+    /// or an agent may still be waiting out a lost reply (the agent's
+    /// registry timeout, 5 s) when the new leader's fresh node timeout
+    /// (3 s in these tests) runs out, which is the agent's timing and not
+    /// the failover's. Pool status is live state: a follower has none.
+    pub async fn wait_all_streaming_via(&self, i: usize, timeout: Duration) -> Nodes {
+        self.wait_all_via(i, timeout, true).await
+    }
+
+    async fn wait_all_via(&self, i: usize, timeout: Duration, streaming: bool) -> Nodes {
         let url = self.replicas[i].url();
         let ids: Vec<String> = self.agents.iter().map(|a| a.spec.node_id.clone()).collect();
-        test_support::eventually("every agent's node ONLINE", timeout, || {
+        let what = if streaming {
+            "every agent's node ONLINE and beating"
+        } else {
+            "every agent's node ONLINE"
+        };
+        test_support::eventually(what, timeout, || {
             let (url, ids) = (url.clone(), ids.clone());
             async move {
                 let nodes = list_nodes(&url).await.map_err(|e| e.to_string())?;
                 for id in &ids {
                     match nodes.get(id) {
-                        Some(node) if node.status() == registry_proto::pb::NodeStatus::Online => {}
-                        other => return Err(format!("{id}: {:?}", other.map(|n| n.status()))),
+                        Some(node)
+                            if node.status() == registry_proto::pb::NodeStatus::Online
+                                && (!streaming || !node.pool_status.is_empty()) => {}
+                        other => {
+                            return Err(format!(
+                                "{id}: {:?}, pool status {:?}",
+                                other.map(|n| n.status()),
+                                other.map(|n| n.pool_status.len())
+                            ));
+                        }
                     }
                 }
                 Ok(nodes)

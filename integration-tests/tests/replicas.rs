@@ -40,7 +40,7 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_no_node_goes_offline()
         return;
     };
     let leader = set.wait_leader(Duration::from_secs(30)).await;
-    set.wait_all_online_via(leader, Duration::from_secs(30))
+    set.wait_all_streaming_via(leader, Duration::from_secs(30))
         .await;
     let cordon = set
         .ctl(
@@ -162,7 +162,8 @@ async fn a_leader_frozen_past_its_lease_steps_down_and_never_leads_beside_the_ne
         return;
     };
     let old = set.wait_leader(Duration::from_secs(30)).await;
-    set.wait_all_online_via(old, Duration::from_secs(30)).await;
+    set.wait_all_streaming_via(old, Duration::from_secs(30))
+        .await;
     let watch = OfflineWatch::start(set.urls());
 
     // Two leaders at once would both be SERVING: look all along.
