@@ -95,7 +95,7 @@ pub const MAX_SHARED_GPU_SETS: usize = 1024;
 /// process's life; past the bound new sets are kept per node, which
 /// costs memory only).
 #[derive(Debug, Default)]
-struct SharedSets(HashSet<Arc<GpuSet>>);
+struct SharedSets(HashSet<Arc<GpuSet>, foldhash::fast::RandomState>);
 
 impl SharedSets {
     /// The shared copy of `set`, added while there is room; `set` itself
@@ -146,22 +146,37 @@ struct GpuIds {
 
 impl GpuIds {
     /// `gpu`'s ids packed; `None` unless they write back exactly as sent.
+    /// Checked without writing them back: this runs for every GPU of every
+    /// Register, and building the two strings to compare was ~4 % of the
+    /// registry's CPU in a registration storm.
     fn pack(gpu: &pb::GpuInfo) -> Option<Self> {
-        let uuid = uuid::Uuid::try_parse(gpu.uuid.strip_prefix(UUID_PREFIX)?).ok()?;
-        let (domain, rest) = gpu.pci_bus_id.split_once(':')?;
-        let (bus, rest) = rest.split_once(':')?;
-        let (device, function) = rest.split_once('.')?;
-        let ids = Self {
+        // Parsing forgives case and the braced, simple and URN forms;
+        // what is kept is written back hyphenated in lowercase.
+        let hyphenated = gpu.uuid.strip_prefix(UUID_PREFIX)?;
+        // Of the forms parsing takes, only the hyphenated one is 36 long.
+        if hyphenated.len() != 36 || hyphenated.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        let uuid = uuid::Uuid::try_parse(hyphenated).ok()?;
+        // What `pci_bus_id` writes back: `DDDDDDDD:BB:DD.F`, uppercase hex
+        // digits, the function without leading zeros.
+        let pci = gpu.pci_bus_id.as_bytes();
+        if !matches!(pci.len(), 16 | 17) || pci[8] != b':' || pci[11] != b':' || pci[14] != b'.' {
+            return None;
+        }
+        let function = &pci[15..];
+        if function.len() == 2 && function[0] == b'0' {
+            return None;
+        }
+        Some(Self {
             uuid: uuid.into_bytes(),
-            pci_domain: u32::from_str_radix(domain, 16).ok()?,
+            pci_domain: upper_hex(&pci[..8])?,
             pci_bdf: [
-                u8::from_str_radix(bus, 16).ok()?,
-                u8::from_str_radix(device, 16).ok()?,
-                u8::from_str_radix(function, 16).ok()?,
+                u8::try_from(upper_hex(&pci[9..11])?).ok()?,
+                u8::try_from(upper_hex(&pci[12..14])?).ok()?,
+                u8::try_from(upper_hex(function)?).ok()?,
             ],
-        };
-        // Parsing forgives case, widths and signs; what is kept must not.
-        (ids.uuid() == gpu.uuid && ids.pci_bus_id() == gpu.pci_bus_id).then_some(ids)
+        })
     }
 
     /// The UUID as registered.
@@ -181,6 +196,18 @@ impl GpuIds {
             self.pci_domain
         )
     }
+}
+
+/// The value of at most 8 uppercase hex digits; `None` for any other byte.
+fn upper_hex(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |value, &b| {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        Some(value << 4 | u32::from(digit))
+    })
 }
 
 /// One registered GPU as FindPools' filters see it.
@@ -234,11 +261,11 @@ fn filter_part(gpus: &[pb::GpuInfo]) -> (Box<[GpuTraits]>, Box<[Box<str>]>) {
     let traits = gpus
         .iter()
         .map(|g| {
-            let lower = g.name.to_lowercase();
-            let name = match names.iter().position(|n| **n == *lower) {
+            // Nodes name their GPUs alike: lowercased once per name.
+            let name = match names.iter().position(|n| is_lowercase_of(n, &g.name)) {
                 Some(i) => i,
                 None => {
-                    names.push(lower.into_boxed_str());
+                    names.push(g.name.to_lowercase().into_boxed_str());
                     names.len() - 1
                 }
             };
@@ -251,6 +278,20 @@ fn filter_part(gpus: &[pb::GpuInfo]) -> (Box<[GpuTraits]>, Box<[Box<str>]>) {
         })
         .collect();
     (traits, names.into_boxed_slice())
+}
+
+/// Whether `lower` is `name.to_lowercase()`, without building it for an
+/// ASCII name.
+fn is_lowercase_of(lower: &str, name: &str) -> bool {
+    if name.is_ascii() {
+        lower.len() == name.len()
+            && lower
+                .bytes()
+                .zip(name.bytes())
+                .all(|(l, n)| l == n.to_ascii_lowercase())
+    } else {
+        *lower == *name.to_lowercase()
+    }
 }
 
 impl Hardware {
@@ -447,6 +488,20 @@ mod tests {
     }
 
     #[test]
+    fn names_that_lowercase_alike_share_one_entry() {
+        for name in ["NVIDIA H100", "Nvidia h100", "GPU ΣΑΣ", "Ünï", "ǅ", ""] {
+            let lower = name.to_lowercase();
+            assert!(is_lowercase_of(&lower, name), "{name}");
+            assert!(!is_lowercase_of(&format!("{lower}x"), name), "{name}");
+        }
+        assert!(!is_lowercase_of("nvidia h100", "NVIDIA H200"));
+        let gpus = [gpu(0, "NVIDIA H100", "9.0"), gpu(1, "nvidia H100", "9.0")];
+        let (traits, names) = filter_part(&gpus);
+        assert_eq!(&*names, ["nvidia h100".into()]);
+        assert_eq!(traits[1].name, 0);
+    }
+
+    #[test]
     fn no_gpus_keep_nothing() {
         let hardware = Hardware::new(pb::Capabilities::default());
         assert_eq!(hardware, Hardware::default());
@@ -580,6 +635,52 @@ mod tests {
             let caps = pb::Capabilities { gpus, ..Default::default() };
             proptest::prop_assert_eq!(Hardware::new(caps.clone()).to_proto(), caps);
         }
+    }
+
+    proptest::proptest! {
+        /// `pack` takes exactly the ids that write back as sent: the same
+        /// answer as parsing, writing back and comparing.
+        #[test]
+        fn ids_pack_exactly_when_they_write_back(
+            // Each part canonical about half the time.
+            uuid in "GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\
+                     (GPU-)?([0-9a-fA-F]{8}-[0-9a-f]{4}-[0-9a-fA-F]{4}-[0-9a-f]{4}-[0-9a-f]{12}|\
+                     \\{[0-9a-f-]{36}\\}|[0-9a-f]{32})",
+            bus in "([0-9A-F]{8}|[0-9a-fA-F+]{7,9}):([0-9A-F]{2}|[0-9a-fA-F+]{1,3}):\
+                    ([0-9A-F]{2}|[0-9a-fA-F+]{1,3})\\.([0-9A-F]{1,2}|[0-9a-fA-F+]{1,3})",
+        ) {
+            let gpu = pb::GpuInfo { uuid, pci_bus_id: bus, ..nvml_gpus(0, 1)[0].clone() };
+            let written_back = (|| {
+                let uuid = uuid::Uuid::try_parse(gpu.uuid.strip_prefix(UUID_PREFIX)?).ok()?;
+                let (domain, rest) = gpu.pci_bus_id.split_once(':')?;
+                let (bus, rest) = rest.split_once(':')?;
+                let (device, function) = rest.split_once('.')?;
+                let ids = GpuIds {
+                    uuid: uuid.into_bytes(),
+                    pci_domain: u32::from_str_radix(domain, 16).ok()?,
+                    pci_bdf: [
+                        u8::from_str_radix(bus, 16).ok()?,
+                        u8::from_str_radix(device, 16).ok()?,
+                        u8::from_str_radix(function, 16).ok()?,
+                    ],
+                };
+                (ids.uuid() == gpu.uuid && ids.pci_bus_id() == gpu.pci_bus_id).then_some(ids)
+            })();
+            proptest::prop_assert_eq!(GpuIds::pack(&gpu), written_back);
+        }
+    }
+
+    #[test]
+    fn functions_pack_without_leading_zeros() {
+        let with = |bus: &str| pb::GpuInfo {
+            pci_bus_id: bus.into(),
+            ..nvml_gpus(0, 1)[0].clone()
+        };
+        assert!(GpuIds::pack(&with("00000000:17:00.0")).is_some());
+        assert!(GpuIds::pack(&with("00000000:17:00.1F")).is_some());
+        assert!(GpuIds::pack(&with("00000000:17:00.0F")).is_none());
+        assert!(GpuIds::pack(&with("00000000:17:00.00")).is_none());
+        assert!(GpuIds::pack(&with("00000000:17:00.+1")).is_none());
     }
 
     #[test]
