@@ -183,13 +183,15 @@ impl ReplicaSet {
 
     /// Waits until the leader `i` lists every agent's node ONLINE and has
     /// had a heartbeat from each (its pool status is set). Only then does
-    /// every agent hold its Register's reply: a node is listed ONLINE as
-    /// soon as its registration is stored, a moment before the reply is
-    /// sent. A test that kills or freezes the leader waits for this first,
-    /// or an agent may still be waiting out a lost reply (the agent's
-    /// registry timeout, 5 s) when the new leader's fresh node timeout
-    /// (3 s in these tests) runs out, which is the agent's timing and not
-    /// the failover's. Pool status is live state: a follower has none.
+    /// every agent hold its Register's reply: a node is listed ONLINE once
+    /// its registration is applied in memory, before the store's commit and
+    /// the reply. A test that kills or freezes the leader waits for this
+    /// first, or an agent may still be waiting out a lost reply (the
+    /// agent's registry timeout, 5 s) when the new leader's fresh node
+    /// timeout (3 s in these tests) runs out, which is the agent's timing
+    /// and not the failover's; or the registration may not be committed
+    /// at all, and the node registers again. Pool status is live state: a
+    /// follower has none.
     pub async fn wait_all_streaming_via(&self, i: usize, timeout: Duration) -> Nodes {
         self.wait_all_via(i, timeout, true).await
     }

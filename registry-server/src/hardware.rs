@@ -261,11 +261,20 @@ fn filter_part(gpus: &[pb::GpuInfo]) -> (Box<[GpuTraits]>, Box<[Box<str>]>) {
     let traits = gpus
         .iter()
         .map(|g| {
-            // Nodes name their GPUs alike: lowercased once per name.
-            let name = match names.iter().position(|n| is_lowercase_of(n, &g.name)) {
+            // Nodes name their GPUs alike: an ASCII name (nearly every one)
+            // is compared with the names kept without building its
+            // lowercase, and lowercased only when it is new; any other name
+            // is lowercased once.
+            let lower = (!g.name.is_ascii()).then(|| g.name.to_lowercase());
+            let same = |kept: &str| match &lower {
+                Some(lower) => kept == lower,
+                None => is_ascii_lowercase_of(kept, &g.name),
+            };
+            let name = match names.iter().position(|kept| same(kept)) {
                 Some(i) => i,
                 None => {
-                    names.push(g.name.to_lowercase().into_boxed_str());
+                    let lower = lower.unwrap_or_else(|| g.name.to_ascii_lowercase());
+                    names.push(lower.into_boxed_str());
                     names.len() - 1
                 }
             };
@@ -280,18 +289,14 @@ fn filter_part(gpus: &[pb::GpuInfo]) -> (Box<[GpuTraits]>, Box<[Box<str>]>) {
     (traits, names.into_boxed_slice())
 }
 
-/// Whether `lower` is `name.to_lowercase()`, without building it for an
-/// ASCII name.
-fn is_lowercase_of(lower: &str, name: &str) -> bool {
-    if name.is_ascii() {
-        lower.len() == name.len()
-            && lower
-                .bytes()
-                .zip(name.bytes())
-                .all(|(l, n)| l == n.to_ascii_lowercase())
-    } else {
-        *lower == *name.to_lowercase()
-    }
+/// Whether `lower` is the ASCII name `name` lowercased, without building
+/// that (for ASCII, `to_lowercase` is `to_ascii_lowercase`).
+fn is_ascii_lowercase_of(lower: &str, name: &str) -> bool {
+    lower.len() == name.len()
+        && lower
+            .bytes()
+            .zip(name.bytes())
+            .all(|(l, n)| l == n.to_ascii_lowercase())
 }
 
 impl Hardware {
@@ -489,16 +494,30 @@ mod tests {
 
     #[test]
     fn names_that_lowercase_alike_share_one_entry() {
-        for name in ["NVIDIA H100", "Nvidia h100", "GPU ΣΑΣ", "Ünï", "ǅ", ""] {
-            let lower = name.to_lowercase();
-            assert!(is_lowercase_of(&lower, name), "{name}");
-            assert!(!is_lowercase_of(&format!("{lower}x"), name), "{name}");
-        }
-        assert!(!is_lowercase_of("nvidia h100", "NVIDIA H200"));
-        let gpus = [gpu(0, "NVIDIA H100", "9.0"), gpu(1, "nvidia H100", "9.0")];
-        let (traits, names) = filter_part(&gpus);
-        assert_eq!(&*names, ["nvidia h100".into()]);
-        assert_eq!(traits[1].name, 0);
+        let names = |list: &[&str]| {
+            let gpus: Vec<_> = (0..)
+                .zip(list)
+                .map(|(i, name)| gpu(i, name, "9.0"))
+                .collect();
+            let (traits, names) = filter_part(&gpus);
+            let of_each: Vec<u32> = traits.iter().map(|t| t.name).collect();
+            (names.into_vec(), of_each)
+        };
+        assert_eq!(
+            names(&["NVIDIA H100", "nvidia H100", "NVIDIA H200", "NVIDIA H100"]),
+            (
+                vec!["nvidia h100".into(), "nvidia h200".into()],
+                vec![0, 0, 1, 0]
+            )
+        );
+        // Other names as `to_lowercase` writes them (a final sigma too).
+        assert_eq!(
+            names(&["GPU ΣΑΣ", "gpu σας", "Ünï", "GPU ΣΑΣ"]),
+            (vec!["gpu σας".into(), "ünï".into()], vec![0, 0, 1, 0])
+        );
+        assert!(is_ascii_lowercase_of("nvidia h100", "NVIDIA H100"));
+        assert!(!is_ascii_lowercase_of("nvidia h100", "NVIDIA H200"));
+        assert!(!is_ascii_lowercase_of("nvidia h100x", "NVIDIA H100"));
     }
 
     #[test]
