@@ -82,6 +82,11 @@ impl AgentProcess {
             .arg(spec.fake_gpus.to_string())
             .arg("--heartbeat-interval")
             .arg(humantime(heartbeat_interval))
+            // The reconnect backoff's ceiling at 1 s (30 s by default):
+            // tests that restart the registry wait a few heartbeat
+            // intervals for the agents, and a few refused reconnects in a
+            // row would otherwise stretch one wait past that.
+            .args(["--backoff-max", "1s"])
             .args(["--log-format", "json"]);
         for pool in &spec.pools {
             command.arg("--pool").arg(pool);

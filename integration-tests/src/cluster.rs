@@ -190,19 +190,29 @@ impl Cluster {
         .await
     }
 
-    /// Waits until every agent's node is listed ONLINE and returns the nodes.
+    /// Waits until every agent's node is listed ONLINE and, for an agent
+    /// with pools, has had a heartbeat (its pool status is set); returns
+    /// the nodes. A node is listed as soon as the registry has taken its
+    /// registration, a moment before the agent has the reply: a test that
+    /// then signals or freezes an agent waits for its first beat, or the
+    /// agent may still be registering (and leave without a session to
+    /// deregister, or register again).
     pub async fn wait_all_online(&self, timeout: Duration) -> Nodes {
-        let ids: Vec<String> = self
+        let agents: Vec<(String, bool)> = self
             .agents
             .iter()
-            .map(|agent| agent.spec.node_id.clone())
+            .map(|agent| (agent.spec.node_id.clone(), !agent.spec.pools.is_empty()))
             .collect();
+        let ids: Vec<&str> = agents.iter().map(|(id, _)| id.as_str()).collect();
         self.wait_nodes(
-            &format!("{} are ONLINE", ids.join(", ")),
+            &format!("{} are ONLINE and beating", ids.join(", ")),
             timeout,
             |nodes| {
-                for id in &ids {
+                for (id, pools) in &agents {
                     expect_status(nodes, id, pb::NodeStatus::Online)?;
+                    if *pools && nodes[id].pool_status.is_empty() {
+                        return Err(format!("{id} has not sent a heartbeat yet"));
+                    }
                 }
                 Ok(nodes.clone())
             },

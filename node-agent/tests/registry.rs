@@ -359,12 +359,15 @@ async fn agent_stopped_gracefully_removes_the_node() {
     let registry = TestRegistry::start(registry_settings()).await;
     let agent = Agent::start(agent_config(&registry.url(), "n5"));
     let mut client = registry.client().await;
-    eventually("n5 online", WAIT, || {
+    // Heard from by a beat, so the agent holds its registration's reply
+    // (the node is listed as soon as the registry has taken it) and stops
+    // with a session to deregister.
+    eventually("n5 online and beating", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n5")
-                .await
-                .matching(|n| n.status() == pb::NodeStatus::Online)
+            get_node(&mut client, "n5").await.matching(|n| {
+                n.status() == pb::NodeStatus::Online && n.last_heartbeat_at != n.registered_at
+            })
         }
     })
     .await;
@@ -399,12 +402,15 @@ async fn agent_retries_until_the_registry_answers() {
     }
     let registry = TestRegistry::serve(listener, registry_settings());
     let mut client = registry.client().await;
-    eventually("n6 online", WAIT, || {
+    // Heard from by a beat, so the agent holds its registration's reply
+    // (the node is listed as soon as the registry has taken it) and stops
+    // with a session to deregister.
+    eventually("n6 online and beating", WAIT, || {
         let mut client = client.clone();
         async move {
-            get_node(&mut client, "n6")
-                .await
-                .matching(|n| n.status() == pb::NodeStatus::Online)
+            get_node(&mut client, "n6").await.matching(|n| {
+                n.status() == pb::NodeStatus::Online && n.last_heartbeat_at != n.registered_at
+            })
         }
     })
     .await;

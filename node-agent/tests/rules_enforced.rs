@@ -156,10 +156,25 @@ fn config(registry: &str) -> AgentConfig {
     config
 }
 
-/// Runs the agent for `run_for`, then stops it.
-async fn run_agent(config: AgentConfig, run_for: Duration) {
+/// Runs the agent until `stub` has received `count` registrations (at most
+/// 10 s; past that the test's own assertions say what is missing), then
+/// `then` longer, and stops it. Waiting on what happened, rather than for a
+/// fixed time, keeps a slow machine from failing the test.
+async fn run_agent_until(config: AgentConfig, stub: &StubRegistry, count: usize, then: Duration) {
+    let registered = stub.registered.clone();
+    let stop = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let received = registered.lock().unwrap().len();
+            if received >= count || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(then).await;
+    };
     let gpus = Arc::new(FakeGpuSource::new(1, "rules"));
-    node_agent::run_with_gpu_source(config, gpus, tokio::time::sleep(run_for))
+    node_agent::run_with_gpu_source(config, gpus, stop)
         .await
         .unwrap();
 }
@@ -173,15 +188,18 @@ async fn a_refused_registration_waits_the_long_retry_not_the_backoff() {
     let url = serve(refused.clone()).await;
     let mut long = config(&url);
     long.register_refused_retry = Duration::from_secs(3600);
-    run_agent(long, Duration::from_millis(1500)).await;
+    // A second past the refusal: the backoff (at most 50 ms) would have
+    // retried many times.
+    run_agent_until(long, &refused, 1, Duration::from_secs(1)).await;
     assert_eq!(refused.registered.lock().unwrap().len(), 1);
 
     // The same refusal with a short setting is retried: the delay is the
-    // setting's.
+    // setting's (300 ms: a few more calls in the 900 ms after the second,
+    // where the backoff would make dozens).
     refused.registered.lock().unwrap().clear();
     let mut short = config(&url);
     short.register_refused_retry = Duration::from_millis(300);
-    run_agent(short, Duration::from_millis(1500)).await;
+    run_agent_until(short, &refused, 2, Duration::from_millis(900)).await;
     let calls = refused.registered.lock().unwrap().len();
     assert!((2..=8).contains(&calls), "{calls} registrations");
 }
@@ -202,11 +220,19 @@ async fn a_handoff_change_ends_the_long_retry_early() {
     config.handoff_dir = Some(dir.path().to_owned());
     config.handoff_poll_interval = Duration::from_millis(100);
     let path = dir.path().join("p.json");
+    // The file changes once "a" has been refused.
+    let registered = refused.registered.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        loop {
+            let refused_once = !registered.lock().unwrap().is_empty();
+            if refused_once {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         std::fs::write(path, r#"{"model":"b"}"#).unwrap();
     });
-    run_agent(config, Duration::from_millis(1500)).await;
+    run_agent_until(config, &refused, 2, Duration::from_millis(200)).await;
     let models: Vec<String> = refused
         .registered
         .lock()
@@ -231,7 +257,7 @@ async fn a_handoff_file_breaking_a_rule_is_left_out_and_the_node_registers() {
     std::fs::write(dir.path().join("bad id.json"), "{}").unwrap();
     let mut config = config(&url);
     config.handoff_dir = Some(dir.path().to_owned());
-    run_agent(config, Duration::from_millis(500)).await;
+    run_agent_until(config, &stub, 1, Duration::ZERO).await;
 
     let registered = stub.registered.lock().unwrap();
     let first = registered.first().expect("the node registered");

@@ -338,7 +338,13 @@ async fn a_silent_node_goes_offline_and_returns_on_its_next_heartbeat() {
 
 #[tokio::test]
 async fn a_registered_node_that_never_streams_goes_offline() {
-    let server = TestRegistry::start(fast()).await;
+    // ONLINE is read right after the Register: a node timeout that a
+    // starved test process cannot overrun between the two calls.
+    let server = TestRegistry::start(Settings {
+        node_timeout: Duration::from_secs(2),
+        ..fast()
+    })
+    .await;
     let mut client = client(&server).await;
     client.register(register_request("mute")).await.unwrap();
     assert_eq!(status_of(&mut client, "mute").await, pb::NodeStatus::Online);

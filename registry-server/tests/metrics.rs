@@ -35,7 +35,9 @@ async fn activity_shows_in_the_published_metrics() {
     let data_dir = tempfile::tempdir().unwrap();
     let registry = TestRegistry::start(test_support::registry::durable(
         Settings {
-            node_timeout: Duration::from_millis(300),
+            // Long enough for the five durable writes below to land before
+            // "beating" sends its first heartbeat on a slow disk.
+            node_timeout: Duration::from_secs(1),
             heartbeat_interval: Duration::from_millis(100),
             ..Settings::default()
         },
