@@ -75,7 +75,23 @@ enum Command {
         /// Length of each of the feed scenario's three phases.
         #[arg(long, value_parser = humantime::parse_duration)]
         feed_phase: Option<std::time::Duration>,
+
+        /// The arrival scenario's admission limits for its run with
+        /// admission control, RUNNING,QUEUED (the registry's
+        /// `--max-concurrent-registrations` and
+        /// `--max-queued-registrations`); its defaults otherwise.
+        #[arg(long, value_name = "RUNNING,QUEUED", value_parser = running_and_queued)]
+        arrival_admission: Option<(usize, usize)>,
     },
+}
+
+/// `RUNNING,QUEUED`: two counts.
+fn running_and_queued(value: &str) -> Result<(usize, usize), String> {
+    let (running, queued) = value
+        .split_once(',')
+        .ok_or("expected RUNNING,QUEUED (two counts)")?;
+    let count = |n: &str| n.trim().parse::<usize>().map_err(|e| format!("{n:?}: {e}"));
+    Ok((count(running)?, count(queued)?))
 }
 
 #[tokio::main]
@@ -114,6 +130,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             scale_ramp,
             feed_nodes,
             feed_phase,
+            arrival_admission,
         } => {
             let mut plan = Plan::full();
             if !scale_nodes.is_empty() {
@@ -154,6 +171,9 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             }
             if let Some(phase) = feed_phase {
                 plan.feed.phase = phase;
+            }
+            if arrival_admission.is_some() {
+                plan.arrival.admission = arrival_admission;
             }
             (plan, scenarios, "run")
         }
