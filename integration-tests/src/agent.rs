@@ -22,6 +22,9 @@ pub struct AgentSpec {
     /// `--config`: a TOML file for what flags cannot say (a pool's drain
     /// and resume actions); its pools come in addition to `pools`.
     pub config: Option<PathBuf>,
+    /// `--backoff-max`: the reconnect backoff's ceiling (node-agent's
+    /// default, 30 s, when `None`).
+    pub backoff_max: Option<Duration>,
 }
 
 impl AgentSpec {
@@ -34,6 +37,7 @@ impl AgentSpec {
             fake_gpus,
             labels: vec![("suite".to_owned(), "e2e".to_owned())],
             config: None,
+            backoff_max: None,
         }
     }
 
@@ -82,17 +86,15 @@ impl AgentProcess {
             .arg(spec.fake_gpus.to_string())
             .arg("--heartbeat-interval")
             .arg(humantime(heartbeat_interval))
-            // The reconnect backoff's ceiling at 1 s (30 s by default):
-            // tests that restart the registry wait a few heartbeat
-            // intervals for the agents, and a few refused reconnects in a
-            // row would otherwise stretch one wait past that.
-            .args(["--backoff-max", "1s"])
             .args(["--log-format", "json"]);
         for pool in &spec.pools {
             command.arg("--pool").arg(pool);
         }
         if let Some(config) = &spec.config {
             command.arg("--config").arg(config);
+        }
+        if let Some(max) = spec.backoff_max {
+            command.arg("--backoff-max").arg(humantime(max));
         }
         for (key, value) in &spec.labels {
             command.arg("--label").arg(format!("{key}={value}"));

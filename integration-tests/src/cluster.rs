@@ -76,7 +76,15 @@ impl Cluster {
             registry,
             log_dir,
         };
-        for spec in specs {
+        for mut spec in specs {
+            // The reconnect backoff's ceiling at 1 s unless the test says
+            // otherwise: tests that restart the registry wait a few
+            // heartbeat intervals for the agents, and a few refused
+            // reconnects in a row would stretch one wait past that with
+            // node-agent's 30 s. (The replica harness keeps the default,
+            // so its failover bounds test the agent's own 1 s cap on
+            // refusals by a follower.)
+            spec.backoff_max.get_or_insert(Duration::from_secs(1));
             let log = cluster.log_dir.join(format!("agent-{}.log", spec.node_id));
             let agent = AgentProcess::start(
                 &bins.node_agent,

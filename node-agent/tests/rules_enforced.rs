@@ -28,6 +28,8 @@ struct StubRegistry {
     registered: Arc<Mutex<Vec<pb::RegisterRequest>>>,
     /// `None` accepts; `Some(status)` refuses every Register with it.
     refuse: Option<Status>,
+    /// How long it takes to answer a Register.
+    answer_after: Duration,
 }
 
 type Beats = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
@@ -39,6 +41,7 @@ impl NodeRegistry for StubRegistry {
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.registered.lock().unwrap().push(request.into_inner());
+        tokio::time::sleep(self.answer_after).await;
         match &self.refuse {
             Some(status) => Err(status.clone()),
             None => Ok(Response::new(pb::RegisterResponse {
@@ -184,6 +187,7 @@ async fn a_refused_registration_waits_the_long_retry_not_the_backoff() {
     let refused = StubRegistry {
         registered: Arc::default(),
         refuse: Some(Status::invalid_argument("invalid machine_id: stub says no")),
+        answer_after: Duration::ZERO,
     };
     let url = serve(refused.clone()).await;
     let mut long = config(&url);
@@ -201,16 +205,19 @@ async fn a_refused_registration_waits_the_long_retry_not_the_backoff() {
     short.register_refused_retry = Duration::from_millis(300);
     run_agent_until(short, &refused, 2, Duration::from_millis(900)).await;
     let calls = refused.registered.lock().unwrap().len();
-    assert!((2..=8).contains(&calls), "{calls} registrations");
+    assert!((3..=8).contains(&calls), "{calls} registrations");
 }
 
-#[tokio::test]
-async fn a_handoff_change_ends_the_long_retry_early() {
+/// A handoff directory whose `p.json` names model "a", a stub refusing
+/// every Register as invalid after `answer_after`, and an agent waiting
+/// an hour before retrying such a refusal but watching the directory.
+async fn refused_handoff(answer_after: Duration) -> (StubRegistry, AgentConfig, tempfile::TempDir) {
     let refused = StubRegistry {
         registered: Arc::default(),
         refuse: Some(Status::invalid_argument(
             "invalid pools[0].model: stub says no",
         )),
+        answer_after,
     };
     let url = serve(refused.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -219,28 +226,53 @@ async fn a_handoff_change_ends_the_long_retry_early() {
     config.register_refused_retry = Duration::from_secs(3600);
     config.handoff_dir = Some(dir.path().to_owned());
     config.handoff_poll_interval = Duration::from_millis(100);
+    (refused, config, dir)
+}
+
+/// Writes model "b" into the handoff file once the stub has a Register
+/// and `after` more has passed.
+fn rewrite_after_first_register(stub: &StubRegistry, dir: &tempfile::TempDir, after: Duration) {
+    let registered = stub.registered.clone();
     let path = dir.path().join("p.json");
-    // The file changes once "a" has been refused.
-    let registered = refused.registered.clone();
     tokio::spawn(async move {
         loop {
-            let refused_once = !registered.lock().unwrap().is_empty();
-            if refused_once {
+            let first_came = !registered.lock().unwrap().is_empty();
+            if first_came {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        tokio::time::sleep(after).await;
         std::fs::write(path, r#"{"model":"b"}"#).unwrap();
     });
-    run_agent_until(config, &refused, 2, Duration::from_millis(200)).await;
-    let models: Vec<String> = refused
-        .registered
-        .lock()
-        .unwrap()
+}
+
+fn models(stub: &StubRegistry) -> Vec<String> {
+    let registered = stub.registered.lock().unwrap();
+    registered
         .iter()
         .map(|r| r.pools[0].model.clone())
-        .collect();
-    assert_eq!(models, ["a", "b"]);
+        .collect()
+}
+
+#[tokio::test]
+async fn a_handoff_change_ends_the_long_retry_early() {
+    let (refused, config, dir) = refused_handoff(Duration::ZERO).await;
+    // Three polls after the refusal: the agent is waiting out its hour.
+    rewrite_after_first_register(&refused, &dir, Duration::from_millis(300));
+    run_agent_until(config, &refused, 2, Duration::from_millis(200)).await;
+    assert_eq!(models(&refused), ["a", "b"]);
+}
+
+#[tokio::test]
+async fn a_handoff_change_during_the_refused_register_still_counts() {
+    // The file changes while the Register is in flight (the stub answers
+    // after 500 ms; the directory is read every 100 ms): the agent must not
+    // take that change as already seen when it starts waiting.
+    let (refused, config, dir) = refused_handoff(Duration::from_millis(500)).await;
+    rewrite_after_first_register(&refused, &dir, Duration::ZERO);
+    run_agent_until(config, &refused, 2, Duration::from_millis(200)).await;
+    assert_eq!(models(&refused), ["a", "b"]);
 }
 
 #[tokio::test]
@@ -248,6 +280,7 @@ async fn a_handoff_file_breaking_a_rule_is_left_out_and_the_node_registers() {
     let stub = StubRegistry {
         registered: Arc::default(),
         refuse: None,
+        answer_after: Duration::ZERO,
     };
     let url = serve(stub.clone()).await;
     let dir = tempfile::tempdir().unwrap();

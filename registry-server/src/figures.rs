@@ -131,10 +131,6 @@ struct FiguresOnly {
 /// The tag of `Node.gpu_stats`, under which the figures are encoded.
 const GPU_STATS_TAG: u32 = 12;
 
-/// Room [`EncodedGpus::of`] makes per GPU up front: a GPU with every
-/// figure read encodes in ~100 bytes.
-const TYPICAL_ENCODED_GPU: usize = 112;
-
 /// A beat's GPU figures encoded, before they are kept (encoding is done
 /// before the node's lock is taken; what is kept is decided under it).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -145,29 +141,48 @@ impl EncodedGpus {
     /// beat, so each GPU is encoded once, its length written after it: the
     /// usual way (the total length first, then each message behind its
     /// length) measured every GPU twice before writing it, ~2,200 of a
-    /// beat's ~48,000 instructions at 8 GPUs.
+    /// beat's ~48,000 instructions at 8 GPUs. They are written into this
+    /// thread's scratch buffer and copied out at their exact length.
     pub fn of(gpus: &[pb::GpuStats]) -> Self {
-        use prost::Message as _;
-        use prost::encoding::{WireType, encode_key, encode_varint};
-        let mut buf = Vec::with_capacity(gpus.len() * TYPICAL_ENCODED_GPU);
-        for g in gpus {
-            encode_key(GPU_STATS_TAG, WireType::LengthDelimited, &mut buf);
-            // One byte for the length while it is under 128 (a GPU's
-            // figures are ~60-100 bytes); widened after when it is not.
-            let at = buf.len();
-            buf.push(0);
-            g.encode_raw(&mut buf);
-            let len = buf.len() - at - 1;
-            match u8::try_from(len) {
-                Ok(len) if len < 0x80 => buf[at] = len,
-                _ => {
-                    let mut prefix = Vec::with_capacity(10);
-                    encode_varint(len as u64, &mut prefix);
-                    buf.splice(at..=at, prefix);
-                }
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            encode_each(gpus, buf);
+            let encoded = Self(Box::from(&buf[..]));
+            // A rare large beat does not keep its room on the thread.
+            if buf.capacity() > MAX_KEPT_SCRATCH {
+                *buf = Vec::new();
+            }
+            encoded
+        })
+    }
+}
+
+/// The scratch room [`EncodedGpus::of`] keeps between beats: 64 GPUs of
+/// every figure and a few reasons each.
+const MAX_KEPT_SCRATCH: usize = 16 << 10;
+
+/// Appends `gpus` to `buf` as repeated `Node.gpu_stats` fields: each behind
+/// a one-byte length while it is under 128 bytes (a GPU's figures are
+/// ~20-60), widened afterwards when it is not.
+fn encode_each(gpus: &[pb::GpuStats], buf: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    for g in gpus {
+        encode_key(GPU_STATS_TAG, WireType::LengthDelimited, buf);
+        let at = buf.len();
+        buf.push(0);
+        g.encode_raw(buf);
+        let len = buf.len() - at - 1;
+        match u8::try_from(len) {
+            Ok(len) if len < 0x80 => buf[at] = len,
+            _ => {
+                let mut prefix = Vec::with_capacity(10);
+                encode_varint(len as u64, &mut prefix);
+                buf.splice(at..=at, prefix);
             }
         }
-        Self(buf.into_boxed_slice())
     }
 }
 
@@ -307,6 +322,22 @@ mod tests {
                 gpu(3, pb::GpuHealth::Unhealthy, &[&"x".repeat(16_400)]),
             ],
         ];
+        // And figures of exactly 127 and 128 bytes, the last one-byte
+        // length and the first two-byte one.
+        let sized = |len: usize| {
+            let mut reason = String::new();
+            loop {
+                let g = gpu(0, pb::GpuHealth::Unhealthy, &[&reason]);
+                match g.encoded_len().cmp(&len) {
+                    std::cmp::Ordering::Less => reason.push('r'),
+                    std::cmp::Ordering::Equal => return g,
+                    std::cmp::Ordering::Greater => panic!("no reason makes {len} bytes"),
+                }
+            }
+        };
+        let sets = sets
+            .into_iter()
+            .chain([vec![sized(127), sized(128)], vec![sized(128), sized(127)]]);
         let mut lengths = Vec::new();
         for gpus in sets {
             let mut expected = Vec::new();
@@ -316,6 +347,7 @@ mod tests {
             }
             assert_eq!(&*EncodedGpus::of(&gpus).0, &expected[..]);
         }
+        assert!(lengths.contains(&127) && lengths.contains(&128));
         assert!(lengths.iter().any(|&l| l < 0x80));
         assert!(lengths.iter().any(|&l| (0x80..0x4000).contains(&l)));
         assert!(lengths.iter().any(|&l| l >= 0x4000));

@@ -15,6 +15,7 @@ use registry_proto::endpoints::{Leader, Replicas};
 use registry_proto::pb;
 use registry_proto::pb::node_registry_client::NodeRegistryClient;
 use registry_proto::rules;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -402,18 +403,29 @@ fn positive(d: Option<&prost_types::Duration>) -> Option<Duration> {
     d.and_then(from_proto_duration).filter(|d| !d.is_zero())
 }
 
-/// Sleeps for `delay` or until the handoff files change; true when
-/// shutdown came first.
-async fn wait_for_fix(agent: &Agent, delay: Duration, shutdown: &mut Shutdown) -> bool {
+/// The handoff files' changes from now on: taken before a Register reads
+/// the pools, so a change that lands while the call is in flight still
+/// counts afterwards.
+fn handoff_changes_from_now(agent: &Agent) -> Option<watch::Receiver<Vec<PoolConfig>>> {
     let mut handoff = agent.pools.handoff_changes();
     if let Some(rx) = &mut handoff {
-        // Only a change from now on counts.
         rx.borrow_and_update();
     }
+    handoff
+}
+
+/// Sleeps for `delay` or until the handoff files change after `handoff`
+/// was taken (before the refused Register); true when shutdown came first.
+async fn wait_for_fix(
+    agent: &Agent,
+    delay: Duration,
+    handoff: &mut Option<watch::Receiver<Vec<PoolConfig>>>,
+    shutdown: &mut Shutdown,
+) -> bool {
     tokio::select! {
         _ = &mut *shutdown => true,
         _ = tokio::time::sleep(delay) => false,
-        Ok(()) = stream::changed(&mut handoff) => {
+        Ok(()) = stream::changed(handoff) => {
             info!(node_id = %agent.config.node_id, "handoff files changed; registering again");
             false
         }
@@ -492,6 +504,7 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
         let (current, fresh) = match session.take() {
             Some(s) => (s, false),
             None => {
+                let mut handoff = handoff_changes_from_now(&agent);
                 let registered = tokio::select! {
                     _ = &mut shutdown => return,
                     r = agent.register() => r,
@@ -506,7 +519,7 @@ pub(crate) async fn run(agent: Arc<Agent>, mut shutdown: Shutdown) {
                     Err(status) if status.code() == Code::InvalidArgument => {
                         let delay = agent.config.register_refused_retry;
                         agent.failed("register", &status, delay);
-                        if wait_for_fix(&agent, delay, &mut shutdown).await {
+                        if wait_for_fix(&agent, delay, &mut handoff, &mut shutdown).await {
                             return;
                         }
                         continue;
