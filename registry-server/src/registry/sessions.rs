@@ -47,19 +47,7 @@ pub(super) fn new_secret() -> String {
     // The OS random source failing is not recoverable for a server that
     // hands out credentials.
     getrandom::fill(&mut bytes).expect("the OS random number generator failed");
-    hex(&bytes)
-}
-
-/// `bytes` as lowercase hex digits, written digit by digit: a `format!`
-/// per byte was ~8,600 instructions of every Register.
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(2 * bytes.len());
-    for &b in bytes {
-        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    hex
+    registry_proto::rules::lower_hex(&bytes)
 }
 
 /// Whether two secrets are equal, compared in constant time so the time
@@ -135,14 +123,6 @@ pub(super) fn check_secret(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_are_written_as_format_writes_them() {
-        let every: Vec<u8> = (0..=255).collect();
-        let expected: String = every.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex(&every), expected);
-        assert_eq!(hex(&[]), "");
-    }
 
     #[test]
     fn secrets_are_32_lowercase_hex_digits_and_differ() {
