@@ -158,8 +158,10 @@ pub async fn run(
             fleet.silence();
             silence_due = None;
         }
-        let snapshot = stats.snapshot();
-        if snapshot.at.duration_since(previous.at) >= progress.mul_f64(0.9) || now >= end {
+        if stats.snapshot().at.duration_since(previous.at) >= progress.mul_f64(0.9) || now >= end {
+            // The window's latency since the last line (the report's
+            // totals are kept apart): how a storm's seconds differ.
+            let (snapshot, window) = stats.take_window();
             info!(
                 elapsed_s = now.duration_since(start).as_secs(),
                 registrations = snapshot.registrations,
@@ -167,6 +169,8 @@ pub async fn run(
                 sent = snapshot.sent,
                 acked = snapshot.acked,
                 acks_per_sec = snapshot.ack_rate_since(&previous) as u64,
+                ack_p99_ms = format_args!("{:.2}", window.ack.p99.as_secs_f64() * 1e3),
+                ack_max_ms = format_args!("{:.2}", window.ack.max.as_secs_f64() * 1e3),
                 errors = %fmt_errors(&snapshot.errors),
                 "fleet progress"
             );

@@ -17,9 +17,17 @@
 //! The rate is measured, not configured: completions per second over
 //! windows of at least [`WINDOW`] during which calls were waiting (the
 //! registry was saturated, which is the only time it refuses). Stores that
-//! commit in groups complete calls in bursts; a window spans many bursts.
-//! A faster window is believed at once, a slower one slowly (see
-//! [`Pace::completed`]).
+//! commit in groups complete calls in bursts; a window spans many bursts,
+//! but a gap of a whole window without a completion ends it unmeasured
+//! (the queue was empty of runnable work, not slow). A faster window is
+//! believed at once, a slower one slowly (see [`Pace::completed`]), and
+//! the line of slots already handed out is rescaled to the new rate, so a
+//! line laid out at a slower guess does not leave the registry idle while
+//! the refused wait for times too late.
+//!
+//! A call that would wait longer than `--max-registration-wait` at that
+//! rate behind the calls already queued is refused at once, rather than
+//! queued only to be refused when its wait runs out.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -82,6 +90,8 @@ struct Pace {
     window_start: Option<Instant>,
     /// Completions in the current window.
     window_done: u32,
+    /// The last saturated completion, to see gaps between them.
+    last_done: Option<Instant>,
     /// The latest retry time handed out; the next refusal gets a later one.
     last_slot: Option<Instant>,
 }
@@ -130,6 +140,7 @@ impl Admission {
                     spacing: INITIAL_SPACING,
                     window_start: None,
                     window_done: 0,
+                    last_done: None,
                     last_slot: None,
                 }),
                 refused: AtomicUsize::new(0),
@@ -153,6 +164,18 @@ impl Admission {
                     return Err(self.refuse(
                         before,
                         format!("{before} are waiting, the most --max-queued-registrations allows"),
+                    ));
+                }
+                let expected = self.expected_wait(before);
+                if expected > shared.max_wait {
+                    drop(in_queue);
+                    return Err(self.refuse(
+                        before,
+                        format!(
+                            "{before} are waiting, about {} at the pace registrations complete, longer than --max-registration-wait ({})",
+                            humantime::format_duration(round_ms(expected)),
+                            humantime::format_duration(shared.max_wait)
+                        ),
                     ));
                 }
                 let turn =
@@ -211,6 +234,13 @@ impl Admission {
         self.shared.refused.load(Ordering::Relaxed)
     }
 
+    /// How long a call queued behind `ahead` others waits for its turn
+    /// at the measured pace.
+    fn expected_wait(&self, ahead: usize) -> Duration {
+        self.spacing()
+            .saturating_mul(u32::try_from(ahead.saturating_add(1)).unwrap_or(u32::MAX))
+    }
+
     /// The measured time between two completions while saturated.
     pub fn spacing(&self) -> Duration {
         self.shared
@@ -248,13 +278,20 @@ impl Pace {
     /// can once the storm is spread, and too late a retry time leaves it
     /// idle while agents wait, where too early a one only costs another
     /// refusal. An unsaturated moment discards the open window (the rate
-    /// then is the callers', not the registry's).
+    /// then is the callers', not the registry's), and so does a gap of a
+    /// whole [`WINDOW`] between two completions: nothing ran then (all
+    /// were waiting on a stalled store, or the queue held only calls whose
+    /// callers had gone), and one late completion would otherwise read as
+    /// a rate a hundred times slower.
     fn completed(&mut self, now: Instant, saturated: bool) {
+        let previous = self.last_done.replace(now);
         if !saturated {
             self.window_start = None;
+            self.last_done = None;
             return;
         }
-        let Some(start) = self.window_start else {
+        let gap = previous.is_none_or(|at| now - at >= WINDOW);
+        let Some(start) = self.window_start.filter(|_| !gap) else {
             self.window_start = Some(now);
             self.window_done = 0;
             return;
@@ -263,15 +300,33 @@ impl Pace {
         let elapsed = now - start;
         if elapsed >= WINDOW {
             let measured = elapsed / self.window_done;
-            self.spacing = if measured < self.spacing {
+            let spacing = if measured < self.spacing {
                 measured
             } else {
                 self.spacing + (measured - self.spacing) / SLOWER_STEP
             };
+            self.rescale_line(now, spacing);
+            self.spacing = spacing;
             self.window_start = Some(now);
             self.window_done = 0;
         }
     }
+
+    /// The line of slots still ahead, laid out one old spacing apart, laid
+    /// out again at `spacing`: the callers refused so far come back at the
+    /// times they were given, and the next refusal is placed where the
+    /// line ends at the new pace.
+    fn rescale_line(&mut self, now: Instant, spacing: Duration) {
+        if let Some(last) = self.last_slot.filter(|&last| last > now) {
+            let ahead = (last - now).as_secs_f64() / self.spacing.as_secs_f64().max(1e-9);
+            self.last_slot = Some(now + spacing.mul_f64(ahead).min(MAX_ADVICE));
+        }
+    }
+}
+
+/// `d` to whole milliseconds, for messages.
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -442,11 +497,80 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_gap_of_a_whole_window_between_completions_is_not_read_as_a_slow_rate() {
+        let start = Instant::now();
+        let mut p = pace(Duration::from_micros(500));
+        let us = |n: u64| start + Duration::from_micros(n);
+        // Completions every 500 µs for 50 ms, then none for 5 s (every
+        // call waiting on something else), then one.
+        for n in 0..100 {
+            p.completed(us(500 * n), true);
+        }
+        p.completed(us(5_050_000), true);
+        // Without the gap check that one window of 5 s over 100
+        // completions moves it by (50 ms - 500 µs) / 256, about 190 µs.
+        assert_eq!(p.spacing, Duration::from_micros(500));
+        // Measuring starts again from that completion.
+        for n in 1..=400 {
+            p.completed(us(5_050_000 + 400 * n), true);
+        }
+        assert_eq!(p.spacing, Duration::from_micros(400));
+    }
+
+    #[test]
+    fn the_line_of_slots_is_laid_out_again_when_the_rate_changes() {
+        let start = Instant::now();
+        let mut p = pace(Duration::from_millis(2));
+        // 1,000 refused: a line from the 100 ms floor, 2 ms apart.
+        for _ in 0..1_000 {
+            p.next_slot(start, 0);
+        }
+        assert_eq!(p.next_slot(start, 0), Duration::from_millis(2_100));
+        // Then the registry is seen completing one every 200 µs: the rest
+        // of the line, ~985 slots, takes about 200 ms at that pace, and
+        // the next refusal is placed after it rather than after 2 s.
+        let from = start + Duration::from_millis(10);
+        for n in 0..=600 {
+            p.completed(from + Duration::from_micros(200 * n), true);
+        }
+        let now = from + Duration::from_micros(200 * 600);
+        let next = p.next_slot(now, 0);
+        assert!(
+            next > Duration::from_millis(150) && next < Duration::from_millis(250),
+            "{next:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_would_wait_past_the_longest_wait_is_refused_at_once() {
+        // One running and a measured pace of 1 s a call: with 2 queued,
+        // a fourth would wait about 3 s, more than the longest wait of
+        // 2.5 s, and is refused when it asks, not after 2.5 s.
+        let gate = Admission::new(1, 100, Duration::from_millis(2_500));
+        gate.shared.pace.lock().unwrap().spacing = Duration::from_secs(1);
+        let _running = gate.admit().await.expect("runs");
+        let mut b = pin!(gate.admit());
+        let mut c = pin!(gate.admit());
+        assert!(poll_once(b.as_mut()).is_pending());
+        assert!(poll_once(c.as_mut()).is_pending());
+        let asked = Instant::now();
+        let (why, advice) = busy(gate.admit().await);
+        assert_eq!(asked.elapsed(), Duration::ZERO);
+        assert_eq!(
+            why,
+            "2 are waiting, about 3s at the pace registrations complete, longer than --max-registration-wait (2s 500ms)"
+        );
+        assert_eq!(advice, Duration::from_secs(2), "after the two ahead");
+        assert_eq!(gate.waiting(), 2, "the refused call left no place taken");
+    }
+
     fn pace(spacing: Duration) -> Pace {
         Pace {
             spacing,
             window_start: None,
             window_done: 0,
+            last_done: None,
             last_slot: None,
         }
     }

@@ -290,7 +290,9 @@ pub struct Settings {
 
     /// Longest a Register call waits for its turn; then it gets
     /// RESOURCE_EXHAUSTED with a retry time instead of running into its
-    /// caller's deadline (node-agent's --registry-timeout is 5s).
+    /// caller's deadline (node-agent's --registry-timeout is 5s). A call
+    /// that would wait longer, at the pace registrations are completing,
+    /// behind the calls already waiting is refused when it arrives.
     #[arg(long, env = "REGISTRY_MAX_REGISTRATION_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub max_registration_wait: Duration,
 
