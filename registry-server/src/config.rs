@@ -270,11 +270,14 @@ pub struct Settings {
 
     /// Register calls that run at once; more wait their turn (up to
     /// --max-queued-registrations). The store commits the running ones'
-    /// records in groups, so this also bounds a commit's size.
+    /// records in groups, so this also bounds a commit's size. Fewer
+    /// running keep the registered nodes' heartbeats from waiting behind
+    /// a storm's replies (docs/BENCHMARKS.md, "Retry advice that keeps the
+    /// registry busy").
     #[arg(
         long,
         env = "REGISTRY_MAX_CONCURRENT_REGISTRATIONS",
-        default_value_t = 1024
+        default_value_t = 128
     )]
     pub max_concurrent_registrations: usize,
 
@@ -498,7 +501,7 @@ impl Default for Settings {
             max_nodes: 200_000,
             max_page_size: 1000,
             max_heartbeat_streams: 250_000,
-            max_concurrent_registrations: 1024,
+            max_concurrent_registrations: 128,
             max_queued_registrations: 16384,
             max_registration_wait: Duration::from_secs(3),
             watch_history: 100_000,
