@@ -4,7 +4,8 @@
 //! Counters are atomics; histograms sit behind one mutex each, which at
 //! 100k records a second on two cores costs far less than the gRPC work
 //! around it. Each latency is recorded twice: in the run's total and in a
-//! window that `bench` takes and resets to measure a steady-state phase only.
+//! window that `bench` takes and resets to measure a steady-state phase
+//! only (the `fleet-sim` command takes it for each progress line).
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -159,21 +159,27 @@ fn config(registry: &str) -> AgentConfig {
     config
 }
 
+/// Waits until `registered` holds `count` registrations, or `limit`
+/// passes (the test's own assertions then say what is missing). Waiting on
+/// what happened, rather than for a fixed time, keeps a slow machine from
+/// failing the tests.
+async fn wait_for_registrations(
+    registered: &Mutex<Vec<pb::RegisterRequest>>,
+    count: usize,
+    limit: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while registered.lock().unwrap().len() < count && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Runs the agent until `stub` has received `count` registrations (at most
-/// 10 s; past that the test's own assertions say what is missing), then
-/// `then` longer, and stops it. Waiting on what happened, rather than for a
-/// fixed time, keeps a slow machine from failing the test.
+/// 10 s), then `then` longer, and stops it.
 async fn run_agent_until(config: AgentConfig, stub: &StubRegistry, count: usize, then: Duration) {
     let registered = stub.registered.clone();
     let stop = async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let received = registered.lock().unwrap().len();
-            if received >= count || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_registrations(&registered, count, Duration::from_secs(10)).await;
         tokio::time::sleep(then).await;
     };
     let gpus = Arc::new(FakeGpuSource::new(1, "rules"));
@@ -235,13 +241,7 @@ fn rewrite_after_first_register(stub: &StubRegistry, dir: &tempfile::TempDir, af
     let registered = stub.registered.clone();
     let path = dir.path().join("p.json");
     tokio::spawn(async move {
-        loop {
-            let first_came = !registered.lock().unwrap().is_empty();
-            if first_came {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for_registrations(&registered, 1, Duration::from_secs(10)).await;
         tokio::time::sleep(after).await;
         std::fs::write(path, r#"{"model":"b"}"#).unwrap();
     });

@@ -18,12 +18,13 @@
 //! windows of at least [`WINDOW`] during which calls were waiting (the
 //! registry was saturated, which is the only time it refuses). Stores that
 //! commit in groups complete calls in bursts; a window spans many bursts,
-//! but a gap of a whole window without a completion ends it unmeasured
-//! (the queue was empty of runnable work, not slow). A faster window is
-//! believed at once, a slower one slowly (see [`Pace::completed`]), and
-//! the line of slots already handed out is rescaled to the new rate, so a
-//! line laid out at a slower guess does not leave the registry idle while
-//! the refused wait for times too late.
+//! but a second without any completion ends it unmeasured (a stall, not a
+//! rate). A faster window is believed at once, a slower one slowly (see
+//! [`Pace::completed`]). When the estimate changes, the end of the line of
+//! slots handed out is moved to where that many slots end at the new rate:
+//! callers already refused keep their times, and later refusals are placed
+//! after the line as measured now, not after one laid out at an old,
+//! slower guess that would leave the registry idle while they wait.
 //!
 //! A call that would wait longer than `--max-registration-wait` at that
 //! rate behind the calls already queued is refused at once, rather than
@@ -49,6 +50,11 @@ const MAX_ADVICE: Duration = Duration::from_secs(60);
 const INITIAL_SPACING: Duration = Duration::from_micros(200);
 /// The shortest window the completion rate is measured over.
 const WINDOW: Duration = Duration::from_millis(100);
+/// A saturated stretch this long without a completion is a stall (a store
+/// that did not answer, a process that was not scheduled), not a rate: it
+/// ends the open window unread. Well above [`WINDOW`], so a store whose
+/// group commits take a few hundred milliseconds is still measured.
+const STALL: Duration = Duration::from_secs(1);
 /// A slower measured rate moves the estimate by this fraction of the
 /// difference per window (a time constant of ~26 s: a storm's own arrival,
 /// a second or two of slow completions, barely moves it; a store that
@@ -166,8 +172,10 @@ impl Admission {
                         format!("{before} are waiting, the most --max-queued-registrations allows"),
                     ));
                 }
+                // Not when the queue is empty: someone must wait for the
+                // rate to be measured again.
                 let expected = self.expected_wait(before);
-                if expected > shared.max_wait {
+                if before > 0 && expected > shared.max_wait {
                     drop(in_queue);
                     return Err(self.refuse(
                         before,
@@ -278,11 +286,10 @@ impl Pace {
     /// can once the storm is spread, and too late a retry time leaves it
     /// idle while agents wait, where too early a one only costs another
     /// refusal. An unsaturated moment discards the open window (the rate
-    /// then is the callers', not the registry's), and so does a gap of a
-    /// whole [`WINDOW`] between two completions: nothing ran then (all
-    /// were waiting on a stalled store, or the queue held only calls whose
-    /// callers had gone), and one late completion would otherwise read as
-    /// a rate a hundred times slower.
+    /// then is the callers', not the registry's), and so does a gap of
+    /// [`STALL`] between two completions: the registry was stalled then,
+    /// and one late completion would otherwise read as a rate many times
+    /// slower.
     fn completed(&mut self, now: Instant, saturated: bool) {
         let previous = self.last_done.replace(now);
         if !saturated {
@@ -290,7 +297,7 @@ impl Pace {
             self.last_done = None;
             return;
         }
-        let gap = previous.is_none_or(|at| now - at >= WINDOW);
+        let gap = previous.is_none_or(|at| now - at >= STALL);
         let Some(start) = self.window_start.filter(|_| !gap) else {
             self.window_start = Some(now);
             self.window_done = 0;
@@ -508,14 +515,29 @@ mod tests {
             p.completed(us(500 * n), true);
         }
         p.completed(us(5_050_000), true);
-        // Without the gap check that one window of 5 s over 100
-        // completions moves it by (50 ms - 500 µs) / 256, about 190 µs.
+        // Without the stall check that one window of 5.05 s over 100
+        // completions moves it by (50.5 ms - 500 µs) / 256, about 195 µs.
         assert_eq!(p.spacing, Duration::from_micros(500));
         // Measuring starts again from that completion.
         for n in 1..=400 {
             p.completed(us(5_050_000 + 400 * n), true);
         }
         assert_eq!(p.spacing, Duration::from_micros(400));
+    }
+
+    #[test]
+    fn a_store_committing_every_150_ms_is_still_measured_as_slower() {
+        let start = Instant::now();
+        let mut p = pace(INITIAL_SPACING);
+        // 10 calls per commit, a commit every 150 ms (15 ms a call) for a
+        // minute: gaps longer than a window but no stall.
+        for commit in 0..400u64 {
+            let at = start + Duration::from_millis(150 * commit);
+            for _ in 0..10 {
+                p.completed(at, true);
+            }
+        }
+        assert!(p.spacing > Duration::from_millis(5), "{:?}", p.spacing);
     }
 
     #[test]
@@ -528,7 +550,7 @@ mod tests {
         }
         assert_eq!(p.next_slot(start, 0), Duration::from_millis(2_100));
         // Then the registry is seen completing one every 200 µs: the rest
-        // of the line, ~985 slots, takes about 200 ms at that pace, and
+        // of the line, ~995 slots, takes about 200 ms at that pace, and
         // the next refusal is placed after it rather than after 2 s.
         let from = start + Duration::from_millis(10);
         for n in 0..=600 {
@@ -540,6 +562,20 @@ mod tests {
             next > Duration::from_millis(150) && next < Duration::from_millis(250),
             "{next:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_in_line_waits_however_slow_the_pace() {
+        // At a measured 10 s a call, even the first waiter would wait past
+        // the longest wait; it queues all the same, so completions are
+        // seen saturated and the pace can be measured again.
+        let gate = Admission::new(1, 100, Duration::from_secs(3));
+        gate.shared.pace.lock().unwrap().spacing = Duration::from_secs(10);
+        let _running = gate.admit().await.expect("runs");
+        let mut first = pin!(gate.admit());
+        assert!(poll_once(first.as_mut()).is_pending(), "queued");
+        assert_eq!(gate.waiting(), 1);
+        busy(gate.admit().await);
     }
 
     #[tokio::test(start_paused = true)]

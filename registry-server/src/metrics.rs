@@ -153,7 +153,7 @@ pub fn describe() {
     describe_gauge!(OPEN_STREAMS, "Heartbeat streams open now.");
     describe_counter!(
         REGISTRATIONS_REFUSED,
-        "Register calls refused with RESOURCE_EXHAUSTED and a retry time because --max-queued-registrations were already waiting."
+        "Register calls refused with RESOURCE_EXHAUSTED and a retry time: --max-queued-registrations were already waiting, the queue ahead would take longer than --max-registration-wait at the measured pace, or no turn came within it."
     );
     describe_gauge!(
         REGISTRATIONS_WAITING,
