@@ -55,10 +55,11 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// ends the open window unread. Well above [`WINDOW`], so a store whose
 /// group commits take a few hundred milliseconds is still measured.
 const STALL: Duration = Duration::from_secs(1);
-/// A slower measured rate moves the estimate by this fraction of the
-/// difference per window (a time constant of ~26 s: a storm's own arrival,
-/// a second or two of slow completions, barely moves it; a store that
-/// stays slower is followed within a minute or so).
+/// A slower measured rate moves the estimated rate by this fraction of the
+/// difference per window (a time constant of 256 windows, ~26 s at the
+/// shortest: a storm's own arrival, a second or two of slow completions,
+/// barely moves it; a store that stays slower is followed within a minute
+/// or two).
 const SLOWER_STEP: u32 = 256;
 
 /// The gate every Register call passes; cloned into each service handle.
@@ -310,7 +311,15 @@ impl Pace {
             let spacing = if measured < self.spacing {
                 measured
             } else {
-                self.spacing + (measured - self.spacing) / SLOWER_STEP
+                // Averaged as a rate, not as a time per call: a window
+                // of a few completions over a slow commit reads as a time
+                // per call many times the usual, and one such window would
+                // move an average of times far; as a rate it can take at
+                // most a SLOWER_STEPth of the rate away.
+                let rate = 1.0 / self.spacing.as_secs_f64();
+                let measured_rate = 1.0 / measured.as_secs_f64();
+                let rate = rate - (rate - measured_rate) / f64::from(SLOWER_STEP);
+                Duration::from_secs_f64(1.0 / rate)
             };
             self.rescale_line(now, spacing);
             self.spacing = spacing;
@@ -478,7 +487,8 @@ mod tests {
         let ms = |n: u64| start + Duration::from_millis(n);
         // Saturated completions every 1 ms (slower than the initial 200
         // µs): after 2 s (a storm arriving) the estimate has moved less
-        // than a tenth of the way; after 60 s most of it.
+        // than a tenth of the way; after 60 s the rate most of it (from
+        // 5,000/s to under 1,500/s, against 1,000/s measured).
         for n in 0..=2_000 {
             p.completed(ms(n), true);
         }
@@ -491,7 +501,7 @@ mod tests {
             p.completed(ms(n), true);
         }
         let late = p.spacing;
-        assert!(late > Duration::from_micros(850), "{late:?}");
+        assert!(late > Duration::from_micros(670), "{late:?}");
         // Every 10 µs now: believed after one window.
         let from = ms(60_000);
         for n in 0..=20_000 {
@@ -530,14 +540,20 @@ mod tests {
         let start = Instant::now();
         let mut p = pace(INITIAL_SPACING);
         // 10 calls per commit, a commit every 150 ms (15 ms a call) for a
-        // minute: gaps longer than a window but no stall.
-        for commit in 0..400u64 {
+        // minute: gaps longer than a window but no stall. The rate falls
+        // from 5,000/s towards 67/s by a 256th of the difference a window:
+        // to ~1,100/s after the minute, and on.
+        let mut at_commit = Vec::new();
+        for commit in 0..800u64 {
             let at = start + Duration::from_millis(150 * commit);
             for _ in 0..10 {
                 p.completed(at, true);
             }
+            at_commit.push(p.spacing);
         }
-        assert!(p.spacing > Duration::from_millis(5), "{:?}", p.spacing);
+        let (minute, two) = (at_commit[399], at_commit[799]);
+        assert!(minute > Duration::from_micros(800), "{minute:?}");
+        assert!(two > Duration::from_millis(3), "{two:?}");
     }
 
     #[test]
