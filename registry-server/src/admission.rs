@@ -58,8 +58,9 @@ const STALL: Duration = Duration::from_secs(1);
 /// A slower measured rate moves the estimated rate by this fraction of the
 /// difference per window (a time constant of 256 windows, ~26 s at the
 /// shortest: a storm's own arrival, a second or two of slow completions,
-/// barely moves it; a store that stays slower is followed within a minute
-/// or two).
+/// barely moves it; a store that stays slower is followed, the rate within
+/// a minute or two, a time per call far above the estimate over minutes:
+/// optimistic, see [`Pace::completed`]).
 const SLOWER_STEP: u32 = 256;
 
 /// The gate every Register call passes; cloned into each service handle.
@@ -526,13 +527,27 @@ mod tests {
         }
         p.completed(us(5_050_000), true);
         // Without the stall check that one window of 5.05 s over 100
-        // completions moves it by (50.5 ms - 500 µs) / 256, about 195 µs.
+        // completions would move it (a 256th of the rate away, ~2 µs).
         assert_eq!(p.spacing, Duration::from_micros(500));
         // Measuring starts again from that completion.
         for n in 1..=400 {
             p.completed(us(5_050_000 + 400 * n), true);
         }
         assert_eq!(p.spacing, Duration::from_micros(400));
+    }
+
+    #[test]
+    fn a_few_slow_windows_take_little_of_the_rate() {
+        // One completion every 330 ms, saturated, for 15 windows (no
+        // stall): each window reads as 3 calls a second. Averaged as a
+        // rate each takes a 256th of the rate away (5,000/s -> ~4,700/s);
+        // averaged as a time per call each added 1.3 ms (-> ~19 ms).
+        let start = Instant::now();
+        let mut p = pace(INITIAL_SPACING);
+        for n in 0..=15u64 {
+            p.completed(start + Duration::from_millis(330 * n), true);
+        }
+        assert!(p.spacing < Duration::from_micros(250), "{:?}", p.spacing);
     }
 
     #[test]
