@@ -158,7 +158,7 @@ pub async fn run(
             fleet.silence();
             silence_due = None;
         }
-        if stats.snapshot().at.duration_since(previous.at) >= progress.mul_f64(0.9) || now >= end {
+        if now.into_std().duration_since(previous.at) >= progress.mul_f64(0.9) || now >= end {
             // The window's latency since the last line (the report's
             // totals are kept apart): how a storm's seconds differ.
             let (snapshot, window) = stats.take_window();

@@ -14,8 +14,13 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// A refusal with `code` and `message` that asks the caller to retry after
 /// `after` (rounded to whole milliseconds, at least one).
 pub fn refusal(code: Code, message: impl Into<String>, after: Duration) -> Status {
-    let after = Duration::from_millis(u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1));
+    let after = whole_millis(after).max(Duration::from_millis(1));
     Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(after)))
+}
+
+/// `d` cut to whole milliseconds: how retry times are sent and shown.
+pub fn whole_millis(d: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The retry delay `status` advises, when it carries one.

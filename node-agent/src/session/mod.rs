@@ -296,7 +296,8 @@ impl Agent {
     /// the token file again so a rotated token is used from the next try.
     fn failed(&self, what: &str, status: &Status, retry_in: Duration) {
         let node_id = &self.config.node_id;
-        let retry_in = humantime::format_duration(round_ms(retry_in)).to_string();
+        let retry_in =
+            humantime::format_duration(registry_proto::retry::whole_millis(retry_in)).to_string();
         let error = registry_proto::status::status_chain(status);
         let code = status.code();
         match code {
@@ -485,10 +486,6 @@ fn retry_delay(backoff: &mut Backoff, status: &Status) -> Duration {
     } else {
         delay
     }
-}
-
-fn round_ms(d: Duration) -> Duration {
-    Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Registers and keeps heartbeating until `shutdown`; never gives up
