@@ -482,7 +482,7 @@ impl BudgetLayer {
     }
 
     /// Leaves Heartbeat bodies to the Heartbeat route
-    /// (`service::HeartbeatRoute`), handing it their budgets: only for a
+    /// (`service::RegistryRoute`), handing it their budgets: only for a
     /// server that serves Heartbeat through it, or those streams would be
     /// held to no budget.
     pub fn with_heartbeat_route(mut self) -> Self {

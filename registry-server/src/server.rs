@@ -20,7 +20,7 @@ use crate::metrics_port::MetricsEndpoint;
 use crate::placement::PlacementIndex;
 use crate::registry::{Now, Options, Registry};
 use crate::replica::{Replica, ReplicaRole};
-use crate::service::{HeartbeatRoute, NodeRegistryService};
+use crate::service::{NodeRegistryService, RegistryRoute};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -300,9 +300,10 @@ where
     let service =
         NodeRegistryService::new(registry.clone(), &settings, auth, stop.clone(), placement)
             .with_role(role);
-    // Heartbeat streams are served over the service's own framing (see
-    // `service::heartbeat_wire`); the other methods by the generated server.
-    let registry_service = HeartbeatRoute::new(
+    // Heartbeat streams are served over the service's own framing and
+    // Register takes its turn before its body is decoded (see
+    // `service::route`); the rest is the generated server's.
+    let registry_service = RegistryRoute::new(
         NodeRegistryServer::new(service.clone())
             .max_decoding_message_size(settings.max_message_size),
         service,
@@ -361,7 +362,7 @@ where
     });
     let stack = tower::ServiceBuilder::new()
         .layer(grpc_metrics)
-        // Heartbeat is served by `HeartbeatRoute`, which holds its streams
+        // Heartbeat is served by `RegistryRoute`, which holds its streams
         // to the budgets itself.
         .layer(crate::budget::BudgetLayer::new(budgets).with_heartbeat_route())
         .service(routes.routes().prepare());

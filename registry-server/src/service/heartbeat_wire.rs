@@ -19,31 +19,26 @@
 //! service's own ([`super::heartbeat`]): the same session, the same
 //! statuses, the trailers tonic would send.
 //!
-//! [`HeartbeatRoute`] sits in front of the generated `NodeRegistryServer`
-//! and takes only the Heartbeat path; every other method goes through the
-//! generated server. The generated server's own `heartbeat` (over tonic's
+//! [`super::RegistryRoute`] sits in front of the generated
+//! `NodeRegistryServer` and hands the Heartbeat path to
+//! [`NodeRegistryService::heartbeat_route`] here. The generated server's own `heartbeat` (over tonic's
 //! `Streaming`) still works, for servers built without the route.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{BufMut, Bytes};
 use futures_util::Stream;
-use futures_util::future::Either;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body as _, Frame, SizeHint};
 use prost::Message as _;
 use registry_proto::pb;
 use tonic::body::Body;
-use tonic::server::NamedService;
 use tonic::{Code, Status, Streaming};
-use tower::Service;
 
 use super::NodeRegistryService;
-use crate::budget::{HEARTBEAT_PATH, HeartbeatBudget, Holding};
+use crate::budget::{HeartbeatBudget, Holding};
 
 /// The gRPC prefix of each message: a compression flag and a length.
 const PREFIX: usize = 5;
@@ -365,59 +360,10 @@ where
     }
 }
 
-/// The Heartbeat method served by [`NodeRegistryService`] over
-/// [`Inbound`] and [`AckBody`]; every other path goes to `generated`.
-#[derive(Clone)]
-pub struct HeartbeatRoute<S> {
-    /// The generated server, for every other method.
-    generated: S,
-    /// The service whose streams these are; behind an `Arc` because tonic's
-    /// router clones the route for every call.
-    service: Arc<NodeRegistryService>,
-}
-
-impl<S> HeartbeatRoute<S> {
-    /// Routes Heartbeat to `service` itself and the rest to `generated`
-    /// (the generated server of the same service).
-    pub fn new(generated: S, service: NodeRegistryService) -> Self {
-        Self {
-            generated,
-            service: Arc::new(service),
-        }
-    }
-}
-
-impl<S: NamedService> NamedService for HeartbeatRoute<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S> Service<http::Request<Body>> for HeartbeatRoute<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = Either<std::future::Ready<Result<Self::Response, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.generated.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() == HEARTBEAT_PATH {
-            Either::Left(std::future::ready(Ok(self
-                .service
-                .heartbeat_route(request))))
-        } else {
-            Either::Right(self.generated.call(request))
-        }
-    }
-}
-
 impl NodeRegistryService {
     /// Opens a heartbeat stream for `request`: its response headers now,
     /// its acks as the agent's beats come; or a trailers-only refusal.
-    fn heartbeat_route(&self, request: http::Request<Body>) -> http::Response<Body> {
+    pub(super) fn heartbeat_route(&self, request: http::Request<Body>) -> http::Response<Body> {
         // No compression is accepted (as the generated server is built):
         // the same refusal tonic gives.
         if let Some(encoding) = request.headers().get("grpc-encoding")
@@ -465,7 +411,11 @@ impl NodeRegistryService {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+
     use super::*;
+    use crate::budget::HEARTBEAT_PATH;
     use http_body_util::{BodyExt, StreamBody};
 
     /// A request body that yields `frames` in order, then ends.
@@ -804,7 +754,7 @@ mod tests {
             response.headers_mut().insert("x-served-by", served_by);
             Ok::<_, Infallible>(response)
         });
-        let route = HeartbeatRoute::new(generated, service);
+        let route = super::super::RegistryRoute::new(generated, service);
         let request = |path: &str, frames| {
             http::Request::builder()
                 .uri(format!("http://registry{path}"))
@@ -860,7 +810,8 @@ mod tests {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let generated = NodeRegistryServer::new(service.clone());
         let router = if routed {
-            tonic::transport::Server::builder().add_service(HeartbeatRoute::new(generated, service))
+            tonic::transport::Server::builder()
+                .add_service(super::super::RegistryRoute::new(generated, service))
         } else {
             tonic::transport::Server::builder().add_service(generated)
         };

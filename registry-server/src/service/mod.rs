@@ -24,12 +24,13 @@ use crate::watch::{WatchStream, Watchers};
 
 mod heartbeat;
 mod heartbeat_wire;
+mod route;
 #[cfg(test)]
 mod tests;
 
 use heartbeat::{Caller, HeartbeatSession, OpenStream, StreamShared};
-pub use heartbeat_wire::HeartbeatRoute;
 use heartbeat_wire::Messages;
+pub use route::RegistryRoute;
 
 /// Implements `registry.v1.NodeRegistry` on top of a [`Registry`].
 #[derive(Clone)]
@@ -187,8 +188,13 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let token_admin = self.authorize(&request, Rpc::Register)?;
         self.role.writable()?;
-        // Held until the answer: the call's turn (see crate::admission).
-        let _turn = self.admission.admit().await?;
+        // Held until the answer: the call's turn (see crate::admission),
+        // which `RegistryRoute` takes before the body is decoded; a server
+        // built without the route takes it here.
+        let _turn = match request.extensions().get::<route::TurnTaken>() {
+            Some(route::TurnTaken) => None,
+            None => Some(self.admission.admit().await?),
+        };
         let identities = identity::peer_identities(&request);
         let registration = validate::registration(request.into_inner())?;
         check_identity(identities.as_deref(), token_admin, registration.node_id())?;
@@ -392,7 +398,7 @@ impl pb::node_registry_server::NodeRegistry for NodeRegistryService {
         &self,
         request: Request<Streaming<pb::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        // Servers built with `HeartbeatRoute` (the registry's) never get
+        // Servers built with `RegistryRoute` (the registry's) never get
         // here: the route serves the method over its own framing.
         let session = self.open_heartbeat(request)?;
         Ok(Response::new(Box::pin(heartbeat::replies(session))))
