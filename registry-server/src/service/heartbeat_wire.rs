@@ -146,7 +146,7 @@ impl Inbound {
         };
         match prefix[0] {
             0 => {}
-            // The route refuses a grpc-encoding up front (`heartbeat_route`).
+            // The route refuses a grpc-encoding up front (`super::route`).
             1 => {
                 return Err(Status::internal(
                     "protocol error: received message with compressed-flag but no \
@@ -362,27 +362,9 @@ where
 
 impl NodeRegistryService {
     /// Opens a heartbeat stream for `request`: its response headers now,
-    /// its acks as the agent's beats come; or a trailers-only refusal.
+    /// its acks as the agent's beats come; or a trailers-only refusal. The
+    /// route has refused a compressed stream already.
     pub(super) fn heartbeat_route(&self, request: http::Request<Body>) -> http::Response<Body> {
-        // No compression is accepted (as the generated server is built):
-        // the same refusal tonic gives.
-        if let Some(encoding) = request.headers().get("grpc-encoding")
-            && encoding != "identity"
-        {
-            let name = match encoding.to_str() {
-                Ok(name) => name.to_owned(),
-                Err(_) => format!("{encoding:?}"),
-            };
-            let mut status = Status::unimplemented(format!(
-                "Content is compressed with `{name}` which isn't supported"
-            ));
-            // What the client may send instead, as tonic says it.
-            let identity = tonic::metadata::MetadataValue::from_static("identity");
-            status
-                .metadata_mut()
-                .insert("grpc-accept-encoding", identity);
-            return status.into_http();
-        }
         let max_message = self.streams.max_message;
         let (mut parts, body) = request.into_parts();
         let budget = parts

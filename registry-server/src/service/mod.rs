@@ -49,6 +49,9 @@ pub struct NodeRegistryService {
     max_heartbeat_streams: usize,
     /// Largest ListNodes page.
     max_page_size: u32,
+    /// Largest message of a unary call (`--max-message-size`): what a
+    /// Register body read before its turn may hold (see `route`).
+    max_message: usize,
     /// Answers FindPools and ListModels; fed by the registry's change feed,
     /// not read from the registry, so a query never scans the fleet.
     placement: PlacementIndex,
@@ -91,6 +94,7 @@ impl NodeRegistryService {
             ),
             max_heartbeat_streams: settings.max_heartbeat_streams,
             max_page_size: settings.max_page_size,
+            max_message: settings.max_message_size,
             placement,
             watchers: Watchers::new(settings.max_watchers, settings.watch_progress_interval),
             role: ReplicaRole::single(),

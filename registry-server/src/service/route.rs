@@ -1,7 +1,9 @@
 //! The registry's own work in front of tonic's generated server.
 //!
 //! [`RegistryRoute`] takes two paths before the generated
-//! `NodeRegistryServer` sees them; every other method goes straight through:
+//! `NodeRegistryServer` sees them; every other method goes straight through.
+//! Neither accepts compression (as the generated server is built): a
+//! `grpc-encoding` other than `identity` gets tonic's UNIMPLEMENTED.
 //! - **Heartbeat** is served over the service's own framing
 //!   ([`super::heartbeat_wire`]).
 //! - **Register** takes its turn (`crate::admission`) before its body is
@@ -9,12 +11,14 @@
 //!   and the generated server would decode each ~1.3 KB request first
 //!   (~28,000 instructions, half of them copying some 60 strings) only to
 //!   drop it. Here the token and the replica's role are checked from the
-//!   headers, the turn is taken, and only a call with its turn is handed on
-//!   to be decoded, validated and registered. A queued call waits with its
-//!   body still in h2's buffers, bounded by `--max-queued-registrations`.
-//!   So in a storm a malformed request is refused RESOURCE_EXHAUSTED first
-//!   and INVALID_ARGUMENT once its turn comes, as a bad token is refused
-//!   UNAUTHENTICATED before any turn.
+//!   headers, the body is read to its end as bytes (bounded by the budgets
+//!   of `crate::budget` and by `--max-message-size`), and only then is the
+//!   turn taken: a client that sends its headers and stalls holds no turn,
+//!   and a queued call holds none of its connection's flow-control window.
+//!   Only a call with its turn is handed on to be decoded, validated and
+//!   registered. So in a storm a request that does not decode is refused
+//!   RESOURCE_EXHAUSTED first and INVALID_ARGUMENT once its turn comes,
+//!   while a bad token is refused UNAUTHENTICATED before any turn.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,11 +26,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::future::Either;
 use http::HeaderMap;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tonic::Status;
 use tonic::body::Body;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::server::NamedService;
 use tower::Service;
 
@@ -38,6 +44,9 @@ use crate::error::RegistryError;
 
 /// Register's path, as the generated server routes it.
 pub const REGISTER_PATH: &str = "/registry.v1.NodeRegistry/Register";
+
+/// The gRPC prefix of a message: a compression flag and a length.
+const PREFIX: usize = 5;
 
 /// In a Register request's extensions when [`RegistryRoute`] holds the
 /// call's turn, so the handler does not take a second one. Only the server
@@ -94,44 +103,95 @@ where
         self.generated.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        match request.uri().path() {
-            HEARTBEAT_PATH => Either::Left(std::future::ready(Ok(self
-                .service
-                .heartbeat_route(request)))),
-            REGISTER_PATH => {
-                // The service made ready is the one to call; a clone takes
-                // its place here (tower's rule for calling from a future).
-                let clone = self.generated.clone();
-                let mut generated = std::mem::replace(&mut self.generated, clone);
-                let service = self.service.clone();
-                Either::Right(Either::Right(Box::pin(async move {
-                    let turn = match service.register_turn(request.headers()).await {
-                        Ok(turn) => turn,
-                        Err(refused) => return Ok(refused.into_http()),
-                    };
-                    request.extensions_mut().insert(TurnTaken);
-                    let answer = generated.call(request).await;
-                    // Held until the answer, as the handler would hold it.
-                    drop(turn);
-                    answer
-                })))
-            }
-            _ => Either::Right(Either::Left(self.generated.call(request))),
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let path = request.uri().path();
+        let (heartbeat, register) = (path == HEARTBEAT_PATH, path == REGISTER_PATH);
+        if !heartbeat && !register {
+            return Either::Right(Either::Left(self.generated.call(request)));
         }
+        if let Some(refused) = compressed(request.headers()) {
+            return Either::Left(std::future::ready(Ok(refused.into_http())));
+        }
+        if heartbeat {
+            return Either::Left(std::future::ready(Ok(self
+                .service
+                .heartbeat_route(request))));
+        }
+        // The service made ready is the one to call; a clone takes its
+        // place here (tower's rule for calling from a future).
+        let clone = self.generated.clone();
+        let mut generated = std::mem::replace(&mut self.generated, clone);
+        let service = self.service.clone();
+        Either::Right(Either::Right(Box::pin(async move {
+            let (request, turn) = match service.register_turn(request).await {
+                Ok(admitted) => admitted,
+                Err(refused) => return Ok(refused.into_http()),
+            };
+            let answer = generated.call(request).await;
+            // Held until the answer, as the handler would hold it.
+            drop(turn);
+            answer
+        })))
     }
+}
+
+/// tonic's refusal of a compressed request, where `headers` announce one.
+fn compressed(headers: &HeaderMap) -> Option<Status> {
+    let encoding = headers.get("grpc-encoding")?;
+    if encoding == "identity" {
+        return None;
+    }
+    let name = match encoding.to_str() {
+        Ok(name) => name.to_owned(),
+        Err(_) => format!("{encoding:?}"),
+    };
+    let mut status = Status::unimplemented(format!(
+        "Content is compressed with `{name}` which isn't supported"
+    ));
+    // What the client may send instead, as tonic says it.
+    let identity = MetadataValue::from_static("identity");
+    status
+        .metadata_mut()
+        .insert("grpc-accept-encoding", identity);
+    Some(status)
 }
 
 impl NodeRegistryService {
     /// Register's refusals that need only the headers (the token, this
-    /// replica's role), then the call's turn.
-    async fn register_turn(&self, headers: &HeaderMap) -> Result<Admitted, Status> {
-        let metadata = MetadataMap::from_headers(headers.clone());
+    /// replica's role), then its body read whole, then the call's turn:
+    /// the request to hand on, its body as bytes and marked
+    /// [`TurnTaken`], with the turn.
+    async fn register_turn(
+        &self,
+        request: http::Request<Body>,
+    ) -> Result<(http::Request<Body>, Admitted), Status> {
+        let metadata = MetadataMap::from_headers(request.headers().clone());
         self.auth
             .authorize(&metadata, Rpc::Register)
             .map_err(RegistryError::from)?;
         self.role.writable()?;
-        Ok(self.admission.admit().await?)
+        let (mut parts, body) = request.into_parts();
+        let body = read_whole(body, self.max_message).await?;
+        let turn = self.admission.admit().await?;
+        parts.extensions.insert(TurnTaken);
+        Ok((
+            http::Request::from_parts(parts, Body::new(Full::new(body))),
+            turn,
+        ))
+    }
+}
+
+/// A unary request's body to its end, at most one message of
+/// `max_message` bytes with its prefix; the budgets in front refuse a
+/// message announced longer (and one that would overrun them) as it comes.
+async fn read_whole(body: Body, max_message: usize) -> Result<Bytes, Status> {
+    let limit = max_message.saturating_add(PREFIX);
+    match Limited::new(body, limit).collect().await {
+        Ok(whole) => Ok(whole.to_bytes()),
+        Err(err) if err.is::<LengthLimitError>() => Err(Status::out_of_range(format!(
+            "the Register request is longer than one message of --max-message-size ({max_message} bytes)"
+        ))),
+        Err(err) => Err(Status::from_error(err)),
     }
 }
 
@@ -145,12 +205,13 @@ mod tests {
     use super::*;
     use crate::auth::{Authenticator, TokenSources};
 
-    /// A service with one Register running at a time and none queued, and
-    /// `auth` checking its tokens.
-    fn one_at_a_time(auth: Authenticator) -> NodeRegistryService {
+    /// A service with one Register running at a time and none queued,
+    /// `auth` checking its tokens, and messages of at most `max_message`.
+    fn one_at_a_time_of(auth: Authenticator, max_message: usize) -> NodeRegistryService {
         let settings = crate::config::Settings {
             max_concurrent_registrations: 1,
             max_queued_registrations: 0,
+            max_message_size: max_message,
             ..crate::config::Settings::default()
         };
         NodeRegistryService::new(
@@ -160,6 +221,10 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
             crate::placement::PlacementIndex::new(),
         )
+    }
+
+    fn one_at_a_time(auth: Authenticator) -> NodeRegistryService {
+        one_at_a_time_of(auth, 4 << 20)
     }
 
     /// A stand-in for the generated server: counts its calls and answers
@@ -187,11 +252,15 @@ mod tests {
 
     /// A Register request whose body is not a RegisterRequest at all.
     fn register_of_garbage(token: Option<&'static str>) -> http::Request<Body> {
+        let garbage = Bytes::from_static(b"\0\0\0\0\x05\xff\xff\xff\xff\xff");
+        register_with(token, Body::new(Full::new(garbage)))
+    }
+
+    /// A Register request of `body`, with `token` if any.
+    fn register_with(token: Option<&'static str>, body: Body) -> http::Request<Body> {
         let mut request = http::Request::builder()
             .uri(format!("http://registry{REGISTER_PATH}"))
-            .body(Body::new(http_body_util::Full::new(
-                bytes::Bytes::from_static(b"\0\0\0\0\x05\xff\xff\xff\xff\xff"),
-            )))
+            .body(body)
             .unwrap();
         if let Some(token) = token {
             let bearer = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
@@ -201,7 +270,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_register_without_a_turn_is_refused_before_its_body_is_read() {
+    async fn a_register_without_a_turn_is_refused_before_its_body_is_decoded() {
         let service = one_at_a_time(Authenticator::open());
         let held = service.admission.admit().await.unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
@@ -281,5 +350,76 @@ mod tests {
         answer.add_permits(1);
         call.await.unwrap().unwrap();
         assert_eq!(admission.in_flight(), 0, "given back with the answer");
+    }
+
+    #[tokio::test]
+    async fn a_register_whose_body_stalls_holds_no_turn() {
+        let service = one_at_a_time(Authenticator::open());
+        let admission = service.admission.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let route = RegistryRoute::new(generated(calls.clone()), service);
+
+        // Headers, then nothing: the body never ends.
+        let never = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Status>>();
+        let stalled = register_with(None, Body::new(http_body_util::StreamBody::new(never)));
+        let stalled = tokio::spawn(route.clone().oneshot(stalled));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(admission.in_flight(), 0, "no turn while the body comes");
+        assert_eq!(admission.waiting(), 0);
+
+        // The one turn is free for a call whose body came.
+        let response = route.oneshot(register_of_garbage(None)).await.unwrap();
+        assert_eq!(response.headers()["x-turn-taken"], "yes");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(!stalled.is_finished());
+        stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_one_message_is_refused_without_a_turn() {
+        let service = one_at_a_time_of(Authenticator::open(), 16);
+        let admission = service.admission.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let route = RegistryRoute::new(generated(calls.clone()), service);
+
+        // Two whole messages of 16 bytes: each within the limit, together
+        // longer than one.
+        let mut two = Vec::new();
+        for _ in 0..2 {
+            two.extend_from_slice(&[0, 0, 0, 0, 16]);
+            two.extend_from_slice(&[0x0a; 16]);
+        }
+        let request = register_with(None, Body::new(Full::new(Bytes::from(two))));
+        let response = route.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "11", "OUT_OF_RANGE");
+        let message = response.headers()["grpc-message"].to_str().unwrap();
+        assert!(message.contains("max-message-size"), "{message}");
+        assert_eq!(admission.in_flight(), 0);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+        // One message of 16 bytes is handed on.
+        let mut one = vec![0, 0, 0, 0, 16];
+        one.extend_from_slice(&[0x0a; 16]);
+        let request = register_with(None, Body::new(Full::new(Bytes::from(one))));
+        let response = route.oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["x-turn-taken"], "yes");
+    }
+
+    #[tokio::test]
+    async fn a_compressed_register_is_refused_unimplemented_without_a_turn() {
+        let service = one_at_a_time(Authenticator::open());
+        let _held = service.admission.admit().await.unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let route = RegistryRoute::new(generated(calls.clone()), service);
+
+        let mut request = register_of_garbage(None);
+        let gzip = HeaderValue::from_static("gzip");
+        request.headers_mut().insert("grpc-encoding", gzip);
+        let response = route.oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+        assert_eq!(response.headers()["grpc-accept-encoding"], "identity");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }
