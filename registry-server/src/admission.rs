@@ -167,26 +167,9 @@ impl Admission {
                 let before = shared.waiting.fetch_add(1, Ordering::AcqRel);
                 metrics::gauge!(crate::metrics::REGISTRATIONS_WAITING).increment(1.0);
                 let in_queue = InQueue(&shared.waiting);
-                if before >= shared.max_waiting {
+                if let Some(refused) = self.refusal_on_arrival(before) {
                     drop(in_queue);
-                    return Err(self.refuse(
-                        before,
-                        format!("{before} are waiting, the most --max-queued-registrations allows"),
-                    ));
-                }
-                // Not when the queue is empty: someone must wait for the
-                // rate to be measured again.
-                let expected = self.expected_wait(before);
-                if before > 0 && expected > shared.max_wait {
-                    drop(in_queue);
-                    return Err(self.refuse(
-                        before,
-                        format!(
-                            "{before} are waiting, about {} at the pace registrations complete, longer than --max-registration-wait ({})",
-                            humantime::format_duration(registry_proto::retry::whole_millis(expected)),
-                            humantime::format_duration(shared.max_wait)
-                        ),
-                    ));
+                    return Err(refused);
                 }
                 let turn =
                     tokio::time::timeout(shared.max_wait, shared.permits.clone().acquire_owned())
@@ -211,6 +194,47 @@ impl Admission {
             permit: Some(permit),
             shared: shared.clone(),
         })
+    }
+
+    /// Refuses a call now if [`Admission::admit`] would refuse it on
+    /// arrival, before anything else is done for it (its body read); a
+    /// call let through still takes its turn with `admit`, which may queue
+    /// or refuse it as things stand then.
+    pub fn refuse_early(&self) -> Result<(), RegistryError> {
+        let shared = &self.shared;
+        if shared.permits.available_permits() > 0 {
+            return Ok(());
+        }
+        match self.refusal_on_arrival(shared.waiting.load(Ordering::Acquire)) {
+            Some(refused) => Err(refused),
+            None => Ok(()),
+        }
+    }
+
+    /// The refusal of a call that finds no free turn and `before` calls
+    /// queued: when the queue is full, or when its turn would come only
+    /// after the longest wait at the measured pace. Not when the queue is
+    /// empty: someone must wait for the rate to be measured again.
+    fn refusal_on_arrival(&self, before: usize) -> Option<RegistryError> {
+        let shared = &self.shared;
+        if before >= shared.max_waiting {
+            return Some(self.refuse(
+                before,
+                format!("{before} are waiting, the most --max-queued-registrations allows"),
+            ));
+        }
+        let expected = self.expected_wait(before);
+        if before > 0 && expected > shared.max_wait {
+            return Some(self.refuse(
+                before,
+                format!(
+                    "{before} are waiting, about {} at the pace registrations complete, longer than --max-registration-wait ({})",
+                    humantime::format_duration(registry_proto::retry::whole_millis(expected)),
+                    humantime::format_duration(shared.max_wait)
+                ),
+            ));
+        }
+        None
     }
 
     /// The refusal of a call that found `waiting` calls in the queue: the
@@ -633,6 +657,33 @@ mod tests {
         );
         assert_eq!(advice, Duration::from_secs(2), "after the two ahead");
         assert_eq!(gate.waiting(), 2, "the refused call left no place taken");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_early_refusal_is_what_admit_would_refuse_on_arrival() {
+        // A free turn: never refused early.
+        let gate = Admission::new(1, 100, Duration::from_millis(2_500));
+        assert!(gate.refuse_early().is_ok());
+        // One running at 1 s a call: the first and second in line would
+        // wait 1 and 2 s and pass; a third, with two queued, about 3 s,
+        // past the longest wait of 2.5 s, and is refused as admit refuses
+        // it, without taking a place in the queue.
+        let (gate, _running) =
+            one_running_at(Duration::from_millis(2_500), Duration::from_secs(1)).await;
+        assert!(gate.refuse_early().is_ok(), "the first in line");
+        let mut b = pin!(gate.admit());
+        assert!(poll_once(b.as_mut()).is_pending());
+        assert!(gate.refuse_early().is_ok(), "the second in line");
+        let mut c = pin!(gate.admit());
+        assert!(poll_once(c.as_mut()).is_pending());
+        let early = match gate.refuse_early() {
+            Err(RegistryError::Busy { why, .. }) => why,
+            other => panic!("expected Busy, got {other:?}"),
+        };
+        let (why, _) = busy(gate.admit().await);
+        assert_eq!(early, why);
+        assert_eq!(gate.waiting(), 2);
+        assert_eq!(gate.refused(), 2);
     }
 
     fn pace(spacing: Duration) -> Pace {

@@ -6,19 +6,25 @@
 //! `grpc-encoding` other than `identity` gets tonic's UNIMPLEMENTED.
 //! - **Heartbeat** is served over the service's own framing
 //!   ([`super::heartbeat_wire`]).
-//! - **Register** takes its turn (`crate::admission`) before its body is
-//!   decoded. In a storm most calls are refused with a time to come back,
-//!   and the generated server would decode each ~1.3 KB request first
-//!   (~28,000 instructions, half of them copying some 60 strings) only to
-//!   drop it. Here the token and the replica's role are checked from the
-//!   headers, the body is read to its end as bytes (bounded by the budgets
-//!   of `crate::budget` and by `--max-message-size`), and only then is the
-//!   turn taken: a client that sends its headers and stalls holds no turn,
-//!   and a queued call holds none of its connection's flow-control window.
+//! - **Register** is refused or given its turn (`crate::admission`)
+//!   before its body is decoded. In a storm most calls are refused with a
+//!   time to come back, and the generated server would decode each ~1.3 KB
+//!   request first (~28,000 instructions, half of them copying some 60
+//!   strings) only to drop it. Here the token and the replica's role are
+//!   checked from the headers, and a call that would be refused on arrival
+//!   (the queue full, or its turn too far off) is refused then, without
+//!   its body: answered in the one poll its headers bring. Any other call
+//!   has its body read to its end as bytes (bounded by the budgets of
+//!   `crate::budget` and by `--max-message-size`) and only then takes its
+//!   turn, so a client that sends its headers and stalls holds no turn.
 //!   Only a call with its turn is handed on to be decoded, validated and
 //!   registered. So in a storm a request that does not decode is refused
-//!   RESOURCE_EXHAUSTED first and INVALID_ARGUMENT once its turn comes,
-//!   while a bad token is refused UNAUTHENTICATED before any turn.
+//!   RESOURCE_EXHAUSTED first and INVALID_ARGUMENT once it gets a turn,
+//!   while a bad token is refused UNAUTHENTICATED before anything.
+//!
+//! (Taking the turn before reading the body measured better in the
+//! 50,000-agent storm, but let a client that stalls its body hold a turn
+//! for up to the request timeout; docs/PERF-NOTES.md item 4.)
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -170,6 +176,10 @@ impl NodeRegistryService {
             .authorize(&metadata, Rpc::Register)
             .map_err(RegistryError::from)?;
         self.role.writable()?;
+        // A call that would be refused on arrival is refused now, before
+        // its body is read: in a storm most are, and each is then answered
+        // in the one poll of its stream that its headers bring.
+        self.admission.refuse_early()?;
         let (mut parts, body) = request.into_parts();
         let body = read_whole(body, self.max_message).await?;
         let turn = self.admission.admit().await?;
@@ -198,6 +208,7 @@ async fn read_whole(body: Body, max_message: usize) -> Result<Bytes, Status> {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
     use http::HeaderValue;
     use tower::ServiceExt as _;
@@ -342,7 +353,7 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         };
-        tokio::time::timeout(std::time::Duration::from_secs(5), running)
+        tokio::time::timeout(Duration::from_secs(5), running)
             .await
             .expect("the call takes its turn");
         tokio::task::yield_now().await;
@@ -375,6 +386,25 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(!stalled.is_finished());
         stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn a_call_that_would_be_refused_is_refused_before_its_body_comes() {
+        let service = one_at_a_time(Authenticator::open());
+        let _held = service.admission.admit().await.unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let route = RegistryRoute::new(generated(calls.clone()), service);
+
+        // No turn free and no place in the queue: refused on its headers,
+        // though its body never comes.
+        let never = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Status>>();
+        let request = register_with(None, Body::new(http_body_util::StreamBody::new(never)));
+        let response = tokio::time::timeout(Duration::from_secs(5), route.oneshot(request))
+            .await
+            .expect("answered without the body")
+            .unwrap();
+        assert_eq!(response.headers()["grpc-status"], "8", "RESOURCE_EXHAUSTED");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
