@@ -1,10 +1,11 @@
 //! Bounds on what unfinished gRPC messages may pin in memory.
 //!
 //! A client can announce a large message (the 5-byte gRPC prefix carries
-//! its length) and then send its bytes slowly, or never its last one. tonic
-//! buffers what arrived until the message is complete, before any token or
-//! Register is checked; without these bounds the only ceiling was max
-//! streams × max message size. This layer reads each request body's gRPC
+//! its length) and then send its bytes slowly, or never its last one. What
+//! arrived is buffered until the message is complete, for most methods
+//! before any token is checked (`service::RegistryRoute` checks Register's
+//! and Heartbeat's from the headers first); without these bounds the only
+//! ceiling was max streams × max message size. This layer reads each request body's gRPC
 //! framing as it arrives and:
 //! - refuses a message longer than its method allows (Heartbeat messages
 //!   get a much smaller limit than Register: a heartbeat with 64 pools is a
