@@ -676,12 +676,15 @@ mod tests {
         assert!(gate.refuse_early().is_ok(), "the second in line");
         let mut c = pin!(gate.admit());
         assert!(poll_once(c.as_mut()).is_pending());
-        let early = match gate.refuse_early() {
-            Err(RegistryError::Busy { why, .. }) => why,
+        let (early, early_advice) = match gate.refuse_early() {
+            Err(RegistryError::Busy { why, retry_after }) => (why, retry_after),
             other => panic!("expected Busy, got {other:?}"),
         };
-        let (why, _) = busy(gate.admit().await);
+        let (why, advice) = busy(gate.admit().await);
         assert_eq!(early, why);
+        // The early refusal took a retry slot as admit's does: the next
+        // refusal gets the slot one spacing later.
+        assert_eq!(advice, early_advice + Duration::from_secs(1));
         assert_eq!(gate.waiting(), 2);
         assert_eq!(gate.refused(), 2);
     }

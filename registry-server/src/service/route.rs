@@ -20,7 +20,8 @@
 //!   Only a call with its turn is handed on to be decoded, validated and
 //!   registered. So in a storm a request that does not decode is refused
 //!   RESOURCE_EXHAUSTED first and INVALID_ARGUMENT once it gets a turn,
-//!   while a bad token is refused UNAUTHENTICATED before anything.
+//!   while a bad token is refused UNAUTHENTICATED before anything but
+//!   compression.
 //!
 //! (Taking the turn before reading the body measured better in the
 //! 50,000-agent storm, but let a client that stalls its body hold a turn
@@ -32,10 +33,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures_util::future::Either;
 use http::HeaderMap;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -184,25 +185,52 @@ impl NodeRegistryService {
         let body = read_whole(body, self.max_message).await?;
         let turn = self.admission.admit().await?;
         parts.extensions.insert(TurnTaken);
-        Ok((
-            http::Request::from_parts(parts, Body::new(Full::new(body))),
-            turn,
-        ))
+        Ok((http::Request::from_parts(parts, body), turn))
     }
 }
 
-/// A unary request's body to its end, at most one message of
-/// `max_message` bytes with its prefix; the budgets in front refuse a
-/// message announced longer (and one that would overrun them) as it comes.
-async fn read_whole(body: Body, max_message: usize) -> Result<Bytes, Status> {
+/// A unary request's body to its end, to hand on: its bytes, and its
+/// trailers where it has any (tonic reads them into the request's
+/// metadata). At most one message of `max_message` bytes with its prefix;
+/// the budgets in front refuse a message announced longer (and one that
+/// would overrun them) as it comes. A body that does not hold one whole
+/// message (empty, or cut short) is refused here rather than after a turn.
+async fn read_whole(body: Body, max_message: usize) -> Result<Body, Status> {
     let limit = max_message.saturating_add(PREFIX);
-    match Limited::new(body, limit).collect().await {
-        Ok(whole) => Ok(whole.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(Status::out_of_range(format!(
-            "the Register request is longer than one message of --max-message-size ({max_message} bytes)"
-        ))),
-        Err(err) => Err(Status::from_error(err)),
+    let whole = match Limited::new(body, limit).collect().await {
+        Ok(whole) => whole,
+        Err(err) if err.is::<LengthLimitError>() => {
+            return Err(Status::out_of_range(format!(
+                "the Register request is longer than one message of --max-message-size ({max_message} bytes)"
+            )));
+        }
+        Err(err) => return Err(Status::from_error(err)),
+    };
+    let trailers = whole.trailers().cloned();
+    let bytes = whole.to_bytes();
+    if !holds_a_whole_message(&bytes) {
+        return Err(Status::invalid_argument(format!(
+            "the Register request is not a whole gRPC message ({} bytes)",
+            bytes.len()
+        )));
     }
+    Ok(match trailers {
+        None => Body::new(Full::new(bytes)),
+        Some(trailers) => Body::new(StreamBody::new(futures_util::stream::iter([
+            Ok::<_, Infallible>(Frame::data(bytes)),
+            Ok(Frame::trailers(trailers)),
+        ]))),
+    })
+}
+
+/// Whether `bytes` start with a whole gRPC message: its 5-byte prefix and
+/// as many bytes as the prefix announces.
+fn holds_a_whole_message(bytes: &[u8]) -> bool {
+    let Some(&[_flag, a, b, c, d]) = bytes.get(..PREFIX) else {
+        return false;
+    };
+    let announced = u32::from_be_bytes([a, b, c, d]);
+    usize::try_from(announced).is_ok_and(|announced| bytes.len() - PREFIX >= announced)
 }
 
 #[cfg(test)]
@@ -210,18 +238,25 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
+    use bytes::Bytes;
+
     use http::HeaderValue;
     use tower::ServiceExt as _;
 
     use super::*;
     use crate::auth::{Authenticator, TokenSources};
 
-    /// A service with one Register running at a time and none queued,
-    /// `auth` checking its tokens, and messages of at most `max_message`.
-    fn one_at_a_time_of(auth: Authenticator, max_message: usize) -> NodeRegistryService {
+    /// A service with one Register running at a time and `max_queued`
+    /// queued, `auth` checking its tokens, and messages of at most
+    /// `max_message`.
+    fn one_at_a_time_of(
+        auth: Authenticator,
+        max_message: usize,
+        max_queued: usize,
+    ) -> NodeRegistryService {
         let settings = crate::config::Settings {
             max_concurrent_registrations: 1,
-            max_queued_registrations: 0,
+            max_queued_registrations: max_queued,
             max_message_size: max_message,
             ..crate::config::Settings::default()
         };
@@ -235,22 +270,30 @@ mod tests {
     }
 
     fn one_at_a_time(auth: Authenticator) -> NodeRegistryService {
-        one_at_a_time_of(auth, 4 << 20)
+        one_at_a_time_of(auth, 4 << 20, 0)
     }
 
-    /// A stand-in for the generated server: counts its calls and answers
-    /// OK, saying whether the route had taken the call's turn.
-    fn generated(
-        calls: Arc<AtomicUsize>,
-    ) -> impl Service<
-        http::Request<Body>,
-        Response = http::Response<Body>,
-        Error = Infallible,
-        Future = impl Send,
-    > + Clone
-    + Send {
-        tower::service_fn(move |request: http::Request<Body>| {
-            calls.fetch_add(1, Ordering::SeqCst);
+    /// `service` behind the route, with a stand-in for the generated
+    /// server that counts its calls (the count beside it) and answers OK,
+    /// saying whether the route had taken the call's turn.
+    fn routed(
+        service: NodeRegistryService,
+    ) -> (
+        RegistryRoute<
+            impl Service<
+                http::Request<Body>,
+                Response = http::Response<Body>,
+                Error = Infallible,
+                Future = impl Send,
+            > + Clone
+            + Send,
+        >,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let generated = tower::service_fn(move |request: http::Request<Body>| {
+            counted.fetch_add(1, Ordering::SeqCst);
             let taken = request.extensions().get::<TurnTaken>().is_some();
             async move {
                 let mut response = http::Response::new(Body::empty());
@@ -258,7 +301,8 @@ mod tests {
                 response.headers_mut().insert("x-turn-taken", taken);
                 Ok::<_, Infallible>(response)
             }
-        })
+        });
+        (RegistryRoute::new(generated, service), calls)
     }
 
     /// A Register request whose body is not a RegisterRequest at all.
@@ -284,8 +328,7 @@ mod tests {
     async fn a_register_without_a_turn_is_refused_before_its_body_is_decoded() {
         let service = one_at_a_time(Authenticator::open());
         let held = service.admission.admit().await.unwrap();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let route = RegistryRoute::new(generated(calls.clone()), service);
+        let (route, calls) = routed(service);
 
         let response = route
             .clone()
@@ -312,8 +355,7 @@ mod tests {
         .unwrap();
         let service = one_at_a_time(auth);
         let _held = service.admission.admit().await.unwrap();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let route = RegistryRoute::new(generated(calls.clone()), service);
+        let (route, calls) = routed(service);
 
         for token in [None, Some("not-a-token")] {
             let response = route
@@ -367,8 +409,7 @@ mod tests {
     async fn a_register_whose_body_stalls_holds_no_turn() {
         let service = one_at_a_time(Authenticator::open());
         let admission = service.admission.clone();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let route = RegistryRoute::new(generated(calls.clone()), service);
+        let (route, calls) = routed(service);
 
         // Headers, then nothing: the body never ends.
         let never = futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Status>>();
@@ -392,8 +433,7 @@ mod tests {
     async fn a_call_that_would_be_refused_is_refused_before_its_body_comes() {
         let service = one_at_a_time(Authenticator::open());
         let _held = service.admission.admit().await.unwrap();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let route = RegistryRoute::new(generated(calls.clone()), service);
+        let (route, calls) = routed(service);
 
         // No turn free and no place in the queue: refused on its headers,
         // though its body never comes.
@@ -407,13 +447,31 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 
+    /// Sends `body` as a Register while the one turn is held and one
+    /// place in the queue is free, and returns the answer's status and
+    /// message: a call refused for its body answers at once, taking
+    /// neither the place nor a refusal's retry slot.
+    async fn refused_for_its_body(max_message: usize, body: Vec<u8>) -> (String, String) {
+        let service = one_at_a_time_of(Authenticator::open(), max_message, 1);
+        let admission = service.admission.clone();
+        let _held = admission.admit().await.unwrap();
+        let (route, calls) = routed(service);
+        let request = register_with(None, Body::new(Full::new(Bytes::from(body))));
+        let response = tokio::time::timeout(Duration::from_secs(5), route.oneshot(request))
+            .await
+            .expect("answered without waiting for a turn")
+            .unwrap();
+        assert_eq!(admission.waiting(), 0);
+        assert_eq!(admission.refused(), 0);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        let header = |name| response.headers()[name].to_str().unwrap().to_owned();
+        // (grpc-message is percent-encoded; these messages hold only spaces.)
+        let message = header("grpc-message").replace("%20", " ");
+        (header("grpc-status"), message)
+    }
+
     #[tokio::test]
     async fn a_body_longer_than_one_message_is_refused_without_a_turn() {
-        let service = one_at_a_time_of(Authenticator::open(), 16);
-        let admission = service.admission.clone();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let route = RegistryRoute::new(generated(calls.clone()), service);
-
         // Two whole messages of 16 bytes: each within the limit, together
         // longer than one.
         let mut two = Vec::new();
@@ -421,28 +479,60 @@ mod tests {
             two.extend_from_slice(&[0, 0, 0, 0, 16]);
             two.extend_from_slice(&[0x0a; 16]);
         }
-        let request = register_with(None, Body::new(Full::new(Bytes::from(two))));
-        let response = route.clone().oneshot(request).await.unwrap();
-        assert_eq!(response.headers()["grpc-status"], "11", "OUT_OF_RANGE");
-        let message = response.headers()["grpc-message"].to_str().unwrap();
+        let (code, message) = refused_for_its_body(16, two).await;
+        assert_eq!(code, "11", "OUT_OF_RANGE");
         assert!(message.contains("max-message-size"), "{message}");
-        assert_eq!(admission.in_flight(), 0);
-        assert_eq!(calls.load(Ordering::SeqCst), 0);
 
         // One message of 16 bytes is handed on.
+        let service = one_at_a_time_of(Authenticator::open(), 16, 0);
+        let (route, calls) = routed(service);
         let mut one = vec![0, 0, 0, 0, 16];
         one.extend_from_slice(&[0x0a; 16]);
         let request = register_with(None, Body::new(Full::new(Bytes::from(one))));
         let response = route.oneshot(request).await.unwrap();
         assert_eq!(response.headers()["x-turn-taken"], "yes");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_without_a_whole_message_is_refused_without_a_turn() {
+        let cut_short = vec![0, 0, 0, 0, 16, 0x0a, 0x02];
+        for body in [vec![], vec![0, 0, 0], cut_short] {
+            let (code, message) = refused_for_its_body(4 << 20, body).await;
+            assert_eq!(code, "3", "INVALID_ARGUMENT");
+            assert!(message.contains("not a whole gRPC message"), "{message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bodys_trailers_are_handed_on() {
+        let service = one_at_a_time(Authenticator::open());
+        let reads = tower::service_fn(|request: http::Request<Body>| async move {
+            let whole = request.into_body().collect().await.unwrap();
+            let trailer = whole.trailers().and_then(|t| t.get("x-trailer")).cloned();
+            let mut response = http::Response::new(Body::empty());
+            if let Some(trailer) = trailer {
+                response.headers_mut().insert("x-trailer-seen", trailer);
+            }
+            Ok::<_, Infallible>(response)
+        });
+        let route = RegistryRoute::new(reads, service);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-trailer", HeaderValue::from_static("kept"));
+        let frames = futures_util::stream::iter([
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"\0\0\0\0\x01\x0a"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        let request = register_with(None, Body::new(StreamBody::new(frames)));
+        let response = route.oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["x-trailer-seen"], "kept");
     }
 
     #[tokio::test]
     async fn a_compressed_register_is_refused_unimplemented_without_a_turn() {
         let service = one_at_a_time(Authenticator::open());
         let _held = service.admission.admit().await.unwrap();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let route = RegistryRoute::new(generated(calls.clone()), service);
+        let (route, calls) = routed(service);
 
         let mut request = register_of_garbage(None);
         let gzip = HeaderValue::from_static("gzip");
