@@ -205,10 +205,8 @@ impl Admission {
         if shared.permits.available_permits() > 0 {
             return Ok(());
         }
-        match self.refusal_on_arrival(shared.waiting.load(Ordering::Acquire)) {
-            Some(refused) => Err(refused),
-            None => Ok(()),
-        }
+        self.refusal_on_arrival(shared.waiting.load(Ordering::Acquire))
+            .map_or(Ok(()), Err)
     }
 
     /// The refusal of a call that finds no free turn and `before` calls

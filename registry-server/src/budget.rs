@@ -48,6 +48,14 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 /// The path of the Heartbeat method, whose messages get their own limit.
 pub const HEARTBEAT_PATH: &str = "/registry.v1.NodeRegistry/Heartbeat";
 
+/// The gRPC prefix of each message: a compression flag and a length.
+pub(crate) const PREFIX: usize = 5;
+
+/// The length of the message a gRPC `prefix` announces.
+pub(crate) fn announced_length(prefix: &[u8; PREFIX]) -> u32 {
+    u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]])
+}
+
 /// The limits this layer enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetLimits {
@@ -327,7 +335,7 @@ fn remote_address(extensions: &http::Extensions) -> Option<SocketAddr> {
 #[derive(Debug, Default)]
 struct FrameReader {
     /// Prefix bytes seen of the current message (0..=5).
-    prefix: [u8; 5],
+    prefix: [u8; PREFIX],
     /// How many of `prefix` are filled.
     prefix_len: usize,
     /// Payload bytes still to come of the current message.
@@ -349,19 +357,14 @@ impl FrameReader {
     /// Consumes up to one framing step from `chunk`, returning what it was
     /// and how many bytes of the chunk it took.
     fn step(&mut self, chunk: &[u8]) -> (Step, usize) {
-        if self.prefix_len < 5 {
-            let take = (5 - self.prefix_len).min(chunk.len());
+        if self.prefix_len < PREFIX {
+            let take = (PREFIX - self.prefix_len).min(chunk.len());
             self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&chunk[..take]);
             self.prefix_len += take;
-            if self.prefix_len < 5 {
+            if self.prefix_len < PREFIX {
                 return (Step::Held(take), take);
             }
-            let len = u32::from_be_bytes([
-                self.prefix[1],
-                self.prefix[2],
-                self.prefix[3],
-                self.prefix[4],
-            ]) as usize;
+            let len = announced_length(&self.prefix) as usize;
             self.payload_left = len;
             if len == 0 {
                 self.prefix_len = 0;

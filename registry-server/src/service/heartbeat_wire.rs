@@ -38,10 +38,7 @@ use tonic::body::Body;
 use tonic::{Code, Status, Streaming};
 
 use super::NodeRegistryService;
-use crate::budget::{HeartbeatBudget, Holding};
-
-/// The gRPC prefix of each message: a compression flag and a length.
-const PREFIX: usize = 5;
+use crate::budget::{HeartbeatBudget, Holding, PREFIX, announced_length};
 
 /// Where a heartbeat stream's requests come from: tonic's `Streaming` on
 /// the generated path, [`Inbound`] on the route.
@@ -141,7 +138,7 @@ impl Inbound {
     /// included, once the prefix is there; the same refusals as tonic's
     /// decoder for a compressed or oversized message.
     fn framed_len(&self, bytes: &[u8]) -> Result<Option<usize>, Status> {
-        let Some(prefix) = bytes.get(..PREFIX) else {
+        let Some(prefix) = bytes.first_chunk::<PREFIX>() else {
             return Ok(None);
         };
         match prefix[0] {
@@ -160,7 +157,7 @@ impl Inbound {
                 )));
             }
         }
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+        let len = announced_length(prefix);
         // One check per message: the budgets' (the same limit, a refusal
         // naming the flag) where a budget layer is in front, tonic's own
         // otherwise.

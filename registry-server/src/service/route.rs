@@ -46,14 +46,11 @@ use tower::Service;
 use super::NodeRegistryService;
 use crate::admission::Admitted;
 use crate::auth::Rpc;
-use crate::budget::HEARTBEAT_PATH;
+use crate::budget::{HEARTBEAT_PATH, PREFIX, announced_length};
 use crate::error::RegistryError;
 
 /// Register's path, as the generated server routes it.
 pub const REGISTER_PATH: &str = "/registry.v1.NodeRegistry/Register";
-
-/// The gRPC prefix of a message: a compression flag and a length.
-const PREFIX: usize = 5;
 
 /// In a Register request's extensions when [`RegistryRoute`] holds the
 /// call's turn, so the handler does not take a second one. Only the server
@@ -172,16 +169,17 @@ impl NodeRegistryService {
         &self,
         request: http::Request<Body>,
     ) -> Result<(http::Request<Body>, Admitted), Status> {
-        let metadata = MetadataMap::from_headers(request.headers().clone());
-        self.auth
-            .authorize(&metadata, Rpc::Register)
-            .map_err(RegistryError::from)?;
+        let (mut parts, body) = request.into_parts();
+        // The headers lent to the token check as metadata, not copied.
+        let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));
+        let authorized = self.auth.authorize(&metadata, Rpc::Register);
+        parts.headers = metadata.into_headers();
+        authorized.map_err(RegistryError::from)?;
         self.role.writable()?;
         // A call that would be refused on arrival is refused now, before
         // its body is read: in a storm most are, and each is then answered
         // in the one poll of its stream that its headers bring.
         self.admission.refuse_early()?;
-        let (mut parts, body) = request.into_parts();
         let body = read_whole(body, self.max_message).await?;
         let turn = self.admission.admit().await?;
         parts.extensions.insert(TurnTaken);
@@ -223,14 +221,12 @@ async fn read_whole(body: Body, max_message: usize) -> Result<Body, Status> {
     })
 }
 
-/// Whether `bytes` start with a whole gRPC message: its 5-byte prefix and
-/// as many bytes as the prefix announces.
+/// Whether `bytes` start with a whole gRPC message: its prefix and as
+/// many bytes as the prefix announces.
 fn holds_a_whole_message(bytes: &[u8]) -> bool {
-    let Some(&[_flag, a, b, c, d]) = bytes.get(..PREFIX) else {
-        return false;
-    };
-    let announced = u32::from_be_bytes([a, b, c, d]);
-    usize::try_from(announced).is_ok_and(|announced| bytes.len() - PREFIX >= announced)
+    bytes
+        .first_chunk::<PREFIX>()
+        .is_some_and(|prefix| bytes.len() - PREFIX >= announced_length(prefix) as usize)
 }
 
 #[cfg(test)]
