@@ -205,21 +205,48 @@ async fn a_frozen_agent_goes_offline_and_back_online_without_reregistering() {
 /// keep heartbeating.
 #[tokio::test]
 async fn a_registry_on_one_worker_thread_serves_agents_and_expires_a_silent_one() {
-    let mut cluster = Cluster::start_with_args(
+    serves_agents_and_expires_a_silent_one(
         "one_worker_thread",
+        &["--worker-threads", "1"],
+        "\"worker_threads\":1,",
+    )
+    .await;
+}
+
+/// `--connection-threads 2`: the agents' connections are served on threads
+/// of their own while the expiry timer runs on the main runtime (here one
+/// worker), so a silent node goes OFFLINE on time, the others keep
+/// heartbeating, and the silent one's stream resumes when it speaks again.
+#[tokio::test]
+async fn a_registry_on_connection_threads_serves_agents_and_expires_a_silent_one() {
+    serves_agents_and_expires_a_silent_one(
+        "connection_threads",
+        &["--connection-threads", "2", "--worker-threads", "1"],
+        "\"connection_threads\":2,",
+    )
+    .await;
+}
+
+/// Starts the registry with `args` and three agents, checks its start-up
+/// line holds `logged`, freezes node-3 until it is OFFLINE (after the whole
+/// node timeout, the others untouched and heartbeating) and thaws it until
+/// it is ONLINE again.
+async fn serves_agents_and_expires_a_silent_one(test: &str, args: &[&str], logged: &str) {
+    let mut cluster = Cluster::start_with_args(
+        test,
         Timing::default(),
         three_agents(),
-        vec!["--worker-threads".into(), "1".into()],
+        args.iter().map(|a| (*a).to_owned()).collect(),
     )
     .await
-    .expect("starting the registry on one thread and three agents");
+    .expect("starting the registry and three agents");
     let before = cluster.wait_all_online(REGISTER_TIMEOUT).await;
     let timing = cluster.timing();
     let log = std::fs::read_to_string(cluster.registry().log()).expect("the registry's log");
     assert!(
         log.lines()
-            .any(|l| l.contains("registry listening") && l.contains("\"worker_threads\":1,")),
-        "no start-up line with worker_threads 1 in:\n{log}"
+            .any(|l| l.contains("registry listening") && l.contains(logged)),
+        "no start-up line with {logged} in:\n{log}"
     );
 
     cluster
@@ -248,6 +275,13 @@ async fn a_registry_on_one_worker_thread_serves_agents_and_expires_a_silent_one(
         .process
         .signal(Signal::SIGCONT)
         .expect("SIGCONT");
+    cluster
+        .wait_nodes(
+            "the thawed node-3 is ONLINE again",
+            REGISTER_TIMEOUT,
+            |nodes| expect_status(nodes, "node-3", pb::NodeStatus::Online).cloned(),
+        )
+        .await;
 }
 
 #[tokio::test]

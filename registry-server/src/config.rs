@@ -81,6 +81,10 @@ impl Cli {
     }
 }
 
+/// Most `--connection-threads`: each is an OS thread with its own runtime,
+/// and more than a few per core only adds wake-ups.
+pub const MAX_CONNECTION_THREADS: usize = 1024;
+
 /// A third of `node_timeout`, at most [`MAX_DERIVED_INTERVAL`], in whole
 /// milliseconds: an agent then misses two beats before it is OFFLINE.
 pub fn derived_interval(node_timeout: Duration) -> Duration {
@@ -247,6 +251,15 @@ pub struct Settings {
         default_value_t = 4096
     )]
     pub max_connections_per_address: usize,
+
+    /// Threads that serve client connections, each running a
+    /// single-threaded runtime of its own [default: one per CPU core]; 0
+    /// serves them on the main runtime's `--worker-threads`. A connection
+    /// stays on the thread that took it, so a heartbeat's tasks wake no
+    /// other thread: less CPU per heartbeat and a higher peak rate
+    /// (docs/PERF-NOTES.md item 11). `Settings::default()` (tests) has 0.
+    #[arg(long, env = "REGISTRY_CONNECTION_THREADS")]
+    pub connection_threads: Option<usize>,
 
     /// Largest ListNodes page; a request for more (or for 0, "all") gets
     /// this many and a next_page_token, so no single call holds a worker
@@ -498,6 +511,7 @@ impl Default for Settings {
             max_streams_per_connection: 1024,
             max_connections: 16_384,
             max_connections_per_address: 4096,
+            connection_threads: Some(0),
             max_nodes: 200_000,
             max_page_size: 1000,
             max_heartbeat_streams: 250_000,
@@ -539,6 +553,14 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// How many connection threads to start (0: none): the flag's count,
+    /// or by default one per CPU core the process may use.
+    pub fn connection_threads(&self) -> usize {
+        self.connection_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
     /// The timing rules of the registry.
     pub fn timing(&self) -> Timing {
         Timing {
@@ -602,6 +624,11 @@ impl Settings {
             || self.max_buffered_bytes < self.max_buffered_bytes_per_connection
         {
             return Err("--max-buffered-bytes-per-connection must be at least --max-message-size (or no message of the largest size could arrive), and --max-buffered-bytes at least --max-buffered-bytes-per-connection".into());
+        }
+        if self.connection_threads() > MAX_CONNECTION_THREADS {
+            return Err(format!(
+                "--connection-threads must be at most {MAX_CONNECTION_THREADS} (a thread each)"
+            ));
         }
         if self.max_streams_per_connection == 0
             || self.max_connections == 0
@@ -706,9 +733,13 @@ mod tests {
         assert_eq!(settings.store, StoreKind::Embedded);
         assert_eq!(settings.data_dir, PathBuf::from("/var/lib/registry"));
         assert!(!settings.reset_store);
+        // The binary serves connections on one thread per core; tests on
+        // the runtime they run in.
+        assert_eq!(settings.connection_threads, None);
         assert_eq!(
             Settings {
                 store: StoreKind::Memory,
+                connection_threads: Some(0),
                 ..settings.clone()
             },
             Settings::default()
@@ -779,6 +810,24 @@ mod tests {
         assert_eq!(one.worker_threads.map(|n| n.get()), Some(1));
         let zero = Cli::try_parse_from(["registry-server", "--worker-threads", "0"]).unwrap_err();
         assert!(zero.to_string().contains("--worker-threads"), "{zero}");
+        let threads = |n: &str| {
+            Cli::try_parse_from(["registry-server", "--connection-threads", n])
+                .unwrap()
+                .settings()
+        };
+        assert_eq!(threads("0").connection_threads(), 0, "0: on the workers");
+        assert_eq!(threads("3").connection_threads(), 3);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(
+            Cli::try_parse_from(["registry-server"])
+                .unwrap()
+                .settings()
+                .connection_threads(),
+            cores
+        );
+        let too_many = threads("1025").check().unwrap_err();
+        assert!(too_many.contains("--connection-threads"), "{too_many}");
+        threads("1024").check().unwrap();
         let off = Cli::try_parse_from(["registry-server", "--metrics-listen", "off"]).unwrap();
         assert_eq!(off.metrics_addr(), None);
         assert!(Cli::try_parse_from(["registry-server", "--metrics-listen", "nine"]).is_err());

@@ -26,6 +26,7 @@ pub mod admission;
 pub mod auth;
 pub mod budget;
 pub mod config;
+pub mod connection_threads;
 pub mod error;
 pub mod events;
 pub mod expiry;

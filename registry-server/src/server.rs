@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::auth::{Authenticator, TokenSources};
 use crate::config::Settings;
+use crate::connection_threads::ConnectionThreads;
 use crate::events::ChangeSubscriber;
 use crate::expiry;
 use crate::grpc_metrics::GrpcMetricsLayer;
@@ -42,6 +43,9 @@ pub enum ServerError {
         /// Why it cannot be read.
         source: std::io::Error,
     },
+    /// The connection threads could not be started.
+    #[error("connection threads: {0}")]
+    ConnectionThreads(std::io::Error),
     /// Building the reflection service failed.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -185,6 +189,10 @@ where
         );
     }
     let tls = tls_config(&settings)?;
+    let connection_threads = std::num::NonZeroUsize::new(settings.connection_threads())
+        .map(ConnectionThreads::start)
+        .transpose()
+        .map_err(ServerError::ConnectionThreads)?;
     // Everything stored is read before anything is served; a store that
     // cannot be read stops the start (exit 2), never an empty registry.
     // A replica reads its records in its replica loop (a follower's copy,
@@ -334,6 +342,9 @@ where
         // The runtime's thread count (`--worker-threads`), so a log says
         // what the figures it is compared with ran on.
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        // `--connection-threads`: where connections are served (0: on the
+        // workers above).
+        connection_threads = connection_threads.as_ref().map_or(0, ConnectionThreads::len),
         // `--huge-pages`, as the kernel has it: memory per node depends on it.
         huge_pages = crate::huge_pages::current(),
         "registry listening"
@@ -395,6 +406,7 @@ where
         stack,
         http2,
         tls,
+        connection_threads,
         on_shutdown,
     );
     // Graceful shutdown waits for every connection; a client that holds one

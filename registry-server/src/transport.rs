@@ -41,6 +41,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tower::ServiceExt as _;
 use tracing::debug;
 
+use crate::connection_threads::{ConnectionThreads, Rehome};
+
 /// An error from the stack or the transport, as tonic and hyper take them.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -184,14 +186,24 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 /// TLS) until `shutdown` completes; then stops accepting (the listener is
 /// closed at once), asks every open connection to finish (GOAWAY: open
 /// calls end, no new ones start) and returns once all have closed.
+///
+/// With `threads`, each connection is served on one of them (see
+/// [`crate::connection_threads`]); they stop when this returns.
 pub async fn serve<IO, S, B>(
     incoming: impl Stream<Item = IO> + Send,
     service: S,
     settings: Http2Settings,
     tls: Option<Tls>,
+    threads: Option<ConnectionThreads>,
     shutdown: impl Future<Output = ()>,
 ) where
-    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = TcpConnectInfo> + Unpin + Send + 'static,
+    IO: AsyncRead
+        + AsyncWrite
+        + Connected<ConnectInfo = TcpConnectInfo>
+        + Rehome
+        + Unpin
+        + Send
+        + 'static,
     S: Stack<B>,
     B: ReplyBody,
 {
@@ -227,12 +239,12 @@ pub async fn serve<IO, S, B>(
             match connections.tls.clone() {
                 None => {
                     let info = io.connect_info();
-                    tokio::spawn(async move {
+                    spawn_connection(threads.as_ref(), io, move |io| async move {
                         connections.serve_http2(io, info, service, watcher).await;
                     });
                 }
                 Some(tls) => {
-                    tokio::spawn(async move {
+                    spawn_connection(threads.as_ref(), io, move |io| async move {
                         connections.serve_tls(&tls, io, service, watcher).await;
                     });
                 }
@@ -246,6 +258,27 @@ pub async fn serve<IO, S, B>(
         "waiting for open connections to close"
     );
     graceful.shutdown().await;
+}
+
+/// Runs `serve(io)` as a task of its own: on the current runtime, or with
+/// `threads` on one of them, where `io` is first moved to that thread's
+/// runtime.
+fn spawn_connection<IO, F, Fut>(threads: Option<&ConnectionThreads>, io: IO, serve: F)
+where
+    IO: Rehome + Send + 'static,
+    F: FnOnce(IO) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(threads) = threads else {
+        tokio::spawn(serve(io));
+        return;
+    };
+    threads.spawn(move || async move {
+        match io.rehome() {
+            Ok(io) => serve(io).await,
+            Err(err) => debug!(error = %err, "connection dropped: it could not move to its thread"),
+        }
+    });
 }
 
 /// What every connection is served with.
@@ -481,26 +514,33 @@ mod tests {
 
     /// A server on 127.0.0.1:0 whose every call answers once `release` is
     /// notified, naming the caller's address (from the connection info) in
-    /// an `x-remote` header; stops when `stop` is sent.
+    /// an `x-remote` header and the thread that answered in `x-thread`;
+    /// stops when `stop` is sent.
     async fn server(
         request_timeout: Duration,
         release: Arc<Notify>,
     ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-        server_with(request_timeout, release, None).await
+        server_with(request_timeout, release, None, None).await
     }
 
-    /// [`server`] with `tls`.
+    /// [`server`] with `tls`, and on `threads` when given (a new
+    /// connection then has 500 ms for its handshake's first bytes).
     async fn server_with(
         request_timeout: Duration,
         release: Arc<Notify>,
         tls: Option<Tls>,
+        threads: Option<ConnectionThreads>,
     ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let handshake_within = match threads {
+            Some(_) => Duration::from_millis(500),
+            None => Duration::from_secs(10),
+        };
         let limits = ConnectionLimits {
             max: 16,
             per_address: 16,
-            handshake_within: Duration::from_secs(10),
+            handshake_within,
         };
         let service = tower::service_fn(move |request: Request<Body>| {
             let release = release.clone();
@@ -515,6 +555,10 @@ mod tests {
                 response
                     .headers_mut()
                     .insert("x-remote", remote.parse().unwrap());
+                let thread = std::thread::current().name().unwrap_or("").to_owned();
+                response
+                    .headers_mut()
+                    .insert("x-thread", thread.parse().unwrap());
                 Ok::<_, Infallible>(response)
             }
         });
@@ -531,6 +575,7 @@ mod tests {
             service,
             settings,
             tls,
+            threads,
             async move {
                 let _ = stopped.await;
             },
@@ -646,7 +691,8 @@ mod tests {
         // A request timeout far past the test's: only shutdown can end the
         // handshake in time.
         let never = Arc::new(Notify::new());
-        let (addr, stop, served) = server_with(Duration::from_secs(600), never, Some(tls)).await;
+        let (addr, stop, served) =
+            server_with(Duration::from_secs(600), never, Some(tls), None).await;
         // A TLS record announcing a 508-byte ClientHello, and 40 bytes of it:
         // past the connection caps' first bytes, never finished.
         let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -659,6 +705,80 @@ mod tests {
             .await
             .expect("shutdown waited for a handshake that never finishes")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn connection_threads_serve_each_connection_on_the_least_busy_one() {
+        let release = Arc::new(Notify::new());
+        let threads = ConnectionThreads::start(std::num::NonZeroUsize::new(2).unwrap()).unwrap();
+        let (addr, stop, served) = server_with(
+            Duration::from_secs(10),
+            release.clone(),
+            None,
+            Some(threads),
+        )
+        .await;
+        // Two connections, each with a call held open in the service: the
+        // second goes to the thread the first left idle.
+        let (first, first_local) = call(addr, &[]).await;
+        let (second, second_local) = call(addr, &[]).await;
+        let answers = tokio::spawn(async move { (first.await, second.await) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A shutdown under way still waits for the open calls.
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !served.is_finished(),
+            "shutdown did not wait for the open calls"
+        );
+        release.notify_waiters();
+        let (first, second) = answers.await.unwrap();
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(grpc_status(&first), "0");
+        assert_eq!(grpc_status(&second), "0");
+        // Each request still carries its own connection's address.
+        assert_eq!(
+            first.headers()["x-remote"],
+            first_local.to_string().as_str()
+        );
+        assert_eq!(
+            second.headers()["x-remote"],
+            second_local.to_string().as_str()
+        );
+        let mut answered_on =
+            [&first, &second].map(|r| r.headers()["x-thread"].to_str().unwrap().to_owned());
+        answered_on.sort();
+        assert_eq!(answered_on, ["registry-conn-0", "registry-conn-1"]);
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("serving ends once the open connections closed")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_on_a_connection_thread_is_closed_at_its_handshake_deadline() {
+        use tokio::io::AsyncReadExt as _;
+        let threads = ConnectionThreads::start(std::num::NonZeroUsize::new(1).unwrap()).unwrap();
+        let never = Arc::new(Notify::new());
+        let (addr, _stop, _served) =
+            server_with(Duration::from_secs(600), never, None, Some(threads)).await;
+        // The deadline was set when the connection was accepted, on the main
+        // runtime's timer; the thread's timer must still end it (500 ms).
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {} // the server's SETTINGS
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "a connection that never spoke was not closed"
+        );
     }
 
     #[test]
