@@ -15,7 +15,7 @@
 //! busy with a large reply delays the others of its thread.
 //!
 //! Everything else (the deadline loop, the store, the metrics port, the
-//! replica loop) stays on the main runtime; tasks on either side wake each
+//! replica loop, the heartbeat streams' recheck task) stays on the main runtime; tasks on either side wake each
 //! other through tokio's channels and `Notify`, which work across runtimes.
 
 use std::future::Future;
@@ -59,19 +59,33 @@ impl ConnectionThreads {
     pub fn start(count: NonZeroUsize) -> io::Result<Self> {
         let mut threads = Vec::with_capacity(count.get());
         for i in 0..count.get() {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = runtime.handle().clone();
+            // The runtime is built on its thread and only its handle comes
+            // back: a runtime dropped here, inside the caller's async
+            // context (had the thread failed to start), would panic.
+            let (built, handle) = std::sync::mpsc::sync_channel(1);
             let (stop, stopped) = oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("registry-conn-{i}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(err) => {
+                            let _ = built.send(Err(err));
+                            return;
+                        }
+                    };
+                    let _ = built.send(Ok(runtime.handle().clone()));
                     // Runs the spawned connections until told to stop.
                     runtime.block_on(async {
                         let _ = stopped.await;
                     });
                 })?;
+            let handle = handle.recv().map_err(|_| {
+                io::Error::other("a connection thread ended before its runtime was built")
+            })??;
             threads.push(ConnectionThread {
                 handle,
                 open: Arc::new(AtomicUsize::new(0)),

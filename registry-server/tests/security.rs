@@ -464,7 +464,9 @@ async fn reflection_can_be_switched_off() {
     server.stop().await;
 }
 
-/// A server with TLS (and mTLS when `client_ca`), its files in `dir`.
+/// A server with TLS (and mTLS when `client_ca`), its files in `dir`. It
+/// serves on two connection threads, as the binary does by default, so the
+/// TLS handshake and the client certificate's names are checked there.
 async fn tls_server(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> TestRegistry {
     let (cert, key) = pki.leaf(&["localhost"]);
     let write = |name: &str, text: &str| {
@@ -476,6 +478,7 @@ async fn tls_server(dir: &TempDir, pki: &Pki, client_ca: Option<&Pki>) -> TestRe
         tls_cert: Some(write("server.pem", &cert)),
         tls_key: Some(write("server.key", &key)),
         tls_client_ca: client_ca.map(|ca| write("client-ca.pem", &ca.ca_pem())),
+        connection_threads: Some(2),
         ..Settings::default()
     })
     .await

@@ -60,6 +60,10 @@ pub(super) struct StreamShared {
     recheck: Signal,
     /// Starts the task that raises `recheck`, at the first stream.
     watching: std::sync::Once,
+    /// The runtime the service was built on (the main one), where that task
+    /// runs: the first stream may be on a connection thread, whose other
+    /// connections would wait while it raises every node's signal.
+    home: Option<tokio::runtime::Handle>,
     /// Ends the streams when the server shuts down.
     shutdown: CancellationToken,
     /// Clock-skew allowance for sent_at.
@@ -85,6 +89,7 @@ impl StreamShared {
             registry,
             recheck: Signal::default(),
             watching: std::sync::Once::new(),
+            home: tokio::runtime::Handle::try_current().ok(),
             shutdown,
             max_clock_skew,
             first_message_timeout,
@@ -100,7 +105,7 @@ impl StreamShared {
         self.watching.call_once(|| {
             let shared = Arc::clone(self);
             let (role, mut reloads) = (role.clone(), auth.reloads());
-            tokio::spawn(async move {
+            let watch = async move {
                 // From zero: a term that ended before this task started
                 // is raised at once (a wake-up with nothing to do at worst).
                 let mut terms_ended = 0;
@@ -118,7 +123,11 @@ impl StreamShared {
                         return;
                     }
                 }
-            });
+            };
+            match &self.home {
+                Some(home) => drop(home.spawn(watch)),
+                None => drop(tokio::spawn(watch)),
+            }
         });
     }
 }
