@@ -15,8 +15,9 @@
 //! busy with a large reply delays the others of its thread.
 //!
 //! Everything else (the deadline loop, the store, the metrics port, the
-//! replica loop, the heartbeat streams' recheck task) stays on the main runtime; tasks on either side wake each
-//! other through tokio's channels and `Notify`, which work across runtimes.
+//! replica loop, the heartbeat streams' recheck task) stays on the main
+//! runtime; tasks on either side wake each other through tokio's channels
+//! and `Notify`, which work across runtimes.
 
 use std::future::Future;
 use std::io;
@@ -108,7 +109,8 @@ impl ConnectionThreads {
     }
 
     /// Open connections on each thread, in thread order.
-    pub fn open(&self) -> Vec<usize> {
+    #[cfg(test)]
+    fn open(&self) -> Vec<usize> {
         self.threads
             .iter()
             .map(|t| t.open.load(Ordering::Relaxed))

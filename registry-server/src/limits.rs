@@ -164,24 +164,12 @@ impl crate::connection_threads::Rehome for LimitedConnection {
     /// The socket moves to the calling runtime's I/O driver and the
     /// handshake deadline (the same instant) to its timer: a connection
     /// served on a connection thread is then woken by that thread alone.
-    fn rehome(self) -> io::Result<Self> {
-        let Self {
-            stream,
-            _permit,
-            _address,
-            handshake_deadline,
-            handshake_left,
-        } = self;
-        let stream = TcpStream::from_std(stream.into_std()?)?;
-        let handshake_deadline = handshake_deadline
+    fn rehome(mut self) -> io::Result<Self> {
+        self.stream = TcpStream::from_std(self.stream.into_std()?)?;
+        self.handshake_deadline = self
+            .handshake_deadline
             .map(|deadline| Box::pin(tokio::time::sleep_until(deadline.deadline())));
-        Ok(Self {
-            stream,
-            _permit,
-            _address,
-            handshake_deadline,
-            handshake_left,
-        })
+        Ok(self)
     }
 }
 
