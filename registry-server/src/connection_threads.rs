@@ -36,7 +36,8 @@ pub trait Rehome: Sized {
 }
 
 /// The threads, each with its runtime and its count of open connections.
-/// Dropping it stops them; the connections still on them end.
+/// [`ConnectionThreads::stop`] ends the connections still on them and
+/// waits until they are gone; dropping it stops them without waiting.
 pub struct ConnectionThreads {
     /// One per thread.
     threads: Box<[ConnectionThread]>,
@@ -51,7 +52,10 @@ struct ConnectionThread {
     /// Sent (or dropped) to end the thread's runtime. The runtime is
     /// dropped on its own thread, since dropping one inside another
     /// runtime's task would panic.
-    _stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    /// Sent (or dropped, were the thread to panic) once the runtime and
+    /// every task still on it were dropped.
+    stopped: oneshot::Receiver<()>,
 }
 
 impl ConnectionThreads {
@@ -64,7 +68,8 @@ impl ConnectionThreads {
             // back: a runtime dropped here, inside the caller's async
             // context (had the thread failed to start), would panic.
             let (built, handle) = std::sync::mpsc::sync_channel(1);
-            let (stop, stopped) = oneshot::channel::<()>();
+            let (stop, stop_asked) = oneshot::channel::<()>();
+            let (dropped, stopped) = oneshot::channel::<()>();
             std::thread::Builder::new()
                 .name(format!("registry-conn-{i}"))
                 .spawn(move || {
@@ -81,8 +86,13 @@ impl ConnectionThreads {
                     let _ = built.send(Ok(runtime.handle().clone()));
                     // Runs the spawned connections until told to stop.
                     runtime.block_on(async {
-                        let _ = stopped.await;
+                        let _ = stop_asked.await;
                     });
+                    // Its connections' tasks are dropped here, on this
+                    // thread and inside its runtime's context, before
+                    // `stop` hears that they are gone.
+                    drop(runtime);
+                    let _ = dropped.send(());
                 })?;
             let handle = handle.recv().map_err(|_| {
                 io::Error::other("a connection thread ended before its runtime was built")
@@ -90,12 +100,30 @@ impl ConnectionThreads {
             threads.push(ConnectionThread {
                 handle,
                 open: Arc::new(AtomicUsize::new(0)),
-                _stop: stop,
+                stop,
+                stopped,
             });
         }
         Ok(Self {
             threads: threads.into_boxed_slice(),
         })
+    }
+
+    /// Ends every connection still on the threads and returns once their
+    /// tasks were dropped and the threads' runtimes with them: what a
+    /// connection's task holds (a heartbeat stream's state, a call under
+    /// way) is gone before the caller closes what they use (the store).
+    pub async fn stop(self) {
+        let mut stopped = Vec::with_capacity(self.threads.len());
+        for thread in self.threads {
+            let _ = thread.stop.send(());
+            stopped.push(thread.stopped);
+        }
+        for thread in stopped {
+            // An error: the thread ended without saying so (it panicked);
+            // it is gone either way.
+            let _ = thread.await;
+        }
     }
 
     /// How many threads serve connections.
@@ -236,5 +264,39 @@ mod tests {
             .await
             .expect("the connection outlived its thread's runtime")
             .expect_err("the connection's task was dropped, not finished");
+    }
+
+    #[tokio::test]
+    async fn stop_returns_once_the_tasks_on_the_threads_are_dropped() {
+        use std::sync::atomic::AtomicBool;
+
+        /// Sets its flag when dropped, after a pause that a `stop` that
+        /// did not wait would return within.
+        struct SlowToDrop(Arc<AtomicBool>);
+        impl Drop for SlowToDrop {
+            fn drop(&mut self) {
+                std::thread::sleep(Duration::from_millis(200));
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+
+        let threads = two();
+        let gone = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        for flag in &gone {
+            let held = SlowToDrop(flag.clone());
+            threads.spawn(move || async move {
+                let _held = held;
+                std::future::pending::<()>().await;
+            });
+        }
+        open_becomes(&threads, &[1, 1]).await;
+        threads.stop().await;
+        assert!(
+            gone.iter().all(|flag| flag.load(Ordering::SeqCst)),
+            "stop returned before every connection's task was dropped"
+        );
     }
 }

@@ -406,7 +406,7 @@ where
         stack,
         http2,
         tls,
-        connection_threads,
+        connection_threads.as_ref(),
         on_shutdown,
     );
     // Graceful shutdown waits for every connection; a client that holds one
@@ -442,6 +442,11 @@ where
         why = expiry_ended => Ended::ExpiryStopped(why),
     };
     stop.cancel();
+    // Connections still open past the grace period end with their
+    // threads' runtimes, before the store they write to is closed.
+    if let Some(threads) = connection_threads {
+        threads.stop().await;
+    }
     if !expiry_joined {
         let _ = expiry_task.await;
     }

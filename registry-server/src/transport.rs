@@ -188,13 +188,14 @@ fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 /// calls end, no new ones start) and returns once all have closed.
 ///
 /// With `threads`, each connection is served on one of them (see
-/// [`crate::connection_threads`]); they stop when this returns.
+/// [`crate::connection_threads`]); the caller stops them
+/// ([`ConnectionThreads::stop`]) once this returns or is given up on.
 pub async fn serve<IO, S, B>(
     incoming: impl Stream<Item = IO> + Send,
     service: S,
     settings: Http2Settings,
     tls: Option<Tls>,
-    threads: Option<ConnectionThreads>,
+    threads: Option<&ConnectionThreads>,
     shutdown: impl Future<Output = ()>,
 ) where
     IO: AsyncRead
@@ -239,12 +240,12 @@ pub async fn serve<IO, S, B>(
             match connections.tls.clone() {
                 None => {
                     let info = io.connect_info();
-                    spawn_connection(threads.as_ref(), io, move |io| async move {
+                    spawn_connection(threads, io, move |io| async move {
                         connections.serve_http2(io, info, service, watcher).await;
                     });
                 }
                 Some(tls) => {
-                    spawn_connection(threads.as_ref(), io, move |io| async move {
+                    spawn_connection(threads, io, move |io| async move {
                         connections.serve_tls(&tls, io, service, watcher).await;
                     });
                 }
@@ -570,16 +571,22 @@ mod tests {
             request_timeout,
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let served = tokio::spawn(serve(
-            incoming(listener, limits),
-            service,
-            settings,
-            tls,
-            threads,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let served = tokio::spawn(async move {
+            serve(
+                incoming(listener, limits),
+                service,
+                settings,
+                tls,
+                threads.as_ref(),
+                async move {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+            if let Some(threads) = threads {
+                threads.stop().await;
+            }
+        });
         (addr, stop, served)
     }
 
@@ -763,21 +770,33 @@ mod tests {
         let (addr, _stop, _served) =
             server_with(Duration::from_secs(600), never, None, Some(threads)).await;
         // The deadline was set when the connection was accepted, on the main
-        // runtime's timer; the thread's timer must still end it (500 ms).
+        // runtime's timer; the thread's timer must end it (500 ms) on its
+        // own. The server's SETTINGS come from the thread once the
+        // connection is there; then this test's runtime (the main one, on
+        // which the accept loop runs) is blocked in a plain read, so a
+        // deadline left on its timer could not fire until the read gave up.
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let mut buf = [0u8; 64];
-        let closed = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {} // the server's SETTINGS
-                }
+        let first = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("the server's SETTINGS within 5 s")
+            .unwrap();
+        assert!(first > 0, "the connection was closed before it was served");
+        let mut tcp = tcp.into_std().unwrap();
+        tcp.set_nonblocking(false).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let closed = loop {
+            match std::io::Read::read(&mut tcp, &mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(_) => {} // the rest of the server's first frames
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break Err(err),
+                Err(err) if err.kind() == std::io::ErrorKind::TimedOut => break Err(err),
+                Err(_) => break Ok(()), // reset: closed too
             }
-        })
-        .await;
+        };
         assert!(
             closed.is_ok(),
-            "a connection that never spoke was not closed"
+            "a connection that never spoke was not closed while the main runtime was blocked"
         );
     }
 
