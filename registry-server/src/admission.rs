@@ -29,6 +29,13 @@
 //! A call that would wait longer than `--max-registration-wait` at that
 //! rate behind the calls already queued is refused at once, rather than
 //! queued only to be refused when its wait runs out.
+//!
+//! With `--max-registration-lag`, a call is also refused on arrival while
+//! the runtimes serving calls run further behind than that
+//! ([`crate::lag`]): CPU, not turns, is what a storm on a fast store runs
+//! out of first, and the calls it queues then wait in the runtimes, unseen
+//! by the bounds above, in front of every heartbeat. Its retry time is no
+//! sooner than the lag read.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -39,6 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::error::RegistryError;
+use crate::lag::RuntimeLag;
 
 /// The shortest retry time handed out: a caller refused by a full queue
 /// should not be back within a few milliseconds whatever the estimate.
@@ -67,6 +75,9 @@ const SLOWER_STEP: u32 = 256;
 #[derive(Clone)]
 pub struct Admission {
     shared: Arc<Shared>,
+    /// The runtimes' lag and the most a call may arrive into
+    /// (`--max-registration-lag`); `None`: not checked.
+    lag: Option<(RuntimeLag, Duration)>,
 }
 
 struct Shared {
@@ -102,6 +113,8 @@ struct Pace {
     last_done: Option<Instant>,
     /// The latest retry time handed out; the next refusal gets a later one.
     last_slot: Option<Instant>,
+    /// The latest refusal for the runtimes' lag (`--max-registration-lag`).
+    lag_refused_at: Option<Instant>,
 }
 
 /// A Register call's turn to run; dropping it (the call answered or
@@ -115,9 +128,13 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         // The permit first, so the next call starts before the estimate.
         drop(self.permit.take());
-        let saturated = self.shared.waiting.load(Ordering::Acquire) > 0;
+        let waiting = self.shared.waiting.load(Ordering::Acquire) > 0;
+        let now = Instant::now();
         let mut pace = self.shared.pace.lock().expect("admission pace lock");
-        pace.completed(Instant::now(), saturated);
+        // Saturated: calls wait for a turn, or were lately turned away for
+        // the runtimes' lag (on a fast store, the only sign of it).
+        let saturated = waiting || pace.lag_refused_lately(now);
+        pace.completed(now, saturated);
     }
 }
 
@@ -150,16 +167,26 @@ impl Admission {
                     window_done: 0,
                     last_done: None,
                     last_slot: None,
+                    lag_refused_at: None,
                 }),
                 refused: AtomicUsize::new(0),
             }),
+            lag: None,
         }
+    }
+
+    /// This gate, also refusing calls that arrive while `lag` reads more
+    /// than `max` (a zero `max`: not checked).
+    pub fn with_lag(mut self, lag: RuntimeLag, max: Duration) -> Self {
+        self.lag = (!max.is_zero()).then_some((lag, max));
+        self
     }
 
     /// Waits for the call's turn, or refuses it ([`RegistryError::Busy`]
     /// with the time to come back): at once when the queue is full, or
     /// when no turn came within the longest wait.
     pub async fn admit(&self) -> Result<Admitted, RegistryError> {
+        self.refuse_lagging()?;
         let shared = &self.shared;
         let permit = match shared.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -201,6 +228,7 @@ impl Admission {
     /// call let through still takes its turn with `admit`, which may queue
     /// or refuse it as things stand then.
     pub fn refuse_early(&self) -> Result<(), RegistryError> {
+        self.refuse_lagging()?;
         let shared = &self.shared;
         if shared.permits.available_permits() > 0 {
             return Ok(());
@@ -235,19 +263,50 @@ impl Admission {
         None
     }
 
+    /// Refuses a call arriving while the runtimes run further behind
+    /// than `--max-registration-lag`, with a retry time no sooner than the
+    /// lag read (the work already queued must be done first).
+    fn refuse_lagging(&self) -> Result<(), RegistryError> {
+        let Some((lag, max)) = &self.lag else {
+            return Ok(());
+        };
+        lag.arrived();
+        let behind = lag.now();
+        if behind <= *max {
+            return Ok(());
+        }
+        let waiting = self.shared.waiting.load(Ordering::Acquire);
+        Err(self.refuse_after(
+            waiting,
+            behind,
+            format!(
+                "the registry is running {} behind, more than --max-registration-lag ({})",
+                humantime::format_duration(registry_proto::retry::whole_millis(behind)),
+                humantime::format_duration(*max)
+            ),
+        ))
+    }
+
     /// The refusal of a call that found `waiting` calls in the queue: the
     /// next free retry slot, one spacing after the last one handed out and
     /// no earlier than the queue ahead can drain.
     fn refuse(&self, waiting: usize, why: String) -> RegistryError {
+        self.refuse_after(waiting, Duration::ZERO, why)
+    }
+
+    /// [`Admission::refuse`] with a retry time at least `floor` away.
+    fn refuse_after(&self, waiting: usize, floor: Duration, why: String) -> RegistryError {
         let shared = &self.shared;
         shared.refused.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::REGISTRATIONS_REFUSED).increment(1);
         let now = Instant::now();
-        let retry_after = shared
-            .pace
-            .lock()
-            .expect("admission pace lock")
-            .next_slot(now, waiting);
+        let mut pace = shared.pace.lock().expect("admission pace lock");
+        if !floor.is_zero() {
+            // Only a refusal for the lag has a floor.
+            pace.lag_refused_at = Some(now);
+        }
+        let retry_after = pace.next_slot(now, waiting, floor);
+        drop(pace);
         RegistryError::Busy { why, retry_after }
     }
 
@@ -286,12 +345,14 @@ impl Admission {
 impl Pace {
     /// The retry time of a refusal at `now` with `waiting` calls queued:
     /// one spacing after the last slot handed out, no earlier than the
-    /// queue ahead drains, within [`MIN_ADVICE`, `MAX_ADVICE`].
-    fn next_slot(&mut self, now: Instant, waiting: usize) -> Duration {
+    /// queue ahead drains nor than `floor`, within [`MIN_ADVICE`,
+    /// `MAX_ADVICE`].
+    fn next_slot(&mut self, now: Instant, waiting: usize, floor: Duration) -> Duration {
         let drained = now
             + self
                 .spacing
-                .saturating_mul(u32::try_from(waiting).unwrap_or(u32::MAX));
+                .saturating_mul(u32::try_from(waiting).unwrap_or(u32::MAX))
+                .max(floor);
         let slot = match self.last_slot {
             Some(last) => (last + self.spacing).max(drained),
             None => drained,
@@ -299,6 +360,14 @@ impl Pace {
         let slot = slot.min(now + MAX_ADVICE).max(now + MIN_ADVICE);
         self.last_slot = Some(slot);
         slot - now
+    }
+
+    /// Whether a call was refused for the runtimes' lag within the last
+    /// [`WINDOW`] before `now`: completions then are at the pace the CPU
+    /// allows, a rate to measure as when calls wait for a turn.
+    fn lag_refused_lately(&self, now: Instant) -> bool {
+        self.lag_refused_at
+            .is_some_and(|at| now.saturating_duration_since(at) < WINDOW)
     }
 
     /// A call completed at `now`; `saturated` when others were waiting.
@@ -595,9 +664,12 @@ mod tests {
         let mut p = pace(Duration::from_millis(2));
         // 1,000 refused: a line from the 100 ms floor, 2 ms apart.
         for _ in 0..1_000 {
-            p.next_slot(start, 0);
+            p.next_slot(start, 0, Duration::ZERO);
         }
-        assert_eq!(p.next_slot(start, 0), Duration::from_millis(2_100));
+        assert_eq!(
+            p.next_slot(start, 0, Duration::ZERO),
+            Duration::from_millis(2_100)
+        );
         // Then the registry is seen completing one every 200 µs: the rest
         // of the line, ~995 slots, takes about 200 ms at that pace, and
         // the next refusal is placed after it rather than after 2 s.
@@ -606,7 +678,7 @@ mod tests {
             p.completed(from + Duration::from_micros(200 * n), true);
         }
         let now = from + Duration::from_micros(200 * 600);
-        let next = p.next_slot(now, 0);
+        let next = p.next_slot(now, 0, Duration::ZERO);
         assert!(
             next > Duration::from_millis(150) && next < Duration::from_millis(250),
             "{next:?}"
@@ -694,6 +766,7 @@ mod tests {
             window_done: 0,
             last_done: None,
             last_slot: None,
+            lag_refused_at: None,
         }
     }
 
@@ -703,28 +776,75 @@ mod tests {
         let mut p = pace(Duration::from_millis(10));
         // 40 waiting drain in 400 ms: the first slot is then, the next
         // ones 10 ms apart.
-        let advice: Vec<Duration> = (0..5).map(|_| p.next_slot(now, 40)).collect();
+        let advice: Vec<Duration> = (0..5)
+            .map(|_| p.next_slot(now, 40, Duration::ZERO))
+            .collect();
         let ms: Vec<u128> = advice.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, [400, 410, 420, 430, 440]);
         // Later, with the old slots past, the line starts again from the
         // queue's drain time (or the floor).
         let later = now + Duration::from_secs(5);
-        assert_eq!(p.next_slot(later, 40).as_millis(), 400);
-        assert_eq!(p.next_slot(later + Duration::from_secs(5), 0), MIN_ADVICE);
+        assert_eq!(p.next_slot(later, 40, Duration::ZERO).as_millis(), 400);
+        assert_eq!(
+            p.next_slot(later + Duration::from_secs(5), 0, Duration::ZERO),
+            MIN_ADVICE
+        );
     }
 
     #[test]
     fn advice_is_at_least_the_floor_and_at_most_a_minute() {
         let now = Instant::now();
         let mut p = pace(Duration::from_micros(1));
-        assert_eq!(p.next_slot(now, 5), MIN_ADVICE);
+        assert_eq!(p.next_slot(now, 5, Duration::ZERO), MIN_ADVICE);
         let mut p = pace(Duration::from_secs(7));
-        let advice: Vec<Duration> = (0..20).map(|_| p.next_slot(now, 0)).collect();
+        let advice: Vec<Duration> = (0..20)
+            .map(|_| p.next_slot(now, 0, Duration::ZERO))
+            .collect();
         assert!(advice.iter().all(|a| *a <= MAX_ADVICE), "{advice:?}");
         assert_eq!(advice[19], MAX_ADVICE);
         assert_eq!(
-            pace(Duration::from_secs(1)).next_slot(now, usize::MAX),
+            pace(Duration::from_secs(1)).next_slot(now, usize::MAX, Duration::ZERO),
             MAX_ADVICE
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_arriving_while_the_runtimes_lag_is_refused_with_a_retry_after_the_lag() {
+        let lag = RuntimeLag::new(2);
+        let gate = Admission::new(4, 4, LONG).with_lag(lag.clone(), Duration::from_millis(10));
+        // On time, or within the bound: calls run.
+        lag.record(1, Duration::from_millis(10));
+        assert!(gate.refuse_early().is_ok());
+        let running = gate.admit().await.expect("within the bound");
+        // One runtime 250 ms behind: refused on arrival, before and at the
+        // turn, with free turns and nobody waiting.
+        lag.record(1, Duration::from_millis(250));
+        let early = match gate.refuse_early() {
+            Err(RegistryError::Busy { why, retry_after }) => (why, retry_after),
+            other => panic!("expected Busy, got {other:?}"),
+        };
+        let (why, retry_after) = busy(gate.admit().await);
+        assert_eq!(
+            why,
+            "the registry is running 250ms behind, more than --max-registration-lag (10ms)"
+        );
+        assert_eq!(early.0, why);
+        assert!(early.1 >= Duration::from_millis(250), "{:?}", early.1);
+        assert!(retry_after > early.1, "the next slot comes after the first");
+        assert_eq!(gate.refused(), 2);
+        assert_eq!(gate.in_flight(), 1, "the call already running is untouched");
+        drop(running);
+        // Caught up: calls run again.
+        lag.record(1, Duration::ZERO);
+        assert!(gate.admit().await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_bound_never_checks_the_lag() {
+        let lag = RuntimeLag::new(1);
+        lag.record(0, Duration::from_secs(5));
+        let gate = Admission::new(1, 1, LONG).with_lag(lag, Duration::ZERO);
+        assert!(gate.refuse_early().is_ok());
+        assert!(gate.admit().await.is_ok());
     }
 }

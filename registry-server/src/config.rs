@@ -312,6 +312,16 @@ pub struct Settings {
     #[arg(long, env = "REGISTRY_MAX_REGISTRATION_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub max_registration_wait: Duration,
 
+    /// Register calls arriving while the runtimes that serve calls run
+    /// further behind than this (a ready task waits longer to run: the
+    /// delay every heartbeat's ack takes) get RESOURCE_EXHAUSTED with a
+    /// retry time, before their body is read; 0 switches the check off. A
+    /// storm on a fast store runs out of CPU before it fills the turns
+    /// above (docs/PERF-NOTES.md item 12). `Settings::default()` (tests)
+    /// has 0.
+    #[arg(long, env = "REGISTRY_MAX_REGISTRATION_LAG", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub max_registration_lag: Duration,
+
     /// Changes kept for WatchNodes to resume from; a start_revision older
     /// than these gets OUT_OF_RANGE ("compacted; relist").
     #[arg(long, env = "REGISTRY_WATCH_HISTORY", default_value_t = 100_000)]
@@ -518,6 +528,7 @@ impl Default for Settings {
             max_concurrent_registrations: 128,
             max_queued_registrations: 16384,
             max_registration_wait: Duration::from_secs(3),
+            max_registration_lag: Duration::ZERO,
             watch_history: 100_000,
             watch_queue: 10_000,
             watch_progress_interval: Duration::from_secs(10),
@@ -733,13 +744,16 @@ mod tests {
         assert_eq!(settings.store, StoreKind::Embedded);
         assert_eq!(settings.data_dir, PathBuf::from("/var/lib/registry"));
         assert!(!settings.reset_store);
-        // The binary serves connections on one thread per core; tests on
-        // the runtime they run in.
+        // The binary serves connections on one thread per core and checks
+        // its runtimes' lag; tests serve on the runtime they run in, whose
+        // clock they may pause, and check no lag.
         assert_eq!(settings.connection_threads, None);
+        assert_eq!(settings.max_registration_lag, Duration::from_millis(10));
         assert_eq!(
             Settings {
                 store: StoreKind::Memory,
                 connection_threads: Some(0),
+                max_registration_lag: Duration::ZERO,
                 ..settings.clone()
             },
             Settings::default()

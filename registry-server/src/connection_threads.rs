@@ -145,6 +145,18 @@ impl ConnectionThreads {
             .collect()
     }
 
+    /// Runs `task(i)` on thread `i`, for every thread, outside the count
+    /// of open connections (a probe of the thread's own runtime). The
+    /// tasks end with their threads.
+    pub fn spawn_on_each<F>(&self, task: impl Fn(usize) -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        for (i, thread) in self.threads.iter().enumerate() {
+            thread.handle.spawn(task(i));
+        }
+    }
+
     /// Serves one connection on the thread with the fewest open: `serve`
     /// is called on that thread (so the connection's socket and timers are
     /// registered with its runtime) and the future it returns runs there

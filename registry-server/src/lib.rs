@@ -35,6 +35,7 @@ pub mod grpc_metrics;
 pub mod hardware;
 pub mod huge_pages;
 pub mod identity;
+pub mod lag;
 pub mod limits;
 pub mod metrics;
 pub mod metrics_port;

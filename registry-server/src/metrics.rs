@@ -32,6 +32,8 @@ pub const REGISTRATIONS: &str = "registry_registrations_total";
 pub const REGISTRATIONS_REFUSED: &str = "registry_registrations_refused_total";
 /// Register calls waiting for their turn now.
 pub const REGISTRATIONS_WAITING: &str = "registry_registrations_waiting";
+/// How late each serving runtime last ran its lag probe (`crate::lag`).
+pub const RUNTIME_LAG: &str = "registry_runtime_lag_seconds";
 /// Deregister calls accepted.
 pub const DEREGISTRATIONS: &str = "registry_deregistrations_total";
 /// Heartbeat messages accepted.
@@ -153,7 +155,12 @@ pub fn describe() {
     describe_gauge!(OPEN_STREAMS, "Heartbeat streams open now.");
     describe_counter!(
         REGISTRATIONS_REFUSED,
-        "Register calls refused with RESOURCE_EXHAUSTED and a retry time: --max-queued-registrations were already waiting, the queue ahead would take longer than --max-registration-wait at the measured pace, or no turn came within it."
+        "Register calls refused with RESOURCE_EXHAUSTED and a retry time: --max-queued-registrations were already waiting, the queue ahead would take longer than --max-registration-wait at the measured pace, no turn came within it, or the registry ran further behind than --max-registration-lag."
+    );
+    describe_gauge!(
+        RUNTIME_LAG,
+        Unit::Seconds,
+        "How late each runtime serving calls (main, conn-N) last woke its probe timer: the delay a ready task waits before it runs. Register is refused while the largest exceeds --max-registration-lag."
     );
     describe_gauge!(
         REGISTRATIONS_WAITING,

@@ -305,9 +305,23 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // The lag of every runtime that serves calls: the main one (probe 0)
+    // and each connection thread's; none are probed when the check is off.
+    let runtime_lag = crate::lag::RuntimeLag::new(
+        1 + connection_threads
+            .as_ref()
+            .map_or(0, ConnectionThreads::len),
+    );
+    let lag_probe = (!settings.max_registration_lag.is_zero()).then(|| {
+        if let Some(threads) = &connection_threads {
+            threads.spawn_on_each(|i| runtime_lag.probe(i + 1, format!("conn-{i}")));
+        }
+        tokio::spawn(runtime_lag.probe(0, "main".into()))
+    });
     let service =
         NodeRegistryService::new(registry.clone(), &settings, auth, stop.clone(), placement)
-            .with_role(role);
+            .with_role(role)
+            .with_lag(runtime_lag, settings.max_registration_lag);
     // Heartbeat streams are served over the service's own framing and
     // Register takes its turn before its body is decoded (see
     // `service::route`); the rest is the generated server's.
@@ -449,6 +463,9 @@ where
     }
     if !expiry_joined {
         let _ = expiry_task.await;
+    }
+    if let Some(probe) = lag_probe {
+        probe.abort();
     }
     let _ = metrics_task.await;
     let _ = liveness_task.await;

@@ -101,6 +101,13 @@ impl NodeRegistryService {
         }
     }
 
+    /// This service, refusing Register calls that arrive while `lag`
+    /// reads more than `max` (`--max-registration-lag`; 0: never).
+    pub fn with_lag(mut self, lag: crate::lag::RuntimeLag, max: std::time::Duration) -> Self {
+        self.admission = self.admission.with_lag(lag, max);
+        self
+    }
+
     /// The service of a replica whose role is `role` (see
     /// [`crate::replica`]); without it the service always leads.
     pub fn with_role(mut self, role: ReplicaRole) -> Self {

@@ -343,6 +343,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_register_arriving_while_the_runtimes_lag_is_refused_before_its_body_is_read() {
+        let lag = crate::lag::RuntimeLag::new(1);
+        let service = one_at_a_time_of(Authenticator::open(), 4 << 20, 4)
+            .with_lag(lag.clone(), Duration::from_millis(10));
+        let (route, calls) = routed(service);
+
+        lag.record(0, Duration::from_millis(80));
+        // A body that never ends: refused all the same, so it was never read.
+        let body = Body::new(http_body_util::StreamBody::new(
+            futures_util::stream::pending::<Result<http_body::Frame<Bytes>, Status>>(),
+        ));
+        let response = tokio::time::timeout(
+            Duration::from_secs(5),
+            route.clone().oneshot(register_with(None, body)),
+        )
+        .await
+        .expect("answered from the headers")
+        .unwrap();
+        assert_eq!(response.headers()["grpc-status"], "8", "RESOURCE_EXHAUSTED");
+        let message = response.headers()["grpc-message"].to_str().unwrap();
+        assert!(
+            message.contains("--max-registration-lag"),
+            "the refusal names the flag: {message}"
+        );
+        assert!(
+            response.headers().contains_key("grpc-status-details-bin"),
+            "with a retry time"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "never handed on");
+
+        // Caught up: the next call goes on.
+        lag.record(0, Duration::ZERO);
+        let response = route.oneshot(register_of_garbage(None)).await.unwrap();
+        assert_eq!(response.headers()["x-turn-taken"], "yes");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn a_bad_token_is_refused_as_such_even_when_no_turn_is_free() {
         let auth = Authenticator::from_sources(TokenSources {
             file: None,
