@@ -70,6 +70,12 @@ const STALL: Duration = Duration::from_secs(1);
 /// a minute or two, a time per call far above the estimate over minutes:
 /// optimistic, see [`Pace::completed`]).
 const SLOWER_STEP: u32 = 256;
+/// While the runtimes lag past `--max-registration-lag`, one call in this
+/// long is let through all the same (100 a second): a registry saturated
+/// by heartbeats alone, its lag never under the bound, still takes new
+/// nodes in, where refusing every call would lock them out for as long as
+/// the load lasts.
+const LAG_PASS: Duration = Duration::from_millis(10);
 
 /// The gate every Register call passes; cloned into each service handle.
 #[derive(Clone)]
@@ -115,6 +121,8 @@ struct Pace {
     last_slot: Option<Instant>,
     /// The latest refusal for the runtimes' lag (`--max-registration-lag`).
     lag_refused_at: Option<Instant>,
+    /// The latest call let through although the runtimes lagged.
+    lag_passed_at: Option<Instant>,
 }
 
 /// A Register call's turn to run; dropping it (the call answered or
@@ -168,6 +176,7 @@ impl Admission {
                     last_done: None,
                     last_slot: None,
                     lag_refused_at: None,
+                    lag_passed_at: None,
                 }),
                 refused: AtomicUsize::new(0),
             }),
@@ -187,6 +196,13 @@ impl Admission {
     /// when no turn came within the longest wait.
     pub async fn admit(&self) -> Result<Admitted, RegistryError> {
         self.refuse_lagging()?;
+        self.take_turn().await
+    }
+
+    /// [`Admission::admit`] for a call that passed
+    /// [`Admission::refuse_early`] already: its turn, without a second look
+    /// at the runtimes' lag (that call was let through it).
+    pub async fn take_turn(&self) -> Result<Admitted, RegistryError> {
         let shared = &self.shared;
         let permit = match shared.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -271,9 +287,22 @@ impl Admission {
             return Ok(());
         };
         lag.arrived();
-        let behind = lag.now();
+        let behind = lag.here();
         if behind <= *max {
             return Ok(());
+        }
+        let now = Instant::now();
+        {
+            let mut pace = self.shared.pace.lock().expect("admission pace lock");
+            // One call every LAG_PASS passes however far behind: a registry
+            // kept busy by heartbeats alone still takes nodes in.
+            if pace
+                .lag_passed_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= LAG_PASS)
+            {
+                pace.lag_passed_at = Some(now);
+                return Ok(());
+            }
         }
         let waiting = self.shared.waiting.load(Ordering::Acquire);
         Err(self.refuse_after(
@@ -767,6 +796,7 @@ mod tests {
             last_done: None,
             last_slot: None,
             lag_refused_at: None,
+            lag_passed_at: None,
         }
     }
 
@@ -813,12 +843,14 @@ mod tests {
         let lag = RuntimeLag::new(2);
         let gate = Admission::new(4, 4, LONG).with_lag(lag.clone(), Duration::from_millis(10));
         // On time, or within the bound: calls run.
-        lag.record(1, Duration::from_millis(10));
+        lag.record(0, Duration::from_millis(10));
         assert!(gate.refuse_early().is_ok());
         let running = gate.admit().await.expect("within the bound");
-        // One runtime 250 ms behind: refused on arrival, before and at the
-        // turn, with free turns and nobody waiting.
-        lag.record(1, Duration::from_millis(250));
+        // One runtime 250 ms behind: the first call in LAG_PASS still
+        // passes; the next are refused on arrival, before and at the turn,
+        // with free turns and nobody waiting.
+        lag.record(0, Duration::from_millis(250));
+        assert!(gate.refuse_early().is_ok(), "one in LAG_PASS passes");
         let early = match gate.refuse_early() {
             Err(RegistryError::Busy { why, retry_after }) => (why, retry_after),
             other => panic!("expected Busy, got {other:?}"),
@@ -833,9 +865,16 @@ mod tests {
         assert!(retry_after > early.1, "the next slot comes after the first");
         assert_eq!(gate.refused(), 2);
         assert_eq!(gate.in_flight(), 1, "the call already running is untouched");
+        // However long the lag lasts, one call in LAG_PASS gets through:
+        // as the route takes it, an early look and then its turn alone.
+        tokio::time::advance(LAG_PASS).await;
+        assert!(gate.refuse_early().is_ok(), "one in LAG_PASS passes");
+        let passed = gate.take_turn().await.expect("its turn, no second look");
+        assert!(gate.refuse_early().is_err());
+        drop(passed);
         drop(running);
         // Caught up: calls run again.
-        lag.record(1, Duration::ZERO);
+        lag.record(0, Duration::ZERO);
         assert!(gate.admit().await.is_ok());
     }
 

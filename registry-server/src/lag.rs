@@ -91,10 +91,23 @@ impl RuntimeLag {
     /// A Register call arrived: the probes run (again) for [`ACTIVE`].
     pub fn arrived(&self) {
         let shared = &*self.shared;
-        let until = shared.since_base(Instant::now() + ACTIVE);
-        shared.active_until.fetch_max(until, Ordering::SeqCst);
-        if shared.resting.swap(false, Ordering::SeqCst) {
+        let now = Instant::now();
+        let until = shared.since_base(now + ACTIVE);
+        // Written at most once a tick, not by every call of a storm.
+        if until > shared.active_until.load(Ordering::Relaxed) + nanos(TICK) {
+            shared.active_until.fetch_max(until, Ordering::SeqCst);
+        }
+        if shared.resting.load(Ordering::SeqCst) && shared.resting.swap(false, Ordering::SeqCst) {
+            let due = shared.since_base(now + TICK);
             for probe in &shared.probes {
+                // Due from now: a probe its busy runtime does not get to
+                // reads overdue, rather than nothing, until it runs.
+                let _ = probe.due.compare_exchange(
+                    NOT_STARTED,
+                    due,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 // Kept as a permit by a probe not yet waiting.
                 probe.wake.notify_one();
             }
@@ -114,8 +127,12 @@ impl RuntimeLag {
         async move {
             let gauge = metrics::gauge!(crate::metrics::RUNTIME_LAG, "runtime" => runtime);
             let probe = &shared.probes[index];
+            if index > 0 {
+                // A connection thread's probe: calls on this thread read it.
+                HOME.set((Arc::as_ptr(&shared) as usize, index));
+            }
             // A probe dropped with its runtime no longer counts.
-            let _stopped = Stopped(probe);
+            let _stopped = Stopped(probe, gauge.clone());
             loop {
                 if !shared.active(Instant::now()) {
                     probe.due.store(NOT_STARTED, Ordering::Relaxed);
@@ -139,21 +156,22 @@ impl RuntimeLag {
         }
     }
 
-    /// The largest lag of any runtime now: its probe's last reading, or
-    /// how long it is overdue when it has not woken since.
-    pub fn now(&self) -> Duration {
+    /// The lag of the runtime this is called on: a connection thread's
+    /// own probe there, the main runtime's (probe 0) anywhere else. A call
+    /// waits behind its own thread's work only: a busy thread elsewhere
+    /// does not refuse it. The probe's last reading, or how long it is
+    /// overdue when it has not woken since.
+    pub fn here(&self) -> Duration {
+        let (owner, index) = HOME.get();
+        let index = if owner == Arc::as_ptr(&self.shared) as usize {
+            index
+        } else {
+            0
+        };
+        let probe = &self.shared.probes[index];
         let now = self.shared.since_base(Instant::now());
-        let worst = self
-            .shared
-            .probes
-            .iter()
-            .map(|probe| {
-                let overdue = now.saturating_sub(probe.due.load(Ordering::Relaxed));
-                probe.late.load(Ordering::Relaxed).max(overdue)
-            })
-            .max()
-            .unwrap_or(0);
-        Duration::from_nanos(worst)
+        let overdue = now.saturating_sub(probe.due.load(Ordering::Relaxed));
+        Duration::from_nanos(probe.late.load(Ordering::Relaxed).max(overdue))
     }
 
     /// Sets probe `index`'s last reading, for tests of what reads it.
@@ -165,13 +183,21 @@ impl RuntimeLag {
     }
 }
 
-/// Marks its probe stopped when dropped.
-struct Stopped<'a>(&'a Probe);
+thread_local! {
+    /// The probe of the connection thread this is (the address of its
+    /// readings' `Shared`, and its index); none on the main runtime's
+    /// workers, whose tasks move between them.
+    static HOME: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Marks its probe stopped, and its gauge 0, when dropped.
+struct Stopped<'a>(&'a Probe, metrics::Gauge);
 
 impl Drop for Stopped<'_> {
     fn drop(&mut self) {
         self.0.due.store(NOT_STARTED, Ordering::Relaxed);
         self.0.late.store(0, Ordering::Relaxed);
+        self.1.set(0.0);
     }
 }
 
@@ -197,21 +223,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_probe_reads_how_late_its_runtime_let_it_wake() {
         let lag = RuntimeLag::new(1);
-        assert_eq!(lag.now(), Duration::ZERO, "no probe has started");
+        assert_eq!(lag.here(), Duration::ZERO, "no probe has started");
         lag.arrived();
         let probe = tokio::spawn(lag.probe(0, "main".into()));
         // The probe's first sleep starts.
         tokio::task::yield_now().await;
-        assert_eq!(lag.now(), Duration::ZERO, "not due yet");
+        assert_eq!(lag.here(), Duration::ZERO, "not due yet");
         // The clock moves 50 ms past the probe's due time before the
         // runtime gets to it: overdue by 50 ms before it runs, and a
         // reading of 50 ms once it has.
         tokio::time::advance(TICK + Duration::from_millis(50)).await;
         tokio::task::yield_now().await;
-        assert_eq!(lag.now(), Duration::from_millis(50));
+        assert_eq!(lag.here(), Duration::from_millis(50));
         // A runtime that runs its timers on time reads 0 again.
         tokio::time::sleep(TICK * 3).await;
-        assert_eq!(lag.now(), Duration::ZERO);
+        assert_eq!(lag.here(), Duration::ZERO);
         probe.abort();
     }
 
@@ -228,7 +254,7 @@ mod tests {
             tokio::time::sleep(TICK * 2).await;
             // Blocks the runtime's only thread past the probe's due time.
             std::thread::sleep(Duration::from_millis(60));
-            let during = lag.now();
+            let during = lag.here();
             assert!(
                 during >= Duration::from_millis(40),
                 "a blocked runtime read {during:?} behind"
@@ -238,7 +264,48 @@ mod tests {
             let _ = probe.await;
         });
         // Neither the stopped probe nor the one never started counts.
-        assert_eq!(lag.now(), Duration::ZERO);
+        assert_eq!(lag.here(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_call_reads_its_own_threads_probe_or_the_main_one() {
+        let lag = RuntimeLag::new(3);
+        lag.record(2, Duration::from_millis(50));
+        lag.record(0, Duration::from_millis(20));
+        // This thread serves no connections: the main runtime's reading.
+        assert_eq!(lag.here(), Duration::from_millis(20));
+        // On the thread of probe 2 (as its probe marks it): its own.
+        let lag2 = lag.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let probe = tokio::spawn(lag2.probe(2, "conn-1".into()));
+                tokio::task::yield_now().await;
+                lag2.record(2, Duration::from_millis(50));
+                assert_eq!(lag2.here(), Duration::from_millis(50));
+                probe.abort();
+            });
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_probe_its_runtime_does_not_get_to_reads_overdue_once_woken() {
+        let lag = RuntimeLag::new(1);
+        let probe = tokio::spawn(lag.probe(0, "main".into()));
+        // The probe rests: nothing arrived.
+        tokio::task::yield_now().await;
+        // A call arrives and the runtime (this test's only thread) does not
+        // get to the woken probe for 60 ms: it reads overdue, not nothing.
+        lag.arrived();
+        std::thread::sleep(Duration::from_millis(60));
+        let read = lag.here();
+        assert!(read >= Duration::from_millis(40), "read {read:?}");
+        probe.abort();
     }
 
     #[tokio::test(start_paused = true)]
@@ -249,17 +316,17 @@ mod tests {
         // second reads nothing (it would read a second overdue, ticking).
         tokio::task::yield_now().await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(lag.now(), Duration::ZERO);
+        assert_eq!(lag.here(), Duration::ZERO);
         // A call arrives: the probe runs and reads how late it wakes.
         lag.arrived();
         tokio::task::yield_now().await;
         tokio::time::advance(TICK + Duration::from_millis(30)).await;
-        assert_eq!(lag.now(), Duration::from_millis(30), "overdue");
+        assert_eq!(lag.here(), Duration::from_millis(30), "overdue");
         // Past ACTIVE after the arrival it rests again: no reading.
         tokio::time::sleep(ACTIVE).await;
         tokio::task::yield_now().await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(lag.now(), Duration::ZERO);
+        assert_eq!(lag.here(), Duration::ZERO);
         probe.abort();
     }
 }

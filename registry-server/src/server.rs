@@ -312,16 +312,10 @@ where
             .as_ref()
             .map_or(0, ConnectionThreads::len),
     );
-    let lag_probe = (!settings.max_registration_lag.is_zero()).then(|| {
-        if let Some(threads) = &connection_threads {
-            threads.spawn_on_each(|i| runtime_lag.probe(i + 1, format!("conn-{i}")));
-        }
-        tokio::spawn(runtime_lag.probe(0, "main".into()))
-    });
     let service =
         NodeRegistryService::new(registry.clone(), &settings, auth, stop.clone(), placement)
             .with_role(role)
-            .with_lag(runtime_lag, settings.max_registration_lag);
+            .with_lag(runtime_lag.clone(), settings.max_registration_lag);
     // Heartbeat streams are served over the service's own framing and
     // Register takes its turn before its body is decoded (see
     // `service::route`); the rest is the generated server's.
@@ -408,6 +402,14 @@ where
         // so heartbeat streams are not cut by it.
         request_timeout: settings.request_timeout,
     };
+    // Started once nothing can fail before serving (an early return would
+    // leave them parked).
+    let lag_probe = (!settings.max_registration_lag.is_zero()).then(|| {
+        if let Some(threads) = &connection_threads {
+            threads.spawn_on_each(|i| runtime_lag.probe(i + 1, format!("conn-{i}")));
+        }
+        tokio::spawn(runtime_lag.probe(0, "main".into()))
+    });
     let serve = crate::transport::serve(
         crate::limits::incoming(
             listener,
@@ -458,8 +460,17 @@ where
     stop.cancel();
     // Connections still open past the grace period end with their
     // threads' runtimes, before the store they write to is closed.
-    if let Some(threads) = connection_threads {
-        threads.stop().await;
+    // Bounded: a task whose drop blocks must not keep the store open (and
+    // the process alive) for ever.
+    if let Some(threads) = connection_threads
+        && tokio::time::timeout(settings.shutdown_grace, threads.stop())
+            .await
+            .is_err()
+    {
+        warn!(
+            grace = %humantime::format_duration(settings.shutdown_grace),
+            "connection threads still dropping their connections after the shutdown grace period; closing the store"
+        );
     }
     if !expiry_joined {
         let _ = expiry_task.await;

@@ -72,12 +72,24 @@ pub async fn run(launcher: &Launcher, plan: &Plan) -> Result<StoreResult, BenchE
                 sleep_until(start + gap * u32::try_from(i).unwrap_or(u32::MAX)).await;
                 let request = fleet_sim_request(i);
                 let sent = Instant::now();
-                match client.register(request).await {
-                    Ok(_) => {
-                        let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        let _ = latency.record(us.max(1));
+                loop {
+                    match client.register(request.clone()).await {
+                        Ok(_) => {
+                            let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            let _ = latency.record(us.max(1));
+                        }
+                        // Deferred by admission control: again at the time
+                        // advised, as node-agent does; the wait counts in
+                        // the call's latency.
+                        Err(status) => match registry_proto::retry::advice(&status) {
+                            Some(after) => {
+                                tokio::time::sleep(after).await;
+                                continue;
+                            }
+                            None => failed += 1,
+                        },
                     }
-                    Err(_) => failed += 1,
+                    break;
                 }
             }
         }));
