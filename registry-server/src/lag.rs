@@ -21,8 +21,9 @@
 //! The probes run only while Register calls arrive (for [`ACTIVE`] after
 //! the latest): a timer wake-up per runtime every [`TICK`] costs ~2 % of a
 //! core on an idle registry here, which a registry serving only heartbeats
-//! should not pay. The first calls of a storm are read against the probes'
-//! rest (no lag) until they have ticked once. None run when the flag is 0.
+//! should not pay. The first call of a storm wakes them and marks each due
+//! a tick later, so a runtime too busy to run its probe reads overdue from
+//! then on rather than idle. None run when the flag is 0.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,8 +66,12 @@ struct Probe {
     wake: Notify,
 }
 
-/// A probe's `due` before it first sleeps: never overdue.
+/// A probe's `due` while it rests (and before it first runs): never
+/// overdue; the next arrival marks it due a tick later.
 const NOT_STARTED: u64 = u64::MAX;
+/// A probe's `due` once it stopped with its runtime: never overdue, and no
+/// arrival marks it due again.
+const STOPPED: u64 = u64::MAX - 1;
 
 impl RuntimeLag {
     /// Readings for `runtimes` probes (at least one), numbered from 0.
@@ -160,20 +165,18 @@ impl RuntimeLag {
     /// (docs/PERF-NOTES.md item 12). Each probe's last reading, or how long
     /// it is overdue when it has not woken since.
     pub fn here(&self) -> Duration {
-        let worst = (0..self.shared.probes.len())
-            .map(|index| self.reading(index))
+        let now = self.shared.since_base(Instant::now());
+        let worst = self
+            .shared
+            .probes
+            .iter()
+            .map(|probe| {
+                let overdue = now.saturating_sub(probe.due.load(Ordering::Relaxed));
+                probe.late.load(Ordering::Relaxed).max(overdue)
+            })
             .max()
             .unwrap_or(0);
         Duration::from_nanos(worst)
-    }
-
-    /// Probe `index`'s lag in nanoseconds: its last reading, or how long
-    /// it is overdue.
-    fn reading(&self, index: usize) -> u64 {
-        let probe = &self.shared.probes[index];
-        let now = self.shared.since_base(Instant::now());
-        let overdue = now.saturating_sub(probe.due.load(Ordering::Relaxed));
-        probe.late.load(Ordering::Relaxed).max(overdue)
     }
 
     /// Sets probe `index`'s last reading, for tests of what reads it.
@@ -190,7 +193,7 @@ struct Stopped<'a>(&'a Probe, metrics::Gauge);
 
 impl Drop for Stopped<'_> {
     fn drop(&mut self) {
-        self.0.due.store(NOT_STARTED, Ordering::Relaxed);
+        self.0.due.store(STOPPED, Ordering::Relaxed);
         self.0.late.store(0, Ordering::Relaxed);
         self.1.set(0.0);
     }
@@ -284,6 +287,27 @@ mod tests {
         let read = lag.here();
         assert!(read >= Duration::from_millis(40), "read {read:?}");
         probe.abort();
+    }
+
+    #[tokio::test]
+    async fn a_stopped_probe_is_never_marked_due_again() {
+        let lag = RuntimeLag::new(2);
+        let running = tokio::spawn(lag.probe(0, "main".into()));
+        let stopped = tokio::spawn(lag.probe(1, "conn-0".into()));
+        // Both rest; then one stops, as with its runtime.
+        tokio::task::yield_now().await;
+        stopped.abort();
+        let _ = stopped.await;
+        // A call wakes the resting one; the stopped one is not marked due,
+        // so it never reads overdue (it would refuse every call after).
+        lag.arrived();
+        std::thread::sleep(TICK * 3);
+        let read = lag.here();
+        assert!(read >= TICK, "the resting probe woke due: {read:?}");
+        running.abort();
+        let _ = running.await;
+        std::thread::sleep(TICK * 2);
+        assert_eq!(lag.here(), Duration::ZERO, "neither counts once stopped");
     }
 
     #[tokio::test(start_paused = true)]
