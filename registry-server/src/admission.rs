@@ -292,20 +292,21 @@ impl Admission {
             return Ok(());
         }
         let now = Instant::now();
+        let mut pace = self.shared.pace.lock().expect("admission pace lock");
+        // One call every LAG_PASS passes however far behind: a registry
+        // kept busy by heartbeats alone still takes nodes in.
+        if pace
+            .lag_passed_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= LAG_PASS)
         {
-            let mut pace = self.shared.pace.lock().expect("admission pace lock");
-            // One call every LAG_PASS passes however far behind: a registry
-            // kept busy by heartbeats alone still takes nodes in.
-            if pace
-                .lag_passed_at
-                .is_none_or(|at| now.saturating_duration_since(at) >= LAG_PASS)
-            {
-                pace.lag_passed_at = Some(now);
-                return Ok(());
-            }
+            pace.lag_passed_at = Some(now);
+            return Ok(());
         }
+        pace.lag_refused_at = Some(now);
         let waiting = self.shared.waiting.load(Ordering::Acquire);
-        Err(self.refuse_after(
+        Err(self.refusal(
+            &mut pace,
+            now,
             waiting,
             behind,
             format!(
@@ -320,22 +321,23 @@ impl Admission {
     /// next free retry slot, one spacing after the last one handed out and
     /// no earlier than the queue ahead can drain.
     fn refuse(&self, waiting: usize, why: String) -> RegistryError {
-        self.refuse_after(waiting, Duration::ZERO, why)
+        let mut pace = self.shared.pace.lock().expect("admission pace lock");
+        self.refusal(&mut pace, Instant::now(), waiting, Duration::ZERO, why)
     }
 
-    /// [`Admission::refuse`] with a retry time at least `floor` away.
-    fn refuse_after(&self, waiting: usize, floor: Duration, why: String) -> RegistryError {
-        let shared = &self.shared;
-        shared.refused.fetch_add(1, Ordering::Relaxed);
+    /// A refusal at `now`, counted, with the retry slot `pace` hands out
+    /// at least `floor` away.
+    fn refusal(
+        &self,
+        pace: &mut Pace,
+        now: Instant,
+        waiting: usize,
+        floor: Duration,
+        why: String,
+    ) -> RegistryError {
+        self.shared.refused.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::metrics::REGISTRATIONS_REFUSED).increment(1);
-        let now = Instant::now();
-        let mut pace = shared.pace.lock().expect("admission pace lock");
-        if !floor.is_zero() {
-            // Only a refusal for the lag has a floor.
-            pace.lag_refused_at = Some(now);
-        }
         let retry_after = pace.next_slot(now, waiting, floor);
-        drop(pace);
         RegistryError::Busy { why, retry_after }
     }
 

@@ -239,28 +239,22 @@ mod tests {
         probe.abort();
     }
 
-    #[test]
-    fn a_runtime_blocked_by_a_task_reads_late() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+    #[tokio::test]
+    async fn a_runtime_blocked_by_a_task_reads_late() {
         let lag = RuntimeLag::new(2);
-        runtime.block_on(async {
-            lag.arrived();
-            let probe = tokio::spawn(lag.probe(1, "conn-0".into()));
-            tokio::time::sleep(TICK * 2).await;
-            // Blocks the runtime's only thread past the probe's due time.
-            std::thread::sleep(Duration::from_millis(60));
-            let during = lag.here();
-            assert!(
-                during >= Duration::from_millis(40),
-                "a blocked runtime read {during:?} behind"
-            );
-            tokio::time::sleep(TICK * 2).await;
-            probe.abort();
-            let _ = probe.await;
-        });
+        lag.arrived();
+        let probe = tokio::spawn(lag.probe(1, "conn-0".into()));
+        tokio::time::sleep(TICK * 2).await;
+        // Blocks the runtime's only thread past the probe's due time.
+        std::thread::sleep(Duration::from_millis(60));
+        let during = lag.here();
+        assert!(
+            during >= Duration::from_millis(40),
+            "a blocked runtime read {during:?} behind"
+        );
+        tokio::time::sleep(TICK * 2).await;
+        probe.abort();
+        let _ = probe.await;
         // Neither the stopped probe nor the one never started counts.
         assert_eq!(lag.here(), Duration::ZERO);
     }
